@@ -1,0 +1,59 @@
+//! The ledger's error type. Each variant names the problem and, where there is one, the fix.
+
+/// Everything that can go wrong in the ledger crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A money amount could not be parsed or is out of range.
+    #[error("invalid amount: {0}")]
+    InvalidAmount(String),
+
+    /// A request or response body is not the JSON the API documents.
+    #[error("invalid {what} JSON: {source}")]
+    Json {
+        /// What was being parsed ("OpenAI chat completion response", ...).
+        what: &'static str,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A body parsed as JSON but lacks or mistypes a field the API requires.
+    #[error("invalid {what}: {detail}")]
+    Shape {
+        /// What was being parsed.
+        what: &'static str,
+        /// Which field is wrong and how.
+        detail: String,
+    },
+
+    /// A price file could not be read or parsed.
+    #[error("price file {path}: {detail}")]
+    PriceFile {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the model and field where possible.
+        detail: String,
+    },
+
+    /// Redis failed or is unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+
+    /// A Redis script returned something the ledger does not understand (schema mismatch).
+    #[error("redis script {script} returned an unexpected reply: {detail}")]
+    ScriptReply {
+        /// The script name.
+        script: &'static str,
+        /// What was unexpected.
+        detail: String,
+    },
+
+    /// A value given to the ledger is not allowed (empty tenant, a key containing a brace, ...).
+    #[error("invalid {what}: {detail}")]
+    Invalid {
+        /// The argument.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+}
