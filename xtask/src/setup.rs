@@ -1,0 +1,116 @@
+//! `cargo xtask setup`: installs what is missing, idempotently, saying what it does.
+//!
+//! The recipe is ../shared/TOOLCHAIN.md's: LLVM 22 for bpf-linker (it must match rustc's LLVM 22),
+//! rust-src for the nightly that builds the eBPF crate, redis-server for the ledger tests, and a venv
+//! with the official `openai` and `anthropic` SDKs for the integration tests.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::command::{self, cargo, is_root, output, root, step, succeeds};
+
+/// Debian packages the build and tests need, with why.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "bpf-linker links the eBPF object with LLVM 22"),
+    ("redis-server", "the ledger; tests start their own instance on a free port"),
+    ("curl", "an OpenSSL client for the observer tests"),
+    ("nodejs", "a second OpenSSL client (node's https) for the observer tests"),
+    ("python3-venv", "the venv holding the official SDKs"),
+    ("libssl3", "the OpenSSL the observer attaches to"),
+    ("ca-certificates", "TLS roots for package downloads"),
+    ("pkg-config", "-sys crates"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Python packages for the integration tests, pinned so a fresh machine gets what was tested.
+const PYTHON_REQUIREMENTS: &str = "tests/python/requirements.txt";
+
+pub fn run() -> Result<()> {
+    apt()?;
+    rust_src()?;
+    bpf_linker()?;
+    venv()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(p, _)| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        step("apt packages: all present");
+        return Ok(());
+    }
+    for (p, why) in APT_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        step(&format!("apt package {p} is missing ({why})"));
+    }
+    if !is_root() {
+        bail!("installing {} needs root: run `sudo cargo xtask setup`", missing.join(" "));
+    }
+    command::run(Command::new("apt-get").args(["update", "-q"]))?;
+    command::run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain (builds the eBPF crate)");
+        command::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+        .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("rust-src for nightly: present");
+        return Ok(());
+    }
+    step("adding rust-src to nightly (build-std for bpfel-unknown-none)");
+    command::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if have.contains(BPF_LINKER_VERSION) {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+        return Ok(());
+    }
+    step(&format!("installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"));
+    command::run(cargo()
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+}
+
+fn venv() -> Result<()> {
+    let venv = root().join(".venv");
+    let py = venv.join("bin/python");
+    let req = root().join(PYTHON_REQUIREMENTS);
+    let stamp = venv.join(".llmwarden-requirements");
+    let wanted = std::fs::read_to_string(&req)?;
+    if py.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        step("python venv with the official SDKs: present");
+        return Ok(());
+    }
+    if !py.exists() {
+        step(&format!("creating the python venv at {}", venv.display()));
+        command::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    step("installing the official openai and anthropic SDKs into the venv");
+    command::run(Command::new(&py).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"]).arg(&req))?;
+    if !succeeds(Command::new(&py).args(["-c", "import openai, anthropic, httpx"])) {
+        bail!("the venv at {} cannot import openai/anthropic after installing them", venv.display());
+    }
+    std::fs::write(&stamp, wanted)?;
+    Ok(())
+}

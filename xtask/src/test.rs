@@ -1,0 +1,45 @@
+//! `cargo xtask test`: setup, formatting, lints, then every test against real processes.
+
+use clap::Args;
+
+use anyhow::{Result, bail};
+
+use crate::command::{self, cargo, is_root, step};
+
+/// Options of `cargo xtask test`.
+#[derive(Args)]
+pub struct TestArgs {
+    /// Skip `cargo xtask setup` (for a machine already set up).
+    #[arg(long)]
+    no_setup: bool,
+    /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
+    #[arg(last = true)]
+    rest: Vec<String>,
+}
+
+pub fn run(args: &TestArgs) -> Result<()> {
+    if !args.no_setup {
+        crate::setup::run()?;
+    }
+    if !is_root() {
+        // The eBPF tests fail loudly without root; say why up front rather than after the build.
+        step("WARNING: not root: the observer's eBPF tests will fail (they need CAP_SYS_ADMIN)");
+    }
+    step("cargo fmt --check");
+    command::run(cargo().args(["fmt", "--all", "--check"]))?;
+    step("cargo clippy -D warnings");
+    command::run(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+    step("building the binaries the integration tests start");
+    command::run(cargo().args(["build", "--locked", "-p", "enforcer", "-p", "observer", "-p", "llmwarden-tests", "--bins"]))?;
+    step("cargo test (unit, integration with real redis-server, SDKs, eBPF)");
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
+    if !args.rest.is_empty() {
+        test.arg("--").args(&args.rest);
+    }
+    if command::run(&mut test).is_err() {
+        bail!("tests failed (see above)");
+    }
+    step("all checks passed");
+    Ok(())
+}
