@@ -7,7 +7,10 @@ use anyhow::{Context, Result, bail};
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 /// Prints a step header.
@@ -18,7 +21,9 @@ pub fn step(msg: &str) {
 /// Runs `cmd` with inherited stdio, failing with the command line when it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("    $ {}", render(cmd));
-    let status = cmd.status().with_context(|| format!("cannot start {}", render(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", render(cmd)))?;
     if !status.success() {
         bail!("`{}` failed with {status}", render(cmd));
     }
@@ -27,13 +32,18 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs `cmd` quietly and reports whether it succeeded (for "is it installed?" checks).
 pub fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Runs `cmd` and returns its stdout, or None when it cannot run or fails.
 pub fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A `cargo` command using the same cargo that runs xtask.

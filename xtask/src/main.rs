@@ -1,6 +1,7 @@
 //! llmwarden's automation: `cargo xtask setup | test | ...`. The only place shell-like glue lives.
 
 mod command;
+mod demo;
 mod setup;
 mod test;
 
@@ -23,6 +24,8 @@ enum Task {
     /// setup, then cargo fmt --check, clippy -D warnings, and every test (unit, integration with a
     /// real redis-server, eBPF as root).
     Test(test::TestArgs),
+    /// Start the whole stack on this machine and drive a scripted workload through both paths.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> Result<()> {
@@ -30,5 +33,6 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => setup::run(),
         Task::Test(args) => test::run(&args),
+        Task::Demo(args) => demo::run(&args),
     }
 }

@@ -12,10 +12,19 @@ use crate::command::{self, cargo, is_root, output, root, step, succeeds};
 
 /// Debian packages the build and tests need, with why.
 const APT_PACKAGES: &[(&str, &str)] = &[
-    ("llvm-22-dev", "bpf-linker links the eBPF object with LLVM 22"),
-    ("redis-server", "the ledger; tests start their own instance on a free port"),
+    (
+        "llvm-22-dev",
+        "bpf-linker links the eBPF object with LLVM 22",
+    ),
+    (
+        "redis-server",
+        "the ledger; tests start their own instance on a free port",
+    ),
     ("curl", "an OpenSSL client for the observer tests"),
-    ("nodejs", "a second OpenSSL client (node's https) for the observer tests"),
+    (
+        "nodejs",
+        "a second OpenSSL client (node's https) for the observer tests",
+    ),
     ("python3-venv", "the venv holding the official SDKs"),
     ("libssl3", "the OpenSSL the observer attaches to"),
     ("ca-certificates", "TLS roots for package downloads"),
@@ -53,13 +62,18 @@ fn apt() -> Result<()> {
         step(&format!("apt package {p} is missing ({why})"));
     }
     if !is_root() {
-        bail!("installing {} needs root: run `sudo cargo xtask setup`", missing.join(" "));
+        bail!(
+            "installing {} needs root: run `sudo cargo xtask setup`",
+            missing.join(" ")
+        );
     }
     command::run(Command::new("apt-get").args(["update", "-q"]))?;
-    command::run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    command::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     Ok(())
 }
 
@@ -67,16 +81,34 @@ fn rust_src() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         step("installing the nightly toolchain (builds the eBPF crate)");
-        command::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        command::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         step("rust-src for nightly: present");
         return Ok(());
     }
     step("adding rust-src to nightly (build-std for bpfel-unknown-none)");
-    command::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    command::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
 }
 
 fn bpf_linker() -> Result<()> {
@@ -85,11 +117,21 @@ fn bpf_linker() -> Result<()> {
         step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
         return Ok(());
     }
-    step(&format!("installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"));
-    command::run(cargo()
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
-        .args(["--no-default-features", "--features", "llvm-22"])
-        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+    step(&format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    ));
+    command::run(
+        cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
 }
 
 fn venv() -> Result<()> {
@@ -107,9 +149,23 @@ fn venv() -> Result<()> {
         command::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     }
     step("installing the official openai and anthropic SDKs into the venv");
-    command::run(Command::new(&py).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"]).arg(&req))?;
+    command::run(
+        Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&req),
+    )?;
     if !succeeds(Command::new(&py).args(["-c", "import openai, anthropic, httpx"])) {
-        bail!("the venv at {} cannot import openai/anthropic after installing them", venv.display());
+        bail!(
+            "the venv at {} cannot import openai/anthropic after installing them",
+            venv.display()
+        );
     }
     std::fs::write(&stamp, wanted)?;
     Ok(())

@@ -28,9 +28,33 @@ pub fn run(args: &TestArgs) -> Result<()> {
     step("cargo fmt --check");
     command::run(cargo().args(["fmt", "--all", "--check"]))?;
     step("cargo clippy -D warnings");
-    command::run(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+    command::run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("validating the Kubernetes manifests against the API schemas");
+    command::run(
+        std::process::Command::new(crate::command::root().join(".venv/bin/kubernetes-validate"))
+            .arg("--strict")
+            .args(manifests()?),
+    )?;
     step("building the binaries the integration tests start");
-    command::run(cargo().args(["build", "--locked", "-p", "enforcer", "-p", "observer", "-p", "llmwarden-tests", "--bins"]))?;
+    command::run(cargo().args([
+        "build",
+        "--locked",
+        "-p",
+        "enforcer",
+        "-p",
+        "observer",
+        "-p",
+        "llmwarden-tests",
+        "--bins",
+    ]))?;
     step("cargo test (unit, integration with real redis-server, SDKs, eBPF)");
     let mut test = cargo();
     test.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
@@ -42,4 +66,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     step("all checks passed");
     Ok(())
+}
+
+/// Every YAML file under deploy/kubernetes.
+fn manifests() -> Result<Vec<std::path::PathBuf>> {
+    let dir = crate::command::root().join("deploy/kubernetes");
+    let mut v: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    v.sort();
+    Ok(v)
 }

@@ -1,0 +1,467 @@
+//! `cargo xtask demo`: both paths and one ledger, live, on this machine.
+//!
+//! Starts redis-server (or uses REDIS_URL), the simulated provider over TLS, the enforcer and (as root)
+//! the observer, then drives a scripted workload with the official Python SDK:
+//! "checkout-assistant" goes through the enforcer on a small budget (some calls are denied) and
+//! "batch-summarizer" calls the provider directly (bypass, seen only by the observer).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::Value;
+
+use crate::command::{self, cargo, is_root, root, step};
+
+/// Options of `cargo xtask demo`.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// End after N seconds instead of running until Ctrl-C (for tests and CI).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Use the real provider URLs and keys (OPENAI_API_KEY) instead of the simulated provider.
+    #[arg(long)]
+    real: bool,
+    /// Calls each service makes.
+    #[arg(long, default_value_t = 24)]
+    calls: u32,
+}
+
+/// The proxy key the demo's checkout-assistant uses (not a secret: it exists only in this demo).
+const DEMO_PROXY_KEY: &str = "lw-demo-checkout-key";
+/// The budget of the checkout-assistant feature, small enough that some calls are denied.
+const DEMO_FEATURE_BUDGET_USD: &str = "0.02";
+
+/// Kills its process on drop, saying which.
+struct Proc(Child, &'static str);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            eprintln!("    stopping {}", self.1);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(name: &'static str, cmd: &mut Command) -> Result<Proc> {
+    Ok(Proc(
+        cmd.spawn()
+            .with_context(|| format!("cannot start {name}"))?,
+        name,
+    ))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not start listening on 127.0.0.1:{port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+pub fn run(args: &DemoArgs) -> Result<()> {
+    if args.real {
+        bail!(
+            "--real is not implemented yet: it needs the enforcer pointed at the public endpoints with \
+             OPENAI_API_KEY; run without --real for the simulated provider"
+        );
+    }
+    crate::setup::run()?;
+    step("building enforcer, observer and the simulated provider");
+    command::run(cargo().args([
+        "build",
+        "--locked",
+        "-p",
+        "enforcer",
+        "-p",
+        "observer",
+        "-p",
+        "llmwarden-tests",
+        "--bins",
+    ]))?;
+    let bin = root().join("target/debug");
+    let work = tempdir()?;
+    step(&format!("demo state in {}", work.display()));
+
+    // Redis: the user's or our own.
+    let mut _redis = None;
+    let redis_url = if let Ok(url) = std::env::var("REDIS_URL") {
+        step(&format!("using REDIS_URL={url}"));
+        url
+    } else {
+        let port = free_port()?;
+        step(&format!("starting redis-server on 127.0.0.1:{port}"));
+        _redis = Some(spawn(
+            "redis-server",
+            Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null()),
+        )?);
+        wait_port(port, "redis-server")?;
+        format!("redis://127.0.0.1:{port}")
+    };
+
+    // The simulated provider over real TLS.
+    step("starting the simulated provider (OpenAI API over TLS, 20 ms latency)");
+    let ca = work.join("mock-ca.pem");
+    let mut mock = spawn(
+        "mock-provider",
+        Command::new(bin.join("mock-provider"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--tls",
+                "--latency-ms",
+                "20",
+                "--print-addr",
+            ])
+            .arg("--ca-out")
+            .arg(&ca)
+            .stdout(Stdio::piped()),
+    )?;
+    let mock_addr = read_mock_addr(mock.0.stdout.take().context("mock stdout")?)?;
+    let mock_url = format!("https://{mock_addr}");
+
+    // The enforcer.
+    let (listen, admin) = (free_port()?, free_port()?);
+    let key_hash = hash_key(&bin)?;
+    let enforcer_toml = work.join("enforcer.toml");
+    std::fs::write(
+        &enforcer_toml,
+        enforcer_config(listen, admin, &redis_url, &mock_url, &ca, &key_hash),
+    )?;
+    step(&format!(
+        "starting the enforcer on 127.0.0.1:{listen} (admin 127.0.0.1:{admin})"
+    ));
+    let _enforcer = spawn(
+        "enforcer",
+        Command::new(bin.join("enforcer"))
+            .arg("--config")
+            .arg(&enforcer_toml)
+            .env("WARDEN_ADMIN_TOKEN", "demo-admin-token")
+            .env("DEMO_PROVIDER_KEY", "sk-demo-provider")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.join("enforcer.log"))?),
+    )?;
+    wait_port(listen, "enforcer")?;
+
+    // The observer (root only).
+    let _observer = if is_root() {
+        let metrics = free_port()?;
+        let observer_toml = work.join("observer.toml");
+        std::fs::write(
+            &observer_toml,
+            observer_config(&redis_url, metrics, &mock_addr),
+        )?;
+        step("starting the observer (eBPF uprobes on OpenSSL)");
+        let o = spawn(
+            "observer",
+            Command::new(bin.join("observer"))
+                .arg("--config")
+                .arg(&observer_toml)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(work.join("observer.log"))?),
+        )?;
+        wait_port(metrics, "observer")?;
+        Some(o)
+    } else {
+        step(
+            "NOT root: the observer needs root (CAP_SYS_ADMIN for uprobes); running the rest without it",
+        );
+        None
+    };
+
+    // The workload.
+    let py = root().join(".venv/bin/python");
+    let script = root().join("xtask/demo/workload.py");
+    let events = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let calls = args.calls.to_string();
+    let checkout = spawn(
+        "checkout-assistant",
+        Command::new(&py)
+            .arg(&script)
+            .args([
+                "checkout",
+                &format!("http://127.0.0.1:{listen}/proxy/openai"),
+                DEMO_PROXY_KEY,
+                &calls,
+            ])
+            .stdout(Stdio::piped()),
+    )?;
+    let batch = spawn(
+        "batch-summarizer",
+        Command::new(&py)
+            .arg(&script)
+            .args(["batch", &format!("{mock_url}/v1")])
+            .arg(&ca)
+            .arg(&calls)
+            .env("SSL_CERT_FILE", &ca)
+            .stdout(Stdio::piped()),
+    )?;
+    let mut workers = vec![checkout, batch];
+    for w in &mut workers {
+        let out = w.0.stdout.take().context("workload stdout")?;
+        let ev = Arc::clone(&events);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    ev.lock().expect("events lock").push(v);
+                }
+            }
+        });
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + Duration::from_secs(d));
+    let mut announced = false;
+    loop {
+        let report = report(&bin, &enforcer_toml);
+        render(
+            &report,
+            &events.lock().expect("events lock"),
+            started.elapsed(),
+        );
+        let done = workers
+            .iter_mut()
+            .all(|w| matches!(w.0.try_wait(), Ok(Some(_))));
+        if done && !announced {
+            announced = true;
+            println!(
+                "\nWorkload finished. The stack keeps running{}. Point your own SDK at it:\n  \
+                 OpenAI(base_url=\"http://127.0.0.1:{listen}/proxy/openai\", api_key=\"{DEMO_PROXY_KEY}\")\n  \
+                 report: target/debug/enforcer report --config {}\n",
+                if deadline.is_some() {
+                    " until --duration ends"
+                } else {
+                    " until Ctrl-C"
+                },
+                enforcer_toml.display()
+            );
+        }
+        if stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let final_report = report(&bin, &enforcer_toml);
+    let summary = summarize(&final_report, &events.lock().expect("events lock"));
+    println!("DEMO SUMMARY {summary}");
+    drop(workers);
+    Ok(())
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("llmwarden-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+fn read_mock_addr(out: ChildStdout) -> Result<String> {
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    let v: Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("mock-provider printed {line:?}"))?;
+    for k in ["https", "addr", "tls_addr", "https_addr"] {
+        if let Some(a) = v.get(k).and_then(Value::as_str) {
+            return Ok(a
+                .trim_start_matches("https://")
+                .trim_end_matches('/')
+                .to_owned());
+        }
+    }
+    bail!("mock-provider did not print its TLS address: {line}")
+}
+
+fn hash_key(bin: &Path) -> Result<String> {
+    let mut c = Command::new(bin.join("enforcer"))
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    c.stdin
+        .take()
+        .context("stdin")?
+        .write_all(DEMO_PROXY_KEY.as_bytes())?;
+    let out = c.wait_with_output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+fn enforcer_config(
+    listen: u16,
+    admin: u16,
+    redis: &str,
+    mock: &str,
+    ca: &Path,
+    key_hash: &str,
+) -> String {
+    format!(
+        r#"# Written by `cargo xtask demo`.
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+admin_token_env = "WARDEN_ADMIN_TOKEN"
+redis_url = "{redis}"
+
+[providers.openai]
+kind = "openai"
+base_url = "{mock}/v1"
+api_key_env = "DEMO_PROVIDER_KEY"
+ca_file = "{ca}"
+
+[[keys]]
+sha256 = "{key_hash}"
+tenant = "acme"
+allowed_tenants = ["acme"]
+
+[[budgets]]
+tenant = "acme"
+feature = "checkout-assistant"
+period = "day"
+limit_usd = {DEMO_FEATURE_BUDGET_USD}
+
+[[budgets]]
+tenant = "acme"
+period = "month"
+limit_usd = 50.0
+"#,
+        ca = ca.display()
+    )
+}
+
+fn observer_config(redis: &str, metrics: u16, mock_addr: &str) -> String {
+    format!(
+        r#"# Written by `cargo xtask demo`.
+redis_url = "{redis}"
+metrics_listen = "127.0.0.1:{metrics}"
+
+[[providers]]
+host = "{mock_addr}"
+kind = "openai"
+
+[[attribution]]
+comm = "batch-summ*"
+tenant = "acme"
+service = "batch-summarizer"
+"#
+    )
+}
+
+fn report(bin: &Path, config: &Path) -> Value {
+    Command::new(bin.join("enforcer"))
+        .args(["report", "--json", "--period", "day", "--config"])
+        .arg(config)
+        .env("WARDEN_ADMIN_TOKEN", "demo-admin-token")
+        .env("DEMO_PROVIDER_KEY", "sk-demo-provider")
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn usd(v: &Value) -> String {
+    let n = v.as_i64().unwrap_or(0);
+    format!("${}.{:09}", n / 1_000_000_000, n % 1_000_000_000)
+}
+
+fn render(report: &Value, events: &[Value], elapsed: Duration) {
+    let mut out = String::from("\x1b[2J\x1b[H");
+    out.push_str(&format!(
+        "llmwarden demo: two paths, one ledger ({}s)\n\n",
+        elapsed.as_secs()
+    ));
+    out.push_str(&format!(
+        "{:<10} {:>14} {:>14} {:>14} {:>14} {:>8}\n",
+        "tenant", "spend", "held", "via enforcer", "bypass", "calls"
+    ));
+    for t in report
+        .get("tenants")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "{:<10} {:>14} {:>14} {:>14} {:>14} {:>8}\n",
+            t["tenant"].as_str().unwrap_or("?"),
+            usd(&t["spend_nusd"]),
+            usd(&t["held_nusd"]),
+            usd(&t["by_source"]["enforcer"]),
+            usd(&t["bypass_spend_nusd"]),
+            t["requests"].as_i64().unwrap_or(0)
+        ));
+        if let Some(f) = t.get("by_feature").and_then(Value::as_object) {
+            for (name, v) in f {
+                out.push_str(&format!("  feature {name:<22} {:>14}\n", usd(v)));
+            }
+        }
+        for l in t
+            .get("limits")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            out.push_str(&format!("  limit {}\n", l));
+        }
+    }
+    for service in ["checkout-assistant", "batch-summarizer"] {
+        let mine: Vec<&Value> = events.iter().filter(|e| e["service"] == service).collect();
+        let ok = mine.iter().filter(|e| e["ok"] == true).count();
+        let denied = mine.iter().filter(|e| e["status"] == 402).count();
+        out.push_str(&format!(
+            "\nservice {service:<20} calls {:>3}  ok {ok:>3}  denied (402) {denied:>3}{}",
+            mine.len(),
+            if service == "batch-summarizer" && ok > 0 {
+                "  BYPASS: calls the provider directly"
+            } else {
+                ""
+            }
+        ));
+    }
+    out.push('\n');
+    print!("{out}");
+    let _ = std::io::stdout().flush();
+}
+
+fn summarize(report: &Value, events: &[Value]) -> Value {
+    let acme = report
+        .get("tenants")
+        .and_then(Value::as_array)
+        .and_then(|ts| ts.iter().find(|t| t["tenant"] == "acme"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    serde_json::json!({
+        "denied": events.iter().filter(|e| e["status"] == 402).count(),
+        "checkout_ok": events.iter().filter(|e| e["service"] == "checkout-assistant" && e["ok"] == true).count(),
+        "batch_ok": events.iter().filter(|e| e["service"] == "batch-summarizer" && e["ok"] == true).count(),
+        "bypass_spend_nusd": acme["bypass_spend_nusd"],
+        "spend_nusd": acme["spend_nusd"],
+        "held_nusd": acme["held_nusd"],
+    })
+}
