@@ -14,6 +14,7 @@ pub mod usage;
 
 pub use error::Error;
 pub use money::Nanos;
-// Re-exports of the main types are added as their modules land:
-// price::{Cost, ModelPrice, PriceTable}, provider::{Api, Endpoint, ProviderDetector, ProviderKind},
+pub use price::{Cost, LoadReport, ModelPrice, PriceTable, TierPrice};
+// Re-exports of the remaining main types are added as their modules land:
+// provider::{Api, Endpoint, ProviderDetector, ProviderKind},
 // request::RequestInfo, usage::{ResponseMeta, StreamMeter, Usage}.

@@ -198,8 +198,8 @@ mod tests {
         // 1117 tokens at $0.15/M = 0.00016755 USD = 167_550 nano-USD exactly.
         let p = AttoUsd::from_decimal_str("1.5e-07").unwrap();
         assert_eq!(p.times(1117).ceil_nanos(), 167_550);
-        // 1 token at $0.075/M = 0.075 nano-USD -> rounds up to 1.
-        let p = AttoUsd::from_decimal_str("7.5e-08").unwrap();
+        // 1 token at 7.5e-11 USD = 0.075 nano-USD -> rounds up to 1.
+        let p = AttoUsd::from_decimal_str("7.5e-11").unwrap();
         assert_eq!(p.times(1).ceil_nanos(), 1);
         // Three such tokens summed first: 0.225 -> 1, not 3.
         assert_eq!(p.times(1).plus(p.times(1)).plus(p.times(1)).ceil_nanos(), 1);
