@@ -1,1 +1,265 @@
-//! TODO(owner): sse
+//! Incremental `text/event-stream` framing as the WHATWG HTML standard (§9.2.6) defines it.
+//!
+//! The parser is fed arbitrary byte chunks: a chunk may end mid-line, between the CR and LF of a
+//! CRLF, or in the middle of a UTF-8 sequence. Lines are decoded only once complete, so the result
+//! never depends on where the bytes were split. Memory is bounded: a line longer than
+//! [`SseParser::max_line_bytes`] is dropped (and counted), never buffered forever.
+
+/// Longest line (and longest joined `data` of one event) the parser buffers by default: 4 MiB.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
+
+/// One dispatched server-sent event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    /// The `event:` field, `None` for the default type ("message").
+    pub event: Option<String>,
+    /// The `data:` lines joined with `"\n"`.
+    pub data: String,
+    /// The last event id seen on the stream (`id:` persists across events, as the spec says).
+    pub id: Option<String>,
+}
+
+/// WHATWG event-stream parser: LF / CR / CRLF line ends, comments, multi-line data, split anywhere.
+#[derive(Debug, Clone)]
+pub struct SseParser {
+    /// Bytes of the current, not yet terminated line.
+    line: Vec<u8>,
+    /// The previous chunk ended with CR, so a leading LF of the next chunk belongs to it.
+    after_cr: bool,
+    /// The current line grew past the limit: skip bytes until its end.
+    discarding: bool,
+    /// No line has been completed yet (a leading BOM is stripped from the first line).
+    at_start: bool,
+    event_type: String,
+    data: String,
+    has_data: bool,
+    /// The current event's data grew past the limit: it is dropped at dispatch.
+    data_overflow: bool,
+    last_id: Option<String>,
+    max_line_bytes: usize,
+    dropped: u64,
+    invalid_utf8: u64,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SseParser {
+    /// A parser with the default 4 MiB line limit.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_max_line_bytes(DEFAULT_MAX_LINE_BYTES)
+    }
+
+    /// A parser that drops lines (and events whose joined data) exceed `max` bytes.
+    #[must_use]
+    pub fn with_max_line_bytes(max: usize) -> Self {
+        Self {
+            line: Vec::new(),
+            after_cr: false,
+            discarding: false,
+            at_start: true,
+            event_type: String::new(),
+            data: String::new(),
+            has_data: false,
+            data_overflow: false,
+            last_id: None,
+            max_line_bytes: max.max(1),
+            dropped: 0,
+            invalid_utf8: 0,
+        }
+    }
+
+    /// The line limit in bytes.
+    #[must_use]
+    pub fn max_line_bytes(&self) -> usize {
+        self.max_line_bytes
+    }
+
+    /// Lines or events dropped because they exceeded the limit.
+    #[must_use]
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Lines that were not valid UTF-8 (decoded lossily with U+FFFD).
+    #[must_use]
+    pub fn invalid_utf8_lines(&self) -> u64 {
+        self.invalid_utf8
+    }
+
+    /// Feeds a chunk; every event completed by it is appended to `out`.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
+        let mut rest = chunk;
+        // An empty chunk must not forget a pending CR.
+        if self.after_cr && !rest.is_empty() {
+            self.after_cr = false;
+            if let Some(stripped) = rest.strip_prefix(b"\n") {
+                rest = stripped;
+            }
+        }
+        while !rest.is_empty() {
+            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+                Some(pos) => {
+                    self.push_bytes(&rest[..pos]);
+                    self.end_line(out);
+                    if rest[pos] == b'\r' {
+                        match rest.get(pos + 1) {
+                            Some(b'\n') => rest = &rest[pos + 2..],
+                            Some(_) => rest = &rest[pos + 1..],
+                            None => {
+                                self.after_cr = true;
+                                rest = &[];
+                            }
+                        }
+                    } else {
+                        rest = &rest[pos + 1..];
+                    }
+                }
+                None => {
+                    self.push_bytes(rest);
+                    rest = &[];
+                }
+            }
+        }
+    }
+
+    /// Ends the stream. Per the spec an event not followed by a blank line is discarded, so this
+    /// dispatches nothing; it resets the parser for reuse. Use [`SseParser::take_unterminated`]
+    /// first to look at what the stream left incomplete.
+    pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
+        let _ = out;
+        self.line.clear();
+        self.after_cr = false;
+        self.discarding = false;
+        self.reset_event();
+    }
+
+    /// The event the stream left without its terminating blank line, including a final line that
+    /// has no line end, without dispatching it. The spec discards such an event; callers that know
+    /// the payload is self-delimiting (complete JSON) may still use it. Clears the pending state.
+    pub fn take_unterminated(&mut self) -> Option<SseEvent> {
+        if !self.line.is_empty() && !self.discarding {
+            let line = std::mem::take(&mut self.line);
+            self.process_line(&line);
+        }
+        self.line.clear();
+        self.discarding = false;
+        let event = self.build_event();
+        self.reset_event();
+        event
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        if self.discarding || bytes.is_empty() {
+            return;
+        }
+        if self.line.len() + bytes.len() > self.max_line_bytes {
+            self.line.clear();
+            self.line.shrink_to(64 * 1024);
+            self.discarding = true;
+            self.dropped += 1;
+            return;
+        }
+        self.line.extend_from_slice(bytes);
+    }
+
+    fn end_line(&mut self, out: &mut Vec<SseEvent>) {
+        if self.discarding {
+            // The oversized line is gone; the event it belonged to is incomplete, drop it too.
+            self.discarding = false;
+            self.data_overflow = true;
+            self.at_start = false;
+            return;
+        }
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            self.at_start = false;
+            if let Some(event) = self.build_event() {
+                out.push(event);
+            }
+            self.reset_event();
+        } else {
+            self.process_line(&line);
+        }
+        // Reuse the allocation unless it grew large.
+        self.line = line;
+        self.line.clear();
+        if self.line.capacity() > 64 * 1024 {
+            self.line.shrink_to(64 * 1024);
+        }
+    }
+
+    fn process_line(&mut self, raw: &[u8]) {
+        let mut bytes = raw;
+        if self.at_start {
+            self.at_start = false;
+            if let Some(stripped) = bytes.strip_prefix(b"\xEF\xBB\xBF") {
+                bytes = stripped;
+            }
+        }
+        let text = match std::str::from_utf8(bytes) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => {
+                self.invalid_utf8 += 1;
+                String::from_utf8_lossy(bytes)
+            }
+        };
+        if text.is_empty() || text.starts_with(':') {
+            return;
+        }
+        let (field, value) = match text.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (text.as_ref(), ""),
+        };
+        match field {
+            "data" => {
+                if self.data_overflow {
+                    return;
+                }
+                if self.data.len() + value.len() + 1 > self.max_line_bytes {
+                    self.data_overflow = true;
+                    self.data = String::new();
+                    self.dropped += 1;
+                    return;
+                }
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+                self.has_data = true;
+            }
+            "event" => {
+                self.event_type.clear();
+                self.event_type.push_str(value);
+            }
+            "id" if !value.contains('\0') => self.last_id = Some(value.to_owned()),
+            // "retry" and unknown fields are ignored, as the spec says.
+            _ => {}
+        }
+    }
+
+    fn build_event(&mut self) -> Option<SseEvent> {
+        if !self.has_data || self.data_overflow {
+            return None;
+        }
+        Some(SseEvent {
+            event: (!self.event_type.is_empty()).then(|| self.event_type.clone()),
+            data: std::mem::take(&mut self.data),
+            id: self.last_id.clone(),
+        })
+    }
+
+    fn reset_event(&mut self) {
+        self.event_type.clear();
+        self.data.clear();
+        self.has_data = false;
+        self.data_overflow = false;
+    }
+}
+
+#[cfg(test)]
+mod tests;

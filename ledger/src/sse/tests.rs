@@ -1,0 +1,196 @@
+use super::*;
+use proptest::prelude::*;
+
+fn parse_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
+    let mut parser = SseParser::new();
+    let mut out = Vec::new();
+    for chunk in chunks {
+        parser.feed(chunk, &mut out);
+    }
+    parser.finish(&mut out);
+    out
+}
+
+fn ev(event: Option<&str>, data: &str, id: Option<&str>) -> SseEvent {
+    SseEvent {
+        event: event.map(str::to_owned),
+        data: data.to_owned(),
+        id: id.map(str::to_owned),
+    }
+}
+
+#[test]
+fn lf_cr_and_crlf_line_ends() {
+    let want = vec![
+        ev(None, "a", None),
+        ev(Some("x"), "b", None),
+        ev(None, "c", None),
+    ];
+    assert_eq!(
+        parse_all(&[b"data: a\n\nevent: x\ndata: b\n\ndata: c\n\n"]),
+        want
+    );
+    assert_eq!(
+        parse_all(&[b"data: a\r\revent: x\rdata: b\r\rdata: c\r\r"]),
+        want
+    );
+    assert_eq!(
+        parse_all(&[b"data: a\r\n\r\nevent: x\r\ndata: b\r\n\r\ndata: c\r\n\r\n"]),
+        want
+    );
+}
+
+#[test]
+fn crlf_split_between_chunks_is_one_line_end() {
+    // "data: a\r" | "\n\r" | "\n": two line ends, one event; not four.
+    let out = parse_all(&[b"data: a\r", b"\n\r", b"\ndata: b\r", b"\n", b"\r\n"]);
+    assert_eq!(out, vec![ev(None, "a", None), ev(None, "b", None)]);
+}
+
+#[test]
+fn empty_chunk_after_cr_keeps_the_pending_cr() {
+    let out = parse_all(&[b"data: a\r", b"", b"\ndata: b\n\n"]);
+    assert_eq!(out, vec![ev(None, "a\nb", None)]);
+}
+
+#[test]
+fn comments_multiline_data_and_fields_without_colon() {
+    let input = b": keep-alive\ndata: line1\ndata:line2\ndata\ndata:  two spaces\n\n";
+    assert_eq!(
+        parse_all(&[input]),
+        vec![ev(None, "line1\nline2\n\n two spaces", None)]
+    );
+}
+
+#[test]
+fn event_without_data_is_not_dispatched_and_type_resets() {
+    let out = parse_all(&[b"event: ping\n\ndata: x\n\n"]);
+    assert_eq!(out, vec![ev(None, "x", None)]);
+}
+
+#[test]
+fn empty_data_field_dispatches_empty_string() {
+    assert_eq!(parse_all(&[b"data:\n\n"]), vec![ev(None, "", None)]);
+}
+
+#[test]
+fn id_persists_and_nul_ids_are_ignored() {
+    let out = parse_all(&[b"id: 7\ndata: a\n\ndata: b\n\nid: 8\0\ndata: c\n\nid\ndata: d\n\n"]);
+    assert_eq!(
+        out,
+        vec![
+            ev(None, "a", Some("7")),
+            ev(None, "b", Some("7")),
+            ev(None, "c", Some("7")),
+            ev(None, "d", Some("")),
+        ]
+    );
+}
+
+#[test]
+fn unknown_fields_and_retry_are_ignored() {
+    assert_eq!(
+        parse_all(&[b"retry: 10\nfoo: bar\ndata: x\n\n"]),
+        vec![ev(None, "x", None)]
+    );
+}
+
+#[test]
+fn leading_bom_is_stripped_once() {
+    let out = parse_all(&[b"\xEF\xBB", b"\xBFdata: x\n\n"]);
+    assert_eq!(out, vec![ev(None, "x", None)]);
+}
+
+#[test]
+fn utf8_split_across_chunks() {
+    let bytes = "data: h\u{e9}llo \u{2713}\n\n".as_bytes();
+    for i in 0..bytes.len() {
+        let (a, b) = bytes.split_at(i);
+        assert_eq!(
+            parse_all(&[a, b]),
+            vec![ev(None, "h\u{e9}llo \u{2713}", None)],
+            "split at {i}"
+        );
+    }
+}
+
+#[test]
+fn invalid_utf8_is_lossy_and_counted() {
+    let mut parser = SseParser::new();
+    let mut out = Vec::new();
+    parser.feed(b"data: a\xFFb\n\n", &mut out);
+    assert_eq!(out, vec![ev(None, "a\u{FFFD}b", None)]);
+    assert_eq!(parser.invalid_utf8_lines(), 1);
+}
+
+#[test]
+fn unterminated_event_is_not_dispatched_by_finish() {
+    let mut parser = SseParser::new();
+    let mut out = Vec::new();
+    parser.feed(b"data: a\n\ndata: b\n", &mut out);
+    parser.finish(&mut out);
+    assert_eq!(out, vec![ev(None, "a", None)]);
+}
+
+#[test]
+fn take_unterminated_returns_pending_event_including_last_line() {
+    let mut parser = SseParser::new();
+    let mut out = Vec::new();
+    parser.feed(b"data: a\n\ndata: {\"x\":\ndata: 1}", &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        parser.take_unterminated(),
+        Some(ev(None, "{\"x\":\n1}", None))
+    );
+    assert_eq!(parser.take_unterminated(), None);
+}
+
+#[test]
+fn oversized_line_is_dropped_counted_and_parser_recovers() {
+    let mut parser = SseParser::with_max_line_bytes(16);
+    let mut out = Vec::new();
+    parser.feed(b"data: 0123456789", &mut out);
+    parser.feed(b"0123456789abcdef\n\n", &mut out);
+    parser.feed(b"data: ok\n\n", &mut out);
+    assert_eq!(out, vec![ev(None, "ok", None)]);
+    assert_eq!(parser.dropped(), 1);
+}
+
+#[test]
+fn oversized_joined_data_drops_the_event() {
+    let mut parser = SseParser::with_max_line_bytes(16);
+    let mut out = Vec::new();
+    parser.feed(
+        b"data: 0123456\ndata: 0123456\ndata: x\n\ndata: ok\n\n",
+        &mut out,
+    );
+    assert_eq!(out, vec![ev(None, "ok", None)]);
+    assert_eq!(parser.dropped(), 1);
+}
+
+const MIXED: &[u8] = b"\xEF\xBB\xBF: hi\r\nevent: a\r\ndata: 1\r\ndata: \xE2\x9C\x93\r\n\r\nid: 5\rdata:2\r\rdata: 3\n\n";
+
+proptest! {
+    #[test]
+    fn any_chunking_gives_the_same_events(cuts in proptest::collection::vec(0..MIXED.len(), 0..8)) {
+        let whole = parse_all(&[MIXED]);
+        let mut cuts = cuts;
+        cuts.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut last = 0;
+        for cut in cuts {
+            chunks.push(&MIXED[last..cut]);
+            last = cut;
+        }
+        chunks.push(&MIXED[last..]);
+        prop_assert_eq!(parse_all(&chunks), whole);
+    }
+}
+
+#[test]
+fn byte_at_a_time_equals_whole() {
+    let whole = parse_all(&[MIXED]);
+    assert_eq!(whole.len(), 3);
+    let bytes: Vec<&[u8]> = MIXED.chunks(1).collect();
+    assert_eq!(parse_all(&bytes), whole);
+}
