@@ -1,1 +1,345 @@
-//! TODO(owner): request
+//! What a request body asks for: model, streaming, the output limit and an input-token estimate.
+//!
+//! Budgets reserve the worst case of a call before it is forwarded, from this estimate and the
+//! output limit; the real usage replaces it when the response is metered.
+
+use serde_json::{Map, Value};
+
+use crate::error::Error;
+use crate::provider::{Api, Endpoint, ProviderKind};
+use crate::usage::tokens::{self, Encoding};
+
+mod estimate;
+
+use estimate::Estimator;
+pub use estimate::{ANTHROPIC_TOOL_PROMPT_TOKENS, MEDIA_TOKENS};
+
+/// What the enforcer needs to know about a request before forwarding it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// The model in the body, else the one in the path (Gemini, Vertex) or the Azure deployment.
+    pub model: Option<String>,
+    /// The response will be streamed.
+    pub stream: bool,
+    /// The response will carry a usage record: always, except an OpenAI-style chat/completions
+    /// stream without `stream_options.include_usage: true`.
+    pub include_usage: bool,
+    /// The output limit the request sets, multiplied by the number of choices (`n`, `best_of`,
+    /// `candidateCount`); `Some(0)` for APIs without output (embeddings, token counting).
+    pub max_output_tokens: Option<u64>,
+    /// Estimated input tokens; errs high (see docs/providers.md).
+    pub input_tokens_estimate: u64,
+    /// The estimate used the model's own tokenizer over text only (no media, no tool schemas).
+    pub input_estimate_exact: bool,
+}
+
+/// Parses a request body for `endpoint`.
+///
+/// # Errors
+/// [`Error::Json`] when the body is not JSON; [`Error::Shape`] when it is not an object or a
+/// field the estimate needs has the wrong type (e.g. `messages` is not an array).
+pub fn parse_request(endpoint: &Endpoint, body: &[u8]) -> Result<RequestInfo, Error> {
+    let what = request_what(endpoint.api);
+    let value: Value =
+        serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?;
+    let Value::Object(obj) = value else {
+        return Err(Error::Shape {
+            what,
+            detail: "body is not a JSON object".to_owned(),
+        });
+    };
+    parse_object(endpoint, &obj).map_err(|detail| Error::Shape { what, detail })
+}
+
+fn parse_object(endpoint: &Endpoint, obj: &Map<String, Value>) -> Result<RequestInfo, String> {
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) if !m.is_empty() => Some(m.clone()),
+        Some(Value::String(_)) => None,
+        Some(other) => return Err(format!("model is {}, not a string", type_name(other))),
+    };
+    let model = model.or_else(|| endpoint.model_in_path.clone());
+    let stream = endpoint.stream_in_path || bool_field(obj, "stream")?.unwrap_or(false);
+    let (encoding, own) = match model.as_deref().and_then(tokens::encoding_for_model) {
+        Some(e) => (Some(e), true),
+        None if matches!(
+            endpoint.kind,
+            ProviderKind::OpenAi | ProviderKind::AzureOpenAi
+        ) =>
+        {
+            (Some(Encoding::O200k), false)
+        }
+        None => (None, false),
+    };
+    let bpe = if endpoint.kind.is_openai_family() {
+        encoding.and_then(tokens::bpe)
+    } else {
+        None
+    };
+    let mut est = Estimator::new(bpe, own);
+    let mut include_usage = true;
+    let max_output_tokens = match endpoint.api {
+        Api::ChatCompletions => {
+            include_usage = !stream || stream_include_usage(obj)?;
+            chat(&mut est, obj)?;
+            let limit = match uint_field(obj, "max_completion_tokens")? {
+                Some(n) => Some(n),
+                None => uint_field(obj, "max_tokens")?,
+            };
+            let n = uint_field(obj, "n")?.unwrap_or(1).max(1);
+            limit.map(|l| l.saturating_mul(n))
+        }
+        Api::Completions => {
+            include_usage = !stream || stream_include_usage(obj)?;
+            est.prompt_input(obj.get("prompt").unwrap_or(&Value::Null));
+            est.content(obj.get("suffix").unwrap_or(&Value::Null));
+            let n = uint_field(obj, "n")?
+                .unwrap_or(1)
+                .max(uint_field(obj, "best_of")?.unwrap_or(1))
+                .max(1);
+            uint_field(obj, "max_tokens")?.map(|l| l.saturating_mul(n))
+        }
+        Api::Embeddings => {
+            est.prompt_input(obj.get("input").unwrap_or(&Value::Null));
+            Some(0)
+        }
+        Api::Responses => {
+            responses(&mut est, obj)?;
+            uint_field(obj, "max_output_tokens")?
+        }
+        Api::AnthropicMessages | Api::AnthropicCountTokens => {
+            anthropic(&mut est, obj)?;
+            if endpoint.api == Api::AnthropicCountTokens {
+                Some(0)
+            } else {
+                uint_field(obj, "max_tokens")?
+            }
+        }
+        Api::GeminiGenerateContent | Api::GeminiStreamGenerateContent | Api::GeminiCountTokens => {
+            // countTokens may wrap a whole generateContent request.
+            let inner = obj
+                .get("generateContentRequest")
+                .and_then(Value::as_object)
+                .unwrap_or(obj);
+            gemini(&mut est, inner)?;
+            if endpoint.api == Api::GeminiCountTokens {
+                Some(0)
+            } else {
+                let config = inner
+                    .get("generationConfig")
+                    .or_else(|| inner.get("generation_config"));
+                let config = config.and_then(Value::as_object);
+                match config {
+                    Some(c) => {
+                        let limit = match uint_field(c, "maxOutputTokens")? {
+                            Some(n) => Some(n),
+                            None => uint_field(c, "max_output_tokens")?,
+                        };
+                        let n = match uint_field(c, "candidateCount")? {
+                            Some(n) => n,
+                            None => uint_field(c, "candidate_count")?.unwrap_or(1),
+                        };
+                        limit.map(|l| l.saturating_mul(n.max(1)))
+                    }
+                    None => None,
+                }
+            }
+        }
+    };
+    let (input_tokens_estimate, input_estimate_exact) = est.finish();
+    Ok(RequestInfo {
+        model,
+        stream,
+        include_usage,
+        max_output_tokens,
+        input_tokens_estimate,
+        input_estimate_exact,
+    })
+}
+
+fn chat(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String> {
+    for message in array_field(obj, "messages")? {
+        let Some(m) = message.as_object() else {
+            return Err("messages[] element is not an object".to_owned());
+        };
+        est.message();
+        est.content(m.get("role").unwrap_or(&Value::Null));
+        est.content(m.get("content").unwrap_or(&Value::Null));
+        if let Some(name) = m.get("name").and_then(Value::as_str) {
+            est.text(name);
+            est.fixed(1);
+        }
+        for call in m
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(function) = call.get("function") {
+                est.content(function.get("name").unwrap_or(&Value::Null));
+                est.content(function.get("arguments").unwrap_or(&Value::Null));
+            }
+        }
+        if let Some(function) = m.get("function_call") {
+            est.json(function);
+        }
+        est.content(m.get("tool_call_id").unwrap_or(&Value::Null));
+    }
+    est.reply_priming();
+    for key in ["tools", "functions", "response_format"] {
+        if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
+            est.json(v);
+        }
+    }
+    Ok(())
+}
+
+fn responses(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String> {
+    est.content(obj.get("instructions").unwrap_or(&Value::Null));
+    match obj.get("input") {
+        Some(Value::String(s)) => {
+            est.message();
+            est.text(s);
+        }
+        Some(Value::Array(items)) => {
+            for item in items {
+                est.message();
+                let kind = item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
+                match kind {
+                    "message" => est.content(item.get("content").unwrap_or(&Value::Null)),
+                    "function_call" | "custom_tool_call" => {
+                        est.content(item.get("name").unwrap_or(&Value::Null));
+                        est.content(
+                            item.get("arguments")
+                                .or_else(|| item.get("input"))
+                                .unwrap_or(&Value::Null),
+                        );
+                    }
+                    "function_call_output" | "custom_tool_call_output" => {
+                        est.content(item.get("output").unwrap_or(&Value::Null));
+                    }
+                    _ => est.json(item),
+                }
+            }
+        }
+        None | Some(Value::Null) => {}
+        Some(other) => {
+            return Err(format!(
+                "input is {}, not a string or an array",
+                type_name(other)
+            ));
+        }
+    }
+    est.reply_priming();
+    for key in ["tools", "text"] {
+        if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
+            est.json(v);
+        }
+    }
+    Ok(())
+}
+
+fn anthropic(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String> {
+    est.content(obj.get("system").unwrap_or(&Value::Null));
+    for message in array_field(obj, "messages")? {
+        est.message();
+        est.content(message.get("content").unwrap_or(&Value::Null));
+    }
+    est.reply_priming();
+    if let Some(tools) = obj
+        .get("tools")
+        .and_then(Value::as_array)
+        .filter(|t| !t.is_empty())
+    {
+        est.fixed(ANTHROPIC_TOOL_PROMPT_TOKENS);
+        for tool in tools {
+            est.json(tool);
+        }
+    }
+    Ok(())
+}
+
+fn gemini(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String> {
+    if let Some(system) = obj
+        .get("systemInstruction")
+        .or_else(|| obj.get("system_instruction"))
+    {
+        est.message();
+        est.gemini_parts(system.get("parts").unwrap_or(&Value::Null));
+    }
+    for content in array_field(obj, "contents")? {
+        est.message();
+        est.gemini_parts(content.get("parts").unwrap_or(&Value::Null));
+    }
+    est.reply_priming();
+    if let Some(tools) = obj.get("tools").filter(|v| !v.is_null()) {
+        est.json(tools);
+    }
+    Ok(())
+}
+
+/// What a request of `api` is called in error messages.
+fn request_what(api: Api) -> &'static str {
+    match api {
+        Api::ChatCompletions => "OpenAI chat completions request",
+        Api::Completions => "OpenAI completions request",
+        Api::Responses => "OpenAI responses request",
+        Api::Embeddings => "OpenAI embeddings request",
+        Api::AnthropicMessages => "Anthropic messages request",
+        Api::AnthropicCountTokens => "Anthropic count_tokens request",
+        Api::GeminiGenerateContent => "Gemini generateContent request",
+        Api::GeminiStreamGenerateContent => "Gemini streamGenerateContent request",
+        Api::GeminiCountTokens => "Gemini countTokens request",
+    }
+}
+
+fn stream_include_usage(obj: &Map<String, Value>) -> Result<bool, String> {
+    match obj.get("stream_options") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Object(options)) => Ok(bool_field(options, "include_usage")?.unwrap_or(false)),
+        Some(other) => Err(format!(
+            "stream_options is {}, not an object",
+            type_name(other)
+        )),
+    }
+}
+
+fn array_field<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a [Value], String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(items)) => Ok(items),
+        Some(other) => Err(format!("{key} is {}, not an array", type_name(other))),
+    }
+}
+
+fn bool_field(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(format!("{key} is {}, not a boolean", type_name(other))),
+    }
+}
+
+fn uint_field(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("{key} is {n}, not a non-negative integer")),
+        Some(other) => Err(format!(
+            "{key} is {}, not a non-negative integer",
+            type_name(other)
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    crate::usage::type_name(v)
+}
+
+#[cfg(test)]
+mod tests;
