@@ -1,1 +1,217 @@
-//! TODO(owner): usage
+//! Token usage from provider responses, normalised so every provider prices the same way.
+//!
+//! [`Usage`] splits prompt tokens into plain input, cache reads and cache writes (5-minute and
+//! 1-hour), and counts all billed output including reasoning. Nothing is counted twice: OpenAI's
+//! `prompt_tokens` and Gemini's `promptTokenCount` include their cached tokens, which are
+//! subtracted; Anthropic's `input_tokens` already exclude cache reads and writes.
+//!
+//! [`parse_response`] reads a complete JSON body, [`StreamMeter`] an SSE stream (or Gemini's
+//! streamed JSON array) fed in arbitrary byte chunks.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::Error;
+use crate::provider::{Api, Endpoint};
+
+mod anthropic;
+mod body_scan;
+mod gemini;
+mod json_array;
+mod openai;
+mod stream;
+pub(crate) mod tokens;
+
+pub use stream::StreamMeter;
+
+/// Billed tokens of one call, normalised across providers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens billed at the plain input rate (EXCLUDES cache reads and writes).
+    pub input_tokens: u64,
+    /// Cached input read (OpenAI `cached_tokens`, Anthropic `cache_read_input_tokens`,
+    /// Gemini `cachedContentTokenCount`).
+    pub cache_read_tokens: u64,
+    /// Anthropic 5-minute cache writes (or `cache_creation_input_tokens` when no split is given).
+    pub cache_write_5m_tokens: u64,
+    /// Anthropic 1-hour cache writes.
+    pub cache_write_1h_tokens: u64,
+    /// All billed output, including reasoning and Gemini thoughts.
+    pub output_tokens: u64,
+    /// The reasoning / thinking part of `output_tokens` (informational, already included).
+    pub reasoning_tokens: u64,
+    /// `true` when estimated from delivered text rather than read from a provider usage record.
+    pub estimated: bool,
+}
+
+impl Usage {
+    /// Every prompt token: plain input, cache reads and cache writes. Long-context price tiers
+    /// ("prompts above 200k tokens") compare against this.
+    #[must_use]
+    pub fn prompt_tokens(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.cache_read_tokens)
+            .saturating_add(self.cache_write_5m_tokens)
+            .saturating_add(self.cache_write_1h_tokens)
+    }
+
+    /// Prompt plus output tokens.
+    #[must_use]
+    pub fn total_tokens(&self) -> u64 {
+        self.prompt_tokens().saturating_add(self.output_tokens)
+    }
+}
+
+/// What a response says about the call: the model that served it and its usage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseMeta {
+    /// The model the response names (`model`, Gemini `modelVersion`); falls back to the model or
+    /// Azure deployment in the request path when the response names none.
+    pub model: Option<String>,
+    /// The usage; `None` when a complete response carried no usage record.
+    pub usage: Option<Usage>,
+}
+
+/// Estimates the tokens of `text` for `model`, erring high: the model's own BPE for OpenAI
+/// models (exact for plain text), otherwise one token per 3 UTF-8 bytes, rounded up.
+#[must_use]
+pub fn estimate_tokens_from_text(model: Option<&str>, text: &str) -> u64 {
+    match model
+        .and_then(tokens::encoding_for_model)
+        .and_then(tokens::bpe)
+    {
+        Some(bpe) => tokens::count_bpe(bpe, text),
+        None => tokens::heuristic_tokens(text.len() as u64),
+    }
+}
+
+/// Reads model and usage from a complete (non-stream) JSON response body.
+///
+/// Bodies without a usage record (error bodies, for instance) give `usage: None`; the free
+/// count-tokens APIs give a zero usage. A Gemini streamed JSON array is accepted too.
+///
+/// # Errors
+/// [`Error::Json`] when the body is not JSON, [`Error::Shape`] when it is not an object or a
+/// usage field has the wrong type.
+pub fn parse_response(endpoint: &Endpoint, body: &[u8]) -> Result<ResponseMeta, Error> {
+    let what = response_what(endpoint.api);
+    let value: Value =
+        serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?;
+    let mut meta = match (&value, endpoint.api) {
+        (Value::Array(items), Api::GeminiGenerateContent | Api::GeminiStreamGenerateContent) => {
+            let mut state = gemini::Accumulated::default();
+            for item in items {
+                let obj = item
+                    .as_object()
+                    .ok_or_else(|| shape(what, "array element is not an object"))?;
+                state.absorb(obj).map_err(|d| shape(what, &d))?;
+            }
+            state.into_meta()
+        }
+        (Value::Object(obj), api) => parse_object(api, obj).map_err(|d| shape(what, &d))?,
+        _ => return Err(shape(what, "body is not a JSON object")),
+    };
+    if meta.model.is_none() {
+        meta.model.clone_from(&endpoint.model_in_path);
+    }
+    Ok(meta)
+}
+
+fn parse_object(api: Api, obj: &serde_json::Map<String, Value>) -> Result<ResponseMeta, String> {
+    let model = str_field(obj, "model");
+    let usage = match api {
+        Api::ChatCompletions | Api::Completions => openai::chat_usage_of(obj)?,
+        Api::Responses => openai::responses_usage(obj.get("usage"))?,
+        Api::Embeddings => openai::embeddings_usage(obj.get("usage"))?,
+        Api::AnthropicMessages => {
+            anthropic::Raw::from_usage(obj.get("usage"))?.map(|raw| raw.usage())
+        }
+        Api::AnthropicCountTokens | Api::GeminiCountTokens => Some(Usage::default()),
+        Api::GeminiGenerateContent | Api::GeminiStreamGenerateContent => {
+            let mut state = gemini::Accumulated::default();
+            state.absorb(obj)?;
+            return Ok(state.into_meta());
+        }
+    };
+    Ok(ResponseMeta { model, usage })
+}
+
+/// What a response of `api` is called in error messages.
+pub(crate) fn response_what(api: Api) -> &'static str {
+    match api {
+        Api::ChatCompletions => "OpenAI chat completions response",
+        Api::Completions => "OpenAI completions response",
+        Api::Responses => "OpenAI responses response",
+        Api::Embeddings => "OpenAI embeddings response",
+        Api::AnthropicMessages => "Anthropic messages response",
+        Api::AnthropicCountTokens => "Anthropic count_tokens response",
+        Api::GeminiGenerateContent => "Gemini generateContent response",
+        Api::GeminiStreamGenerateContent => "Gemini streamGenerateContent response",
+        Api::GeminiCountTokens => "Gemini countTokens response",
+    }
+}
+
+fn shape(what: &'static str, detail: &str) -> Error {
+    Error::Shape {
+        what,
+        detail: detail.to_owned(),
+    }
+}
+
+// === JSON field helpers shared by the provider modules ===
+
+/// A non-empty string field.
+pub(crate) fn str_field(obj: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
+    obj.get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// A token count: absent or `null` is `None`; anything but a non-negative integer is an error
+/// naming `path`.
+pub(crate) fn count(value: Option<&Value>, key: &str, path: &str) -> Result<Option<u64>, String> {
+    let Some(v) = value.and_then(|v| v.get(key)) else {
+        return Ok(None);
+    };
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => n
+            .as_u64()
+            .or_else(|| {
+                // Some OpenAI-compatible servers write counts as 12.0.
+                n.as_f64()
+                    .filter(|f| f.is_finite() && *f >= 0.0 && f.fract() == 0.0 && *f < 9.0e15)
+                    .map(|f| {
+                        #[expect(
+                            clippy::cast_possible_truncation,
+                            clippy::cast_sign_loss,
+                            reason = "checked integral, non-negative and below 2^53"
+                        )]
+                        let n = f as u64;
+                        n
+                    })
+            })
+            .map(Some)
+            .ok_or_else(|| format!("{path}.{key} is {n}, not a token count")),
+        other => Err(format!(
+            "{path}.{key} is {}, not a token count",
+            type_name(other)
+        )),
+    }
+}
+
+/// A JSON type name for error messages (never the value itself: it may hold prompt text).
+pub(crate) fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,333 @@
+//! [`StreamMeter`]: usage of a response body fed in arbitrary byte chunks.
+//!
+//! The framing is chosen from the first non-whitespace byte: `{` is a plain JSON body (metered
+//! with [`super::parse_response`] at the end), `[` is Gemini's streamed JSON array, anything
+//! else is `text/event-stream`. The caller de-chunks and decompresses the body first.
+
+use serde_json::Value;
+
+use super::anthropic;
+use super::json_array::JsonArraySplitter;
+use super::tokens::{self, Encoding, TextCounter};
+use super::{ResponseMeta, Usage, gemini, openai, parse_response};
+use crate::provider::{Api, Endpoint, ProviderKind};
+use crate::sse::{DEFAULT_MAX_LINE_BYTES, SseEvent, SseParser};
+
+/// A plain JSON body is buffered up to this size; beyond it only [`BODY_EDGE`] bytes at each end
+/// are kept, and usage and model are searched there (OpenAI and Gemini put usage at the end).
+const BODY_MAX: usize = 8 * 1024 * 1024;
+const BODY_EDGE: usize = 256 * 1024;
+
+/// What the meter knows so far, shared with the per-provider event handlers.
+#[derive(Debug)]
+pub(super) struct StreamState {
+    kind: ProviderKind,
+    model_in_path: Option<String>,
+    model: Option<String>,
+    record: Option<Usage>,
+    /// The stream reached its end marker (final usage chunk, `message_delta`, `finishReason`,
+    /// `response.completed`...), so the record is complete.
+    final_record: bool,
+    text: Option<TextCounter>,
+    pub(super) errors: u64,
+}
+
+impl StreamState {
+    pub(super) fn set_model(&mut self, model: &str) {
+        if !model.is_empty() && self.model.as_deref() != Some(model) {
+            self.model = Some(model.to_owned());
+        }
+    }
+
+    /// Replaces the usage record (records are cumulative: never added).
+    pub(super) fn set_record(&mut self, usage: Usage, last: bool) {
+        self.record = Some(usage);
+        self.final_record |= last;
+    }
+
+    pub(super) fn mark_final(&mut self) {
+        self.final_record = true;
+    }
+
+    /// Counts delivered output text. The text itself is not kept beyond a small tokenising window.
+    pub(super) fn push_text(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        let counter = self.text.get_or_insert_with(|| {
+            let model = self.model.as_deref().or(self.model_in_path.as_deref());
+            let encoding = model.and_then(tokens::encoding_for_model).or(
+                // Azure deployments and OpenAI's own API serve OpenAI models.
+                matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi)
+                    .then_some(Encoding::O200k),
+            );
+            TextCounter::new(encoding.and_then(tokens::bpe))
+        });
+        counter.push(text);
+    }
+
+    fn estimated_output(&self) -> u64 {
+        self.text.as_ref().map_or(0, TextCounter::tokens)
+    }
+
+    fn usage(&self, finished: bool) -> Option<Usage> {
+        let estimate = self.estimated_output();
+        match self.record {
+            Some(record) if self.final_record => Some(record),
+            Some(mut record) => {
+                // The stream stopped before its final record: output is at least what was delivered.
+                record.output_tokens = record.output_tokens.max(estimate);
+                record.estimated = true;
+                Some(record)
+            }
+            None if finished || self.text.as_ref().is_some_and(|t| !t.is_empty()) => Some(Usage {
+                output_tokens: estimate,
+                estimated: true,
+                ..Usage::default()
+            }),
+            None => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Framing {
+    Undecided(Vec<u8>),
+    Sse(SseParser, Vec<SseEvent>),
+    Array(JsonArraySplitter),
+    Body {
+        head: Vec<u8>,
+        tail: Vec<u8>,
+        overflow: bool,
+    },
+}
+
+/// Meters a streamed (or plain) response body fed in arbitrary chunks, with bounded memory.
+#[derive(Debug)]
+pub struct StreamMeter {
+    endpoint: Endpoint,
+    framing: Framing,
+    state: StreamState,
+    anthropic: anthropic::Raw,
+    body_meta: Option<ResponseMeta>,
+}
+
+impl StreamMeter {
+    /// A meter for a response from `endpoint`.
+    #[must_use]
+    pub fn new(endpoint: &Endpoint) -> Self {
+        Self {
+            endpoint: endpoint.clone(),
+            framing: Framing::Undecided(Vec::new()),
+            state: StreamState {
+                kind: endpoint.kind,
+                model_in_path: endpoint.model_in_path.clone(),
+                model: None,
+                record: None,
+                final_record: false,
+                text: None,
+                errors: 0,
+            },
+            anthropic: anthropic::Raw::default(),
+            body_meta: None,
+        }
+    }
+
+    /// Feeds the next chunk of the (de-chunked, decompressed) body. Never panics.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut chunk = chunk;
+        if let Framing::Undecided(pending) = &mut self.framing {
+            let Some(first) = chunk.iter().position(|b| !b.is_ascii_whitespace()) else {
+                if pending.len() < 4096 {
+                    pending.extend_from_slice(chunk);
+                }
+                return;
+            };
+            let replay = std::mem::take(pending);
+            self.framing = match chunk[first] {
+                b'{' => Framing::Body {
+                    head: Vec::new(),
+                    tail: Vec::new(),
+                    overflow: false,
+                },
+                b'[' => Framing::Array(JsonArraySplitter::new(DEFAULT_MAX_LINE_BYTES)),
+                _ => Framing::Sse(SseParser::new(), Vec::new()),
+            };
+            if let Framing::Sse(..) = self.framing {
+                self.feed_framed(&replay);
+            } else {
+                chunk = &chunk[first..];
+            }
+        }
+        self.feed_framed(chunk);
+    }
+
+    fn feed_framed(&mut self, chunk: &[u8]) {
+        match &mut self.framing {
+            Framing::Undecided(_) => {}
+            Framing::Sse(parser, events) => {
+                parser.feed(chunk, events);
+                let mut batch = std::mem::take(events);
+                for event in batch.drain(..) {
+                    self.on_data(&event.data);
+                }
+                if let Framing::Sse(_, events) = &mut self.framing {
+                    *events = batch;
+                }
+            }
+            Framing::Array(splitter) => {
+                let mut elements = Vec::new();
+                splitter.feed(chunk, |e| elements.push(e.to_vec()));
+                for element in elements {
+                    match serde_json::from_slice::<Value>(&element) {
+                        Ok(value) => self.on_value(&value),
+                        Err(_) => self.state.errors += 1,
+                    }
+                }
+            }
+            Framing::Body {
+                head,
+                tail,
+                overflow,
+            } => {
+                if !*overflow && head.len() + chunk.len() <= BODY_MAX {
+                    head.extend_from_slice(chunk);
+                    return;
+                }
+                if !*overflow {
+                    *overflow = true;
+                    let mut t = head.split_off(BODY_EDGE.min(head.len()));
+                    t.extend_from_slice(chunk);
+                    *tail = t;
+                    head.shrink_to_fit();
+                } else {
+                    tail.extend_from_slice(chunk);
+                }
+                if tail.len() > BODY_EDGE {
+                    tail.drain(..tail.len() - BODY_EDGE);
+                }
+            }
+        }
+    }
+
+    fn on_data(&mut self, data: &str) {
+        let data = data.trim();
+        if data.is_empty() || data == "[DONE]" {
+            return;
+        }
+        match serde_json::from_str::<Value>(data) {
+            Ok(value) => self.on_value(&value),
+            Err(_) => self.state.errors += 1,
+        }
+    }
+
+    fn on_value(&mut self, value: &Value) {
+        match self.endpoint.api {
+            Api::ChatCompletions | Api::Completions => {
+                openai::on_chat_chunk(&mut self.state, value)
+            }
+            Api::Responses => openai::on_responses_event(&mut self.state, value),
+            Api::AnthropicMessages => {
+                anthropic::on_event(&mut self.state, &mut self.anthropic, value)
+            }
+            Api::GeminiGenerateContent | Api::GeminiStreamGenerateContent => {
+                gemini::on_chunk(&mut self.state, value)
+            }
+            Api::Embeddings | Api::AnthropicCountTokens | Api::GeminiCountTokens => {
+                let body = value.to_string();
+                match parse_response(&self.endpoint, body.as_bytes()) {
+                    Ok(meta) => self.body_meta = Some(meta),
+                    Err(_) => self.state.errors += 1,
+                }
+            }
+        }
+    }
+
+    /// The model the response named so far.
+    #[must_use]
+    pub fn model(&self) -> Option<&str> {
+        self.body_meta
+            .as_ref()
+            .and_then(|m| m.model.as_deref())
+            .or(self.state.model.as_deref())
+    }
+
+    /// The usage known so far: the provider's record (completed with delivered output while the
+    /// stream is still running), else an estimate from the output delivered so far, else `None`.
+    #[must_use]
+    pub fn usage_so_far(&self) -> Option<Usage> {
+        if let Some(meta) = &self.body_meta {
+            return meta.usage;
+        }
+        self.state.usage(false)
+    }
+
+    /// Malformed events, oversized lines or elements, invalid UTF-8 lines seen so far.
+    #[must_use]
+    pub fn parse_errors(&self) -> u64 {
+        let framing = match &self.framing {
+            Framing::Sse(parser, _) => parser.dropped() + parser.invalid_utf8_lines(),
+            Framing::Array(splitter) => splitter.errors(),
+            Framing::Undecided(_) | Framing::Body { .. } => 0,
+        };
+        self.state.errors + framing
+    }
+
+    /// Ends the stream. The usage is the provider's record when the stream carried a complete one;
+    /// otherwise an estimate (`estimated: true`) whose output is the larger of a partial record's
+    /// output and the tokens of the delivered text, and whose input comes from a partial record or
+    /// is 0: the caller merges its request-side input estimate. Never `None` for a stream.
+    ///
+    /// An SSE event left without its terminating blank line is used if its data is complete JSON.
+    #[must_use]
+    pub fn finish(mut self) -> ResponseMeta {
+        match std::mem::replace(&mut self.framing, Framing::Undecided(Vec::new())) {
+            Framing::Sse(mut parser, _) => {
+                if let Some(event) = parser.take_unterminated() {
+                    self.on_data(&event.data);
+                }
+            }
+            Framing::Body {
+                head,
+                tail,
+                overflow,
+            } => {
+                let meta = if overflow {
+                    super::body_scan::meta_from_edges(&self.endpoint, &head, &tail)
+                } else {
+                    parse_response(&self.endpoint, &head).ok()
+                };
+                return match meta {
+                    Some(mut meta) => {
+                        if meta.model.is_none() {
+                            meta.model.clone_from(&self.endpoint.model_in_path);
+                        }
+                        meta
+                    }
+                    None => ResponseMeta {
+                        model: self.endpoint.model_in_path.clone(),
+                        usage: Some(Usage {
+                            estimated: true,
+                            ..Usage::default()
+                        }),
+                    },
+                };
+            }
+            Framing::Array(_) | Framing::Undecided(_) => {}
+        }
+        if let Some(meta) = self.body_meta {
+            return meta;
+        }
+        if self.endpoint.api.is_free() {
+            return ResponseMeta {
+                model: self.state.model.or(self.endpoint.model_in_path),
+                usage: Some(Usage::default()),
+            };
+        }
+        let usage = self.state.usage(true);
+        ResponseMeta {
+            model: self.state.model.or(self.endpoint.model_in_path),
+            usage,
+        }
+    }
+}
