@@ -15,6 +15,7 @@ pub mod usage;
 pub use error::Error;
 pub use money::Nanos;
 pub use price::{Cost, LoadReport, ModelPrice, PriceTable, TierPrice};
-// Re-exports of the remaining main types are added as their modules land:
-// provider::{Api, Endpoint, ProviderDetector, ProviderKind},
-// request::RequestInfo, usage::{ResponseMeta, StreamMeter, Usage}.
+pub use provider::{Api, Endpoint, ProviderDetector, ProviderKind, classify};
+pub use request::{RequestInfo, parse_request};
+pub use sse::{SseEvent, SseParser};
+pub use usage::{ResponseMeta, StreamMeter, Usage, estimate_tokens_from_text, parse_response};
