@@ -19,7 +19,9 @@ pub const ATTOS_PER_NANO: i128 = 1_000_000_000;
 pub const ATTOS_PER_USD: i128 = 1_000_000_000_000_000_000;
 
 /// An amount of money in nano-USD (1e-9 USD), the unit of every counter in the ledger.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Nanos(pub i64);
 
@@ -51,7 +53,9 @@ impl Nanos {
     /// [`Error::InvalidAmount`] for negative, NaN, infinite or out-of-range values.
     pub fn from_usd_f64(v: f64) -> Result<Nanos, Error> {
         if !v.is_finite() || v < 0.0 {
-            return Err(Error::InvalidAmount(format!("{v} is not a non-negative finite USD amount")));
+            return Err(Error::InvalidAmount(format!(
+                "{v} is not a non-negative finite USD amount"
+            )));
         }
         // `{}` on f64 prints the shortest representation that round-trips, never exponent form.
         Nanos::from_usd_str(&format!("{v}"))
@@ -101,7 +105,8 @@ impl AttoUsd {
     /// # Errors
     /// [`Error::InvalidAmount`] when the text is not a non-negative decimal or is out of range.
     pub fn from_decimal_str(s: &str) -> Result<AttoUsd, Error> {
-        let bad = || Error::InvalidAmount(format!("{s:?} is not a non-negative decimal USD amount"));
+        let bad =
+            || Error::InvalidAmount(format!("{s:?} is not a non-negative decimal USD amount"));
         let t = s.trim();
         if t.is_empty() || t.starts_with('-') {
             return Err(bad());
@@ -118,7 +123,9 @@ impl AttoUsd {
         if int_part.is_empty() && frac_part.is_empty() {
             return Err(bad());
         }
-        if !int_part.bytes().all(|b| b.is_ascii_digit()) || !frac_part.bytes().all(|b| b.is_ascii_digit()) {
+        if !int_part.bytes().all(|b| b.is_ascii_digit())
+            || !frac_part.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(bad());
         }
         // value = digits * 10^(exp - frac_len); we want value * 10^18.
@@ -134,7 +141,9 @@ impl AttoUsd {
         }
         let n: i128 = digits.parse().map_err(|_| bad())?;
         if shift >= 0 {
-            let m = 10i128.checked_pow(u32::try_from(shift).map_err(|_| bad())?).ok_or_else(bad)?;
+            let m = 10i128
+                .checked_pow(u32::try_from(shift).map_err(|_| bad())?)
+                .ok_or_else(bad)?;
             n.checked_mul(m).map(AttoUsd).ok_or_else(bad)
         } else {
             let d = 10i128.checked_pow(u32::try_from(-shift).map_err(|_| bad())?);
@@ -181,15 +190,37 @@ mod tests {
 
     #[test]
     fn parses_decimal_prices_exactly() {
-        assert_eq!(AttoUsd::from_decimal_str("3e-06").unwrap().0, 3_000_000_000_000);
-        assert_eq!(AttoUsd::from_decimal_str("0.000003").unwrap().0, 3_000_000_000_000);
-        assert_eq!(AttoUsd::from_decimal_str("1.25E-7").unwrap().0, 125_000_000_000);
-        assert_eq!(AttoUsd::from_decimal_str("7.5e-08").unwrap().0, 75_000_000_000);
-        assert_eq!(AttoUsd::from_decimal_str("15").unwrap().0, 15 * ATTOS_PER_USD);
+        assert_eq!(
+            AttoUsd::from_decimal_str("3e-06").unwrap().0,
+            3_000_000_000_000
+        );
+        assert_eq!(
+            AttoUsd::from_decimal_str("0.000003").unwrap().0,
+            3_000_000_000_000
+        );
+        assert_eq!(
+            AttoUsd::from_decimal_str("1.25E-7").unwrap().0,
+            125_000_000_000
+        );
+        assert_eq!(
+            AttoUsd::from_decimal_str("7.5e-08").unwrap().0,
+            75_000_000_000
+        );
+        assert_eq!(
+            AttoUsd::from_decimal_str("15").unwrap().0,
+            15 * ATTOS_PER_USD
+        );
         assert_eq!(AttoUsd::from_decimal_str("0").unwrap().0, 0);
-        assert_eq!(AttoUsd::from_decimal_str("1e-19").unwrap().0, 1, "sub-atto rounds up");
+        assert_eq!(
+            AttoUsd::from_decimal_str("1e-19").unwrap().0,
+            1,
+            "sub-atto rounds up"
+        );
         for bad in ["", "-1", "abc", "1e", "1.2.3", ".", "1e99999"] {
-            assert!(AttoUsd::from_decimal_str(bad).is_err(), "{bad:?} must be rejected");
+            assert!(
+                AttoUsd::from_decimal_str(bad).is_err(),
+                "{bad:?} must be rejected"
+            );
         }
     }
 
@@ -207,7 +238,10 @@ mod tests {
 
     #[test]
     fn usd_strings_and_floats() {
-        assert_eq!(Nanos::from_usd_str("50").unwrap(), Nanos(50 * NANOS_PER_USD));
+        assert_eq!(
+            Nanos::from_usd_str("50").unwrap(),
+            Nanos(50 * NANOS_PER_USD)
+        );
         assert_eq!(Nanos::from_usd_f64(0.1).unwrap(), Nanos(100_000_000));
         assert_eq!(Nanos::from_usd_f64(5.0).unwrap(), Nanos(5_000_000_000));
         assert!(Nanos::from_usd_f64(-1.0).is_err());

@@ -16,8 +16,13 @@ impl ChildGuard {
     /// Spawns `cmd`, panicking with the program name when it cannot start.
     #[must_use]
     pub fn spawn(name: &str, cmd: &mut Command) -> ChildGuard {
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        ChildGuard { name: name.to_owned(), child: Some(child) }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        ChildGuard {
+            name: name.to_owned(),
+            child: Some(child),
+        }
     }
 
     /// The child's pid.
@@ -54,14 +59,20 @@ impl ChildGuard {
                 self.child = None;
                 return st;
             }
-            assert!(Instant::now() < deadline, "{} did not exit within {timeout:?}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Whether the child is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 
@@ -74,14 +85,21 @@ impl Drop for ChildGuard {
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests that start at once).
 #[must_use]
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local_addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local_addr")
+        .port()
 }
 
 /// Waits until something accepts TCP connections at `addr`, panicking after `timeout`.
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr} after {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {addr} after {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -89,7 +107,10 @@ pub fn wait_for_port(addr: SocketAddr, timeout: Duration) {
 /// The workspace root (parent of the tests crate).
 #[must_use]
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// Path of a workspace binary built by cargo for this test run (`enforcer`, `observer`).
