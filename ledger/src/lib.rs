@@ -18,4 +18,9 @@ pub use price::{Cost, LoadReport, ModelPrice, PriceTable, TierPrice};
 pub use provider::{Api, Endpoint, ProviderDetector, ProviderKind, classify};
 pub use request::{RequestInfo, parse_request};
 pub use sse::{SseEvent, SseParser};
+pub use store::{
+    Budget, Cap, CapScope, Denial, Ledger, LedgerConfig, Period, RecordOutcome, Reservation,
+    ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, Source, TenantSpend, TokenCounts,
+    UsageRecord, resolve_caps,
+};
 pub use usage::{ResponseMeta, StreamMeter, Usage, estimate_tokens_from_text, parse_response};

@@ -1,1 +1,682 @@
-//! TODO(owner): store
+//! The Redis ledger: atomic budgets shared by every enforcer instance and the observer.
+//!
+//! Every key of tenant `T` starts with `llmw:{T}:`, one Redis Cluster hash tag per tenant, so each
+//! Lua script touches a single slot. The key layout and the scripts are a stable interface,
+//! documented in docs/redis-schema.md. Money is integer nano-USD, changed only with HINCRBY.
+
+mod budget;
+mod conn;
+mod keys;
+mod period;
+mod scripts;
+mod spend;
+mod types;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, TimeZone, Utc};
+use redis::AsyncCommands;
+
+pub use budget::resolve_caps;
+pub use conn::LedgerConfig;
+pub use keys::{BUDGETS_KEY, MAX_NAME_LEN, validate_name};
+pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
+pub use types::{
+    Budget, BySource, Cap, CapScope, Denial, Hold, RecordOutcome, Reservation, ReserveOutcome,
+    ReserveRequest, SessionSpend, SettleOutcome, Settlement, Source, TenantSpend, TokenCounts,
+    UsageRecord,
+};
+
+use conn::{Conn, timeout_error};
+use keys::{validate_feature, validate_opt, validate_tenant};
+use scripts::Reply;
+
+use crate::{Error, Nanos};
+
+/// Whether `e` means Redis could not be reached in time (refused, reset, timed out) rather than a
+/// logic or schema error: the enforcer's `on_redis_unavailable` policy applies to these.
+#[must_use]
+pub fn is_unavailable(e: &Error) -> bool {
+    match e {
+        Error::Redis(r) => {
+            r.is_io_error()
+                || r.is_timeout()
+                || r.is_connection_dropped()
+                || r.is_connection_refusal()
+        }
+        _ => false,
+    }
+}
+
+/// A handle on the ledger; cheap to clone, safe to share between tasks.
+#[derive(Clone)]
+pub struct Ledger {
+    conn: Conn,
+    cfg: Arc<LedgerConfig>,
+    /// `llmw:tenants:<id>` entries this process has already written, so the extra SADD happens once
+    /// per tenant and period per process.
+    active_marked: Arc<Mutex<HashSet<String>>>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.conn {
+            Conn::Single(_) => "single",
+            Conn::Cluster(_) => "cluster",
+        };
+        f.debug_struct("Ledger")
+            .field("conn", &kind)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
+
+fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl Ledger {
+    /// Connects with the default [`LedgerConfig`]: `redis://host:port[/db]` for one node,
+    /// `redis+cluster://h1:p1,h2:p2` (or several comma-separated URLs) for a cluster.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when the URL is invalid or Redis is unreachable within the timeouts.
+    pub async fn connect(url: &str) -> Result<Ledger, Error> {
+        Ledger::connect_with(url, LedgerConfig::default()).await
+    }
+
+    /// Connects with an explicit configuration and checks the connection.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when the URL is invalid or Redis is unreachable within the timeouts.
+    pub async fn connect_with(url: &str, cfg: LedgerConfig) -> Result<Ledger, Error> {
+        let conn = Conn::open(url, &cfg, false).await?;
+        Ok(Ledger::from_conn(conn, cfg))
+    }
+
+    /// Like [`Ledger::connect_with`] but a single-node connection is opened on first use, so a
+    /// process can start while Redis is down (cluster URLs still connect now).
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when the URL is invalid (or a cluster is unreachable).
+    pub async fn connect_lazy(url: &str, cfg: LedgerConfig) -> Result<Ledger, Error> {
+        let conn = Conn::open(url, &cfg, true).await?;
+        Ok(Ledger::from_conn(conn, cfg))
+    }
+
+    fn from_conn(conn: Conn, cfg: LedgerConfig) -> Ledger {
+        Ledger {
+            conn,
+            cfg: Arc::new(cfg),
+            active_marked: Arc::default(),
+        }
+    }
+
+    /// The configuration in use.
+    #[must_use]
+    pub fn config(&self) -> &LedgerConfig {
+        &self.cfg
+    }
+
+    /// Runs `f` under the operation timeout.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::time::timeout(self.cfg.operation_timeout, f)
+            .await
+            .map_err(|_| timeout_error(op, self.cfg.operation_timeout))?
+    }
+
+    /// Checks that Redis answers.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when it does not, within the timeouts.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let mut c = self.conn.clone();
+        self.timed("ping", async move {
+            let _: String = redis::cmd("PING").query_async(&mut c).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Adds the tenant to `llmw:tenants:<day>` and `llmw:tenants:<month>` (their own slots, so not
+    /// inside the scripts). Done before the script, so a crash in between leaves at worst a tenant
+    /// listed with zero figures, never an active tenant unlisted.
+    async fn mark_active(&self, tenant: &str, at: DateTime<Utc>) -> Result<(), Error> {
+        for period in Period::ALL {
+            let key = keys::tenants(period, at);
+            let marker = format!("{key}\n{tenant}");
+            if self
+                .active_marked
+                .lock()
+                .map(|s| s.contains(&marker))
+                .unwrap_or(false)
+            {
+                continue;
+            }
+            let mut c = self.conn.clone();
+            let _: () = redis::pipe()
+                .sadd(&key, tenant)
+                .ignore()
+                .expire_at(&key, period.expire_at(at).timestamp())
+                .ignore()
+                .query_async(&mut c)
+                .await?;
+            if let Ok(mut s) = self.active_marked.lock() {
+                if s.len() > 100_000 {
+                    s.clear();
+                }
+                s.insert(marker);
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds the worst-case cost of a call until its real usage is known, so concurrent calls
+    /// cannot overspend: atomically checks every cap in `r.caps` against committed + held + amount.
+    /// A retry with the same request id returns the same reservation.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names, a negative amount, a cap naming another feature or session,
+    /// or a request id that was already settled; [`Error::Redis`] when Redis is unavailable.
+    pub async fn reserve(&self, r: &ReserveRequest) -> Result<ReserveOutcome, Error> {
+        validate_tenant(&r.tenant)?;
+        validate_name("request_id", &r.request_id)?;
+        validate_opt("feature", r.feature.as_deref())?;
+        validate_opt("session", r.session.as_deref())?;
+        if r.amount.0 < 0 {
+            return Err(Error::Invalid {
+                what: "reserve amount",
+                detail: format!("{} is negative", r.amount),
+            });
+        }
+        for cap in &r.caps {
+            let ok = match &cap.scope {
+                CapScope::Tenant => true,
+                CapScope::Feature(f) => r.feature.as_deref() == Some(f.as_str()),
+                CapScope::Session(s) => r.session.as_deref() == Some(s.as_str()),
+            };
+            if !ok {
+                return Err(Error::Invalid {
+                    what: "cap",
+                    detail: format!("{cap:?} does not match the request's feature/session"),
+                });
+            }
+        }
+        let at = r.at;
+        let mut inv = scripts::RESERVE.prepare_invoke();
+        inv.key(keys::holds(&r.tenant))
+            .key(keys::hold(&r.tenant, &r.request_id))
+            .key(keys::done(&r.tenant, &r.request_id))
+            .arg(keys::prefix(&r.tenant))
+            .arg(ms(at))
+            .arg(self.cfg.reclaim_batch)
+            .arg(&r.request_id)
+            .arg(r.amount.0)
+            .arg(duration_ms(r.ttl))
+            .arg(Period::Day.id(at))
+            .arg(Period::Month.id(at))
+            .arg(Period::Day.expire_at(at).timestamp())
+            .arg(Period::Month.expire_at(at).timestamp())
+            .arg(self.cfg.session_ttl.as_secs().max(1))
+            .arg(r.feature.as_deref().unwrap_or(""))
+            .arg(r.session.as_deref().unwrap_or(""))
+            .arg(duration_ms(self.cfg.hold_grace))
+            .arg(r.caps.len());
+        for cap in &r.caps {
+            let kind = match cap.scope {
+                CapScope::Tenant => "t",
+                CapScope::Feature(_) => "f",
+                CapScope::Session(_) => "s",
+            };
+            inv.arg(kind).arg(cap.period.letter()).arg(cap.limit.0);
+        }
+        let reply = self
+            .timed("reserve", async {
+                self.mark_active(&r.tenant, at).await?;
+                let mut c = self.conn.clone();
+                let fields: Vec<String> = inv.invoke_async(&mut c).await?;
+                Ok(Reply::new("reserve", fields))
+            })
+            .await?;
+        match reply.status() {
+            "ALLOW" => Ok(ReserveOutcome::Allowed(Reservation {
+                id: r.request_id.clone(),
+                tenant: r.tenant.clone(),
+                amount: Nanos(reply.int(1)?),
+                expires_at: from_ms(reply.int(2)?),
+                existing: reply.str(3)? == "existing",
+            })),
+            "DENY" => {
+                let idx = usize::try_from(reply.int(1)?).map_err(|_| reply.unexpected())?;
+                let cap = r
+                    .caps
+                    .get(idx.wrapping_sub(1))
+                    .ok_or_else(|| reply.unexpected())?
+                    .clone();
+                let reset_at = match cap.scope {
+                    CapScope::Session(_) => None,
+                    _ => Some(cap.period.reset_at(at)),
+                };
+                Ok(ReserveOutcome::Denied(Denial {
+                    tenant: r.tenant.clone(),
+                    limit: cap.limit,
+                    cap,
+                    spent: Nanos(reply.int(2)?),
+                    held: Nanos(reply.int(3)?),
+                    requested: r.amount,
+                    reset_at,
+                }))
+            }
+            "SETTLED" => Err(Error::Invalid {
+                what: "request_id",
+                detail: format!(
+                    "{} was already settled; every call needs a fresh request id",
+                    r.request_id
+                ),
+            }),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Replaces a reservation with the actual cost: drops the hold (if it still exists), commits
+    /// the cost and tokens everywhere. Idempotent per request id (within
+    /// [`LedgerConfig::idempotency_ttl`]); correct when the hold already expired or never existed
+    /// (spool replay).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names or a negative cost; [`Error::Redis`] when Redis is
+    /// unavailable (then it is safe to retry or spool: a retry never double-counts).
+    pub async fn settle(&self, s: &Settlement) -> Result<SettleOutcome, Error> {
+        validate_tenant(&s.tenant)?;
+        validate_name("request_id", &s.request_id)?;
+        validate_opt("feature", s.feature.as_deref())?;
+        validate_opt("session", s.session.as_deref())?;
+        validate_opt("model", s.model.as_deref())?;
+        check_cost(s.cost)?;
+        let at = s.started_at;
+        let mut inv = scripts::SETTLE.prepare_invoke();
+        inv.key(keys::holds(&s.tenant))
+            .key(keys::hold(&s.tenant, &s.request_id))
+            .key(keys::done(&s.tenant, &s.request_id))
+            .arg(keys::prefix(&s.tenant))
+            .arg(ms(Utc::now()))
+            .arg(self.cfg.reclaim_batch)
+            .arg(&s.request_id)
+            .arg(duration_ms(self.cfg.idempotency_ttl));
+        period_args(&mut inv, at, &self.cfg);
+        usage_args(
+            &mut inv,
+            s.cost,
+            s.tokens,
+            s.model.as_deref(),
+            s.feature.as_deref(),
+            s.session.as_deref(),
+        );
+        inv.arg("0").arg(if s.estimated { "1" } else { "0" });
+        let reply = self
+            .timed("settle", async {
+                self.mark_active(&s.tenant, at).await?;
+                let mut c = self.conn.clone();
+                let fields: Vec<String> = inv.invoke_async(&mut c).await?;
+                Ok(Reply::new("settle", fields))
+            })
+            .await?;
+        match reply.status() {
+            "SETTLED" => {
+                let released = match reply.str(1)? {
+                    "" => None,
+                    v => Some(Nanos(v.parse().map_err(|_| reply.unexpected())?)),
+                };
+                Ok(SettleOutcome::Settled { released })
+            }
+            "DUPLICATE" => Ok(SettleOutcome::AlreadySettled),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Drops a reservation without spend (the call failed before anything was billed). Releasing
+    /// a hold that no longer exists is not an error.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names; [`Error::Redis`] when Redis is unavailable.
+    pub async fn release(&self, tenant: &str, reservation_id: &str) -> Result<(), Error> {
+        self.release_hold(tenant, reservation_id).await.map(|_| ())
+    }
+
+    /// [`Ledger::release`], returning the amount that was held (`None` when the hold was already
+    /// gone).
+    ///
+    /// # Errors
+    /// As [`Ledger::release`].
+    pub async fn release_hold(
+        &self,
+        tenant: &str,
+        reservation_id: &str,
+    ) -> Result<Option<Nanos>, Error> {
+        validate_tenant(tenant)?;
+        validate_name("reservation id", reservation_id)?;
+        let mut inv = scripts::RELEASE.prepare_invoke();
+        inv.key(keys::holds(tenant))
+            .key(keys::hold(tenant, reservation_id))
+            .arg(keys::prefix(tenant))
+            .arg(ms(Utc::now()))
+            .arg(self.cfg.reclaim_batch)
+            .arg(reservation_id);
+        let reply = self
+            .timed("release", async {
+                let mut c = self.conn.clone();
+                let fields: Vec<String> = inv.invoke_async(&mut c).await?;
+                Ok(Reply::new("release", fields))
+            })
+            .await?;
+        match reply.status() {
+            "RELEASED" => Ok(Some(Nanos(reply.int(1)?))),
+            "UNKNOWN" => Ok(None),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Commits spend the observer saw (no reservation). Idempotent per event id (within
+    /// [`LedgerConfig::idempotency_ttl`]). Counts against the same tenant budgets as enforcer spend.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names or a negative cost; [`Error::Redis`] when Redis is unavailable.
+    pub async fn record(&self, r: &UsageRecord) -> Result<RecordOutcome, Error> {
+        validate_tenant(&r.tenant)?;
+        validate_name("event_id", &r.event_id)?;
+        validate_opt("feature", r.feature.as_deref())?;
+        validate_opt("session", r.session.as_deref())?;
+        validate_opt("model", r.model.as_deref())?;
+        check_cost(r.cost)?;
+        let at = r.at;
+        let mut inv = scripts::RECORD.prepare_invoke();
+        inv.key(keys::holds(&r.tenant))
+            .key(keys::event(&r.tenant, &r.event_id))
+            .arg(keys::prefix(&r.tenant))
+            .arg(ms(Utc::now()))
+            .arg(self.cfg.reclaim_batch)
+            .arg(duration_ms(self.cfg.idempotency_ttl));
+        period_args(&mut inv, at, &self.cfg);
+        usage_args(
+            &mut inv,
+            r.cost,
+            r.tokens,
+            r.model.as_deref(),
+            r.feature.as_deref(),
+            r.session.as_deref(),
+        );
+        inv.arg(if r.bypass { "1" } else { "0" })
+            .arg(if r.estimated { "1" } else { "0" });
+        let reply = self
+            .timed("record", async {
+                self.mark_active(&r.tenant, at).await?;
+                let mut c = self.conn.clone();
+                let fields: Vec<String> = inv.invoke_async(&mut c).await?;
+                Ok(Reply::new("record", fields))
+            })
+            .await?;
+        match reply.status() {
+            "RECORDED" => Ok(RecordOutcome::Recorded),
+            "DUPLICATE" => Ok(RecordOutcome::Duplicate),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Reclaims up to [`LedgerConfig::reclaim_batch`] expired holds of `tenant` now (every script
+    /// does this too; a periodic sweep over [`Ledger::active_tenants`] keeps idle tenants exact).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad tenant; [`Error::Redis`] when Redis is unavailable.
+    pub async fn reclaim_expired(&self, tenant: &str) -> Result<u64, Error> {
+        validate_tenant(tenant)?;
+        let mut inv = scripts::RECLAIM.prepare_invoke();
+        inv.key(keys::holds(tenant))
+            .arg(keys::prefix(tenant))
+            .arg(ms(Utc::now()))
+            .arg(self.cfg.reclaim_batch);
+        self.timed("reclaim", async {
+            let mut c = self.conn.clone();
+            let n: u64 = inv.invoke_async(&mut c).await?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// The tenant's figures for the period containing `now`, after reclaiming its expired holds
+    /// (so `held` counts only calls really in flight).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad tenant; [`Error::Redis`] when Redis is unavailable.
+    pub async fn tenant_spend(
+        &self,
+        tenant: &str,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Result<TenantSpend, Error> {
+        self.reclaim_expired(tenant).await?;
+        let key = keys::spend(tenant, period, now);
+        let h: HashMap<String, String> = self
+            .timed("tenant_spend", async {
+                let mut c = self.conn.clone();
+                Ok(c.hgetall(&key).await?)
+            })
+            .await?;
+        Ok(spend::from_hash(tenant, &period.id(now), &h))
+    }
+
+    /// A session's cumulative figures (zero when the session is unknown or expired).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names; [`Error::Redis`] when Redis is unavailable.
+    pub async fn session_spend(&self, tenant: &str, session: &str) -> Result<SessionSpend, Error> {
+        validate_tenant(tenant)?;
+        validate_name("session", session)?;
+        let key = keys::session(tenant, session);
+        let h: HashMap<String, i64> = self
+            .timed("session_spend", async {
+                let mut c = self.conn.clone();
+                Ok(c.hgetall(&key).await?)
+            })
+            .await?;
+        let get = |f: &str| h.get(f).copied().unwrap_or(0);
+        Ok(SessionSpend {
+            spend: Nanos(get("spend")),
+            held: Nanos(get("held").max(0)),
+            requests: u64::try_from(get("requests").max(0)).unwrap_or(0),
+        })
+    }
+
+    /// The tenant's holds (in flight or expired but not yet reclaimed), oldest expiry first; at
+    /// most `limit`. For crash recovery and inspection.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad tenant; [`Error::Redis`] when Redis is unavailable.
+    pub async fn holds(&self, tenant: &str, limit: usize) -> Result<Vec<Hold>, Error> {
+        validate_tenant(tenant)?;
+        let zkey = keys::holds(tenant);
+        self.timed("holds", async {
+            let mut c = self.conn.clone();
+            let stop = isize::try_from(limit)
+                .unwrap_or(isize::MAX)
+                .saturating_sub(1);
+            let ids: Vec<String> = c.zrange(&zkey, 0, stop).await?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let h: HashMap<String, String> = c.hgetall(keys::hold(tenant, &id)).await?;
+                let Some(amount) = h.get("amount").and_then(|v| v.parse().ok()) else {
+                    continue;
+                };
+                let s = |f: &str| h.get(f).cloned().unwrap_or_default();
+                let opt = |f: &str| h.get(f).filter(|v| !v.is_empty()).cloned();
+                let t = |f: &str| from_ms(h.get(f).and_then(|v| v.parse().ok()).unwrap_or(0));
+                out.push(Hold {
+                    id,
+                    amount: Nanos(amount),
+                    day: s("day"),
+                    month: s("month"),
+                    feature: opt("feature"),
+                    session: opt("session"),
+                    created_at: t("created"),
+                    expires_at: t("expires"),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Tenants with any activity (reserve, settle or record) in the period containing `now`,
+    /// sorted; includes tenants only the observer has seen.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when Redis is unavailable.
+    pub async fn active_tenants(
+        &self,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, Error> {
+        let key = keys::tenants(period, now);
+        let mut v: Vec<String> = self
+            .timed("active_tenants", async {
+                let mut c = self.conn.clone();
+                Ok(c.smembers(&key).await?)
+            })
+            .await?;
+        v.sort();
+        Ok(v)
+    }
+
+    /// Stores (or replaces) a budget limit; it applies to the next reserve of every instance that
+    /// reloads budgets.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad budget; [`Error::Redis`] when Redis is unavailable.
+    pub async fn set_budget(&self, b: &Budget) -> Result<(), Error> {
+        budget::validate(b)?;
+        let field = budget::field(b);
+        self.timed("set_budget", async {
+            let mut c = self.conn.clone();
+            let _: () = c.hset(BUDGETS_KEY, field, b.limit.0).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stores a budget only if none exists for its tenant, feature and period: how a config file
+    /// seeds budgets without overwriting live edits. Returns whether it was stored.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad budget; [`Error::Redis`] when Redis is unavailable.
+    pub async fn seed_budget(&self, b: &Budget) -> Result<bool, Error> {
+        budget::validate(b)?;
+        let field = budget::field(b);
+        self.timed("seed_budget", async {
+            let mut c = self.conn.clone();
+            Ok(c.hset_nx(BUDGETS_KEY, field, b.limit.0).await?)
+        })
+        .await
+    }
+
+    /// All stored budgets, sorted by tenant, feature, period.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the hash holds a malformed entry; [`Error::Redis`] when Redis is
+    /// unavailable.
+    pub async fn budgets(&self) -> Result<Vec<Budget>, Error> {
+        let h: HashMap<String, String> = self
+            .timed("budgets", async {
+                let mut c = self.conn.clone();
+                Ok(c.hgetall(BUDGETS_KEY).await?)
+            })
+            .await?;
+        let mut v = h
+            .iter()
+            .map(|(f, l)| budget::parse(f, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        v.sort_by(|a, b| (&a.tenant, &a.feature, a.period).cmp(&(&b.tenant, &b.feature, b.period)));
+        Ok(v)
+    }
+
+    /// Deletes a budget; returns whether it existed.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names; [`Error::Redis`] when Redis is unavailable.
+    pub async fn delete_budget(
+        &self,
+        tenant: &str,
+        feature: Option<&str>,
+        period: Period,
+    ) -> Result<bool, Error> {
+        if tenant != "*" {
+            validate_tenant(tenant)?;
+        }
+        if let Some(f) = feature {
+            validate_feature(f)?;
+        }
+        let field = budget::field(&Budget {
+            tenant: tenant.to_owned(),
+            feature: feature.map(str::to_owned),
+            period,
+            limit: Nanos::ZERO,
+        });
+        self.timed("delete_budget", async {
+            let mut c = self.conn.clone();
+            let n: u64 = c.hdel(BUDGETS_KEY, field).await?;
+            Ok(n > 0)
+        })
+        .await
+    }
+}
+
+fn check_cost(cost: Nanos) -> Result<(), Error> {
+    if cost.0 < 0 {
+        return Err(Error::Invalid {
+            what: "cost",
+            detail: format!("{cost} is negative"),
+        });
+    }
+    Ok(())
+}
+
+/// Day id, month id, their expire-at (unix s), session ttl (s): the `commit_all` layout in common.lua.
+fn period_args(inv: &mut redis::ScriptInvocation<'_>, at: DateTime<Utc>, cfg: &LedgerConfig) {
+    inv.arg(Period::Day.id(at))
+        .arg(Period::Month.id(at))
+        .arg(Period::Day.expire_at(at).timestamp())
+        .arg(Period::Month.expire_at(at).timestamp())
+        .arg(cfg.session_ttl.as_secs().max(1));
+}
+
+/// cost, input, output, cache_read, cache_write, model, feature, session: the `read_usage` layout
+/// in common.lua (bypass and estimated follow, added by the caller).
+fn usage_args(
+    inv: &mut redis::ScriptInvocation<'_>,
+    cost: Nanos,
+    t: TokenCounts,
+    model: Option<&str>,
+    feature: Option<&str>,
+    session: Option<&str>,
+) {
+    inv.arg(cost.0)
+        .arg(t.input)
+        .arg(t.output)
+        .arg(t.cache_read)
+        .arg(t.cache_write)
+        .arg(model.unwrap_or(""))
+        .arg(feature.unwrap_or(""))
+        .arg(session.unwrap_or(""));
+}

@@ -1,0 +1,233 @@
+//! Budgets: how they are stored in `llmw:budgets` and how the caps of one call are resolved from them.
+
+use super::keys::{validate_feature, validate_tenant};
+use super::{Budget, Cap, CapScope, Period};
+use crate::{Error, Nanos};
+
+/// The `llmw:budgets` hash field of a budget: "tenant|feature|period" ("acme||month",
+/// "*|support-bot|day").
+#[must_use]
+pub fn field(b: &Budget) -> String {
+    format!(
+        "{}|{}|{}",
+        b.tenant,
+        b.feature.as_deref().unwrap_or(""),
+        b.period
+    )
+}
+
+/// Parses a `llmw:budgets` field and value back into a [`Budget`].
+///
+/// # Errors
+/// [`Error::Invalid`] when the field or value is malformed (someone edited the hash by hand).
+pub fn parse(field: &str, value: &str) -> Result<Budget, Error> {
+    let bad = |detail: String| Error::Invalid {
+        what: "llmw:budgets entry",
+        detail,
+    };
+    let mut parts = field.split('|');
+    let (Some(tenant), Some(feature), Some(period), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad(format!(
+            "field {field:?} is not \"tenant|feature|period\""
+        )));
+    };
+    let limit: i64 = value
+        .parse()
+        .map_err(|_| bad(format!("{field:?} has a non-integer limit {value:?}")))?;
+    Ok(Budget {
+        tenant: tenant.to_owned(),
+        feature: (!feature.is_empty()).then(|| feature.to_owned()),
+        period: period
+            .parse()
+            .map_err(|_| bad(format!("{field:?} has an unknown period {period:?}")))?,
+        limit: Nanos(limit),
+    })
+}
+
+/// Checks a budget before it is stored.
+///
+/// # Errors
+/// [`Error::Invalid`] for a bad tenant or feature name or a negative limit.
+pub fn validate(b: &Budget) -> Result<(), Error> {
+    if b.tenant != "*" {
+        validate_tenant(&b.tenant)?;
+    }
+    if let Some(f) = &b.feature {
+        validate_feature(f)?;
+    }
+    if b.limit.0 < 0 {
+        return Err(Error::Invalid {
+            what: "budget limit",
+            detail: format!("{} is negative", b.limit),
+        });
+    }
+    Ok(())
+}
+
+/// The caps that apply to one call, in the order they are checked: tenant per day, tenant per
+/// month, tenant+feature per day, tenant+feature per month, then the session cap.
+///
+/// For each (feature-or-whole-tenant, period) a budget naming the tenant overrides a "*" budget;
+/// when the list holds several budgets for the same slot the lowest limit wins. Pure: the enforcer
+/// calls it with its cached budget list so the reserve script stays on the tenant's slot.
+#[must_use]
+pub fn resolve_caps(
+    budgets: &[Budget],
+    tenant: &str,
+    feature: Option<&str>,
+    session: Option<&str>,
+    session_cap: Option<Nanos>,
+) -> Vec<Cap> {
+    let pick = |feat: Option<&str>, period: Period| -> Option<Nanos> {
+        let matching = |who: &str| {
+            budgets
+                .iter()
+                .filter(|b| b.tenant == who && b.feature.as_deref() == feat && b.period == period)
+                .map(|b| b.limit)
+                .min()
+        };
+        matching(tenant).or_else(|| matching("*"))
+    };
+    let mut caps = Vec::new();
+    for period in Period::ALL {
+        if let Some(limit) = pick(None, period) {
+            caps.push(Cap {
+                scope: CapScope::Tenant,
+                period,
+                limit,
+            });
+        }
+    }
+    if let Some(f) = feature {
+        for period in Period::ALL {
+            if let Some(limit) = pick(Some(f), period) {
+                caps.push(Cap {
+                    scope: CapScope::Feature(f.to_owned()),
+                    period,
+                    limit,
+                });
+            }
+        }
+    }
+    if let (Some(s), Some(limit)) = (session, session_cap) {
+        caps.push(Cap {
+            scope: CapScope::Session(s.to_owned()),
+            period: Period::Day,
+            limit,
+        });
+    }
+    caps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(tenant: &str, feature: Option<&str>, period: Period, limit: i64) -> Budget {
+        Budget {
+            tenant: tenant.into(),
+            feature: feature.map(Into::into),
+            period,
+            limit: Nanos(limit),
+        }
+    }
+
+    #[test]
+    fn tenant_budget_overrides_wildcard() {
+        let budgets = [
+            b("*", None, Period::Month, 100),
+            b("acme", None, Period::Month, 50),
+            b("*", None, Period::Day, 10),
+            b("*", Some("bot"), Period::Day, 3),
+            b("acme", Some("bot"), Period::Month, 20),
+            b("other", None, Period::Day, 1),
+        ];
+        let caps = resolve_caps(&budgets, "acme", Some("bot"), Some("s1"), Some(Nanos(7)));
+        assert_eq!(
+            caps,
+            vec![
+                Cap {
+                    scope: CapScope::Tenant,
+                    period: Period::Day,
+                    limit: Nanos(10)
+                },
+                Cap {
+                    scope: CapScope::Tenant,
+                    period: Period::Month,
+                    limit: Nanos(50)
+                },
+                Cap {
+                    scope: CapScope::Feature("bot".into()),
+                    period: Period::Day,
+                    limit: Nanos(3)
+                },
+                Cap {
+                    scope: CapScope::Feature("bot".into()),
+                    period: Period::Month,
+                    limit: Nanos(20)
+                },
+                Cap {
+                    scope: CapScope::Session("s1".into()),
+                    period: Period::Day,
+                    limit: Nanos(7)
+                },
+            ]
+        );
+        // Another tenant gets the wildcard month; no feature, no session.
+        let caps = resolve_caps(&budgets, "beta", None, None, Some(Nanos(7)));
+        assert_eq!(
+            caps,
+            vec![
+                Cap {
+                    scope: CapScope::Tenant,
+                    period: Period::Day,
+                    limit: Nanos(10)
+                },
+                Cap {
+                    scope: CapScope::Tenant,
+                    period: Period::Month,
+                    limit: Nanos(100)
+                },
+            ]
+        );
+        // A feature without budgets adds nothing; no budgets at all gives no caps.
+        assert_eq!(
+            resolve_caps(&budgets, "beta", Some("none"), None, None).len(),
+            2
+        );
+        assert!(resolve_caps(&[], "acme", Some("bot"), None, None).is_empty());
+    }
+
+    #[test]
+    fn duplicate_budgets_take_the_lowest() {
+        let budgets = [
+            b("acme", None, Period::Day, 9),
+            b("acme", None, Period::Day, 4),
+        ];
+        assert_eq!(
+            resolve_caps(&budgets, "acme", None, None, None)[0].limit,
+            Nanos(4)
+        );
+    }
+
+    #[test]
+    fn fields_round_trip() {
+        for x in [
+            b("acme", None, Period::Month, 5),
+            b("*", Some("support-bot"), Period::Day, 7),
+        ] {
+            let f = field(&x);
+            assert_eq!(parse(&f, &x.limit.0.to_string()).unwrap(), x);
+        }
+        assert_eq!(field(&b("acme", None, Period::Month, 5)), "acme||month");
+        assert!(parse("acme|month", "5").is_err());
+        assert!(parse("acme||week", "5").is_err());
+        assert!(parse("acme||day", "5.0").is_err());
+        assert!(validate(&b("*", None, Period::Day, 1)).is_ok());
+        assert!(validate(&b("a{b", None, Period::Day, 1)).is_err());
+        assert!(validate(&b("a", Some("x|y"), Period::Day, 1)).is_err());
+        assert!(validate(&b("a", None, Period::Day, -1)).is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! Key names and name validation. The layout is documented in docs/redis-schema.md, a stable
+//! interface: change both together.
+
+use chrono::{DateTime, Utc};
+
+use super::Period;
+use crate::Error;
+
+/// The longest tenant, feature, session, model, request or event id the ledger accepts, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// The hash holding every budget limit (one slot, read by the enforcer, not by scripts).
+pub const BUDGETS_KEY: &str = "llmw:budgets";
+
+/// Checks a name that becomes part of a key or hash field: non-empty, at most [`MAX_NAME_LEN`]
+/// bytes, no `{` or `}` (they would break the per-tenant Cluster hash tag) and no control characters.
+///
+/// # Errors
+/// [`Error::Invalid`] naming `what` and the reason.
+pub fn validate_name(what: &'static str, s: &str) -> Result<(), Error> {
+    let bad = |detail: String| Err(Error::Invalid { what, detail });
+    if s.is_empty() {
+        return bad("must not be empty".into());
+    }
+    if s.len() > MAX_NAME_LEN {
+        return bad(format!(
+            "is {} bytes; at most {MAX_NAME_LEN} are allowed",
+            s.len()
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| matches!(c, '{' | '}') || c.is_control()) {
+        return bad(format!(
+            "{s:?} contains {c:?}; braces and control characters are not allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Tenants and features also appear in budget fields ("tenant|feature|period"), so they may not
+/// contain `|`; `*` is reserved for "every tenant" in budgets.
+pub fn validate_tenant(s: &str) -> Result<(), Error> {
+    validate_name("tenant", s)?;
+    if s.contains('|') || s == "*" {
+        return Err(Error::Invalid {
+            what: "tenant",
+            detail: format!("{s:?}: '|' and the name \"*\" are reserved"),
+        });
+    }
+    Ok(())
+}
+
+/// See [`validate_tenant`].
+pub fn validate_feature(s: &str) -> Result<(), Error> {
+    validate_name("feature", s)?;
+    if s.contains('|') {
+        return Err(Error::Invalid {
+            what: "feature",
+            detail: format!("{s:?}: '|' is reserved"),
+        });
+    }
+    Ok(())
+}
+
+/// Validates an optional name, treating `None` as absent.
+pub fn validate_opt(what: &'static str, s: Option<&str>) -> Result<(), Error> {
+    match (what, s) {
+        (_, None) => Ok(()),
+        ("feature", Some(f)) => validate_feature(f),
+        (_, Some(v)) => validate_name(what, v),
+    }
+}
+
+/// "llmw:{T}:" — the prefix of every key of tenant `T`; `{T}` is the Redis Cluster hash tag.
+#[must_use]
+pub fn prefix(tenant: &str) -> String {
+    format!("llmw:{{{tenant}}}:")
+}
+
+/// The tenant's per-period hash: "llmw:{T}:spend:d:2026-11-27" / "llmw:{T}:spend:m:2026-11".
+#[must_use]
+pub fn spend(tenant: &str, period: Period, now: DateTime<Utc>) -> String {
+    format!(
+        "{}spend:{}:{}",
+        prefix(tenant),
+        period.letter(),
+        period.id(now)
+    )
+}
+
+/// "llmw:{T}:session:<S>".
+#[must_use]
+pub fn session(tenant: &str, session: &str) -> String {
+    format!("{}session:{session}", prefix(tenant))
+}
+
+/// "llmw:{T}:holds" — ZSET of reservation ids scored by expiry (unix ms).
+#[must_use]
+pub fn holds(tenant: &str) -> String {
+    format!("{}holds", prefix(tenant))
+}
+
+/// "llmw:{T}:hold:<id>".
+#[must_use]
+pub fn hold(tenant: &str, id: &str) -> String {
+    format!("{}hold:{id}", prefix(tenant))
+}
+
+/// "llmw:{T}:done:<request id>" — settle's idempotency marker.
+#[must_use]
+pub fn done(tenant: &str, request_id: &str) -> String {
+    format!("{}done:{request_id}", prefix(tenant))
+}
+
+/// "llmw:{T}:ev:<event id>" — record's idempotency marker.
+#[must_use]
+pub fn event(tenant: &str, event_id: &str) -> String {
+    format!("{}ev:{event_id}", prefix(tenant))
+}
+
+/// "llmw:tenants:<period id>" — tenants with activity in the period (no hash tag: its own slot).
+#[must_use]
+pub fn tenants(period: Period, now: DateTime<Utc>) -> String {
+    format!("llmw:tenants:{}", period.id(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("tenant", "acme").is_ok());
+        assert!(validate_name("model", "ft:gpt-4o:org:x/y@z").is_ok());
+        assert!(validate_name("tenant", "").is_err());
+        assert!(validate_name("tenant", &"a".repeat(129)).is_err());
+        assert!(validate_name("tenant", &"a".repeat(128)).is_ok());
+        assert!(validate_name("tenant", "a{b").is_err());
+        assert!(validate_name("tenant", "a}b").is_err());
+        assert!(validate_name("tenant", "a\nb").is_err());
+        assert!(validate_name("tenant", "a\u{7f}").is_err());
+        assert!(validate_tenant("a|b").is_err());
+        assert!(validate_tenant("*").is_err());
+        assert!(validate_feature("x|y").is_err());
+        assert!(validate_opt("session", Some("s|1")).is_ok());
+    }
+
+    #[test]
+    fn key_layout() {
+        let now = DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            spend("acme", Period::Month, now),
+            "llmw:{acme}:spend:m:2026-11"
+        );
+        assert_eq!(
+            spend("acme", Period::Day, now),
+            "llmw:{acme}:spend:d:2026-11-27"
+        );
+        assert_eq!(session("acme", "s1"), "llmw:{acme}:session:s1");
+        assert_eq!(holds("acme"), "llmw:{acme}:holds");
+        assert_eq!(hold("acme", "r1"), "llmw:{acme}:hold:r1");
+        assert_eq!(done("acme", "r1"), "llmw:{acme}:done:r1");
+        assert_eq!(event("acme", "e1"), "llmw:{acme}:ev:e1");
+        assert_eq!(tenants(Period::Day, now), "llmw:tenants:2026-11-27");
+    }
+}

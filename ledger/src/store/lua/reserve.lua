@@ -1,0 +1,65 @@
+-- reserve: atomically check every cap against committed + held + amount, then hold the amount.
+-- KEYS[1] holds ZSET (llmw:{T}:holds); KEYS[2] the hold hash; KEYS[3] the done marker.
+-- ARGV: 1 prefix, 2 now ms, 3 reclaim limit, 4 reservation id, 5 amount, 6 ttl ms,
+--       7 day id, 8 month id, 9 day expire-at s, 10 month expire-at s, 11 session ttl s,
+--       12 feature ('' = none), 13 session ('' = none), 14 hold safety ttl ms, 15 cap count,
+--       then per cap: kind ('t' tenant, 'f' feature, 's' session), period ('d' / 'm'), limit.
+-- Reply: {'ALLOW', amount, expires_ms, 'new'|'existing'} | {'DENY', cap index (1-based), spend, held}
+--        | {'SETTLED'} when the request id was already settled.
+local prefix = ARGV[1]
+local now = tonumber(ARGV[2])
+reclaim(prefix, now, tonumber(ARGV[3]))
+
+local id = ARGV[4]
+local existing = redis.call('HMGET', KEYS[2], 'amount', 'expires')
+if existing[1] then
+  return {'ALLOW', existing[1], existing[2], 'existing'}
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {'SETTLED'}
+end
+
+local amount_s = ARGV[5]
+local amount = tonumber(amount_s)
+local dk = prefix .. 'spend:d:' .. ARGV[7]
+local mk = prefix .. 'spend:m:' .. ARGV[8]
+local feature = ARGV[12]
+local session = ARGV[13]
+local sk = prefix .. 'session:' .. session
+
+local n = tonumber(ARGV[15])
+for i = 1, n do
+  local base = 15 + (i - 1) * 3
+  local kind, period, limit = ARGV[base + 1], ARGV[base + 2], tonumber(ARGV[base + 3])
+  local key = (period == 'd') and dk or mk
+  local fs, fh = 'spend', 'held'
+  if kind == 'f' then
+    fs, fh = 'feature:' .. feature .. ':spend', 'feature:' .. feature .. ':held'
+  elseif kind == 's' then
+    key = sk
+  end
+  local v = redis.call('HMGET', key, fs, fh)
+  local spend_s, held_s = v[1] or '0', v[2] or '0'
+  if tonumber(spend_s) + tonumber(held_s) + amount > limit then
+    return {'DENY', i, spend_s, held_s}
+  end
+end
+
+local expires = now + tonumber(ARGV[6])
+redis.call('HINCRBY', dk, 'held', amount_s)
+redis.call('HINCRBY', mk, 'held', amount_s)
+if feature ~= '' then
+  redis.call('HINCRBY', dk, 'feature:' .. feature .. ':held', amount_s)
+  redis.call('HINCRBY', mk, 'feature:' .. feature .. ':held', amount_s)
+end
+expire_at(dk, ARGV[9])
+expire_at(mk, ARGV[10])
+if session ~= '' then
+  redis.call('HINCRBY', sk, 'held', amount_s)
+  redis.call('EXPIRE', sk, ARGV[11])
+end
+redis.call('HSET', KEYS[2], 'amount', amount_s, 'day', ARGV[7], 'month', ARGV[8],
+  'feature', feature, 'session', session, 'created', ARGV[2], 'expires', expires)
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[6]) + tonumber(ARGV[14]))
+redis.call('ZADD', KEYS[1], expires, id)
+return {'ALLOW', amount_s, string.format('%d', expires), 'new'}

@@ -1,0 +1,15 @@
+-- settle: replace a reservation with the actual cost; idempotent per request id.
+-- KEYS[1] holds ZSET; KEYS[2] the hold hash; KEYS[3] the done marker (llmw:{T}:done:<request id>).
+-- ARGV: 1 prefix, 2 now ms, 3 reclaim limit, 4 request id (= reservation id), 5 done ttl ms,
+--       6 day id, 7 month id, 8 day expire-at s, 9 month expire-at s, 10 session ttl s,
+--       11.. usage: cost, input, output, cache_read, cache_write, model, feature, session, bypass, estimated.
+-- Reply: {'SETTLED', held amount released or ''} | {'DUPLICATE', cost recorded by the first settle}.
+local prefix = ARGV[1]
+reclaim(prefix, tonumber(ARGV[2]), tonumber(ARGV[3]))
+local u = read_usage(11)
+if not redis.call('SET', KEYS[3], u.cost, 'NX', 'PX', ARGV[5]) then
+  return {'DUPLICATE', redis.call('GET', KEYS[3]) or ''}
+end
+local held = drop_hold(prefix, ARGV[4])
+commit_all(prefix, 6, u, 'enforcer')
+return {'SETTLED', held or ''}
