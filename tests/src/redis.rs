@@ -1,1 +1,280 @@
-//! A real redis-server on a free loopback port (ledger-store engineer fills this in).
+//! A real `redis-server` on a free loopback port, killed when the test ends.
+//!
+//! No persistence (`--save "" --appendonly no`), so each server starts empty. `pause`/`resume`
+//! (SIGSTOP/SIGCONT) let reliability tests freeze Redis with its sockets still open, the nastiest
+//! kind of outage for a client: connections stay up and replies never come.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::process::{ChildGuard, free_port};
+
+/// A running redis-server; dropping it kills the process.
+#[derive(Debug)]
+pub struct RedisServer {
+    guard: ChildGuard,
+    port: u16,
+}
+
+/// Where redis-server is: `$LLMWARDEN_REDIS_SERVER`, else the first `redis-server` on `PATH`, else
+/// /usr/bin/redis-server. Panics with the fix when none exists.
+#[must_use]
+pub fn redis_server_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("LLMWARDEN_REDIS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("redis-server"))
+        .find(|p| p.is_file());
+    let p = on_path.unwrap_or_else(|| PathBuf::from("/usr/bin/redis-server"));
+    assert!(
+        p.is_file(),
+        "redis-server is not installed (looked on PATH and at /usr/bin/redis-server); run `cargo xtask setup` \
+         (it installs the redis-server package), or set LLMWARDEN_REDIS_SERVER to its path"
+    );
+    p
+}
+
+impl RedisServer {
+    /// Starts a server on a free port of 127.0.0.1 and waits until it answers PING (10 s at most).
+    ///
+    /// # Panics
+    /// When redis-server is missing (with the fix: `cargo xtask setup`) or does not come up.
+    #[must_use]
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Like [`RedisServer::start`], with extra `redis-server` arguments (e.g. `["--cluster-enabled", "yes"]`).
+    #[must_use]
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let bin = redis_server_path();
+        // A port can be taken between free_port() and the bind; retry a few times.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut cmd = Command::new(&bin);
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--loglevel",
+                "warning",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+            let mut guard = ChildGuard::spawn("redis-server", &mut cmd);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if !guard.is_running() {
+                    break;
+                }
+                if ping(port) {
+                    return RedisServer { guard, port };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            guard.kill();
+        }
+        panic!(
+            "redis-server ({}) did not answer PING on a free loopback port after 5 attempts",
+            bin.display()
+        );
+    }
+
+    /// The port it listens on (127.0.0.1).
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's pid.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.guard.signal(libc::SIGSTOP);
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.guard.signal(libc::SIGCONT);
+    }
+
+    /// Kills the server now (a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        // A stopped process still dies of SIGKILL.
+        self.guard.kill();
+    }
+
+    /// Runs one command given as words over a fresh blocking connection and returns the raw RESP
+    /// reply (for quick checks from synchronous code; tests normally use the `redis` crate).
+    ///
+    /// # Panics
+    /// When the server cannot be reached within 5 s.
+    #[must_use]
+    pub fn command(&self, words: &[&str]) -> String {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect to redis at {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("set_read_timeout");
+        let mut req = format!("*{}\r\n", words.len());
+        for w in words {
+            req.push_str(&format!("${}\r\n{w}\r\n", w.len()));
+        }
+        s.write_all(req.as_bytes()).expect("write to redis");
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).expect("read from redis");
+        if let Some(n) = line
+            .strip_prefix('$')
+            .and_then(|n| n.trim().parse::<usize>().ok())
+        {
+            let mut body = vec![0; n + 2];
+            r.read_exact(&mut body).expect("read bulk reply");
+            return String::from_utf8_lossy(&body[..n]).into_owned();
+        }
+        line.trim_end().to_owned()
+    }
+}
+
+/// Whether something answers `+PONG` on 127.0.0.1:`port` within 200 ms.
+fn ping(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// A Redis Cluster of `n` primaries (no replicas) on free loopback ports, created with
+/// `redis-cli --cluster create`; dropping it kills every node and removes their config files.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts `n` (at least 3) cluster-enabled nodes and joins them; waits until the cluster is ok.
+    ///
+    /// # Panics
+    /// When redis-server or redis-cli is missing (fix: `cargo xtask setup`) or the cluster does not form.
+    #[must_use]
+    pub fn start(n: usize) -> RedisCluster {
+        assert!(n >= 3, "Redis Cluster needs at least 3 primaries");
+        let dir = std::env::temp_dir().join(format!(
+            "llmw-redis-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let d = dir.to_string_lossy().into_owned();
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|i| {
+                let conf = format!("nodes-{i}.conf");
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--dir",
+                    &d,
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let cli = redis_server_path().with_file_name("redis-cli");
+        assert!(
+            cli.is_file(),
+            "{} is missing; run `cargo xtask setup` (redis-tools)",
+            cli.display()
+        );
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect();
+        let out = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", cli.display()));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !nodes
+            .iter()
+            .all(|s| s.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok within 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RedisCluster { nodes, dir }
+    }
+
+    /// `redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// The nodes.
+    #[must_use]
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
