@@ -1,1 +1,127 @@
-fn main() {}
+//! `enforcer`: serve, check-config, hash-key, report.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use enforcer::config::Config;
+use ledger::store::{Ledger, Period};
+
+/// llmwarden enforcer: an LLM SDK base URL with hard budgets.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Config file (serve).
+    #[arg(long, global = true, default_value = "enforcer.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PeriodArg {
+    Day,
+    Month,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Validate the config and print the effective config (secrets elided).
+    CheckConfig,
+    /// Read a key on stdin and print its lowercase hex sha256 for [[keys]].
+    HashKey,
+    /// Print the ledger of the current period.
+    Report {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// day or month.
+        #[arg(long, value_enum, default_value = "month")]
+        period: PeriodArg,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "text" {
+        b.init();
+    } else {
+        b.json().flatten_event(true).with_current_span(false).init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::HashKey) => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the key from stdin")?;
+            let key = s.trim_end_matches(['\n', '\r']);
+            if key.is_empty() {
+                bail!("no key on stdin: echo -n \"$KEY\" | enforcer hash-key");
+            }
+            println!("{}", enforcer::auth::hash_key(key));
+            Ok(())
+        }
+        Some(Cmd::CheckConfig) => {
+            let cfg = Config::load(&cli.config)
+                .with_context(|| format!("invalid config {}", cli.config.display()))?;
+            print!("{}", cfg.effective_toml());
+            eprintln!("config {} is valid", cli.config.display());
+            Ok(())
+        }
+        Some(Cmd::Report {
+            tenant,
+            period,
+            json,
+        }) => {
+            let cfg = Config::load(&cli.config)
+                .with_context(|| format!("invalid config {}", cli.config.display()))?;
+            let period = match period {
+                PeriodArg::Day => Period::Day,
+                PeriodArg::Month => Period::Month,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let ledger = Ledger::connect(&cfg.redis_url)
+                    .await
+                    .with_context(|| format!("connecting to {}", cfg.redis_url))?;
+                let r =
+                    enforcer::report::build(&ledger, tenant.as_deref(), period, chrono::Utc::now())
+                        .await?;
+                if json {
+                    println!("{r}");
+                } else {
+                    print!("{}", enforcer::report::text(&r));
+                }
+                Ok(())
+            })
+        }
+        None => {
+            let cfg = Config::load(&cli.config)
+                .with_context(|| format!("invalid config {}", cli.config.display()))?;
+            init_logs(&cfg.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let app = enforcer::App::build(cfg)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                enforcer::server::run(app).await.map_err(anyhow::Error::msg)
+            })
+        }
+    }
+}

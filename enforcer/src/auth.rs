@@ -1,0 +1,249 @@
+//! Proxy-key authentication: the caller's key is found wherever its SDK puts it, hashed with
+//! sha256 and compared in constant time against every configured hash, so neither timing nor the
+//! config reveals a key.
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::KeyConfig;
+use crate::error::ProxyError;
+
+/// Lowercase hex sha256 of a key, as written in `[[keys]] sha256`.
+#[must_use]
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Whether `s` is a usable tenant, feature or session name: 1–128 chars of `A-Za-z0-9._-:@`.
+#[must_use]
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:@".contains(&b))
+}
+
+/// Which tenants a key may name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Allowed {
+    /// Any tenant ("*").
+    Any,
+    /// Exactly these (its own default tenant is always allowed).
+    List(Vec<String>),
+}
+
+/// A configured key, known only by its hash.
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    hash: [u8; 32],
+    /// The tenant billed when the request names none.
+    pub tenant: String,
+    allowed: Allowed,
+}
+
+impl KeyEntry {
+    /// The tenant this call bills: X-Tenant-ID when given and allowed, else the key's own.
+    ///
+    /// # Errors
+    /// 400 for a malformed name, 403 for a tenant outside `allowed_tenants`.
+    pub fn tenant_for(&self, requested: Option<&str>) -> Result<String, ProxyError> {
+        let Some(t) = requested else {
+            return Ok(self.tenant.clone());
+        };
+        if !valid_name(t) {
+            return Err(ProxyError::BadAttribution {
+                header: "X-Tenant-ID",
+                reason: "1-128 chars of A-Z a-z 0-9 . _ - : @",
+            });
+        }
+        let ok = t == self.tenant
+            || match &self.allowed {
+                Allowed::Any => true,
+                Allowed::List(l) => l.iter().any(|a| a == t),
+            };
+        if ok {
+            Ok(t.to_owned())
+        } else {
+            Err(ProxyError::TenantForbidden {
+                tenant: t.to_owned(),
+            })
+        }
+    }
+}
+
+/// Every configured key.
+#[derive(Debug, Clone, Default)]
+pub struct KeyStore {
+    keys: Vec<KeyEntry>,
+}
+
+impl KeyStore {
+    /// Builds the store from validated config entries (bad hex is skipped; validation rejects it first).
+    #[must_use]
+    pub fn new(cfg: &[KeyConfig]) -> KeyStore {
+        let keys = cfg
+            .iter()
+            .filter_map(|k| {
+                let mut hash = [0u8; 32];
+                hex::decode_to_slice(&k.sha256, &mut hash).ok()?;
+                let allowed = if k.allowed_tenants.iter().any(|t| t == "*") {
+                    Allowed::Any
+                } else {
+                    Allowed::List(k.allowed_tenants.clone())
+                };
+                Some(KeyEntry {
+                    hash,
+                    tenant: k.tenant.clone(),
+                    allowed,
+                })
+            })
+            .collect();
+        KeyStore { keys }
+    }
+
+    /// The entry whose hash matches `key`. Every entry is compared, whatever matches, in constant
+    /// time per entry.
+    #[must_use]
+    pub fn authenticate(&self, key: &str) -> Option<&KeyEntry> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let mut found = None;
+        for k in &self.keys {
+            if bool::from(k.hash.ct_eq(&digest)) && found.is_none() {
+                found = Some(k);
+            }
+        }
+        found
+    }
+}
+
+/// Headers an SDK may carry its key in (Azure uses `api-key`).
+pub const KEY_HEADERS: [&str; 4] = ["authorization", "x-api-key", "x-goog-api-key", "api-key"];
+
+/// The caller's key from the first place an SDK puts it: Authorization: Bearer, x-api-key,
+/// x-goog-api-key, api-key, or the `key` query parameter.
+#[must_use]
+pub fn extract_key(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    if let Some(v) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .unwrap_or(v)
+            .trim();
+        if !token.is_empty() {
+            return Some(token.to_owned());
+        }
+    }
+    for h in &KEY_HEADERS[1..] {
+        if let Some(v) = headers
+            .get(*h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
+            return Some(v.to_owned());
+        }
+    }
+    query.and_then(|q| {
+        q.split('&').find_map(|kv| {
+            kv.strip_prefix("key=")
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        })
+    })
+}
+
+/// The query string without any `key=` parameter (the caller's key never goes upstream).
+#[must_use]
+pub fn strip_key_param(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !kv.starts_with("key="))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Compares an admin bearer token in constant time.
+#[must_use]
+pub fn admin_token_ok(headers: &HeaderMap, token: &str) -> bool {
+    let got = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let a: [u8; 32] = Sha256::digest(got.as_bytes()).into();
+    let b: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    !got.is_empty() && bool::from(a.ct_eq(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> KeyStore {
+        KeyStore::new(&[
+            KeyConfig {
+                sha256: hash_key("sk-a"),
+                tenant: "acme".into(),
+                allowed_tenants: vec![],
+            },
+            KeyConfig {
+                sha256: hash_key("sk-b"),
+                tenant: "ops".into(),
+                allowed_tenants: vec!["*".into()],
+            },
+        ])
+    }
+
+    #[test]
+    fn hashes_and_authenticates() {
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let s = store();
+        assert_eq!(
+            s.authenticate("sk-a").map(|k| k.tenant.as_str()),
+            Some("acme")
+        );
+        assert!(s.authenticate("sk-c").is_none());
+        let a = s.authenticate("sk-a").unwrap();
+        assert_eq!(a.tenant_for(None).unwrap(), "acme");
+        assert!(matches!(
+            a.tenant_for(Some("other")),
+            Err(ProxyError::TenantForbidden { .. })
+        ));
+        assert!(matches!(
+            a.tenant_for(Some("a{b}")),
+            Err(ProxyError::BadAttribution { .. })
+        ));
+        assert_eq!(
+            s.authenticate("sk-b")
+                .unwrap()
+                .tenant_for(Some("other"))
+                .unwrap(),
+            "other"
+        );
+    }
+
+    #[test]
+    fn finds_keys_where_sdks_put_them() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer sk-1".parse().unwrap());
+        assert_eq!(extract_key(&h, None).as_deref(), Some("sk-1"));
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "sk-2".parse().unwrap());
+        assert_eq!(extract_key(&h, None).as_deref(), Some("sk-2"));
+        let h = HeaderMap::new();
+        assert_eq!(
+            extract_key(&h, Some("alt=sse&key=sk-3")).as_deref(),
+            Some("sk-3")
+        );
+        assert_eq!(strip_key_param("alt=sse&key=sk-3"), "alt=sse");
+        assert_eq!(extract_key(&h, None), None);
+    }
+}

@@ -1,0 +1,300 @@
+//! The enforcer's TOML configuration: serde structs with commented defaults, validated at start-up
+//! with errors that name the exact key. Secrets are never in the file, only the names of the
+//! environment variables that hold them (`*_env`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ledger::provider::ProviderKind;
+use ledger::store::Period;
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, naming the key and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    /// The dotted key ("providers.openai.base_url").
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn bad(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// What to do with a model the price table does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownModel {
+    /// Refuse the call (400) naming prices_file as the fix. The safe default.
+    #[default]
+    Deny,
+    /// Admit it, priced at `[unknown_model_price]` (never $0).
+    Allow,
+}
+
+/// What to do when Redis cannot be reached within `timeouts.redis_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisUnavailable {
+    /// Answer 503 in the provider's error shape (fail closed). The default.
+    #[default]
+    Deny,
+    /// Admit the call without a reservation and count it in `llmwarden_redis_unavailable_admissions_total`.
+    Allow,
+}
+
+/// How `[[budgets]]` from the file meet budgets already in Redis at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetSeed {
+    /// Write a file budget only when Redis has none for its tenant/feature/period: once seeded,
+    /// Redis (and PUT /budgets) is the source of truth. The default.
+    #[default]
+    Seed,
+    /// Write every file budget at each start, overwriting live edits of the same slot.
+    Overwrite,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Proxy listener (HTTP/1.1 and h2c; TLS when `tls_cert_file` is set).
+    pub listen: String,
+    /// Admin listener; "" or "off" disables it.
+    pub admin_listen: String,
+    /// Environment variable holding the admin bearer token (required when the admin listener is on).
+    pub admin_token_env: String,
+    /// Redis: `redis://host:port[/db]`, `redis+cluster://h1:p1,h2:p2`.
+    pub redis_url: String,
+    /// Optional PEM certificate chain for a TLS proxy listener.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Optional PEM private key for the TLS proxy listener.
+    pub tls_key_file: Option<PathBuf>,
+    /// Optional LiteLLM-format price file layered over the built-in table.
+    pub prices_file: Option<PathBuf>,
+    /// "deny" (default) or "allow" (at `unknown_model_price`).
+    pub unknown_model: UnknownModel,
+    /// Price of models missing from the table when `unknown_model = "allow"`.
+    pub unknown_model_price: DefaultPrice,
+    /// "deny" (default, 503) or "allow" when Redis is unreachable.
+    pub on_redis_unavailable: OnRedisUnavailable,
+    /// Worst-case USD one instance may admit per UTC day without reservations while Redis is down
+    /// (`on_redis_unavailable = "allow"`); past it calls get 503.
+    pub redis_unavailable_cap_usd: f64,
+    /// How a reservation lives if never settled (seconds); must exceed the longest call.
+    pub reserve_ttl_secs: u64,
+    /// Output tokens assumed when neither the request nor the price table gives a limit.
+    pub max_output_tokens_cap: u64,
+    /// Percent added to the input token estimate when the tokenizer is not exact for the model.
+    pub input_estimate_margin_pct: u64,
+    /// Largest request body accepted (bytes); larger gets 413.
+    pub max_request_body_bytes: usize,
+    /// Largest non-stream response body buffered to price it (bytes); larger gets 502.
+    pub max_response_body_bytes: usize,
+    /// Forward POSTs to endpoints the enforcer cannot meter ("deny", the default, or "allow").
+    pub unmetered_endpoints: UnknownModel,
+    /// "seed" (default) or "overwrite": see [`BudgetSeed`].
+    pub budgets_from_config: BudgetSeed,
+    /// Log format: "json" (default) or "text".
+    pub log_format: String,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Agentic-loop protection per X-Session-ID.
+    pub session: SessionConfig,
+    /// Metrics label cardinality bounds.
+    pub metrics: MetricsConfig,
+    /// Upstream providers by name (the `{provider}` of `/proxy/{provider}/...`).
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Proxy keys (hashed) and the tenants they may bill.
+    pub keys: Vec<KeyConfig>,
+    /// Budgets seeded into Redis at start.
+    pub budgets: Vec<BudgetConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:8081".into(),
+            admin_token_env: "WARDEN_ADMIN_TOKEN".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            prices_file: None,
+            unknown_model: UnknownModel::Deny,
+            unknown_model_price: DefaultPrice::default(),
+            on_redis_unavailable: OnRedisUnavailable::Deny,
+            redis_unavailable_cap_usd: 10.0,
+            // 15 minutes: longer than any sane completion, short enough that a crash frees budget soon.
+            reserve_ttl_secs: 900,
+            max_output_tokens_cap: 32_768,
+            input_estimate_margin_pct: 10,
+            // 32 MiB: large enough for base64 images in a prompt.
+            max_request_body_bytes: 32 << 20,
+            max_response_body_bytes: 256 << 20,
+            unmetered_endpoints: UnknownModel::Deny,
+            budgets_from_config: BudgetSeed::Seed,
+            log_format: "json".into(),
+            timeouts: Timeouts::default(),
+            session: SessionConfig::default(),
+            metrics: MetricsConfig::default(),
+            providers: BTreeMap::new(),
+            keys: Vec::new(),
+            budgets: Vec::new(),
+        }
+    }
+}
+
+/// Per-call deadlines (milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP + TLS connect to the upstream.
+    pub connect_ms: u64,
+    /// From sending the request to the upstream's response head.
+    pub first_byte_ms: u64,
+    /// Longest silence between two body chunks of the upstream response.
+    pub idle_ms: u64,
+    /// Each Redis operation on the hot path (reserve, loop counters).
+    pub redis_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        // Non-stream reasoning calls may think for minutes before the head arrives.
+        Timeouts {
+            connect_ms: 5_000,
+            first_byte_ms: 600_000,
+            idle_ms: 120_000,
+            redis_ms: 1_000,
+        }
+    }
+}
+
+/// Loop protection per X-Session-ID; every limit is off when unset.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Cumulative spend cap of one session (USD).
+    pub limit_usd: Option<f64>,
+    /// Requests one session may make per minute.
+    pub max_requests_per_minute: Option<u64>,
+    /// Identical request bodies one session may send within `identical_window_secs`.
+    pub max_identical_requests: Option<u64>,
+    /// Window for `max_identical_requests` (seconds, default 300).
+    pub identical_window_secs: Option<u64>,
+}
+
+/// Bounds on metric label values (the rest are folded into "other").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Distinct tenants labelled individually.
+    pub max_tenants: usize,
+    /// Distinct models labelled individually.
+    pub max_models: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_tenants: 100,
+            max_models: 50,
+        }
+    }
+}
+
+/// Price applied to unknown models under `unknown_model = "allow"` (USD per million tokens).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefaultPrice {
+    /// Input USD per million tokens.
+    pub input_usd_per_mtok: f64,
+    /// Output USD per million tokens.
+    pub output_usd_per_mtok: f64,
+    /// Output tokens reserved when the request gives no limit.
+    pub max_output_tokens: u64,
+}
+
+impl Default for DefaultPrice {
+    fn default() -> Self {
+        // Priced like a frontier model so an unknown model is never cheap by accident.
+        DefaultPrice {
+            input_usd_per_mtok: 15.0,
+            output_usd_per_mtok: 75.0,
+            max_output_tokens: 32_768,
+        }
+    }
+}
+
+/// One upstream provider.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Upstream base URL; `/proxy/{name}/{rest}` goes to `{base_url}/{rest}`.
+    pub base_url: Option<String>,
+    /// Environment variable holding the real provider key.
+    pub api_key_env: Option<String>,
+    /// API family; defaults from the name for openai/anthropic/gemini.
+    pub kind: Option<ProviderKind>,
+    /// Extra CA certificates (PEM) trusted for this upstream, besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// Add `stream_options.include_usage` to OpenAI-family chat streams (default true); turn it off
+    /// for servers that reject the field (such streams are then billed from an estimate).
+    pub inject_include_usage: Option<bool>,
+}
+
+/// One proxy key.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Lowercase hex sha256 of the key (`enforcer hash-key`).
+    pub sha256: String,
+    /// Tenant billed when the request names none.
+    pub tenant: String,
+    /// Tenants the key may name in X-Tenant-ID: ["*"] or a list (default: only its own).
+    pub allowed_tenants: Vec<String>,
+}
+
+/// One budget seeded from the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Tenant or "*".
+    pub tenant: String,
+    /// Optional feature (X-Feature-Name).
+    #[serde(default)]
+    pub feature: Option<String>,
+    /// "day" or "month".
+    pub period: Period,
+    /// Limit in USD.
+    pub limit_usd: f64,
+}
+
+/// A provider with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    /// The route name.
+    pub name: String,
+    /// API family.
+    pub kind: ProviderKind,
+    /// Base URL without a trailing slash.
+    pub base_url: String,
+    /// Environment variable of the real key.
+    pub api_key_env: String,
+    /// Extra CA file.
+    pub ca_file: Option<PathBuf>,
+    /// Whether OpenAI chat streams get include_usage injected.
+    pub inject_include_usage: bool,
+}
+
+mod validate;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,96 @@
+use ledger::Nanos;
+
+use super::*;
+
+const KEY: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+fn minimal() -> String {
+    format!("[[keys]]\nsha256 = \"{KEY}\"\ntenant = \"acme\"\n")
+}
+
+#[test]
+fn defaults_and_builtins() {
+    let c = Config::parse(&minimal()).unwrap();
+    assert_eq!(c.listen, "127.0.0.1:8080");
+    assert_eq!(c.unknown_model, UnknownModel::Deny);
+    assert_eq!(c.on_redis_unavailable, OnRedisUnavailable::Deny);
+    let p = c.resolved_providers().unwrap();
+    assert_eq!(p["openai"].base_url, "https://api.openai.com/v1");
+    assert_eq!(p["anthropic"].kind, ProviderKind::Anthropic);
+    assert_eq!(
+        p["gemini"].base_url,
+        "https://generativelanguage.googleapis.com"
+    );
+}
+
+#[test]
+fn full_file() {
+    let text = format!(
+        r#"
+listen = "127.0.0.1:9000"
+admin_listen = "off"
+unknown_model = "allow"
+on_redis_unavailable = "allow"
+max_output_tokens_cap = 4096
+[timeouts]
+connect_ms = 100
+[session]
+limit_usd = 1.5
+max_requests_per_minute = 60
+max_identical_requests = 3
+[providers.openai]
+base_url = "http://127.0.0.1:1/v1/"
+api_key_env = "X"
+[providers.groq]
+kind = "openai-compatible"
+base_url = "https://api.groq.com/openai/v1"
+api_key_env = "GROQ"
+[[budgets]]
+tenant = "*"
+period = "month"
+limit_usd = 0.1
+{}"#,
+        minimal()
+    );
+    let c = Config::parse(&text).unwrap();
+    assert!(c.admin_addr().is_none());
+    assert_eq!(c.timeouts.connect_ms, 100);
+    assert_eq!(c.timeouts.idle_ms, Timeouts::default().idle_ms);
+    assert_eq!(c.session_cap(), Some(Nanos(1_500_000_000)));
+    let p = c.resolved_providers().unwrap();
+    assert_eq!(p["openai"].base_url, "http://127.0.0.1:1/v1");
+    assert_eq!(p["groq"].kind, ProviderKind::OpenAiCompatible);
+    assert_eq!(c.ledger_budgets().unwrap()[0].limit, Nanos(100_000_000));
+    let eff = c.effective_toml();
+    assert!(
+        eff.contains("api_key_env = \"GROQ\"") && !eff.contains(KEY),
+        "{eff}"
+    );
+}
+
+#[test]
+fn errors_name_the_key() {
+    let e = Config::parse(&format!("lisen = \"x\"\n{}", minimal())).unwrap_err();
+    assert!(e.reason.contains("lisen"), "{e}");
+    let e = Config::parse(&format!(
+        "[providers.groq]\nbase_url = \"http://x\"\napi_key_env = \"G\"\n{}",
+        minimal()
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "providers.groq.kind");
+    let e = Config::parse("[[keys]]\nsha256 = \"abc\"\ntenant = \"a\"\n").unwrap_err();
+    assert_eq!(e.key, "keys[0].sha256");
+    let e = Config::parse(&format!("listen = \"nope\"\n{}", minimal())).unwrap_err();
+    assert_eq!(e.key, "listen");
+    let e = Config::parse(&format!("[timeouts]\nidle_ms = 0\n{}", minimal())).unwrap_err();
+    assert_eq!(e.key, "timeouts.idle_ms");
+    let e = Config::parse(&format!(
+        "[[budgets]]\ntenant = \"a\"\nperiod = \"year\"\nlimit_usd = 1\n{}",
+        minimal()
+    ))
+    .unwrap_err();
+    assert!(
+        e.reason.contains("year") || e.reason.contains("variant"),
+        "{e}"
+    );
+}

@@ -1,0 +1,344 @@
+//! Prometheus metrics. Names follow the OpenTelemetry GenAI semantic conventions where one fits
+//! (`gen_ai_client_token_usage`, `gen_ai_client_operation_duration`); the rest are `llmwarden_*`.
+//! Tenant and model labels are bounded: past the configured count new values fold into "other".
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::config::MetricsConfig;
+
+/// Labels of per-call counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// Tenant (bounded).
+    pub tenant: String,
+    /// Provider name.
+    pub provider: String,
+    /// Model (bounded).
+    pub model: String,
+}
+
+/// Labels of the request counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// Provider name (or "unknown").
+    pub provider: String,
+    /// allowed, denied, error, passthrough.
+    pub decision: String,
+}
+
+/// Labels of the denial counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The error code (budget_exceeded, loop_detected, invalid_api_key, ...).
+    pub reason: String,
+}
+
+/// OTel GenAI token usage labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// `gen_ai.system`: provider name.
+    pub gen_ai_system: String,
+    /// `gen_ai.request.model` (bounded).
+    pub gen_ai_request_model: String,
+    /// `gen_ai.token.type`: input or output.
+    pub gen_ai_token_type: String,
+}
+
+/// OTel GenAI operation labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// `gen_ai.system`.
+    pub gen_ai_system: String,
+    /// `gen_ai.operation.name`: chat_completions, messages, ...
+    pub gen_ai_operation_name: String,
+}
+
+/// One settled call, as the metrics see it.
+#[derive(Debug, Clone, Copy)]
+pub struct SettledCall<'a> {
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Provider name.
+    pub provider: &'a str,
+    /// Model billed.
+    pub model: &'a str,
+    /// API name (operation).
+    pub api: &'a str,
+    /// Input tokens of all kinds.
+    pub input: u64,
+    /// Output tokens.
+    pub output: u64,
+    /// Cost in nano-USD.
+    pub nanos: i64,
+    /// Whole-call seconds.
+    pub secs: f64,
+}
+
+/// Label bounding: the first `max` distinct values keep their name.
+#[derive(Debug)]
+struct Bounded {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl Bounded {
+    fn label(&self, v: &str) -> String {
+        let mut seen = self.seen.lock();
+        if seen.contains(v) {
+            return v.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(v.to_owned());
+            return v.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
+/// Every metric the enforcer exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by provider and decision.
+    pub requests: Family<DecisionLabels, Counter>,
+    /// Denials by reason.
+    pub denials: Family<ReasonLabels, Counter>,
+    /// Committed cost in nano-USD.
+    pub cost_nanos: Family<CallLabels, Counter>,
+    /// Input tokens.
+    pub input_tokens: Family<CallLabels, Counter>,
+    /// Output tokens.
+    pub output_tokens: Family<CallLabels, Counter>,
+    /// OTel token usage histogram.
+    pub token_usage: Family<TokenLabels, Histogram>,
+    /// OTel operation duration (seconds, whole call).
+    pub operation_duration: Family<OperationLabels, Histogram>,
+    /// Time to upstream response head (seconds).
+    pub upstream_latency: Histogram,
+    /// Time the enforcer adds before forwarding (auth, parse, reserve; seconds).
+    pub overhead: Histogram,
+    /// Calls admitted without a reservation because Redis was unreachable.
+    pub redis_unavailable_admissions: Counter<u64, AtomicU64>,
+    /// Calls settled from an estimate (disconnects, missing usage).
+    pub estimated_settlements: Counter<u64, AtomicU64>,
+    /// Settles or releases that failed (the hold expires by TTL).
+    pub ledger_errors: Counter<u64, AtomicU64>,
+    tenants: Bounded,
+    models: Bounded,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    #[must_use]
+    pub fn new(cfg: &MetricsConfig) -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<DecisionLabels, Counter>::default();
+        let denials = Family::<ReasonLabels, Counter>::default();
+        let cost_nanos = Family::<CallLabels, Counter>::default();
+        let input_tokens = Family::<CallLabels, Counter>::default();
+        let output_tokens = Family::<CallLabels, Counter>::default();
+        let token_usage = Family::<TokenLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(1.0, 4.0, 14))) as fn() -> Histogram,
+        );
+        let operation_duration = Family::<OperationLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.01, 2.0, 16))) as fn() -> Histogram,
+        );
+        let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        let overhead = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        let redis_unavailable_admissions = Counter::default();
+        let estimated_settlements = Counter::default();
+        let ledger_errors = Counter::default();
+        registry.register(
+            "llmwarden_requests",
+            "Proxied requests by decision",
+            requests.clone(),
+        );
+        registry.register(
+            "llmwarden_denials",
+            "Requests refused by the enforcer, by reason",
+            denials.clone(),
+        );
+        registry.register(
+            "llmwarden_cost_nanousd",
+            "Committed cost in nano-USD",
+            cost_nanos.clone(),
+        );
+        registry.register(
+            "llmwarden_input_tokens",
+            "Billed input tokens (all kinds)",
+            input_tokens.clone(),
+        );
+        registry.register(
+            "llmwarden_output_tokens",
+            "Billed output tokens",
+            output_tokens.clone(),
+        );
+        registry.register(
+            "gen_ai_client_token_usage",
+            "Tokens per call (OTel GenAI)",
+            token_usage.clone(),
+        );
+        registry.register(
+            "gen_ai_client_operation_duration_seconds",
+            "Whole call duration (OTel GenAI)",
+            operation_duration.clone(),
+        );
+        registry.register(
+            "llmwarden_upstream_latency_seconds",
+            "Time to the upstream response head",
+            upstream_latency.clone(),
+        );
+        registry.register(
+            "llmwarden_overhead_seconds",
+            "Enforcer time before forwarding",
+            overhead.clone(),
+        );
+        registry.register(
+            "llmwarden_redis_unavailable_admissions",
+            "Calls admitted without reservation while Redis was unreachable",
+            redis_unavailable_admissions.clone(),
+        );
+        registry.register(
+            "llmwarden_estimated_settlements",
+            "Calls settled from an estimate",
+            estimated_settlements.clone(),
+        );
+        registry.register(
+            "llmwarden_ledger_errors",
+            "Failed settles or releases",
+            ledger_errors.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            denials,
+            cost_nanos,
+            input_tokens,
+            output_tokens,
+            token_usage,
+            operation_duration,
+            upstream_latency,
+            overhead,
+            redis_unavailable_admissions,
+            estimated_settlements,
+            ledger_errors,
+            tenants: Bounded {
+                max: cfg.max_tenants,
+                seen: Mutex::default(),
+            },
+            models: Bounded {
+                max: cfg.max_models,
+                seen: Mutex::default(),
+            },
+        }
+    }
+
+    /// Counts a request decision.
+    pub fn decision(&self, provider: &str, decision: &str) {
+        self.requests
+            .get_or_create(&DecisionLabels {
+                provider: provider.to_owned(),
+                decision: decision.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a denial.
+    pub fn deny(&self, provider: &str, reason: &str) {
+        self.decision(provider, "denied");
+        self.denials
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records a settled call.
+    pub fn settled(&self, c: &SettledCall<'_>) {
+        let SettledCall {
+            tenant,
+            provider,
+            model,
+            api,
+            input,
+            output,
+            nanos,
+            secs,
+        } = *c;
+        let l = CallLabels {
+            tenant: self.tenants.label(tenant),
+            provider: provider.to_owned(),
+            model: self.models.label(model),
+        };
+        self.cost_nanos
+            .get_or_create(&l)
+            .inc_by(u64::try_from(nanos).unwrap_or(0));
+        self.input_tokens.get_or_create(&l).inc_by(input);
+        self.output_tokens.get_or_create(&l).inc_by(output);
+        for (ty, n) in [("input", input), ("output", output)] {
+            #[expect(clippy::cast_precision_loss, reason = "histogram observation")]
+            self.token_usage
+                .get_or_create(&TokenLabels {
+                    gen_ai_system: provider.to_owned(),
+                    gen_ai_request_model: l.model.clone(),
+                    gen_ai_token_type: ty.to_owned(),
+                })
+                .observe(n as f64);
+        }
+        self.operation_duration
+            .get_or_create(&OperationLabels {
+                gen_ai_system: provider.to_owned(),
+                gen_ai_operation_name: api.to_owned(),
+            })
+            .observe(secs);
+    }
+
+    /// The text exposition.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        if prometheus_client::encoding::text::encode(&mut s, &self.registry).is_err() {
+            s.clear();
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded() {
+        let m = Metrics::new(&MetricsConfig {
+            max_tenants: 2,
+            max_models: 1,
+        });
+        for t in ["a", "b", "c", "d"] {
+            m.settled(&SettledCall {
+                tenant: t,
+                provider: "openai",
+                model: t,
+                api: "chat_completions",
+                input: 1,
+                output: 2,
+                nanos: 3,
+                secs: 0.1,
+            });
+        }
+        let s = m.encode();
+        assert!(s.contains("tenant=\"a\"") && s.contains("tenant=\"b\""));
+        assert!(
+            !s.contains("tenant=\"c\"") && s.contains("tenant=\"other\""),
+            "{s}"
+        );
+        assert!(s.contains("gen_ai_client_token_usage"));
+    }
+}

@@ -1,0 +1,216 @@
+//! Routing and header hygiene: `/proxy/{provider}/{rest}` → `{base_url}/{rest}?query`, with the
+//! caller's key, the attribution headers and hop-by-hop headers removed and the real provider key
+//! added in the provider's own header style.
+
+use http::Uri;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ledger::provider::ProviderKind;
+
+use crate::auth::{KEY_HEADERS, strip_key_param};
+use crate::config::Provider;
+use crate::error::ProxyError;
+
+/// Attribution headers: read by the enforcer, never forwarded.
+pub const ATTRIBUTION_HEADERS: [&str; 3] = ["x-tenant-id", "x-feature-name", "x-session-id"];
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus ones the enforcer recomputes.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// The parts of a proxied path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyPath<'a> {
+    /// The provider name.
+    pub provider: &'a str,
+    /// The rest of the path, starting with '/' (may be just "/").
+    pub rest: &'a str,
+}
+
+/// Splits `/proxy/{provider}/{rest}`.
+///
+/// # Errors
+/// [`ProxyError::NoRoute`] for any other path.
+pub fn split(path: &str) -> Result<ProxyPath<'_>, ProxyError> {
+    let no = || ProxyError::NoRoute {
+        path: path.chars().take(200).collect(),
+    };
+    let after = path.strip_prefix("/proxy/").ok_or_else(no)?;
+    let (provider, rest) = match after.find('/') {
+        Some(i) => (&after[..i], &after[i..]),
+        None => (after, "/"),
+    };
+    if provider.is_empty() || rest.contains("/../") || rest.ends_with("/..") {
+        return Err(no());
+    }
+    Ok(ProxyPath { provider, rest })
+}
+
+/// The upstream URI: base URL + rest + the query without `key=`.
+///
+/// # Errors
+/// [`ProxyError::NoRoute`] when the result is not a valid URI.
+pub fn upstream_uri(p: &Provider, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let mut s = String::with_capacity(p.base_url.len() + rest.len() + 32);
+    s.push_str(&p.base_url);
+    s.push_str(rest);
+    if let Some(q) = query.map(strip_key_param).filter(|q| !q.is_empty()) {
+        s.push('?');
+        s.push_str(&q);
+    }
+    s.parse().map_err(|_| ProxyError::NoRoute {
+        path: rest.chars().take(200).collect(),
+    })
+}
+
+/// The path and query the ledger classifies (rest + query without the key).
+#[must_use]
+pub fn classify_target(rest: &str, query: Option<&str>) -> String {
+    match query.map(strip_key_param).filter(|q| !q.is_empty()) {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_owned(),
+    }
+}
+
+/// Rewrites the client's headers for the upstream in place: drops keys, attribution, hop-by-hop
+/// headers (and those named in Connection), Accept-Encoding (the enforcer asks for identity so
+/// metering sees plaintext) and Content-Length (recomputed), then adds the real key.
+pub fn upstream_headers(h: &mut HeaderMap, kind: ProviderKind, real_key: &str) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in KEY_HEADERS
+        .iter()
+        .chain(&ATTRIBUTION_HEADERS)
+        .chain(&HOP_BY_HOP)
+    {
+        h.remove(*n);
+    }
+    h.remove(header::CONTENT_LENGTH);
+    h.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let key = |v: String| {
+        HeaderValue::from_str(&v).ok().map(|mut v| {
+            v.set_sensitive(true);
+            v
+        })
+    };
+    match kind {
+        ProviderKind::Anthropic => {
+            if let Some(v) = key(real_key.to_owned()) {
+                h.insert("x-api-key", v);
+            }
+        }
+        ProviderKind::Gemini => {
+            if let Some(v) = key(real_key.to_owned()) {
+                h.insert("x-goog-api-key", v);
+            }
+        }
+        ProviderKind::AzureOpenAi => {
+            if let Some(v) = key(real_key.to_owned()) {
+                h.insert("api-key", v);
+            }
+        }
+        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
+            if let Some(v) = key(format!("Bearer {real_key}")) {
+                h.insert(header::AUTHORIZATION, v);
+            }
+        }
+    }
+}
+
+/// Drops hop-by-hop headers from an upstream response before it goes to the client.
+pub fn downstream_headers(h: &mut HeaderMap) {
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// A header value as a str, if present and valid.
+#[must_use]
+pub fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn openai() -> Provider {
+        Provider {
+            name: "openai".into(),
+            kind: ProviderKind::OpenAi,
+            base_url: "http://127.0.0.1:9/v1".into(),
+            api_key_env: "K".into(),
+            ca_file: None,
+            inject_include_usage: true,
+        }
+    }
+
+    #[test]
+    fn splits_and_builds() {
+        let p = split("/proxy/openai/chat/completions").unwrap();
+        assert_eq!(
+            p,
+            ProxyPath {
+                provider: "openai",
+                rest: "/chat/completions"
+            }
+        );
+        assert!(split("/v1/chat").is_err());
+        assert!(split("/proxy//x").is_err());
+        assert!(split("/proxy/openai/../admin").is_err());
+        let u = upstream_uri(&openai(), "/chat/completions", Some("a=1&key=sk")).unwrap();
+        assert_eq!(u.to_string(), "http://127.0.0.1:9/v1/chat/completions?a=1");
+        assert_eq!(classify_target("/x", Some("key=1")), "/x");
+    }
+
+    #[test]
+    fn strips_and_adds_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer sk-proxy"),
+            ("x-tenant-id", "acme"),
+            ("x-session-id", "s"),
+            ("x-feature-name", "f"),
+            ("connection", "keep-alive, x-foo"),
+            ("x-foo", "1"),
+            ("accept-encoding", "gzip"),
+            ("anthropic-version", "2023-06-01"),
+        ] {
+            h.insert(k, v.parse().unwrap());
+        }
+        upstream_headers(&mut h, ProviderKind::Anthropic, "real");
+        assert_eq!(h.get("x-api-key").unwrap(), "real");
+        assert!(h.get("authorization").is_none());
+        assert!(
+            h.get("x-tenant-id").is_none()
+                && h.get("x-session-id").is_none()
+                && h.get("x-feature-name").is_none()
+        );
+        assert!(h.get("x-foo").is_none() && h.get("connection").is_none());
+        assert_eq!(h.get("accept-encoding").unwrap(), "identity");
+        assert_eq!(h.get("anthropic-version").unwrap(), "2023-06-01");
+    }
+}
