@@ -1,0 +1,197 @@
+//! The enforcer's subcommands: hash-key, check-config and report (--json shape, observer-only
+//! tenants included).
+
+mod enforcer_common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use enforcer_common::{enforcer_bin, hash_key};
+use ledger::Nanos;
+use ledger::store::{Ledger, ReserveOutcome, ReserveRequest, Settlement, TokenCounts, UsageRecord};
+use llmwarden_tests::redis::RedisServer;
+use serde_json::Value;
+
+#[test]
+fn hash_key_prints_lowercase_sha256() {
+    assert_eq!(
+        hash_key("abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    // A trailing newline from `echo` is not part of the key.
+    assert_eq!(hash_key("abc\n"), hash_key("abc"));
+}
+
+fn config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    let p = dir.join("enforcer.toml");
+    std::fs::write(&p, body).expect("write config");
+    p
+}
+
+#[test]
+fn check_config_validates_and_prints_the_effective_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = format!(
+        "admin_listen = \"off\"\n[providers.groq]\nkind = \"openai-compatible\"\nbase_url = \"https://api.groq.com/openai/v1\"\napi_key_env = \"GROQ_KEY\"\n[[keys]]\nsha256 = \"{}\"\ntenant = \"acme\"\n",
+        hash_key("sk-secret-key")
+    );
+    let out = Command::new(enforcer_bin())
+        .arg("check-config")
+        .arg("--config")
+        .arg(config(dir.path(), &good))
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "[providers.openai]",
+        "https://api.openai.com/v1",
+        "api_key_env = \"GROQ_KEY\"",
+        "unknown_model = \"deny\"",
+        "[timeouts]",
+    ] {
+        assert!(
+            stdout.contains(want),
+            "effective config lacks {want}:\n{stdout}"
+        );
+    }
+    assert!(
+        !stdout.contains(&hash_key("sk-secret-key")),
+        "full key hash printed:\n{stdout}"
+    );
+
+    let bad = "[providers.groq]\nbase_url = \"https://x\"\napi_key_env = \"G\"\n[[keys]]\nsha256 = \"00\"\ntenant = \"a\"\n";
+    let out = Command::new(enforcer_bin())
+        .arg("check-config")
+        .arg("--config")
+        .arg(config(dir.path(), bad))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("providers.groq.kind"),
+        "error does not name the key: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_json_lists_every_active_tenant() {
+    let redis = RedisServer::start();
+    let ledger = Ledger::connect(&redis.url()).await.expect("ledger");
+    let now = chrono::Utc::now();
+    let rr = ReserveRequest {
+        tenant: "acme".into(),
+        feature: Some("support-bot".into()),
+        session: None,
+        request_id: "r1".into(),
+        provider: "openai".into(),
+        model: Some("gpt-4o-mini".into()),
+        amount: Nanos(5_000),
+        ttl: Duration::from_secs(60),
+        caps: vec![],
+        at: now,
+    };
+    assert!(matches!(
+        ledger.reserve(&rr).await.expect("reserve"),
+        ReserveOutcome::Allowed(_)
+    ));
+    let s = Settlement {
+        tenant: "acme".into(),
+        request_id: "r1".into(),
+        feature: Some("support-bot".into()),
+        session: None,
+        model: Some("gpt-4o-mini".into()),
+        cost: Nanos(1_234),
+        tokens: TokenCounts {
+            input: 10,
+            output: 5,
+            ..TokenCounts::default()
+        },
+        estimated: false,
+        started_at: now,
+    };
+    ledger.settle(&s).await.expect("settle");
+    let rec = UsageRecord {
+        tenant: "shadow".into(),
+        event_id: "e1".into(),
+        feature: None,
+        session: None,
+        provider: "openai".into(),
+        model: Some("gpt-4o-mini".into()),
+        cost: Nanos(777),
+        tokens: TokenCounts {
+            input: 3,
+            output: 2,
+            ..TokenCounts::default()
+        },
+        bypass: true,
+        estimated: false,
+        at: now,
+    };
+    ledger.record(&rec).await.expect("record");
+    ledger
+        .set_budget(&ledger::store::Budget {
+            tenant: "acme".into(),
+            feature: None,
+            period: ledger::store::Period::Month,
+            limit: Nanos(10_000),
+        })
+        .await
+        .expect("budget");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = format!(
+        "admin_listen = \"off\"\nredis_url = \"{}\"\n[[keys]]\nsha256 = \"{}\"\ntenant = \"acme\"\n",
+        redis.url(),
+        hash_key("k")
+    );
+    let path = config(dir.path(), &cfg);
+    let out = Command::new(enforcer_bin())
+        .args(["report", "--json", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["period"], now.format("%Y-%m").to_string());
+    let tenants = v["tenants"].as_array().expect("tenants");
+    let acme = tenants
+        .iter()
+        .find(|t| t["tenant"] == "acme")
+        .unwrap_or_else(|| panic!("no acme in {v}"));
+    assert_eq!(acme["spend_nusd"], 1_234);
+    assert_eq!(acme["held_nusd"], 0);
+    assert_eq!(acme["requests"], 1);
+    assert_eq!(acme["input_tokens"], 10);
+    assert_eq!(acme["output_tokens"], 5);
+    assert_eq!(acme["by_source"]["enforcer"], 1_234);
+    assert_eq!(acme["by_source"]["observer"], 0);
+    assert_eq!(acme["by_feature"]["support-bot"], 1_234);
+    assert_eq!(acme["limits"][0]["limit_nusd"], 10_000);
+    let shadow = tenants
+        .iter()
+        .find(|t| t["tenant"] == "shadow")
+        .unwrap_or_else(|| panic!("observer-only tenant missing: {v}"));
+    assert_eq!(shadow["bypass_spend_nusd"], 777);
+    assert_eq!(shadow["by_source"]["observer"], 777);
+
+    let out = Command::new(enforcer_bin())
+        .args(["report", "--tenant", "acme", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("acme") && text.contains("0.000001234"),
+        "{text}"
+    );
+}

@@ -1,0 +1,256 @@
+//! Shared harness of the enforcer integration tests: a real redis-server, the mock provider over
+//! real TLS (OpenAI) and plain HTTP (Anthropic, Gemini), and the `enforcer` binary between them,
+//! its log captured to a file so tests can scan it for leaked keys and prompts.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ledger::Nanos;
+use ledger::store::{Ledger, Period, TenantSpend};
+use llmwarden_tests::mock::{MockConfig, MockProvider};
+use llmwarden_tests::process::{ChildGuard, free_port, wait_for_port, workspace_bin};
+use llmwarden_tests::redis::RedisServer;
+
+/// The key apps present (tenant acme, may also bill beta).
+pub const KEY_ACME: &str = "sk-warden-acme-4f9c2e7d";
+/// A second key (tenant ops, may bill any tenant).
+pub const KEY_OPS: &str = "sk-warden-ops-91b3aa01";
+/// The real upstream key the enforcer holds and the mock requires.
+pub const UPSTREAM_KEY: &str = "sk-real-upstream-77e1c0";
+/// Admin bearer token.
+pub const ADMIN_TOKEN: &str = "admin-token-5d1e";
+
+/// Runs `enforcer hash-key` on `key`.
+pub fn hash_key(key: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(workspace_bin("enforcer"))
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn enforcer hash-key");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(key.as_bytes())
+        .expect("write key");
+    let out = child.wait_with_output().expect("hash-key output");
+    assert!(out.status.success(), "enforcer hash-key failed: {out:?}");
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
+}
+
+/// Extra knobs for a stack (`top_toml` must use dotted keys, e.g. `timeouts.idle_ms = 500`).
+#[derive(Debug, Clone, Default)]
+pub struct Opts {
+    /// Top-level TOML keys put before any table (unknown_model, timeouts via dotted keys, ...).
+    pub top_toml: String,
+    /// TOML appended to the generated config (budgets, session, ...).
+    pub extra_toml: String,
+    /// Mock config changes.
+    pub mock_output_tokens: Option<u64>,
+    /// Mock stream chunk delay.
+    pub mock_chunk_delay: Option<Duration>,
+}
+
+/// A running redis + mock + enforcer.
+pub struct Stack {
+    /// The enforcer process (killed on drop).
+    pub enforcer: ChildGuard,
+    /// The mock provider.
+    pub mock: MockProvider,
+    /// Redis.
+    pub redis: RedisServer,
+    /// Proxy port.
+    pub port: u16,
+    /// Admin port.
+    pub admin_port: u16,
+    /// Scratch dir (config, log).
+    pub dir: tempfile::TempDir,
+    /// The ledger, for checks.
+    pub ledger: Ledger,
+}
+
+impl Stack {
+    /// Starts everything and waits until the enforcer listens.
+    pub async fn start(opts: Opts) -> Stack {
+        let redis = RedisServer::start();
+        let mut mc = MockConfig {
+            require_key: Some(UPSTREAM_KEY.to_owned()),
+            ..MockConfig::default()
+        };
+        if let Some(n) = opts.mock_output_tokens {
+            mc.output_tokens = n;
+        }
+        if let Some(d) = opts.mock_chunk_delay {
+            mc.chunk_delay = d;
+        }
+        let mock = MockProvider::start(mc).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let admin_port = free_port();
+        let cfg = format!(
+            r#"
+{top}
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+admin_token_env = "TEST_WARDEN_ADMIN_TOKEN"
+redis_url = "{redis}"
+
+[providers.openai]
+base_url = "{https}/v1"
+api_key_env = "TEST_MOCK_KEY"
+ca_file = "{ca}"
+
+[providers.anthropic]
+base_url = "{http}"
+api_key_env = "TEST_MOCK_KEY"
+
+[providers.gemini]
+base_url = "{http}"
+api_key_env = "TEST_MOCK_KEY"
+
+[[keys]]
+sha256 = "{h_acme}"
+tenant = "acme"
+allowed_tenants = ["beta"]
+
+[[keys]]
+sha256 = "{h_ops}"
+tenant = "ops"
+allowed_tenants = ["*"]
+{extra}
+"#,
+            redis = redis.url(),
+            https = mock.https_url(),
+            http = mock.http_url(),
+            ca = mock.ca_pem_path().display(),
+            h_acme = hash_key(KEY_ACME),
+            h_ops = hash_key(KEY_OPS),
+            extra = opts.extra_toml,
+            top = opts.top_toml,
+        );
+        let cfg_path = dir.path().join("enforcer.toml");
+        std::fs::write(&cfg_path, cfg).expect("write config");
+        let log = std::fs::File::create(dir.path().join("enforcer.log")).expect("log file");
+        let mut cmd = Command::new(workspace_bin("enforcer"));
+        cmd.arg("--config")
+            .arg(&cfg_path)
+            .env("TEST_MOCK_KEY", UPSTREAM_KEY)
+            .env("TEST_WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env(
+                "ENFORCER_LOG",
+                "debug,hyper=info,h2=info,rustls=info,redis=info",
+            )
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut enforcer = ChildGuard::spawn("enforcer", &mut cmd);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let log =
+                || std::fs::read_to_string(dir.path().join("enforcer.log")).unwrap_or_default();
+            assert!(
+                enforcer.is_running(),
+                "the enforcer exited at start:\n{}",
+                log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the enforcer does not listen on {port} after 15 s:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wait_for_port(([127, 0, 0, 1], admin_port).into(), Duration::from_secs(5));
+        let ledger = Ledger::connect(&redis.url()).await.expect("connect ledger");
+        Stack {
+            enforcer,
+            mock,
+            redis,
+            port,
+            admin_port,
+            dir,
+            ledger,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/proxy/{provider}`.
+    pub fn base(&self, provider: &str) -> String {
+        format!("http://127.0.0.1:{}/proxy/{provider}", self.port)
+    }
+
+    /// `http://127.0.0.1:ADMIN`.
+    pub fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// Path of the config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("enforcer.toml")
+    }
+
+    /// The enforcer's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("enforcer.log")).expect("read enforcer log")
+    }
+
+    /// The tenant's month figures.
+    pub async fn spend(&self, tenant: &str) -> TenantSpend {
+        self.ledger
+            .tenant_spend(tenant, Period::Month, chrono::Utc::now())
+            .await
+            .expect("tenant_spend")
+    }
+
+    /// Waits until nothing is held for `tenant` and `requests` calls are committed; returns the figures.
+    pub async fn settled(&self, tenant: &str, requests: u64) -> TenantSpend {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.spend(tenant).await;
+            if s.held == Nanos::ZERO && s.requests >= requests {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tenant {tenant} did not settle: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A reqwest client that never retries and speaks plain HTTP to the enforcer.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
+/// The enforcer binary, for CLI tests.
+pub fn enforcer_bin() -> PathBuf {
+    workspace_bin("enforcer")
+}
+
+/// Asserts `haystack` does not contain `needle`, naming what leaked.
+pub fn assert_absent(haystack: &str, needle: &str, what: &str, where_: &Path) {
+    assert!(
+        !haystack.contains(needle),
+        "{what} ({needle:?}) leaked into {}",
+        where_.display()
+    );
+}
+
+/// Nano-USD as the enforcer's header format ("0.000034500").
+pub fn usd(n: Nanos) -> String {
+    format!("{}.{:09}", n.0 / 1_000_000_000, n.0 % 1_000_000_000)
+}
