@@ -1,1 +1,173 @@
+//! The ABI shared by the observer's eBPF programs and its userspace daemon: `#[repr(C)]` event
+//! structs, map keys and values, stat indices. With the `user` feature they implement `aya::Pod`.
 #![no_std]
+
+/// Bytes of TLS plaintext carried by one [`SslEvent`]; larger calls are split across events.
+pub const CHUNK_SIZE: usize = 4096;
+/// Most chunks one SSL call may produce; the per-call byte limit is clamped to this many chunks.
+pub const MAX_CHUNKS: u32 = 64;
+/// Upper bound of the configurable per-call byte limit.
+pub const MAX_PER_CALL_BYTES: u32 = CHUNK_SIZE as u32 * MAX_CHUNKS;
+
+/// [`SslEventHeader::kind`]: a chunk of plaintext.
+pub const KIND_DATA: u8 = 1;
+/// [`SslEventHeader::kind`]: the SSL object was freed (connection ended).
+pub const KIND_CLOSE: u8 = 2;
+
+/// [`SslEventHeader::direction`]: the process wrote (request side for a client).
+pub const DIR_WRITE: u8 = 0;
+/// [`SslEventHeader::direction`]: the process read (response side for a client).
+pub const DIR_READ: u8 = 1;
+
+/// [`ProcEvent::kind`]: a process called execve.
+pub const PROC_EXEC: u32 = 1;
+/// [`ProcEvent::kind`]: a process (thread group leader) exited.
+pub const PROC_EXIT: u32 = 2;
+
+/// Index into the `STATS` per-CPU array: events the ring buffer had no room for.
+pub const STAT_RINGBUF_DROPS: u32 = 0;
+/// Index: plaintext bytes lost with those dropped events.
+pub const STAT_DROPPED_BYTES: u32 = 1;
+/// Index: plaintext bytes beyond the per-call limit, not copied.
+pub const STAT_TRUNCATED_BYTES: u32 = 2;
+/// Index: plaintext bytes not copied because the connection or process is filtered out.
+pub const STAT_SKIPPED_BYTES: u32 = 3;
+/// Index: events submitted.
+pub const STAT_EVENTS: u32 = 4;
+/// Index: plaintext bytes submitted.
+pub const STAT_BYTES: u32 = 5;
+/// Index: process events the process ring buffer had no room for.
+pub const STAT_PROC_DROPS: u32 = 6;
+/// Number of entries in the `STATS` array.
+pub const STAT_COUNT: u32 = 8;
+
+/// [`ObserverConfig::flags`]: only capture processes listed in `ALLOW_PIDS`.
+pub const FLAG_PID_ALLOWLIST: u32 = 1;
+/// [`ObserverConfig::flags`]: only capture processes whose cgroup id is in `ALLOW_CGROUPS`.
+pub const FLAG_CGROUP_ALLOWLIST: u32 = 2;
+
+/// Header of every event on the `EVENTS` ring buffer; `data_len` bytes of plaintext follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslEventHeader {
+    /// `bpf_ktime_get_ns` when the call returned.
+    pub ts_ns: u64,
+    /// The `SSL*` the call was made on: with `pid` it names the connection.
+    pub ssl: u64,
+    /// Thread group id (the process id userspace sees).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// [`KIND_DATA`] or [`KIND_CLOSE`].
+    pub kind: u8,
+    /// [`DIR_WRITE`] or [`DIR_READ`].
+    pub direction: u8,
+    /// Reserved, zero.
+    pub pad: [u8; 2],
+    /// Bytes the SSL call accepted (write) or returned (read).
+    pub total_len: u32,
+    /// Offset of this chunk within the call's bytes.
+    pub offset: u32,
+    /// Plaintext bytes following this header.
+    pub data_len: u32,
+    /// Bytes of the call beyond the per-call limit that were not copied.
+    pub truncated: u32,
+    /// Reserved, zero.
+    pub pad2: u32,
+}
+
+/// Size of [`SslEventHeader`] on the wire.
+pub const HEADER_SIZE: usize = core::mem::size_of::<SslEventHeader>();
+
+/// Per-CPU scratch buffer where the kernel assembles one event before copying it to the ring.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SslEventBuf {
+    /// The event header.
+    pub header: SslEventHeader,
+    /// Plaintext; twice the chunk size so a masked length always stays in bounds.
+    pub data: [u8; CHUNK_SIZE * 2],
+}
+
+/// An SSL call in flight, saved at entry and consumed by the return probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ActiveCall {
+    /// The `SSL*` argument.
+    pub ssl: u64,
+    /// The buffer argument.
+    pub buf: u64,
+    /// `size_t *` of the `_ex` variants (written / readbytes), 0 for `SSL_read` / `SSL_write`.
+    pub len_ptr: u64,
+    /// Non-zero when the connection or process is filtered out: count bytes, copy nothing.
+    pub skip: u32,
+    /// Reserved, zero.
+    pub pad: u32,
+}
+
+/// Key of the `SKIP_CONNS` map: a connection userspace decided is not LLM traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// The `SSL*`.
+    pub ssl: u64,
+    /// Thread group id.
+    pub pid: u32,
+    /// Reserved, zero.
+    pub pad: u32,
+}
+
+/// Global settings userspace writes into the single-entry `CONFIG` array before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObserverConfig {
+    /// Most plaintext bytes copied per SSL call (clamped to [`MAX_PER_CALL_BYTES`]); 0 = the maximum.
+    pub per_call_limit: u32,
+    /// Wake the reader only when more than this many bytes are waiting; 0 = never wake (poll only).
+    pub wakeup_threshold: u32,
+    /// [`FLAG_PID_ALLOWLIST`] | [`FLAG_CGROUP_ALLOWLIST`].
+    pub flags: u32,
+    /// Reserved, zero.
+    pub pad: u32,
+}
+
+/// An event on the `PROC_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcEvent {
+    /// `bpf_ktime_get_ns`.
+    pub ts_ns: u64,
+    /// Thread group id.
+    pub pid: u32,
+    /// [`PROC_EXEC`] or [`PROC_EXIT`].
+    pub kind: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all these are #[repr(C)], Copy, contain only integers and explicit padding fields, so
+    // every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::SslEventHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ActiveCall {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ObserverConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProcEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_has_no_implicit_padding() {
+        assert_eq!(HEADER_SIZE, 8 + 8 + 4 + 4 + 1 + 1 + 2 + 4 * 5);
+        assert_eq!(HEADER_SIZE % 8, 0);
+        assert_eq!(core::mem::size_of::<ActiveCall>(), 32);
+        assert_eq!(core::mem::size_of::<ConnKey>(), 16);
+        assert_eq!(core::mem::size_of::<ProcEvent>(), 16);
+    }
+}

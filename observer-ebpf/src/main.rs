@@ -1,2 +1,374 @@
+//! The observer's kernel side: uprobes on OpenSSL's SSL_read/SSL_write (+ `_ex`) copy TLS plaintext
+//! to a ring buffer, SSL_free ends a connection, and sched tracepoints report process exec/exit.
+//!
+//! Kept tiny on purpose: everything that can be done in userspace is (parsing, classification).
 #![no_std]
 #![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_loop},
+    },
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use core::ffi::c_void;
+
+use observer_common::{
+    ActiveCall, CHUNK_SIZE, ConnKey, DIR_READ, DIR_WRITE, FLAG_CGROUP_ALLOWLIST,
+    FLAG_PID_ALLOWLIST, HEADER_SIZE, KIND_CLOSE, KIND_DATA, MAX_CHUNKS, MAX_PER_CALL_BYTES,
+    ObserverConfig, PROC_EXEC, PROC_EXIT, ProcEvent, STAT_BYTES, STAT_COUNT, STAT_DROPPED_BYTES,
+    STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES,
+    SslEventBuf, SslEventHeader,
+};
+
+/// TLS plaintext events; userspace resizes it before load (ring_buffer_bytes).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+/// Process exec/exit events: small, separate so a full data ring never hides a new process.
+#[map]
+static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
+/// Counters (see `STAT_*`), summed over CPUs by userspace.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+/// Per-CPU scratch where one event is assembled before `bpf_ringbuf_output`.
+#[map]
+static SCRATCH: PerCpuArray<SslEventBuf> = PerCpuArray::with_max_entries(1, 0);
+/// Global settings (one entry).
+#[map]
+static CONFIG: Array<ObserverConfig> = Array::with_max_entries(1, 0);
+/// Writes in flight, keyed by pid_tgid.
+#[map]
+static ACTIVE_WRITE: LruHashMap<u64, ActiveCall> = LruHashMap::with_max_entries(16384, 0);
+/// Reads in flight, keyed by pid_tgid.
+#[map]
+static ACTIVE_READ: LruHashMap<u64, ActiveCall> = LruHashMap::with_max_entries(16384, 0);
+/// Connections userspace decided are not LLM traffic: counted, never copied.
+#[map]
+static SKIP_CONNS: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(65536, 0);
+/// Processes excluded by config.
+#[map]
+static SKIP_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+/// When `FLAG_PID_ALLOWLIST` is set, only these processes are captured.
+#[map]
+static ALLOW_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+/// When `FLAG_CGROUP_ALLOWLIST` is set, only these cgroup ids are captured.
+#[map]
+static ALLOW_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn stat_add(index: u32, n: u64) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; only this CPU touches it and the program is not preempted.
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
+fn config() -> ObserverConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+#[inline(always)]
+fn filtered_out(cfg: &ObserverConfig, pid: u32, ssl: u64) -> bool {
+    // SAFETY: map lookups return pointers into map values that live for the program's run.
+    unsafe {
+        if SKIP_PIDS.get(&pid).is_some() {
+            return true;
+        }
+        if cfg.flags & FLAG_PID_ALLOWLIST != 0 && ALLOW_PIDS.get(&pid).is_none() {
+            return true;
+        }
+        if cfg.flags & FLAG_CGROUP_ALLOWLIST != 0 {
+            let cg = bpf_get_current_cgroup_id();
+            if ALLOW_CGROUPS.get(&cg).is_none() {
+                return true;
+            }
+        }
+        SKIP_CONNS.get(&ConnKey { ssl, pid, pad: 0 }).is_some()
+    }
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, active: &LruHashMap<u64, ActiveCall>, ex: bool) -> u32 {
+    let ssl: u64 = ctx.arg(0).unwrap_or(0);
+    let buf: u64 = ctx.arg(1).unwrap_or(0);
+    let len_ptr: u64 = if ex { ctx.arg(3).unwrap_or(0) } else { 0 };
+    if ssl == 0 || buf == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let cfg = config();
+    let skip = u32::from(filtered_out(&cfg, (pid_tgid >> 32) as u32, ssl));
+    let call = ActiveCall {
+        ssl,
+        buf,
+        len_ptr,
+        skip,
+        pad: 0,
+    };
+    let _ = active.insert(&pid_tgid, &call, 0);
+    0
+}
+
+#[inline(always)]
+fn leave(ctx: &RetProbeContext, active: &LruHashMap<u64, ActiveCall>, dir: u8) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(call) = (unsafe { active.get(&pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = active.remove(&pid_tgid);
+    let ret: i64 = ctx.ret::<i64>() as i32 as i64;
+    if ret <= 0 {
+        return 0;
+    }
+    let n: u64 = if call.len_ptr != 0 {
+        // SAFETY: reading a size_t the probed function just wrote; a fault returns Err.
+        match unsafe { bpf_probe_read_user(call.len_ptr as *const u64) } {
+            Ok(v) => v,
+            Err(_) => return 0,
+        }
+    } else {
+        ret as u64
+    };
+    if n == 0 {
+        return 0;
+    }
+    let total = if n > u64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        n as u32
+    };
+    if call.skip != 0 {
+        stat_add(STAT_SKIPPED_BYTES, u64::from(total));
+        return 0;
+    }
+    emit_data(pid_tgid, call.ssl, call.buf, total, dir);
+    0
+}
+
+#[inline(always)]
+fn wakeup_flags(cfg: &ObserverConfig) -> u64 {
+    if cfg.wakeup_threshold != 0
+        && EVENTS.query(BPF_RB_AVAIL_DATA.into()) > u64::from(cfg.wakeup_threshold)
+    {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
+    }
+}
+
+/// State shared with [`emit_chunk`] across `bpf_loop` iterations (lives on the caller's stack).
+#[repr(C)]
+struct ChunkLoop {
+    buf: u64,
+    flags: u64,
+    capture: u32,
+    off: u32,
+}
+
+#[inline(always)]
+fn emit_data(pid_tgid: u64, ssl: u64, buf: u64, total: u32, dir: u8) {
+    let cfg = config();
+    let mut limit = cfg.per_call_limit;
+    if limit == 0 || limit > MAX_PER_CALL_BYTES {
+        limit = MAX_PER_CALL_BYTES;
+    }
+    let capture = if total > limit { limit } else { total };
+    let truncated = total - capture;
+    if truncated > 0 {
+        stat_add(STAT_TRUNCATED_BYTES, u64::from(truncated));
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: `scratch` points at this CPU's map value, valid and exclusive for this run.
+    let scratch = unsafe { &mut *scratch };
+    scratch.header = SslEventHeader {
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ssl,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        kind: KIND_DATA,
+        direction: dir,
+        pad: [0; 2],
+        total_len: total,
+        offset: 0,
+        data_len: 0,
+        truncated,
+        pad2: 0,
+    };
+    let mut state = ChunkLoop {
+        buf,
+        flags: wakeup_flags(&cfg),
+        capture,
+        off: 0,
+    };
+    let chunks = capture.div_ceil(CHUNK_SIZE as u32);
+    let chunks = if chunks > MAX_CHUNKS {
+        MAX_CHUNKS
+    } else {
+        chunks
+    };
+    // bpf_loop verifies the body once instead of unrolling MAX_CHUNKS paths.
+    // SAFETY: the callback has the signature bpf_loop expects and `state` outlives the call.
+    unsafe {
+        bpf_loop(
+            chunks,
+            emit_chunk as *mut c_void,
+            (&raw mut state).cast(),
+            0,
+        );
+    }
+}
+
+/// One `bpf_loop` iteration: copies the next chunk of the call into the scratch and outputs it.
+/// Returns 1 (stop) when done or when the ring buffer is full.
+#[inline(never)]
+extern "C" fn emit_chunk(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the `ChunkLoop` given by `emit_data`.
+    let state = unsafe { &mut *ctx.cast::<ChunkLoop>() };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch value, exclusive for this run.
+    let scratch = unsafe { &mut *scratch };
+    let off = state.off;
+    if off >= state.capture {
+        return 1;
+    }
+    let mut n = state.capture - off;
+    if n > CHUNK_SIZE as u32 {
+        n = CHUNK_SIZE as u32;
+    }
+    // The mask proves the bound to the verifier (the scratch holds 2 * CHUNK_SIZE bytes).
+    let n = (n as usize) & (2 * CHUNK_SIZE - 1);
+    let src = (state.buf + u64::from(off)) as *const u8;
+    // SAFETY: user pointer read through the helper, which faults safely.
+    if unsafe { bpf_probe_read_user_buf(src, &mut scratch.data[..n]) }.is_err() {
+        return 1;
+    }
+    scratch.header.offset = off;
+    scratch.header.data_len = n as u32;
+    let len = HEADER_SIZE + n;
+    // SAFETY: `len` <= HEADER_SIZE + 2 * CHUNK_SIZE = size_of::<SslEventBuf>().
+    let bytes =
+        unsafe { core::slice::from_raw_parts((scratch as *const SslEventBuf).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(bytes, state.flags).is_err() {
+        stat_add(STAT_RINGBUF_DROPS, 1);
+        stat_add(STAT_DROPPED_BYTES, u64::from(state.capture - off));
+        return 1;
+    }
+    stat_add(STAT_EVENTS, 1);
+    stat_add(STAT_BYTES, n as u64);
+    state.off = off + n as u32;
+    0
+}
+
+#[uprobe]
+pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    enter(&ctx, &ACTIVE_WRITE, false)
+}
+
+#[uprobe]
+pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, &ACTIVE_WRITE, true)
+}
+
+#[uretprobe]
+pub fn ssl_write_ret(ctx: RetProbeContext) -> u32 {
+    leave(&ctx, &ACTIVE_WRITE, DIR_WRITE)
+}
+
+#[uprobe]
+pub fn ssl_read(ctx: ProbeContext) -> u32 {
+    enter(&ctx, &ACTIVE_READ, false)
+}
+
+#[uprobe]
+pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, &ACTIVE_READ, true)
+}
+
+#[uretprobe]
+pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
+    leave(&ctx, &ACTIVE_READ, DIR_READ)
+}
+
+#[uprobe]
+pub fn ssl_free(ctx: ProbeContext) -> u32 {
+    let ssl: u64 = ctx.arg(0).unwrap_or(0);
+    if ssl == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let _ = SKIP_CONNS.remove(&ConnKey { ssl, pid, pad: 0 });
+    let header = SslEventHeader {
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ssl,
+        pid,
+        tid: pid_tgid as u32,
+        kind: KIND_CLOSE,
+        direction: 0,
+        ..SslEventHeader::default()
+    };
+    if EVENTS
+        .output::<SslEventHeader>(&header, wakeup_flags(&config()))
+        .is_err()
+    {
+        stat_add(STAT_RINGBUF_DROPS, 1);
+    }
+    0
+}
+
+#[inline(always)]
+fn proc_event(kind: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    if kind == PROC_EXIT {
+        let _ = ACTIVE_READ.remove(&pid_tgid);
+        let _ = ACTIVE_WRITE.remove(&pid_tgid);
+        if pid != pid_tgid as u32 {
+            return; // a thread, not the process
+        }
+    }
+    // SAFETY: helper without preconditions.
+    let ev = ProcEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid,
+        kind,
+    };
+    // Process events are rare: wake the reader at once so it attaches before the first TLS call.
+    if PROC_EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
+        stat_add(STAT_PROC_DROPS, 1);
+    }
+}
+
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    proc_event(PROC_EXEC);
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    proc_event(PROC_EXIT);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
