@@ -1,0 +1,284 @@
+//! The observer's TOML configuration: parsed strictly (unknown keys are errors) and validated at
+//! start-up with the exact key that is wrong.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr as _;
+
+use anyhow::{Context as _, Result, bail};
+use ledger::provider::ProviderKind;
+use serde::{Deserialize, Serialize};
+
+/// Default config path.
+pub const DEFAULT_PATH: &str = "/etc/llmwarden/observer.toml";
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The shared ledger (`redis://host:port/` or `redis+cluster://...`).
+    pub redis_url: String,
+    /// Where Prometheus scrapes `/metrics`; empty disables it.
+    pub metrics_listen: String,
+    /// Optional LiteLLM-format price file layered over the built-in table.
+    pub prices_file: Option<PathBuf>,
+    /// Most plaintext bytes copied per SSL call (request bodies beyond it are skipped, counted).
+    pub per_call_bytes: u32,
+    /// Kernel ring buffer size: a power of two, at least 4096.
+    pub ring_buffer_bytes: u32,
+    /// How often the ring buffer is drained when no wakeup came.
+    pub poll_interval_ms: u64,
+    /// How often /proc is rescanned for newly loaded OpenSSL libraries.
+    pub rescan_interval_secs: u64,
+    /// Connections with no traffic for this long are dropped (counted as evictions).
+    pub idle_timeout_secs: u64,
+    /// Most connections tracked at once; the oldest idle one is evicted beyond it.
+    pub max_connections: usize,
+    /// Most bytes buffered over all connections.
+    pub max_buffered_bytes: usize,
+    /// A bypass event per (service, provider) is emitted at most once per this window.
+    pub bypass_event_window_secs: u64,
+    /// Extra provider endpoints beside the built-in public hosts.
+    pub providers: Vec<ProviderRule>,
+    /// Rules mapping processes to tenant and service (first match wins).
+    pub attribution: Vec<AttributionRule>,
+    /// Processes never captured.
+    pub exclude: Vec<Matcher>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            redis_url: "redis://127.0.0.1:6379/".to_owned(),
+            metrics_listen: "127.0.0.1:9464".to_owned(),
+            prices_file: None,
+            // 256 KiB: the most the kernel side copies per call.
+            per_call_bytes: observer_common::MAX_PER_CALL_BYTES,
+            // 8 MiB holds ~2000 full chunks: seconds of heavy traffic between 20 ms polls.
+            ring_buffer_bytes: 8 << 20,
+            poll_interval_ms: 20,
+            rescan_interval_secs: 5,
+            idle_timeout_secs: 300,
+            max_connections: 10_000,
+            max_buffered_bytes: 256 << 20,
+            bypass_event_window_secs: 3600,
+            providers: Vec::new(),
+            attribution: Vec::new(),
+            exclude: Vec::new(),
+        }
+    }
+}
+
+/// `[[providers]]`: an extra host (with port when not 443) and its API kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderRule {
+    /// "10.0.0.5:8000" or "llm.internal".
+    pub host: String,
+    /// "openai" | "anthropic" | "gemini" | "azure-openai" | "openai-compatible".
+    pub kind: String,
+    /// Provider name recorded in the ledger (default: the kind).
+    pub name: Option<String>,
+}
+
+/// Process selectors; every given field must match (glob patterns).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Matcher {
+    /// Process name (`/proc/PID/comm`).
+    pub comm: Option<String>,
+    /// Executable path.
+    pub exe: Option<String>,
+    /// cgroup v2 path.
+    pub cgroup: Option<String>,
+    /// Container id (docker, containerd, cri-o) or Kubernetes pod uid.
+    pub container: Option<String>,
+    /// systemd unit.
+    pub unit: Option<String>,
+}
+
+/// `[[attribution]]`: a matcher and what a match means.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttributionRule {
+    /// Process name glob.
+    pub comm: Option<String>,
+    /// Executable path glob.
+    pub exe: Option<String>,
+    /// cgroup path glob.
+    pub cgroup: Option<String>,
+    /// Container id / pod uid glob.
+    pub container: Option<String>,
+    /// systemd unit glob.
+    pub unit: Option<String>,
+    /// Tenant charged (default "unattributed").
+    pub tenant: Option<String>,
+    /// Service name (default: the process name).
+    pub service: Option<String>,
+}
+
+impl AttributionRule {
+    /// The selector part.
+    pub fn matcher(&self) -> Matcher {
+        Matcher {
+            comm: self.comm.clone(),
+            exe: self.exe.clone(),
+            cgroup: self.cgroup.clone(),
+            container: self.container.clone(),
+            unit: self.unit.clone(),
+        }
+    }
+}
+
+impl Matcher {
+    fn globs(&self) -> [(&'static str, Option<&String>); 5] {
+        [
+            ("comm", self.comm.as_ref()),
+            ("exe", self.exe.as_ref()),
+            ("cgroup", self.cgroup.as_ref()),
+            ("container", self.container.as_ref()),
+            ("unit", self.unit.as_ref()),
+        ]
+    }
+
+    fn validate(&self, at: &str) -> Result<()> {
+        let mut any = false;
+        for (key, glob) in self.globs() {
+            if let Some(g) = glob {
+                any = true;
+                globset::Glob::new(g).with_context(|| format!("{at}.{key}: invalid glob {g:?}"))?;
+            }
+        }
+        if !any {
+            bail!("{at}: give at least one of comm, exe, cgroup, container, unit");
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read config {} (pass --config PATH)", path.display())
+        })?;
+        Config::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value; errors name the key and the fix.
+    pub fn validate(&self) -> Result<()> {
+        if !self.redis_url.starts_with("redis://")
+            && !self.redis_url.starts_with("rediss://")
+            && !self.redis_url.starts_with("redis+cluster://")
+        {
+            bail!(
+                "redis_url: {:?} must start with redis://, rediss:// or redis+cluster://",
+                self.redis_url
+            );
+        }
+        if !self.metrics_listen.is_empty() {
+            SocketAddr::from_str(&self.metrics_listen).with_context(|| {
+                format!("metrics_listen: {:?} is not IP:PORT", self.metrics_listen)
+            })?;
+        }
+        if self.per_call_bytes == 0 || self.per_call_bytes > observer_common::MAX_PER_CALL_BYTES {
+            bail!(
+                "per_call_bytes: must be 1..={}",
+                observer_common::MAX_PER_CALL_BYTES
+            );
+        }
+        if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < 4096 {
+            bail!(
+                "ring_buffer_bytes: {} must be a power of two >= 4096",
+                self.ring_buffer_bytes
+            );
+        }
+        if self.poll_interval_ms == 0 || self.poll_interval_ms > 1000 {
+            bail!("poll_interval_ms: must be 1..=1000");
+        }
+        if self.max_connections == 0 {
+            bail!("max_connections: must be at least 1");
+        }
+        for (i, p) in self.providers.iter().enumerate() {
+            if p.host.trim().is_empty() {
+                bail!("providers[{i}].host: must not be empty");
+            }
+            ProviderKind::from_str(&p.kind).map_err(|_| {
+                anyhow::anyhow!(
+                    "providers[{i}].kind: {:?} is not one of openai, anthropic, gemini, azure-openai, openai-compatible",
+                    p.kind
+                )
+            })?;
+        }
+        for (i, r) in self.attribution.iter().enumerate() {
+            r.matcher().validate(&format!("attribution[{i}]"))?;
+            if r.tenant.is_none() && r.service.is_none() {
+                bail!("attribution[{i}]: give tenant and/or service");
+            }
+            for (key, v) in [("tenant", &r.tenant), ("service", &r.service)] {
+                if let Some(v) = v
+                    && ledger::store::validate_name(key, v).is_err()
+                {
+                    bail!(
+                        "attribution[{i}].{key}: {v:?} is not a valid name (letters, digits, -_.:@)"
+                    );
+                }
+            }
+        }
+        for (i, m) in self.exclude.iter().enumerate() {
+            m.validate(&format!("exclude[{i}]"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_example_parses() {
+        let cfg = Config::parse(
+            r#"
+            redis_url = "redis://10.0.0.1:6379/"
+            metrics_listen = "127.0.0.1:9464"
+            per_call_bytes = 65536
+            [[providers]]
+            host = "127.0.0.1:8443"
+            kind = "openai"
+            [[attribution]]
+            unit = "billing-*.service"
+            tenant = "billing"
+            [[attribution]]
+            comm = "python*"
+            service = "notebooks"
+            [[exclude]]
+            exe = "/usr/bin/apt*"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(cfg.providers[0].kind, "openai");
+        assert_eq!(cfg.attribution.len(), 2);
+        assert_eq!(cfg.ring_buffer_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |t: &str| format!("{:#}", Config::parse(t).expect_err("invalid"));
+        assert!(err("redis = 1").contains("unknown field"));
+        assert!(
+            err("[[providers]]\nhost = \"x\"\nkind = \"openia\"").contains("providers[0].kind")
+        );
+        assert!(err("ring_buffer_bytes = 5000").contains("ring_buffer_bytes"));
+        assert!(err("[[attribution]]\ntenant = \"a\"").contains("attribution[0]"));
+        assert!(err("[[exclude]]\ncomm = \"[\"").contains("exclude[0].comm"));
+        assert!(err("metrics_listen = \"nope\"").contains("metrics_listen"));
+    }
+}

@@ -1,0 +1,182 @@
+//! Prometheus metrics: every drop, truncation, eviction and parse error is counted, never silent.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+
+/// Labels of `llmw_observer_calls`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// Provider name.
+    pub provider: String,
+    /// Model (or "unknown").
+    pub model: String,
+}
+
+/// Labels of `llmw_observer_parse_errors`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: String,
+}
+
+/// All observer metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// TLS plaintext events read from the ring buffer.
+    pub events: Counter,
+    /// Plaintext bytes read.
+    pub bytes: Counter,
+    /// Events the kernel could not put in the full ring buffer (from the per-CPU map).
+    pub kernel_drops: Gauge<u64, AtomicU64>,
+    /// Bytes lost with those events.
+    pub kernel_dropped_bytes: Gauge<u64, AtomicU64>,
+    /// Bytes beyond the per-call limit, not copied.
+    pub truncated_bytes: Gauge<u64, AtomicU64>,
+    /// Bytes not copied because the connection or process was filtered in the kernel.
+    pub skipped_bytes: Gauge<u64, AtomicU64>,
+    /// Process events lost.
+    pub proc_event_drops: Gauge<u64, AtomicU64>,
+    /// Connections tracked now.
+    pub connections: Gauge,
+    /// Connections marked not-LLM in the kernel filter.
+    pub connections_ignored: Counter,
+    /// Connections evicted (idle timeout or memory bound).
+    pub evictions: Counter,
+    /// HTTP/2 connections seen (not parsed).
+    pub http2_connections: Counter,
+    /// LLM calls by provider and model.
+    pub calls: Family<CallLabels, Counter>,
+    /// Parse errors by reason.
+    pub parse_errors: Family<ReasonLabels, Counter>,
+    /// Calls whose model has no price.
+    pub price_gaps: Family<CallLabels, Counter>,
+    /// Ledger writes that failed.
+    pub ledger_errors: Counter,
+    /// Distinct files with probes attached.
+    pub attached_files: Gauge,
+}
+
+impl Metrics {
+    /// Registers everything under `llmw_observer_`.
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("llmw_observer");
+        r.register(
+            "events",
+            "TLS plaintext events read from the ring buffer",
+            self.events.clone(),
+        );
+        r.register("bytes", "TLS plaintext bytes read", self.bytes.clone());
+        r.register(
+            "kernel_drops",
+            "Events dropped in the kernel because the ring buffer was full",
+            self.kernel_drops.clone(),
+        );
+        r.register(
+            "kernel_dropped_bytes",
+            "Plaintext bytes lost with dropped events",
+            self.kernel_dropped_bytes.clone(),
+        );
+        r.register(
+            "truncated_bytes",
+            "Plaintext bytes beyond per_call_bytes, not copied",
+            self.truncated_bytes.clone(),
+        );
+        r.register(
+            "skipped_bytes",
+            "Plaintext bytes of filtered connections, not copied",
+            self.skipped_bytes.clone(),
+        );
+        r.register(
+            "proc_event_drops",
+            "Process exec/exit events lost",
+            self.proc_event_drops.clone(),
+        );
+        r.register(
+            "connections",
+            "TLS connections tracked",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_ignored",
+            "Connections marked not-LLM in the kernel filter",
+            self.connections_ignored.clone(),
+        );
+        r.register(
+            "evictions",
+            "Connections evicted by idle timeout or memory bounds",
+            self.evictions.clone(),
+        );
+        r.register(
+            "http2_connections",
+            "HTTP/2 connections seen (not parsed)",
+            self.http2_connections.clone(),
+        );
+        r.register("calls", "LLM calls observed", self.calls.clone());
+        r.register(
+            "parse_errors",
+            "HTTP or body parse errors",
+            self.parse_errors.clone(),
+        );
+        r.register(
+            "price_gaps",
+            "Calls whose model has no price (tokens recorded, cost unknown)",
+            self.price_gaps.clone(),
+        );
+        r.register(
+            "ledger_errors",
+            "Ledger writes that failed",
+            self.ledger_errors.clone(),
+        );
+        r.register(
+            "attached_files",
+            "Distinct OpenSSL files with probes attached",
+            self.attached_files.clone(),
+        );
+    }
+
+    /// Counts a parse error.
+    pub fn parse_error(&self, reason: &str) {
+        self.parse_errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Serves `GET /metrics` (anything else: 404) on `listen` until the process ends.
+pub async fn serve(listen: std::net::SocketAddr, registry: Arc<Registry>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    tracing::info!(%listen, "metrics on /metrics");
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let Ok(n) = sock.read(&mut buf).await else {
+                return;
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let response = if req.starts_with("GET /metrics") {
+                let mut body = String::new();
+                let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_owned()
+            };
+            let _ = sock.write_all(response.as_bytes()).await;
+        });
+    }
+}
