@@ -1,0 +1,529 @@
+//! The observer end to end: real uprobes on the host's OpenSSL, a mock provider over real TLS,
+//! real clients (curl, the Python SDKs, node), and the shared Redis ledger.
+//!
+//! Needs root (eBPF). Fails — never skips — when not root.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ledger::price::PriceTable;
+use ledger::store::{Ledger, Period};
+use llmwarden_tests::mock::{MockConfig, MockProvider};
+use llmwarden_tests::process::{ChildGuard, free_port, is_root, workspace_bin};
+use llmwarden_tests::redis::RedisServer;
+
+/// One observer at a time: each attaches host-wide and would see the other tests' calls too.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn require_root() {
+    assert!(
+        is_root(),
+        "observer tests load eBPF programs and must run as root (CAP_SYS_ADMIN); run `cargo xtask test` as root"
+    );
+}
+
+struct Observer {
+    _child: ChildGuard,
+    stderr: PathBuf,
+    metrics_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Observer {
+    /// Starts `observer` (or `observer sniff`) with the mocks as extra providers and waits until
+    /// its probes are attached.
+    fn start(redis_url: &str, providers: &[(&str, &str)], extra: &str, sniff: bool) -> Observer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics_port = free_port();
+        let mut toml = format!(
+            "redis_url = \"{redis_url}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{extra}\n"
+        );
+        for (host, kind) in providers {
+            toml.push_str(&format!(
+                "[[providers]]\nhost = \"{host}\"\nkind = \"{kind}\"\n"
+            ));
+        }
+        let config = dir.path().join("observer.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let stderr = dir.path().join("stderr.log");
+        let stdout = dir.path().join("stdout.log");
+        let mut cmd = Command::new(workspace_bin("observer"));
+        if sniff {
+            cmd.arg("sniff");
+        }
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        cmd.stdout(std::fs::File::create(&stdout).expect("stdout file"));
+        cmd.stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        let child = ChildGuard::spawn("observer", &mut cmd);
+        let obs = Observer {
+            _child: child,
+            stderr,
+            metrics_port,
+            _dir: dir,
+        };
+        obs.wait_log("observer ready", Duration::from_secs(60));
+        obs
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(self.stderr.with_file_name("stdout.log")).unwrap_or_default()
+    }
+
+    fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "observer never logged {needle:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                &format!("http://127.0.0.1:{}/metrics", self.metrics_port),
+            ])
+            .output()
+            .expect("curl metrics");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics();
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+}
+
+fn mock(cfg: MockConfig) -> MockProvider {
+    MockProvider::start_background(cfg)
+}
+
+fn host(m: &MockProvider) -> String {
+    m.addr().to_string()
+}
+
+fn curl(m: &MockProvider, tenant: &str, body: &str, extra: &[&str]) {
+    let url = format!("{}/v1/chat/completions", m.https_url());
+    let out = Command::new("curl")
+        .args(["-sS", "--http1.1", "--fail", "--cacert"])
+        .arg(m.ca_pem_path())
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-H",
+            &format!("x-tenant-id: {tenant}"),
+            "-d",
+            body,
+        ])
+        .args(extra)
+        .arg(&url)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the mock billed, priced with the builtin table: (calls, input, output, nanos).
+fn billed(m: &MockProvider) -> (u64, u64, u64, i64) {
+    let prices = PriceTable::builtin();
+    let mut t = (0, 0, 0, 0);
+    for c in m.ledger().calls() {
+        t.0 += 1;
+        t.1 += c.usage.input_tokens;
+        t.2 += c.usage.output_tokens;
+        t.3 += prices
+            .cost(&c.response_model, &c.usage)
+            .nanos()
+            .expect("mock model priced")
+            .0;
+    }
+    t
+}
+
+/// Waits until the tenant's ledger shows `calls` requests, then compares tokens and cost.
+fn assert_ledger(redis: &RedisServer, tenant: &str, want: (u64, u64, u64, i64), obs: &Observer) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let ledger = rt
+        .block_on(Ledger::connect(&redis.url()))
+        .expect("ledger connect");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = rt
+            .block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
+            .expect("tenant_spend");
+        if s.requests >= want.0 || Instant::now() > deadline {
+            assert_eq!(
+                (s.requests, s.input_tokens, s.output_tokens, s.spend.0),
+                want,
+                "tenant {tenant}: ledger (requests, input, output, nanos) != mock billed; observer log:\n{}",
+                obs.log()
+            );
+            assert_eq!(s.bypass_spend.0, want.3, "observer spend is bypass spend");
+            assert_eq!(s.by_source.observer.0, want.3, "by_source.observer");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const CHAT: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]}"#;
+const CHAT_STREAM: &str = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hello there"}]}"#;
+
+#[test]
+fn observer_curl_calls_are_recorded_with_the_billed_cost() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let plain = mock(MockConfig::default());
+    let gz = mock(MockConfig {
+        gzip: true,
+        ..MockConfig::default()
+    });
+    let chunked = mock(MockConfig {
+        chunked: true,
+        ..MockConfig::default()
+    });
+    let providers = [
+        (host(&plain), "openai"),
+        (host(&gz), "openai"),
+        (host(&chunked), "openai"),
+    ];
+    let providers: Vec<(&str, &str)> = providers.iter().map(|(h, k)| (h.as_str(), *k)).collect();
+    let obs = Observer::start(&redis.url(), &providers, "", false);
+
+    curl(&plain, "t-plain", CHAT, &[]);
+    curl(&plain, "t-plain", CHAT_STREAM, &[]);
+    curl(&gz, "t-gzip", CHAT, &["--compressed"]);
+    curl(&chunked, "t-chunked", CHAT, &[]);
+    curl(&chunked, "t-chunked", CHAT_STREAM, &[]);
+    // Several calls on one keep-alive connection: curl reuses it for URLs given together.
+    let url = format!("{}/v1/chat/completions", plain.https_url());
+    let mut args: Vec<String> = Vec::new();
+    for i in 0..3 {
+        if i > 0 {
+            args.push("--next".into());
+        }
+        args.extend(["-sS", "--http1.1", "--cacert"].map(String::from));
+        args.push(plain.ca_pem_path().display().to_string());
+        args.extend(
+            [
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "x-tenant-id: t-keepalive",
+                "-d",
+                CHAT,
+                "-o",
+                "/dev/null",
+            ]
+            .map(String::from),
+        );
+        args.push(url.clone());
+    }
+    let st = Command::new("curl")
+        .args(&args)
+        .status()
+        .expect("curl keep-alive");
+    assert!(st.success());
+
+    assert_ledger(&redis, "t-gzip", billed(&gz), &obs);
+    assert_ledger(&redis, "t-chunked", billed(&chunked), &obs);
+    // The plain mock served t-plain (2 calls) then t-keepalive (3 calls): split its ledger.
+    let calls = plain.ledger().calls();
+    let prices = PriceTable::builtin();
+    let sum = |cs: &[llmwarden_tests::mock::ServedCall]| {
+        cs.iter().fold((0, 0, 0, 0), |t, c| {
+            (
+                t.0 + 1,
+                t.1 + c.usage.input_tokens,
+                t.2 + c.usage.output_tokens,
+                t.3 + prices.cost(&c.response_model, &c.usage).nanos().unwrap().0,
+            )
+        })
+    };
+    assert_eq!(calls.len(), 5);
+    assert_ledger(&redis, "t-plain", sum(&calls[..2]), &obs);
+    assert_ledger(&redis, "t-keepalive", sum(&calls[2..]), &obs);
+    assert!(
+        obs.metric("llmw_observer_calls_total") >= 7,
+        "{}",
+        obs.metrics()
+    );
+    let stream_len = redis.command(&["XLEN", "llmw:events:bypass"]);
+    assert!(
+        stream_len.trim() != "0",
+        "a bypass event was emitted: XLEN = {stream_len}"
+    );
+    assert!(
+        !obs.log().contains("hello there"),
+        "prompts never reach the log"
+    );
+}
+
+fn python(script: &str, envs: &[(&str, String)]) -> std::process::Child {
+    let mut cmd = Command::new(llmwarden_tests::python::venv_python());
+    cmd.arg("-c")
+        .arg(script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start python")
+}
+
+const PY_OPENAI: &str = r#"
+import os, sys, time, httpx, openai
+if os.environ.get("WAIT_FILE"):
+    while not os.path.exists(os.environ["WAIT_FILE"]):
+        time.sleep(0.05)
+c = openai.OpenAI(base_url=os.environ["URL"] + "/v1", api_key="sk-test-secret",
+                  http_client=httpx.Client(verify=os.environ["CA"]),
+                  default_headers={"X-Tenant-ID": os.environ["TENANT"]})
+c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there"}])
+s = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there"}],
+                              stream=True, stream_options={"include_usage": True})
+for _ in s:
+    pass
+print("ok")
+"#;
+
+const PY_ANTHROPIC: &str = r#"
+import os, anthropic
+c = anthropic.Anthropic(base_url=os.environ["URL"], api_key="sk-ant-test-secret",
+                        http_client=anthropic.DefaultHttpxClient(verify=os.environ["CA"]),
+                        default_headers={"X-Tenant-ID": os.environ["TENANT"]})
+c.messages.create(model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hello there"}])
+with c.messages.stream(model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hello there"}]) as s:
+    for _ in s.text_stream:
+        pass
+print("ok")
+"#;
+
+const NODE: &str = r#"
+const https = require('https'); const fs = require('fs');
+const u = new URL(process.env.URL + '/v1/chat/completions');
+const body = JSON.stringify({model: 'gpt-4o-mini', messages: [{role: 'user', content: 'hello there'}]});
+const agent = new https.Agent({keepAlive: true, ca: fs.readFileSync(process.env.CA)});
+function call(n) {
+  if (n === 0) { agent.destroy(); console.log('ok'); return; }
+  const req = https.request({hostname: u.hostname, port: u.port, path: u.pathname, method: 'POST', agent,
+    headers: {'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-tenant-id': process.env.TENANT}},
+    res => { res.resume(); res.on('end', () => call(n - 1)); });
+  req.on('error', e => { console.error(e); process.exit(1); });
+  req.end(body);
+}
+call(2);
+"#;
+
+fn finish(child: std::process::Child, what: &str) {
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn observer_sdk_and_node_clients_started_before_and_after() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let before_mock = mock(MockConfig::default());
+    let after_mock = mock(MockConfig::default());
+    let anthropic_mock = mock(MockConfig::default());
+    let node_mock = mock(MockConfig::default());
+    let gate = tempfile::tempdir().expect("tempdir");
+    let wait_file = gate.path().join("go");
+    let env = |m: &MockProvider, tenant: &str| {
+        vec![
+            ("URL", m.https_url()),
+            ("CA", m.ca_pem_path().display().to_string()),
+            ("TENANT", tenant.to_owned()),
+        ]
+    };
+    // Started before the observer: imports the SDK (and libssl) now, calls once the gate opens.
+    let mut early_env = env(&before_mock, "t-py-before");
+    early_env.push(("WAIT_FILE", wait_file.display().to_string()));
+    let early = python(PY_OPENAI, &early_env);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let providers = [
+        (host(&before_mock), "openai"),
+        (host(&after_mock), "openai"),
+        (host(&anthropic_mock), "anthropic"),
+        (host(&node_mock), "openai"),
+    ];
+    let providers: Vec<(&str, &str)> = providers.iter().map(|(h, k)| (h.as_str(), *k)).collect();
+    let obs = Observer::start(&redis.url(), &providers, "", false);
+    std::fs::File::create(&wait_file)
+        .and_then(|mut f| f.write_all(b"go"))
+        .expect("open gate");
+    finish(early, "python openai (started before the observer)");
+    finish(
+        python(PY_OPENAI, &env(&after_mock, "t-py-after")),
+        "python openai (started after)",
+    );
+    finish(
+        python(PY_ANTHROPIC, &env(&anthropic_mock, "t-anthropic")),
+        "python anthropic",
+    );
+    let mut node = Command::new("/usr/bin/node");
+    node.arg("-e")
+        .arg(NODE)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env(&node_mock, "t-node") {
+        node.env(k, v);
+    }
+    finish(node.spawn().expect("node"), "node https");
+
+    assert_ledger(&redis, "t-py-before", billed(&before_mock), &obs);
+    assert_ledger(&redis, "t-py-after", billed(&after_mock), &obs);
+    assert_ledger(&redis, "t-anthropic", billed(&anthropic_mock), &obs);
+    assert_ledger(&redis, "t-node", billed(&node_mock), &obs);
+    assert!(
+        !obs.log().contains("sk-test-secret") && !obs.log().contains("sk-ant-test-secret"),
+        "keys never logged"
+    );
+}
+
+#[test]
+fn observer_sniff_prints_a_python_sdk_call_with_its_cost() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let m = mock(MockConfig::default());
+    let h = host(&m);
+    // sniff needs no Redis: point redis_url at a port nobody listens on.
+    let obs = Observer::start(
+        &format!("redis://127.0.0.1:{}/", free_port()),
+        &[(h.as_str(), "openai")],
+        "",
+        true,
+    );
+    let env = vec![
+        ("URL", m.https_url()),
+        ("CA", m.ca_pem_path().display().to_string()),
+        ("TENANT", "t-sniff".to_owned()),
+    ];
+    finish(python(PY_OPENAI, &env), "python openai");
+    let want = billed(&m);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<serde_json::Value> = obs
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= 2 || Instant::now() > deadline {
+            assert_eq!(
+                lines.len() as u64,
+                want.0,
+                "one JSON line per call: {lines:?}\n{}",
+                obs.log()
+            );
+            let cost: i64 = lines
+                .iter()
+                .map(|l| l["cost_nusd"].as_i64().expect("priced"))
+                .sum();
+            assert_eq!(cost, want.3, "{lines:?}");
+            for l in &lines {
+                assert_eq!(l["tenant"], "t-sniff");
+                assert_eq!(l["model"], "gpt-4o-mini");
+                assert!(
+                    l["comm"].as_str().is_some_and(|c| c.starts_with("python")),
+                    "{l}"
+                );
+                assert!(
+                    l["pid"].as_u64().is_some()
+                        && l["service"].is_string()
+                        && l["provider"].is_string()
+                );
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn observer_counts_truncation_and_kernel_drops() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let m = mock(MockConfig {
+        output_tokens: 400,
+        ..MockConfig::default()
+    });
+    let h = host(&m);
+    // A 4 KiB ring (one page) cannot hold a full 4 KiB chunk event (plus its header): every big
+    // chunk is a kernel drop. 8 KiB per call: the rest of a 20 KB request body is truncated.
+    let obs = Observer::start(
+        &redis.url(),
+        &[(h.as_str(), "openai")],
+        "per_call_bytes = 8192\nring_buffer_bytes = 4096",
+        false,
+    );
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(20_000)
+    );
+    let file: &Path =
+        &std::env::temp_dir().join(format!("observer-big-{}.json", std::process::id()));
+    std::fs::write(file, &big).expect("write body");
+    for _ in 0..5 {
+        curl(&m, "t-drops", &format!("@{}", file.display()), &[]);
+    }
+    let _ = std::fs::remove_file(file);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while obs.metric("llmw_observer_truncated_bytes") == 0
+        || obs.metric("llmw_observer_kernel_drops") == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "counters never moved:\n{}",
+            obs.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        obs.metric("llmw_observer_kernel_dropped_bytes") >= 4096,
+        "{}",
+        obs.metrics()
+    );
+}
