@@ -5,7 +5,7 @@
 //! "checkout-assistant" goes through the enforcer on a small budget (some calls are denied) and
 //! "batch-summarizer" calls the provider directly (bypass, seen only by the observer).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -28,6 +28,13 @@ pub struct DemoArgs {
     /// Use the real provider URLs and keys (OPENAI_API_KEY) instead of the simulated provider.
     #[arg(long)]
     real: bool,
+    /// Run without the observer even as root (bypass spend then stays invisible, which is the point
+    /// the observer makes).
+    #[arg(long)]
+    no_observer: bool,
+    /// Fail unless the run shows what the demo is for (denials, no leftover holds, bypass spend).
+    #[arg(long)]
+    check: bool,
     /// Calls each service makes.
     #[arg(long, default_value_t = 24)]
     calls: u32,
@@ -73,6 +80,19 @@ fn wait_port(port: u16, what: &str) -> Result<()> {
     Ok(())
 }
 
+impl DemoArgs {
+    /// The non-interactive run `cargo xtask test` makes: short, checked.
+    pub fn checked_run() -> DemoArgs {
+        DemoArgs {
+            duration: Some(30),
+            real: false,
+            no_observer: false,
+            check: true,
+            calls: 12,
+        }
+    }
+}
+
 pub fn run(args: &DemoArgs) -> Result<()> {
     if args.real {
         bail!(
@@ -82,18 +102,13 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     crate::setup::run()?;
     step("building enforcer, observer and the simulated provider");
-    command::run(cargo().args([
-        "build",
-        "--locked",
-        "-p",
-        "enforcer",
-        "-p",
-        "observer",
-        "-p",
-        "llmwarden-tests",
-        "--bins",
-    ]))?;
-    let bin = root().join("target/debug");
+    let packages: &[&str] = if args.no_observer {
+        &["-p", "enforcer", "-p", "llmwarden-tests"]
+    } else {
+        &["-p", "enforcer", "-p", "observer", "-p", "llmwarden-tests"]
+    };
+    command::run(cargo().args(["build", "--locked", "--bins"]).args(packages))?;
+    let bin = target_dir().join("debug");
     let work = tempdir()?;
     step(&format!("demo state in {}", work.display()));
 
@@ -138,6 +153,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
                 "20",
                 "--print-addr",
             ])
+            // Long answers, so the checkout budget runs out within the demo.
+            .args(["--output-tokens", "350"])
             .arg("--ca-out")
             .arg(&ca)
             .stdout(Stdio::piped()),
@@ -170,7 +187,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     wait_port(listen, "enforcer")?;
 
     // The observer (root only).
-    let _observer = if is_root() {
+    let observer = if args.no_observer {
+        step("--no-observer: bypass calls will not be seen");
+        None
+    } else if is_root() {
         let metrics = free_port()?;
         let observer_toml = work.join("observer.toml");
         std::fs::write(
@@ -242,30 +262,32 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .context("installing the Ctrl-C handler")?;
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + Duration::from_secs(d));
-    let mut announced = false;
+    let mut footer: Option<String> = None;
     loop {
         let report = report(&bin, &enforcer_toml);
         render(
             &report,
             &events.lock().expect("events lock"),
             started.elapsed(),
+            observer.is_some(),
+            footer.as_deref(),
         );
         let done = workers
             .iter_mut()
             .all(|w| matches!(w.0.try_wait(), Ok(Some(_))));
-        if done && !announced {
-            announced = true;
-            println!(
-                "\nWorkload finished. The stack keeps running{}. Point your own SDK at it:\n  \
+        if done && footer.is_none() {
+            footer = Some(format!(
+                "Workload finished. The stack keeps running{}. Point your own SDK at it:\n  \
                  OpenAI(base_url=\"http://127.0.0.1:{listen}/proxy/openai\", api_key=\"{DEMO_PROXY_KEY}\")\n  \
-                 report: target/debug/enforcer report --config {}\n",
+                 report: {} report --config {}",
                 if deadline.is_some() {
                     " until --duration ends"
                 } else {
                     " until Ctrl-C"
                 },
+                bin.join("enforcer").display(),
                 enforcer_toml.display()
-            );
+            ));
         }
         if stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -276,7 +298,49 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let summary = summarize(&final_report, &events.lock().expect("events lock"));
     println!("DEMO SUMMARY {summary}");
     drop(workers);
+    if args.check {
+        check(&summary, observer.is_some())?;
+        step("demo check passed: denials through the enforcer, bypass spend seen by the observer");
+    }
     Ok(())
+}
+
+/// What a demo run must show (`--check`, run by `cargo xtask test`): the enforcer admitted some
+/// checkout calls and denied others, no hold is left, and (with the observer) the direct calls
+/// appear as bypass spend in the same ledger.
+fn check(summary: &Value, observer_on: bool) -> Result<()> {
+    let n = |k: &str| summary[k].as_i64().unwrap_or(0);
+    let mut problems = Vec::new();
+    if n("checkout_ok") == 0 {
+        problems.push("no checkout-assistant call got through the enforcer".to_owned());
+    }
+    if n("denied") == 0 {
+        problems.push(
+            "the enforcer denied nothing: the small checkout budget never ran out".to_owned(),
+        );
+    }
+    if n("held_nusd") != 0 {
+        problems.push(format!(
+            "{} nano-USD still held after the workload",
+            n("held_nusd")
+        ));
+    }
+    if n("batch_ok") == 0 {
+        problems.push("no batch-summarizer call reached the provider".to_owned());
+    }
+    if observer_on && n("bypass_spend_nusd") <= 0 {
+        problems.push("the observer recorded no bypass spend for the direct calls".to_owned());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("demo check failed: {}", problems.join("; "))
+    }
+}
+
+/// Where cargo puts binaries (CARGO_TARGET_DIR when set).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
 fn tempdir() -> Result<PathBuf> {
@@ -391,8 +455,19 @@ fn usd(v: &Value) -> String {
     format!("${}.{:09}", n / 1_000_000_000, n % 1_000_000_000)
 }
 
-fn render(report: &Value, events: &[Value], elapsed: Duration) {
-    let mut out = String::from("\x1b[2J\x1b[H");
+fn render(
+    report: &Value,
+    events: &[Value],
+    elapsed: Duration,
+    observer_on: bool,
+    footer: Option<&str>,
+) {
+    let tty = std::io::stdout().is_terminal();
+    if !tty && !elapsed.as_secs().is_multiple_of(10) {
+        // Logs (CI, pipes) get a frame every 10 s instead of a redrawn screen every second.
+        return;
+    }
+    let mut out = String::from(if tty { "\x1b[2J\x1b[H" } else { "\n" });
     out.push_str(&format!(
         "llmwarden demo: two paths, one ledger ({}s)\n\n",
         elapsed.as_secs()
@@ -427,22 +502,45 @@ fn render(report: &Value, events: &[Value], elapsed: Duration) {
             .into_iter()
             .flatten()
         {
-            out.push_str(&format!("  limit {}\n", l));
+            out.push_str(&format!(
+                "  budget {} {} {}: limit {}, spent {}, remaining {}\n",
+                l["scope"].as_str().unwrap_or("?"),
+                l["feature"].as_str().unwrap_or(""),
+                l["period"].as_str().unwrap_or("?"),
+                usd(&l["limit_nusd"]),
+                usd(&l["spend_nusd"]),
+                usd(&l["remaining_nusd"]),
+            ));
         }
     }
+    let bypass = report
+        .get("tenants")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|t| t["bypass_spend_nusd"].as_i64().unwrap_or(0))
+        .sum::<i64>();
     for service in ["checkout-assistant", "batch-summarizer"] {
         let mine: Vec<&Value> = events.iter().filter(|e| e["service"] == service).collect();
         let ok = mine.iter().filter(|e| e["ok"] == true).count();
         let denied = mine.iter().filter(|e| e["status"] == 402).count();
+        let note = match (service, observer_on) {
+            ("checkout-assistant", _) => "via the enforcer".to_owned(),
+            (_, true) if bypass > 0 => format!(
+                "\x1b[1;31mBYPASS ALERT\x1b[0m: the observer saw {} of direct provider spend",
+                usd(&Value::from(bypass))
+            ),
+            (_, true) => "direct to the provider; nothing seen by the observer yet".to_owned(),
+            (_, false) => "direct to the provider; invisible without the observer".to_owned(),
+        };
         out.push_str(&format!(
-            "\nservice {service:<20} calls {:>3}  ok {ok:>3}  denied (402) {denied:>3}{}",
-            mine.len(),
-            if service == "batch-summarizer" && ok > 0 {
-                "  BYPASS: calls the provider directly"
-            } else {
-                ""
-            }
+            "\nservice {service:<20} calls {:>3}  ok {ok:>3}  denied (402) {denied:>3}  {note}",
+            mine.len()
         ));
+    }
+    if let Some(f) = footer {
+        out.push_str("\n\n");
+        out.push_str(f);
     }
     out.push('\n');
     print!("{out}");
