@@ -128,11 +128,13 @@ impl AttoUsd {
         {
             return Err(bad());
         }
-        // value = digits * 10^(exp - frac_len); we want value * 10^18.
+        // value = digits * 10^(exp - frac_len); we want value * 10^18. Trailing fractional zeros
+        // carry no value; i64 keeps an exponent near i32::MAX from overflowing (found by fuzzing).
+        let frac_part = frac_part.trim_end_matches('0');
         let digits: String = format!("{int_part}{frac_part}");
         let digits = digits.trim_start_matches('0');
-        let frac_len = i32::try_from(frac_part.len()).map_err(|_| bad())?;
-        let shift = 18 + exp - frac_len;
+        let frac_len = i64::try_from(frac_part.len()).map_err(|_| bad())?;
+        let shift = 18 + i64::from(exp) - frac_len;
         if digits.is_empty() {
             return Ok(AttoUsd::ZERO);
         }
@@ -216,7 +218,12 @@ mod tests {
             1,
             "sub-atto rounds up"
         );
-        for bad in ["", "-1", "abc", "1e", "1.2.3", ".", "1e99999"] {
+        assert_eq!(
+            AttoUsd::from_decimal_str("0.000003000000000000000000000000000000000").unwrap().0,
+            3_000_000_000_000
+        );
+        assert_eq!(AttoUsd::from_decimal_str("1e-2147483648").unwrap().0, 1);
+        for bad in ["", "-1", "abc", "1e", "1.2.3", ".", "1e99999", "1e2147483647"] {
             assert!(
                 AttoUsd::from_decimal_str(bad).is_err(),
                 "{bad:?} must be rejected"
