@@ -326,6 +326,24 @@ impl ProviderDetector {
         };
         detect_with_rule(rule, name, path_and_query)
     }
+
+    /// Whether `host` (a Host header or authority, any case, default port optional) is a provider
+    /// endpoint at all — a built-in public host or a configured one — whatever path it is called
+    /// with. The observer uses it to keep a connection whose first request is e.g. `GET /v1/models`.
+    #[must_use]
+    pub fn is_provider_host(&self, host: &str) -> bool {
+        let host = normalize_host(host);
+        if host.is_empty() {
+            return false;
+        }
+        self.extra.iter().any(|e| {
+            if e.suffix {
+                host.ends_with(&e.host)
+            } else {
+                host == e.host
+            }
+        }) || builtin(&host).is_some()
+    }
 }
 
 /// Classifies a call for the enforcer, which knows the provider `kind` from its config.

@@ -603,3 +603,36 @@ fn percent_decoding() {
     assert_eq!(path::percent_decode("a%4"), "a%4");
     assert_eq!(path::percent_decode("a%+1"), "a%+1");
 }
+
+#[test]
+fn provider_hosts_are_known_whatever_the_path() {
+    let d = ProviderDetector::new()
+        .with_host("10.0.0.5:8000", ProviderKind::OpenAiCompatible, "vllm")
+        .with_host("*.llm.internal", ProviderKind::OpenAi, "gateway");
+    for host in [
+        "api.openai.com",
+        "API.OpenAI.com:443",
+        "api.anthropic.com.",
+        "generativelanguage.googleapis.com",
+        "us-central1-aiplatform.googleapis.com",
+        "myres.openai.azure.com",
+        "api.groq.com",
+        "openrouter.ai",
+        "10.0.0.5:8000",
+        "a.llm.internal",
+    ] {
+        assert!(d.is_provider_host(host), "{host}");
+    }
+    for host in [
+        "",
+        "example.com",
+        "10.0.0.5",
+        "10.0.0.5:8001",
+        "api.openai.com:8443",
+        "llm.internal.example.com",
+        "-aiplatform.googleapis.com",
+        ".openai.azure.com",
+    ] {
+        assert!(!d.is_provider_host(host), "{host}");
+    }
+}
