@@ -6,16 +6,21 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::uprobe::{UProbeError, UProbeScope};
-use aya::programs::{ProgramError, TracePoint, UProbe};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
+use aya::programs::{TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
-use observer_common::{ConnKey, ObserverConfig, STAT_COUNT};
+use observer_common::{
+    ConnKey, FLAG_CGROUP_ALLOWLIST, FLAG_PID_ALLOWLIST, ObserverConfig, STAT_COUNT,
+};
+
+use crate::elf::SslSymbols;
 
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
 
 /// (program, symbol) pairs attached to every OpenSSL file. The first decides whether the file is
-/// an OpenSSL at all (a missing `SSL_write` means "not SSL": nothing else is tried).
+/// an OpenSSL at all (a missing `SSL_write` means "not SSL": nothing else is tried). Symbols a
+/// file does not define are skipped (`SSL_write_ex`/`SSL_read_ex` are OpenSSL 1.1.1+).
 const PROBES: &[(&str, &str)] = &[
     ("ssl_write", "SSL_write"),
     ("ssl_write_ret", "SSL_write"),
@@ -59,27 +64,90 @@ pub struct KernelSettings {
     pub wakeup_threshold: u32,
 }
 
-/// The loaded programs and maps.
+/// Kernel filter allow-lists written at load (`allow_pids`, `allow_cgroups` in the config).
+#[derive(Debug, Clone, Default)]
+pub struct AllowLists {
+    /// When `Some`, only these processes are captured.
+    pub pids: Option<Vec<u32>>,
+    /// When `Some`, only processes in these cgroups (ids = cgroup v2 directory inode) are captured.
+    pub cgroups: Option<Vec<u64>>,
+}
+
+/// The programs, owned by the discovery thread: attaching never runs on the reader's thread.
 pub struct Probes {
     ebpf: Ebpf,
     files: StdHashMap<FileId, AttachOutcome>,
+    skip_pids: HashMap<MapData, u32, u8>,
+}
+
+/// The maps the ring-buffer reader uses, taken out of the [`Ebpf`] object so the reader never
+/// shares anything with the discovery thread.
+pub struct ReaderMaps {
+    /// TLS plaintext events.
+    pub events: RingBuf<MapData>,
+    /// Process exec/exit events.
+    pub proc_events: RingBuf<MapData>,
+    /// Counters and the connection filter.
+    pub kernel: KernelMaps,
+}
+
+/// The reader's small maps: kernel counters and the per-connection filter.
+pub struct KernelMaps {
+    skip_conns: HashMap<MapData, ConnKey, u8>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl KernelMaps {
+    /// Kernel counters (`STAT_*` indices) summed over CPUs.
+    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
+        let mut out = [0u64; STAT_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = self.stats.get(&u32::try_from(i)?, 0)?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Stops copying plaintext for a connection that is not LLM traffic.
+    pub fn skip_connection(&mut self, pid: u32, ssl: u64) -> Result<()> {
+        self.skip_conns.insert(ConnKey { ssl, pid, pad: 0 }, 1, 0)?;
+        Ok(())
+    }
 }
 
 impl Probes {
-    /// Loads and verifies every program, writes the config and attaches the sched tracepoints.
-    pub fn load(settings: KernelSettings) -> Result<Probes> {
+    /// Loads and verifies every program, writes the config and allow-lists, attaches the sched
+    /// tracepoints, and splits off the maps the reader needs.
+    pub fn load(settings: KernelSettings, allow: &AllowLists) -> Result<(Probes, ReaderMaps)> {
         bump_memlock_rlimit();
         ensure_tracefs();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", settings.ring_buffer_bytes)
             .load(OBJECT)
             .context("loading the eBPF object (needs root / CAP_SYS_ADMIN, a kernel with BTF)")?;
+        let mut flags = 0;
+        if let Some(pids) = &allow.pids {
+            flags |= FLAG_PID_ALLOWLIST;
+            let mut map: HashMap<_, u32, u8> =
+                HashMap::try_from(ebpf.map_mut("ALLOW_PIDS").context("map ALLOW_PIDS")?)?;
+            for pid in pids {
+                map.insert(pid, 1, 0).context("writing ALLOW_PIDS")?;
+            }
+        }
+        if let Some(cgroups) = &allow.cgroups {
+            flags |= FLAG_CGROUP_ALLOWLIST;
+            let mut map: HashMap<_, u64, u8> =
+                HashMap::try_from(ebpf.map_mut("ALLOW_CGROUPS").context("map ALLOW_CGROUPS")?)?;
+            for id in cgroups {
+                map.insert(id, 1, 0).context("writing ALLOW_CGROUPS")?;
+            }
+        }
         let mut cfg: Array<_, ObserverConfig> =
             Array::try_from(ebpf.map_mut("CONFIG").context("map CONFIG")?)?;
         let value = ObserverConfig {
             per_call_limit: settings.per_call_limit,
             wakeup_threshold: settings.wakeup_threshold,
-            flags: 0,
+            flags,
             pad: 0,
         };
         cfg.set(0, value, 0).context("writing CONFIG")?;
@@ -109,28 +177,27 @@ impl Probes {
             prog.attach("sched", name)
                 .with_context(|| format!("attaching tracepoint sched/{name}"))?;
         }
-        Ok(Probes {
-            ebpf,
-            files: StdHashMap::new(),
-        })
-    }
-
-    /// Takes the TLS plaintext ring buffer (call once).
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .context("map EVENTS already taken")?;
-        Ok(RingBuf::try_from(map)?)
-    }
-
-    /// Takes the process event ring buffer (call once).
-    pub fn take_proc_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map("PROC_EVENTS")
-            .context("map PROC_EVENTS already taken")?;
-        Ok(RingBuf::try_from(map)?)
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} already taken"))
+        };
+        let maps = ReaderMaps {
+            events: RingBuf::try_from(take("EVENTS")?)?,
+            proc_events: RingBuf::try_from(take("PROC_EVENTS")?)?,
+            kernel: KernelMaps {
+                skip_conns: HashMap::try_from(take("SKIP_CONNS")?)?,
+                stats: PerCpuArray::try_from(take("STATS")?)?,
+            },
+        };
+        let skip_pids = HashMap::try_from(take("SKIP_PIDS")?)?;
+        Ok((
+            Probes {
+                ebpf,
+                files: StdHashMap::new(),
+                skip_pids,
+            },
+            maps,
+        ))
     }
 
     /// Whether this file was already handled.
@@ -138,25 +205,37 @@ impl Probes {
         self.files.contains_key(&id)
     }
 
-    /// Attaches all probes to `path` (a path that reaches file `id`, e.g. through /proc/PID/root).
-    pub fn attach_file(&mut self, id: FileId, path: &Path) -> Result<AttachOutcome> {
+    /// Attaches all probes to `path` (a path that reaches file `id`, e.g. through /proc/PID/root)
+    /// at the offsets resolved once for the file: no per-probe symbol lookup.
+    pub fn attach_file(
+        &mut self,
+        id: FileId,
+        path: &Path,
+        symbols: &SslSymbols,
+    ) -> Result<AttachOutcome> {
         if self.files.contains_key(&id) {
             return Ok(AttachOutcome::Known);
         }
         let mut attached = 0;
         for (i, (prog, symbol)) in PROBES.iter().enumerate() {
+            let Some(offset) = symbols.offset(symbol) else {
+                if i == 0 {
+                    self.files.insert(id, AttachOutcome::NotSsl);
+                    return Ok(AttachOutcome::NotSsl);
+                }
+                continue;
+            };
             let program: &mut UProbe = self
                 .ebpf
                 .program_mut(prog)
                 .ok_or_else(|| anyhow!("program {prog} missing"))?
                 .try_into()?;
-            match program.attach(*symbol, path, UProbeScope::AllProcesses) {
+            match program.attach(
+                UProbeAttachLocation::AbsoluteOffset(offset),
+                path,
+                UProbeScope::AllProcesses,
+            ) {
                 Ok(_) => attached += 1,
-                Err(ProgramError::UProbeError(UProbeError::SymbolError { .. })) if i == 0 => {
-                    self.files.insert(id, AttachOutcome::NotSsl);
-                    return Ok(AttachOutcome::NotSsl);
-                }
-                Err(ProgramError::UProbeError(UProbeError::SymbolError { .. })) => {}
                 Err(e) if i == 0 => {
                     // Remember the failure too so a broken file is not retried every scan.
                     self.files.insert(id, AttachOutcome::NotSsl);
@@ -187,34 +266,12 @@ impl Probes {
             .count()
     }
 
-    /// Kernel counters (`STAT_*` indices) summed over CPUs.
-    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
-        let map: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("STATS").context("map STATS")?)?;
-        let mut out = [0u64; STAT_COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let values = map.get(&u32::try_from(i)?, 0)?;
-            *slot = values.iter().sum();
-        }
-        Ok(out)
-    }
-
-    /// Stops copying plaintext for a connection that is not LLM traffic.
-    pub fn skip_connection(&mut self, pid: u32, ssl: u64) -> Result<()> {
-        let mut map: HashMap<_, ConnKey, u8> =
-            HashMap::try_from(self.ebpf.map_mut("SKIP_CONNS").context("map SKIP_CONNS")?)?;
-        map.insert(ConnKey { ssl, pid, pad: 0 }, 1, 0)?;
-        Ok(())
-    }
-
     /// Excludes (or re-includes) a whole process.
     pub fn skip_pid(&mut self, pid: u32, skip: bool) -> Result<()> {
-        let mut map: HashMap<_, u32, u8> =
-            HashMap::try_from(self.ebpf.map_mut("SKIP_PIDS").context("map SKIP_PIDS")?)?;
         if skip {
-            map.insert(pid, 1, 0)?;
+            self.skip_pids.insert(pid, 1, 0)?;
         } else {
-            let _ = map.remove(&pid);
+            let _ = self.skip_pids.remove(&pid);
         }
         Ok(())
     }

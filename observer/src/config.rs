@@ -9,6 +9,8 @@ use anyhow::{Context as _, Result, bail};
 use ledger::provider::ProviderKind;
 use serde::{Deserialize, Serialize};
 
+use crate::bpf::AllowLists;
+
 /// Default config path.
 pub const DEFAULT_PATH: &str = "/etc/llmwarden/observer.toml";
 
@@ -38,12 +40,30 @@ pub struct Config {
     pub max_buffered_bytes: usize,
     /// A bypass event per (service, provider) is emitted at most once per this window.
     pub bypass_event_window_secs: u64,
+    /// Calls waiting for the sink (Redis or stdout); beyond it calls are dropped and counted in
+    /// `llmw_observer_sink_queue_drops`.
+    pub sink_queue: usize,
+    /// In-kernel allow-list: when set, only these process ids are captured (others cost one map
+    /// lookup per SSL call, nothing is copied). Fixed at start.
+    pub allow_pids: Option<Vec<u32>>,
+    /// In-kernel allow-list: when set, only processes in these cgroup v2 paths (relative to
+    /// `cgroup_root`, e.g. "/system.slice/billing.service") are captured. Each must exist at
+    /// start; its directory inode is the kernel's cgroup id. Child cgroups are not included.
+    pub allow_cgroups: Option<Vec<String>>,
+    /// Where the cgroup v2 hierarchy is mounted; default: `/sys/fs/cgroup`, or
+    /// `/sys/fs/cgroup/unified` on hybrid (v1 + v2) hosts.
+    pub cgroup_root: Option<PathBuf>,
     /// Extra provider endpoints beside the built-in public hosts.
     pub providers: Vec<ProviderRule>,
     /// Rules mapping processes to tenant and service (first match wins).
     pub attribution: Vec<AttributionRule>,
     /// Processes never captured.
     pub exclude: Vec<Matcher>,
+    /// Where records that could not be written to Redis wait (fsync'd) for replay. Default
+    /// `/var/lib/llmwarden/spool/observer-<hostname>-<metrics port>/`.
+    pub spool_dir: Option<PathBuf>,
+    /// Bound of the spool in bytes; when full, records are refused and counted. Default 256 MiB.
+    pub spool_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -54,17 +74,24 @@ impl Default for Config {
             prices_file: None,
             // 256 KiB: the most the kernel side copies per call.
             per_call_bytes: observer_common::MAX_PER_CALL_BYTES,
-            // 8 MiB holds ~2000 full chunks: seconds of heavy traffic between 20 ms polls.
-            ring_buffer_bytes: 8 << 20,
+            // 16 MiB: ~4000 full 4 KiB chunks, or ~15 000 small keep-alive calls (request +
+            // response events): several seconds of a burst even if the reader fell behind.
+            ring_buffer_bytes: 16 << 20,
             poll_interval_ms: 20,
             rescan_interval_secs: 5,
             idle_timeout_secs: 300,
             max_connections: 10_000,
             max_buffered_bytes: 256 << 20,
             bypass_event_window_secs: 3600,
+            sink_queue: 16_384,
+            allow_pids: None,
+            allow_cgroups: None,
+            cgroup_root: None,
             providers: Vec::new(),
             attribution: Vec::new(),
             exclude: Vec::new(),
+            spool_dir: None,
+            spool_max_bytes: 256 << 20,
         }
     }
 }
@@ -235,9 +262,81 @@ impl Config {
         for (i, m) in self.exclude.iter().enumerate() {
             m.validate(&format!("exclude[{i}]"))?;
         }
+        if self.sink_queue == 0 {
+            bail!("sink_queue: must be at least 1");
+        }
+        if let Some(pids) = &self.allow_pids {
+            if pids.is_empty() || pids.len() > ALLOW_LIST_MAX {
+                bail!(
+                    "allow_pids: give 1..={ALLOW_LIST_MAX} pids (omit the key to capture every process)"
+                );
+            }
+            if let Some(i) = pids.iter().position(|&p| p == 0) {
+                bail!("allow_pids[{i}]: 0 is not a process id");
+            }
+        }
+        if let Some(cgroups) = &self.allow_cgroups {
+            if cgroups.is_empty() || cgroups.len() > ALLOW_LIST_MAX {
+                bail!(
+                    "allow_cgroups: give 1..={ALLOW_LIST_MAX} cgroup paths (omit the key to capture every cgroup)"
+                );
+            }
+            for (i, c) in cgroups.iter().enumerate() {
+                if !c.starts_with('/') || c.split('/').any(|s| s == "..") {
+                    bail!(
+                        "allow_cgroups[{i}]: {c:?} must be an absolute cgroup path such as \"/system.slice/app.service\""
+                    );
+                }
+            }
+        }
         Ok(())
     }
+
+    /// The cgroup v2 mount: `cgroup_root`, else the first of /sys/fs/cgroup and
+    /// /sys/fs/cgroup/unified that is a cgroup v2 root.
+    pub fn cgroup2_root(&self) -> Result<PathBuf> {
+        if let Some(root) = &self.cgroup_root {
+            if !root.join("cgroup.controllers").exists() {
+                bail!("cgroup_root: {} is not a cgroup v2 mount", root.display());
+            }
+            return Ok(root.clone());
+        }
+        ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("cgroup.controllers").exists())
+            .context("allow_cgroups: no cgroup v2 mount found (set cgroup_root)")
+    }
+
+    /// The kernel allow-lists, with cgroup paths resolved to cgroup ids (directory inodes).
+    pub fn allow_lists(&self) -> Result<AllowLists> {
+        let cgroups = match &self.allow_cgroups {
+            None => None,
+            Some(paths) => Some({
+                let root = self.cgroup2_root()?;
+                paths
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let dir = root.join(c.trim_start_matches('/'));
+                        std::fs::metadata(&dir)
+                            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                            .with_context(|| {
+                                format!("allow_cgroups[{i}]: cgroup {} not found", dir.display())
+                            })
+                    })
+                    .collect::<Result<Vec<u64>>>()?
+            }),
+        };
+        Ok(AllowLists {
+            pids: self.allow_pids.clone(),
+            cgroups,
+        })
+    }
 }
+
+/// Most entries of each kernel allow-list (`ALLOW_PIDS` / `ALLOW_CGROUPS` map size).
+pub const ALLOW_LIST_MAX: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -266,7 +365,59 @@ mod tests {
         .expect("valid");
         assert_eq!(cfg.providers[0].kind, "openai");
         assert_eq!(cfg.attribution.len(), 2);
-        assert_eq!(cfg.ring_buffer_bytes, 8 << 20);
+        assert_eq!(cfg.ring_buffer_bytes, 16 << 20);
+        assert_eq!(cfg.allow_pids, None);
+        assert_eq!(cfg.allow_cgroups, None);
+    }
+
+    #[test]
+    fn allow_lists_parse_and_validate() {
+        let cfg = Config::parse(
+            r#"
+            sink_queue = 1024
+            allow_pids = [1, 4242]
+            allow_cgroups = ["/", "/system.slice"]
+            cgroup_root = "/sys/fs/cgroup/unified"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(cfg.sink_queue, 1024);
+        assert_eq!(cfg.allow_pids, Some(vec![1, 4242]));
+        assert_eq!(
+            cfg.allow_cgroups,
+            Some(vec!["/".to_owned(), "/system.slice".to_owned()])
+        );
+        assert_eq!(
+            cfg.cgroup_root.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
+        // The root cgroup resolves to its directory inode (the kernel's cgroup id) where v2 is
+        // mounted (found automatically); a missing cgroup names the key.
+        let root = Config::parse("allow_cgroups = [\"/\"]").expect("valid");
+        if root.cgroup2_root().is_ok() {
+            let lists = root.allow_lists().expect("root cgroup exists");
+            assert_eq!(lists.cgroups.as_deref().map(<[u64]>::len), Some(1));
+            let missing =
+                Config::parse("allow_cgroups = [\"/no-such-cgroup-llmw\"]").expect("valid");
+            let e = format!("{:#}", missing.allow_lists().expect_err("missing"));
+            assert!(e.contains("allow_cgroups[0]"), "{e}");
+        }
+        assert_eq!(
+            Config::parse("")
+                .expect("valid")
+                .allow_lists()
+                .expect("none")
+                .pids,
+            None
+        );
+
+        let err = |t: &str| format!("{:#}", Config::parse(t).expect_err("invalid"));
+        assert!(err("allow_pids = []").contains("allow_pids"));
+        assert!(err("allow_pids = [7, 0]").contains("allow_pids[1]"));
+        assert!(err("allow_pids = [-1]").contains("allow_pids"));
+        assert!(err("allow_cgroups = [\"system.slice\"]").contains("allow_cgroups[0]"));
+        assert!(err("allow_cgroups = [\"/a/../b\"]").contains("allow_cgroups[0]"));
+        assert!(err("sink_queue = 0").contains("sink_queue"));
     }
 
     #[test]

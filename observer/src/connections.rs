@@ -179,3 +179,137 @@ impl Connections {
         evicted
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use observer_common::{DIR_READ, KIND_DATA};
+
+    use super::*;
+
+    const HOST: &str = "127.0.0.1:8443";
+    const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    const RESP_JSON: &str = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}"#;
+
+    fn det() -> ProviderDetector {
+        ProviderDetector::new().with_host(HOST, "openai".parse().expect("kind"), "mock")
+    }
+
+    fn request() -> Vec<u8> {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        )
+        .into_bytes()
+    }
+
+    fn response() -> Vec<u8> {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{RESP_JSON}",
+            RESP_JSON.len()
+        )
+        .into_bytes()
+    }
+
+    /// One SSL call's bytes as the kernel reports them (one event, nothing truncated).
+    fn call(
+        conns: &mut Connections,
+        dir: u8,
+        data: &[u8],
+        det: &ProviderDetector,
+        out: &mut Vec<Outcome>,
+    ) {
+        let h = SslEventHeader {
+            ts_ns: 1,
+            ssl: 0xabc,
+            pid: 42,
+            tid: 42,
+            kind: KIND_DATA,
+            direction: dir,
+            total_len: u32::try_from(data.len()).expect("len"),
+            data_len: u32::try_from(data.len()).expect("len"),
+            ..SslEventHeader::default()
+        };
+        conns.data(&h, data, det, Instant::now(), out);
+    }
+
+    fn calls(out: &[Outcome]) -> usize {
+        out.iter().filter(|o| matches!(o, Outcome::Call(_))).count()
+    }
+
+    fn table() -> Connections {
+        Connections::new(16, 1 << 20, Duration::from_secs(60))
+    }
+
+    /// A client that was mid keep-alive session when the observer attached: the first bytes seen
+    /// are the tail of a response body. The reassembler resynchronises on the next request that
+    /// starts an SSL call and meters every later call; nothing is marked not-LLM.
+    #[test]
+    fn joins_mid_response_and_resyncs_at_the_next_request() {
+        let d = det();
+        let mut conns = table();
+        let mut out = Vec::new();
+        let resp = response();
+        call(&mut conns, DIR_READ, &resp[resp.len() - 20..], &d, &mut out);
+        for _ in 0..3 {
+            call(&mut conns, DIR_WRITE, &request(), &d, &mut out);
+            call(&mut conns, DIR_READ, &resp, &d, &mut out);
+        }
+        assert_eq!(calls(&out), 3, "{out:?}");
+        assert!(!out.iter().any(|o| matches!(o, Outcome::NotLlm)), "{out:?}");
+        assert!(
+            out.iter().all(|o| matches!(
+                o,
+                Outcome::Call(_) | Outcome::ParseError("joined mid-connection")
+            )),
+            "{out:?}"
+        );
+        let Some(Outcome::Call(c)) = out.last() else {
+            panic!("{out:?}")
+        };
+        let u = c.usage.expect("usage");
+        assert_eq!((u.input_tokens, u.output_tokens), (11, 7));
+    }
+
+    /// The first bytes seen are a request body whose head was written before the probes were
+    /// attached: that call is lost (its response pairs with nothing) but the next ones are metered.
+    #[test]
+    fn joins_mid_request_body_and_resyncs() {
+        let d = det();
+        let mut conns = table();
+        let mut out = Vec::new();
+        call(&mut conns, DIR_WRITE, BODY.as_bytes(), &d, &mut out);
+        call(&mut conns, DIR_READ, &response(), &d, &mut out);
+        assert_eq!(calls(&out), 0, "{out:?}");
+        for _ in 0..2 {
+            call(&mut conns, DIR_WRITE, &request(), &d, &mut out);
+            call(&mut conns, DIR_READ, &response(), &d, &mut out);
+        }
+        assert_eq!(calls(&out), 2, "{out:?}");
+        assert!(!out.iter().any(|o| matches!(o, Outcome::NotLlm)), "{out:?}");
+    }
+
+    /// A call whose first chunk was dropped in the kernel (first event at offset > 0) is a gap:
+    /// the connection resynchronises and the following calls are metered.
+    #[test]
+    fn first_event_mid_call_is_a_gap_then_resync() {
+        let d = det();
+        let mut conns = table();
+        let mut out = Vec::new();
+        let req = request();
+        let h = SslEventHeader {
+            ssl: 0xabc,
+            pid: 42,
+            kind: KIND_DATA,
+            direction: DIR_WRITE,
+            total_len: u32::try_from(req.len()).expect("len"),
+            offset: 10,
+            data_len: u32::try_from(req.len() - 10).expect("len"),
+            ..SslEventHeader::default()
+        };
+        conns.data(&h, &req[10..], &d, Instant::now(), &mut out);
+        call(&mut conns, DIR_READ, &response(), &d, &mut out);
+        call(&mut conns, DIR_WRITE, &req, &d, &mut out);
+        call(&mut conns, DIR_READ, &response(), &d, &mut out);
+        assert_eq!(calls(&out), 1, "{out:?}");
+    }
+}

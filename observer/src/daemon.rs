@@ -1,10 +1,13 @@
-//! The observer's event loop: discover → attach → drain the ring buffers → reassemble → meter →
-//! sink. One task owns the eBPF maps and the connection table; the sink runs beside it so Redis
-//! latency never stalls the ring buffer.
+//! The observer's threads: a **reader** thread that does nothing but drain the ring buffers,
+//! reassemble, meter and hand calls to the sink; a **discovery** thread that does all the slow
+//! work (ELF reads, uprobe attaches, /proc scans) so the ring buffer is never left undrained while
+//! a 100 MB binary is being resolved; and the main tokio runtime for the sink (Redis or stdout),
+//! the metrics endpoint and signals.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::str::FromStr as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -13,17 +16,18 @@ use ledger::price::PriceTable;
 use ledger::provider::{ProviderDetector, ProviderKind};
 use observer_common::{
     HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, ProcEvent, STAT_DROPPED_BYTES,
-    STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES, SslEventHeader,
+    STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES,
+    SslEventHeader,
 };
 use prometheus_client::registry::Registry;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::attribution::{ProcessInfo, Rules};
-use crate::bpf::{KernelSettings, Probes};
+use crate::bpf::{KernelMaps, KernelSettings, Probes};
 use crate::config::Config;
 use crate::connections::Connections;
-use crate::discovery;
+use crate::discovery::{Discovery, ProcNote};
 use crate::exchange::{ObservedCall, Outcome};
 use crate::metrics::Metrics;
 use crate::sink::{CallRecord, Sink};
@@ -37,21 +41,21 @@ pub enum Mode {
     Sniff,
 }
 
-/// Delays after an exec at which the new process is scanned (libssl is mapped by ld.so or a
-/// later dlopen, not at exec time).
-const EXEC_SCANS_MS: [u64; 5] = [0, 25, 150, 600, 2500];
+/// How long an exited process's connections and attribution are kept (its last events may still
+/// be in the ring buffer).
+const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 struct Loop {
-    probes: Probes,
+    kernel: KernelMaps,
     conns: Connections,
     detector: ProviderDetector,
     rules: Rules,
     metrics: Arc<Metrics>,
     procs: HashMap<u32, ProcessInfo>,
     dying: Vec<(Instant, u32)>,
-    scans: BTreeMap<Instant, Vec<u32>>,
     boot_id: String,
     tx: mpsc::Sender<CallRecord>,
+    notes: std::sync::mpsc::Sender<ProcNote>,
     prices: Arc<PriceTable>,
     outcomes: Vec<Outcome>,
 }
@@ -86,12 +90,17 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         Mode::Record => Sink::ledger(
             &cfg.redis_url,
             Duration::from_secs(cfg.bypass_event_window_secs),
+            crate::sink::spool_config(
+                cfg.spool_dir.as_deref(),
+                &cfg.metrics_listen,
+                cfg.spool_max_bytes,
+            ),
         )
         .await
         .with_context(|| format!("connecting to redis_url {}", cfg.redis_url))?,
         Mode::Sniff => Sink::Stdout,
     };
-    let (tx, mut rx) = mpsc::channel::<CallRecord>(4096);
+    let (tx, mut rx) = mpsc::channel::<CallRecord>(cfg.sink_queue);
     let sink_metrics = metrics.clone();
     let sink_task = tokio::spawn(async move {
         while let Some(rec) = rx.recv().await {
@@ -99,81 +108,169 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         }
     });
 
-    let mut probes = Probes::load(KernelSettings {
-        ring_buffer_bytes: cfg.ring_buffer_bytes,
-        per_call_limit: cfg.per_call_bytes,
-        wakeup_threshold: cfg.ring_buffer_bytes / 4,
-    })?;
-    let readable = tokio::io::Interest::READABLE;
-    // SAFETY: each AsyncFd owns its RingBuf, which owns the map fd: the fd stays open for exactly
-    // as long as it is registered.
-    let mut events = unsafe { AsyncFd::register_with_interest(probes.take_events()?, readable)? };
-    // SAFETY: as above.
-    let mut proc_events =
-        unsafe { AsyncFd::register_with_interest(probes.take_proc_events()?, readable)? };
-    let mut lp = Loop {
-        probes,
+    // The tokenizers the request parser uses are built on first use (tens of ms in release,
+    // seconds in a debug build): build them now, off the reader, so the first captured call does
+    // not stall the ring buffer.
+    let warm = std::thread::Builder::new()
+        .name("observer-warmup".into())
+        .spawn(|| {
+            for model in ["gpt-4o-mini", "gpt-4"] {
+                let _ = ledger::usage::estimate_tokens_from_text(Some(model), "warm up");
+            }
+        })
+        .context("spawning the warm-up thread")?;
+    let allow = cfg.allow_lists()?;
+    let (probes, maps) = Probes::load(
+        KernelSettings {
+            ring_buffer_bytes: cfg.ring_buffer_bytes,
+            per_call_limit: cfg.per_call_bytes,
+            wakeup_threshold: cfg.ring_buffer_bytes / 4,
+        },
+        &allow,
+    )?;
+    let rules = Rules::new(&cfg.attribution, &cfg.exclude)?;
+    let (note_tx, note_rx) = std::sync::mpsc::channel::<ProcNote>();
+    let (info_tx, info_rx) = mpsc::unbounded_channel::<ProcessInfo>();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // The reader starts first: it drains while the discovery thread attaches.
+    let lp = Loop {
+        kernel: maps.kernel,
         conns: Connections::new(
             cfg.max_connections,
             cfg.max_buffered_bytes,
             Duration::from_secs(cfg.idle_timeout_secs),
         ),
         detector,
-        rules: Rules::new(&cfg.attribution, &cfg.exclude)?,
+        rules: rules.clone(),
         metrics: metrics.clone(),
         procs: HashMap::new(),
         dying: Vec::new(),
-        scans: BTreeMap::new(),
         boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .unwrap_or_default()
             .trim()
             .to_owned(),
         tx,
+        notes: note_tx,
         prices: Arc::new(prices),
         outcomes: Vec::new(),
     };
-    discovery::attach_system_libs(&mut lp.probes);
-    lp.scan_all();
-    tracing::info!(files = lp.probes.attached_files(), "observer ready");
+    let poll = Duration::from_millis(cfg.poll_interval_ms);
+    let (events, proc_events) = (maps.events, maps.proc_events);
+    let reader = std::thread::Builder::new()
+        .name("observer-reader".into())
+        .spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(lp.run(events, proc_events, poll, info_rx, stop_rx))
+        })
+        .context("spawning the reader thread")?;
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<usize>();
+    let discovery = Discovery::new(
+        probes,
+        rules,
+        metrics.clone(),
+        info_tx,
+        Duration::from_secs(cfg.rescan_interval_secs.max(1)),
+    );
+    let discovery_stop = stop.clone();
+    let discovery = std::thread::Builder::new()
+        .name("observer-discovery".into())
+        .spawn(move || discovery.run(&note_rx, &ready_tx, &discovery_stop))
+        .context("spawning the discovery thread")?;
+    let files = tokio::task::spawn_blocking(move || {
+        let _ = warm.join();
+        ready_rx.recv()
+    })
+    .await?
+    .context("discovery thread ended before the initial scan")?;
+    tracing::info!(files, "observer ready");
     if mode == Mode::Sniff {
         eprintln!(
             "observer sniff: watching OpenSSL calls; one JSON line per LLM call (Ctrl-C to stop)"
         );
     }
 
-    let mut poll = tokio::time::interval(Duration::from_millis(cfg.poll_interval_ms));
-    let mut rescan = tokio::time::interval(Duration::from_secs(cfg.rescan_interval_secs.max(1)));
-    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut reader_alive = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
-            _ = poll.tick() => {
-                lp.drain(events.get_mut());
-                lp.run_scans();
-            }
-            guard = events.readable_mut() => {
-                let mut guard = guard?;
-                lp.drain(guard.get_inner_mut());
-                guard.clear_ready();
-            }
-            guard = proc_events.readable_mut() => {
-                let mut guard = guard?;
-                lp.drain_procs(guard.get_inner_mut());
-                guard.clear_ready();
-            }
-            _ = rescan.tick() => lp.scan_all(),
-            _ = housekeeping.tick() => lp.housekeeping(),
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = reader_alive.tick() => if reader.is_finished() { break },
         }
     }
-    lp.drain(events.get_mut());
-    drop(lp);
+    let _ = stop_tx.send(true);
+    stop.store(true, Ordering::Relaxed);
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = reader.join();
+        let _ = discovery.join();
+        r
+    })
+    .await?;
     let _ = tokio::time::timeout(Duration::from_secs(5), sink_task).await;
-    Ok(())
+    match joined {
+        Ok(result) => result.context("reader thread"),
+        Err(_) => anyhow::bail!("reader thread panicked"),
+    }
 }
 
 impl Loop {
+    /// The reader: drains on every forced wakeup and every `poll`, and never waits on anything
+    /// but its own ring buffers (process notes and the sink queue are non-blocking).
+    async fn run(
+        mut self,
+        events: RingBuf<MapData>,
+        proc_events: RingBuf<MapData>,
+        poll: Duration,
+        mut infos: mpsc::UnboundedReceiver<ProcessInfo>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let readable = tokio::io::Interest::READABLE;
+        // SAFETY: each AsyncFd owns its RingBuf, which owns the map fd: the fd stays open for
+        // exactly as long as it is registered.
+        let mut events = unsafe { AsyncFd::register_with_interest(events, readable)? };
+        // SAFETY: as above.
+        let mut proc_events = unsafe { AsyncFd::register_with_interest(proc_events, readable)? };
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.drain(events.get_mut()),
+                guard = events.readable_mut() => {
+                    let mut guard = guard?;
+                    self.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                guard = proc_events.readable_mut() => {
+                    let mut guard = guard?;
+                    self.drain_procs(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                Some(info) = infos.recv() => {
+                    self.procs.insert(info.pid, info);
+                }
+                _ = housekeeping.tick() => self.housekeeping(),
+                _ = stop.changed() => break,
+            }
+        }
+        self.drain(events.get_mut());
+        self.housekeeping();
+        if let Ok(stats) = self.kernel.stats() {
+            tracing::info!(
+                events = stats[STAT_EVENTS as usize],
+                kernel_drops = stats[STAT_RINGBUF_DROPS as usize],
+                truncated_bytes = stats[STAT_TRUNCATED_BYTES as usize],
+                "observer stopped"
+            );
+        }
+        Ok(())
+    }
+
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         let now = Instant::now();
         while let Some(item) = ring.next() {
@@ -222,14 +319,14 @@ impl Loop {
             Outcome::NotLlm => {
                 self.conns.ignore(h.pid, h.ssl);
                 self.metrics.connections_ignored.inc();
-                if let Err(e) = self.probes.skip_connection(h.pid, h.ssl) {
+                if let Err(e) = self.kernel.skip_connection(h.pid, h.ssl) {
                     tracing::debug!(error = %e, "cannot mark connection in the kernel filter");
                 }
             }
             Outcome::Http2 => {
                 self.conns.ignore(h.pid, h.ssl);
                 self.metrics.http2_connections.inc();
-                let _ = self.probes.skip_connection(h.pid, h.ssl);
+                let _ = self.kernel.skip_connection(h.pid, h.ssl);
             }
             Outcome::ParseError(reason) => self.metrics.parse_error(reason),
         }
@@ -244,9 +341,15 @@ impl Loop {
         );
         let event_id = format!("obs:{}:{}:{:x}:{}", self.boot_id, h.pid, h.ssl, h.ts_ns);
         let rec = CallRecord::new(call, event_id, &proc, who, &self.prices);
-        if self.tx.try_send(rec).is_err() {
-            self.metrics.ledger_errors.inc();
-            tracing::error!("sink queue full: call dropped");
+        match self.tx.try_send(rec) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.sink_queue_drops.inc();
+                tracing::error!("output queue full (sink_queue): call dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.metrics.sink_queue_drops.inc();
+            }
         }
     }
 
@@ -262,6 +365,8 @@ impl Loop {
         p
     }
 
+    /// Process events: forgets a re-exec'd process's old identity and hands the pid to the
+    /// discovery thread (which scans and attaches); nothing slow happens here.
     fn drain_procs(&mut self, ring: &mut RingBuf<MapData>) {
         let now = Instant::now();
         while let Some(item) = ring.next() {
@@ -272,53 +377,16 @@ impl Loop {
             let ev: ProcEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             match ev.kind {
                 PROC_EXEC => {
-                    // The new image's comm/exe/cgroup: cache now, a short-lived process may be gone
-                    // before its calls are parsed.
                     self.procs.remove(&ev.pid);
-                    let info = self.process(ev.pid);
-                    if self.rules.excluded(&info) {
-                        let _ = self.probes.skip_pid(ev.pid, true);
-                    }
-                    for ms in EXEC_SCANS_MS {
-                        self.scans
-                            .entry(now + Duration::from_millis(ms))
-                            .or_default()
-                            .push(ev.pid);
-                    }
+                    let _ = self.notes.send(ProcNote::Exec(ev.pid));
                 }
-                PROC_EXIT => self.dying.push((now + Duration::from_secs(5), ev.pid)),
+                PROC_EXIT => {
+                    self.dying.push((now + EXIT_GRACE, ev.pid));
+                    let _ = self.notes.send(ProcNote::Exit(ev.pid));
+                }
                 _ => {}
             }
         }
-        self.run_scans();
-    }
-
-    fn run_scans(&mut self) {
-        let now = Instant::now();
-        let later = self.scans.split_off(&(now + Duration::from_nanos(1)));
-        let due = std::mem::replace(&mut self.scans, later);
-        for pid in due.into_values().flatten() {
-            discovery::attach_process(&mut self.probes, pid);
-        }
-    }
-
-    fn scan_all(&mut self) {
-        for pid in discovery::all_pids() {
-            discovery::attach_process(&mut self.probes, pid);
-            if !self.rules_empty() {
-                let info = self.process(pid);
-                if self.rules.excluded(&info) {
-                    let _ = self.probes.skip_pid(pid, true);
-                }
-            }
-        }
-        self.metrics
-            .attached_files
-            .set(i64::try_from(self.probes.attached_files()).unwrap_or(0));
-    }
-
-    fn rules_empty(&self) -> bool {
-        !self.rules.has_excludes()
     }
 
     fn housekeeping(&mut self) {
@@ -330,9 +398,8 @@ impl Loop {
         for (_, pid) in gone {
             self.procs.remove(&pid);
             self.conns.remove_pid(pid);
-            let _ = self.probes.skip_pid(pid, false);
         }
-        if let Ok(stats) = self.probes.stats() {
+        if let Ok(stats) = self.kernel.stats() {
             let m = &self.metrics;
             m.kernel_drops.set(stats[STAT_RINGBUF_DROPS as usize]);
             m.kernel_dropped_bytes

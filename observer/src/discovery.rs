@@ -2,11 +2,18 @@
 //! `SSL_write` themselves (node with built-in OpenSSL). Files are opened through /proc/PID/root so
 //! container filesystems work, and identified by (device, inode) so each is attached once.
 
+use std::collections::BTreeMap;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
 
+use crate::attribution::{ProcessInfo, Rules};
 use crate::bpf::{AttachOutcome, FileId, Probes};
+use crate::metrics::Metrics;
 
 /// Directories where a host's own libssl lives, attached at start so processes started later are
 /// covered from their first call.
@@ -85,23 +92,24 @@ pub fn attach_process(probes: &mut Probes, pid: u32) -> usize {
     attached
 }
 
-/// Attaches to one file if it is new and exports the OpenSSL API.
+/// Attaches to one file if it is new and defines the OpenSSL API. The file is read once (section
+/// headers and dynamic symbols only) and every probe is attached at its resolved offset.
 pub fn attach_path(probes: &mut Probes, path: &Path) -> usize {
     let Some(id) = file_id(path) else { return 0 };
     if probes.knows(id) {
         return 0;
     }
     // Hold the file open and attach through /proc/self/fd: a short-lived process (and with it
-    // /proc/PID/root) may vanish while a large binary like node is being resolved.
-    if !crate::elf::exports_ssl_write(path) {
-        probes.remember_not_ssl(id);
-        return 0;
-    }
+    // /proc/PID/root) may vanish while the file is being resolved.
     let Ok(file) = std::fs::File::open(path) else {
         return 0;
     };
     let stable = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    match probes.attach_file(id, &stable) {
+    let Some(symbols) = crate::elf::ssl_symbols(&stable) else {
+        probes.remember_not_ssl(id);
+        return 0;
+    };
+    match probes.attach_file(id, &stable, &symbols) {
         Ok(AttachOutcome::Attached(n)) => {
             tracing::info!(path = %path.display(), probes = n, "attached to OpenSSL");
             1
@@ -139,6 +147,152 @@ pub fn attach_system_libs(probes: &mut Probes) -> usize {
         }
     }
     attached
+}
+
+/// Delays after an exec at which the new process is scanned (libssl is mapped by ld.so or a
+/// later dlopen, not at exec time).
+const EXEC_SCANS_MS: [u64; 5] = [0, 25, 150, 600, 2500];
+/// How long an exited process's kernel exclusion is kept (its last events may still be queued).
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// What the reader tells the discovery thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcNote {
+    /// A process called execve.
+    Exec(u32),
+    /// A process exited.
+    Exit(u32),
+}
+
+/// The discovery thread's state: owns the programs (attaching) and the process exclusions. All
+/// the slow work — ELF reads, aya attaches, /proc scans — happens here, never on the thread that
+/// drains the ring buffer.
+pub struct Discovery {
+    probes: Probes,
+    rules: Rules,
+    metrics: Arc<Metrics>,
+    to_reader: tokio::sync::mpsc::UnboundedSender<ProcessInfo>,
+    scans: BTreeMap<Instant, Vec<u32>>,
+    dying: Vec<(Instant, u32)>,
+    rescan: Duration,
+}
+
+impl Discovery {
+    /// A discovery over loaded probes.
+    pub fn new(
+        probes: Probes,
+        rules: Rules,
+        metrics: Arc<Metrics>,
+        to_reader: tokio::sync::mpsc::UnboundedSender<ProcessInfo>,
+        rescan: Duration,
+    ) -> Discovery {
+        Discovery {
+            probes,
+            rules,
+            metrics,
+            to_reader,
+            scans: BTreeMap::new(),
+            dying: Vec::new(),
+            rescan,
+        }
+    }
+
+    /// Attaches the host's libraries and every running process's OpenSSL, then sends on `ready`
+    /// and serves process notes until `notes` is closed or `stop` is set.
+    pub fn run(mut self, notes: &Receiver<ProcNote>, ready: &Sender<usize>, stop: &AtomicBool) {
+        attach_system_libs(&mut self.probes);
+        self.scan_all();
+        let _ = ready.send(self.probes.attached_files());
+        let mut next_rescan = Instant::now() + self.rescan;
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let mut until = next_rescan.min(now + Duration::from_millis(200));
+            if let Some((&t, _)) = self.scans.first_key_value() {
+                until = until.min(t);
+            }
+            match notes.recv_timeout(until.saturating_duration_since(now)) {
+                Ok(note) => self.note(note),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.run_scans();
+            let now = Instant::now();
+            if now >= next_rescan {
+                self.scan_all();
+                next_rescan = now + self.rescan;
+            }
+            self.forget_exited(now);
+        }
+    }
+
+    fn note(&mut self, note: ProcNote) {
+        let now = Instant::now();
+        match note {
+            ProcNote::Exec(pid) => {
+                // The new image's comm/exe/cgroup, read while the process surely exists: handed
+                // to the reader for attribution of short-lived processes.
+                if let Ok(info) = ProcessInfo::read(Path::new("/proc"), pid) {
+                    if self.rules.excluded(&info) {
+                        let _ = self.probes.skip_pid(pid, true);
+                    }
+                    let _ = self.to_reader.send(info);
+                }
+                for ms in EXEC_SCANS_MS {
+                    self.scans
+                        .entry(now + Duration::from_millis(ms))
+                        .or_default()
+                        .push(pid);
+                }
+            }
+            ProcNote::Exit(pid) => self.dying.push((now + EXIT_GRACE, pid)),
+        }
+    }
+
+    fn run_scans(&mut self) {
+        let now = Instant::now();
+        let later = self.scans.split_off(&(now + Duration::from_nanos(1)));
+        let due = std::mem::replace(&mut self.scans, later);
+        let mut attached = 0;
+        for pid in due.into_values().flatten() {
+            let t = Instant::now();
+            attached += attach_process(&mut self.probes, pid);
+            tracing::debug!(pid, took_us = t.elapsed().as_micros() as u64, "exec scan");
+        }
+        if attached > 0 {
+            self.publish();
+        }
+    }
+
+    fn scan_all(&mut self) {
+        let excludes = self.rules.has_excludes();
+        for pid in all_pids() {
+            attach_process(&mut self.probes, pid);
+            if excludes
+                && let Ok(info) = ProcessInfo::read(Path::new("/proc"), pid)
+                && self.rules.excluded(&info)
+            {
+                let _ = self.probes.skip_pid(pid, true);
+            }
+        }
+        self.publish();
+    }
+
+    fn forget_exited(&mut self, now: Instant) {
+        if self.dying.is_empty() {
+            return;
+        }
+        let (gone, keep): (Vec<_>, Vec<_>) = self.dying.drain(..).partition(|(t, _)| *t <= now);
+        self.dying = keep;
+        for (_, pid) in gone {
+            let _ = self.probes.skip_pid(pid, false);
+        }
+    }
+
+    fn publish(&self) {
+        self.metrics
+            .attached_files
+            .set(i64::try_from(self.probes.attached_files()).unwrap_or(0));
+    }
 }
 
 #[cfg(test)]

@@ -1,14 +1,51 @@
-//! A cheap "does this file export SSL_write?" check that reads only the ELF headers and the
-//! dynamic string table, so a 100 MB freshly built binary with debug info is not parsed in full
-//! (aya's symbol resolution reads the whole file, once per probe) just to learn it is not OpenSSL.
+//! Resolves the OpenSSL entry points of an ELF file by reading only its section headers and the
+//! dynamic symbol and string tables, once per file: a 100 MB binary with debug info (node with
+//! built-in OpenSSL, a freshly built test binary) is never read in full, and the probes are
+//! attached at absolute file offsets so aya does not re-read and re-parse the file per probe.
 
 use std::fs::File;
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::Path;
 
 const SHT_DYNSYM: u32 = 11;
-/// Largest .dynstr read (node's is ~1 MB).
-const MAX_DYNSTR: u64 = 64 << 20;
+/// `st_shndx` of an undefined (imported) symbol.
+const SHN_UNDEF: u16 = 0;
+/// First reserved section index (`SHN_ABS`, `SHN_COMMON`, ...): not a real section.
+const SHN_LORESERVE: u16 = 0xff00;
+/// `STT_FUNC`.
+const STT_FUNC: u8 = 2;
+/// `STT_GNU_IFUNC`.
+const STT_GNU_IFUNC: u8 = 10;
+/// Size of an `Elf64_Sym`.
+const SYM_SIZE: usize = 24;
+/// Largest .dynstr / .dynsym read (node's are a few MB).
+const MAX_TABLE: u64 = 64 << 20;
+
+/// The symbols the probes hook. `SSL_write` must be defined for a file to count as OpenSSL.
+pub const SSL_SYMBOLS: [&str; 5] = [
+    "SSL_write",
+    "SSL_write_ex",
+    "SSL_read",
+    "SSL_read_ex",
+    "SSL_free",
+];
+
+/// File offsets of the OpenSSL functions a file defines (not merely imports).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SslSymbols {
+    /// (name from [`SSL_SYMBOLS`], file offset) for each defined one.
+    pub offsets: Vec<(&'static str, u64)>,
+}
+
+impl SslSymbols {
+    /// File offset of `name`, if the file defines it.
+    pub fn offset(&self, name: &str) -> Option<u64> {
+        self.offsets
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, o)| *o)
+    }
+}
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
@@ -24,49 +61,90 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Whether the (64-bit little-endian) ELF file's dynamic symbol names include `SSL_write`.
+/// Whether the (64-bit little-endian) ELF file defines `SSL_write` in its dynamic symbols.
 /// Anything unreadable or not ELF64 is "no".
+#[cfg(test)]
 pub fn exports_ssl_write(path: &Path) -> bool {
-    check(path).unwrap_or(false)
+    ssl_symbols(path).is_some()
 }
 
-fn check(path: &Path) -> std::io::Result<bool> {
-    let mut f = File::open(path)?;
+/// The OpenSSL functions `path` defines, with their file offsets; `None` when it does not define
+/// `SSL_write` (not OpenSSL, only importing it, unreadable, not ELF64 little-endian).
+pub fn ssl_symbols(path: &Path) -> Option<SslSymbols> {
+    let mut f = File::open(path).ok()?;
+    resolve(&mut f).ok().flatten()
+}
+
+fn read_at(f: &mut File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    if len > MAX_TABLE {
+        return Err(std::io::Error::other("table too large"));
+    }
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    f.seek(SeekFrom::Start(off))?;
+    f.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+fn resolve(f: &mut File) -> std::io::Result<Option<SslSymbols>> {
     let mut eh = [0u8; 64];
     f.read_exact(&mut eh)?;
     if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
-        return Ok(false);
+        return Ok(None);
     }
     let shoff = u64_at(&eh, 0x28);
     let shentsize = usize::from(u16_at(&eh, 0x3a));
     let shnum = usize::from(u16_at(&eh, 0x3c));
-    if shentsize < 64 || shnum == 0 || shnum > 4096 {
-        return Ok(false);
+    if shentsize < 64 || shnum == 0 || shnum > 65_535 {
+        return Ok(None);
     }
-    let mut sh = vec![0u8; shentsize * shnum];
-    f.seek(SeekFrom::Start(shoff))?;
-    f.read_exact(&mut sh)?;
+    let sh = read_at(f, shoff, (shentsize * shnum) as u64)?;
     let section = |i: usize| &sh[i * shentsize..(i + 1) * shentsize];
-    for i in 0..shnum {
-        let s = section(i);
-        if u32_at(s, 4) != SHT_DYNSYM {
+    let Some(dynsym) = (0..shnum).find(|&i| u32_at(section(i), 4) == SHT_DYNSYM) else {
+        return Ok(None);
+    };
+    let sym_hdr = section(dynsym);
+    let link = u32_at(sym_hdr, 0x28) as usize;
+    if link >= shnum {
+        return Ok(None);
+    }
+    let str_hdr = section(link);
+    let names = read_at(f, u64_at(str_hdr, 0x18), u64_at(str_hdr, 0x20))?;
+    let syms = read_at(f, u64_at(sym_hdr, 0x18), u64_at(sym_hdr, 0x20))?;
+    let mut out = SslSymbols::default();
+    for sym in syms.chunks_exact(SYM_SIZE) {
+        let name_off = u32_at(sym, 0) as usize;
+        let kind = sym[4] & 0xf;
+        let shndx = u16_at(sym, 6);
+        if shndx == SHN_UNDEF
+            || shndx >= SHN_LORESERVE
+            || !(kind == STT_FUNC || kind == STT_GNU_IFUNC)
+        {
             continue;
         }
-        let link = u32_at(s, 0x28) as usize;
-        if link >= shnum {
-            return Ok(false);
+        let Some(name) = names
+            .get(name_off..)
+            .and_then(|n| n.split(|&b| b == 0).next())
+        else {
+            continue;
+        };
+        let Some(&wanted) = SSL_SYMBOLS.iter().find(|s| s.as_bytes() == name) else {
+            continue;
+        };
+        if out.offset(wanted).is_some() || usize::from(shndx) >= shnum {
+            continue;
         }
-        let strtab = section(link);
-        let (off, size) = (u64_at(strtab, 0x18), u64_at(strtab, 0x20));
-        if size > MAX_DYNSTR {
-            return Ok(false);
-        }
-        let mut names = vec![0u8; usize::try_from(size).unwrap_or(0)];
-        f.seek(SeekFrom::Start(off))?;
-        f.read_exact(&mut names)?;
-        return Ok(names.split(|&b| b == 0).any(|n| n == b"SSL_write"));
+        // Same translation as aya: address - section address + section file offset.
+        let sec = section(usize::from(shndx));
+        let (addr, offset) = (u64_at(sec, 0x10), u64_at(sec, 0x18));
+        let Some(file_off) = u64_at(sym, 8)
+            .checked_sub(addr)
+            .and_then(|d| d.checked_add(offset))
+        else {
+            continue;
+        };
+        out.offsets.push((wanted, file_off));
     }
-    Ok(false)
+    Ok(out.offset("SSL_write").is_some().then_some(out))
 }
 
 #[cfg(test)]
@@ -82,5 +160,46 @@ mod tests {
         assert!(!exports_ssl_write(Path::new("/bin/sh")));
         assert!(!exports_ssl_write(Path::new("/etc/hostname")));
         assert!(!exports_ssl_write(Path::new("/nonexistent")));
+    }
+
+    /// The offsets match where the dynamic loader actually placed the functions: dlsym's address
+    /// minus the start of the mapping that holds it, plus that mapping's file offset.
+    #[test]
+    fn offsets_match_the_loaded_library() {
+        let path = "/usr/lib/x86_64-linux-gnu/libssl.so.3";
+        let Some(syms) = ssl_symbols(Path::new(path)) else {
+            assert!(
+                !Path::new(path).exists(),
+                "{path} exists but was not resolved"
+            );
+            return;
+        };
+        assert_eq!(syms.offsets.len(), SSL_SYMBOLS.len(), "{syms:?}");
+        let lib = c"/usr/lib/x86_64-linux-gnu/libssl.so.3";
+        // SAFETY: dlopen/dlsym with NUL-terminated strings; the handle is never closed.
+        let handle = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW) };
+        assert!(!handle.is_null(), "dlopen libssl");
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        for (name, off) in &syms.offsets {
+            let cname = std::ffi::CString::new(*name).expect("name");
+            // SAFETY: as above.
+            let addr = unsafe { libc::dlsym(handle, cname.as_ptr()) } as u64;
+            assert_ne!(addr, 0, "dlsym {name}");
+            let file_off = maps
+                .lines()
+                .filter(|l| l.ends_with("libssl.so.3"))
+                .find_map(|l| {
+                    let mut p = l.split_whitespace();
+                    let (lo, hi) = p.next()?.split_once('-')?;
+                    let (lo, hi) = (
+                        u64::from_str_radix(lo, 16).ok()?,
+                        u64::from_str_radix(hi, 16).ok()?,
+                    );
+                    let map_off = u64::from_str_radix(p.nth(1)?, 16).ok()?;
+                    (lo..hi).contains(&addr).then(|| addr - lo + map_off)
+                })
+                .expect("address inside a libssl mapping");
+            assert_eq!(*off, file_off, "{name}");
+        }
     }
 }

@@ -75,6 +75,9 @@ pub struct Exchange {
     awaiting: VecDeque<PendingRequest>,
     current_response: Option<PendingResponse>,
     first_request: bool,
+    /// No head of either side parsed yet: a desync now means the capture joined an established
+    /// connection mid-message (a process started before the observer), not a parse failure.
+    fresh: bool,
     events: Vec<HttpEvent>,
 }
 
@@ -93,6 +96,7 @@ impl Exchange {
             awaiting: VecDeque::new(),
             current_response: None,
             first_request: true,
+            fresh: true,
             events: Vec::new(),
         }
     }
@@ -146,6 +150,9 @@ impl Exchange {
         out: &mut Vec<Outcome>,
     ) {
         for ev in events.drain(..) {
+            if matches!(ev, HttpEvent::Head(..)) {
+                self.fresh = false;
+            }
             match ev {
                 HttpEvent::Head(Side::Request, head) => self.request_head(head, det, out),
                 HttpEvent::Body(Side::Request, bytes) => {
@@ -188,7 +195,12 @@ impl Exchange {
                     self.current_request = None;
                     self.current_response = None;
                     self.awaiting.clear();
-                    out.push(Outcome::ParseError(why));
+                    // Resynchronises on the next request that starts an SSL call.
+                    out.push(Outcome::ParseError(if self.fresh {
+                        "joined mid-connection"
+                    } else {
+                        why
+                    }));
                 }
             }
         }
@@ -197,7 +209,7 @@ impl Exchange {
     fn request_head(&mut self, head: Head, det: &ProviderDetector, out: &mut Vec<Outcome>) {
         let host = head.host.clone().unwrap_or_default();
         let endpoint = det.detect(&host, &head.method, &head.path);
-        if self.first_request && !is_provider_host(det, &host) {
+        if self.first_request && !det.is_provider_host(&host) {
             out.push(Outcome::NotLlm);
         }
         self.first_request = false;
@@ -320,26 +332,6 @@ impl Exchange {
             feature_header: r.request.feature,
         })));
     }
-}
-
-/// Whether `host` is a provider endpoint at all (any metered API path), so a connection whose
-/// first request is e.g. `GET /v1/models` on api.openai.com is still kept.
-pub fn is_provider_host(det: &ProviderDetector, host: &str) -> bool {
-    const PROBE_PATHS: &[&str] = &[
-        "/v1/chat/completions",
-        "/chat/completions",
-        "/openai/v1/chat/completions",
-        "/inference/v1/chat/completions",
-        "/api/v1/chat/completions",
-        "/v1/messages",
-        "/v1beta/models/m:generateContent",
-        "/openai/deployments/d/chat/completions?api-version=2024-10-21",
-        "/v1/projects/p/locations/l/publishers/google/models/m:generateContent",
-    ];
-    !host.is_empty()
-        && PROBE_PATHS
-            .iter()
-            .any(|p| det.detect(host, "POST", p).is_some())
 }
 
 #[cfg(test)]

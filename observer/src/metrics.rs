@@ -60,6 +60,8 @@ pub struct Metrics {
     pub price_gaps: Family<CallLabels, Counter>,
     /// Ledger writes that failed.
     pub ledger_errors: Counter,
+    /// Calls dropped because the output queue (to Redis or stdout) was full.
+    pub sink_queue_drops: Counter,
     /// Distinct files with probes attached.
     pub attached_files: Gauge,
 }
@@ -134,6 +136,11 @@ impl Metrics {
             "ledger_errors",
             "Ledger writes that failed",
             self.ledger_errors.clone(),
+        );
+        r.register(
+            "sink_queue_drops",
+            "Calls dropped because the output queue to Redis/stdout was full (see sink_queue)",
+            self.sink_queue_drops.clone(),
         );
         r.register(
             "attached_files",
