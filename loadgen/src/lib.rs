@@ -1,0 +1,13 @@
+//! The benchmark's load generator (`cargo xtask bench` runs its binary, built with `--release`).
+//!
+//! Every mode prints one JSON object on stdout. Every loop is bounded in time; every target is on
+//! loopback.
+
+pub mod http_load;
+pub mod latency;
+pub mod ledger_load;
+pub mod stream_load;
+pub mod target;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,159 @@
+//! The load generator against a tiny hyper server on loopback: a fixed-latency JSON endpoint and an
+//! SSE endpoint with a known number of events.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::http_load::{self, HttpRun, Mode};
+use crate::stream_load::{self, StreamRun};
+use crate::target::{self, Target};
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let _ = req.into_body().collect().await;
+    Ok(match path.as_str() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed())
+        }
+        "/sse" => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let ev = format!("data: {{\"i\":{i}}}\n\n");
+                    if tx.send(Ok(Frame::data(Bytes::from(ev)))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx))))
+        }
+        _ => {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"nope")).boxed());
+            *r.status_mut() = http::StatusCode::NOT_FOUND;
+            r
+        }
+    })
+}
+
+async fn server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), service_fn(handle))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn target(addr: SocketAddr, path: &str, body: &'static [u8]) -> Target {
+    Target::new(
+        &format!("http://{addr}{path}"),
+        &["x-test: 1".to_owned()],
+        Bytes::from_static(body),
+    )
+    .expect("target")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_keeps_its_rate_and_measures_the_server_latency() {
+    let addr = server().await;
+    let run = HttpRun {
+        target: target(addr, "/slow", b"{}"),
+        mode: Mode::Rate(400.0),
+        duration: Duration::from_millis(1000),
+        warmup: Duration::from_millis(200),
+        max_in_flight: 256,
+        timeout: Duration::from_secs(5),
+    };
+    let r = http_load::run(&target::client(), &run).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert!(
+        (390..=410).contains(&r.sent),
+        "sent {} in 1 s at 400/s: {r:?}",
+        r.sent
+    );
+    assert!(
+        r.latency_us.p50 >= 5_000 && r.latency_us.p50 < 50_000,
+        "{r:?}"
+    );
+    assert!((r.achieved_rps - 400.0).abs() < 20.0, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_throughput_is_bounded_by_concurrency_over_latency() {
+    let addr = server().await;
+    let run = HttpRun {
+        target: target(addr, "/slow", b""),
+        mode: Mode::Concurrency(4),
+        duration: Duration::from_millis(1000),
+        warmup: Duration::from_millis(100),
+        max_in_flight: 4,
+        timeout: Duration::from_secs(5),
+    };
+    let r = http_load::run(&target::client(), &run).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    // 4 workers / 5 ms = 800/s at most.
+    assert!(r.achieved_rps > 300.0 && r.achieved_rps <= 800.0, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_counted_by_status() {
+    let addr = server().await;
+    let run = HttpRun {
+        target: target(addr, "/missing", b""),
+        mode: Mode::Concurrency(2),
+        duration: Duration::from_millis(200),
+        warmup: Duration::ZERO,
+        max_in_flight: 2,
+        timeout: Duration::from_secs(5),
+    };
+    let r = http_load::run(&target::client(), &run).await;
+    assert_eq!(r.ok, 0);
+    assert!(
+        r.errors.get("status_404").copied().unwrap_or(0) > 0,
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_report_first_event_and_gaps() {
+    let addr = server().await;
+    let run = StreamRun {
+        target: target(addr, "/sse", b"{\"stream\":true}"),
+        streams: 20,
+        rounds: 2,
+        ramp: Duration::from_millis(20),
+        timeout: Duration::from_secs(5),
+    };
+    let r = stream_load::run(&target::client(), &run).await;
+    assert_eq!((r.streams, r.ok), (20, 20), "{r:?}");
+    assert!((r.events_per_stream - 10.0).abs() < f64::EPSILON, "{r:?}");
+    assert!(r.ttft_us.p50 >= 2_000, "{r:?}");
+    // Events are 2 ms apart at the source; under CPU contention some arrive together, so only the
+    // widest gaps are certain to show the spacing.
+    assert!(r.gap_us.max >= 1_500, "{r:?}");
+    assert_eq!(r.gap_us.count, 20 * 9);
+}
