@@ -1,0 +1,293 @@
+//! Observer cost and capture: curl (OpenSSL) over one HTTPS keep-alive connection to local TLS mocks,
+//! with the observer attached and not; non-LLM traffic (a host that is no provider: the in-kernel
+//! filter should make it nearly free) and LLM traffic (captured, priced and recorded in Redis).
+//! Capture is checked against Redis (the tenant's day hash `requests` field) at 500 calls/s and
+//! unthrottled, with the kernel drop counter from the observer's /metrics.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use super::Env;
+use super::overhead::tree_ticks;
+use super::stack::{self, MOCK_KEY, Mock, Proc};
+use crate::command::{self, step};
+
+/// The tenant the observer's attribution rule gives curl's calls.
+const TENANT: &str = "bench-observer";
+
+pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
+    if !command::is_root() {
+        let msg = "NOT ROOT: the observer needs root (CAP_SYS_ADMIN for uprobes); observer benchmarks SKIPPED";
+        eprintln!("\x1b[1;31m{msg}\x1b[0m");
+        return Ok(json!({ "observer": { "skipped": msg } }));
+    }
+    let bin = env.bin.join("observer");
+    if !bin.exists() {
+        bail!(
+            "{} is missing (the observer's release build failed or was skipped)",
+            bin.display()
+        );
+    }
+    let n = env.plan.observer_requests;
+    let llm = stack::mock(
+        &env.bin,
+        &env.work,
+        "obs-llm-mock",
+        0,
+        &["--output-tokens", "16"],
+    )?;
+    let plain = stack::mock(&env.bin, &env.work, "obs-plain-mock", 0, &[])?;
+    let body = env.work.join("obs-chat.json");
+    std::fs::write(
+        &body,
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}"#,
+    )?;
+    let curl_plain = |rate: Option<u32>| curl(&plain, "/healthz", None, n, rate);
+    let curl_llm = |count: u64, rate: Option<u32>| {
+        curl(&llm, "/v1/chat/completions", Some(&body), count, rate)
+    };
+    let port = redis_url.rsplit(':').next().unwrap_or("6379").to_owned();
+
+    step("observer: unattached baseline");
+    let a_plain = curl_plain(None)?;
+    let a_llm = curl_llm(n, None)?;
+
+    let metrics = stack::free_port()?;
+    let cfg = env.work.join("observer.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "# Written by `cargo xtask bench`.\nredis_url = \"{redis_url}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\n\
+             [[providers]]\nhost = \"{}\"\nkind = \"openai\"\n\n[[attribution]]\ncomm = \"curl\"\ntenant = \"{TENANT}\"\nservice = \"curl-bench\"\n",
+            llm.addr
+        ),
+    )?;
+    step("observer: starting it (eBPF uprobes on OpenSSL)");
+    let log = std::fs::File::create(env.work.join("observer.log"))?;
+    let mut obs = Proc::spawn(
+        "observer",
+        Command::new(&bin)
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log),
+    )?;
+    stack::wait_port(metrics, "observer /metrics", Duration::from_secs(60))
+        .with_context(|| format!("see {}", env.work.join("observer.log").display()))?;
+    // Attaching happens at start-up; give discovery a moment and check it is still alive.
+    std::thread::sleep(Duration::from_secs(2));
+    obs.ensure_running()?;
+    let tps = stack::ticks_per_s();
+    let cpu_per_1000 = |before: u64, count: u64| {
+        (tree_ticks(obs.pid()) - before) as f64 / tps * 1000.0 / count.max(1) as f64 * 1000.0
+    };
+
+    step("observer: attached runs");
+    let c0 = tree_ticks(obs.pid());
+    let b_plain = curl_plain(None)?;
+    let plain_cpu = cpu_per_1000(c0, n);
+    let mut capture = Vec::new();
+    let c1 = tree_ticks(obs.pid());
+    let (b_llm, cap_max) = captured(
+        &port,
+        metrics,
+        || curl_llm(n, None),
+        n,
+        "unthrottled, 1 client",
+    )?;
+    let llm_cpu = cpu_per_1000(c1, n);
+    // curl's --rate sleeps in whole milliseconds: asking 500/s yields ~370/s, 750/s yields ~700/s.
+    // The target needs at least 500 calls/s, so ask 750/s and report what was achieved.
+    let (_, cap500) = captured(
+        &port,
+        metrics,
+        || curl_llm(n, Some(750)),
+        n,
+        "≥ 500/s (curl --rate 750/s)",
+    )?;
+    capture.push(cap500.clone());
+    capture.push(cap_max);
+    // Where drops begin: several unthrottled clients at once.
+    let (_, cap_par) = captured(
+        &port,
+        metrics,
+        || parallel(&llm, &body, n, 4),
+        4 * n,
+        "unthrottled, 4 clients",
+    )?;
+    capture.push(cap_par);
+    obs.ensure_running()?;
+    drop(obs);
+
+    step("observer: unattached again");
+    let c_plain = curl_plain(None)?;
+    let c_llm = curl_llm(n, None)?;
+    let ratio = |attached: f64, before: f64, after: f64| {
+        let base = f64::midpoint(before, after);
+        json!({ "median": attached / base.max(1e-9) })
+    };
+    Ok(json!({ "observer": {
+        "requests": n,
+        "non_llm": {
+            "unattached_rps": f64::midpoint(a_plain, c_plain), "unattached_runs": [a_plain, c_plain],
+            "attached_rps": b_plain, "ratio": ratio(b_plain, a_plain, c_plain), "observer_cpu_ms_per_1000": plain_cpu,
+        },
+        "llm": {
+            "unattached_rps": f64::midpoint(a_llm, c_llm), "unattached_runs": [a_llm, c_llm],
+            "attached_rps": b_llm, "ratio": ratio(b_llm, a_llm, c_llm), "observer_cpu_ms_per_1000": llm_cpu,
+        },
+        "capture_500": cap500,
+        "capture": capture,
+    }}))
+}
+
+/// Runs `f` (which sends `sent` LLM calls) and reports how many the ledger recorded and the drops.
+fn captured(
+    redis_port: &str,
+    metrics: u16,
+    f: impl FnOnce() -> Result<f64>,
+    sent: u64,
+    offered: &str,
+) -> Result<(f64, Value)> {
+    let (r0, d0) = (recorded(redis_port), kernel_drops(metrics));
+    let rps = f()?;
+    // Records land asynchronously: wait until the count stops moving (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut last, mut still) = (recorded(redis_port), 0);
+    while last.saturating_sub(r0) < sent && still < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(400));
+        let now = recorded(redis_port);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    let got = last.saturating_sub(r0);
+    let drops = kernel_drops(metrics).zip(d0).map(|(a, b)| a - b);
+    eprintln!(
+        "    observer capture {offered}: sent {sent}, recorded {got}, kernel drops {drops:?}, {rps:.0} calls/s"
+    );
+    Ok((
+        rps,
+        json!({
+            "offered": offered, "sent": sent, "captured": got, "captured_fraction": got as f64 / sent.max(1) as f64,
+            "kernel_drops": drops, "achieved_rps": rps,
+        }),
+    ))
+}
+
+/// The tenant's `requests` today in Redis.
+fn recorded(redis_port: &str) -> u64 {
+    let day = command::output(Command::new("date").args(["-u", "+%F"])).unwrap_or_default();
+    let key = format!("llmw:{{{TENANT}}}:spend:d:{}", day.trim());
+    command::output(Command::new("redis-cli").args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        redis_port,
+        "HGET",
+        &key,
+        "requests",
+    ]))
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0)
+}
+
+/// The observer's kernel drop counter (events lost because the ring buffer was full), from /metrics.
+fn kernel_drops(port: u16) -> Option<f64> {
+    let text = command::output(Command::new("curl").args([
+        "-s",
+        "--max-time",
+        "5",
+        &format!("http://127.0.0.1:{port}/metrics"),
+    ]))?;
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        // llmw_observer_kernel_drops (not ..._kernel_dropped_bytes).
+        if name.contains("kernel_drops") && !name.contains("bytes") {
+            let v: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// curl over one keep-alive HTTPS connection: `count` requests (URL globbing), optionally `--rate`;
+/// returns requests per second. Bounded: killed after 120 s.
+fn curl(
+    mock: &Mock,
+    path: &str,
+    body: Option<&std::path::Path>,
+    count: u64,
+    rate: Option<u32>,
+) -> Result<f64> {
+    let mut c = curl_cmd(mock, path, body, count, rate);
+    let t = Instant::now();
+    let mut child = c.spawn().context("starting curl")?;
+    wait_bounded(&mut child, Duration::from_secs(120))?;
+    Ok(count as f64 / t.elapsed().as_secs_f64())
+}
+
+fn parallel(mock: &Mock, body: &std::path::Path, count: u64, clients: u64) -> Result<f64> {
+    let t = Instant::now();
+    let mut kids = Vec::new();
+    for _ in 0..clients {
+        kids.push(
+            curl_cmd(mock, "/v1/chat/completions", Some(body), count, None)
+                .spawn()
+                .context("starting curl")?,
+        );
+    }
+    for k in &mut kids {
+        wait_bounded(k, Duration::from_secs(120))?;
+    }
+    Ok((count * clients) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn curl_cmd(
+    mock: &Mock,
+    path: &str,
+    body: Option<&std::path::Path>,
+    count: u64,
+    rate: Option<u32>,
+) -> Command {
+    let mut c = Command::new("curl");
+    c.args(["--http1.1", "-sS", "--fail", "--cacert"])
+        .arg(&mock.ca);
+    c.args(["-H", &format!("authorization: Bearer {MOCK_KEY}")]);
+    if let Some(b) = body {
+        c.args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(format!("@{}", b.display()));
+    }
+    if let Some(r) = rate {
+        c.args(["--rate", &format!("{r}/s")]);
+    }
+    c.arg(format!("https://{}{path}?i=[1-{count}]", mock.addr));
+    c.stdout(Stdio::null()).stderr(Stdio::inherit());
+    c
+}
+
+fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            if !st.success() {
+                bail!("curl exited with {st}");
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("curl did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

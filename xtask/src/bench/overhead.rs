@@ -1,0 +1,468 @@
+//! Enforcer overhead (and LiteLLM as a peer): the same requests sent straight to the mock provider,
+//! through the enforcer with budgets, through the enforcer without budgets, and through LiteLLM,
+//! interleaved variant by variant and repeated.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::loadgen::{self, Load, Target};
+use super::stack::{self, MOCK_KEY, Mock, Proc};
+use super::{Env, litellm, report, streaming};
+use crate::command::step;
+
+/// The proxy keys the bench's clients use (not secrets: they exist only in the bench).
+const KEY_BUDGETS: &str = "lw-bench-budgets-on";
+const KEY_NO_BUDGETS: &str = "lw-bench-budgets-off";
+
+/// A variant of the request path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Client → mock.
+    Direct,
+    /// Client → enforcer (tenant with month and day budgets) → mock.
+    Budgets,
+    /// Client → enforcer (tenant without budgets: metering only) → mock.
+    NoBudgets,
+    /// Client → LiteLLM proxy → mock.
+    LiteLlm,
+}
+
+impl Variant {
+    /// Key in results.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Budgets => "enforcer_budgets",
+            Variant::NoBudgets => "enforcer_no_budgets",
+            Variant::LiteLlm => "litellm",
+        }
+    }
+}
+
+/// Everything the request-path sections share.
+pub struct Stack {
+    /// The mock with a fixed 20 ms latency.
+    pub mock: Mock,
+    /// The mock that streams 64 chunks.
+    pub stream_mock: Mock,
+    /// Enforcer with budgets (for its CPU and RSS) and its port.
+    pub enforcer: (Proc, u16),
+    /// Enforcer without budgets.
+    pub enforcer_nb: (Proc, u16),
+    /// A chat-completions request body.
+    pub body: PathBuf,
+    /// A streaming chat-completions request body.
+    pub stream_body: PathBuf,
+}
+
+impl Stack {
+    /// The target for `variant` (`stream`: the streaming provider).
+    pub fn target(&self, variant: Variant, stream: bool, litellm_port: Option<u16>) -> Target {
+        let timeout = Duration::from_secs(10);
+        let body = Some(if stream {
+            self.stream_body.clone()
+        } else {
+            self.body.clone()
+        });
+        let (url, key) = match variant {
+            Variant::Direct => {
+                let m = if stream {
+                    &self.stream_mock
+                } else {
+                    &self.mock
+                };
+                (format!("http://{}/v1/chat/completions", m.addr), MOCK_KEY)
+            }
+            Variant::Budgets | Variant::NoBudgets => {
+                let (port, key) = if variant == Variant::Budgets {
+                    (self.enforcer.1, KEY_BUDGETS)
+                } else {
+                    (self.enforcer_nb.1, KEY_NO_BUDGETS)
+                };
+                let provider = if stream { "openai-stream" } else { "openai" };
+                (
+                    format!("http://127.0.0.1:{port}/proxy/{provider}/chat/completions"),
+                    key,
+                )
+            }
+            Variant::LiteLlm => (
+                format!(
+                    "http://127.0.0.1:{}/v1/chat/completions",
+                    litellm_port.unwrap_or(0)
+                ),
+                litellm::MASTER_KEY,
+            ),
+        };
+        Target {
+            url,
+            headers: vec![format!("authorization: Bearer {key}")],
+            body,
+            timeout,
+        }
+    }
+
+    /// The process serving `variant`, when it is ours to measure.
+    pub fn pid(&self, variant: Variant) -> Option<u32> {
+        match variant {
+            Variant::Budgets => Some(self.enforcer.0.pid()),
+            Variant::NoBudgets => Some(self.enforcer_nb.0.pid()),
+            _ => None,
+        }
+    }
+}
+
+pub fn run(
+    env: &Env,
+    redis_url: &str,
+    with_litellm: bool,
+    http: bool,
+    streams: bool,
+) -> Result<Value> {
+    let stack = start(env, redis_url)?;
+    let mut out = serde_json::Map::new();
+    // LiteLLM starts slowly: spawn it now, wait for it only before the first scenario that uses it.
+    let mut lite = Lite {
+        proc: None,
+        error: None,
+    };
+    if with_litellm && http {
+        match litellm::spawn(env, &stack.mock) {
+            Ok(l) => lite.proc = Some(l),
+            Err(e) => lite.error = Some(format!("{e:#}")),
+        }
+    }
+    if http {
+        out.insert("overhead".into(), matrix(env, &stack, &mut lite)?);
+    }
+    if let Some(e) = &lite.error {
+        eprintln!("\x1b[1;31mLiteLLM unavailable, peer comparison NOT measured: {e}\x1b[0m");
+        out.insert("litellm".into(), json!({ "error": e }));
+    } else if lite.proc.is_some() {
+        out.insert("litellm".into(), json!({ "version": litellm::version() }));
+    }
+    drop(lite);
+    if streams {
+        out.insert("streaming".into(), streaming::run(env, &stack)?);
+    }
+    Ok(Value::Object(out))
+}
+
+/// The LiteLLM process, or why there is none.
+struct Lite {
+    proc: Option<litellm::LiteLlm>,
+    error: Option<String>,
+}
+
+impl Lite {
+    fn port(&self) -> Option<u16> {
+        self.proc.as_ref().map(|l| l.port)
+    }
+
+    /// The port and pid of a ready LiteLLM, waiting for it the first time; None (with the error
+    /// recorded) when it cannot serve.
+    fn ready(&mut self, env: &Env, mock_target: &Target) -> Option<(u16, u32)> {
+        let l = self.proc.as_mut()?;
+        if let Err(e) = l.wait_ready(env, mock_target) {
+            self.error = Some(format!("{e:#}"));
+            self.proc = None;
+            return None;
+        }
+        Some((l.port, l.proc.pid()))
+    }
+}
+
+fn start(env: &Env, redis_url: &str) -> Result<Stack> {
+    step("starting the mock providers (20 ms latency; streaming: 64 chunks 10 ms apart)");
+    let mock = stack::mock(&env.bin, &env.work, "mock", 20, &["--output-tokens", "120"])?;
+    let stream_mock = stack::mock(
+        &env.bin,
+        &env.work,
+        "stream-mock",
+        20,
+        &[
+            "--output-tokens",
+            "64",
+            "--chunks",
+            "64",
+            "--chunk-delay-ms",
+            "10",
+        ],
+    )?;
+    let body = env.work.join("chat.json");
+    std::fs::write(&body, chat_body(false))?;
+    let stream_body = env.work.join("chat-stream.json");
+    std::fs::write(&stream_body, chat_body(true))?;
+    let on = enforcer(env, redis_url, &mock, &stream_mock, true)?;
+    let off = enforcer(env, redis_url, &mock, &stream_mock, false)?;
+    Ok(Stack {
+        mock,
+        stream_mock,
+        enforcer: on,
+        enforcer_nb: off,
+        body,
+        stream_body,
+    })
+}
+
+/// A realistic chat-completions request: a system prompt, a short conversation, max_tokens.
+fn chat_body(stream: bool) -> String {
+    let system =
+        "You are a support assistant for an online store. Answer in at most three sentences, \
+                  cite the order number when the customer gives one, and never promise refunds. "
+            .repeat(3);
+    let user =
+        "My order 48213 arrived with a cracked screen protector and the charger is missing. \
+                Can you tell me what the return process is and how long a replacement takes? "
+            .repeat(4);
+    let mut v = json!({
+        "model": "gpt-4o-mini",
+        "messages": [
+            { "role": "system", "content": system },
+            { "role": "user", "content": "Hi, I need help with an order." },
+            { "role": "assistant", "content": "Of course. What is the order number and what went wrong?" },
+            { "role": "user", "content": user },
+        ],
+        "max_tokens": 200,
+        "temperature": 0.2,
+    });
+    if stream {
+        v["stream"] = json!(true);
+    }
+    v.to_string()
+}
+
+fn enforcer(
+    env: &Env,
+    redis_url: &str,
+    mock: &Mock,
+    stream_mock: &Mock,
+    budgets: bool,
+) -> Result<(Proc, u16)> {
+    let (listen, admin) = (stack::free_port()?, stack::free_port()?);
+    let (key, tenant) = if budgets {
+        (KEY_BUDGETS, "bench-on")
+    } else {
+        (KEY_NO_BUDGETS, "bench-off")
+    };
+    let hash = stack::hash_key(&env.bin, key)?;
+    let mut cfg = format!(
+        r#"# Written by `cargo xtask bench`.
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+admin_token_env = "WARDEN_ADMIN_TOKEN"
+redis_url = "{redis_url}"
+
+[providers.openai]
+kind = "openai"
+base_url = "http://{mock}/v1"
+api_key_env = "BENCH_PROVIDER_KEY"
+
+[providers.openai-stream]
+kind = "openai"
+base_url = "http://{stream}/v1"
+api_key_env = "BENCH_PROVIDER_KEY"
+
+[[keys]]
+sha256 = "{hash}"
+tenant = "{tenant}"
+allowed_tenants = ["{tenant}"]
+"#,
+        mock = mock.addr,
+        stream = stream_mock.addr,
+    );
+    if budgets {
+        // Large enough never to deny during the bench: the cost of checking is what is measured.
+        cfg.push_str(&format!(
+            "\n[[budgets]]\ntenant = \"{tenant}\"\nperiod = \"month\"\nlimit_usd = 1000000.0\n\n\
+             [[budgets]]\ntenant = \"{tenant}\"\nperiod = \"day\"\nlimit_usd = 100000.0\n"
+        ));
+    }
+    let name = if budgets {
+        "enforcer-budgets"
+    } else {
+        "enforcer-no-budgets"
+    };
+    let path = env.work.join(format!("{name}.toml"));
+    std::fs::write(&path, cfg)?;
+    let log = std::fs::File::create(env.work.join(format!("{name}.log")))?;
+    let mut p = Proc::spawn(
+        name,
+        Command::new(env.bin.join("enforcer"))
+            .arg("--config")
+            .arg(&path)
+            .env("WARDEN_ADMIN_TOKEN", "bench-admin-token")
+            .env("BENCH_PROVIDER_KEY", MOCK_KEY)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log),
+    )?;
+    stack::wait_port(listen, name, Duration::from_secs(20))
+        .with_context(|| format!("see {}", env.work.join(format!("{name}.log")).display()))?;
+    p.ensure_running()?;
+    Ok((p, listen))
+}
+
+/// The scenarios: open loop at 500 and 2000 req/s, closed loop at 16 and 64.
+const LOADS: [Load; 4] = [
+    Load::Rate(500),
+    Load::Rate(2000),
+    Load::Concurrency(16),
+    Load::Concurrency(64),
+];
+
+fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
+    let tps = stack::ticks_per_s();
+    // One unrecorded second per variant first: connection pools, budget caches and the allocator
+    // warm up before the first measured run, which would otherwise carry the cold start alone.
+    for v in [Variant::Direct, Variant::Budgets, Variant::NoBudgets] {
+        let w = Duration::from_secs(1);
+        loadgen::http(
+            env,
+            &stack.target(v, false, None),
+            Load::Concurrency(16),
+            Duration::ZERO,
+            w,
+        )
+        .with_context(|| format!("warming up {}", v.name()))?;
+    }
+    let mut scenarios = Vec::new();
+    for load in LOADS {
+        let mut variants = vec![Variant::Direct, Variant::Budgets, Variant::NoBudgets];
+        // LiteLLM runs the closed-loop scenarios only: open loop at 2000 req/s just queues it into
+        // timeouts.
+        let (mut lite_port, mut lite_pid) = (None, None);
+        // --quick keeps the minute: LiteLLM at concurrency 16 only (the published peer comparison).
+        let lite_here = matches!(load, Load::Concurrency(c) if !env.plan.quick || c == 16);
+        if lite_here
+            && let Some((port, pid)) =
+                lite.ready(env, &stack.target(Variant::LiteLlm, false, lite.port()))
+        {
+            variants.push(Variant::LiteLlm);
+            (lite_port, lite_pid) = (Some(port), Some(pid));
+        }
+        let mut runs: Vec<Vec<Value>> = vec![Vec::new(); variants.len()];
+        for rep in 0..env.plan.repeats {
+            // Rotate the order each repeat so no variant always runs first (warmest / coldest).
+            for k in 0..variants.len() {
+                let i = (k + rep) % variants.len();
+                let v = variants[i];
+                let pid = if v == Variant::LiteLlm {
+                    lite_pid
+                } else {
+                    stack.pid(v)
+                };
+                let before = pid.map(tree_ticks);
+                // LiteLLM's latency is hundreds of ms under load: a 1 s window would hold too few
+                // completions, so it gets at least 3 s (same concurrency, same request).
+                let (warmup, window) = if v == Variant::LiteLlm {
+                    (
+                        env.plan.warmup.max(Duration::from_secs(1)),
+                        env.plan.duration.max(Duration::from_secs(3)),
+                    )
+                } else {
+                    (env.plan.warmup, env.plan.duration)
+                };
+                let mut r = loadgen::http(
+                    env,
+                    &stack.target(v, false, lite_port),
+                    load,
+                    warmup,
+                    window,
+                )
+                .with_context(|| format!("{} {}", load.label(), v.name()))?;
+                if let (Some(p), Some(b)) = (pid, before) {
+                    let used = tree_ticks(p).saturating_sub(b) as f64 / tps * 1000.0;
+                    let total = r["sent_total"].as_f64().unwrap_or(0.0).max(1.0);
+                    r["cpu_ms_per_1000"] = json!(used / total * 1000.0);
+                    r["rss_kib"] = json!(tree_rss(p));
+                }
+                eprintln!(
+                    "    {:<8} {:<20} rep {rep}: p50 {:>6} µs  p99 {:>6} µs  {:>7.0} req/s  errors {}",
+                    load.label(),
+                    v.name(),
+                    r["latency_us"]["p50"],
+                    r["latency_us"]["p99"],
+                    r["achieved_rps"].as_f64().unwrap_or(0.0),
+                    r["errors"]
+                );
+                runs[i].push(r);
+                if let (Variant::LiteLlm, Some(p)) = (v, pid) {
+                    // Requests the client gave up on may still be running in LiteLLM: let it drain
+                    // so it does not steal the CPU of the next variant.
+                    wait_idle(p, tps);
+                }
+            }
+        }
+        scenarios.push(scenario(load, &variants, &runs));
+    }
+    Ok(json!({ "scenarios": scenarios }))
+}
+
+fn scenario(load: Load, variants: &[Variant], runs: &[Vec<Value>]) -> Value {
+    let mut vs = serde_json::Map::new();
+    for (v, rs) in variants.iter().zip(runs) {
+        vs.insert(v.name().into(), report::aggregate_http(rs));
+    }
+    let mut ratios = serde_json::Map::new();
+    for (v, rs) in variants.iter().zip(runs).skip(1) {
+        ratios.insert(v.name().into(), report::ratios(&runs[0], rs));
+    }
+    let (kind, value) = match load {
+        Load::Rate(r) => ("rate", r),
+        Load::Concurrency(c) => ("concurrency", c),
+    };
+    json!({ "load": load.label(), kind: value, "variants": vs, "vs_direct": ratios })
+}
+
+/// Waits (at most 15 s) until `pid` uses less than 10% of a CPU.
+fn wait_idle(pid: u32, ticks_per_s: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut last = tree_ticks(pid);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = tree_ticks(pid);
+        if (now.saturating_sub(last) as f64) < 0.05 * ticks_per_s {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// CPU ticks of a process and its descendants (LiteLLM may fork workers).
+pub fn tree_ticks(pid: u32) -> u64 {
+    tree(pid).into_iter().filter_map(stack::cpu_ticks).sum()
+}
+
+fn tree_rss(pid: u32) -> u64 {
+    tree(pid).into_iter().filter_map(stack::rss_kib).sum()
+}
+
+fn tree(root: u32) -> Vec<u32> {
+    let mut all = vec![root];
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| Some((p, ppid(p)?)))
+        .collect();
+    let mut i = 0;
+    while i < all.len() {
+        let cur = all[i];
+        all.extend(parents.iter().filter(|(_, pp)| *pp == cur).map(|(p, _)| *p));
+        i += 1;
+    }
+    all
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}

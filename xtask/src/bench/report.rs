@@ -1,0 +1,635 @@
+//! Aggregation (medians and spread over repeats), the targets of issue 6 with PASS/MISS, the
+//! machine description, and the BENCHMARKS.md rendering.
+
+use std::fmt::Write as _;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::command::output;
+
+/// Median of `v` (mean of the middle two when even); 0 when empty.
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        f64::midpoint(s[n / 2 - 1], s[n / 2])
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        })
+}
+
+/// `{"median", "min", "max"}` of the values at `path` in each run.
+pub fn spread(runs: &[Value], f: impl Fn(&Value) -> Option<f64>) -> Value {
+    let v: Vec<f64> = runs.iter().filter_map(f).collect();
+    if v.is_empty() {
+        return Value::Null;
+    }
+    let (lo, hi) = min_max(&v);
+    json!({ "median": median(&v), "min": lo, "max": hi })
+}
+
+fn at(v: &Value, path: &[&str]) -> Option<f64> {
+    path.iter().try_fold(v, |v, k| v.get(*k))?.as_f64()
+}
+
+/// Medians and spread of one variant's repeated HTTP runs.
+pub fn aggregate_http(runs: &[Value]) -> Value {
+    let errors: u64 = runs
+        .iter()
+        .filter_map(|r| r["errors"].as_object())
+        .flat_map(|m| m.values().filter_map(Value::as_u64))
+        .sum();
+    json!({
+        "p50_us": spread(runs, |r| at(r, &["latency_us", "p50"])),
+        "p99_us": spread(runs, |r| at(r, &["latency_us", "p99"])),
+        "p999_us": spread(runs, |r| at(r, &["latency_us", "p999"])),
+        "achieved_rps": spread(runs, |r| at(r, &["achieved_rps"])),
+        "cpu_ms_per_1000": spread(runs, |r| at(r, &["cpu_ms_per_1000"])),
+        "rss_kib": spread(runs, |r| at(r, &["rss_kib"])),
+        "errors": errors,
+        "runs": runs,
+    })
+}
+
+/// Per-repeat comparisons of `runs` against `base` (same repeat index ran back to back).
+pub fn ratios(base: &[Value], runs: &[Value]) -> Value {
+    let pairs: Vec<(&Value, &Value)> = base.iter().zip(runs).collect();
+    let per = |f: &dyn Fn(&Value, &Value) -> Option<f64>| -> Value {
+        let v: Vec<f64> = pairs.iter().filter_map(|(b, r)| f(b, r)).collect();
+        if v.is_empty() {
+            return Value::Null;
+        }
+        let (lo, hi) = min_max(&v);
+        json!({ "median": median(&v), "min": lo, "max": hi })
+    };
+    let lat = |q: &'static str| {
+        move |b: &Value, r: &Value| Some((at(r, &["latency_us", q])?, at(b, &["latency_us", q])?))
+    };
+    json!({
+        "p99_ratio": per(&|b, r| lat("p99")(b, r).map(|(x, y)| x / y.max(1.0))),
+        "p50_ratio": per(&|b, r| lat("p50")(b, r).map(|(x, y)| x / y.max(1.0))),
+        "added_p50_us": per(&|b, r| lat("p50")(b, r).map(|(x, y)| x - y)),
+        "added_p99_us": per(&|b, r| lat("p99")(b, r).map(|(x, y)| x - y)),
+        "added_p999_us": per(&|b, r| lat("p999")(b, r).map(|(x, y)| x - y)),
+        "throughput_ratio": per(&|b, r| Some(at(r, &["achieved_rps"])? / at(b, &["achieved_rps"])?.max(1e-9))),
+    })
+}
+
+/// nproc, CPU model, kernel, memory.
+pub fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| {
+        l.strip_prefix("model name")
+            .and_then(|r| r.split_once(':'))
+            .map(|(_, m)| m.trim().to_owned())
+    });
+    let mem_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find_map(|l| {
+            l.strip_prefix("MemTotal:")?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+    });
+    json!({
+        "nproc": output(&mut Command::new("nproc")).and_then(|s| s.trim().parse::<u64>().ok()),
+        "cpu_model": model,
+        "kernel": output(Command::new("uname").arg("-r")).map(|s| s.trim().to_owned()),
+        "mem_gib": mem_kib.map(|k| (k as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0),
+        "load_avg_at_start": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
+    })
+}
+
+fn med(v: &Value) -> Option<f64> {
+    v.get("median").and_then(Value::as_f64)
+}
+
+fn find_scenario<'a>(results: &'a Value, load: &str) -> Option<&'a Value> {
+    results["overhead"]["scenarios"]
+        .as_array()?
+        .iter()
+        .find(|s| s["load"] == load)
+}
+
+/// One target: what the issue asks, what was measured, PASS / MISS / NOT MEASURED.
+fn target(
+    name: &str,
+    goal: &str,
+    measured: Option<String>,
+    pass: Option<bool>,
+    note: &str,
+) -> Value {
+    json!({
+        "target": name, "goal": goal,
+        "measured": measured.unwrap_or_else(|| "not measured".to_owned()),
+        "status": match pass { Some(true) => "PASS", Some(false) => "MISS", None => "NOT MEASURED" },
+        "note": note,
+    })
+}
+
+/// Said of a difference whose repeats disagree in sign.
+const NOISE: &str = "repeats disagree in sign (min–max of the per-repeat differences spans 0): noise \
+                     on this shared machine exceeds the overhead; see the spread in the table";
+
+/// Every target of issue 6 checked against the results.
+pub fn targets(r: &Value) -> Value {
+    let mut t = Vec::new();
+    // 1. Enforcer with budgets at 500 req/s.
+    let s500 = find_scenario(r, "rate-500").map(|s| &s["vs_direct"]["enforcer_budgets"]);
+    let ratio = s500.and_then(|s| med(&s["p99_ratio"]));
+    let added = s500.and_then(|s| med(&s["added_p99_us"]));
+    // Repeats that disagree in sign mean the noise of this shared machine exceeds the overhead.
+    let noisy = s500.is_some_and(|s| {
+        let d = &s["added_p99_us"];
+        d["min"].as_f64().unwrap_or(0.0) < 0.0 && d["max"].as_f64().unwrap_or(0.0) > 0.0
+    });
+    let noise_note = if noisy { NOISE } else { "" };
+    t.push(target(
+        "enforcer p99 vs direct at 500 req/s (budgets on)",
+        "≤ 1.05×",
+        ratio.map(|x| format!("{x:.3}×")),
+        ratio.map(|x| x <= 1.05),
+        noise_note,
+    ));
+    t.push(target(
+        "enforcer added p99 at 500 req/s (budgets on)",
+        "≤ 1 ms",
+        added.map(|x| format!("{:.0} µs", x)),
+        added.map(|x| x <= 1000.0),
+        noise_note,
+    ));
+    let c64 = find_scenario(r, "c64")
+        .and_then(|s| med(&s["vs_direct"]["enforcer_budgets"]["throughput_ratio"]));
+    t.push(target(
+        "enforcer throughput at concurrency 64 (budgets on)",
+        "≥ 0.95× direct",
+        c64.map(|x| format!("{x:.3}×")),
+        c64.map(|x| x >= 0.95),
+        "",
+    ));
+    // 2. Streaming.
+    let st = &r["streaming"]["vs_direct"];
+    let ttft = med(&st["added_ttft_p99_us"]);
+    let spans_zero = |d: &Value| {
+        d["min"].as_f64().unwrap_or(0.0) < 0.0 && d["max"].as_f64().unwrap_or(0.0) > 0.0
+    };
+    let gap = med(&st["added_gap_p99_us"]);
+    t.push(target(
+        "streaming added TTFT p99",
+        "≤ 1 ms",
+        ttft.map(|x| format!("{x:.0} µs")),
+        ttft.map(|x| x <= 1000.0),
+        if spans_zero(&st["added_ttft_p99_us"]) {
+            NOISE
+        } else {
+            ""
+        },
+    ));
+    t.push(target(
+        "streaming added inter-chunk p99",
+        "≤ 200 µs",
+        gap.map(|x| format!("{x:.0} µs")),
+        gap.map(|x| x <= 200.0),
+        "",
+    ));
+    // 3. LiteLLM: its best closed-loop run vs the enforcer's highest throughput among closed-loop
+    // runs whose p99 is no worse than LiteLLM's (a lower bound of the ratio at equal p99).
+    t.push(litellm_target(r));
+    // 4. Ledger.
+    let lr = med(&r["ledger"]["ratio_pairs_to_set"]);
+    t.push(target(
+        "ledger reserve+settle pairs/s vs redis-benchmark SET",
+        "≥ 0.5×",
+        lr.map(|x| format!("{x:.3}×")),
+        lr.map(|x| x >= 0.5),
+        "one pair = two Lua scripts (reserve, settle)",
+    ));
+    // 5. Observer.
+    let obs = &r["observer"];
+    let skipped = obs["skipped"]
+        .as_str()
+        .or(obs["error"].as_str())
+        .unwrap_or("");
+    let nl = med(&obs["non_llm"]["ratio"]);
+    t.push(target(
+        "observer: HTTPS non-LLM client throughput",
+        "≥ 0.95× unattached",
+        nl.map(|x| format!("{x:.3}×")),
+        nl.map(|x| x >= 0.95),
+        skipped,
+    ));
+    let c5 = &obs["capture_500"];
+    let cap = c5["captured_fraction"].as_f64();
+    let rate = c5["achieved_rps"].as_f64().unwrap_or(0.0);
+    let note = if cap.is_some() && rate < 500.0 {
+        "the client could not reach 500 calls/s on this machine: capture was measured at a lower rate"
+    } else {
+        skipped
+    };
+    t.push(target(
+        "observer: capture at 500 LLM calls/s",
+        "100%",
+        cap.map(|x| {
+            format!(
+                "{:.2}% ({} of {} at {rate:.0} calls/s)",
+                x * 100.0,
+                c5["captured"],
+                c5["sent"]
+            )
+        }),
+        cap.map(|x| x >= 1.0 && rate >= 500.0),
+        note,
+    ));
+    Value::Array(t)
+}
+
+fn litellm_target(r: &Value) -> Value {
+    let scenarios: Vec<&Value> = ["c16", "c64"]
+        .iter()
+        .filter_map(|l| find_scenario(r, l))
+        .collect();
+    let lite = scenarios
+        .iter()
+        .filter_map(|s| {
+            let v = &s["variants"]["litellm"];
+            Some((
+                s["load"].as_str()?.to_owned(),
+                med(&v["achieved_rps"])?,
+                med(&v["p99_us"])?,
+            ))
+        })
+        .filter(|(_, q, _)| *q > 0.0)
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    let measured = lite.as_ref().and_then(|(ll, q, lp)| {
+        let best = scenarios
+            .iter()
+            .filter_map(|s| {
+                let v = &s["variants"]["enforcer_budgets"];
+                Some((s["load"].as_str()?, med(&v["achieved_rps"])?, med(&v["p99_us"])?))
+            })
+            .filter(|(_, _, ep)| *ep <= *lp)
+            .max_by(|a, b| a.1.total_cmp(&b.1))?;
+        let (q, lp) = (*q, *lp);
+        let x = best.1 / q;
+        Some((
+            format!(
+                "{x:.1}×: enforcer {:.0} req/s at {} (p99 {:.1} ms) vs LiteLLM {q:.1} req/s at {ll} (p99 {:.1} ms)",
+                best.1,
+                best.0,
+                best.2 / 1000.0,
+                lp / 1000.0
+            ),
+            x,
+        ))
+    });
+    let note = match r["litellm"]["error"].as_str() {
+        Some(e) => format!("LiteLLM could not run: {e}"),
+        None if r["litellm"].is_null() => "LiteLLM was skipped (--skip litellm)".into(),
+        None if lite.is_none() => "LiteLLM completed no request in its measured windows".into(),
+        None => "enforcer with budgets at a load whose p99 is no worse than LiteLLM's: a lower \
+                 bound of the ratio at equal p99"
+            .into(),
+    };
+    target(
+        "throughput vs LiteLLM proxy at equal p99",
+        "≥ 20×",
+        measured.as_ref().map(|m| m.0.clone()),
+        measured.as_ref().map(|m| m.1 >= 20.0),
+        &note,
+    )
+}
+
+fn f(v: &Value, digits: usize) -> String {
+    v.as_f64()
+        .map_or_else(|| "–".into(), |x| format!("{x:.digits$}"))
+}
+
+fn ms(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "–".into(), |x| format!("{:.2}", x / 1000.0))
+}
+
+fn span_ms(v: &Value) -> String {
+    if v.is_null() {
+        return "–".into();
+    }
+    format!("{} ({}–{})", ms(&v["median"]), ms(&v["min"]), ms(&v["max"]))
+}
+
+/// BENCHMARKS.md.
+pub fn markdown(r: &Value) -> String {
+    let mut s = String::new();
+    let m = &r["machine"];
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Written by `cargo xtask bench{}` on {}. Method: docs/benchmarks.md. Raw data: bench/results.json.\n",
+        if r["mode"] == "quick" { " --quick" } else { "" },
+        r["date"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(s, "| machine | |\n|---|---|");
+    let _ = writeln!(s, "| CPUs (nproc) | {} |", m["nproc"]);
+    let _ = writeln!(
+        s,
+        "| CPU model | {} |",
+        m["cpu_model"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(s, "| kernel | {} |", m["kernel"].as_str().unwrap_or("?"));
+    let _ = writeln!(s, "| memory | {} GiB |", m["mem_gib"]);
+    let _ = writeln!(
+        s,
+        "| load average at start | {} |",
+        m["load_avg_at_start"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        s,
+        "| run | {} mode, {} ms measured per run after {} ms warm-up, {} interleaved repeats, {:.0} s of measuring (build excluded) |\n",
+        r["mode"].as_str().unwrap_or("?"),
+        r["plan"]["duration_ms"],
+        r["plan"]["warmup_ms"],
+        r["plan"]["repeats"],
+        r["elapsed_s"].as_f64().unwrap_or(0.0)
+    );
+    let _ = writeln!(
+        s,
+        "## Targets (issue 6)\n\n| target | goal | measured | status | note |\n|---|---|---|---|---|"
+    );
+    for t in r["targets"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | **{}** | {} |",
+            t["target"].as_str().unwrap_or(""),
+            t["goal"].as_str().unwrap_or(""),
+            t["measured"].as_str().unwrap_or(""),
+            t["status"].as_str().unwrap_or(""),
+            t["note"]
+                .as_str()
+                .unwrap_or("")
+                .replace('|', "/")
+                .replace('\n', " ")
+        );
+    }
+    overhead_md(&mut s, r);
+    streaming_md(&mut s, r);
+    ledger_md(&mut s, r);
+    observer_md(&mut s, r);
+    s
+}
+
+fn overhead_md(s: &mut String, r: &Value) {
+    let _ = writeln!(s, "\n## 1. Enforcer overhead and 4. LiteLLM peer\n");
+    if let Some(e) = r["overhead"]["error"].as_str() {
+        let _ = writeln!(s, "**Not measured: {e}**");
+        return;
+    }
+    if let Some(e) = r["litellm"]["error"].as_str() {
+        let _ = writeln!(s, "**LiteLLM was not measured: {e}**\n");
+    }
+    let _ = writeln!(
+        s,
+        "Mock provider with a fixed 20 ms latency. Latency in ms: median over repeats (min–max). Open loop \
+         (`rate-N`) measures from the scheduled send time. CPU and RSS are the proxy's own.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| load | variant | p50 ms | p99 ms | p99.9 ms | req/s | errors | CPU ms / 1000 req | RSS MiB | p99 vs direct | added p99 µs | throughput vs direct |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for sc in r["overhead"]["scenarios"].as_array().into_iter().flatten() {
+        for (name, v) in sc["variants"].as_object().into_iter().flatten() {
+            let ra = &sc["vs_direct"][name];
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                sc["load"].as_str().unwrap_or(""),
+                name,
+                span_ms(&v["p50_us"]),
+                span_ms(&v["p99_us"]),
+                ms(&v["p999_us"]["median"]),
+                f(&v["achieved_rps"]["median"], 0),
+                v["errors"],
+                f(&v["cpu_ms_per_1000"]["median"], 1),
+                v["rss_kib"]["median"]
+                    .as_f64()
+                    .map_or_else(|| "–".into(), |k| format!("{:.1}", k / 1024.0)),
+                if ra.is_null() {
+                    "–".into()
+                } else {
+                    format!("{}×", f(&ra["p99_ratio"]["median"], 3))
+                },
+                f(&ra["added_p99_us"]["median"], 0),
+                if ra.is_null() {
+                    "–".into()
+                } else {
+                    format!("{}×", f(&ra["throughput_ratio"]["median"], 3))
+                },
+            );
+        }
+    }
+}
+
+fn streaming_md(s: &mut String, r: &Value) {
+    let st = &r["streaming"];
+    let _ = writeln!(s, "\n## 2. Streaming\n");
+    if let Some(e) = st["error"].as_str() {
+        let _ = writeln!(s, "**Not measured: {e}**");
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "{} concurrent streams of 64 chunks 10 ms apart (20 ms before the first). Median over repeats (min–max), ms.\n",
+        r["plan"]["streams"]
+    );
+    let _ = writeln!(
+        s,
+        "| variant | TTFT p50 | TTFT p99 | gap p50 | gap p99 | gap p99.9 | events/stream | errors |\n|---|---|---|---|---|---|---|---|"
+    );
+    for (name, v) in st["variants"].as_object().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            span_ms(&v["ttft_p50_us"]),
+            span_ms(&v["ttft_p99_us"]),
+            span_ms(&v["gap_p50_us"]),
+            span_ms(&v["gap_p99_us"]),
+            span_ms(&v["gap_p999_us"]),
+            f(&v["events_per_stream"]["median"], 1),
+            v["errors"]
+        );
+    }
+    let d = &st["vs_direct"];
+    let _ = writeln!(
+        s,
+        "\nAdded by the enforcer: TTFT p99 {} µs, inter-chunk p99 {} µs (median of per-repeat differences).",
+        f(&d["added_ttft_p99_us"]["median"], 0),
+        f(&d["added_gap_p99_us"]["median"], 0)
+    );
+}
+
+fn ledger_md(s: &mut String, r: &Value) {
+    let l = &r["ledger"];
+    let _ = writeln!(s, "\n## 3. Ledger\n");
+    if let Some(e) = l["error"].as_str() {
+        let _ = writeln!(s, "**Not measured: {e}**");
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "`ledger::store` reserve + settle pairs from {} concurrent tasks on one multiplexed connection, vs \
+         `redis-benchmark -t set -q` (50 clients) on the same redis-server, interleaved.\n",
+        l["tasks"]
+    );
+    let _ = writeln!(
+        s,
+        "| measure | median (min–max) |\n|---|---|\n| reserve+settle pairs/s | {} ({}–{}) |\n| ledger ops/s (reserve or settle) | {} |\n| redis-benchmark SET/s | {} ({}–{}) |\n| pairs / SET | {} |\n| pair latency p99 | {} ms |",
+        f(&l["pairs_per_s"]["median"], 0),
+        f(&l["pairs_per_s"]["min"], 0),
+        f(&l["pairs_per_s"]["max"], 0),
+        f(&l["ops_per_s"]["median"], 0),
+        f(&l["set_per_s"]["median"], 0),
+        f(&l["set_per_s"]["min"], 0),
+        f(&l["set_per_s"]["max"], 0),
+        f(&l["ratio_pairs_to_set"]["median"], 3),
+        ms(&l["pair_p99_us"]["median"]),
+    );
+}
+
+fn observer_md(s: &mut String, r: &Value) {
+    let o = &r["observer"];
+    let _ = writeln!(s, "\n## 5. Observer\n");
+    if let Some(e) = o["skipped"].as_str().or(o["error"].as_str()) {
+        let _ = writeln!(s, "**Not measured: {e}**");
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "curl (OpenSSL) over one HTTPS keep-alive connection to a local TLS mock, {} requests per run; \
+         unattached runs before and after the attached one.\n",
+        o["requests"]
+    );
+    let _ = writeln!(
+        s,
+        "| traffic | unattached req/s | attached req/s | ratio | observer CPU ms / 1000 req |\n|---|---|---|---|---|"
+    );
+    for (k, label) in [("non_llm", "non-LLM (kernel filter)"), ("llm", "LLM calls")] {
+        let v = &o[k];
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {}× | {} |",
+            f(&v["unattached_rps"], 0),
+            f(&v["attached_rps"], 0),
+            f(&v["ratio"]["median"], 3),
+            f(&v["observer_cpu_ms_per_1000"], 1)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n| offered LLM calls/s | sent | captured | kernel drops (delta) | achieved calls/s |\n|---|---|---|---|---|"
+    );
+    for c in o["capture"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            c["offered"].as_str().unwrap_or("?"),
+            c["sent"],
+            c["captured"],
+            c["kernel_drops"],
+            f(&c["achieved_rps"], 0)
+        );
+    }
+    if let Some(n) = o["note"].as_str() {
+        let _ = writeln!(s, "\n{n}");
+    }
+}
+
+/// The targets table on the terminal.
+pub fn print_summary(r: &Value) {
+    println!(
+        "\nBENCH TARGETS ({} mode)",
+        r["mode"].as_str().unwrap_or("?")
+    );
+    for t in r["targets"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<13} {:<55} goal {:<18} measured {}",
+            t["status"].as_str().unwrap_or(""),
+            t["target"].as_str().unwrap_or(""),
+            t["goal"].as_str().unwrap_or(""),
+            t["measured"].as_str().unwrap_or("")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(p50: f64, p99: f64, rps: f64) -> Value {
+        json!({ "latency_us": { "p50": p50, "p99": p99, "p999": p99 * 1.5 }, "achieved_rps": rps, "errors": {} })
+    }
+
+    #[test]
+    fn medians_and_ratios_pair_repeats() {
+        assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
+        assert!((median(&[4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-9);
+        let direct = [
+            run(20_000.0, 21_000.0, 500.0),
+            run(20_000.0, 22_000.0, 500.0),
+        ];
+        let proxy = [
+            run(20_100.0, 21_500.0, 495.0),
+            run(20_200.0, 22_200.0, 490.0),
+        ];
+        let r = ratios(&direct, &proxy);
+        assert!(
+            (r["added_p99_us"]["median"].as_f64().unwrap() - 350.0).abs() < 1e-9,
+            "{r}"
+        );
+        assert!((r["added_p99_us"]["min"].as_f64().unwrap() - 200.0).abs() < 1e-9);
+        assert!((r["throughput_ratio"]["max"].as_f64().unwrap() - 0.99).abs() < 1e-9);
+    }
+
+    #[test]
+    fn targets_and_markdown_from_partial_results() {
+        let direct = vec![run(20_000.0, 21_000.0, 500.0)];
+        let proxy = vec![run(20_100.0, 21_500.0, 495.0)];
+        let r = json!({
+            "mode": "quick", "date": "2026-11-27T10:00:00Z", "machine": machine(),
+            "plan": { "duration_ms": 1000, "warmup_ms": 300, "repeats": 1, "streams": 200 },
+            "overhead": { "scenarios": [{
+                "load": "rate-500",
+                "variants": { "direct": aggregate_http(&direct), "enforcer_budgets": aggregate_http(&proxy) },
+                "vs_direct": { "enforcer_budgets": ratios(&direct, &proxy) },
+            }]},
+            "observer": { "skipped": "not root" },
+            "litellm": { "error": "pip failed" },
+        });
+        let mut r = r;
+        r["targets"] = targets(&r);
+        let t = r["targets"].as_array().unwrap();
+        assert_eq!(t[0]["status"], "PASS", "{}", t[0]);
+        assert_eq!(t[1]["status"], "PASS");
+        assert_eq!(t[2]["status"], "NOT MEASURED");
+        let md = markdown(&r);
+        assert!(
+            md.contains(
+                "| enforcer added p99 at 500 req/s (budgets on) | ≤ 1 ms | 500 µs | **PASS** |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("LiteLLM was not measured: pip failed"), "{md}");
+        assert!(md.contains("**Not measured: not root**"), "{md}");
+    }
+}

@@ -1,0 +1,206 @@
+//! The processes a bench run starts (redis-server, mock providers, enforcers, LiteLLM, the observer),
+//! each behind a guard that kills it, all on loopback; plus per-process CPU and memory readings.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Kills its process (and waits for it) on drop.
+pub struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    /// Spawns `cmd` under `name`.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc {
+            child,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails when the process already exited (it should be serving).
+    pub fn ensure_running(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("{} exited early with {st}", self.name);
+        }
+        Ok(())
+    }
+
+    /// Takes its stdout (when spawned with `Stdio::piped()`).
+    pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_port(port: u16, what: &str, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on 127.0.0.1:{port} within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Where the release binaries are: `$CARGO_TARGET_DIR/release` or `target/release`.
+pub fn release_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| crate::command::root().join("target"), PathBuf::from)
+        .join("release")
+}
+
+/// A redis-server without persistence on a free loopback port.
+pub fn redis(work: &Path) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let p = Proc::spawn(
+        "redis-server",
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(work)
+            .stdout(Stdio::null()),
+    )?;
+    wait_port(port, "redis-server", Duration::from_secs(10))?;
+    Ok((p, port))
+}
+
+/// A running mock provider.
+pub struct Mock {
+    /// Its process, killed when the mock is dropped.
+    pub _proc: Proc,
+    /// `127.0.0.1:PORT` (plain HTTP and TLS on the same port).
+    pub addr: String,
+    /// The CA certificate its TLS side uses (when started with TLS).
+    pub ca: PathBuf,
+}
+
+/// The provider key every mock requires (not a secret: exists only in the bench).
+pub const MOCK_KEY: &str = "sk-bench-provider";
+
+/// Starts `mock-provider` with TLS (the observer needs it; plain HTTP works on the same port).
+pub fn mock(bin: &Path, work: &Path, name: &str, latency_ms: u64, extra: &[&str]) -> Result<Mock> {
+    let ca = work.join(format!("{name}-ca.pem"));
+    let mut proc = Proc::spawn(
+        name,
+        Command::new(bin.join("mock-provider"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--tls",
+                "--print-addr",
+                "--key",
+                MOCK_KEY,
+            ])
+            .args(["--latency-ms", &latency_ms.to_string()])
+            .args(extra)
+            .arg("--ca-out")
+            .arg(&ca)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )?;
+    let mut line = String::new();
+    BufReader::new(proc.stdout().context("mock stdout")?).read_line(&mut line)?;
+    let v: Value =
+        serde_json::from_str(line.trim()).with_context(|| format!("{name} printed {line:?}"))?;
+    let addr = v["addr"]
+        .as_str()
+        .with_context(|| format!("{name} printed no addr: {line}"))?
+        .to_owned();
+    Ok(Mock {
+        _proc: proc,
+        addr,
+        ca,
+    })
+}
+
+/// Runs `enforcer hash-key` on `key`.
+pub fn hash_key(bin: &Path, key: &str) -> Result<String> {
+    let mut c = Command::new(bin.join("enforcer"))
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running enforcer hash-key")?;
+    c.stdin.take().context("stdin")?.write_all(key.as_bytes())?;
+    let out = c.wait_with_output()?;
+    let h = String::from_utf8(out.stdout)?.trim().to_owned();
+    if h.len() != 64 {
+        bail!("enforcer hash-key printed {h:?}");
+    }
+    Ok(h)
+}
+
+/// CPU time (user + system) a process used so far, in clock ticks (`/proc/PID/stat`).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the command.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`, almost always 100).
+pub fn ticks_per_s() -> f64 {
+    crate::command::output(Command::new("getconf").arg("CLK_TCK"))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Resident memory in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_cpu_and_rss() {
+        let me = std::process::id();
+        assert!(cpu_ticks(me).is_some());
+        assert!(rss_kib(me).is_some_and(|k| k > 0));
+    }
+}

@@ -1,0 +1,78 @@
+//! Streaming: 200+ concurrent SSE streams of 64 chunks, direct vs through the enforcer (budgets on),
+//! interleaved and repeated; time to first event and the gaps between events as the client sees them.
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::overhead::{Stack, Variant};
+use super::report::spread;
+use super::{Env, loadgen};
+
+pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
+    let variants = [Variant::Direct, Variant::Budgets];
+    let mut runs: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
+    for rep in 0..env.plan.repeats {
+        for k in 0..variants.len() {
+            let i = (k + rep) % variants.len();
+            let v = variants[i];
+            let r = loadgen::stream(env, &stack.target(v, true, None))
+                .with_context(|| format!("streams {}", v.name()))?;
+            eprintln!(
+                "    streams  {:<20} rep {rep}: TTFT p99 {:>6} µs  gap p50 {:>6} µs  gap p99 {:>6} µs  events/stream {:.1}  errors {}",
+                v.name(),
+                r["ttft_us"]["p99"],
+                r["gap_us"]["p50"],
+                r["gap_us"]["p99"],
+                r["events_per_stream"].as_f64().unwrap_or(0.0),
+                r["errors"]
+            );
+            runs[i].push(r);
+        }
+    }
+    let mut vs = serde_json::Map::new();
+    for (v, rs) in variants.iter().zip(&runs) {
+        vs.insert(v.name().into(), aggregate(rs));
+    }
+    let diff = |q: &'static str, field: &'static str| {
+        let d: Vec<Value> = runs[0]
+            .iter()
+            .zip(&runs[1])
+            .filter_map(|(b, r)| {
+                Some(json!({ "d": r[field][q].as_f64()? - b[field][q].as_f64()? }))
+            })
+            .collect();
+        spread(&d, |x| x["d"].as_f64())
+    };
+    Ok(json!({
+        "streams": env.plan.streams,
+        "chunks": 64,
+        "chunk_delay_ms": 10,
+        "variants": vs,
+        "vs_direct": {
+            "added_ttft_p50_us": diff("p50", "ttft_us"),
+            "added_ttft_p99_us": diff("p99", "ttft_us"),
+            "added_gap_p50_us": diff("p50", "gap_us"),
+            "added_gap_p99_us": diff("p99", "gap_us"),
+            "added_gap_p999_us": diff("p999", "gap_us"),
+        },
+    }))
+}
+
+fn aggregate(runs: &[Value]) -> Value {
+    let errors: u64 = runs
+        .iter()
+        .filter_map(|r| r["errors"].as_object())
+        .flat_map(|m| m.values().filter_map(Value::as_u64))
+        .sum();
+    let q = |field: &'static str, p: &'static str| spread(runs, move |r| r[field][p].as_f64());
+    json!({
+        "ttft_p50_us": q("ttft_us", "p50"),
+        "ttft_p99_us": q("ttft_us", "p99"),
+        "gap_p50_us": q("gap_us", "p50"),
+        "gap_p99_us": q("gap_us", "p99"),
+        "gap_p999_us": q("gap_us", "p999"),
+        "events_per_stream": spread(runs, |r| r["events_per_stream"].as_f64()),
+        "errors": errors,
+        "runs": runs,
+    })
+}
