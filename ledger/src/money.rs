@@ -219,11 +219,22 @@ mod tests {
             "sub-atto rounds up"
         );
         assert_eq!(
-            AttoUsd::from_decimal_str("0.000003000000000000000000000000000000000").unwrap().0,
+            AttoUsd::from_decimal_str("0.000003000000000000000000000000000000000")
+                .unwrap()
+                .0,
             3_000_000_000_000
         );
         assert_eq!(AttoUsd::from_decimal_str("1e-2147483648").unwrap().0, 1);
-        for bad in ["", "-1", "abc", "1e", "1.2.3", ".", "1e99999", "1e2147483647"] {
+        for bad in [
+            "",
+            "-1",
+            "abc",
+            "1e",
+            "1.2.3",
+            ".",
+            "1e99999",
+            "1e2147483647",
+        ] {
             assert!(
                 AttoUsd::from_decimal_str(bad).is_err(),
                 "{bad:?} must be rejected"
