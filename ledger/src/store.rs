@@ -8,6 +8,7 @@ mod budget;
 mod conn;
 mod keys;
 mod period;
+mod recovery;
 mod scripts;
 mod spend;
 mod types;
@@ -30,7 +31,7 @@ pub use types::{
 };
 
 use conn::{Conn, timeout_error};
-use keys::{validate_feature, validate_opt, validate_tenant};
+use keys::{validate_opt, validate_tenant};
 use scripts::Reply;
 
 use crate::{Error, Nanos};
@@ -58,6 +59,8 @@ pub struct Ledger {
     /// `llmw:tenants:<id>` entries this process has already written, so the extra SADD happens once
     /// per tenant and period per process.
     active_marked: Arc<Mutex<HashSet<String>>>,
+    /// This process's instance id, stored in every hold it creates (crash recovery finds its holds).
+    instance: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -119,7 +122,23 @@ impl Ledger {
             conn,
             cfg: Arc::new(cfg),
             active_marked: Arc::default(),
+            instance: None,
         }
+    }
+
+    /// Tags every hold this handle creates with `instance` (the enforcer's instance id), so a
+    /// restarted instance can find and resolve the holds its previous run left
+    /// ([`Ledger::instance_holds`], [`Ledger::settle_abandoned`]).
+    #[must_use]
+    pub fn with_instance(mut self, instance: &str) -> Ledger {
+        self.instance = Some(Arc::from(instance));
+        self
+    }
+
+    /// The instance id given to [`Ledger::with_instance`].
+    #[must_use]
+    pub fn instance(&self) -> Option<&str> {
+        self.instance.as_deref()
     }
 
     /// The configuration in use.
@@ -197,6 +216,7 @@ impl Ledger {
         validate_name("request_id", &r.request_id)?;
         validate_opt("feature", r.feature.as_deref())?;
         validate_opt("session", r.session.as_deref())?;
+        validate_opt("model", r.model.as_deref())?;
         if r.amount.0 < 0 {
             return Err(Error::Invalid {
                 what: "reserve amount",
@@ -235,6 +255,9 @@ impl Ledger {
             .arg(r.feature.as_deref().unwrap_or(""))
             .arg(r.session.as_deref().unwrap_or(""))
             .arg(duration_ms(self.cfg.hold_grace))
+            .arg(r.model.as_deref().unwrap_or(""))
+            .arg(duration_ms(self.cfg.idempotency_ttl))
+            .arg(self.instance.as_deref().unwrap_or(""))
             .arg(r.caps.len());
         for cap in &r.caps {
             let kind = match cap.scope {
@@ -337,11 +360,18 @@ impl Ledger {
             .await?;
         match reply.status() {
             "SETTLED" => {
-                let released = match reply.str(1)? {
-                    "" => None,
-                    v => Some(Nanos(v.parse().map_err(|_| reply.unexpected())?)),
+                let opt = |i| match reply.str(i) {
+                    Ok("") => Ok(None),
+                    Ok(v) => v
+                        .parse()
+                        .map(|n| Some(Nanos(n)))
+                        .map_err(|_| reply.unexpected()),
+                    Err(e) => Err(e),
                 };
-                Ok(SettleOutcome::Settled { released })
+                match opt(2)? {
+                    Some(estimate) => Ok(SettleOutcome::ReplacedEstimate { estimate }),
+                    None => Ok(SettleOutcome::Settled { released: opt(1)? }),
+                }
             }
             "DUPLICATE" => Ok(SettleOutcome::AlreadySettled),
             _ => Err(reply.unexpected()),
@@ -358,7 +388,8 @@ impl Ledger {
     }
 
     /// [`Ledger::release`], returning the amount that was held (`None` when the hold was already
-    /// gone).
+    /// gone). When the hold had been abandoned and committed as an estimate (it expired, or its
+    /// restarted owner gave it up), the release reverses that estimate once: nothing was billed.
     ///
     /// # Errors
     /// As [`Ledger::release`].
@@ -372,6 +403,7 @@ impl Ledger {
         let mut inv = scripts::RELEASE.prepare_invoke();
         inv.key(keys::holds(tenant))
             .key(keys::hold(tenant, reservation_id))
+            .key(keys::done(tenant, reservation_id))
             .arg(keys::prefix(tenant))
             .arg(ms(Utc::now()))
             .arg(self.cfg.reclaim_batch)
@@ -384,7 +416,7 @@ impl Ledger {
             })
             .await?;
         match reply.status() {
-            "RELEASED" => Ok(Some(Nanos(reply.int(1)?))),
+            "RELEASED" | "UNESTIMATED" => Ok(Some(Nanos(reply.int(1)?))),
             "UNKNOWN" => Ok(None),
             _ => Err(reply.unexpected()),
         }
@@ -438,6 +470,8 @@ impl Ledger {
 
     /// Reclaims up to [`LedgerConfig::reclaim_batch`] expired holds of `tenant` now (every script
     /// does this too; a periodic sweep over [`Ledger::active_tenants`] keeps idle tenants exact).
+    /// Each is committed at its reserved amount as estimated spend, once per request id: its owner
+    /// never settled or released it, so the call may have been billed.
     ///
     /// # Errors
     /// [`Error::Invalid`] for a bad tenant; [`Error::Redis`] when Redis is unavailable.
@@ -500,45 +534,6 @@ impl Ledger {
         })
     }
 
-    /// The tenant's holds (in flight or expired but not yet reclaimed), oldest expiry first; at
-    /// most `limit`. For crash recovery and inspection.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for a bad tenant; [`Error::Redis`] when Redis is unavailable.
-    pub async fn holds(&self, tenant: &str, limit: usize) -> Result<Vec<Hold>, Error> {
-        validate_tenant(tenant)?;
-        let zkey = keys::holds(tenant);
-        self.timed("holds", async {
-            let mut c = self.conn.clone();
-            let stop = isize::try_from(limit)
-                .unwrap_or(isize::MAX)
-                .saturating_sub(1);
-            let ids: Vec<String> = c.zrange(&zkey, 0, stop).await?;
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                let h: HashMap<String, String> = c.hgetall(keys::hold(tenant, &id)).await?;
-                let Some(amount) = h.get("amount").and_then(|v| v.parse().ok()) else {
-                    continue;
-                };
-                let s = |f: &str| h.get(f).cloned().unwrap_or_default();
-                let opt = |f: &str| h.get(f).filter(|v| !v.is_empty()).cloned();
-                let t = |f: &str| from_ms(h.get(f).and_then(|v| v.parse().ok()).unwrap_or(0));
-                out.push(Hold {
-                    id,
-                    amount: Nanos(amount),
-                    day: s("day"),
-                    month: s("month"),
-                    feature: opt("feature"),
-                    session: opt("session"),
-                    created_at: t("created"),
-                    expires_at: t("expires"),
-                });
-            }
-            Ok(out)
-        })
-        .await
-    }
-
     /// Tenants with any activity (reserve, settle or record) in the period containing `now`,
     /// sorted; includes tenants only the observer has seen.
     ///
@@ -558,87 +553,6 @@ impl Ledger {
             .await?;
         v.sort();
         Ok(v)
-    }
-
-    /// Stores (or replaces) a budget limit; it applies to the next reserve of every instance that
-    /// reloads budgets.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for a bad budget; [`Error::Redis`] when Redis is unavailable.
-    pub async fn set_budget(&self, b: &Budget) -> Result<(), Error> {
-        budget::validate(b)?;
-        let field = budget::field(b);
-        self.timed("set_budget", async {
-            let mut c = self.conn.clone();
-            let _: () = c.hset(BUDGETS_KEY, field, b.limit.0).await?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Stores a budget only if none exists for its tenant, feature and period: how a config file
-    /// seeds budgets without overwriting live edits. Returns whether it was stored.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for a bad budget; [`Error::Redis`] when Redis is unavailable.
-    pub async fn seed_budget(&self, b: &Budget) -> Result<bool, Error> {
-        budget::validate(b)?;
-        let field = budget::field(b);
-        self.timed("seed_budget", async {
-            let mut c = self.conn.clone();
-            Ok(c.hset_nx(BUDGETS_KEY, field, b.limit.0).await?)
-        })
-        .await
-    }
-
-    /// All stored budgets, sorted by tenant, feature, period.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] when the hash holds a malformed entry; [`Error::Redis`] when Redis is
-    /// unavailable.
-    pub async fn budgets(&self) -> Result<Vec<Budget>, Error> {
-        let h: HashMap<String, String> = self
-            .timed("budgets", async {
-                let mut c = self.conn.clone();
-                Ok(c.hgetall(BUDGETS_KEY).await?)
-            })
-            .await?;
-        let mut v = h
-            .iter()
-            .map(|(f, l)| budget::parse(f, l))
-            .collect::<Result<Vec<_>, _>>()?;
-        v.sort_by(|a, b| (&a.tenant, &a.feature, a.period).cmp(&(&b.tenant, &b.feature, b.period)));
-        Ok(v)
-    }
-
-    /// Deletes a budget; returns whether it existed.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for bad names; [`Error::Redis`] when Redis is unavailable.
-    pub async fn delete_budget(
-        &self,
-        tenant: &str,
-        feature: Option<&str>,
-        period: Period,
-    ) -> Result<bool, Error> {
-        if tenant != "*" {
-            validate_tenant(tenant)?;
-        }
-        if let Some(f) = feature {
-            validate_feature(f)?;
-        }
-        let field = budget::field(&Budget {
-            tenant: tenant.to_owned(),
-            feature: feature.map(str::to_owned),
-            period,
-            limit: Nanos::ZERO,
-        });
-        self.timed("delete_budget", async {
-            let mut c = self.conn.clone();
-            let n: u64 = c.hdel(BUDGETS_KEY, field).await?;
-            Ok(n > 0)
-        })
-        .await
     }
 }
 

@@ -316,7 +316,7 @@ async fn reserve_is_idempotent_per_request_id() {
 }
 
 #[tokio::test]
-async fn settle_after_the_hold_expired_commits_once_and_held_returns_to_zero() {
+async fn settle_after_the_hold_expired_replaces_the_estimate_once_and_held_returns_to_zero() {
     let server = RedisServer::start();
     let l = ledger(&server).await;
     let mut r = req("acme", "late", 500, vec![tenant_cap(Period::Day, 1000)]);
@@ -326,9 +326,13 @@ async fn settle_after_the_hold_expired_commits_once_and_held_returns_to_zero() {
     allowed(&l, &r).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let st = settlement(&r, 420);
+    // The settle's own reclaim commits the expired hold at 500 (estimated), then the real usage
+    // replaces that estimate.
     assert_eq!(
         l.settle(&st).await.expect("settle"),
-        SettleOutcome::Settled { released: None }
+        SettleOutcome::ReplacedEstimate {
+            estimate: Nanos(500)
+        }
     );
     assert_eq!(
         l.settle(&st).await.expect("settle again"),
@@ -340,8 +344,8 @@ async fn settle_after_the_hold_expired_commits_once_and_held_returns_to_zero() {
             .await
             .expect("tenant_spend");
         assert_eq!(
-            (s.spend, s.held, s.requests),
-            (Nanos(420), Nanos(0), 1),
+            (s.spend, s.held, s.requests, s.estimated_spend),
+            (Nanos(420), Nanos(0), 1, Nanos(0)),
             "{period}"
         );
         assert_eq!(s.by_feature.get("bot"), Some(&Nanos(420)));
@@ -356,7 +360,7 @@ async fn settle_after_the_hold_expired_commits_once_and_held_returns_to_zero() {
 }
 
 #[tokio::test]
-async fn expired_holds_are_reclaimed_by_a_later_reserve() {
+async fn expired_holds_are_committed_as_estimates_by_a_later_reserve() {
     let server = RedisServer::start();
     let l = ledger(&server).await;
     let caps = vec![tenant_cap(Period::Month, 100)];
@@ -376,23 +380,36 @@ async fn expired_holds_are_reclaimed_by_a_later_reserve() {
         ("crashed", Nanos(100), Some("bot"))
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // The next reserve reclaims the expired hold first, then fits.
-    allowed(&l, &req("acme", "after", 100, caps)).await;
+    // The next reserve reclaims the expired hold first: its owner never settled or released it, so
+    // it is committed at its reserved amount as estimated spend, and the cap stays full.
+    let d = denied(&l, &req("acme", "after", 1, caps)).await;
+    assert_eq!((d.spent, d.held), (Nanos(100), Nanos(0)));
     let s = month(&l, "acme").await;
-    assert_eq!((s.spend, s.held), (Nanos(0), Nanos(100)));
+    assert_eq!(
+        (s.spend, s.held, s.estimated_spend, s.requests),
+        (Nanos(100), Nanos(0), Nanos(100), 1)
+    );
+    assert_eq!(s.by_source.enforcer, Nanos(100));
+    assert_eq!(s.by_feature.get("bot"), Some(&Nanos(100)));
+    assert_eq!(s.by_model.get("gpt-4o-mini"), Some(&Nanos(100)));
     assert!(
         s.held_by_feature.is_empty(),
         "the feature hold was reclaimed too: {:?}",
         s.held_by_feature
     );
-    assert_eq!(l.holds("acme", 10).await.expect("holds").len(), 1);
-    // A sweep reclaims holds of tenants nobody touches any more.
+    assert!(l.holds("acme", 10).await.expect("holds").is_empty());
+    // A sweep reclaims holds of tenants nobody touches any more, once.
     let mut idle = req("idle", "x", 5, vec![]);
     idle.ttl = Duration::from_millis(50);
     allowed(&l, &idle).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(l.reclaim_expired("idle").await.expect("reclaim"), 1);
-    assert_eq!(month(&l, "idle").await.held, Nanos(0));
+    assert_eq!(l.reclaim_expired("idle").await.expect("reclaim"), 0);
+    let s = month(&l, "idle").await;
+    assert_eq!(
+        (s.held, s.spend, s.estimated_spend),
+        (Nanos(0), Nanos(5), Nanos(5))
+    );
 }
 
 #[tokio::test]

@@ -1,6 +1,10 @@
 //! Budgets: how they are stored in `llmw:budgets` and how the caps of one call are resolved from them.
 
-use super::keys::{validate_feature, validate_tenant};
+use std::collections::HashMap;
+
+use redis::AsyncCommands;
+
+use super::keys::{BUDGETS_KEY, validate_feature, validate_tenant};
 use super::{Budget, Cap, CapScope, Period};
 use crate::{Error, Nanos};
 
@@ -119,6 +123,91 @@ pub fn resolve_caps(
         });
     }
     caps
+}
+
+// === impl Ledger: budgets ===
+
+impl super::Ledger {
+    /// Stores (or replaces) a budget limit; it applies to the next reserve of every instance that
+    /// reloads budgets.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad budget; [`Error::Redis`] when Redis is unavailable.
+    pub async fn set_budget(&self, b: &Budget) -> Result<(), Error> {
+        validate(b)?;
+        let field = field(b);
+        self.timed("set_budget", async {
+            let mut c = self.conn.clone();
+            let _: () = c.hset(BUDGETS_KEY, field, b.limit.0).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stores a budget only if none exists for its tenant, feature and period: how a config file
+    /// seeds budgets without overwriting live edits. Returns whether it was stored.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad budget; [`Error::Redis`] when Redis is unavailable.
+    pub async fn seed_budget(&self, b: &Budget) -> Result<bool, Error> {
+        validate(b)?;
+        let field = field(b);
+        self.timed("seed_budget", async {
+            let mut c = self.conn.clone();
+            Ok(c.hset_nx(BUDGETS_KEY, field, b.limit.0).await?)
+        })
+        .await
+    }
+
+    /// All stored budgets, sorted by tenant, feature, period.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the hash holds a malformed entry; [`Error::Redis`] when Redis is
+    /// unavailable.
+    pub async fn budgets(&self) -> Result<Vec<Budget>, Error> {
+        let h: HashMap<String, String> = self
+            .timed("budgets", async {
+                let mut c = self.conn.clone();
+                Ok(c.hgetall(BUDGETS_KEY).await?)
+            })
+            .await?;
+        let mut v = h
+            .iter()
+            .map(|(f, l)| parse(f, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        v.sort_by(|a, b| (&a.tenant, &a.feature, a.period).cmp(&(&b.tenant, &b.feature, b.period)));
+        Ok(v)
+    }
+
+    /// Deletes a budget; returns whether it existed.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names; [`Error::Redis`] when Redis is unavailable.
+    pub async fn delete_budget(
+        &self,
+        tenant: &str,
+        feature: Option<&str>,
+        period: Period,
+    ) -> Result<bool, Error> {
+        if tenant != "*" {
+            validate_tenant(tenant)?;
+        }
+        if let Some(f) = feature {
+            validate_feature(f)?;
+        }
+        let field = field(&Budget {
+            tenant: tenant.to_owned(),
+            feature: feature.map(str::to_owned),
+            period,
+            limit: Nanos::ZERO,
+        });
+        self.timed("delete_budget", async {
+            let mut c = self.conn.clone();
+            let n: u64 = c.hdel(BUDGETS_KEY, field).await?;
+            Ok(n > 0)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -22,12 +22,14 @@ macro_rules! script {
 pub(crate) static RESERVE: LazyLock<Script> = script!("reserve.lua");
 /// Replaces a hold with the actual cost, once per request id (lua/settle.lua).
 pub(crate) static SETTLE: LazyLock<Script> = script!("settle.lua");
-/// Drops a hold without spend (lua/release.lua).
+/// Drops a hold without spend, or reverses its abandoned estimate (lua/release.lua).
 pub(crate) static RELEASE: LazyLock<Script> = script!("release.lua");
 /// Commits observer spend, once per event id (lua/record.lua).
 pub(crate) static RECORD: LazyLock<Script> = script!("record.lua");
-/// Reclaims expired holds (lua/reclaim.lua).
+/// Commits expired holds as estimates (lua/reclaim.lua).
 pub(crate) static RECLAIM: LazyLock<Script> = script!("reclaim.lua");
+/// Commits one hold at its reserved amount as an estimate (lua/abandon.lua).
+pub(crate) static ABANDON: LazyLock<Script> = script!("abandon.lua");
 
 /// A script reply: a status word and its string fields.
 pub(crate) struct Reply {

@@ -122,8 +122,8 @@ pub struct ReserveRequest {
     pub model: Option<String>,
     /// The worst-case cost to hold.
     pub amount: Nanos,
-    /// How long the hold lives if never settled or released (then it is reclaimed without spend).
-    /// Must exceed the longest call the caller allows.
+    /// How long the hold lives if never settled or released; then it is reclaimed and committed
+    /// at `amount` as estimated spend. Must exceed the longest call the caller allows.
     pub ttl: Duration,
     /// The caps to check, in order; a denial names the first one violated.
     pub caps: Vec<Cap>,
@@ -229,7 +229,7 @@ pub enum ReserveOutcome {
 }
 
 /// The real cost of a call made under a reservation (or, for a spool replay, without one).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settlement {
     /// The tenant.
     pub tenant: String,
@@ -262,10 +262,17 @@ pub enum SettleOutcome {
     },
     /// This request id was settled before; nothing changed.
     AlreadySettled,
+    /// The call's hold had been abandoned (it expired, or its restarted owner gave it up) and
+    /// committed at its reserved amount as an estimate; that estimate was reversed and this real
+    /// usage committed instead, once (a late settle, typically a spool replay).
+    ReplacedEstimate {
+        /// The estimated amount that was removed.
+        estimate: Nanos,
+    },
 }
 
 /// Spend the observer saw (no reservation); idempotent per event id.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// The tenant.
     pub tenant: String,
@@ -376,6 +383,10 @@ pub struct Hold {
     pub created_at: DateTime<Utc>,
     /// Expiry time.
     pub expires_at: DateTime<Utc>,
+    /// The model of the reserve, if any (an abandoned hold's estimate is booked under it).
+    pub model: Option<String>,
+    /// The instance that created it ([`super::Ledger::with_instance`]), if any.
+    pub instance: Option<String>,
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 -- Money is integer nano-USD. Amounts are passed to HINCRBY as the strings the caller sent, so Redis
 -- does the arithmetic in 64-bit integers; Lua numbers (doubles) are only used to compare against caps.
 
--- Subtracts `amount` (a decimal string) from a held counter, never leaving it negative and never
--- re-creating a hash that has already expired.
+-- Subtracts `amount` (a decimal string) from a counter (held, or a committed estimate being
+-- replaced), never leaving it negative and never re-creating a hash that has already expired.
 local function unhold(key, field, amount)
   if redis.call('EXISTS', key) == 0 then return end
   local v = redis.call('HINCRBY', key, field, '-' .. amount)
@@ -34,14 +34,6 @@ local function drop_hold(prefix, id)
   end
   redis.call('DEL', hold_key)
   return amount
-end
-
--- Reclaims up to `limit` holds whose expiry (ZSET score, ms) is at or before `now_ms`.
--- Returns how many were reclaimed.
-local function reclaim(prefix, now_ms, limit)
-  local ids = redis.call('ZRANGEBYSCORE', prefix .. 'holds', '-inf', now_ms, 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do drop_hold(prefix, id) end
-  return #ids
 end
 
 -- Sets the absolute expiry (unix seconds) of a period hash; idempotent.
@@ -83,19 +75,112 @@ local function read_usage(i)
 end
 
 -- Commits usage to the day hash, the month hash and the session hash (when there is a session).
--- ARGV layout from `base`: day id, month id, day expire-at (s), month expire-at (s), session ttl (s).
-local function commit_all(prefix, base, u, source)
-  local dk = prefix .. 'spend:d:' .. ARGV[base]
-  local mk = prefix .. 'spend:m:' .. ARGV[base + 1]
-  commit(dk, u, source)
-  commit(mk, u, source)
-  expire_at(dk, ARGV[base + 2])
-  expire_at(mk, ARGV[base + 3])
+-- `day_exp`/`month_exp` are the period hashes' absolute expiries (unix s); `sess_ttl` the session ttl (s).
+-- A period hash is only created when its expiry is known (never a hash without TTL).
+local function commit_to(prefix, day, month, day_exp, month_exp, sess_ttl, u, source)
+  local dk = prefix .. 'spend:d:' .. day
+  local mk = prefix .. 'spend:m:' .. month
+  if day_exp or redis.call('EXISTS', dk) == 1 then
+    commit(dk, u, source)
+    if day_exp then expire_at(dk, day_exp) end
+  end
+  if month_exp or redis.call('EXISTS', mk) == 1 then
+    commit(mk, u, source)
+    if month_exp then expire_at(mk, month_exp) end
+  end
   if u.session ~= '' then
     local sk = prefix .. 'session:' .. u.session
     redis.call('HINCRBY', sk, 'spend', u.cost)
     redis.call('HINCRBY', sk, 'requests', 1)
-    redis.call('EXPIRE', sk, ARGV[base + 4])
+    redis.call('EXPIRE', sk, sess_ttl or 86400)
   end
 end
 
+-- commit_to with the ARGV layout from `base`: day id, month id, day expire-at (s), month expire-at (s),
+-- session ttl (s).
+local function commit_all(prefix, base, u, source)
+  commit_to(prefix, ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], u, source)
+end
+
+-- Splits a done-marker value on '\n' (names never contain control characters).
+local function split_nl(s)
+  local out, start = {}, 1
+  while true do
+    local i = string.find(s, '\n', start, true)
+    if not i then
+      out[#out + 1] = string.sub(s, start)
+      return out
+    end
+    out[#out + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+
+-- Whether a done marker records an estimate committed for an abandoned hold (rather than a real
+-- settle): "est\n<amount>\n<day>\n<month>\n<feature>\n<session>\n<model>".
+local function is_estimate(v)
+  return string.sub(v, 1, 4) == 'est\n'
+end
+
+-- Commits an abandoned hold (expired, or given up by its restarted owner) as spend: its reserved
+-- amount, flagged `estimated`, one request, src:enforcer, no tokens. Exactly once per request id:
+-- the done marker is set NX to an "est" value describing what was committed, so a later real settle
+-- can replace the estimate (see unestimate) and a later reserve of the id is refused.
+-- Drops the hold. Returns the amount, or false when the hold does not exist.
+local function abandon_hold(prefix, id)
+  local hold_key = prefix .. 'hold:' .. id
+  local h = redis.call('HMGET', hold_key, 'amount', 'day', 'month', 'feature', 'session', 'model',
+    'day_exp', 'month_exp', 'session_ttl', 'done_ttl')
+  if not h[1] then
+    redis.call('ZREM', prefix .. 'holds', id)
+    return false
+  end
+  local amount = h[1]
+  local u = {
+    cost = amount, input = '0', output = '0', cache_read = '0', cache_write = '0',
+    model = h[6] or '', feature = h[4] or '', session = h[5] or '', bypass = '0', estimated = '1',
+  }
+  local marker = table.concat({'est', amount, h[2], h[3], u.feature, u.session, u.model}, '\n')
+  local fresh = redis.call('SET', prefix .. 'done:' .. id, marker, 'NX', 'PX', h[10] or 604800000)
+  drop_hold(prefix, id)
+  if fresh then
+    commit_to(prefix, h[2], h[3], h[7], h[8], h[9], u, 'enforcer')
+  end
+  return amount
+end
+
+-- Reverses what abandon_hold committed, given its done-marker value (counters never go negative,
+-- expired hashes are not re-created). Returns the estimated amount it removed.
+local function unestimate(prefix, v)
+  local f = split_nl(v)
+  local amount, feature, session, model = f[2], f[5] or '', f[6] or '', f[7] or ''
+  for _, key in ipairs({prefix .. 'spend:d:' .. f[3], prefix .. 'spend:m:' .. f[4]}) do
+    unhold(key, 'spend', amount)
+    unhold(key, 'requests', '1')
+    unhold(key, 'src:enforcer', amount)
+    unhold(key, 'estimated', amount)
+    if feature ~= '' then
+      unhold(key, 'feature:' .. feature .. ':spend', amount)
+      unhold(key, 'feature:' .. feature .. ':requests', '1')
+    end
+    if model ~= '' then
+      unhold(key, 'model:' .. model .. ':spend', amount)
+      unhold(key, 'model:' .. model .. ':requests', '1')
+    end
+  end
+  if session ~= '' then
+    local sk = prefix .. 'session:' .. session
+    unhold(sk, 'spend', amount)
+    unhold(sk, 'requests', '1')
+  end
+  return amount
+end
+
+-- Reclaims up to `limit` holds whose expiry (ZSET score, ms) is at or before `now_ms`: each is
+-- committed at its reserved amount as estimated spend (abandon_hold), because its owner neither
+-- settled nor released it, so the call may well have been billed. Returns how many were reclaimed.
+local function reclaim(prefix, now_ms, limit)
+  local ids = redis.call('ZRANGEBYSCORE', prefix .. 'holds', '-inf', now_ms, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do abandon_hold(prefix, id) end
+  return #ids
+end

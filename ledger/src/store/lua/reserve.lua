@@ -2,8 +2,8 @@
 -- KEYS[1] holds ZSET (llmw:{T}:holds); KEYS[2] the hold hash; KEYS[3] the done marker.
 -- ARGV: 1 prefix, 2 now ms, 3 reclaim limit, 4 reservation id, 5 amount, 6 ttl ms,
 --       7 day id, 8 month id, 9 day expire-at s, 10 month expire-at s, 11 session ttl s,
---       12 feature ('' = none), 13 session ('' = none), 14 hold safety ttl ms, 15 cap count,
---       then per cap: kind ('t' tenant, 'f' feature, 's' session), period ('d' / 'm'), limit.
+--       12 feature ('' = none), 13 session ('' = none), 14 hold safety ttl ms, 15 model ('' = none),
+--       16 done ttl ms, 17 instance id ('' = none), 18 cap count, then per cap: kind ('t' tenant, 'f' feature, 's' session), period ('d' / 'm'), limit.
 -- Reply: {'ALLOW', amount, expires_ms, 'new'|'existing'} | {'DENY', cap index (1-based), spend, held}
 --        | {'SETTLED'} when the request id was already settled.
 local prefix = ARGV[1]
@@ -27,9 +27,9 @@ local feature = ARGV[12]
 local session = ARGV[13]
 local sk = prefix .. 'session:' .. session
 
-local n = tonumber(ARGV[15])
+local n = tonumber(ARGV[18])
 for i = 1, n do
-  local base = 15 + (i - 1) * 3
+  local base = 18 + (i - 1) * 3
   local kind, period, limit = ARGV[base + 1], ARGV[base + 2], tonumber(ARGV[base + 3])
   local key = (period == 'd') and dk or mk
   local fs, fh = 'spend', 'held'
@@ -59,7 +59,9 @@ if session ~= '' then
   redis.call('EXPIRE', sk, ARGV[11])
 end
 redis.call('HSET', KEYS[2], 'amount', amount_s, 'day', ARGV[7], 'month', ARGV[8],
-  'feature', feature, 'session', session, 'created', ARGV[2], 'expires', expires)
+  'feature', feature, 'session', session, 'created', ARGV[2], 'expires', expires,
+  'model', ARGV[15], 'day_exp', ARGV[9], 'month_exp', ARGV[10], 'session_ttl', ARGV[11],
+  'done_ttl', ARGV[16], 'instance', ARGV[17])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[6]) + tonumber(ARGV[14]))
 redis.call('ZADD', KEYS[1], expires, id)
 return {'ALLOW', amount_s, string.format('%d', expires), 'new'}

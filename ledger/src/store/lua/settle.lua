@@ -3,13 +3,20 @@
 -- ARGV: 1 prefix, 2 now ms, 3 reclaim limit, 4 request id (= reservation id), 5 done ttl ms,
 --       6 day id, 7 month id, 8 day expire-at s, 9 month expire-at s, 10 session ttl s,
 --       11.. usage: cost, input, output, cache_read, cache_write, model, feature, session, bypass, estimated.
--- Reply: {'SETTLED', held amount released or ''} | {'DUPLICATE', cost recorded by the first settle}.
+-- Reply: {'SETTLED', held amount released or '', estimate replaced or ''}
+--        | {'DUPLICATE', the done marker's value}.
+-- A done marker holding an estimate (the hold was abandoned and committed at its reserved amount)
+-- is replaced: the estimate is reversed and the real usage committed instead, once.
 local prefix = ARGV[1]
 reclaim(prefix, tonumber(ARGV[2]), tonumber(ARGV[3]))
 local u = read_usage(11)
-if not redis.call('SET', KEYS[3], u.cost, 'NX', 'PX', ARGV[5]) then
-  return {'DUPLICATE', redis.call('GET', KEYS[3]) or ''}
+local prev = redis.call('GET', KEYS[3])
+local replaced = ''
+if prev then
+  if not is_estimate(prev) then return {'DUPLICATE', prev} end
+  replaced = unestimate(prefix, prev)
 end
+redis.call('SET', KEYS[3], u.cost, 'PX', ARGV[5])
 local held = drop_hold(prefix, ARGV[4])
 commit_all(prefix, 6, u, 'enforcer')
-return {'SETTLED', held or ''}
+return {'SETTLED', held or '', replaced}

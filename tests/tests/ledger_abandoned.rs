@@ -1,0 +1,237 @@
+//! Abandoned holds (issue 5 item 2): a hold whose owner never settles or releases it is committed
+//! at its reserved amount as estimated spend, exactly once; a late real settle replaces the
+//! estimate, a late release reverses it; a restarted instance finds and resolves its own holds.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use ledger::Nanos;
+use ledger::store::{
+    Cap, CapScope, Ledger, Period, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement,
+    TenantSpend, TokenCounts,
+};
+use llmwarden_tests::redis::RedisServer;
+
+async fn ledger(server: &RedisServer) -> Ledger {
+    Ledger::connect(&server.url())
+        .await
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", server.url()))
+}
+
+fn req(id: &str, amount: i64, ttl_ms: u64) -> ReserveRequest {
+    ReserveRequest {
+        tenant: "acme".into(),
+        feature: Some("bot".into()),
+        session: Some("s1".into()),
+        request_id: id.into(),
+        provider: "openai".into(),
+        model: Some("gpt-4o-mini".into()),
+        amount: Nanos(amount),
+        ttl: Duration::from_millis(ttl_ms),
+        caps: vec![Cap {
+            scope: CapScope::Tenant,
+            period: Period::Month,
+            limit: Nanos(1_000_000),
+        }],
+        at: Utc::now(),
+    }
+}
+
+fn real(r: &ReserveRequest, cost: i64) -> Settlement {
+    Settlement {
+        tenant: r.tenant.clone(),
+        request_id: r.request_id.clone(),
+        feature: r.feature.clone(),
+        session: r.session.clone(),
+        model: r.model.clone(),
+        cost: Nanos(cost),
+        tokens: TokenCounts {
+            input: 40,
+            output: 9,
+            cache_read: 0,
+            cache_write: 0,
+        },
+        estimated: false,
+        started_at: r.at,
+    }
+}
+
+async fn reserve(l: &Ledger, r: &ReserveRequest) {
+    match l.reserve(r).await.expect("reserve") {
+        ReserveOutcome::Allowed(_) => {}
+        ReserveOutcome::Denied(d) => panic!("reserve {} denied: {d}", r.request_id),
+    }
+}
+
+async fn figures(l: &Ledger) -> Vec<TenantSpend> {
+    let mut v = Vec::new();
+    for p in Period::ALL {
+        v.push(
+            l.tenant_spend("acme", p, Utc::now())
+                .await
+                .expect("tenant_spend"),
+        );
+    }
+    v
+}
+
+/// (spend, held, estimated, requests, input tokens, feature spend, model spend, enforcer spend)
+fn key_figures(s: &TenantSpend) -> (i64, i64, i64, u64, u64, i64, i64, i64) {
+    (
+        s.spend.0,
+        s.held.0,
+        s.estimated_spend.0,
+        s.requests,
+        s.input_tokens,
+        s.by_feature.get("bot").map_or(0, |n| n.0),
+        s.by_model.get("gpt-4o-mini").map_or(0, |n| n.0),
+        s.by_source.enforcer.0,
+    )
+}
+
+#[tokio::test]
+async fn an_expired_hold_is_committed_once_as_an_estimate() {
+    let server = RedisServer::start();
+    let l = ledger(&server).await;
+    let r = req("crashed", 700, 50);
+    reserve(&l, &r).await;
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(l.reclaim_expired("acme").await.expect("reclaim"), 1);
+    assert_eq!(l.reclaim_expired("acme").await.expect("reclaim"), 0);
+    for s in figures(&l).await {
+        assert_eq!(
+            key_figures(&s),
+            (700, 0, 700, 1, 0, 700, 700, 700),
+            "{}",
+            s.period_id
+        );
+    }
+    let sess = l.session_spend("acme", "s1").await.expect("session");
+    assert_eq!(
+        (sess.spend, sess.held, sess.requests),
+        (Nanos(700), Nanos(0), 1)
+    );
+    // The id is used up: a new reserve with it is refused, a second abandon finds nothing.
+    assert!(l.reserve(&r).await.is_err(), "reserve of a reclaimed id");
+    assert_eq!(
+        l.settle_abandoned("acme", "crashed")
+            .await
+            .expect("abandon"),
+        None
+    );
+    assert!(l.holds("acme", 10).await.expect("holds").is_empty());
+}
+
+#[tokio::test]
+async fn a_late_real_settle_replaces_the_estimate_exactly_once() {
+    let server = RedisServer::start();
+    let l = ledger(&server).await;
+    let r = req("late", 700, 50);
+    reserve(&l, &r).await;
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(l.reclaim_expired("acme").await.expect("reclaim"), 1);
+    let st = real(&r, 260);
+    assert_eq!(
+        l.settle(&st).await.expect("settle"),
+        SettleOutcome::ReplacedEstimate {
+            estimate: Nanos(700)
+        }
+    );
+    // A replayed spool sends it again: nothing changes.
+    assert_eq!(
+        l.settle(&st).await.expect("settle again"),
+        SettleOutcome::AlreadySettled
+    );
+    for s in figures(&l).await {
+        assert_eq!(
+            key_figures(&s),
+            (260, 0, 0, 1, 40, 260, 260, 260),
+            "{}",
+            s.period_id
+        );
+        assert_eq!(s.requests_by_model.get("gpt-4o-mini"), Some(&1));
+    }
+    let sess = l.session_spend("acme", "s1").await.expect("session");
+    assert_eq!((sess.spend, sess.requests), (Nanos(260), 1));
+    // A late release after the real settle changes nothing.
+    assert_eq!(l.release_hold("acme", "late").await.expect("release"), None);
+    assert_eq!(key_figures(&figures(&l).await[1]).0, 260);
+}
+
+#[tokio::test]
+async fn a_late_release_reverses_the_estimate_once() {
+    let server = RedisServer::start();
+    let l = ledger(&server).await;
+    let r = req("failed", 300, 50);
+    reserve(&l, &r).await;
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(l.reclaim_expired("acme").await.expect("reclaim"), 1);
+    assert_eq!(key_figures(&figures(&l).await[1]).0, 300);
+    assert_eq!(
+        l.release_hold("acme", "failed").await.expect("release"),
+        Some(Nanos(300))
+    );
+    assert_eq!(l.release_hold("acme", "failed").await.expect("again"), None);
+    for s in figures(&l).await {
+        assert_eq!(key_figures(&s), (0, 0, 0, 0, 0, 0, 0, 0), "{}", s.period_id);
+    }
+    // The id stays used up: a settle after the release is a duplicate.
+    assert_eq!(
+        l.settle(&real(&r, 10)).await.expect("settle"),
+        SettleOutcome::AlreadySettled
+    );
+    let sess = l.session_spend("acme", "s1").await.expect("session");
+    assert_eq!((sess.spend, sess.requests), (Nanos(0), 0));
+}
+
+#[tokio::test]
+async fn a_restarted_instance_finds_and_settles_only_its_own_holds() {
+    let server = RedisServer::start();
+    let a = ledger(&server).await.with_instance("enf-a");
+    let b = ledger(&server).await.with_instance("enf-b");
+    let ra = req("a-1", 400, 3_600_000);
+    let rb = req("b-1", 90, 3_600_000);
+    reserve(&a, &ra).await;
+    reserve(&b, &rb).await;
+    // "Restart" of enf-a: a new handle with the same instance id.
+    let a2 = ledger(&server).await.with_instance("enf-a");
+    let mine = a2
+        .instance_holds("enf-a", Utc::now(), 1000)
+        .await
+        .expect("instance_holds");
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    let (tenant, hold) = &mine[0];
+    assert_eq!((tenant.as_str(), hold.id.as_str()), ("acme", "a-1"));
+    assert_eq!(
+        (hold.amount, hold.model.as_deref(), hold.instance.as_deref()),
+        (Nanos(400), Some("gpt-4o-mini"), Some("enf-a"))
+    );
+    assert_eq!(
+        a2.settle_abandoned(tenant, &hold.id)
+            .await
+            .expect("abandon"),
+        Some(Nanos(400))
+    );
+    assert_eq!(
+        a2.settle_abandoned(tenant, &hold.id).await.expect("again"),
+        None
+    );
+    let s = &figures(&a2).await[1];
+    assert_eq!(
+        (s.spend, s.held, s.estimated_spend),
+        (Nanos(400), Nanos(90), Nanos(400))
+    );
+    // enf-b's hold is untouched and settles normally.
+    assert_eq!(
+        b.settle(&real(&rb, 80)).await.expect("settle b"),
+        SettleOutcome::Settled {
+            released: Some(Nanos(90))
+        }
+    );
+    assert!(
+        a2.instance_holds("enf-a", Utc::now(), 1000)
+            .await
+            .expect("holds")
+            .is_empty()
+    );
+}
