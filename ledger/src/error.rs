@@ -56,4 +56,27 @@ pub enum Error {
         /// Why.
         detail: String,
     },
+
+    /// The local spool (usage waiting for Redis) could not be read or written.
+    #[error("spool {path}: {detail}")]
+    Spool {
+        /// The spool directory or file.
+        path: String,
+        /// What failed, with the fix where there is one.
+        detail: String,
+    },
+
+    /// The local spool reached its byte bound; the record was refused (and counted), not dropped.
+    #[error(
+        "spool {dir} is full ({used} of {limit} bytes); usage cannot be saved until Redis is reachable \
+         and the spool replays, or raise spool max_bytes"
+    )]
+    SpoolFull {
+        /// The spool directory.
+        dir: String,
+        /// Bytes in use.
+        used: u64,
+        /// The configured bound.
+        limit: u64,
+    },
 }

@@ -8,6 +8,7 @@ pub mod money;
 pub mod price;
 pub mod provider;
 pub mod request;
+pub mod spool;
 pub mod sse;
 pub mod store;
 pub mod usage;
