@@ -87,6 +87,15 @@ pub struct Config {
     /// Worst-case USD one instance may admit per UTC day without reservations while Redis is down
     /// (`on_redis_unavailable = "allow"`); past it calls get 503.
     pub redis_unavailable_cap_usd: f64,
+    /// This instance's id: tags its holds in Redis and names its spool, so a restart with the same
+    /// config finds what the previous run left. Default "<hostname>-<listen port>".
+    pub instance_id: String,
+    /// Where usage that could not be written to Redis waits (fsync'd) for replay. Default
+    /// `/var/lib/llmwarden/spool/<instance_id>/`.
+    pub spool_dir: Option<PathBuf>,
+    /// Bound of the spool in bytes; when full, usage that cannot reach Redis is refused and
+    /// counted (`llmwarden_spool_refused`). Default 256 MiB.
+    pub spool_max_bytes: u64,
     /// How a reservation lives if never settled (seconds); must exceed the longest call.
     pub reserve_ttl_secs: u64,
     /// Output tokens assumed when neither the request nor the price table gives a limit.
@@ -131,6 +140,9 @@ impl Default for Config {
             unknown_model_price: DefaultPrice::default(),
             on_redis_unavailable: OnRedisUnavailable::Deny,
             redis_unavailable_cap_usd: 10.0,
+            instance_id: String::new(),
+            spool_dir: None,
+            spool_max_bytes: 256 << 20,
             // 15 minutes: longer than any sane completion, short enough that a crash frees budget soon.
             reserve_ttl_secs: 900,
             max_output_tokens_cap: 32_768,
@@ -163,6 +175,9 @@ pub struct Timeouts {
     pub idle_ms: u64,
     /// Each Redis operation on the hot path (reserve, loop counters).
     pub redis_ms: u64,
+    /// A client must send its request head, and separately its whole body, within this (slow
+    /// clients: the connection is closed, or the call gets 400).
+    pub client_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -173,6 +188,7 @@ impl Default for Timeouts {
             first_byte_ms: 600_000,
             idle_ms: 120_000,
             redis_ms: 1_000,
+            client_ms: 30_000,
         }
     }
 }

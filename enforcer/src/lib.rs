@@ -16,6 +16,7 @@ pub mod loop_guard;
 pub mod meter;
 pub mod metrics;
 pub mod proxy;
+pub mod recovery;
 pub mod report;
 pub mod route;
 pub mod server;
@@ -86,6 +87,12 @@ pub struct App {
     pub emergency: budget::EmergencyCap,
     /// Admin token (None when the admin listener is off).
     pub admin_token: Option<String>,
+    /// This instance's id (tags its holds, names its spool).
+    pub instance: String,
+    /// Usage waiting for Redis.
+    pub spool: ledger::spool::Spool,
+    /// Replays the spool while the enforcer runs.
+    pub replayer: ledger::spool::Replayer,
 }
 
 impl App {
@@ -133,9 +140,13 @@ impl App {
             connection_timeout: redis_timeout,
             ..LedgerConfig::default()
         };
+        let instance = recovery::instance_id(&cfg);
         let ledger = Ledger::connect_lazy(&cfg.redis_url, lcfg)
             .await
-            .map_err(|e| format!("redis_url: {e}"))?;
+            .map_err(|e| format!("redis_url: {e}"))?
+            .with_instance(&instance);
+        let spool = recovery::open_spool(&cfg, &instance)?;
+        let replayer = recovery::start(&spool, &ledger, instance.clone(), chrono::Utc::now());
         let budgets = BudgetCache::new(ledger.clone(), cfg.session_cap());
         let loops = LoopGuard::new(&cfg.redis_url, &cfg.session, redis_timeout);
         let metrics = Arc::new(Metrics::new(&cfg.metrics));
@@ -156,6 +167,9 @@ impl App {
             metrics,
             emergency,
             admin_token,
+            instance,
+            spool,
+            replayer,
         })
     }
 

@@ -130,6 +130,10 @@ pub struct Metrics {
     pub estimated_settlements: Counter<u64, AtomicU64>,
     /// Settles or releases that failed (the hold expires by TTL).
     pub ledger_errors: Counter<u64, AtomicU64>,
+    /// Settles and releases written to the local spool because Redis was unreachable.
+    pub spooled: Counter<u64, AtomicU64>,
+    /// Settles and releases the spool refused (full or failing disk): usage not saved locally.
+    pub spool_refused: Counter<u64, AtomicU64>,
     tenants: Bounded,
     models: Bounded,
 }
@@ -155,6 +159,18 @@ impl Metrics {
         let redis_unavailable_admissions = Counter::default();
         let estimated_settlements = Counter::default();
         let ledger_errors = Counter::default();
+        let spooled = Counter::default();
+        let spool_refused = Counter::default();
+        registry.register(
+            "llmwarden_spooled_records",
+            "Settles and releases written to the local spool while Redis was unreachable",
+            spooled.clone(),
+        );
+        registry.register(
+            "llmwarden_spool_refused",
+            "Settles and releases the local spool refused (full or disk error)",
+            spool_refused.clone(),
+        );
         registry.register(
             "llmwarden_requests",
             "Proxied requests by decision",
@@ -229,6 +245,8 @@ impl Metrics {
             redis_unavailable_admissions,
             estimated_settlements,
             ledger_errors,
+            spooled,
+            spool_refused,
             tenants: Bounded {
                 max: cfg.max_tenants,
                 seen: Mutex::default(),

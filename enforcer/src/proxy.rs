@@ -149,7 +149,25 @@ async fn proxy(
     let real_key = app.upstream_key(provider)?;
     let mut headers = parts.headers.clone();
     route::upstream_headers(&mut headers, provider.kind, real_key);
-    let body = read_body(body, app.cfg.max_request_body_bytes).await?;
+    // A declared length over the limit gets 413 at once, without waiting for the body.
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit = app.cfg.max_request_body_bytes;
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let client_wait = Duration::from_millis(app.cfg.timeouts.client_ms);
+    let body = tokio::time::timeout(client_wait, read_body(body, app.cfg.max_request_body_bytes))
+        .await
+        .map_err(|_| {
+            ProxyError::BodyRead(format!(
+                "the request body did not arrive within {} ms (timeouts.client_ms)",
+                client_wait.as_millis()
+            ))
+        })??;
 
     let endpoint: Endpoint = match endpoint {
         Some(ep) if !ep.api.is_free() => ep,
@@ -248,6 +266,7 @@ async fn proxy(
         started_at,
         start: ctx.start,
         reserved: amount,
+        spool: app.spool.clone(),
     };
     app.metrics
         .overhead

@@ -79,12 +79,18 @@ pub async fn run(app: App) -> Result<(), String> {
             r = listener.accept() => {
                 let Ok((stream, _)) = r else { continue };
                 let _ = stream.set_nodelay(true);
+                let client_wait = Duration::from_millis(app.cfg.timeouts.client_ms);
                 let app = app.clone();
                 let svc = service_fn(move |req| {
                     let app = app.clone();
                     async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req).await) }
                 });
-                let builder = Builder::new(TokioExecutor::new());
+                let mut builder = Builder::new(TokioExecutor::new());
+                // Slow clients: a request head must arrive within timeouts.client_ms.
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(client_wait);
                 match &tls {
                     None => {
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use ledger::Nanos;
 use ledger::money::AttoUsd;
 use ledger::price::{Cost, PriceTable};
+use ledger::spool::SpoolEntry;
 use ledger::store::{Ledger, Settlement, TokenCounts};
 use ledger::usage::Usage;
 
@@ -153,6 +154,8 @@ pub struct Settler {
     pub start: Instant,
     /// The reserved amount.
     pub reserved: Nanos,
+    /// Where usage goes when Redis cannot take it.
+    pub spool: ledger::spool::Spool,
 }
 
 /// What a settle did, for the response header and the log.
@@ -191,7 +194,15 @@ impl Settler {
                 && let Err(e) = l.release(&self.tenant, &self.request_id).await
             {
                 self.metrics.ledger_errors.inc();
-                tracing::warn!(request_id = %self.request_id, error = %e, "release failed; the hold expires by its ttl");
+                tracing::warn!(request_id = %self.request_id, error = %e, "release failed");
+                if crate::recovery::should_spool(&e) {
+                    let entry = SpoolEntry::Release {
+                        tenant: self.tenant.clone(),
+                        request_id: self.request_id.clone(),
+                    };
+                    crate::recovery::spool(&self.spool, &self.metrics, entry, &self.request_id)
+                        .await;
+                }
             }
             if reason != QUIET_RELEASE {
                 self.log("released", reason, None, Nanos::ZERO, &Usage::default());
@@ -213,7 +224,7 @@ impl Settler {
         }
         let model = self.pricing_model(response_model.as_deref());
         let cost = self.pricing.cost(&model, &usage);
-        if let Some(l) = &self.ledger {
+        {
             let s = Settlement {
                 tenant: self.tenant.clone(),
                 request_id: self.request_id.clone(),
@@ -230,9 +241,24 @@ impl Settler {
                 estimated: usage.estimated,
                 started_at: self.started_at,
             };
-            if let Err(e) = l.settle(&s).await {
-                self.metrics.ledger_errors.inc();
-                tracing::warn!(request_id = %self.request_id, error = %e, "settle failed; the hold expires by its ttl");
+            // No reservation (admitted while Redis was unreachable): straight to the spool.
+            let res = match &self.ledger {
+                Some(l) => l.settle(&s).await.map(|_| ()),
+                None => Err(ledger::Error::Spool {
+                    path: String::new(),
+                    detail: "admitted without a reservation".into(),
+                }),
+            };
+            if let Err(e) = res {
+                if self.ledger.is_some() {
+                    self.metrics.ledger_errors.inc();
+                    tracing::warn!(request_id = %self.request_id, error = %e, "settle failed");
+                }
+                if crate::recovery::should_spool(&e) {
+                    let rid = self.request_id.clone();
+                    crate::recovery::spool(&self.spool, &self.metrics, SpoolEntry::Settle(s), &rid)
+                        .await;
+                }
             }
         }
         let secs = self.start.elapsed().as_secs_f64();

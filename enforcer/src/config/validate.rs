@@ -188,6 +188,19 @@ impl Config {
                 return Err(bad("admin_token_env", "required while admin_listen is on"));
             }
         }
+        if !self.instance_id.is_empty() {
+            ledger::store::validate_name("instance_id", &self.instance_id)
+                .map_err(|e| bad("instance_id", e.to_string()))?;
+            if self.instance_id.contains('/') || self.instance_id.starts_with('.') {
+                return Err(bad(
+                    "instance_id",
+                    "names a directory: no '/' and no leading '.'",
+                ));
+            }
+        }
+        if self.spool_max_bytes < 64 << 10 {
+            return Err(bad("spool_max_bytes", "at least 65536 bytes"));
+        }
         if !(self.redis_url.starts_with("redis://")
             || self.redis_url.starts_with("rediss://")
             || self.redis_url.starts_with("redis+cluster://"))
