@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use ledger::price::{Cost, PriceTable};
+use ledger::spool::{Replayer, ReplayerConfig, Spool, SpoolConfig, SpoolEntry};
 use ledger::store::{Ledger, TokenCounts, UsageRecord};
 use ledger::usage::Usage;
 use serde::Serialize;
@@ -109,13 +110,41 @@ pub enum Sink {
         last_bypass: HashMap<(String, String), Instant>,
         /// Bypass event window.
         window: Duration,
+        /// Records Redis could not take, replayed by `_replayer` when it answers again.
+        spool: Spool,
+        /// Replays the spool in the background.
+        _replayer: Replayer,
     },
+}
+
+/// The observer's spool: `spool_dir`, else `/var/lib/llmwarden/spool/observer-<hostname>-<metrics
+/// port>/` (stable across restarts, distinct for several observers on one host).
+#[must_use]
+pub fn spool_config(
+    dir: Option<&std::path::Path>,
+    metrics_listen: &str,
+    max_bytes: u64,
+) -> SpoolConfig {
+    let mut c = match dir {
+        Some(d) => SpoolConfig::new(d),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().replace('/', "_"))
+                .unwrap_or_default();
+            let port = metrics_listen.rsplit(':').next().unwrap_or("0");
+            SpoolConfig::for_instance(&format!("observer-{host}-{port}"))
+        }
+    };
+    c.max_bytes = max_bytes;
+    c
 }
 
 impl Sink {
     /// Connects to Redis for the daemon.
-    pub async fn ledger(url: &str, window: Duration) -> Result<Sink> {
+    pub async fn ledger(url: &str, window: Duration, spool: SpoolConfig) -> Result<Sink> {
         let ledger = Ledger::connect(url).await?;
+        let spool = Spool::open(spool)?;
+        let replayer = Replayer::spawn(spool.clone(), ledger.clone(), ReplayerConfig::default());
         let plain = url.replace("redis+cluster://", "redis://");
         let plain = plain.split(',').next().unwrap_or(&plain).to_owned();
         let redis = redis::Client::open(plain)?.get_connection_manager().await?;
@@ -124,6 +153,8 @@ impl Sink {
             redis,
             last_bypass: HashMap::new(),
             window,
+            spool,
+            _replayer: replayer,
         })
     }
 
@@ -150,6 +181,8 @@ impl Sink {
                 redis,
                 last_bypass,
                 window,
+                spool,
+                ..
             } => {
                 let record = UsageRecord {
                     tenant: rec.tenant.clone(),
@@ -173,7 +206,19 @@ impl Sink {
                 };
                 if let Err(e) = ledger.record(&record).await {
                     metrics.ledger_errors.inc();
-                    tracing::error!(error = %e, tenant = %rec.tenant, "ledger record failed");
+                    if matches!(e, ledger::Error::Invalid { .. }) {
+                        tracing::error!(error = %e, tenant = %rec.tenant, "ledger record refused");
+                    } else {
+                        // Redis unreachable: keep the record on disk until the replayer sends it.
+                        match spool.append(&SpoolEntry::Record(record)).await {
+                            Ok(()) => tracing::warn!(error = %e, tenant = %rec.tenant,
+                                "ledger record failed; spooled until Redis answers"),
+                            Err(se) => {
+                                tracing::error!(error = %e, spool_error = %se, tenant = %rec.tenant,
+                                "ledger record failed and the spool refused it: call lost")
+                            }
+                        }
+                    }
                 }
                 let key = (rec.service.clone(), rec.provider.clone());
                 let due = last_bypass.get(&key).is_none_or(|t| t.elapsed() >= *window);
