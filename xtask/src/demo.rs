@@ -195,7 +195,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         let observer_toml = work.join("observer.toml");
         std::fs::write(
             &observer_toml,
-            observer_config(&redis_url, metrics, &mock_addr),
+            observer_config(
+                &redis_url,
+                metrics,
+                &mock_addr,
+                &work.join("observer-spool"),
+            ),
         )?;
         step("starting the observer (eBPF uprobes on OpenSSL)");
         let o = spawn(
@@ -393,6 +398,7 @@ listen = "127.0.0.1:{listen}"
 admin_listen = "127.0.0.1:{admin}"
 admin_token_env = "WARDEN_ADMIN_TOKEN"
 redis_url = "{redis}"
+spool_dir = "{spool}"
 
 [providers.openai]
 kind = "openai"
@@ -416,14 +422,16 @@ tenant = "acme"
 period = "month"
 limit_usd = 50.0
 "#,
-        ca = ca.display()
+        ca = ca.display(),
+        spool = ca.with_file_name("enforcer-spool").display(),
     )
 }
 
-fn observer_config(redis: &str, metrics: u16, mock_addr: &str) -> String {
+fn observer_config(redis: &str, metrics: u16, mock_addr: &str, spool: &Path) -> String {
     format!(
         r#"# Written by `cargo xtask demo`.
 redis_url = "{redis}"
+spool_dir = "{spool}"
 metrics_listen = "127.0.0.1:{metrics}"
 
 [[providers]]
@@ -434,7 +442,8 @@ kind = "openai"
 comm = "batch-summ*"
 tenant = "acme"
 service = "batch-summarizer"
-"#
+"#,
+        spool = spool.display()
     )
 }
 

@@ -1,7 +1,10 @@
 //! llmwarden's automation: `cargo xtask setup | test | ...`. The only place shell-like glue lives.
 
+mod bench;
+mod chaos;
 mod command;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -24,8 +27,15 @@ enum Task {
     /// setup, then cargo fmt --check, clippy -D warnings, and every test (unit, integration with a
     /// real redis-server, eBPF as root).
     Test(test::TestArgs),
+    /// Benchmarks (enforcer overhead, streaming, ledger, LiteLLM, observer) → BENCHMARKS.md, bench/results.json.
+    Bench(bench::BenchArgs),
     /// Start the whole stack on this machine and drive a scripted workload through both paths.
     Demo(demo::DemoArgs),
+    /// Fuzz the parsers (cargo-fuzz, nightly): replay fuzz/regressions, then 60 s per target.
+    Fuzz(fuzz::FuzzArgs),
+    /// Reliability chaos: 1000 calls over two enforcers, Redis paused, one enforcer killed; checks
+    /// caps, holds and that the ledger equals what the mock billed (`--short`: 120 calls).
+    Chaos(chaos::ChaosArgs),
 }
 
 fn main() -> Result<()> {
@@ -34,5 +44,8 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test(args) => test::run(&args),
         Task::Demo(args) => demo::run(&args),
+        Task::Bench(args) => bench::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
+        Task::Chaos(args) => chaos::run(&args),
     }
 }

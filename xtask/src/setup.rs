@@ -32,6 +32,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz for `cargo xtask fuzz` and the smoke fuzz of `cargo xtask test` (builds with 1.95).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Python packages for the integration tests, pinned so a fresh machine gets what was tested.
 const PYTHON_REQUIREMENTS: &str = "tests/python/requirements.txt";
@@ -40,6 +42,7 @@ pub fn run() -> Result<()> {
     apt()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     venv()?;
     step("setup complete");
     Ok(())
@@ -132,6 +135,24 @@ fn bpf_linker() -> Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
+}
+
+fn cargo_fuzz() -> Result<()> {
+    let have = output(cargo().args(["fuzz", "--version"])).unwrap_or_default();
+    if have.contains(CARGO_FUZZ_VERSION) {
+        step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}: present"));
+        return Ok(());
+    }
+    step(&format!(
+        "installing cargo-fuzz {CARGO_FUZZ_VERSION} (the fuzz targets, about two minutes)"
+    ));
+    command::run(cargo().args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))
 }
 
 fn venv() -> Result<()> {

@@ -64,6 +64,10 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if command::run(&mut test).is_err() {
         bail!("tests failed (see above)");
     }
+    step("fuzz smoke: kept regressions, then a few seconds per target");
+    crate::fuzz::smoke()?;
+    step("the demo, non-interactively: denials via the enforcer, bypass via the observer");
+    crate::demo::run(&crate::demo::DemoArgs::checked_run())?;
     step("all checks passed");
     Ok(())
 }

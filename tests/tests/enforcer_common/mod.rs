@@ -105,6 +105,7 @@ listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 admin_token_env = "TEST_WARDEN_ADMIN_TOKEN"
 redis_url = "{redis}"
+spool_dir = "{spool}"
 
 [providers.openai]
 base_url = "{https}/v1"
@@ -131,6 +132,7 @@ allowed_tenants = ["*"]
 {extra}
 "#,
             redis = redis.url(),
+            spool = dir.path().join("spool").display(),
             https = mock.https_url(),
             http = mock.http_url(),
             ca = mock.ca_pem_path().display(),
