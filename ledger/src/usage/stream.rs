@@ -90,9 +90,44 @@ impl StreamState {
     }
 }
 
+/// The whitespace a body starts with, before its first other byte decides the framing, kept in a
+/// compact form: only an event stream replays it, and whitespace-only lines never produce events.
+/// What can still matter to the SSE parser is whether a line ended (the first line may start
+/// with a BOM) and whether a partial line of blanks is pending (it prefixes the next field
+/// name), so at most two bytes stand for any amount of leading whitespace.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Preamble {
+    line_ended: bool,
+    blanks_pending: bool,
+}
+
+impl Preamble {
+    /// Notes `whitespace`, a run of ASCII whitespace bytes.
+    fn push(&mut self, whitespace: &[u8]) {
+        match whitespace.iter().rposition(|&b| b == b'\n' || b == b'\r') {
+            Some(end) => {
+                self.line_ended = true;
+                self.blanks_pending = end + 1 < whitespace.len();
+            }
+            None => self.blanks_pending |= !whitespace.is_empty(),
+        }
+    }
+
+    /// Bytes the SSE parser treats like the whitespace noted. The byte that follows is never a
+    /// line end, so whether the last one was CR or LF makes no difference.
+    fn replay(self) -> &'static [u8] {
+        match (self.line_ended, self.blanks_pending) {
+            (false, false) => b"",
+            (false, true) => b" ",
+            (true, false) => b"\n",
+            (true, true) => b"\n ",
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Framing {
-    Undecided(Vec<u8>),
+    Undecided(Preamble),
     Sse(SseParser, Vec<SseEvent>),
     Array(JsonArraySplitter),
     Body {
@@ -118,7 +153,7 @@ impl StreamMeter {
     pub fn new(endpoint: &Endpoint) -> Self {
         Self {
             endpoint: endpoint.clone(),
-            framing: Framing::Undecided(Vec::new()),
+            framing: Framing::Undecided(Preamble::default()),
             state: StreamState {
                 kind: endpoint.kind,
                 model_in_path: endpoint.model_in_path.clone(),
@@ -136,14 +171,15 @@ impl StreamMeter {
     /// Feeds the next chunk of the (de-chunked, decompressed) body. Never panics.
     pub fn feed(&mut self, chunk: &[u8]) {
         let mut chunk = chunk;
-        if let Framing::Undecided(pending) = &mut self.framing {
-            let Some(first) = chunk.iter().position(|b| !b.is_ascii_whitespace()) else {
-                if pending.len() < 4096 {
-                    pending.extend_from_slice(chunk);
-                }
+        if let Framing::Undecided(preamble) = &mut self.framing {
+            // Leading whitespace goes through the same compact form whether it arrives alone or
+            // with the first byte that decides, so the result does not depend on the chunking.
+            let first = chunk.iter().position(|b| !b.is_ascii_whitespace());
+            preamble.push(&chunk[..first.unwrap_or(chunk.len())]);
+            let Some(first) = first else {
                 return;
             };
-            let replay = std::mem::take(pending);
+            let replay = preamble.replay();
             self.framing = match chunk[first] {
                 b'{' => Framing::Body {
                     head: Vec::new(),
@@ -154,10 +190,9 @@ impl StreamMeter {
                 _ => Framing::Sse(SseParser::new(), Vec::new()),
             };
             if let Framing::Sse(..) = self.framing {
-                self.feed_framed(&replay);
-            } else {
-                chunk = &chunk[first..];
+                self.feed_framed(replay);
             }
+            chunk = &chunk[first..];
         }
         self.feed_framed(chunk);
     }
@@ -281,7 +316,7 @@ impl StreamMeter {
     /// An SSE event left without its terminating blank line is used if its data is complete JSON.
     #[must_use]
     pub fn finish(mut self) -> ResponseMeta {
-        match std::mem::replace(&mut self.framing, Framing::Undecided(Vec::new())) {
+        match std::mem::replace(&mut self.framing, Framing::Undecided(Preamble::default())) {
             Framing::Sse(mut parser, _) => {
                 if let Some(event) = parser.take_unterminated() {
                     self.on_data(&event.data);

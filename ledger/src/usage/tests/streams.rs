@@ -361,3 +361,76 @@ fn empty_stream_is_an_estimated_zero() {
         })
     );
 }
+
+/// The meter's result for `body` fed whole, in `size`-byte chunks, and one byte at a time.
+fn stream_three_ways(endpoint: &Endpoint, body: &[u8], size: usize) -> [ResponseMeta; 3] {
+    let chunked: Vec<&[u8]> = body.chunks(size).collect();
+    let bytes: Vec<&[u8]> = body.chunks(1).collect();
+    [
+        stream(endpoint, &[body]),
+        stream(endpoint, &chunked),
+        stream(endpoint, &bytes),
+    ]
+}
+
+#[test]
+fn long_leading_whitespace_keeps_its_line_ends_when_chunked() {
+    // fuzz/regressions/stream_usage/undecided-whitespace-over-4k-drops-line-ends: over 4 KiB of
+    // leading blanks used to stop the line ends after them being kept, so the event was lost
+    // when the body arrived in 255-byte chunks (the blanks prefixed the `data` field name).
+    let event = br#"data: {"choices":[{"delta":{"content":"hello world"}}],"model":"gpt-4o"}"#;
+    let mut body = vec![b' '; 4335];
+    body.extend_from_slice(&[b'\n'; 255]);
+    body.extend_from_slice(event);
+    body.extend_from_slice(b"\n\n");
+    let want = ResponseMeta {
+        model: Some("gpt-4o".to_owned()),
+        usage: Some(Usage {
+            output_tokens: 2,
+            estimated: true,
+            ..Usage::default()
+        }),
+    };
+    for meta in stream_three_ways(&chat(), &body, 255) {
+        assert_eq!(meta, want);
+    }
+}
+
+#[test]
+fn leading_whitespace_is_read_the_same_however_it_is_split() {
+    let event = br#"data: {"choices":[{"delta":{"content":"hello world"}}],"model":"gpt-4o"}"#;
+    let counted = Some("gpt-4o");
+    for (prefix, model) in [
+        // Blank lines with CR, LF and CRLF ends, and blanks between them, are skipped.
+        (b"\r".repeat(3), counted),
+        (b"\r\n \t\x0c\r".repeat(2000), counted),
+        (b" \n".repeat(5000), counted),
+        // Blanks left on the last line belong to the field name: "  data" is not "data".
+        (b"\n  ".to_vec(), None),
+        (
+            b"\r\n"
+                .repeat(3000)
+                .into_iter()
+                .chain([b' '; 5000])
+                .collect(),
+            None,
+        ),
+        // A BOM is stripped from the first line only, and a line of blanks is a line.
+        (b"\n\xEF\xBB\xBF".to_vec(), None),
+    ] {
+        let mut body = prefix.clone();
+        body.extend_from_slice(event);
+        body.extend_from_slice(b"\n\n");
+        for (i, meta) in stream_three_ways(&chat(), &body, 255)
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(
+                meta.model.as_deref(),
+                model,
+                "split {i}, prefix of {} bytes",
+                prefix.len()
+            );
+        }
+    }
+}
