@@ -1,7 +1,8 @@
 """The demo's scripted workload, driven with the official SDKs.
 
     workload.py checkout URL KEY N   -- service "checkout-assistant" through the enforcer (base_url)
-    workload.py batch URL CA N       -- service "batch-summarizer" straight at the provider (bypass)
+    workload.py batch URL CA N       -- service "batch-summarizer" straight at the provider (bypass);
+                                        CA "-" means the system roots and OPENAI_API_KEY (--real)
 
 Prints one JSON line per call on stdout: {"service", "ok", "status", "cost", "error"}. Never prints
 prompts or keys.
@@ -9,6 +10,7 @@ prompts or keys.
 
 import ctypes
 import json
+import os
 import sys
 import time
 
@@ -66,11 +68,12 @@ def checkout(base_url: str, key: str, n: int) -> None:
 
 def batch(base_url: str, ca: str, n: int) -> None:
     set_comm("batch-summarize")
+    real = ca == "-"
     client = openai.OpenAI(
         base_url=base_url,
-        api_key="sk-demo-direct",
+        api_key=os.environ["OPENAI_API_KEY"] if real else "sk-demo-direct",
         max_retries=0,
-        http_client=httpx.Client(verify=ca, http2=False),
+        http_client=httpx.Client(verify=True if real else ca, http2=False),
         default_headers={"X-Tenant-ID": "acme", "X-Feature-Name": "batch-summarizer"},
     )
     for i in range(n):

@@ -69,6 +69,20 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+fn wait_log(path: &Path, needle: &str, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle)) {
+        if Instant::now() > deadline {
+            bail!(
+                "{what} did not log {needle:?} within 90 s; see {}",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 fn wait_port(port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -94,10 +108,9 @@ impl DemoArgs {
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
-    if args.real {
+    if args.real && std::env::var_os("OPENAI_API_KEY").is_none() {
         bail!(
-            "--real is not implemented yet: it needs the enforcer pointed at the public endpoints with \
-             OPENAI_API_KEY; run without --real for the simulated provider"
+            "--real calls api.openai.com with your key: set OPENAI_API_KEY (it is never printed)"
         );
     }
     crate::setup::run()?;
@@ -139,36 +152,20 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         format!("redis://127.0.0.1:{port}")
     };
 
-    // The simulated provider over real TLS.
-    step("starting the simulated provider (OpenAI API over TLS, 20 ms latency)");
-    let ca = work.join("mock-ca.pem");
-    let mut mock = spawn(
-        "mock-provider",
-        Command::new(bin.join("mock-provider"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--tls",
-                "--latency-ms",
-                "20",
-                "--print-addr",
-            ])
-            // Long answers, so the checkout budget runs out within the demo.
-            .args(["--output-tokens", "350"])
-            .arg("--ca-out")
-            .arg(&ca)
-            .stdout(Stdio::piped()),
-    )?;
-    let mock_addr = read_mock_addr(mock.0.stdout.take().context("mock stdout")?)?;
-    let mock_url = format!("https://{mock_addr}");
-
+    // The provider: the simulated one over real TLS, or (--real) api.openai.com.
+    let upstream = if args.real {
+        step("--real: the enforcer and batch-summarizer call api.openai.com with OPENAI_API_KEY");
+        Upstream::real()
+    } else {
+        Upstream::simulated(&bin, &work)?
+    };
     // The enforcer.
     let (listen, admin) = (free_port()?, free_port()?);
     let key_hash = hash_key(&bin)?;
     let enforcer_toml = work.join("enforcer.toml");
     std::fs::write(
         &enforcer_toml,
-        enforcer_config(listen, admin, &redis_url, &mock_url, &ca, &key_hash),
+        enforcer_config(listen, admin, &redis_url, &upstream, &work, &key_hash),
     )?;
     step(&format!(
         "starting the enforcer on 127.0.0.1:{listen} (admin 127.0.0.1:{admin})"
@@ -180,7 +177,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             .arg(&enforcer_toml)
             .env("WARDEN_ADMIN_TOKEN", "demo-admin-token")
             .env("DEMO_PROVIDER_KEY", "sk-demo-provider")
-            .env("RUST_LOG", "warn")
+            .env("ENFORCER_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(work.join("enforcer.log"))?),
     )?;
@@ -195,12 +192,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         let observer_toml = work.join("observer.toml");
         std::fs::write(
             &observer_toml,
-            observer_config(
-                &redis_url,
-                metrics,
-                &mock_addr,
-                &work.join("observer-spool"),
-            ),
+            observer_config(&redis_url, metrics, &upstream, &work.join("observer-spool")),
         )?;
         step("starting the observer (eBPF uprobes on OpenSSL)");
         let o = spawn(
@@ -208,11 +200,13 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             Command::new(bin.join("observer"))
                 .arg("--config")
                 .arg(&observer_toml)
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(work.join("observer.log"))?),
         )?;
         wait_port(metrics, "observer")?;
+        // Calls made before the probes are attached are not seen; wait for the initial scan.
+        wait_log(&work.join("observer.log"), "observer ready", "observer")?;
         Some(o)
     } else {
         step(
@@ -242,10 +236,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "batch-summarizer",
         Command::new(&py)
             .arg(&script)
-            .args(["batch", &format!("{mock_url}/v1")])
-            .arg(&ca)
+            .args(["batch", &upstream.direct_url])
+            .arg(upstream.ca.as_deref().unwrap_or(Path::new("-")))
             .arg(&calls)
-            .env("SSL_CERT_FILE", &ca)
             .stdout(Stdio::piped()),
     )?;
     let mut workers = vec![checkout, batch];
@@ -384,14 +377,76 @@ fn hash_key(bin: &Path) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
 
+/// Where the LLM calls go: the simulated provider (default) or the real one (`--real`).
+struct Upstream {
+    /// The provider's OpenAI base URL for direct (bypass) calls.
+    direct_url: String,
+    /// CA to trust for it (the simulated provider's throw-away CA), if any.
+    ca: Option<PathBuf>,
+    /// `host:port` the observer must treat as an OpenAI endpoint besides the built-in ones.
+    extra_host: Option<String>,
+    /// The simulated provider's process.
+    _mock: Option<Proc>,
+}
+
+impl Upstream {
+    fn real() -> Upstream {
+        Upstream {
+            direct_url: "https://api.openai.com/v1".to_owned(),
+            ca: None,
+            extra_host: None,
+            _mock: None,
+        }
+    }
+
+    fn simulated(bin: &Path, work: &Path) -> Result<Upstream> {
+        step("starting the simulated provider (OpenAI API over TLS, 20 ms latency)");
+        let ca = work.join("mock-ca.pem");
+        let mut mock = spawn(
+            "mock-provider",
+            Command::new(bin.join("mock-provider"))
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--tls",
+                    "--latency-ms",
+                    "20",
+                    "--print-addr",
+                ])
+                // Long answers, so the checkout budget runs out within the demo.
+                .args(["--output-tokens", "350"])
+                .arg("--ca-out")
+                .arg(&ca)
+                .stdout(Stdio::piped()),
+        )?;
+        let addr = read_mock_addr(mock.0.stdout.take().context("mock stdout")?)?;
+        Ok(Upstream {
+            direct_url: format!("https://{addr}/v1"),
+            ca: Some(ca),
+            extra_host: Some(addr),
+            _mock: Some(mock),
+        })
+    }
+}
+
 fn enforcer_config(
     listen: u16,
     admin: u16,
     redis: &str,
-    mock: &str,
-    ca: &Path,
+    upstream: &Upstream,
+    work: &Path,
     key_hash: &str,
 ) -> String {
+    let provider = match &upstream.ca {
+        Some(ca) => format!(
+            "[providers.openai]\nkind = \"openai\"\nbase_url = \"{}\"\napi_key_env = \"DEMO_PROVIDER_KEY\"\nca_file = \"{}\"\n",
+            upstream.direct_url,
+            ca.display()
+        ),
+        None => {
+            "[providers.openai]\nkind = \"openai\"\napi_key_env = \"OPENAI_API_KEY\"\n".to_owned()
+        }
+    };
     format!(
         r#"# Written by `cargo xtask demo`.
 listen = "127.0.0.1:{listen}"
@@ -400,12 +455,7 @@ admin_token_env = "WARDEN_ADMIN_TOKEN"
 redis_url = "{redis}"
 spool_dir = "{spool}"
 
-[providers.openai]
-kind = "openai"
-base_url = "{mock}/v1"
-api_key_env = "DEMO_PROVIDER_KEY"
-ca_file = "{ca}"
-
+{provider}
 [[keys]]
 sha256 = "{key_hash}"
 tenant = "acme"
@@ -422,22 +472,24 @@ tenant = "acme"
 period = "month"
 limit_usd = 50.0
 "#,
-        ca = ca.display(),
-        spool = ca.with_file_name("enforcer-spool").display(),
+        spool = work.join("enforcer-spool").display(),
     )
 }
 
-fn observer_config(redis: &str, metrics: u16, mock_addr: &str, spool: &Path) -> String {
+fn observer_config(redis: &str, metrics: u16, upstream: &Upstream, spool: &Path) -> String {
+    // api.openai.com is built in; the simulated provider is an extra host.
+    let extra = upstream
+        .extra_host
+        .as_ref()
+        .map(|h| format!("[[providers]]\nhost = \"{h}\"\nkind = \"openai\"\n"))
+        .unwrap_or_default();
     format!(
         r#"# Written by `cargo xtask demo`.
 redis_url = "{redis}"
 spool_dir = "{spool}"
 metrics_listen = "127.0.0.1:{metrics}"
 
-[[providers]]
-host = "{mock_addr}"
-kind = "openai"
-
+{extra}
 [[attribution]]
 comm = "batch-summ*"
 tenant = "acme"
