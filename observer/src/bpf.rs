@@ -13,6 +13,7 @@ use observer_common::{
     ConnKey, FLAG_CGROUP_ALLOWLIST, FLAG_PID_ALLOWLIST, ObserverConfig, STAT_COUNT,
 };
 
+use crate::config::AllowLists;
 use crate::elf::SslSymbols;
 
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
@@ -62,15 +63,6 @@ pub struct KernelSettings {
     pub per_call_limit: u32,
     /// Wake the reader only when this many bytes are waiting.
     pub wakeup_threshold: u32,
-}
-
-/// Kernel filter allow-lists written at load (`allow_pids`, `allow_cgroups` in the config).
-#[derive(Debug, Clone, Default)]
-pub struct AllowLists {
-    /// When `Some`, only these processes are captured.
-    pub pids: Option<Vec<u32>>,
-    /// When `Some`, only processes in these cgroups (ids = cgroup v2 directory inode) are captured.
-    pub cgroups: Option<Vec<u64>>,
 }
 
 /// The programs, owned by the discovery thread: attaching never runs on the reader's thread.

@@ -9,8 +9,6 @@ use anyhow::{Context as _, Result, bail};
 use ledger::provider::ProviderKind;
 use serde::{Deserialize, Serialize};
 
-use crate::bpf::AllowLists;
-
 /// Default config path.
 pub const DEFAULT_PATH: &str = "/etc/llmwarden/observer.toml";
 
@@ -337,6 +335,15 @@ impl Config {
 
 /// Most entries of each kernel allow-list (`ALLOW_PIDS` / `ALLOW_CGROUPS` map size).
 pub const ALLOW_LIST_MAX: usize = 4096;
+
+/// Kernel filter allow-lists written at load (`allow_pids`, `allow_cgroups` in the config).
+#[derive(Debug, Clone, Default)]
+pub struct AllowLists {
+    /// When `Some`, only these processes are captured.
+    pub pids: Option<Vec<u32>>,
+    /// When `Some`, only processes in these cgroups (ids = cgroup v2 directory inode) are captured.
+    pub cgroups: Option<Vec<u64>>,
+}
 
 #[cfg(test)]
 mod tests {

@@ -3,16 +3,16 @@
 
 mod attribution;
 mod bpf;
-mod config;
 mod connections;
 mod daemon;
-mod decode;
 mod discovery;
 mod elf;
-mod exchange;
-mod http1;
 mod metrics;
 mod sink;
+
+// The pure parsers and the config live in the library (src/lib.rs, fuzzable without the eBPF
+// object); imported at the crate root so the daemon's modules keep their `crate::config` paths.
+use observer::{config, exchange, http1};
 
 use std::path::PathBuf;
 
