@@ -285,6 +285,10 @@ impl Exchange {
                 return;
             }
         };
+        if decoder.truncated() {
+            // Decoded past MAX_DECODED: what is kept is not the whole body.
+            r.complete = false;
+        }
         if let Some(m) = r.meter.as_mut() {
             m.feed(&plain);
         } else if r.body.len() + plain.len() <= MAX_RESPONSE_BODY {

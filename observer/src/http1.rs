@@ -11,6 +11,25 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 /// Most headers parsed per message.
 const MAX_HEADERS: usize = 64;
+/// Most requests awaiting their response: beyond it the response side is taken as lost (a
+/// desync), so neither this side nor the exchange's pairing queue grows without bound.
+pub const MAX_PIPELINED: usize = 64;
+/// Longest chunk-size, chunk-end or trailer line (without its LF).
+const MAX_CHUNK_LINE: usize = 4096;
+/// What a response must start with to resynchronise on it.
+const RESPONSE_MARKER: &[u8] = b"HTTP/1.";
+/// What a request must start with to resynchronise on it.
+const REQUEST_MARKERS: [&[u8]; 7] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"PATCH ",
+    b"HEAD ",
+    b"OPTIONS ",
+];
+/// Longest of the markers above.
+const MAX_MARKER: usize = 8;
 
 /// Which side of the client connection bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +88,8 @@ enum Chunk {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Waiting for a head; `resync` = only accept one at the start of an SSL call.
+    /// Waiting for a head; `resync` = only accept one at the start of an SSL call (the buffer
+    /// then holds the start of a call too short to tell, such as `HT`).
     Head {
         resync: bool,
     },
@@ -122,7 +142,9 @@ impl Connection {
         self.req.buf.capacity() + self.resp.buf.capacity()
     }
 
-    /// Feeds bytes of one side. `call_start` is true when they begin an SSL call (resync point).
+    /// Feeds bytes of one side. `call_start` is true when they begin an SSL call (resync point);
+    /// it applies to the first byte only: after a desync, the rest of the call is skipped, never
+    /// read as a new message (a body may hold anything, `HTTP/1.1 200` included).
     pub fn feed(
         &mut self,
         side: Side,
@@ -133,11 +155,10 @@ impl Connection {
         if self.http2 {
             return;
         }
+        let mut at_call_start = call_start;
         while !data.is_empty() {
-            let used = match side {
-                Side::Request => self.step_request(data, call_start, out),
-                Side::Response => self.step_response(data, call_start, out),
-            };
+            let used = self.step(side, data, at_call_start, out);
+            at_call_start = false;
             if self.http2 {
                 return;
             }
@@ -145,8 +166,11 @@ impl Connection {
         }
     }
 
-    /// Reports `n` bytes of `side` that were not captured.
+    /// Reports `n` bytes of `side` that were not captured (nothing once HTTP/2 was seen).
     pub fn gap(&mut self, side: Side, n: u64, out: &mut Vec<HttpEvent>) {
+        if self.http2 {
+            return;
+        }
         let stream = self.stream(side);
         match stream.state {
             State::Length(rem) if n <= rem => {
@@ -157,13 +181,16 @@ impl Connection {
                 }
             }
             State::UntilClose => out.push(HttpEvent::BodyGap(side, n)),
+            // Already out of sync: lost bytes change nothing, except that held bytes of a call
+            // start no longer continue into what comes next.
+            State::Head { resync: true } => stream.buf.clear(),
             _ => self.desync(side, "bytes lost inside a head or chunk framing", out),
         }
     }
 
     /// The connection closed: a read-until-close response ends here.
     pub fn close(&mut self, out: &mut Vec<HttpEvent>) {
-        if self.resp.state == State::UntilClose {
+        if self.resp.state == State::UntilClose && !self.http2 {
             self.resp.state = State::Head { resync: false };
             out.push(HttpEvent::End(Side::Response));
         }
@@ -191,24 +218,64 @@ impl Connection {
         out.push(HttpEvent::End(side));
     }
 
-    fn step_request(&mut self, data: &[u8], call_start: bool, out: &mut Vec<HttpEvent>) -> usize {
-        if let State::Head { resync } = self.req.state {
-            if self.req.buf.is_empty() && resync && !(call_start && looks_like_request(data)) {
-                return data.len();
-            }
-            return self.parse_head(Side::Request, data, out);
+    /// Parses from the start of `data`; returns the bytes consumed (at least one).
+    fn step(
+        &mut self,
+        side: Side,
+        data: &[u8],
+        call_start: bool,
+        out: &mut Vec<HttpEvent>,
+    ) -> usize {
+        match self.stream(side).state {
+            State::Head { resync: true } => match self.resync(side, data, call_start) {
+                Some(used) => used,
+                None => self.parse_head(side, data, out),
+            },
+            State::Head { resync: false } => self.parse_head(side, data, out),
+            _ => self.step_body(side, data, out),
         }
-        self.step_body(Side::Request, data, out)
     }
 
-    fn step_response(&mut self, data: &[u8], call_start: bool, out: &mut Vec<HttpEvent>) -> usize {
-        if let State::Head { resync } = self.resp.state {
-            if self.resp.buf.is_empty() && resync && !(call_start && data.starts_with(b"HTTP/1.")) {
-                return data.len();
+    /// After a desync a head is trusted only where an SSL call starts with `HTTP/1.` (or a
+    /// method): returns the bytes of `data` skipped or held, or `None` when a head starts here.
+    /// A call start too short to tell (`HT`) is held until the next bytes decide.
+    fn resync(&mut self, side: Side, data: &[u8], call_start: bool) -> Option<usize> {
+        let stream = self.stream(side);
+        if !stream.buf.is_empty() {
+            let probe: Vec<u8> = stream
+                .buf
+                .iter()
+                .chain(data)
+                .take(MAX_MARKER)
+                .copied()
+                .collect();
+            match marker(side, &probe) {
+                Marker::Found => {
+                    stream.state = State::Head { resync: false };
+                    return None;
+                }
+                Marker::Partial => {
+                    stream.buf.extend_from_slice(data);
+                    return Some(data.len());
+                }
+                // A new call may still start a head on its own.
+                Marker::No => stream.buf.clear(),
             }
-            return self.parse_head(Side::Response, data, out);
         }
-        self.step_body(Side::Response, data, out)
+        if !call_start {
+            return Some(data.len());
+        }
+        match marker(side, data) {
+            Marker::Found => {
+                stream.state = State::Head { resync: false };
+                None
+            }
+            Marker::Partial => {
+                stream.buf.extend_from_slice(data);
+                Some(data.len())
+            }
+            Marker::No => Some(data.len()),
+        }
     }
 
     /// Appends to the head buffer and parses; returns bytes of `data` consumed.
@@ -232,6 +299,10 @@ impl Connection {
             Side::Response => parse_response_head(&stream.buf),
         };
         match parsed {
+            Ok(Some(_)) if side == Side::Request && self.pending_methods.len() >= MAX_PIPELINED => {
+                self.desync(side, "too many requests without a response", out);
+                data.len()
+            }
             Ok(Some((head_len, head, framing))) => {
                 let used = head_len - before;
                 self.stream(side).buf = Vec::new();
@@ -329,36 +400,52 @@ impl Connection {
                 n
             }
             Chunk::Size | Chunk::DataEnd | Chunk::Trailers => {
-                // Line-oriented parts: buffer up to the next LF.
+                // Line-oriented parts: buffer up to the next LF, with the same length limit
+                // whether the line arrives whole or in pieces.
                 let Some(lf) = data.iter().position(|&b| b == b'\n') else {
                     stream.buf.extend_from_slice(data);
-                    if stream.buf.len() > 4096 {
+                    if stream.buf.len() > MAX_CHUNK_LINE {
                         self.desync(side, "chunk size line too long", out);
                     }
                     return data.len();
                 };
+                if stream.buf.len() + lf > MAX_CHUNK_LINE {
+                    self.desync(side, "chunk size line too long", out);
+                    return data.len();
+                }
                 stream.buf.extend_from_slice(&data[..=lf]);
                 let line = std::mem::take(&mut stream.buf);
-                match chunk {
+                let why = match chunk {
                     Chunk::DataEnd if line == b"\r\n" || line == b"\n" => {
                         stream.state = State::Chunked(Chunk::Size);
+                        None
                     }
-                    Chunk::DataEnd => self.desync(side, "missing CRLF after chunk", out),
+                    Chunk::DataEnd => Some("missing CRLF after chunk"),
                     Chunk::Size => match httparse::parse_chunk_size(&line) {
                         Ok(httparse::Status::Complete((_, 0))) => {
-                            stream.state = State::Chunked(Chunk::Trailers)
+                            stream.state = State::Chunked(Chunk::Trailers);
+                            None
                         }
                         Ok(httparse::Status::Complete((_, n))) => {
-                            stream.state = State::Chunked(Chunk::Data(n))
+                            stream.state = State::Chunked(Chunk::Data(n));
+                            None
                         }
-                        _ => self.desync(side, "bad chunk size", out),
+                        _ => Some("bad chunk size"),
                     },
                     Chunk::Trailers if line == b"\r\n" || line == b"\n" => {
-                        self.end_message(side, out)
+                        self.end_message(side, out);
+                        None
                     }
-                    Chunk::Trailers | Chunk::Data(_) => {}
+                    Chunk::Trailers | Chunk::Data(_) => None,
+                };
+                match why {
+                    // Out of sync: the rest of this call is body bytes of unknown meaning.
+                    Some(why) => {
+                        self.desync(side, why, out);
+                        data.len()
+                    }
+                    None => lf + 1,
                 }
-                lf + 1
             }
         }
     }
@@ -374,17 +461,29 @@ enum Framing {
 
 type HeadResult = Result<Option<(usize, Head, Framing)>, &'static str>;
 
-fn looks_like_request(data: &[u8]) -> bool {
-    const METHODS: [&[u8]; 7] = [
-        b"GET ",
-        b"POST ",
-        b"PUT ",
-        b"DELETE ",
-        b"PATCH ",
-        b"HEAD ",
-        b"OPTIONS ",
-    ];
-    METHODS.iter().any(|m| data.starts_with(m))
+/// Whether bytes at a call start begin a head of `side`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    /// They start with `HTTP/1.` (responses) or a method and a space (requests).
+    Found,
+    /// Too few bytes to tell, but they could.
+    Partial,
+    /// They cannot.
+    No,
+}
+
+fn marker(side: Side, data: &[u8]) -> Marker {
+    let markers: &[&[u8]] = match side {
+        Side::Request => &REQUEST_MARKERS,
+        Side::Response => &[RESPONSE_MARKER],
+    };
+    if markers.iter().any(|m| data.starts_with(m)) {
+        Marker::Found
+    } else if markers.iter().any(|m| m.starts_with(data)) {
+        Marker::Partial
+    } else {
+        Marker::No
+    }
 }
 
 fn parse_request_head(buf: &[u8]) -> HeadResult {
