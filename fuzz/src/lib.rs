@@ -159,3 +159,69 @@ impl Reference {
         })
     }
 }
+
+/// What one step of a captured TLS connection does (the observer targets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureKind {
+    /// An SSL call's bytes, from its start.
+    Call,
+    /// More bytes of a call whose start was lost (after a gap).
+    Continue,
+    /// This many bytes of the side were not captured.
+    Gap(u64),
+    /// The connection closed.
+    Close,
+}
+
+/// One step of a captured connection, the unit the observer's reassembler is fed.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureOp<'a> {
+    /// Bytes the process read (the response side), else wrote.
+    pub response: bool,
+    /// What happens.
+    pub kind: CaptureKind,
+    /// The bytes of a `Call` or `Continue`.
+    pub data: &'a [u8],
+}
+
+/// Reads a capture: a sequence of an op byte (bit 0: response side; bits 1–2: call, continue,
+/// gap, close), then for call/continue a little-endian u16 length and that many bytes (fewer at
+/// the end of the input), for a gap a little-endian u16 byte count.
+#[must_use]
+pub fn capture(mut input: &[u8]) -> Vec<CaptureOp<'_>> {
+    let mut ops = Vec::new();
+    while let Some((&op, rest)) = input.split_first() {
+        input = rest;
+        let mut len = || {
+            let n = match input {
+                [a, b, ..] => u16::from_le_bytes([*a, *b]),
+                [a] => u16::from(*a),
+                [] => 0,
+            };
+            input = &input[input.len().min(2)..];
+            usize::from(n)
+        };
+        let response = op & 1 != 0;
+        let (kind, data) = match (op >> 1) & 3 {
+            k @ (0 | 1) => {
+                let n = len().min(input.len());
+                let (data, rest) = input.split_at(n);
+                input = rest;
+                let kind = if k == 0 {
+                    CaptureKind::Call
+                } else {
+                    CaptureKind::Continue
+                };
+                (kind, data)
+            }
+            2 => (CaptureKind::Gap(len() as u64), &input[..0]),
+            _ => (CaptureKind::Close, &input[..0]),
+        };
+        ops.push(CaptureOp {
+            response,
+            kind,
+            data,
+        });
+    }
+    ops
+}

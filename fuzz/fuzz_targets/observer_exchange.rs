@@ -1,0 +1,84 @@
+//! The observer's `Exchange` (HTTP/1.1 reassembly, request/response pairing, body decoding,
+//! usage extraction) fed a captured connection: it must never panic, stay within its memory
+//! bounds, and report the same calls whether each SSL call arrives whole or in pieces.
+//!
+//! Input: a chunking plan (see `llmwarden_fuzz::plan`), then a capture (see
+//! `llmwarden_fuzz::capture`). Hosts: the built-in providers and `127.0.0.1:8443` (OpenAI API).
+#![no_main]
+
+use std::sync::LazyLock;
+
+use ledger::provider::{ProviderDetector, ProviderKind};
+use libfuzzer_sys::fuzz_target;
+use llmwarden_fuzz::{CaptureKind, CaptureOp, capture, chunks, plan};
+use observer::exchange::{Exchange, MAX_REQUEST_BODY, MAX_RESPONSE_BODY, Outcome};
+use observer::http1::{MAX_HEAD_BYTES, Side};
+
+static DETECTOR: LazyLock<ProviderDetector> = LazyLock::new(|| {
+    ProviderDetector::new().with_host("127.0.0.1:8443", ProviderKind::OpenAi, "mock")
+});
+
+/// Most bytes one connection may hold: the kept bodies (with `Vec` growth slack) and the
+/// reassembler's heads and chunk lines.
+const MAX_BUFFERED: usize =
+    2 * (MAX_REQUEST_BODY + MAX_RESPONSE_BODY) + 4 * (MAX_HEAD_BYTES + 4096);
+
+fn side(op: &CaptureOp<'_>) -> Side {
+    if op.response {
+        Side::Response
+    } else {
+        Side::Request
+    }
+}
+
+/// Runs the capture with each call cut by `lens` (none: whole); outcomes as debug text.
+fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<String> {
+    let det = &*DETECTOR;
+    let mut x = Exchange::new();
+    let mut out = Vec::new();
+    for op in ops {
+        match op.kind {
+            CaptureKind::Call | CaptureKind::Continue => {
+                let pieces = match lens {
+                    Some(lens) => chunks(lens, op.data),
+                    None => vec![op.data],
+                };
+                let mut fed = 0;
+                for piece in pieces {
+                    let start = op.kind == CaptureKind::Call && fed == 0;
+                    x.feed(side(op), piece, start, det, &mut out);
+                    fed += piece.len();
+                }
+            }
+            CaptureKind::Gap(n) => x.gap(side(op), n, det, &mut out),
+            CaptureKind::Close => x.close(det, &mut out),
+        }
+        assert!(
+            x.buffered() <= MAX_BUFFERED,
+            "buffered {} bytes",
+            x.buffered()
+        );
+    }
+    x.close(det, &mut out);
+    out.iter().map(|o| format!("{o:?}")).collect()
+}
+
+fuzz_target!(|input: &[u8]| {
+    let (lens, rest) = plan(input);
+    let ops = capture(rest);
+    let whole = run(&ops, None);
+    if lens.is_empty() {
+        return;
+    }
+    let split = run(&ops, Some(lens));
+    // A corrupt compressed body stops decoding where the corruption shows, which depends on
+    // the pieces: what was metered before it differs.
+    let corrupt = format!("{:?}", Outcome::ParseError("content-encoding"));
+    if whole.contains(&corrupt) || split.contains(&corrupt) {
+        return;
+    }
+    assert_eq!(
+        whole, split,
+        "the calls depend on how the SSL calls were cut into chunks"
+    );
+});
