@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use ledger::price::{Cost, PriceTable};
 use ledger::spool::{Replayer, ReplayerConfig, Spool, SpoolConfig, SpoolEntry};
-use ledger::store::{Ledger, TokenCounts, UsageRecord};
+use ledger::store::{Ledger, LedgerConfig, TokenCounts, UsageRecord};
 use ledger::usage::Usage;
 use serde::Serialize;
 
@@ -140,14 +140,20 @@ pub fn spool_config(
 }
 
 impl Sink {
-    /// Connects to Redis for the daemon.
+    /// Connects to Redis for the daemon. The connections are lazy, so the observer starts (and
+    /// spools what it sees) while Redis is down.
     pub async fn ledger(url: &str, window: Duration, spool: SpoolConfig) -> Result<Sink> {
-        let ledger = Ledger::connect(url).await?;
+        let ledger = Ledger::connect_lazy(url, LedgerConfig::default()).await?;
         let spool = Spool::open(spool)?;
         let replayer = Replayer::spawn(spool.clone(), ledger.clone(), ReplayerConfig::default());
         let plain = url.replace("redis+cluster://", "redis://");
         let plain = plain.split(',').next().unwrap_or(&plain).to_owned();
-        let redis = redis::Client::open(plain)?.get_connection_manager().await?;
+        let redis = redis::aio::ConnectionManager::new_lazy_with_config(
+            redis::Client::open(plain)?,
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(Some(Duration::from_millis(500))),
+        )?;
         Ok(Sink::Ledger {
             ledger,
             redis,
