@@ -105,7 +105,7 @@ listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 admin_token_env = "TEST_WARDEN_ADMIN_TOKEN"
 redis_url = "{redis}"
-spool_dir = "{spool}"
+{spool}
 
 [providers.openai]
 base_url = "{https}/v1"
@@ -132,7 +132,12 @@ allowed_tenants = ["*"]
 {extra}
 "#,
             redis = redis.url(),
-            spool = dir.path().join("spool").display(),
+            // Keep the spool in the test's temp dir unless the test chose one.
+            spool = if opts.top_toml.contains("spool_dir") {
+                String::new()
+            } else {
+                format!("spool_dir = \"{}\"", dir.path().join("spool").display())
+            },
             https = mock.https_url(),
             http = mock.http_url(),
             ca = mock.ca_pem_path().display(),
