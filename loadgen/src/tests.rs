@@ -152,8 +152,9 @@ async fn streams_report_first_event_and_gaps() {
     assert_eq!((r.streams, r.ok), (20, 20), "{r:?}");
     assert!((r.events_per_stream - 10.0).abs() < f64::EPSILON, "{r:?}");
     assert!(r.ttft_us.p50 >= 2_000, "{r:?}");
-    // Events are 2 ms apart at the source; under CPU contention some arrive together, so only the
-    // widest gaps are certain to show the spacing.
-    assert!(r.gap_us.max >= 1_500, "{r:?}");
+    // Events are 2 ms apart at the source. Under CPU contention some arrive together, so no single
+    // gap is certain; but no stream's last event can arrive before the source sent it, so the
+    // mean first-event time plus nine mean gaps covers the 18 ms of spacing.
+    assert!(r.ttft_us.mean + 9 * r.gap_us.mean >= 18_000, "{r:?}");
     assert_eq!(r.gap_us.count, 20 * 9);
 }
