@@ -398,9 +398,28 @@ impl Ledger {
         tenant: &str,
         reservation_id: &str,
     ) -> Result<Option<Nanos>, Error> {
+        let reply = self
+            .hold_script(&scripts::RELEASE, "release", tenant, reservation_id)
+            .await?;
+        match reply.status() {
+            "RELEASED" | "UNESTIMATED" => Ok(Some(Nanos(reply.int(1)?))),
+            "UNKNOWN" => Ok(None),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Runs one of the scripts that end a single hold (release, abandon) with their shared keys
+    /// and arguments.
+    pub(crate) async fn hold_script(
+        &self,
+        script: &redis::Script,
+        name: &'static str,
+        tenant: &str,
+        reservation_id: &str,
+    ) -> Result<Reply, Error> {
         validate_tenant(tenant)?;
         validate_name("reservation id", reservation_id)?;
-        let mut inv = scripts::RELEASE.prepare_invoke();
+        let mut inv = script.prepare_invoke();
         inv.key(keys::holds(tenant))
             .key(keys::hold(tenant, reservation_id))
             .key(keys::done(tenant, reservation_id))
@@ -408,18 +427,12 @@ impl Ledger {
             .arg(ms(Utc::now()))
             .arg(self.cfg.reclaim_batch)
             .arg(reservation_id);
-        let reply = self
-            .timed("release", async {
-                let mut c = self.conn.clone();
-                let fields: Vec<String> = inv.invoke_async(&mut c).await?;
-                Ok(Reply::new("release", fields))
-            })
-            .await?;
-        match reply.status() {
-            "RELEASED" | "UNESTIMATED" => Ok(Some(Nanos(reply.int(1)?))),
-            "UNKNOWN" => Ok(None),
-            _ => Err(reply.unexpected()),
-        }
+        self.timed(name, async {
+            let mut c = self.conn.clone();
+            let fields: Vec<String> = inv.invoke_async(&mut c).await?;
+            Ok(Reply::new(name, fields))
+        })
+        .await
     }
 
     /// Commits spend the observer saw (no reservation). Idempotent per event id (within

@@ -11,11 +11,10 @@ use redis::AsyncCommands;
 
 use chrono::{DateTime, Datelike, Duration as ChronoDuration, Utc};
 
-use super::{Hold, Ledger, Period, from_ms, keys, ms, scripts};
+use super::{Hold, Ledger, Period, from_ms, keys, scripts};
 use crate::{Error, Nanos};
 
 use super::keys::validate_tenant;
-use super::scripts::Reply;
 
 impl Ledger {
     /// Commits hold `reservation_id` of `tenant` now, expired or not, at its reserved amount as
@@ -31,22 +30,8 @@ impl Ledger {
         tenant: &str,
         reservation_id: &str,
     ) -> Result<Option<Nanos>, Error> {
-        validate_tenant(tenant)?;
-        keys::validate_name("reservation id", reservation_id)?;
-        let mut inv = scripts::ABANDON.prepare_invoke();
-        inv.key(keys::holds(tenant))
-            .key(keys::hold(tenant, reservation_id))
-            .key(keys::done(tenant, reservation_id))
-            .arg(keys::prefix(tenant))
-            .arg(ms(Utc::now()))
-            .arg(self.cfg.reclaim_batch)
-            .arg(reservation_id);
         let reply = self
-            .timed("settle_abandoned", async {
-                let mut c = self.conn.clone();
-                let fields: Vec<String> = inv.invoke_async(&mut c).await?;
-                Ok(Reply::new("abandon", fields))
-            })
+            .hold_script(&scripts::ABANDON, "abandon", tenant, reservation_id)
             .await?;
         match reply.status() {
             "ESTIMATED" => Ok(Some(Nanos(reply.int(1)?))),
