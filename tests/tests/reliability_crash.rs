@@ -9,10 +9,9 @@ mod reliability_common;
 use std::time::Duration;
 
 use enforcer_common::{Opts, Stack};
-use futures::StreamExt as _;
 use ledger::Nanos;
 use reliability_common::{
-    assert_log_clean, call, chat, kill_9, mock_billed, restart, spool_toml, wait_until,
+    assert_log_clean, call, kill_9, mock_billed, restart, spawn_stream, spool_toml, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -24,28 +23,7 @@ async fn kill_9_mid_stream_then_restart_settles_every_hold_at_its_reserved_amoun
         ..Opts::default()
     })
     .await;
-    let url = format!("{}/chat/completions", stack.base("openai"));
-    let mut streams = Vec::new();
-    for _ in 0..4 {
-        let url = url.clone();
-        streams.push(tokio::spawn(async move {
-            let r = enforcer_common::http()
-                .post(&url)
-                .bearer_auth(enforcer_common::KEY_OPS)
-                .header("x-tenant-id", "crash")
-                .header("x-mock-chunks", "100")
-                .json(&chat(true))
-                .send()
-                .await
-                .expect("send");
-            let mut s = r.bytes_stream();
-            let mut n = 0;
-            while let Some(Ok(_)) = s.next().await {
-                n += 1;
-            }
-            n
-        }));
-    }
+    let streams: Vec<_> = (0..4).map(|_| spawn_stream(&stack, "crash", 100)).collect();
     let l = stack.ledger.clone();
     wait_until(10, "4 holds", || {
         let l = l.clone();
@@ -109,20 +87,7 @@ async fn usage_spooled_before_a_crash_is_settled_exactly_after_restart() {
     .await;
     // A stream starts while Redis is fine (reserved), Redis freezes, the stream completes: its
     // settle cannot be written, so its real usage goes to the spool. Then the enforcer is killed.
-    let url = format!("{}/chat/completions", stack.base("openai"));
-    let stream = tokio::spawn(async move {
-        let r = enforcer_common::http()
-            .post(&url)
-            .bearer_auth(enforcer_common::KEY_OPS)
-            .header("x-tenant-id", "spooled")
-            .header("x-mock-chunks", "30")
-            .json(&chat(true))
-            .send()
-            .await
-            .expect("send");
-        let mut s = r.bytes_stream();
-        while let Some(Ok(_)) = s.next().await {}
-    });
+    let stream = spawn_stream(&stack, "spooled", 30);
     let l = stack.ledger.clone();
     wait_until(10, "the hold", || {
         let l = l.clone();

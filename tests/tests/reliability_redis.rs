@@ -8,9 +8,10 @@ mod reliability_common;
 use std::time::Duration;
 
 use enforcer_common::{ADMIN_TOKEN, Opts, Stack, http};
-use futures::StreamExt as _;
 use ledger::Nanos;
-use reliability_common::{assert_log_clean, call, chat, mock_billed, spool_toml, wait_until};
+use reliability_common::{
+    assert_log_clean, call, mock_billed, spawn_stream, spool_toml, wait_until,
+};
 
 async fn metrics(stack: &Stack) -> String {
     http()
@@ -102,24 +103,7 @@ async fn deny_refuses_new_calls_but_spools_the_settle_of_a_stream_in_flight() {
         ..Opts::default()
     })
     .await;
-    let url = format!("{}/chat/completions", stack.base("openai"));
-    let stream = tokio::spawn(async move {
-        let r = http()
-            .post(&url)
-            .bearer_auth(enforcer_common::KEY_OPS)
-            .header("x-tenant-id", "inflight")
-            .header("x-mock-chunks", "30")
-            .json(&chat(true))
-            .send()
-            .await
-            .expect("send");
-        let mut s = r.bytes_stream();
-        let mut n = 0;
-        while let Some(Ok(_)) = s.next().await {
-            n += 1;
-        }
-        n
-    });
+    let stream = spawn_stream(&stack, "inflight", 30);
     let l = stack.ledger.clone();
     wait_until(10, "the hold", || {
         let l = l.clone();

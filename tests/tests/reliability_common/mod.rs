@@ -23,6 +23,30 @@ use crate::enforcer_common::{
 /// The prompt every reliability call sends; it must never appear in a log.
 pub const PROMPT: &str = "PROMPT-SECRET-d41c: what is the launch code?";
 
+/// Starts a streaming chat call as tenant `tenant` (key [`KEY_OPS`]) with `chunks` mock chunks and
+/// reads it to its end in the background; the task yields how many body frames arrived.
+pub fn spawn_stream(stack: &Stack, tenant: &str, chunks: u32) -> tokio::task::JoinHandle<usize> {
+    let url = format!("{}/chat/completions", stack.base("openai"));
+    let tenant = tenant.to_owned();
+    tokio::spawn(async move {
+        let r = http()
+            .post(&url)
+            .bearer_auth(KEY_OPS)
+            .header("x-tenant-id", tenant)
+            .header("x-mock-chunks", chunks.to_string())
+            .json(&chat(true))
+            .send()
+            .await
+            .expect("send");
+        let mut s = r.bytes_stream();
+        let mut n = 0;
+        while let Some(Ok(_)) = s.next().await {
+            n += 1;
+        }
+        n
+    })
+}
+
 /// A chat-completions body carrying [`PROMPT`].
 pub fn chat(stream: bool) -> Value {
     json!({"model": "gpt-4o-mini", "stream": stream, "max_tokens": 200,
