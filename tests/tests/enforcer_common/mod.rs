@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ledger::Nanos;
 use ledger::store::{Ledger, Period, TenantSpend};
 use llmwarden_tests::mock::{MockConfig, MockProvider};
-use llmwarden_tests::process::{ChildGuard, free_port, wait_for_port, workspace_bin};
+use llmwarden_tests::process::{ChildGuard, free_port, workspace_bin};
 use llmwarden_tests::redis::RedisServer;
 
 /// The key apps present (tenant acme, may also bill beta).
@@ -96,88 +96,97 @@ impl Stack {
         }
         let mock = MockProvider::start(mc).await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let admin_port = free_port();
-        let cfg = format!(
-            r#"
-{top}
-listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin_port}"
-admin_token_env = "TEST_WARDEN_ADMIN_TOKEN"
-redis_url = "{redis}"
-{spool}
+        // A port picked by free_port() can be taken by a concurrent test before the enforcer binds
+        // it; start again with fresh ports when that is why it exited.
+        let mut attempt = 0;
+        let (enforcer, port, admin_port) = loop {
+            attempt += 1;
+            let port = free_port();
+            let admin_port = free_port();
+            let cfg = format!(
+                r#"
+    {top}
+    listen = "127.0.0.1:{port}"
+    admin_listen = "127.0.0.1:{admin_port}"
+    admin_token_env = "TEST_WARDEN_ADMIN_TOKEN"
+    redis_url = "{redis}"
+    {spool}
 
-[providers.openai]
-base_url = "{https}/v1"
-api_key_env = "TEST_MOCK_KEY"
-ca_file = "{ca}"
+    [providers.openai]
+    base_url = "{https}/v1"
+    api_key_env = "TEST_MOCK_KEY"
+    ca_file = "{ca}"
 
-[providers.anthropic]
-base_url = "{http}"
-api_key_env = "TEST_MOCK_KEY"
+    [providers.anthropic]
+    base_url = "{http}"
+    api_key_env = "TEST_MOCK_KEY"
 
-[providers.gemini]
-base_url = "{http}"
-api_key_env = "TEST_MOCK_KEY"
+    [providers.gemini]
+    base_url = "{http}"
+    api_key_env = "TEST_MOCK_KEY"
 
-[[keys]]
-sha256 = "{h_acme}"
-tenant = "acme"
-allowed_tenants = ["beta"]
+    [[keys]]
+    sha256 = "{h_acme}"
+    tenant = "acme"
+    allowed_tenants = ["beta"]
 
-[[keys]]
-sha256 = "{h_ops}"
-tenant = "ops"
-allowed_tenants = ["*"]
-{extra}
-"#,
-            redis = redis.url(),
-            // Keep the spool in the test's temp dir unless the test chose one.
-            spool = if opts.top_toml.contains("spool_dir") {
-                String::new()
-            } else {
-                format!("spool_dir = \"{}\"", dir.path().join("spool").display())
-            },
-            https = mock.https_url(),
-            http = mock.http_url(),
-            ca = mock.ca_pem_path().display(),
-            h_acme = hash_key(KEY_ACME),
-            h_ops = hash_key(KEY_OPS),
-            extra = opts.extra_toml,
-            top = opts.top_toml,
-        );
-        let cfg_path = dir.path().join("enforcer.toml");
-        std::fs::write(&cfg_path, cfg).expect("write config");
-        let log = std::fs::File::create(dir.path().join("enforcer.log")).expect("log file");
-        let mut cmd = Command::new(workspace_bin("enforcer"));
-        cmd.arg("--config")
-            .arg(&cfg_path)
-            .env("TEST_MOCK_KEY", UPSTREAM_KEY)
-            .env("TEST_WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env(
-                "ENFORCER_LOG",
-                "debug,hyper=info,h2=info,rustls=info,redis=info",
-            )
-            .stdout(Stdio::null())
-            .stderr(log);
-        let mut enforcer = ChildGuard::spawn("enforcer", &mut cmd);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    [[keys]]
+    sha256 = "{h_ops}"
+    tenant = "ops"
+    allowed_tenants = ["*"]
+    {extra}
+    "#,
+                redis = redis.url(),
+                // Keep the spool in the test's temp dir unless the test chose one.
+                spool = if opts.top_toml.contains("spool_dir") {
+                    String::new()
+                } else {
+                    format!("spool_dir = \"{}\"", dir.path().join("spool").display())
+                },
+                https = mock.https_url(),
+                http = mock.http_url(),
+                ca = mock.ca_pem_path().display(),
+                h_acme = hash_key(KEY_ACME),
+                h_ops = hash_key(KEY_OPS),
+                extra = opts.extra_toml,
+                top = opts.top_toml,
+            );
+            let cfg_path = dir.path().join("enforcer.toml");
+            std::fs::write(&cfg_path, cfg).expect("write config");
+            let log = std::fs::File::create(dir.path().join("enforcer.log")).expect("log file");
+            let mut cmd = Command::new(workspace_bin("enforcer"));
+            cmd.arg("--config")
+                .arg(&cfg_path)
+                .env("TEST_MOCK_KEY", UPSTREAM_KEY)
+                .env("TEST_WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env(
+                    "ENFORCER_LOG",
+                    "debug,hyper=info,h2=info,rustls=info,redis=info",
+                )
+                .stdout(Stdio::null())
+                .stderr(log);
+            let mut enforcer = ChildGuard::spawn("enforcer", &mut cmd);
             let log =
                 || std::fs::read_to_string(dir.path().join("enforcer.log")).unwrap_or_default();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let listening = |p: u16| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
+            while !(listening(port) && listening(admin_port)) && enforcer.is_running() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the enforcer does not listen on {port} and {admin_port} after 15 s:\n{}",
+                    log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if enforcer.is_running() {
+                break (enforcer, port, admin_port);
+            }
+            let out = log();
             assert!(
-                enforcer.is_running(),
-                "the enforcer exited at start:\n{}",
-                log()
+                attempt < 3 && out.contains("in use"),
+                "the enforcer exited at start:\n{out}"
             );
-            assert!(
-                Instant::now() < deadline,
-                "the enforcer does not listen on {port} after 15 s:\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        wait_for_port(([127, 0, 0, 1], admin_port).into(), Duration::from_secs(5));
+        };
         let ledger = Ledger::connect(&redis.url()).await.expect("connect ledger");
         Stack {
             enforcer,
