@@ -47,6 +47,8 @@ pub(super) struct MockBody {
     total: usize,
     sent: usize,
     delay: Duration,
+    /// Frames from this index on are sent without the delay (the provider's trailer).
+    trailer_from: usize,
     sleep: Option<Pin<Box<Sleep>>>,
     cut: Cut,
     gzip: Option<GzEncoder<Vec<u8>>>,
@@ -85,6 +87,7 @@ impl MockBody {
             total,
             sent: 0,
             delay,
+            trailer_from: usize::MAX,
             sleep: None,
             cut,
             gzip: gzip.then(|| GzEncoder::new(Vec::with_capacity(256), Compression::fast())),
@@ -98,6 +101,13 @@ impl MockBody {
     /// An empty-or-fixed body with no record attached.
     pub(super) fn full(body: impl Into<Bytes>) -> MockBody {
         MockBody::new(vec![body.into()], Duration::ZERO, Cut::None, false, true)
+    }
+
+    /// Sends frames from index `from` on right after the one before, as providers send their
+    /// trailer events.
+    pub(super) fn with_trailer_from(mut self, from: usize) -> MockBody {
+        self.trailer_from = from;
+        self
     }
 
     /// Attaches the ledger record the body completes.
@@ -185,7 +195,7 @@ impl Body for MockBody {
             if last && this.cut == Cut::None {
                 // Record before the client can see the end of the body.
                 this.finish(false);
-            } else if !this.delay.is_zero() {
+            } else if !this.delay.is_zero() && this.sent < this.trailer_from {
                 this.sleep = Some(Box::pin(tokio::time::sleep(this.delay)));
             }
             let data = this.compress(&frame, last && this.cut == Cut::None);

@@ -296,6 +296,10 @@ pub(super) struct Rendered {
     pub content_type: &'static str,
     /// The frame carrying the final usage record, if the body carries one.
     pub usage_frame: Option<usize>,
+    /// Frames from this index on follow the one before without a generation delay: the
+    /// providers send their trailer (OpenAI's usage chunk and `[DONE]`, Anthropic's
+    /// `message_delta` and `message_stop`) right after the last generated chunk.
+    pub trailer_from: usize,
 }
 
 impl Rendered {
@@ -304,6 +308,7 @@ impl Rendered {
             frames: vec![Bytes::from(body)],
             content_type: JSON,
             usage_frame: Some(0),
+            trailer_from: 1,
         }
     }
 }

@@ -365,6 +365,7 @@ async fn handle(
         gzip,
         !stream && !knobs.chunked,
     )
+    .with_trailer_from(rendered.trailer_from)
     .with_record(
         Pending {
             call,

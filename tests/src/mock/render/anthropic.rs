@@ -73,6 +73,7 @@ pub(super) fn message_stream(t: &Tokens, ctx: &Ctx<'_>, pieces: &[String]) -> Re
         Some("content_block_stop"),
         "{\"type\":\"content_block_stop\",\"index\":0}",
     ));
+    let trailer_from = frames.len();
     frames.push(sse_frame(
         Some("message_delta"),
         &format!(
@@ -91,5 +92,6 @@ pub(super) fn message_stream(t: &Tokens, ctx: &Ctx<'_>, pieces: &[String]) -> Re
         frames,
         content_type: SSE,
         usage_frame,
+        trailer_from,
     }
 }

@@ -78,6 +78,7 @@ pub(super) fn stream(t: &Tokens, ctx: &Ctx<'_>, pieces: &[String], sse: bool) ->
     }
     let usage_frame = Some(pieces.len() - 1);
     Rendered {
+        trailer_from: frames.len(),
         frames,
         content_type: if sse { SSE } else { JSON },
         usage_frame,

@@ -76,6 +76,7 @@ pub(super) fn chat_stream(
         "{{\"index\":0,\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"{}\"}}",
         finish(ctx)
     )));
+    let trailer_from = frames.len();
     let usage_frame = include_usage.then(|| {
         frames.push(sse_frame(
             None,
@@ -88,6 +89,7 @@ pub(super) fn chat_stream(
         frames,
         content_type: SSE,
         usage_frame,
+        trailer_from,
     }
 }
 
@@ -136,6 +138,7 @@ pub(super) fn completion_stream(
             finish(ctx)
         ),
     ));
+    let trailer_from = frames.len();
     let usage_frame = include_usage.then(|| {
         frames.push(sse_frame(
             None,
@@ -148,6 +151,7 @@ pub(super) fn completion_stream(
         frames,
         content_type: SSE,
         usage_frame,
+        trailer_from,
     }
 }
 
@@ -300,6 +304,7 @@ pub(super) fn response_stream(t: &Tokens, ctx: &Ctx<'_>, pieces: &[String]) -> R
     );
     let usage_frame = Some(frames.len() - 1);
     Rendered {
+        trailer_from: frames.len(),
         frames,
         content_type: SSE,
         usage_frame,
