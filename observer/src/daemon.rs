@@ -108,9 +108,9 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         }
     });
 
-    // The tokenizers the request parser uses are built on first use (tens of ms in release,
-    // seconds in a debug build): build them now, off the reader, so the first captured call does
-    // not stall the ring buffer.
+    // The tokenizers the request parser uses are deserialised on first use (slow in a debug
+    // build): load them now, off the reader, so the first captured call does not stall the ring
+    // buffer.
     let warm = std::thread::Builder::new()
         .name("observer-warmup".into())
         .spawn(|| {

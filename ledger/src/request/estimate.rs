@@ -8,9 +8,8 @@
 //! tools are present.
 
 use serde_json::Value;
-use tiktoken_rs::CoreBPE;
 
-use crate::usage::tokens;
+use crate::usage::tokens::{self, Bpe};
 
 /// Tokens counted for each image, audio clip or file part. Images cost at most about 1,600 tokens
 /// on Claude (1.15 megapixels) and less on GPT-4o (≤ 1,105 at high detail) and Gemini (258 per
@@ -29,7 +28,7 @@ const OTHER_PER_MESSAGE: u64 = 4;
 
 /// Accumulates the estimate while a request body is walked.
 pub(super) struct Estimator {
-    bpe: Option<&'static CoreBPE>,
+    bpe: Option<&'static Bpe>,
     exact_tokenizer: bool,
     tokens: u64,
     text_bytes: u64,
@@ -38,7 +37,7 @@ pub(super) struct Estimator {
 
 impl Estimator {
     /// `bpe` with `exact_tokenizer` when the model's own encoding is known.
-    pub(super) fn new(bpe: Option<&'static CoreBPE>, exact_tokenizer: bool) -> Self {
+    pub(super) fn new(bpe: Option<&'static Bpe>, exact_tokenizer: bool) -> Self {
         Self {
             bpe,
             exact_tokenizer: exact_tokenizer && bpe.is_some(),
