@@ -93,6 +93,8 @@ pub struct App {
     pub spool: ledger::spool::Spool,
     /// Replays the spool while the enforcer runs.
     pub replayer: ledger::spool::Replayer,
+    /// Settles running after their response was sent; shutdown waits for them.
+    pub settles: tokio_util::task::TaskTracker,
 }
 
 impl App {
@@ -170,6 +172,7 @@ impl App {
             instance,
             spool,
             replayer,
+            settles: tokio_util::task::TaskTracker::new(),
         })
     }
 

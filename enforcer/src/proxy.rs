@@ -18,7 +18,7 @@ use ledger::usage::StreamMeter;
 use crate::config::{OnRedisUnavailable, Provider, UnknownModel};
 use crate::error::{Origin, ProxyError};
 use crate::meter::{MeteredBody, collect_bounded, inject_include_usage};
-use crate::settle::{Outcome, Settler};
+use crate::settle::Settler;
 use crate::{App, ProxyBody, REQUEST_ID_HEADER, auth, full_body, route, usd_string};
 
 /// What is known of a call so far, for the error response and the log line.
@@ -267,6 +267,7 @@ async fn proxy(
         start: ctx.start,
         reserved: amount,
         spool: app.spool.clone(),
+        tracker: app.settles.clone(),
     };
     app.metrics
         .overhead
@@ -332,7 +333,8 @@ async fn proxy(
             (meta.model, meta.usage)
         }
     };
-    let billed = settler.settle(model, usage, Outcome::Complete, true).await;
+    // The cost is known now; committing it to Redis need not delay the response.
+    let billed = settler.settle_in_background(model, usage);
     if let Ok(v) = HeaderValue::from_str(&usd_string(billed.cost)) {
         rparts.headers.insert("x-warden-cost-usd", v);
     }

@@ -129,8 +129,18 @@ pub async fn run(app: App) -> Result<(), String> {
     {
         tracing::warn!("calls still in flight after 30 s; their holds expire by reserve_ttl_secs");
     }
-    // Let spawned settles finish.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Settles of answered calls still running: each ends within the ledger's operation timeout,
+    // then spools, so this wait is bounded.
+    app.settles.close();
+    if tokio::time::timeout(Duration::from_secs(10), app.settles.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            pending = app.settles.len(),
+            "settles still running after 10 s; their holds expire by reserve_ttl_secs"
+        );
+    }
     Ok(())
 }
 

@@ -156,6 +156,8 @@ pub struct Settler {
     pub reserved: Nanos,
     /// Where usage goes when Redis cannot take it.
     pub spool: ledger::spool::Spool,
+    /// Tracks settles spawned after the response, so shutdown can wait for them.
+    pub tracker: tokio_util::task::TaskTracker,
 }
 
 /// What a settle did, for the response header and the log.
@@ -173,6 +175,36 @@ impl Settler {
         match response_model {
             Some(m) if self.pricing.knows(m) => m.to_owned(),
             _ => self.model.clone(),
+        }
+    }
+
+    /// The model priced, the usage committed (an estimate when the response had none) and its
+    /// cost: what [`Settler::settle`] commits for a call that produced output.
+    fn priced(&self, response_model: Option<&str>, usage: Option<Usage>) -> (String, Usage, Nanos) {
+        let mut usage = usage.unwrap_or(Usage {
+            estimated: true,
+            ..Usage::default()
+        });
+        if usage.estimated {
+            usage.input_tokens = usage.input_tokens.max(self.input_estimate);
+        }
+        let model = self.pricing_model(response_model);
+        let cost = self.pricing.cost(&model, &usage);
+        (model, usage, cost)
+    }
+
+    /// Settles a complete response in a tracked task and returns what it bills, computed now,
+    /// so the response need not wait for Redis.
+    pub fn settle_in_background(
+        self,
+        response_model: Option<String>,
+        usage: Option<Usage>,
+    ) -> Billed {
+        let (_, billed_usage, cost) = self.priced(response_model.as_deref(), usage);
+        self.spawn_settle(response_model, usage, Outcome::Complete, true);
+        Billed {
+            cost,
+            usage: billed_usage,
         }
     }
 
@@ -212,18 +244,10 @@ impl Settler {
                 usage: Usage::default(),
             };
         }
-        let mut usage = usage.unwrap_or(Usage {
-            estimated: true,
-            ..Usage::default()
-        });
-        if usage.estimated {
-            usage.input_tokens = usage.input_tokens.max(self.input_estimate);
-        }
+        let (model, usage, cost) = self.priced(response_model.as_deref(), usage);
         if outcome != Outcome::Complete && usage.estimated {
             self.metrics.estimated_settlements.inc();
         }
-        let model = self.pricing_model(response_model.as_deref());
-        let cost = self.pricing.cost(&model, &usage);
         {
             let s = Settlement {
                 tenant: self.tenant.clone(),
@@ -285,7 +309,8 @@ impl Settler {
         delivered: bool,
     ) {
         if let Ok(h) = tokio::runtime::Handle::try_current() {
-            h.spawn(self.settle(response_model, usage, outcome, delivered));
+            let tracker = self.tracker.clone();
+            tracker.spawn_on(self.settle(response_model, usage, outcome, delivered), &h);
         }
     }
 
