@@ -70,18 +70,18 @@ impl StreamState {
         self.text.as_ref().map_or(0, TextCounter::tokens)
     }
 
+    /// The usage so far. The delivered text is only tokenised when there is no final record.
     fn usage(&self, finished: bool) -> Option<Usage> {
-        let estimate = self.estimated_output();
         match self.record {
             Some(record) if self.final_record => Some(record),
             Some(mut record) => {
                 // The stream stopped before its final record: output is at least what was delivered.
-                record.output_tokens = record.output_tokens.max(estimate);
+                record.output_tokens = record.output_tokens.max(self.estimated_output());
                 record.estimated = true;
                 Some(record)
             }
             None if finished || self.text.as_ref().is_some_and(|t| !t.is_empty()) => Some(Usage {
-                output_tokens: estimate,
+                output_tokens: self.estimated_output(),
                 estimated: true,
                 ..Usage::default()
             }),
