@@ -45,14 +45,20 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         &body,
         r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hi."}],"max_tokens":16}"#,
     )?;
-    let curl_plain = |rate: Option<u32>| curl(&plain, "/healthz", None, n, rate);
+    // Non-LLM runs are short (a 2-byte answer at zero latency), so they use more requests and
+    // repeat: the ratio is between medians of several runs.
+    let n_plain = n * PLAIN_SCALE;
+    let curl_plain = |rate: Option<u32>| curl(&plain, "/healthz", None, n_plain, rate);
+    let plain_runs = |count: usize| -> Result<Vec<f64>> {
+        (0..count).map(|_| curl_plain(None)).collect()
+    };
     let curl_llm = |count: u64, rate: Option<u32>| {
         curl(&llm, "/v1/chat/completions", Some(&body), count, rate)
     };
     let port = redis_url.rsplit(':').next().unwrap_or("6379").to_owned();
 
     step("observer: unattached baseline");
-    let a_plain = curl_plain(None)?;
+    let a_plain = plain_runs(PLAIN_REPEATS)?;
     let a_llm = curl_llm(n, None)?;
 
     let metrics = stack::free_port()?;
@@ -88,8 +94,8 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
 
     step("observer: attached runs");
     let c0 = tree_ticks(obs.pid());
-    let b_plain = curl_plain(None)?;
-    let plain_cpu = cpu_per_1000(c0, n);
+    let b_plain = plain_runs(PLAIN_REPEATS + 1)?;
+    let plain_cpu = cpu_per_1000(c0, n_plain * (PLAIN_REPEATS as u64 + 1));
     let mut capture = Vec::new();
     let c1 = tree_ticks(obs.pid());
     let (b_llm, cap_max) = captured(
@@ -124,25 +130,47 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     drop(obs);
 
     step("observer: unattached again");
-    let c_plain = curl_plain(None)?;
+    let c_plain = plain_runs(PLAIN_REPEATS)?;
     let c_llm = curl_llm(n, None)?;
     let ratio = |attached: f64, before: f64, after: f64| {
         let base = f64::midpoint(before, after);
         json!({ "median": attached / base.max(1e-9) })
     };
+    let unattached: Vec<f64> = a_plain.iter().chain(&c_plain).copied().collect();
+    let (plain_base, plain_att) = (median(&unattached), median(&b_plain));
     Ok(json!({ "observer": {
         "requests": n,
         "non_llm": {
-            "unattached_rps": f64::midpoint(a_plain, c_plain), "unattached_runs": [a_plain, c_plain],
-            "attached_rps": b_plain, "ratio": ratio(b_plain, a_plain, c_plain), "observer_cpu_ms_per_1000": plain_cpu,
+            "requests": n_plain,
+            "unattached_rps": plain_base, "unattached_runs": unattached,
+            "attached_rps": plain_att, "attached_runs": b_plain,
+            "ratio": { "median": plain_att / plain_base.max(1e-9) },
+            "added_us_per_request": 1e6 / plain_att.max(1e-9) - 1e6 / plain_base.max(1e-9),
+            "observer_cpu_ms_per_1000": plain_cpu,
         },
         "llm": {
             "unattached_rps": f64::midpoint(a_llm, c_llm), "unattached_runs": [a_llm, c_llm],
             "attached_rps": b_llm, "ratio": ratio(b_llm, a_llm, c_llm), "observer_cpu_ms_per_1000": llm_cpu,
+            "added_us_per_request": 1e6 / b_llm.max(1e-9) - 1e6 / f64::midpoint(a_llm, c_llm).max(1e-9),
         },
         "capture_500": cap500,
         "capture": capture,
     }}))
+}
+
+/// Non-LLM runs send this many times the LLM run's request count.
+const PLAIN_SCALE: u64 = 4;
+/// Unattached non-LLM runs before and after the attached ones (and one more attached run).
+const PLAIN_REPEATS: usize = 2;
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+    }
 }
 
 /// Runs `f` (which sends `sent` LLM calls) and reports how many the ledger recorded and the drops.
