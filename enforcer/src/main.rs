@@ -45,17 +45,22 @@ enum Cmd {
     },
 }
 
-fn init_logs(format: &str) {
+/// Logs go to stderr from a dedicated thread, so a slow reader (a full pipe to the journal) never
+/// blocks a proxy worker; lines beyond the writer's buffer are dropped rather than stall calls.
+/// The returned guard flushes what is buffered when dropped at exit.
+fn init_logs(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if format == "text" {
         b.init();
     } else {
         b.json().flatten_event(true).with_current_span(false).init();
     }
+    guard
 }
 
 fn main() -> anyhow::Result<()> {
@@ -112,7 +117,7 @@ fn main() -> anyhow::Result<()> {
         None => {
             let cfg = Config::load(&cli.config)
                 .with_context(|| format!("invalid config {}", cli.config.display()))?;
-            init_logs(&cfg.log_format);
+            let _logs = init_logs(&cfg.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
