@@ -107,7 +107,9 @@ pub enum Sink {
         /// A plain connection for the bypass stream.
         redis: redis::aio::ConnectionManager,
         /// Last bypass event per (service, provider).
-        last_bypass: HashMap<(String, String), Instant>,
+        /// Per (service, provider): when the window's bypass event was due, and whether it
+        /// reached Redis (if not, the next call of the pair retries it).
+        last_bypass: HashMap<(String, String), (Instant, bool)>,
         /// Bypass event window.
         window: Duration,
         /// Records Redis could not take, replayed by `_replayer` when it answers again.
@@ -227,11 +229,16 @@ impl Sink {
                     }
                 }
                 let key = (rec.service.clone(), rec.provider.clone());
-                let due = last_bypass.get(&key).is_none_or(|t| t.elapsed() >= *window);
-                if due {
-                    last_bypass.insert(key, Instant::now());
-                    tracing::warn!(service = %rec.service, provider = %rec.provider, tenant = %rec.tenant,
-                        pid = rec.pid, comm = %rec.comm, "bypass: LLM call that did not pass through the enforcer");
+                let new_window = last_bypass
+                    .get(&key)
+                    .is_none_or(|(t, _)| t.elapsed() >= *window);
+                let undelivered = last_bypass.get(&key).is_some_and(|(_, sent)| !sent);
+                if new_window || undelivered {
+                    if new_window {
+                        last_bypass.insert(key.clone(), (Instant::now(), false));
+                        tracing::warn!(service = %rec.service, provider = %rec.provider, tenant = %rec.tenant,
+                            pid = rec.pid, comm = %rec.comm, "bypass: LLM call that did not pass through the enforcer");
+                    }
                     let fields = [
                         ("service", rec.service.clone()),
                         ("provider", rec.provider.clone()),
@@ -250,9 +257,19 @@ impl Sink {
                         .arg(&fields[..])
                         .query_async(redis)
                         .await;
-                    if let Err(e) = r {
-                        metrics.ledger_errors.inc();
-                        tracing::error!(error = %e, "bypass event XADD failed");
+                    match r {
+                        Ok(_) => {
+                            if let Some(entry) = last_bypass.get_mut(&key) {
+                                entry.1 = true;
+                            }
+                        }
+                        Err(e) => {
+                            metrics.ledger_errors.inc();
+                            if new_window {
+                                tracing::error!(error = %e,
+                                    "bypass event XADD failed; retried with the pair's next call");
+                            }
+                        }
                     }
                 }
             }

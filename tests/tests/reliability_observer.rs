@@ -63,7 +63,8 @@ fn a_call_seen_while_redis_is_frozen_is_spooled_and_recorded_once() {
 
     redis.pause();
     let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"spool me"}]}"#;
-    let out = Command::new("curl")
+    let call = || {
+        Command::new("curl")
         .args(["-sS", "--http1.1", "--fail", "--cacert"])
         .arg(mock.ca_pem_path())
         .args([
@@ -76,13 +77,16 @@ fn a_call_seen_while_redis_is_frozen_is_spooled_and_recorded_once() {
         ])
         .arg(format!("{}/v1/chat/completions", mock.https_url()))
         .output()
-        .expect("curl");
+        .expect("curl")
+    };
+    let out = call();
     assert!(
         out.status.success(),
         "curl: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let log = wait_log(&stderr, "spooled until Redis answers", 20);
+    wait_log(&stderr, "bypass event XADD failed", 20);
     redis.resume();
 
     let c = mock.ledger().last().expect("the mock served the call");
@@ -119,6 +123,18 @@ fn a_call_seen_while_redis_is_frozen_is_spooled_and_recorded_once() {
         (s.spend, 1),
         "recorded twice"
     );
+    // The bypass alert could not be sent while Redis was frozen; the pair's next call sends it.
+    assert_eq!(redis.command(&["XLEN", "llmw:events:bypass"]).trim(), ":0");
+    let out = call();
+    assert!(out.status.success(), "second curl failed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while redis.command(&["XLEN", "llmw:events:bypass"]).trim() != ":1" {
+        assert!(
+            Instant::now() < deadline,
+            "the bypass event was never delivered after Redis came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let log = std::fs::read_to_string(&stderr).unwrap_or_default();
     assert!(!log.contains("spool me"), "prompt text in the observer log");
 }
