@@ -51,13 +51,45 @@ pub fn parse_request(endpoint: &Endpoint, body: &[u8]) -> Result<RequestInfo, Er
     parse_object(endpoint, &obj).map_err(|detail| Error::Shape { what, detail })
 }
 
+/// The model a request names (else the path's model or Azure deployment), the same as
+/// [`parse_request`]'s `model`, without walking the prompt or estimating tokens: for callers that
+/// only attribute a call, such as the observer.
+///
+/// # Errors
+/// [`Error::Json`] when the body is not JSON, [`Error::Shape`] when it is not an object or its
+/// `model` is not a string.
+pub fn request_model(endpoint: &Endpoint, body: &[u8]) -> Result<Option<String>, Error> {
+    /// Only `model` is kept; serde skips every other member without building it.
+    #[derive(serde::Deserialize)]
+    struct ModelOnly {
+        #[serde(default)]
+        model: Option<Value>,
+    }
+    let what = request_what(endpoint.api);
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(Error::Shape {
+            what,
+            detail: "body is not a JSON object".to_owned(),
+        });
+    }
+    let m: ModelOnly =
+        serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?;
+    let model = model_value(m.model.as_ref()).map_err(|detail| Error::Shape { what, detail })?;
+    Ok(model.or_else(|| endpoint.model_in_path.clone()))
+}
+
+/// A request's `model` member: a non-empty string, or absent (`None`).
+fn model_value(v: Option<&Value>) -> Result<Option<String>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(m)) if !m.is_empty() => Ok(Some(m.clone())),
+        Some(Value::String(_)) => Ok(None),
+        Some(other) => Err(format!("model is {}, not a string", type_name(other))),
+    }
+}
+
 fn parse_object(endpoint: &Endpoint, obj: &Map<String, Value>) -> Result<RequestInfo, String> {
-    let model = match obj.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(m)) if !m.is_empty() => Some(m.clone()),
-        Some(Value::String(_)) => None,
-        Some(other) => return Err(format!("model is {}, not a string", type_name(other))),
-    };
+    let model = model_value(obj.get("model"))?;
     let model = model.or_else(|| endpoint.model_in_path.clone());
     let stream = endpoint.stream_in_path || bool_field(obj, "stream")?.unwrap_or(false);
     let (encoding, own) = match model.as_deref().and_then(tokens::encoding_for_model) {

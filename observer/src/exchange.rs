@@ -6,13 +6,13 @@
 use std::collections::VecDeque;
 
 use ledger::provider::{Endpoint, ProviderDetector};
-use ledger::request::{RequestInfo, parse_request};
+use ledger::request::request_model;
 use ledger::usage::{StreamMeter, Usage, parse_response};
 
 use crate::decode::BodyDecoder;
 use crate::http1::{Connection, Head, HttpEvent, Side};
 
-/// Largest request body kept for `parse_request`.
+/// Largest request body kept for `request_model`.
 pub const MAX_REQUEST_BODY: usize = 4 << 20;
 /// Largest non-streamed response body kept for `parse_response`.
 pub const MAX_RESPONSE_BODY: usize = 8 << 20;
@@ -54,7 +54,8 @@ struct PendingRequest {
     feature: Option<String>,
     body: Vec<u8>,
     complete: bool,
-    info: Option<RequestInfo>,
+    /// The model the request body names.
+    model: Option<String>,
 }
 
 #[derive(Debug)]
@@ -176,7 +177,9 @@ impl Exchange {
                         if let Some(ep) = r.endpoint.as_ref()
                             && r.complete
                         {
-                            r.info = parse_request(ep, &r.body).ok();
+                            // Only the model: the observer bills the response's usage, so the
+                            // prompt is never tokenised on the reader thread.
+                            r.model = request_model(ep, &r.body).ok().flatten();
                         }
                         r.body = Vec::new();
                         self.awaiting.push_back(r);
@@ -222,7 +225,7 @@ impl Exchange {
             feature: head.feature,
             body: Vec::new(),
             complete: true,
-            info: None,
+            model: None,
         });
     }
 
@@ -242,7 +245,7 @@ impl Exchange {
                 feature: None,
                 body: Vec::new(),
                 complete: false,
-                info: None,
+                model: None,
             },
         };
         let metered = request.endpoint.is_some() && (200..300).contains(&head.status);
@@ -325,7 +328,7 @@ impl Exchange {
         };
         let model = meta
             .model
-            .or_else(|| r.request.info.as_ref().and_then(|i| i.model.clone()))
+            .or(r.request.model)
             .or_else(|| endpoint.model_in_path.clone());
         out.push(Outcome::Call(Box::new(ObservedCall {
             endpoint,
