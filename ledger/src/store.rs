@@ -4,12 +4,15 @@
 //! Lua script touches a single slot. The key layout and the scripts are a stable interface,
 //! documented in docs/redis-schema.md. Money is integer nano-USD, changed only with HINCRBY.
 
+mod batch;
 mod budget;
 mod conn;
 mod keys;
 mod period;
 mod recovery;
+mod reserve;
 mod scripts;
+mod settle;
 mod spend;
 mod types;
 
@@ -20,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 
+pub use batch::{BatchStats, OpBatches};
 pub use budget::resolve_caps;
 pub use conn::LedgerConfig;
 pub use keys::{BUDGETS_KEY, MAX_NAME_LEN, validate_name};
@@ -30,6 +34,7 @@ pub use types::{
     UsageRecord,
 };
 
+use batch::Batcher;
 use conn::{Conn, timeout_error};
 use keys::{validate_opt, validate_tenant};
 use scripts::Reply;
@@ -61,6 +66,8 @@ pub struct Ledger {
     active_marked: Arc<Mutex<HashSet<String>>>,
     /// This process's instance id, stored in every hold it creates (crash recovery finds its holds).
     instance: Option<Arc<str>>,
+    /// The per-tenant group commit of reserves and settles (batch.rs).
+    batch: Arc<Batcher>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -118,9 +125,11 @@ impl Ledger {
     }
 
     fn from_conn(conn: Conn, cfg: LedgerConfig) -> Ledger {
+        let cfg = Arc::new(cfg);
         Ledger {
+            batch: Arc::new(Batcher::new(conn.clone(), Arc::clone(&cfg))),
             conn,
-            cfg: Arc::new(cfg),
+            cfg,
             active_marked: Arc::default(),
             instance: None,
         }
@@ -145,6 +154,13 @@ impl Ledger {
     #[must_use]
     pub fn config(&self) -> &LedgerConfig {
         &self.cfg
+    }
+
+    /// How many reserves and settles went to Redis in how many batched script calls (shared by
+    /// every clone of this handle): the group commit at work.
+    #[must_use]
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batch.stats()
     }
 
     /// Runs `f` under the operation timeout.
@@ -202,180 +218,6 @@ impl Ledger {
             }
         }
         Ok(())
-    }
-
-    /// Holds the worst-case cost of a call until its real usage is known, so concurrent calls
-    /// cannot overspend: atomically checks every cap in `r.caps` against committed + held + amount.
-    /// A retry with the same request id returns the same reservation.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for bad names, a negative amount, a cap naming another feature or session,
-    /// or a request id that was already settled; [`Error::Redis`] when Redis is unavailable.
-    pub async fn reserve(&self, r: &ReserveRequest) -> Result<ReserveOutcome, Error> {
-        validate_tenant(&r.tenant)?;
-        validate_name("request_id", &r.request_id)?;
-        validate_opt("feature", r.feature.as_deref())?;
-        validate_opt("session", r.session.as_deref())?;
-        validate_opt("model", r.model.as_deref())?;
-        if r.amount.0 < 0 {
-            return Err(Error::Invalid {
-                what: "reserve amount",
-                detail: format!("{} is negative", r.amount),
-            });
-        }
-        for cap in &r.caps {
-            let ok = match &cap.scope {
-                CapScope::Tenant => true,
-                CapScope::Feature(f) => r.feature.as_deref() == Some(f.as_str()),
-                CapScope::Session(s) => r.session.as_deref() == Some(s.as_str()),
-            };
-            if !ok {
-                return Err(Error::Invalid {
-                    what: "cap",
-                    detail: format!("{cap:?} does not match the request's feature/session"),
-                });
-            }
-        }
-        let at = r.at;
-        let mut inv = scripts::RESERVE.prepare_invoke();
-        inv.key(keys::holds(&r.tenant))
-            .key(keys::hold(&r.tenant, &r.request_id))
-            .key(keys::done(&r.tenant, &r.request_id))
-            .arg(keys::prefix(&r.tenant))
-            .arg(ms(at))
-            .arg(self.cfg.reclaim_batch)
-            .arg(&r.request_id)
-            .arg(r.amount.0)
-            .arg(duration_ms(r.ttl))
-            .arg(Period::Day.id(at))
-            .arg(Period::Month.id(at))
-            .arg(Period::Day.expire_at(at).timestamp())
-            .arg(Period::Month.expire_at(at).timestamp())
-            .arg(self.cfg.session_ttl.as_secs().max(1))
-            .arg(r.feature.as_deref().unwrap_or(""))
-            .arg(r.session.as_deref().unwrap_or(""))
-            .arg(duration_ms(self.cfg.hold_grace))
-            .arg(r.model.as_deref().unwrap_or(""))
-            .arg(duration_ms(self.cfg.idempotency_ttl))
-            .arg(self.instance.as_deref().unwrap_or(""))
-            .arg(r.caps.len());
-        for cap in &r.caps {
-            let kind = match cap.scope {
-                CapScope::Tenant => "t",
-                CapScope::Feature(_) => "f",
-                CapScope::Session(_) => "s",
-            };
-            inv.arg(kind).arg(cap.period.letter()).arg(cap.limit.0);
-        }
-        let reply = self
-            .timed("reserve", async {
-                self.mark_active(&r.tenant, at).await?;
-                let mut c = self.conn.clone();
-                let fields: Vec<String> = inv.invoke_async(&mut c).await?;
-                Ok(Reply::new("reserve", fields))
-            })
-            .await?;
-        match reply.status() {
-            "ALLOW" => Ok(ReserveOutcome::Allowed(Reservation {
-                id: r.request_id.clone(),
-                tenant: r.tenant.clone(),
-                amount: Nanos(reply.int(1)?),
-                expires_at: from_ms(reply.int(2)?),
-                existing: reply.str(3)? == "existing",
-            })),
-            "DENY" => {
-                let idx = usize::try_from(reply.int(1)?).map_err(|_| reply.unexpected())?;
-                let cap = r
-                    .caps
-                    .get(idx.wrapping_sub(1))
-                    .ok_or_else(|| reply.unexpected())?
-                    .clone();
-                let reset_at = match cap.scope {
-                    CapScope::Session(_) => None,
-                    _ => Some(cap.period.reset_at(at)),
-                };
-                Ok(ReserveOutcome::Denied(Denial {
-                    tenant: r.tenant.clone(),
-                    limit: cap.limit,
-                    cap,
-                    spent: Nanos(reply.int(2)?),
-                    held: Nanos(reply.int(3)?),
-                    requested: r.amount,
-                    reset_at,
-                }))
-            }
-            "SETTLED" => Err(Error::Invalid {
-                what: "request_id",
-                detail: format!(
-                    "{} was already settled; every call needs a fresh request id",
-                    r.request_id
-                ),
-            }),
-            _ => Err(reply.unexpected()),
-        }
-    }
-
-    /// Replaces a reservation with the actual cost: drops the hold (if it still exists), commits
-    /// the cost and tokens everywhere. Idempotent per request id (within
-    /// [`LedgerConfig::idempotency_ttl`]); correct when the hold already expired or never existed
-    /// (spool replay).
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for bad names or a negative cost; [`Error::Redis`] when Redis is
-    /// unavailable (then it is safe to retry or spool: a retry never double-counts).
-    pub async fn settle(&self, s: &Settlement) -> Result<SettleOutcome, Error> {
-        validate_tenant(&s.tenant)?;
-        validate_name("request_id", &s.request_id)?;
-        validate_opt("feature", s.feature.as_deref())?;
-        validate_opt("session", s.session.as_deref())?;
-        validate_opt("model", s.model.as_deref())?;
-        check_cost(s.cost)?;
-        let at = s.started_at;
-        let mut inv = scripts::SETTLE.prepare_invoke();
-        inv.key(keys::holds(&s.tenant))
-            .key(keys::hold(&s.tenant, &s.request_id))
-            .key(keys::done(&s.tenant, &s.request_id))
-            .arg(keys::prefix(&s.tenant))
-            .arg(ms(Utc::now()))
-            .arg(self.cfg.reclaim_batch)
-            .arg(&s.request_id)
-            .arg(duration_ms(self.cfg.idempotency_ttl));
-        period_args(&mut inv, at, &self.cfg);
-        usage_args(
-            &mut inv,
-            s.cost,
-            s.tokens,
-            s.model.as_deref(),
-            s.feature.as_deref(),
-            s.session.as_deref(),
-        );
-        inv.arg("0").arg(if s.estimated { "1" } else { "0" });
-        let reply = self
-            .timed("settle", async {
-                self.mark_active(&s.tenant, at).await?;
-                let mut c = self.conn.clone();
-                let fields: Vec<String> = inv.invoke_async(&mut c).await?;
-                Ok(Reply::new("settle", fields))
-            })
-            .await?;
-        match reply.status() {
-            "SETTLED" => {
-                let opt = |i| match reply.str(i) {
-                    Ok("") => Ok(None),
-                    Ok(v) => v
-                        .parse()
-                        .map(|n| Some(Nanos(n)))
-                        .map_err(|_| reply.unexpected()),
-                    Err(e) => Err(e),
-                };
-                match opt(2)? {
-                    Some(estimate) => Ok(SettleOutcome::ReplacedEstimate { estimate }),
-                    None => Ok(SettleOutcome::Settled { released: opt(1)? }),
-                }
-            }
-            "DUPLICATE" => Ok(SettleOutcome::AlreadySettled),
-            _ => Err(reply.unexpected()),
-        }
     }
 
     /// Drops a reservation without spend (the call failed before anything was billed). Releasing

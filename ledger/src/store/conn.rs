@@ -33,6 +33,10 @@ pub struct LedgerConfig {
     pub hold_grace: Duration,
     /// Expired holds reclaimed per script call at most (bounds a script's run time). Default 64.
     pub reclaim_batch: u32,
+    /// Group commit: concurrent reserves (settles) of one tenant that queue up while an earlier one
+    /// is in flight go to Redis as one script call (store/batch.rs), several times the throughput
+    /// under load; nothing waits at low load. `false` sends one script per call. Default true.
+    pub group_commit: bool,
 }
 
 impl Default for LedgerConfig {
@@ -46,6 +50,7 @@ impl Default for LedgerConfig {
             idempotency_ttl: Duration::from_secs(7 * 24 * 3600),
             hold_grace: Duration::from_secs(7 * 24 * 3600),
             reclaim_batch: 64,
+            group_commit: true,
         }
     }
 }

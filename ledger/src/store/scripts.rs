@@ -16,12 +16,25 @@ macro_rules! script {
             ))
         })
     };
+    (batch $file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/common.lua"),
+                include_str!("lua/batch.lua"),
+                include_str!(concat!("lua/", $file))
+            ))
+        })
+    };
 }
 
 /// Checks every cap and holds the amount (lua/reserve.lua).
 pub(crate) static RESERVE: LazyLock<Script> = script!("reserve.lua");
 /// Replaces a hold with the actual cost, once per request id (lua/settle.lua).
 pub(crate) static SETTLE: LazyLock<Script> = script!("settle.lua");
+/// Several reserves of one tenant in one call, in order (lua/reserve_batch.lua).
+pub(crate) static RESERVE_BATCH: LazyLock<Script> = script!(batch "reserve_batch.lua");
+/// Several settles of one tenant in one call, in order (lua/settle_batch.lua).
+pub(crate) static SETTLE_BATCH: LazyLock<Script> = script!(batch "settle_batch.lua");
 /// Drops a hold without spend, or reverses its abandoned estimate (lua/release.lua).
 pub(crate) static RELEASE: LazyLock<Script> = script!("release.lua");
 /// Commits observer spend, once per event id (lua/record.lua).

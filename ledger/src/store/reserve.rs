@@ -1,0 +1,154 @@
+//! [`Ledger::reserve`]: names and caps are checked in Rust, then the request joins its tenant's
+//! group commit (batch.rs, lua/reserve_batch.lua), or takes the single script (lua/reserve.lua)
+//! when its amount is too large to sum exactly in Lua or its period hashes are already expiring.
+
+use super::batch::{self, Item, MAX_BATCHED_VALUE, Op};
+use super::keys::{validate_name, validate_opt, validate_tenant};
+use super::scripts::Reply;
+use super::{
+    CapScope, Denial, Ledger, Period, Reservation, ReserveOutcome, ReserveRequest, duration_ms,
+    from_ms, ms,
+};
+use crate::{Error, Nanos};
+
+impl Ledger {
+    /// Holds the worst-case cost of a call until its real usage is known, so concurrent calls
+    /// cannot overspend: atomically checks every cap in `r.caps` against committed + held + amount.
+    /// A retry with the same request id returns the same reservation.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names, a negative amount, a cap naming another feature or session,
+    /// or a request id that was already settled; [`Error::Redis`] when Redis is unavailable.
+    pub async fn reserve(&self, r: &ReserveRequest) -> Result<ReserveOutcome, Error> {
+        validate(r)?;
+        let reply = self
+            .timed("reserve", async {
+                self.mark_active(&r.tenant, r.at).await?;
+                let item = self.reserve_item(r);
+                let fields = if self.cfg.group_commit
+                    && r.amount.0 < MAX_BATCHED_VALUE
+                    && batch::live_period(r.at)
+                {
+                    self.batch.submit(Op::Reserve, &r.tenant, item).await?
+                } else {
+                    let mut c = self.conn.clone();
+                    batch::single(Op::Reserve, &r.tenant, &item, &self.cfg)
+                        .invoke_async(&mut c)
+                        .await?
+                };
+                Ok(Reply::new("reserve", fields))
+            })
+            .await?;
+        outcome(r, &reply)
+    }
+
+    /// The request's part of lua/reserve_batch.lua's arguments.
+    fn reserve_item(&self, r: &ReserveRequest) -> Item {
+        let at = r.at;
+        let mut args = Vec::with_capacity(13 + 3 * r.caps.len());
+        args.extend([
+            r.request_id.clone(),
+            ms(at).to_string(),
+            r.amount.0.to_string(),
+            duration_ms(r.ttl).to_string(),
+            Period::Day.id(at),
+            Period::Month.id(at),
+            Period::Day.expire_at(at).timestamp().to_string(),
+            Period::Month.expire_at(at).timestamp().to_string(),
+            r.feature.clone().unwrap_or_default(),
+            r.session.clone().unwrap_or_default(),
+            r.model.clone().unwrap_or_default(),
+            self.instance.as_deref().unwrap_or("").to_owned(),
+            r.caps.len().to_string(),
+        ]);
+        for cap in &r.caps {
+            let (kind, period, limit) = cap_args(cap);
+            args.extend([kind.to_owned(), period.to_owned(), limit]);
+        }
+        Item {
+            now_ms: ms(at),
+            args,
+        }
+    }
+}
+
+/// Names, amount and caps, checked before anything is sent.
+fn validate(r: &ReserveRequest) -> Result<(), Error> {
+    validate_tenant(&r.tenant)?;
+    validate_name("request_id", &r.request_id)?;
+    validate_opt("feature", r.feature.as_deref())?;
+    validate_opt("session", r.session.as_deref())?;
+    validate_opt("model", r.model.as_deref())?;
+    if r.amount.0 < 0 {
+        return Err(Error::Invalid {
+            what: "reserve amount",
+            detail: format!("{} is negative", r.amount),
+        });
+    }
+    for cap in &r.caps {
+        let ok = match &cap.scope {
+            CapScope::Tenant => true,
+            CapScope::Feature(f) => r.feature.as_deref() == Some(f.as_str()),
+            CapScope::Session(s) => r.session.as_deref() == Some(s.as_str()),
+        };
+        if !ok {
+            return Err(Error::Invalid {
+                what: "cap",
+                detail: format!("{cap:?} does not match the request's feature/session"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A cap as the scripts take it: kind (`t` / `f` / `s`), period (`d` / `m`), limit.
+fn cap_args(cap: &super::Cap) -> (&'static str, &'static str, String) {
+    let kind = match cap.scope {
+        CapScope::Tenant => "t",
+        CapScope::Feature(_) => "f",
+        CapScope::Session(_) => "s",
+    };
+    (kind, cap.period.letter(), cap.limit.0.to_string())
+}
+
+/// A reserve reply (the same from either script) as the caller's outcome.
+fn outcome(r: &ReserveRequest, reply: &Reply) -> Result<ReserveOutcome, Error> {
+    match reply.status() {
+        "ALLOW" => Ok(ReserveOutcome::Allowed(Reservation {
+            id: r.request_id.clone(),
+            tenant: r.tenant.clone(),
+            amount: Nanos(reply.int(1)?),
+            expires_at: from_ms(reply.int(2)?),
+            existing: reply.str(3)? == "existing",
+        })),
+        "DENY" => {
+            let idx = usize::try_from(reply.int(1)?).map_err(|_| reply.unexpected())?;
+            let cap = r
+                .caps
+                .get(idx.wrapping_sub(1))
+                .ok_or_else(|| reply.unexpected())?
+                .clone();
+            let reset_at = match cap.scope {
+                CapScope::Session(_) => None,
+                _ => Some(cap.period.reset_at(r.at)),
+            };
+            Ok(ReserveOutcome::Denied(Denial {
+                tenant: r.tenant.clone(),
+                limit: cap.limit,
+                cap,
+                spent: Nanos(reply.int(2)?),
+                held: Nanos(reply.int(3)?),
+                requested: r.amount,
+                reset_at,
+            }))
+        }
+        "SETTLED" => Err(Error::Invalid {
+            what: "request_id",
+            detail: format!(
+                "{} was already settled; every call needs a fresh request id",
+                r.request_id
+            ),
+        }),
+        _ => Err(reply.unexpected()),
+    }
+}

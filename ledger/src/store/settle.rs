@@ -1,0 +1,106 @@
+//! [`Ledger::settle`]: names and cost are checked in Rust, then the settlement joins its tenant's
+//! group commit (batch.rs, lua/settle_batch.lua), or takes the single script (lua/settle.lua) when
+//! its cost or token counts are too large to sum exactly in Lua or its period hashes are already
+//! expiring.
+
+use chrono::Utc;
+
+use super::batch::{self, Item, MAX_BATCHED_VALUE, Op};
+use super::keys::{validate_name, validate_opt, validate_tenant};
+use super::scripts::Reply;
+use super::{Ledger, Period, SettleOutcome, Settlement, check_cost, ms};
+use crate::{Error, Nanos};
+
+impl Ledger {
+    /// Replaces a reservation with the actual cost: drops the hold (if it still exists), commits
+    /// the cost and tokens everywhere. Idempotent per request id (within
+    /// [`super::LedgerConfig::idempotency_ttl`]); correct when the hold already expired or never
+    /// existed (spool replay).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names or a negative cost; [`Error::Redis`] when Redis is
+    /// unavailable (then it is safe to retry or spool: a retry never double-counts).
+    pub async fn settle(&self, s: &Settlement) -> Result<SettleOutcome, Error> {
+        validate_tenant(&s.tenant)?;
+        validate_name("request_id", &s.request_id)?;
+        validate_opt("feature", s.feature.as_deref())?;
+        validate_opt("session", s.session.as_deref())?;
+        validate_opt("model", s.model.as_deref())?;
+        check_cost(s.cost)?;
+        let reply = self
+            .timed("settle", async {
+                self.mark_active(&s.tenant, s.started_at).await?;
+                let item = settle_item(s);
+                let fields = if self.cfg.group_commit && batchable(s) {
+                    self.batch.submit(Op::Settle, &s.tenant, item).await?
+                } else {
+                    let mut c = self.conn.clone();
+                    batch::single(Op::Settle, &s.tenant, &item, &self.cfg)
+                        .invoke_async(&mut c)
+                        .await?
+                };
+                Ok(Reply::new("settle", fields))
+            })
+            .await?;
+        outcome(&reply)
+    }
+}
+
+/// Whether every number the batch script sums stays exact in Lua (and the period is live).
+fn batchable(s: &Settlement) -> bool {
+    let t = s.tokens;
+    let small = |v: u64| i64::try_from(v).is_ok_and(|v| v < MAX_BATCHED_VALUE);
+    s.cost.0 < MAX_BATCHED_VALUE
+        && [t.input, t.output, t.cache_read, t.cache_write]
+            .into_iter()
+            .all(small)
+        && batch::live_period(s.started_at)
+}
+
+/// The settlement's part of the scripts' arguments (see [`Item::args`]).
+fn settle_item(s: &Settlement) -> Item {
+    let at = s.started_at;
+    let t = s.tokens;
+    let args = vec![
+        s.request_id.clone(),
+        Period::Day.id(at),
+        Period::Month.id(at),
+        Period::Day.expire_at(at).timestamp().to_string(),
+        Period::Month.expire_at(at).timestamp().to_string(),
+        s.cost.0.to_string(),
+        t.input.to_string(),
+        t.output.to_string(),
+        t.cache_read.to_string(),
+        t.cache_write.to_string(),
+        s.model.clone().unwrap_or_default(),
+        s.feature.clone().unwrap_or_default(),
+        s.session.clone().unwrap_or_default(),
+        if s.estimated { "1" } else { "0" }.to_owned(),
+    ];
+    Item {
+        now_ms: ms(Utc::now()),
+        args,
+    }
+}
+
+/// A settle reply (the same from either script) as the caller's outcome.
+fn outcome(reply: &Reply) -> Result<SettleOutcome, Error> {
+    match reply.status() {
+        "SETTLED" => {
+            let opt = |i| match reply.str(i) {
+                Ok("") => Ok(None),
+                Ok(v) => v
+                    .parse()
+                    .map(|n| Some(Nanos(n)))
+                    .map_err(|_| reply.unexpected()),
+                Err(e) => Err(e),
+            };
+            match opt(2)? {
+                Some(estimate) => Ok(SettleOutcome::ReplacedEstimate { estimate }),
+                None => Ok(SettleOutcome::Settled { released: opt(1)? }),
+            }
+        }
+        "DUPLICATE" => Ok(SettleOutcome::AlreadySettled),
+        _ => Err(reply.unexpected()),
+    }
+}
