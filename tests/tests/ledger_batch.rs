@@ -1,0 +1,616 @@
+//! The ledger's group commit against real redis-servers: reserves and settles of one tenant that
+//! went to Redis together in one script call leave exactly the keys, fields and values the
+//! single-item scripts leave when the same calls run one by one (checked by dumping every key of
+//! two servers), and a frozen Redis fails every waiter of a batch within the timeout.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::future::join_all;
+use ledger::Nanos;
+use ledger::store::{
+    Cap, CapScope, Ledger, LedgerConfig, Period, ReserveOutcome, ReserveRequest, SettleOutcome,
+    Settlement, TokenCounts, UsageRecord, is_unavailable,
+};
+use llmwarden_tests::redis::RedisServer;
+use redis::AsyncCommands;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A batched ledger on `a` and an unbatched one (one script per call) on `b`.
+async fn pair(a: &RedisServer, b: &RedisServer) -> (Ledger, Ledger) {
+    let batched = Ledger::connect(&a.url()).await.expect("connect a");
+    let single = Ledger::connect_with(
+        &b.url(),
+        LedgerConfig {
+            group_commit: false,
+            ..LedgerConfig::default()
+        },
+    )
+    .await
+    .expect("connect b");
+    (batched, single)
+}
+
+fn cap(scope: CapScope, period: Period, limit: i64) -> Cap {
+    Cap {
+        scope,
+        period,
+        limit: Nanos(limit),
+    }
+}
+
+fn req(id: &str, amount: i64, at: DateTime<Utc>, caps: Vec<Cap>) -> ReserveRequest {
+    ReserveRequest {
+        tenant: "acme".into(),
+        feature: None,
+        session: None,
+        request_id: id.into(),
+        provider: "openai".into(),
+        model: Some("gpt-4o-mini".into()),
+        amount: Nanos(amount),
+        ttl: HOUR,
+        caps,
+        at,
+    }
+}
+
+fn settlement(r: &ReserveRequest, cost: i64, n: u64) -> Settlement {
+    Settlement {
+        tenant: r.tenant.clone(),
+        request_id: r.request_id.clone(),
+        feature: r.feature.clone(),
+        session: r.session.clone(),
+        model: r.model.clone(),
+        cost: Nanos(cost),
+        tokens: TokenCounts {
+            input: 100 + n,
+            output: 20 + 2 * n,
+            cache_read: n % 3,
+            cache_write: n % 2,
+        },
+        estimated: n % 4 == 1,
+        started_at: r.at,
+    }
+}
+
+/// Every key of the server: its type and content, and its TTL in seconds (-1: none).
+async fn dump(server: &RedisServer) -> BTreeMap<String, (String, i64)> {
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = c.keys("*").await.expect("KEYS");
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&k)
+            .query_async(&mut c)
+            .await
+            .expect("TYPE");
+        let content = match kind.as_str() {
+            "hash" => {
+                let h: BTreeMap<String, String> = c.hgetall(&k).await.expect("HGETALL");
+                format!("{h:?}")
+            }
+            "string" => {
+                let v: String = c.get(&k).await.expect("GET");
+                format!("{v:?}")
+            }
+            "zset" => {
+                let z: Vec<(String, f64)> = c.zrange_withscores(&k, 0, -1).await.expect("ZRANGE");
+                format!("{z:?}")
+            }
+            "set" => {
+                let mut s: Vec<String> = c.smembers(&k).await.expect("SMEMBERS");
+                s.sort();
+                format!("{s:?}")
+            }
+            other => panic!("unexpected type {other} of {k}"),
+        };
+        let ttl: i64 = c.ttl(&k).await.expect("TTL");
+        out.insert(k, (format!("{kind} {content}"), ttl));
+    }
+    out
+}
+
+/// Same keys, same contents, and TTLs within a few seconds (the two runs are a moment apart).
+fn assert_same(a: &BTreeMap<String, (String, i64)>, b: &BTreeMap<String, (String, i64)>) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "the batched (left) and the one-by-one (right) run wrote different keys"
+    );
+    for (k, (content, ttl)) in a {
+        let (want, want_ttl) = &b[k];
+        assert_eq!(
+            content, want,
+            "key {k} differs between the batched (left) and the one-by-one (right) run"
+        );
+        assert!(
+            (ttl - want_ttl).abs() <= 5 && (*ttl < 0) == (*want_ttl < 0),
+            "key {k}: TTL {ttl} s batched, {want_ttl} s one by one"
+        );
+    }
+}
+
+async fn reserve_all(l: &Ledger, rs: &[ReserveRequest]) -> Vec<String> {
+    join_all(rs.iter().map(|r| l.reserve(r)))
+        .await
+        .into_iter()
+        .map(|o| format!("{o:?}"))
+        .collect()
+}
+
+async fn reserve_each(l: &Ledger, rs: &[ReserveRequest]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in rs {
+        out.push(format!("{:?}", l.reserve(r).await));
+    }
+    out
+}
+
+async fn settle_all(l: &Ledger, ss: &[Settlement]) -> Vec<String> {
+    join_all(ss.iter().map(|s| l.settle(s)))
+        .await
+        .into_iter()
+        .map(|o| format!("{o:?}"))
+        .collect()
+}
+
+async fn settle_each(l: &Ledger, ss: &[Settlement]) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in ss {
+        out.push(format!("{:?}", l.settle(s).await));
+    }
+    out
+}
+
+/// Prior state both servers get one call at a time: committed observer spend and a live hold.
+async fn prior(l: &Ledger, at: DateTime<Utc>) {
+    let rec = UsageRecord {
+        tenant: "acme".into(),
+        event_id: "ev1".into(),
+        feature: Some("bot".into()),
+        session: Some("s1".into()),
+        provider: "anthropic".into(),
+        model: Some("claude-sonnet-4-5".into()),
+        cost: Nanos(100),
+        tokens: TokenCounts::default(),
+        bypass: true,
+        estimated: false,
+        at,
+    };
+    l.record(&rec).await.expect("record");
+    let mut r = req("prior", 150, at, vec![]);
+    r.feature = Some("bot".into());
+    assert!(matches!(
+        l.reserve(&r).await.expect("reserve"),
+        ReserveOutcome::Allowed(_)
+    ));
+}
+
+/// One batch of reserves, in a known order (a current-thread runtime polls `join_all`'s futures in
+/// order, so they queue in order): denials, a duplicate id, an already settled id, every cap kind.
+/// Replies and every key equal those of the same reserves run one by one with the single script.
+#[tokio::test]
+async fn a_batch_of_reserves_equals_the_same_reserves_one_by_one() {
+    let (sa, sb) = (RedisServer::start(), RedisServer::start());
+    let (a, b) = pair(&sa, &sb).await;
+    let at = Utc::now();
+    for l in [&a, &b] {
+        prior(l, at).await;
+        let used = req("used", 1, at, vec![]);
+        l.reserve(&used).await.expect("reserve used");
+        l.settle(&settlement(&used, 1, 0))
+            .await
+            .expect("settle used");
+    }
+    let tenant_day = cap(CapScope::Tenant, Period::Day, 1_000);
+    let feature_month = cap(CapScope::Feature("bot".into()), Period::Month, 700);
+    let session = cap(CapScope::Session("s1".into()), Period::Month, 500);
+    let mut rs = Vec::new();
+    for (i, amount) in [120, 300, 90, 400, 0, 250, 60, 1, 700, 30]
+        .into_iter()
+        .enumerate()
+    {
+        let mut caps = vec![tenant_day.clone()];
+        let mut r = req(&format!("r{i}"), amount, at, Vec::new());
+        if i % 2 == 0 {
+            r.feature = Some("bot".into());
+            caps.push(feature_month.clone());
+        }
+        if i % 3 == 0 {
+            r.session = Some("s1".into());
+            caps.push(session.clone());
+        }
+        r.caps = caps;
+        r.model = (i % 4 != 3).then(|| format!("m{}", i % 3));
+        rs.push(r);
+    }
+    rs.push(rs[1].clone()); // the same id twice in one batch: one hold
+    rs.push(req("used", 5, at, vec![tenant_day.clone()])); // already settled
+    let mut no_caps = req("free", 1_000_000, at, vec![]);
+    no_caps.session = Some("s2".into());
+    rs.push(no_caps);
+
+    let before = a.batch_stats().reserve;
+    let got = reserve_all(&a, &rs).await;
+    let want = reserve_each(&b, &rs).await;
+    let after = a.batch_stats().reserve;
+    assert_eq!(
+        (after.batches - before.batches, after.items - before.items),
+        (1, rs.len() as u64),
+        "all reserves in one batch"
+    );
+    assert_eq!(got, want);
+    assert!(
+        got.iter().filter(|o| o.contains("Denied")).count() >= 2,
+        "the scenario must deny some items: {got:#?}"
+    );
+    assert!(got[rs.len() - 3].contains("existing: true"), "{got:#?}");
+    assert!(got[rs.len() - 2].contains("already settled"), "{got:#?}");
+    assert_same(&dump(&sa).await, &dump(&sb).await);
+}
+
+/// Denied items inside a batch hold nothing: the items after them see only what was admitted.
+#[tokio::test]
+async fn a_denied_item_does_not_change_later_items_of_its_batch() {
+    let (sa, sb) = (RedisServer::start(), RedisServer::start());
+    let (a, b) = pair(&sa, &sb).await;
+    let at = Utc::now();
+    let caps = vec![cap(CapScope::Tenant, Period::Month, 100)];
+    for l in [&a, &b] {
+        // Marks the tenant active, so the batch below is queued in order.
+        l.reserve(&req("warm", 0, at, caps.clone()))
+            .await
+            .expect("warm");
+    }
+    let rs: Vec<_> = [60, 50, 40, 1, 0]
+        .into_iter()
+        .enumerate()
+        .map(|(i, amount)| req(&format!("d{i}"), amount, at, caps.clone()))
+        .collect();
+    let got = reserve_all(&a, &rs).await;
+    assert_eq!(got, reserve_each(&b, &rs).await);
+    let verdicts: Vec<bool> = got.iter().map(|o| o.contains("Allowed")).collect();
+    assert_eq!(verdicts, [true, false, true, false, true], "{got:#?}");
+    assert!(
+        got[3].contains("held: Nanos(100)"),
+        "the 1 is denied against 60 + 40 held: {}",
+        got[3]
+    );
+    assert_eq!(a.batch_stats().reserve.largest, 5);
+    let s = a
+        .tenant_spend("acme", Period::Month, Utc::now())
+        .await
+        .expect("spend");
+    assert_eq!(s.held, Nanos(100));
+    assert_same(&dump(&sa).await, &dump(&sb).await);
+}
+
+/// One batch of settles: live holds, a request id twice (counted once), a settle without a hold
+/// (spool replay), a settle whose hold expired and was committed as an estimate (replaced inside
+/// the batch), zero cost, sessions, features, models. Replies and every key equal the one-by-one run.
+#[tokio::test]
+async fn a_batch_of_settles_equals_the_same_settles_one_by_one() {
+    let (sa, sb) = (RedisServer::start(), RedisServer::start());
+    let (a, b) = pair(&sa, &sb).await;
+    let at = Utc::now();
+    let mut rs = Vec::new();
+    for i in 0..12u64 {
+        let mut r = req(&format!("s{i}"), 1_000 + 10 * i as i64, at, vec![]);
+        r.feature = (i % 2 == 0).then(|| format!("f{}", i % 3));
+        r.session = (i % 3 == 0).then(|| "sess".to_owned());
+        r.model = (i % 5 != 4).then(|| format!("m{}", i % 2));
+        if i == 7 {
+            r.ttl = Duration::from_millis(100);
+        }
+        rs.push(r);
+    }
+    for l in [&a, &b] {
+        prior(l, at).await;
+        for r in &rs {
+            l.reserve(r).await.expect("reserve");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // s7's hold expires
+    let mut ss: Vec<Settlement> = rs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| settlement(r, 500 + 7 * i as i64, i as u64))
+        .collect();
+    ss[3].cost = Nanos(0);
+    ss.push(ss[2].clone()); // duplicate inside the batch
+    let mut dup = ss[5].clone();
+    dup.cost = Nanos(9_999);
+    ss.push(dup); // same id, other cost: still a duplicate
+    ss.push(settlement(&req("replayed", 0, at, vec![]), 777, 5)); // no hold at all
+    let before = a.batch_stats().settle;
+    let got = settle_all(&a, &ss).await;
+    let want = settle_each(&b, &ss).await;
+    let after = a.batch_stats().settle;
+    assert_eq!(
+        (after.batches - before.batches, after.items - before.items),
+        (1, ss.len() as u64),
+        "all settles in one batch"
+    );
+    assert_eq!(got, want);
+    assert!(got[7].contains("ReplacedEstimate"), "{}", got[7]);
+    assert_eq!(
+        got.iter().filter(|o| o.contains("AlreadySettled")).count(),
+        2
+    );
+    assert_same(&dump(&sa).await, &dump(&sb).await);
+    let s = a
+        .tenant_spend("acme", Period::Month, Utc::now())
+        .await
+        .expect("spend");
+    assert_eq!(s.held, Nanos(150), "only the prior hold is left");
+}
+
+/// Many tasks on a multi-threaded runtime, one tenant: the reserves really went through multi-item
+/// batches, admit exactly floor(cap / amount), and leave the same period hashes as one-by-one
+/// reserves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reserves_batch_and_admit_exactly_what_fits() {
+    let (sa, sb) = (RedisServer::start(), RedisServer::start());
+    let (a, b) = pair(&sa, &sb).await;
+    let at = Utc::now();
+    let amount = 7_000_000;
+    let caps = vec![
+        cap(CapScope::Tenant, Period::Month, amount * 50 + 3_000_000),
+        cap(CapScope::Feature("bot".into()), Period::Day, i64::MAX / 4),
+    ];
+    let rs: Vec<_> = (0..300)
+        .map(|i| {
+            let mut r = req(&format!("c{i}"), amount, at, caps.clone());
+            r.feature = Some("bot".into());
+            r
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for r in rs.clone() {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move { a.reserve(&r).await }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        if matches!(
+            t.await.expect("join").expect("reserve"),
+            ReserveOutcome::Allowed(_)
+        ) {
+            admitted += 1;
+        }
+    }
+    let stats = a.batch_stats().reserve;
+    assert_eq!(admitted, 50);
+    assert!(stats.largest > 1, "no multi-item batch happened: {stats:?}");
+    assert_eq!(stats.items, 300);
+    let one_by_one = reserve_each(&b, &rs).await;
+    assert_eq!(
+        one_by_one.iter().filter(|o| o.contains("Allowed")).count(),
+        50
+    );
+    let (da, db) = (dump(&sa).await, dump(&sb).await);
+    for period in Period::ALL {
+        let letter = if period == Period::Day { "d" } else { "m" };
+        let key = format!("llmw:{{acme}}:spend:{letter}:{}", period.id(at));
+        let (got, want) = (&da[&key].0, &db[&key].0);
+        assert_eq!(got, want, "{key}");
+    }
+}
+
+/// Concurrent settles of one tenant (many tasks, multi-item batches) leave exactly the fields the
+/// same settles leave one by one: every key of both servers compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_settles_equal_the_same_settles_one_by_one() {
+    let (sa, sb) = (RedisServer::start(), RedisServer::start());
+    let (a, b) = pair(&sa, &sb).await;
+    let at = Utc::now();
+    let rs: Vec<_> = (0..400u64)
+        .map(|i| {
+            let mut r = req(&format!("p{i}"), 5_000, at, vec![]);
+            r.feature = (i % 3 != 0).then(|| format!("f{}", i % 4));
+            r.session = (i % 5 == 0).then(|| format!("sess{}", i % 2));
+            r.model = (i % 7 != 0).then(|| format!("model-{}", i % 3));
+            r
+        })
+        .collect();
+    for l in [&a, &b] {
+        for r in &rs {
+            l.reserve(r).await.expect("reserve");
+        }
+    }
+    let ss: Vec<_> = rs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| settlement(r, 1_000 + i as i64 * 13, i as u64))
+        .collect();
+    let before = a.batch_stats().settle;
+    let mut tasks = Vec::new();
+    for chunk in ss.chunks(4) {
+        let (a, chunk) = (a.clone(), chunk.to_vec());
+        tasks.push(tokio::spawn(async move {
+            for s in &chunk {
+                assert!(matches!(
+                    a.settle(s).await.expect("settle"),
+                    SettleOutcome::Settled { released: Some(_) }
+                ));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("join");
+    }
+    let after = a.batch_stats().settle;
+    assert!(after.largest > 1, "no multi-item batch happened: {after:?}");
+    assert_eq!(after.items - before.items, 400);
+    for s in &ss {
+        assert!(matches!(
+            b.settle(s).await.expect("settle"),
+            SettleOutcome::Settled { released: Some(_) }
+        ));
+    }
+    assert_same(&dump(&sa).await, &dump(&sb).await);
+}
+
+/// Amounts too large to sum exactly in Lua doubles take the single script and stay exact.
+#[tokio::test]
+async fn huge_amounts_stay_exact() {
+    let server = RedisServer::start();
+    let l = Ledger::connect(&server.url()).await.expect("connect");
+    let at = Utc::now();
+    let big = (1i64 << 53) + 1;
+    let r = req(
+        "big",
+        big,
+        at,
+        vec![cap(CapScope::Tenant, Period::Month, i64::MAX / 2)],
+    );
+    assert!(matches!(
+        l.reserve(&r).await.expect("reserve"),
+        ReserveOutcome::Allowed(_)
+    ));
+    let mut s = settlement(&r, big + 2, 0);
+    s.estimated = false;
+    l.settle(&s).await.expect("settle");
+    let small = req("small", 3, at, vec![]);
+    l.reserve(&small).await.expect("reserve");
+    l.settle(&settlement(&small, 3, 0)).await.expect("settle");
+    let spend = l
+        .tenant_spend("acme", Period::Month, Utc::now())
+        .await
+        .expect("spend");
+    assert_eq!((spend.spend, spend.held), (Nanos(big + 5), Nanos(0)));
+    let stats = l.batch_stats();
+    assert_eq!(
+        (stats.reserve.items, stats.settle.items),
+        (1, 1),
+        "only the small call is batched"
+    );
+}
+
+/// Callers that give up (their task is aborted) do not break the batch for the others, and the
+/// tenant's queue keeps working afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_callers_do_not_break_a_batch() {
+    let server = RedisServer::start();
+    let l = Ledger::connect(&server.url()).await.expect("connect");
+    let at = Utc::now();
+    let mut tasks = Vec::new();
+    for i in 0..128 {
+        let l = l.clone();
+        let r = req(&format!("x{i}"), 1, at, vec![]);
+        tasks.push(tokio::spawn(async move { l.reserve(&r).await }));
+    }
+    for t in tasks.iter().step_by(2) {
+        t.abort();
+    }
+    let mut ok = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await {
+            Ok(res) => {
+                res.unwrap_or_else(|e| panic!("reserve x{i}: {e}"));
+                ok += 1;
+            }
+            Err(e) => assert!(e.is_cancelled() && i % 2 == 0, "x{i}: {e}"),
+        }
+    }
+    assert!(ok >= 64, "{ok}");
+    let held = l
+        .tenant_spend("acme", Period::Month, Utc::now())
+        .await
+        .expect("spend")
+        .held;
+    assert!(held.0 >= 64 && held.0 <= 128, "{held}");
+    let r = req("after", 1, at, vec![]);
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(2), l.reserve(&r))
+            .await
+            .expect("the queue must not be stuck")
+            .expect("reserve"),
+        ReserveOutcome::Allowed(_)
+    ));
+}
+
+/// Redis frozen (SIGSTOP) under a steady reserve + settle load, with batches in flight and items
+/// queued behind them: every call returns an "unavailable" error within the operation timeout
+/// (plus scheduling slack), none hangs, and the ledger works again once Redis resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_redis_fails_every_waiter_within_the_timeout() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_millis(800);
+    let cfg = LedgerConfig {
+        response_timeout: Duration::from_millis(200),
+        connection_timeout: Duration::from_millis(200),
+        operation_timeout: timeout,
+        ..LedgerConfig::default()
+    };
+    let l = Ledger::connect_with(&server.url(), cfg)
+        .await
+        .expect("connect");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let (l, stop) = (l.clone(), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let (mut slowest, mut errors, mut n) = (Duration::ZERO, 0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let r = req(&format!("{t}-{n}"), 10, Utc::now(), vec![]);
+                let t0 = Instant::now();
+                let res = l.reserve(&r).await;
+                slowest = slowest.max(t0.elapsed());
+                let res = match res {
+                    Ok(_) => {
+                        let t0 = Instant::now();
+                        let res = l.settle(&settlement(&r, 5, 0)).await.map(|_| ());
+                        slowest = slowest.max(t0.elapsed());
+                        res
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = res {
+                    assert!(is_unavailable(&e), "{e}");
+                    errors += 1;
+                }
+            }
+            (slowest, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(l.batch_stats().settle.batches > 0, "load is running");
+    server.pause();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.resume();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = 0;
+    for t in tasks {
+        let (slowest, e) = tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .expect("a task hung")
+            .expect("join");
+        assert!(
+            slowest < timeout + Duration::from_millis(500),
+            "a reserve or settle took {slowest:?} (timeout {timeout:?})"
+        );
+        errors += e;
+    }
+    assert!(errors >= 64, "every task saw the outage: {errors} errors");
+    let r = req("after", 1, Utc::now(), vec![]);
+    let mut ok = false;
+    for _ in 0..30 {
+        if l.reserve(&r).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the ledger must work again after Redis resumes");
+}
