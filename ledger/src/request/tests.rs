@@ -365,8 +365,14 @@ fn request_model_agrees_with_parse_request() {
         "/v1beta/models/gemini-2.5-flash:generateContent",
     );
     let bodies = [
-        (chat, r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hello world"}]}"#),
-        (chat, r#"{"messages":[],"model":"gpt-4.1-mini","stream":true}"#),
+        (
+            chat,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hello world"}]}"#,
+        ),
+        (
+            chat,
+            r#"{"messages":[],"model":"gpt-4.1-mini","stream":true}"#,
+        ),
         (chat, r#"{"model":"","messages":[]}"#),
         (chat, r#"{"model":null,"messages":[]}"#),
         (gemini, r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#),
@@ -375,10 +381,19 @@ fn request_model_agrees_with_parse_request() {
     for ((host, path), body) in bodies {
         let ep = endpoint(host, path);
         let full = parse_request(&ep, body.as_bytes()).expect("valid").model;
-        assert_eq!(request_model(&ep, body.as_bytes()).expect("valid"), full, "{body}");
+        assert_eq!(
+            request_model(&ep, body.as_bytes()).expect("valid"),
+            full,
+            "{body}"
+        );
     }
     let ep = endpoint(chat.0, chat.1);
-    for bad in [r#"["gpt-4o"]"#, r#"{"model":4}"#, "not json", r#"{"model":"x""#] {
+    for bad in [
+        r#"["gpt-4o"]"#,
+        r#"{"model":4}"#,
+        "not json",
+        r#"{"model":"x""#,
+    ] {
         let e = request_model(&ep, bad.as_bytes()).expect_err(bad);
         assert!(
             parse_request(&ep, bad.as_bytes()).is_err(),
