@@ -65,19 +65,19 @@ fn a_call_seen_while_redis_is_frozen_is_spooled_and_recorded_once() {
     let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"spool me"}]}"#;
     let call = || {
         Command::new("curl")
-        .args(["-sS", "--http1.1", "--fail", "--cacert"])
-        .arg(mock.ca_pem_path())
-        .args([
-            "-H",
-            "content-type: application/json",
-            "-H",
-            "x-tenant-id: obs-outage",
-            "-d",
-            body,
-        ])
-        .arg(format!("{}/v1/chat/completions", mock.https_url()))
-        .output()
-        .expect("curl")
+            .args(["-sS", "--http1.1", "--fail", "--cacert"])
+            .arg(mock.ca_pem_path())
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "x-tenant-id: obs-outage",
+                "-d",
+                body,
+            ])
+            .arg(format!("{}/v1/chat/completions", mock.https_url()))
+            .output()
+            .expect("curl")
     };
     let out = call();
     assert!(

@@ -49,9 +49,8 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     // repeat: the ratio is between medians of several runs.
     let n_plain = n * PLAIN_SCALE;
     let curl_plain = |rate: Option<u32>| curl(&plain, "/healthz", None, n_plain, rate);
-    let plain_runs = |count: usize| -> Result<Vec<f64>> {
-        (0..count).map(|_| curl_plain(None)).collect()
-    };
+    let plain_runs =
+        |count: usize| -> Result<Vec<f64>> { (0..count).map(|_| curl_plain(None)).collect() };
     let curl_llm = |count: u64, rate: Option<u32>| {
         curl(&llm, "/v1/chat/completions", Some(&body), count, rate)
     };

@@ -527,8 +527,7 @@ fn observer_md(s: &mut String, r: &Value) {
         "curl (OpenSSL) over one HTTPS keep-alive connection to a local TLS mock, {} LLM requests \
          per run; non-LLM: {} requests per run (a 2-byte answer), medians of runs before, during \
          and after attachment.\n",
-        o["requests"],
-        o["non_llm"]["requests"]
+        o["requests"], o["non_llm"]["requests"]
     );
     let _ = writeln!(
         s,
