@@ -72,8 +72,9 @@ fn config() -> ObserverConfig {
     CONFIG.get(0).copied().unwrap_or_default()
 }
 
+/// Whether the process is not observed: excluded, or outside the pid / cgroup allow-lists.
 #[inline(always)]
-fn filtered_out(cfg: &ObserverConfig, pid: u32, ssl: u64) -> bool {
+fn process_filtered(cfg: &ObserverConfig, pid: u32) -> bool {
     // SAFETY: map lookups return pointers into map values that live for the program's run.
     unsafe {
         if SKIP_PIDS.get(&pid).is_some() {
@@ -88,8 +89,14 @@ fn filtered_out(cfg: &ObserverConfig, pid: u32, ssl: u64) -> bool {
                 return true;
             }
         }
-        SKIP_CONNS.get(&ConnKey { ssl, pid, pad: 0 }).is_some()
     }
+    false
+}
+
+#[inline(always)]
+fn filtered_out(cfg: &ObserverConfig, pid: u32, ssl: u64) -> bool {
+    // SAFETY: as in process_filtered.
+    process_filtered(cfg, pid) || unsafe { SKIP_CONNS.get(&ConnKey { ssl, pid, pad: 0 }).is_some() }
 }
 
 #[inline(always)]
@@ -309,6 +316,11 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
     let _ = SKIP_CONNS.remove(&ConnKey { ssl, pid, pad: 0 });
+    let cfg = config();
+    // A process that is not observed sent no data, so its connection ends matter to nobody.
+    if process_filtered(&cfg, pid) {
+        return 0;
+    }
     let header = SslEventHeader {
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
@@ -320,7 +332,7 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
         ..SslEventHeader::default()
     };
     if EVENTS
-        .output::<SslEventHeader>(&header, wakeup_flags(&config()))
+        .output::<SslEventHeader>(&header, wakeup_flags(&cfg))
         .is_err()
     {
         stat_add(STAT_RINGBUF_DROPS, 1);

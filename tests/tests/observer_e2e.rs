@@ -707,9 +707,15 @@ fn observer_allow_lists_filter_in_the_kernel() {
             std::thread::sleep(Duration::from_millis(200));
         }
         assert_eq!(requests("t-allow-pid"), 0, "{}", obs.log());
-        // (SSL_free still reports connection ends, without data.)
+        // Nothing reaches the ring buffer: no data, and no connection ends (SSL_free) either.
         assert_eq!(
             obs.metric("llmw_observer_bytes_total"),
+            0,
+            "{}",
+            obs.metrics()
+        );
+        assert_eq!(
+            obs.metric("llmw_observer_events_total"),
             0,
             "{}",
             obs.metrics()
