@@ -525,9 +525,14 @@ fn observer_md(s: &mut String, r: &Value) {
     let _ = writeln!(
         s,
         "curl (OpenSSL) over one HTTPS keep-alive connection to a local TLS mock, {} LLM requests \
-         per run; non-LLM: {} requests per run (a 2-byte answer), medians of runs before, during \
-         and after attachment.\n",
-        o["requests"], o["non_llm"]["requests"]
+         per run; non-LLM: {} requests per run (a 2-byte answer) in {} cycles of unattached / \
+         attached / unattached (the observer started and stopped each time); the ratio is the \
+         median of the cycles' ratios (range {}–{}×).\n",
+        o["requests"],
+        o["non_llm"]["requests"],
+        o["non_llm"]["cycles"],
+        f(&o["non_llm"]["ratio"]["min"], 3),
+        f(&o["non_llm"]["ratio"]["max"], 3)
     );
     let _ = writeln!(
         s,
