@@ -125,6 +125,11 @@ fn is_usage_only(event: &[u8]) -> bool {
         .map(|d| d.strip_prefix(' ').unwrap_or(d))
         .collect::<Vec<_>>()
         .join("\n");
+    // With include_usage every chunk carries `"usage": null`; only a chunk with an empty
+    // `choices` array can be the usage-only one, so the others skip the JSON parse.
+    if !has_empty_choices(&data) {
+        return false;
+    }
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&data) else {
         return false;
     };
@@ -132,6 +137,21 @@ fn is_usage_only(event: &[u8]) -> bool {
         .and_then(serde_json::Value::as_array)
         .is_some_and(Vec::is_empty)
         && v.get("usage").is_some_and(serde_json::Value::is_object)
+}
+
+/// Whether `json` has a `"choices"` member whose value is an empty array (JSON whitespace
+/// allowed around the colon and inside the brackets). A cheap necessary condition for
+/// [`is_usage_only`]; the parse that follows decides.
+fn has_empty_choices(json: &str) -> bool {
+    let ws = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r');
+    json.match_indices("\"choices\"").any(|(i, key)| {
+        json[i + key.len()..]
+            .trim_start_matches(ws)
+            .strip_prefix(':')
+            .map(|v| v.trim_start_matches(ws))
+            .and_then(|v| v.strip_prefix('['))
+            .is_some_and(|v| v.trim_start_matches(ws).starts_with(']'))
+    })
 }
 
 impl UsageChunkFilter {
@@ -392,6 +412,32 @@ mod tests {
     }
 
     /// What the client sees of `stream` pushed in `size`-byte chunks.
+    #[test]
+    fn empty_choices_precheck() {
+        for yes in [
+            r#"{"choices":[],"usage":{}}"#,
+            r#"{"id":"x","choices" : [ ] ,"usage":{}}"#,
+            "{\"choices\":\n[\r\n]}",
+            r#"{"a":{"choices":[1]},"choices":[]}"#,
+        ] {
+            assert!(has_empty_choices(yes), "{yes}");
+        }
+        for no in [
+            r#"{"choices":[{"delta":{}}],"usage":null}"#,
+            r#"{"usage":{}}"#,
+            r#"{"choices":null}"#,
+            r#"{"x":"\"choices\"","choices":[0]}"#,
+        ] {
+            assert!(!has_empty_choices(no), "{no}");
+        }
+        // Every chunk of an include_usage stream names "usage"; only the last one is cut.
+        let mut f = UsageChunkFilter::default();
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        assert_eq!(&f.push(chunk.as_bytes())[..], chunk.as_bytes());
+        let usage = "data: {\"choices\": [ ],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        assert!(f.push(usage.as_bytes()).is_empty());
+    }
+
     fn filtered(stream: &[u8], size: usize) -> Vec<u8> {
         let mut f = UsageChunkFilter::default();
         let mut out = Vec::new();
