@@ -228,7 +228,12 @@ pub struct MeteredBody {
     meter: Option<StreamMeter>,
     filter: Option<UsageChunkFilter>,
     idle: Duration,
+    /// Fires at the earliest possible idle deadline; when it does, the deadline is recomputed
+    /// from `last_frame` (re-arming the timer on every frame would cost a timer-wheel update per
+    /// SSE event).
     timer: Pin<Box<Sleep>>,
+    /// When the upstream last sent a frame.
+    last_frame: tokio::time::Instant,
     settler: Option<Settler>,
     delivered: bool,
     done: bool,
@@ -250,6 +255,7 @@ impl MeteredBody {
             filter: strip_usage_chunk.then(UsageChunkFilter::default),
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            last_frame: tokio::time::Instant::now(),
             settler: Some(settler),
             delivered: false,
             done: false,
@@ -282,7 +288,14 @@ impl Body for MeteredBody {
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => {
-                    if this.timer.as_mut().poll(cx).is_ready() {
+                    while this.timer.as_mut().poll(cx).is_ready() {
+                        let deadline = this.last_frame + this.idle;
+                        if tokio::time::Instant::now() < deadline {
+                            // Frames came since the timer was set: wait for the real deadline
+                            // (polling again registers the waker).
+                            this.timer.as_mut().reset(deadline);
+                            continue;
+                        }
                         this.done = true;
                         this.settle(Outcome::Broken("idle timeout"));
                         let ms = this.idle.as_millis();
@@ -312,8 +325,7 @@ impl Body for MeteredBody {
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = tokio::time::Instant::now() + this.idle;
-                    this.timer.as_mut().reset(deadline);
+                    this.last_frame = tokio::time::Instant::now();
                     let Ok(data) = frame.into_data() else {
                         continue;
                     }; // trailers: dropped

@@ -112,6 +112,23 @@ async fn upstream_faults_release_or_settle() {
         "stalled stream: {s:?}"
     );
 
+    // A slow but live stream (a chunk every 150 ms, 1.5 s in all) outlasts the 500 ms idle
+    // timeout without tripping it: the deadline counts from the last frame, not the first.
+    let (st, body) = send(
+        &url,
+        "f-slow",
+        &[("x-mock-chunk-delay-ms", "150"), ("x-mock-chunks", "10")],
+        &chat(true),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("[DONE]"), "slow stream cut: {body}");
+    let s = stack.settled("f-slow", 1).await;
+    assert!(
+        s.spend.0 > 0 && s.estimated_spend.0 == 0,
+        "slow stream not settled with its real usage: {s:?}"
+    );
+
     // Hostile input.
     let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x".repeat(10_000)}]});
     assert_eq!(send(&url, "f-in", &[], &big).await.0, 413);
