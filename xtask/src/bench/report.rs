@@ -481,9 +481,15 @@ fn streaming_md(s: &mut String, r: &Value) {
     let d = &st["vs_direct"];
     let _ = writeln!(
         s,
-        "\nAdded by the enforcer: TTFT p99 {} µs, inter-chunk p99 {} µs (median of per-repeat differences).",
+        "\nAdded by the enforcer: TTFT p99 {} µs, inter-chunk p99 {} µs (median of per-repeat differences). \
+         Enforcer CPU: {} µs per SSE event forwarded, each stream's request, reserve and settle \
+         included (median over repeats).",
         f(&d["added_ttft_p99_us"]["median"], 0),
-        f(&d["added_gap_p99_us"]["median"], 0)
+        f(&d["added_gap_p99_us"]["median"], 0),
+        f(
+            &st["variants"]["enforcer_budgets"]["cpu_us_per_event"]["median"],
+            1
+        )
     );
 }
 

@@ -4,9 +4,9 @@
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::overhead::{Stack, Variant};
+use super::overhead::{Stack, Variant, tree_ticks};
 use super::report::spread;
-use super::{Env, loadgen};
+use super::{Env, loadgen, stack};
 
 pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
     let variants = [Variant::Direct, Variant::Budgets];
@@ -15,8 +15,19 @@ pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
         for k in 0..variants.len() {
             let i = (k + rep) % variants.len();
             let v = variants[i];
-            let r = loadgen::stream(env, &stack.target(v, true, None))
+            let before = stack.pid(v).map(tree_ticks);
+            let mut r = loadgen::stream(env, &stack.target(v, true, None))
                 .with_context(|| format!("streams {}", v.name()))?;
+            // The proxy's CPU per SSE event it forwarded (each stream's request, reserve and
+            // settle included): steadier than tail latency on this shared machine.
+            if let (Some(p), Some(b)) = (stack.pid(v), before) {
+                let ms = tree_ticks(p).saturating_sub(b) as f64 / stack::ticks_per_s() * 1000.0;
+                let events = r["events_per_stream"].as_f64().unwrap_or(0.0)
+                    * (env.plan.streams * env.plan.stream_rounds) as f64;
+                if events > 0.0 {
+                    r["cpu_us_per_event"] = json!(ms * 1000.0 / events);
+                }
+            }
             eprintln!(
                 "    streams  {:<20} rep {rep}: TTFT p99 {:>6} µs  gap p50 {:>6} µs  gap p99 {:>6} µs  events/stream {:.1}  errors {}",
                 v.name(),
@@ -72,6 +83,7 @@ fn aggregate(runs: &[Value]) -> Value {
         "gap_p99_us": q("gap_us", "p99"),
         "gap_p999_us": q("gap_us", "p999"),
         "events_per_stream": spread(runs, |r| r["events_per_stream"].as_f64()),
+        "cpu_us_per_event": spread(runs, |r| r["cpu_us_per_event"].as_f64()),
         "errors": errors,
         "runs": runs,
     })
