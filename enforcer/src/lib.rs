@@ -95,6 +95,8 @@ pub struct App {
     pub replayer: ledger::spool::Replayer,
     /// Settles running after their response was sent; shutdown waits for them.
     pub settles: tokio_util::task::TaskTracker,
+    /// Token counts of prompt texts seen recently (per tenant), for the input estimate.
+    pub token_cache: ledger::request::TokenCache,
 }
 
 impl App {
@@ -173,6 +175,7 @@ impl App {
             spool,
             replayer,
             settles: tokio_util::task::TaskTracker::new(),
+            token_cache: ledger::request::TokenCache::new(),
         })
     }
 

@@ -185,7 +185,7 @@ async fn proxy(
             });
         }
     };
-    let info = ledger::request::parse_request(&endpoint, &body)
+    let info = ledger::request::parse_request_cached(&endpoint, &body, &app.token_cache, &tenant)
         .map_err(|e| ProxyError::BadBody(e.to_string()))?;
     let model = info
         .model

@@ -11,6 +11,7 @@ use crate::usage::tokens::{self, Encoding};
 
 mod estimate;
 
+pub use crate::usage::tokens::TokenCache;
 use estimate::Estimator;
 pub use estimate::{ANTHROPIC_TOOL_PROMPT_TOKENS, MEDIA_TOKENS};
 
@@ -39,6 +40,29 @@ pub struct RequestInfo {
 /// [`Error::Json`] when the body is not JSON; [`Error::Shape`] when it is not an object or a
 /// field the estimate needs has the wrong type (e.g. `messages` is not an array).
 pub fn parse_request(endpoint: &Endpoint, body: &[u8]) -> Result<RequestInfo, Error> {
+    parse(endpoint, body, None)
+}
+
+/// [`parse_request`] with token counts of long texts kept in `cache` under `scope` (the enforcer
+/// passes the tenant): the same result, without tokenising again the system prompt, tools and
+/// earlier turns that every call of a conversation resends.
+///
+/// # Errors
+/// As [`parse_request`].
+pub fn parse_request_cached(
+    endpoint: &Endpoint,
+    body: &[u8],
+    cache: &TokenCache,
+    scope: &str,
+) -> Result<RequestInfo, Error> {
+    parse(endpoint, body, Some((cache, scope)))
+}
+
+fn parse(
+    endpoint: &Endpoint,
+    body: &[u8],
+    cache: Option<(&TokenCache, &str)>,
+) -> Result<RequestInfo, Error> {
     let what = request_what(endpoint.api);
     let value: Value =
         serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?;
@@ -48,7 +72,7 @@ pub fn parse_request(endpoint: &Endpoint, body: &[u8]) -> Result<RequestInfo, Er
             detail: "body is not a JSON object".to_owned(),
         });
     };
-    parse_object(endpoint, &obj).map_err(|detail| Error::Shape { what, detail })
+    parse_object(endpoint, &obj, cache).map_err(|detail| Error::Shape { what, detail })
 }
 
 /// The model a request names (else the path's model or Azure deployment), the same as
@@ -88,7 +112,11 @@ fn model_value(v: Option<&Value>) -> Result<Option<String>, String> {
     }
 }
 
-fn parse_object(endpoint: &Endpoint, obj: &Map<String, Value>) -> Result<RequestInfo, String> {
+fn parse_object(
+    endpoint: &Endpoint,
+    obj: &Map<String, Value>,
+    cache: Option<(&TokenCache, &str)>,
+) -> Result<RequestInfo, String> {
     let model = model_value(obj.get("model"))?;
     let model = model.or_else(|| endpoint.model_in_path.clone());
     let stream = endpoint.stream_in_path || bool_field(obj, "stream")?.unwrap_or(false);
@@ -108,7 +136,7 @@ fn parse_object(endpoint: &Endpoint, obj: &Map<String, Value>) -> Result<Request
     } else {
         None
     };
-    let mut est = Estimator::new(bpe, own);
+    let mut est = Estimator::new(bpe, own, cache);
     let mut include_usage = true;
     let max_output_tokens = match endpoint.api {
         Api::ChatCompletions => {
@@ -189,7 +217,7 @@ fn parse_object(endpoint: &Endpoint, obj: &Map<String, Value>) -> Result<Request
     })
 }
 
-fn chat(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String> {
+fn chat(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), String> {
     for message in array_field(obj, "messages")? {
         let Some(m) = message.as_object() else {
             return Err("messages[] element is not an object".to_owned());
@@ -226,7 +254,7 @@ fn chat(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String> {
     Ok(())
 }
 
-fn responses(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String> {
+fn responses(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), String> {
     est.content(obj.get("instructions").unwrap_or(&Value::Null));
     match obj.get("input") {
         Some(Value::String(s)) => {
@@ -274,7 +302,7 @@ fn responses(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String
     Ok(())
 }
 
-fn anthropic(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String> {
+fn anthropic(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), String> {
     est.content(obj.get("system").unwrap_or(&Value::Null));
     for message in array_field(obj, "messages")? {
         est.message();
@@ -294,7 +322,7 @@ fn anthropic(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String
     Ok(())
 }
 
-fn gemini(est: &mut Estimator, obj: &Map<String, Value>) -> Result<(), String> {
+fn gemini(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), String> {
     if let Some(system) = obj
         .get("systemInstruction")
         .or_else(|| obj.get("system_instruction"))

@@ -9,7 +9,7 @@
 
 use serde_json::Value;
 
-use crate::usage::tokens::{self, Bpe};
+use crate::usage::tokens::{self, Bpe, TokenCache};
 
 /// Tokens counted for each image, audio clip or file part. Images cost at most about 1,600 tokens
 /// on Claude (1.15 megapixels) and less on GPT-4o (≤ 1,105 at high detail) and Gemini (258 per
@@ -27,19 +27,27 @@ const OPENAI_REPLY_PRIMING: u64 = 3;
 const OTHER_PER_MESSAGE: u64 = 4;
 
 /// Accumulates the estimate while a request body is walked.
-pub(super) struct Estimator {
+pub(super) struct Estimator<'a> {
     bpe: Option<&'static Bpe>,
+    /// Counts of texts seen before, and the scope they are kept under.
+    cache: Option<(&'a TokenCache, &'a str)>,
     exact_tokenizer: bool,
     tokens: u64,
     text_bytes: u64,
     approximate: bool,
 }
 
-impl Estimator {
-    /// `bpe` with `exact_tokenizer` when the model's own encoding is known.
-    pub(super) fn new(bpe: Option<&'static Bpe>, exact_tokenizer: bool) -> Self {
+impl<'a> Estimator<'a> {
+    /// `bpe` with `exact_tokenizer` when the model's own encoding is known; texts are looked up
+    /// in `cache` under its scope first.
+    pub(super) fn new(
+        bpe: Option<&'static Bpe>,
+        exact_tokenizer: bool,
+        cache: Option<(&'a TokenCache, &'a str)>,
+    ) -> Self {
         Self {
             bpe,
+            cache,
             exact_tokenizer: exact_tokenizer && bpe.is_some(),
             tokens: 0,
             text_bytes: 0,
@@ -57,7 +65,13 @@ impl Estimator {
 
     pub(super) fn text(&mut self, text: &str) {
         match self.bpe {
-            Some(bpe) => self.tokens = self.tokens.saturating_add(tokens::count_bpe(bpe, text)),
+            Some(bpe) => {
+                let n = match self.cache {
+                    Some((cache, scope)) => cache.count(bpe, scope, text),
+                    None => tokens::count_bpe(bpe, text),
+                };
+                self.tokens = self.tokens.saturating_add(n);
+            }
             None => self.text_bytes += text.len() as u64,
         }
     }

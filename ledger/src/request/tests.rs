@@ -358,6 +358,39 @@ fn errors_name_the_api_and_field() {
 }
 
 #[test]
+fn cached_parse_equals_parse() {
+    let system =
+        "You are a support assistant. Answer briefly and cite the order number. ".repeat(8);
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "lookup_order",
+        "description": "Looks an order up by number. ".repeat(10),
+        "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}}}]);
+    let cache = TokenCache::new();
+    for turn in 0..3 {
+        let body = serde_json::json!({
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": format!("Where is order {turn}? {}", "Please check. ".repeat(30))},
+            ],
+            "tools": tools,
+            "max_tokens": 100,
+        })
+        .to_string();
+        let ep = endpoint("api.openai.com", "/v1/chat/completions");
+        let want = parse_request(&ep, body.as_bytes()).expect("valid");
+        for scope in ["a", "b"] {
+            let got = parse_request_cached(&ep, body.as_bytes(), &cache, scope).expect("valid");
+            assert_eq!(got, want, "turn {turn} scope {scope}");
+        }
+    }
+    let (hits, misses) = cache.stats();
+    assert!(
+        hits >= 4,
+        "the system prompt and the tools are reused: {hits} hits {misses} misses"
+    );
+}
+
+#[test]
 fn request_model_agrees_with_parse_request() {
     let chat = ("api.openai.com", "/v1/chat/completions");
     let gemini = (

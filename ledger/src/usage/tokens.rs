@@ -4,6 +4,10 @@
 //! OpenAI's tiktoken for o200k_base and cl100k_base (pinned by a test below), about six
 //! times faster, which matters because the enforcer counts every prompt on its hot path.
 
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
 /// An OpenAI tokenizer (pre-tokenisation regex plus byte-pair encoding).
 pub(crate) type Bpe = bpe_openai::Tokenizer;
 
@@ -82,6 +86,122 @@ pub(crate) fn count_bpe(bpe: &Bpe, text: &str) -> u64 {
         return 0;
     }
     bpe.count(text) as u64
+}
+
+/// Texts shorter than this are counted every time: they are cheap to tokenise and would only
+/// evict the long texts that are worth keeping.
+pub const CACHE_MIN_BYTES: usize = 256;
+
+/// Slots per shard and shards of a [`TokenCache`].
+const CACHE_SHARD_SLOTS: usize = 256;
+const CACHE_SHARDS: usize = 16;
+
+/// Token counts of texts counted recently, so a text sent again is not tokenised again.
+///
+/// Chat requests resend most of their text on every call: the system prompt, tool definitions
+/// and every earlier turn of the conversation. Tokenising them again costs the enforcer about
+/// 0.1 us per token on each call; a hit costs one hash of the text (SipHash, ~1 GB/s).
+///
+/// A fixed, direct-mapped table (4,096 slots of 24 bytes, 16 locked shards): a new text replaces
+/// whatever used its slot, so memory never grows and there is nothing to evict. A slot is keyed by
+/// two independent 64-bit SipHash values (process-random keys) of the encoding, the caller's
+/// scope and the text, so a false hit needs a 128-bit collision; the count only sizes a
+/// reservation, and settlement uses the provider's real usage. No text is kept. The scope (the
+/// enforcer passes the tenant) keeps one tenant's cache hits from telling another, by timing,
+/// which texts it sent.
+pub struct TokenCache {
+    keys: (RandomState, RandomState),
+    shards: Box<[Mutex<Box<[Slot]>>]>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    key: (u64, u64),
+    tokens: u32,
+    used: bool,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (hits, misses) = self.stats();
+        f.debug_struct("TokenCache")
+            .field("slots", &(CACHE_SHARDS * CACHE_SHARD_SLOTS))
+            .field("hits", &hits)
+            .field("misses", &misses)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenCache {
+    /// An empty cache with fresh random hash keys.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            keys: (RandomState::new(), RandomState::new()),
+            shards: (0..CACHE_SHARDS)
+                .map(|_| Mutex::new(vec![Slot::default(); CACHE_SHARD_SLOTS].into_boxed_slice()))
+                .collect(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Lookups that found the text's count, and lookups that counted it.
+    #[must_use]
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// `count_bpe(bpe, text)`, from the cache when `text` (under the same tokenizer and scope)
+    /// was counted recently.
+    pub(crate) fn count(&self, bpe: &'static Bpe, scope: &str, text: &str) -> u64 {
+        if text.len() < CACHE_MIN_BYTES {
+            return count_bpe(bpe, text);
+        }
+        let hash = |state: &RandomState| {
+            let mut h = state.build_hasher();
+            // The tokenizer's address tells the encodings apart (each is a static).
+            h.write_usize(std::ptr::from_ref(bpe) as usize);
+            h.write(scope.as_bytes());
+            h.write_u8(0xff);
+            h.write(text.as_bytes());
+            h.finish()
+        };
+        let key = (hash(&self.keys.0), hash(&self.keys.1));
+        let slot = (key.0 as usize) % (CACHE_SHARDS * CACHE_SHARD_SLOTS);
+        let shard = &self.shards[slot / CACHE_SHARD_SLOTS];
+        let i = slot % CACHE_SHARD_SLOTS;
+        {
+            let slots = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let s = slots[i];
+            if s.used && s.key == key {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return u64::from(s.tokens);
+            }
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let n = count_bpe(bpe, text);
+        if let Ok(tokens) = u32::try_from(n) {
+            let mut slots = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            slots[i] = Slot {
+                key,
+                tokens,
+                used: true,
+            };
+        }
+        n
+    }
 }
 
 /// The byte heuristic: one token per [`BYTES_PER_TOKEN`] bytes, rounded up.
@@ -265,5 +385,60 @@ mod tests {
         heuristic.push("e");
         assert_eq!(heuristic.tokens(), 2);
         assert!(heuristic.pending.is_empty());
+    }
+
+    #[test]
+    fn the_cache_returns_the_count_and_keeps_scopes_and_encodings_apart() {
+        let (o200k, cl100k) = (
+            bpe(Encoding::O200k).expect("bpe"),
+            bpe(Encoding::Cl100k).expect("bpe"),
+        );
+        let long = "日本語のテキスト and some English, with numbers 12345. ".repeat(20);
+        let cache = TokenCache::new();
+        let want = count_bpe(o200k, &long);
+        assert_eq!(cache.count(o200k, "tenant-a", &long), want);
+        assert_eq!(cache.stats(), (0, 1));
+        assert_eq!(cache.count(o200k, "tenant-a", &long), want);
+        assert_eq!(cache.stats(), (1, 1), "the second count is a hit");
+        // Another scope, another encoding, another text: misses, each with its own exact count.
+        assert_eq!(cache.count(o200k, "tenant-b", &long), want);
+        assert_eq!(
+            cache.count(cl100k, "tenant-a", &long),
+            count_bpe(cl100k, &long)
+        );
+        let other = format!("{long}!");
+        assert_eq!(
+            cache.count(o200k, "tenant-a", &other),
+            count_bpe(o200k, &other)
+        );
+        assert_eq!(cache.stats(), (1, 4));
+        // Short texts are counted, never cached.
+        assert_eq!(cache.count(o200k, "tenant-a", "Hello world"), 2);
+        assert_eq!(cache.count(o200k, "tenant-a", "Hello world"), 2);
+        assert_eq!(cache.stats(), (1, 4));
+    }
+
+    #[test]
+    fn the_cache_stays_exact_when_texts_share_slots() {
+        // Many more distinct texts than slots: every answer is still the text's own count.
+        let o200k = bpe(Encoding::O200k).expect("bpe");
+        let cache = TokenCache::new();
+        let base = "word ".repeat(60);
+        for round in 0..2 {
+            for i in 0..6000 {
+                let text = format!("{base}{i} {}", "x".repeat(i % 7));
+                assert_eq!(
+                    cache.count(o200k, "t", &text),
+                    count_bpe(o200k, &text),
+                    "round {round} text {i}"
+                );
+            }
+        }
+        let (hits, misses) = cache.stats();
+        assert_eq!(hits + misses, 12_000);
+        assert!(
+            misses > 6000,
+            "the table is bounded: {hits} hits, {misses} misses"
+        );
     }
 }
