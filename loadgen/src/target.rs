@@ -1,5 +1,9 @@
 //! What every request of a run sends: one URL, fixed headers, one body, over pooled keep-alive HTTP/1.1.
+//! A body may carry the placeholder [`SEQ`], replaced by each request's sequence number, so
+//! requests share most of their text (a system prompt, earlier turns) but not all of it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -24,6 +28,19 @@ pub struct Target {
     pub headers: HeaderMap,
     /// The request body (empty for GET).
     pub body: Bytes,
+    /// The body split at its [`SEQ`] placeholder, when it has one.
+    seq: Option<Arc<Seq>>,
+}
+
+/// Replaced in a body by the request's sequence number (10 digits, zero-padded, so every body
+/// has the same length).
+pub const SEQ: &str = "{{seq}}";
+
+#[derive(Debug)]
+struct Seq {
+    before: Bytes,
+    after: Bytes,
+    next: AtomicU64,
 }
 
 impl Target {
@@ -58,18 +75,42 @@ impl Target {
         } else {
             Method::POST
         };
+        let seq = body
+            .windows(SEQ.len())
+            .position(|w| w == SEQ.as_bytes())
+            .map(|at| {
+                Arc::new(Seq {
+                    before: body.slice(..at),
+                    after: body.slice(at + SEQ.len()..),
+                    next: AtomicU64::new(0),
+                })
+            });
         Ok(Target {
             uri,
             method,
             headers: map,
             body,
+            seq,
         })
+    }
+
+    /// The body of the next request.
+    fn next_body(&self) -> Bytes {
+        let Some(seq) = &self.seq else {
+            return self.body.clone();
+        };
+        let n = seq.next.fetch_add(1, Ordering::Relaxed) % 10_000_000_000;
+        let mut b = Vec::with_capacity(seq.before.len() + 10 + seq.after.len());
+        b.extend_from_slice(&seq.before);
+        b.extend_from_slice(format!("{n:010}").as_bytes());
+        b.extend_from_slice(&seq.after);
+        Bytes::from(b)
     }
 
     /// A fresh request for this target.
     #[must_use]
     pub fn request(&self) -> Request<Full<Bytes>> {
-        let mut r = Request::new(Full::new(self.body.clone()));
+        let mut r = Request::new(Full::new(self.next_body()));
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.headers_mut() = self.headers.clone();

@@ -158,3 +158,42 @@ async fn streams_report_first_event_and_gaps() {
     assert!(r.ttft_us.mean + 9 * r.gap_us.mean >= 18_000, "{r:?}");
     assert_eq!(r.gap_us.count, 20 * 9);
 }
+
+#[tokio::test]
+async fn a_seq_placeholder_numbers_each_body() {
+    let t = target(
+        "127.0.0.1:9".parse().expect("addr"),
+        "/",
+        br#"{"content":"order {{seq}} please"}"#,
+    );
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let b = t.request().into_body().collect().await.expect("full body");
+        bodies.push(String::from_utf8(b.to_bytes().to_vec()).expect("utf-8"));
+    }
+    assert_eq!(
+        bodies,
+        [0, 1, 2].map(|n| format!(r#"{{"content":"order {n:010} please"}}"#))
+    );
+    // A clone (every worker holds one) continues the same sequence.
+    let b = t
+        .clone()
+        .request()
+        .into_body()
+        .collect()
+        .await
+        .expect("full body");
+    assert!(
+        String::from_utf8(b.to_bytes().to_vec())
+            .expect("utf-8")
+            .contains("0000000003")
+    );
+    let plain = target("127.0.0.1:9".parse().expect("addr"), "/", b"{}");
+    let b = plain
+        .request()
+        .into_body()
+        .collect()
+        .await
+        .expect("full body");
+    assert_eq!(b.to_bytes(), Bytes::from_static(b"{}"));
+}

@@ -208,16 +208,21 @@ fn start(env: &Env, redis_url: &str) -> Result<Stack> {
     })
 }
 
-/// A realistic chat-completions request: a system prompt, a short conversation, max_tokens.
+/// A realistic chat-completions request: a system prompt, a short conversation, max_tokens. The
+/// last message differs on every request (the load generator numbers it, see `loadgen::target::SEQ`),
+/// as in real traffic, so the enforcer's token-count cache hits only the repeated turns.
 fn chat_body(stream: bool) -> String {
     let system =
         "You are a support assistant for an online store. Answer in at most three sentences, \
                   cite the order number when the customer gives one, and never promise refunds. "
             .repeat(3);
     let user =
-        "My order 48213 arrived with a cracked screen protector and the charger is missing. \
-                Can you tell me what the return process is and how long a replacement takes? "
-            .repeat(4);
+        format!(
+            "Ticket {{{{seq}}}}. {}",
+            "My order 48213 arrived with a cracked screen protector and the charger is missing. \
+             Can you tell me what the return process is and how long a replacement takes? "
+                .repeat(4)
+        );
     let mut v = json!({
         "model": "gpt-4o-mini",
         "messages": [
