@@ -443,6 +443,126 @@ async fn release_drops_the_hold_without_spend() {
     .await;
 }
 
+/// A hold or an estimate whose day hash is gone (expired) is dropped or reversed without
+/// re-creating that hash, while the month hash, which still exists, gives back every field.
+#[tokio::test]
+async fn a_hold_or_estimate_whose_day_hash_expired_never_recreates_it() {
+    let server = RedisServer::start();
+    let l = ledger(&server).await;
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut r = req("acme", "gone", 70, vec![]);
+    r.feature = Some("bot".into());
+    r.ttl = Duration::from_millis(100);
+    let day = format!("llmw:{{acme}}:spend:d:{}", Period::Day.id(r.at));
+    let expire_day = async |c: &mut redis::aio::MultiplexedConnection| {
+        let n: i64 = redis::cmd("DEL")
+            .arg(&day)
+            .query_async(c)
+            .await
+            .expect("DEL");
+        assert_eq!(n, 1, "{day} should exist before it expires");
+    };
+    let day_fields = async |c: &mut redis::aio::MultiplexedConnection| {
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&day)
+            .query_async(c)
+            .await
+            .expect("HGETALL");
+        let mut f: Vec<String> = h.into_keys().collect();
+        f.sort();
+        f
+    };
+
+    // A feature hold added to two fields of each hash.
+    allowed(&l, &r).await;
+    expire_day(&mut c).await;
+    assert_eq!(
+        l.release_hold("acme", "gone").await.expect("release"),
+        Some(Nanos(70))
+    );
+    assert!(
+        day_fields(&mut c).await.is_empty(),
+        "the release re-created the day hash"
+    );
+    let s = month(&l, "acme").await;
+    assert_eq!((s.held, s.spend), (Nanos(0), Nanos(0)));
+    assert!(s.held_by_feature.is_empty(), "{:?}", s.held_by_feature);
+
+    // An abandoned hold committed as an estimate; its day hash expires; a late release reverses
+    // the estimate in the month hash only.
+    r.request_id = "late".into();
+    allowed(&l, &r).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(l.reclaim_expired("acme").await.expect("reclaim"), 1);
+    expire_day(&mut c).await;
+    assert_eq!(
+        l.release_hold("acme", "late").await.expect("release"),
+        Some(Nanos(70))
+    );
+    assert!(
+        day_fields(&mut c).await.is_empty(),
+        "the release re-created the day hash"
+    );
+    let s = month(&l, "acme").await;
+    assert_eq!(
+        (s.spend, s.requests, s.estimated_spend, s.by_source.enforcer),
+        (Nanos(0), 0, Nanos(0), Nanos(0))
+    );
+
+    // The same, replaced by a late real settle: the day hash it creates holds only that usage.
+    r.request_id = "settled".into();
+    allowed(&l, &r).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(l.reclaim_expired("acme").await.expect("reclaim"), 1);
+    expire_day(&mut c).await;
+    assert_eq!(
+        l.settle(&settlement(&r, 30)).await.expect("settle"),
+        SettleOutcome::ReplacedEstimate {
+            estimate: Nanos(70)
+        }
+    );
+    assert!(
+        !day_fields(&mut c)
+            .await
+            .iter()
+            .any(|f| f == "held" || f == "estimated" || f.ends_with(":held")),
+        "the estimate's reversal re-created the day hash: {:?}",
+        day_fields(&mut c).await
+    );
+    let s = month(&l, "acme").await;
+    assert_eq!(
+        (s.spend, s.requests, s.estimated_spend, s.held),
+        (Nanos(30), 1, Nanos(0), Nanos(0))
+    );
+}
+
+/// A hold of amount 0 (a free call) that is abandoned is committed as an estimate of 0; its late
+/// real settle replaces that estimate like any other (subtracting 0 must not reach Redis as the
+/// increment "-0", which it refuses).
+#[tokio::test]
+async fn a_zero_estimate_is_replaced_by_the_late_settle() {
+    let server = RedisServer::start();
+    let l = ledger(&server).await;
+    let mut r = req("acme", "free", 0, vec![]);
+    r.ttl = Duration::from_millis(100);
+    allowed(&l, &r).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(l.reclaim_expired("acme").await.expect("reclaim"), 1);
+    assert_eq!(
+        l.settle(&settlement(&r, 30)).await.expect("settle"),
+        SettleOutcome::ReplacedEstimate { estimate: Nanos(0) }
+    );
+    let s = month(&l, "acme").await;
+    assert_eq!(
+        (s.spend, s.requests, s.estimated_spend, s.held),
+        (Nanos(30), 1, Nanos(0), Nanos(0))
+    );
+}
+
 #[tokio::test]
 async fn observer_records_are_idempotent_and_count_against_the_budget() {
     let server = RedisServer::start();

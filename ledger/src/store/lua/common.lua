@@ -4,8 +4,9 @@
 
 -- Subtracts `amount` (a decimal string) from a counter (held, or a committed estimate being
 -- replaced), never leaving it negative and never re-creating a hash that has already expired.
+-- Subtracting '0' changes nothing (and Redis refuses the increment '-0').
 local function unhold(key, field, amount)
-  if redis.call('EXISTS', key) == 0 then return end
+  if amount == '0' or redis.call('EXISTS', key) == 0 then return end
   local v = redis.call('HINCRBY', key, field, '-' .. amount)
   if v < 0 then redis.call('HSET', key, field, 0) end
 end
