@@ -281,14 +281,15 @@ impl Ledger {
     /// [`LedgerConfig::idempotency_ttl`]). Counts against the same tenant budgets as enforcer spend.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for bad names or a negative cost; [`Error::Redis`] when Redis is unavailable.
+    /// [`Error::Invalid`] for bad names, a negative cost, or a cost or token count above
+    /// [`MAX_CALL_COST`] / [`MAX_CALL_TOKENS`]; [`Error::Redis`] when Redis is unavailable.
     pub async fn record(&self, r: &UsageRecord) -> Result<RecordOutcome, Error> {
         validate_tenant(&r.tenant)?;
         validate_name("event_id", &r.event_id)?;
         validate_opt("feature", r.feature.as_deref())?;
         validate_opt("session", r.session.as_deref())?;
         validate_opt("model", r.model.as_deref())?;
-        check_cost(r.cost)?;
+        check_usage(r.cost, &r.tokens)?;
         let at = r.at;
         let mut inv = scripts::RECORD.prepare_invoke();
         inv.key(keys::holds(&r.tenant))
@@ -411,12 +412,42 @@ impl Ledger {
     }
 }
 
-fn check_cost(cost: Nanos) -> Result<(), Error> {
+/// The largest cost one call may commit: 2^50 nano-USD (about $1.1M).
+pub const MAX_CALL_COST: Nanos = Nanos(1 << 50);
+/// The largest token count of one kind one call may commit: 2^40 (about 10^12; real calls stay
+/// below 10^7).
+pub const MAX_CALL_TOKENS: u64 = 1 << 40;
+
+/// A call's cost and tokens, checked before any script runs. The scripts add them to period
+/// counters with HINCRBY, which fails on 64-bit overflow, and a script that fails after its first
+/// write leaves that write in place; these bounds keep every counter millions of calls away from
+/// overflow, so nonsense usage (a corrupt or forged usage record) is refused whole, with an error
+/// naming the field, instead of being half-committed.
+fn check_usage(cost: Nanos, tokens: &TokenCounts) -> Result<(), Error> {
     if cost.0 < 0 {
         return Err(Error::Invalid {
             what: "cost",
             detail: format!("{cost} is negative"),
         });
+    }
+    if cost > MAX_CALL_COST {
+        return Err(Error::Invalid {
+            what: "cost",
+            detail: format!("{cost} exceeds the per-call limit of {MAX_CALL_COST}"),
+        });
+    }
+    for (what, n) in [
+        ("input_tokens", tokens.input),
+        ("output_tokens", tokens.output),
+        ("cache_read_tokens", tokens.cache_read),
+        ("cache_write_tokens", tokens.cache_write),
+    ] {
+        if n > MAX_CALL_TOKENS {
+            return Err(Error::Invalid {
+                what,
+                detail: format!("{n} exceeds the per-call limit of {MAX_CALL_TOKENS}"),
+            });
+        }
     }
     Ok(())
 }

@@ -563,6 +563,60 @@ async fn a_zero_estimate_is_replaced_by_the_late_settle() {
     );
 }
 
+/// Usage no real call has (a corrupt or forged usage record) is refused whole, naming the field,
+/// before anything is written: the hold stays, no done marker is set, and the real settle of the
+/// same call still lands.
+#[tokio::test]
+async fn absurd_usage_is_refused_before_anything_is_written() {
+    let server = RedisServer::start();
+    let l = ledger(&server).await;
+    let r = req("acme", "absurd", 500, vec![]);
+    allowed(&l, &r).await;
+    let mut bad = settlement(&r, 30);
+    bad.tokens.input = u64::MAX;
+    let e = l.settle(&bad).await.expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            ledger::Error::Invalid {
+                what: "input_tokens",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut bad = settlement(&r, ledger::store::MAX_CALL_COST.0 + 1);
+    bad.tokens.output = 1;
+    let e = l.settle(&bad).await.expect_err("refused");
+    assert!(
+        matches!(e, ledger::Error::Invalid { what: "cost", .. }),
+        "{e}"
+    );
+    let mut rec = record("acme", "ev-absurd", 10, true);
+    rec.tokens.cache_read = ledger::store::MAX_CALL_TOKENS + 1;
+    let e = l.record(&rec).await.expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            ledger::Error::Invalid {
+                what: "cache_read_tokens",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let s = month(&l, "acme").await;
+    assert_eq!((s.held, s.spend, s.requests), (Nanos(500), Nanos(0), 0));
+    assert_eq!(
+        l.settle(&settlement(&r, 30)).await.expect("settle"),
+        SettleOutcome::Settled {
+            released: Some(Nanos(500))
+        }
+    );
+    let s = month(&l, "acme").await;
+    assert_eq!((s.held, s.spend, s.requests), (Nanos(0), Nanos(30), 1));
+}
+
 #[tokio::test]
 async fn observer_records_are_idempotent_and_count_against_the_budget() {
     let server = RedisServer::start();

@@ -8,7 +8,7 @@ use chrono::Utc;
 use super::batch::{self, Item, MAX_BATCHED_VALUE, Op};
 use super::keys::{validate_name, validate_opt, validate_tenant};
 use super::scripts::Reply;
-use super::{Ledger, Period, SettleOutcome, Settlement, check_cost, ms};
+use super::{Ledger, Period, SettleOutcome, Settlement, check_usage, ms};
 use crate::{Error, Nanos};
 
 impl Ledger {
@@ -18,7 +18,8 @@ impl Ledger {
     /// existed (spool replay).
     ///
     /// # Errors
-    /// [`Error::Invalid`] for bad names or a negative cost; [`Error::Redis`] when Redis is
+    /// [`Error::Invalid`] for bad names, a negative cost, or a cost or token count above
+    /// [`MAX_CALL_COST`](super::MAX_CALL_COST) / [`MAX_CALL_TOKENS`](super::MAX_CALL_TOKENS); [`Error::Redis`] when Redis is
     /// unavailable (then it is safe to retry or spool: a retry never double-counts).
     pub async fn settle(&self, s: &Settlement) -> Result<SettleOutcome, Error> {
         validate_tenant(&s.tenant)?;
@@ -26,7 +27,7 @@ impl Ledger {
         validate_opt("feature", s.feature.as_deref())?;
         validate_opt("session", s.session.as_deref())?;
         validate_opt("model", s.model.as_deref())?;
-        check_cost(s.cost)?;
+        check_usage(s.cost, &s.tokens)?;
         let reply = self
             .timed("settle", async {
                 self.mark_active(&s.tenant, s.started_at).await?;
