@@ -216,13 +216,12 @@ fn chat_body(stream: bool) -> String {
         "You are a support assistant for an online store. Answer in at most three sentences, \
                   cite the order number when the customer gives one, and never promise refunds. "
             .repeat(3);
-    let user =
-        format!(
-            "Ticket {{{{seq}}}}. {}",
-            "My order 48213 arrived with a cracked screen protector and the charger is missing. \
+    let user = format!(
+        "Ticket {{{{seq}}}}. {}",
+        "My order 48213 arrived with a cracked screen protector and the charger is missing. \
              Can you tell me what the return process is and how long a replacement takes? "
-                .repeat(4)
-        );
+            .repeat(4)
+    );
     let mut v = json!({
         "model": "gpt-4o-mini",
         "messages": [
