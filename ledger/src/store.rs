@@ -412,17 +412,19 @@ impl Ledger {
     }
 }
 
-/// The largest cost one call may commit: 2^50 nano-USD (about $1.1M).
-pub const MAX_CALL_COST: Nanos = Nanos(1 << 50);
+/// The largest cost one call may commit: 2^56 nano-USD (about $72M), so a period's spend counter
+/// is at least 127 such calls from 64-bit overflow.
+pub const MAX_CALL_COST: Nanos = Nanos(1 << 56);
 /// The largest token count of one kind one call may commit: 2^40 (about 10^12; real calls stay
 /// below 10^7).
 pub const MAX_CALL_TOKENS: u64 = 1 << 40;
 
 /// A call's cost and tokens, checked before any script runs. The scripts add them to period
 /// counters with HINCRBY, which fails on 64-bit overflow, and a script that fails after its first
-/// write leaves that write in place; these bounds keep every counter millions of calls away from
-/// overflow, so nonsense usage (a corrupt or forged usage record) is refused whole, with an error
-/// naming the field, instead of being half-committed.
+/// write leaves that write in place; these bounds keep every counter many calls away from
+/// overflow (127 at the largest cost, millions at the largest token count), so nonsense usage (a
+/// corrupt or forged usage record) is refused whole, with an error naming the field, instead of
+/// being half-committed.
 fn check_usage(cost: Nanos, tokens: &TokenCounts) -> Result<(), Error> {
     if cost.0 < 0 {
         return Err(Error::Invalid {
