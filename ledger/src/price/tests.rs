@@ -3,6 +3,7 @@
 //! Arithmetic reminder: $P per million tokens is P * 1e-6 USD = P * 1000 nano-USD per token, so
 //! `tokens` cost `tokens * P * 1000` nano-USD (exact before the single round-up).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::*;
@@ -108,7 +109,7 @@ fn builtin_prices_are_the_published_figures() {
     assert_eq!(p.max_output_tokens, Some(64_000));
     assert_eq!(p.provider.as_deref(), Some("anthropic"));
 
-    // Sonnet 4 has no 1h long-context figure in the sample: it is scaled like input (x2) -> $12.
+    // Sonnet 4 has no 1h long-context figure in LiteLLM's file: it is scaled like input (x2) -> $12.
     let (_, p) = t.lookup("claude-sonnet-4").unwrap();
     assert_eq!(p.above_200k.unwrap().cache_write_1h, pm("12"));
 
@@ -130,7 +131,7 @@ fn builtin_prices_are_the_published_figures() {
     let (_, p) = t.lookup("gpt-5.4").unwrap();
     assert_eq!(p.above_200k.unwrap().above_tokens, 272_000);
 
-    // Reviewed corrections to the sample (docs/pricing.md): 1h writes are 2x input.
+    // Reviewed corrections to LiteLLM's file (docs/pricing.md): 1h writes are 2x input.
     assert_eq!(
         t.lookup("claude-3-haiku").unwrap().1.cache_write_1h,
         pm("0.50")
@@ -460,28 +461,27 @@ fn azure_deployment_alias() {
 
 // === LiteLLM files ===
 
-fn sample_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/litellm_model_prices.json")
+/// The project's own LiteLLM-format fixture: every shape the reader handles (per-token prices,
+/// cache read / 5 m / 1 h writes, 200k and 272k long-context tiers, `litellm_provider`, a
+/// provider-prefixed key, skipped non-token modes, LiteLLM's `sample_spec` and comment entries,
+/// unknown fields).
+const LITELLM_FIXTURE: &str = include_str!("../../tests/fixtures/litellm-prices.json");
+
+fn load_fixture(t: &mut PriceTable) -> LoadReport {
+    t.load_litellm_str(LITELLM_FIXTURE, "ledger/tests/fixtures/litellm-prices.json")
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
-fn loads_the_litellm_sample() {
-    let path = sample_path();
-    assert!(
-        path.is_file(),
-        "the LiteLLM sample {} is missing: it ships beside the repo in ../shared/data (tests must not skip)",
-        path.display()
-    );
+fn loads_the_litellm_fixture() {
     let mut t = PriceTable::builtin();
-    let report = t
-        .load_litellm_report(&path)
-        .unwrap_or_else(|e| panic!("{e}"));
-    // 218 entries: 166 chat + 23 responses + 4 embedding + 2 completion are metered;
-    // 12 image_generation + 6 audio_transcription + 4 audio_speech + 1 realtime are skipped.
-    assert_eq!((report.loaded, report.skipped), (195, 23), "{report:?}");
+    let report = load_fixture(&mut t);
+    // 12 token-metered entries (chat, responses, embedding, completion); image generation,
+    // transcription and speech are skipped.
+    assert_eq!((report.loaded, report.skipped), (12, 3), "{report:?}");
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
 
-    // The sample's figures, exact from the JSON text.
+    // The fixture's figures, exact from the JSON text.
     let (id, p) = t.lookup("claude-sonnet-4-5-20250929").unwrap();
     assert_eq!(
         id, "claude-sonnet-4-5-20250929",
@@ -497,15 +497,16 @@ fn loads_the_litellm_sample() {
     assert_eq!(p.cache_write_5m, AttoUsd(3_125_000_000_000), "3.125e-06");
     assert_eq!(p.above_200k.unwrap().above_tokens, 272_000);
     assert_eq!(p.provider.as_deref(), Some("openai"));
-    // A model only the file knows is now priced.
-    assert!(
-        PriceTable::builtin()
-            .lookup("gemini-2.5-flash-image")
-            .is_none()
+    // A model only the file knows is now priced, under its provider-prefixed key too.
+    assert!(PriceTable::builtin().lookup("claude-sonnet-5").is_none());
+    assert_eq!(
+        t.lookup("claude-sonnet-5")
+            .map(|(_, p)| (p.input, p.cache_write_1h)),
+        Some((pm("2"), pm("4")))
     );
-    assert!(t.lookup("claude-sonnet-5").is_some());
+    assert!(t.lookup("anthropic/claude-sonnet-5").is_some());
     // Modes that are not token-metered stay unpriced.
-    assert!(t.lookup("gpt-image-1").is_none());
+    assert!(t.lookup("gpt-image-1").is_none() && t.lookup("whisper-1").is_none());
 
     // The fixture costs are the same under the file as under the built-in table.
     let cases = [
@@ -522,53 +523,55 @@ fn loads_the_litellm_sample() {
         assert_eq!(
             t.cost(model, &u).nanos(),
             Some(Nanos(want)),
-            "{model} under the LiteLLM sample"
+            "{model} under the LiteLLM fixture"
+        );
+        assert_eq!(
+            PriceTable::builtin().cost(model, &u).nanos(),
+            Some(Nanos(want)),
+            "{model} under the built-in table"
         );
     }
 }
 
-/// Every built-in price equals the sample's figure for the same id, except the documented
-/// reviewed differences (docs/pricing.md).
+/// Every built-in price equals the fixture's figure for the same id: the two are written from
+/// the same public price lists, so a difference is a typo in one of them.
 #[test]
-fn builtin_agrees_with_the_litellm_sample() {
-    let path = sample_path();
-    assert!(
-        path.is_file(),
-        "the LiteLLM sample {} is missing",
-        path.display()
-    );
+fn builtin_agrees_with_the_litellm_fixture() {
     let builtin = PriceTable::builtin();
     let mut file = PriceTable::empty();
-    file.load_litellm_report(&path)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut compared = 0;
-    for (id, entry) in &builtin.inner.models {
-        let Some((_, f)) = file.lookup(id) else {
+    load_fixture(&mut file);
+    let names: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(LITELLM_FIXTURE).expect("the fixture is JSON");
+    let mut compared = Vec::new();
+    for name in names.keys() {
+        let (Some((_, f)), Some((id, b))) = (file.lookup(name), builtin.lookup(name)) else {
             continue;
         };
-        let b = &entry.price;
-        compared += 1;
-        assert_eq!((b.input, b.output), (f.input, f.output), "{id}");
+        compared.push(id);
+        assert_eq!((b.input, b.output), (f.input, f.output), "{name}");
         assert_eq!(
-            b.above_200k.map(|t| (t.above_tokens, t.input, t.output)),
-            f.above_200k.map(|t| (t.above_tokens, t.input, t.output)),
-            "{id} tier"
+            b.above_200k
+                .map(|t| (t.above_tokens, t.input, t.output, t.cache_read)),
+            f.above_200k
+                .map(|t| (t.above_tokens, t.input, t.output, t.cache_read)),
+            "{name} tier"
         );
-        if b.provider.as_deref() == Some("gemini") || id.starts_with("deepseek-v4") {
-            continue; // cache writes: none for Gemini; DeepSeek V4's 0.0 is not a price (docs/pricing.md)
-        }
-        if id != "gemini-robotics-er-1.5-preview" {
-            assert_eq!(b.cache_read, f.cache_read, "{id} cache read");
-        }
-        if id != "claude-3-haiku" && id != "claude-3-opus" {
-            assert_eq!(
-                (b.cache_write_5m, b.cache_write_1h),
-                (f.cache_write_5m, f.cache_write_1h),
-                "{id} writes"
-            );
-        }
+        assert_eq!(b.cache_read, f.cache_read, "{name} cache read");
+        assert_eq!(
+            (b.cache_write_5m, b.cache_write_1h),
+            (f.cache_write_5m, f.cache_write_1h),
+            "{name} writes"
+        );
+        assert_eq!(
+            b.max_output_tokens, f.max_output_tokens,
+            "{name} max output"
+        );
     }
-    assert!(compared > 100, "only {compared} models compared");
+    assert_eq!(
+        compared.len(),
+        11,
+        "every priced fixture model but claude-sonnet-5 is built in: {compared:?}"
+    );
 }
 
 fn temp_file(name: &str, text: &str) -> PathBuf {
