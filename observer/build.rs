@@ -30,6 +30,6 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     aya_build::build_ebpf([package], aya_build::Toolchain::Nightly).context(
-        "building observer-ebpf (needs nightly + rust-src and bpf-linker, see shared/TOOLCHAIN.md)",
+        "building observer-ebpf (needs nightly + rust-src and bpf-linker, see docs/development.md)",
     )
 }

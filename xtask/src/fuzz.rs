@@ -42,6 +42,7 @@ pub struct FuzzArgs {
 
 /// Replays the regressions, then fuzzes the chosen targets for `--seconds` each.
 pub fn run(args: &FuzzArgs) -> Result<()> {
+    crate::setup::fuzz_tools()?;
     let mut targets = targets()?;
     if let Some(t) = &args.target {
         if !targets.contains(t) {

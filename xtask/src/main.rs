@@ -5,6 +5,7 @@ mod chaos;
 mod command;
 mod demo;
 mod fuzz;
+mod selfcontained;
 mod setup;
 mod test;
 

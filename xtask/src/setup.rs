@@ -1,8 +1,9 @@
 //! `cargo xtask setup`: installs what is missing, idempotently, saying what it does.
 //!
-//! The recipe is ../shared/TOOLCHAIN.md's: LLVM 22 for bpf-linker (it must match rustc's LLVM 22),
+//! The recipe is docs/development.md's: LLVM 22 for bpf-linker (it must match rustc's LLVM 22),
 //! rust-src for the nightly that builds the eBPF crate, redis-server for the ledger tests, and a venv
-//! with the official `openai` and `anthropic` SDKs for the integration tests.
+//! with the official `openai` and `anthropic` SDKs for the integration tests. Each command asks for
+//! what it needs ([`Needs`]): the demo does not install the fuzzer.
 
 use std::process::Command;
 
@@ -38,14 +39,42 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Python packages for the integration tests, pinned so a fresh machine gets what was tested.
 const PYTHON_REQUIREMENTS: &str = "tests/python/requirements.txt";
 
+/// What a command needs installed, so each installs only that (the demo does not fuzz).
+#[derive(Debug, Clone, Copy)]
+pub struct Needs {
+    /// cargo-fuzz (`cargo xtask test`'s fuzz smoke, `cargo xtask fuzz`).
+    pub fuzz: bool,
+}
+
+impl Needs {
+    /// Everything: `cargo xtask setup` and `cargo xtask test`.
+    pub const ALL: Needs = Needs { fuzz: true };
+    /// The demo: the build, the eBPF toolchain, redis-server and the SDK venv.
+    pub const DEMO: Needs = Needs { fuzz: false };
+}
+
+/// `cargo xtask setup`: everything any command needs.
 pub fn run() -> Result<()> {
+    run_for(Needs::ALL)
+}
+
+/// Installs what is missing of `needs` (plus the base every command shares).
+pub fn run_for(needs: Needs) -> Result<()> {
     apt()?;
     rust_src()?;
     bpf_linker()?;
-    cargo_fuzz()?;
+    if needs.fuzz {
+        cargo_fuzz()?;
+    }
     venv()?;
     step("setup complete");
     Ok(())
+}
+
+/// What `cargo xtask fuzz` needs on its own: nightly with rust-src and cargo-fuzz.
+pub fn fuzz_tools() -> Result<()> {
+    rust_src()?;
+    cargo_fuzz()
 }
 
 fn apt() -> Result<()> {

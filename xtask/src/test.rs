@@ -41,6 +41,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    step("the repository is self-contained (nothing outside it is read or named)");
+    crate::selfcontained::run()?;
     step("validating the Kubernetes manifests against the API schemas");
     command::run(
         std::process::Command::new(crate::command::root().join(".venv/bin/kubernetes-validate"))
