@@ -95,7 +95,7 @@ fn main() -> anyhow::Result<()> {
             period,
             json,
         }) => {
-            let cfg = Config::load(&cli.config)
+            let cfg = Config::load_for_reading(&cli.config)
                 .with_context(|| format!("invalid config {}", cli.config.display()))?;
             let period = match period {
                 PeriodArg::Day => Period::Day,

@@ -1,5 +1,5 @@
 //! The enforcer's subcommands: hash-key, check-config and report (--json shape, observer-only
-//! tenants included).
+//! tenants included, a report-only config without keys).
 
 mod enforcer_common;
 
@@ -193,5 +193,48 @@ async fn report_json_lists_every_active_tenant() {
     assert!(
         out.status.success() && text.contains("acme") && text.contains("0.000001234"),
         "{text}"
+    );
+
+    // An ops user's report-only config: just the ledger, no [[keys]], providers or listeners.
+    let path = config(dir.path(), &format!("redis_url = \"{}\"\n", redis.url()));
+    let out = Command::new(enforcer_bin())
+        .args(["report", "--json", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "a report-only config was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(
+        v["tenants"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["tenant"] == "acme")),
+        "{v}"
+    );
+    // Serving with the same file still needs keys, and says so.
+    let out = Command::new(enforcer_bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("[[keys]]"),
+        "{stderr}"
+    );
+    // What the report does need is still checked, naming the key.
+    let path = config(dir.path(), "redis_url = \"http://nope\"\n");
+    let out = Command::new(enforcer_bin())
+        .args(["report", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("redis_url"),
+        "{stderr}"
     );
 }

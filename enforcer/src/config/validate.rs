@@ -60,6 +60,47 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads a config for a read-only subcommand (`report`): only what reaching the ledger needs
+    /// (`redis_url`) is checked, so an ops user's report-only file without `[[keys]]`, providers
+    /// or listeners works.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file or the bad key.
+    pub fn load_for_reading(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(path.display().to_string(), e.to_string()))?;
+        Config::parse_for_reading(&text)
+    }
+
+    /// Parses TOML text for a read-only subcommand; see [`Config::load_for_reading`].
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the bad key.
+    pub fn parse_for_reading(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_owned();
+            bad(
+                format!("config (at {:?})", e.span().unwrap_or_default()),
+                msg,
+            )
+        })?;
+        cfg.validate_redis_url()?;
+        Ok(cfg)
+    }
+
+    fn validate_redis_url(&self) -> Result<(), ConfigError> {
+        if !(self.redis_url.starts_with("redis://")
+            || self.redis_url.starts_with("rediss://")
+            || self.redis_url.starts_with("redis+cluster://"))
+        {
+            return Err(bad(
+                "redis_url",
+                "must start with redis://, rediss:// or redis+cluster://",
+            ));
+        }
+        Ok(())
+    }
+
     /// The admin listener address, `None` when disabled.
     #[must_use]
     pub fn admin_addr(&self) -> Option<&str> {
@@ -201,15 +242,7 @@ impl Config {
         if self.spool_max_bytes < 64 << 10 {
             return Err(bad("spool_max_bytes", "at least 65536 bytes"));
         }
-        if !(self.redis_url.starts_with("redis://")
-            || self.redis_url.starts_with("rediss://")
-            || self.redis_url.starts_with("redis+cluster://"))
-        {
-            return Err(bad(
-                "redis_url",
-                "must start with redis://, rediss:// or redis+cluster://",
-            ));
-        }
+        self.validate_redis_url()?;
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err(bad(
                 "tls_key_file",
