@@ -113,7 +113,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             "--real calls api.openai.com with your key: set OPENAI_API_KEY (it is never printed)"
         );
     }
-    crate::setup::run()?;
+    crate::setup::run_for(crate::setup::Needs::DEMO)?;
     step("building enforcer, observer and the simulated provider");
     let packages: &[&str] = if args.no_observer {
         &["-p", "enforcer", "-p", "llmwarden-tests"]
@@ -261,15 +261,19 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + Duration::from_secs(d));
     let mut footer: Option<String> = None;
+    let mut screen = Screen::new(std::io::stdout().is_terminal());
     loop {
         let report = report(&bin, &enforcer_toml);
-        render(
+        if let Some(out) = screen.frame(
             &report,
             &events.lock().expect("events lock"),
             started.elapsed(),
             observer.is_some(),
             footer.as_deref(),
-        );
+        ) {
+            print!("{out}");
+            let _ = std::io::stdout().flush();
+        }
         let done = workers
             .iter_mut()
             .all(|w| matches!(w.0.try_wait(), Ok(Some(_))));
@@ -516,18 +520,53 @@ fn usd(v: &Value) -> String {
     format!("${}.{:09}", n / 1_000_000_000, n % 1_000_000_000)
 }
 
+/// The live view: a screen redrawn every second on a terminal; in logs (CI, pipes) a frame every
+/// 10 s, with the closing footer printed once rather than under every later frame.
+struct Screen {
+    tty: bool,
+    footer_shown: bool,
+}
+
+impl Screen {
+    fn new(tty: bool) -> Screen {
+        Screen {
+            tty,
+            footer_shown: false,
+        }
+    }
+
+    /// The text to print now, if any.
+    fn frame(
+        &mut self,
+        report: &Value,
+        events: &[Value],
+        elapsed: Duration,
+        observer_on: bool,
+        footer: Option<&str>,
+    ) -> Option<String> {
+        let tty = self.tty;
+        if !tty && !elapsed.as_secs().is_multiple_of(10) {
+            return None;
+        }
+        let footer = match footer {
+            Some(f) if tty || !self.footer_shown => {
+                self.footer_shown = true;
+                Some(f)
+            }
+            _ => None,
+        };
+        Some(render(report, events, elapsed, observer_on, footer, tty))
+    }
+}
+
 fn render(
     report: &Value,
     events: &[Value],
     elapsed: Duration,
     observer_on: bool,
     footer: Option<&str>,
-) {
-    let tty = std::io::stdout().is_terminal();
-    if !tty && !elapsed.as_secs().is_multiple_of(10) {
-        // Logs (CI, pipes) get a frame every 10 s instead of a redrawn screen every second.
-        return;
-    }
+    tty: bool,
+) -> String {
     let mut out = String::from(if tty { "\x1b[2J\x1b[H" } else { "\n" });
     out.push_str(&format!(
         "llmwarden demo: two paths, one ledger ({}s)\n\n",
@@ -604,8 +643,7 @@ fn render(
         out.push_str(f);
     }
     out.push('\n');
-    print!("{out}");
-    let _ = std::io::stdout().flush();
+    out
 }
 
 fn summarize(report: &Value, events: &[Value]) -> Value {
@@ -623,4 +661,30 @@ fn summarize(report: &Value, events: &[Value]) -> Value {
         "spend_nusd": acme["spend_nusd"],
         "held_nusd": acme["held_nusd"],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_shows_the_closing_footer_once() {
+        let report = serde_json::json!({"tenants": []});
+        let mut log = Screen::new(false);
+        let mut out = String::new();
+        for secs in 0..=40 {
+            let footer = (secs >= 12).then_some("Workload finished.");
+            if let Some(f) = log.frame(&report, &[], Duration::from_secs(secs), true, footer) {
+                out.push_str(&f);
+            }
+        }
+        assert_eq!(out.matches("llmwarden demo").count(), 5, "{out}");
+        assert_eq!(out.matches("Workload finished").count(), 1, "{out}");
+        // A terminal redraws the whole screen, footer included, every second.
+        let mut tty = Screen::new(true);
+        for secs in 0..3 {
+            let f = tty.frame(&report, &[], Duration::from_secs(secs), true, Some("done"));
+            assert!(f.is_some_and(|f| f.contains("done")));
+        }
+    }
 }
