@@ -359,4 +359,37 @@ mod tests {
         );
         assert!(s.contains("gen_ai_client_token_usage"));
     }
+
+    /// Every metric family the enforcer exports has a row in docs/enforcer.md's metrics table
+    /// (counters are exported with the `_total` suffix the table uses).
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../../docs/enforcer.md");
+        let m = Metrics::new(&MetricsConfig::default());
+        let text = m.encode();
+        let mut names = Vec::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let mut it = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+                continue;
+            };
+            names.push(if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            });
+        }
+        assert!(names.len() > 10, "{text}");
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| !doc.contains(&format!("`{n}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "metrics missing from docs/enforcer.md: {missing:?}"
+        );
+    }
 }
