@@ -366,6 +366,19 @@ mod tests {
     fn every_metric_is_documented() {
         let doc = include_str!("../../docs/enforcer.md");
         let m = Metrics::new(&MetricsConfig::default());
+        // Labelled families appear once they have a sample.
+        m.decision("openai", "allowed");
+        m.deny("openai", "budget_exceeded");
+        m.settled(&SettledCall {
+            tenant: "acme",
+            provider: "openai",
+            model: "gpt-4o-mini",
+            api: "chat_completions",
+            input: 1,
+            output: 1,
+            nanos: 1,
+            secs: 0.1,
+        });
         let text = m.encode();
         let mut names = Vec::new();
         for line in text.lines() {
