@@ -149,7 +149,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
                 .await
             {
                 Ok(existed) => {
-                    let _ = app.budgets.refresh().await;
+                    let _ = app.budgets.cache.refresh().await;
                     json_resp(StatusCode::OK, &json!({"deleted": existed}))
                 }
                 Err(e) => err(StatusCode::BAD_REQUEST, e),
@@ -185,7 +185,7 @@ async fn put_budgets(app: &App, req: Request<Incoming>) -> Response<ProxyBody> {
             Err(e) => return err(StatusCode::BAD_REQUEST, e),
         };
         if let Err(e) = app.ledger.set_budget(&b).await {
-            let st = if ledger::store::is_unavailable(&e) {
+            let st = if e.is_transient() {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
                 StatusCode::BAD_REQUEST
@@ -195,7 +195,7 @@ async fn put_budgets(app: &App, req: Request<Incoming>) -> Response<ProxyBody> {
         stored.push(budget_json(&b));
     }
     // Take effect on this instance now; other replicas pick it up within a second.
-    let _ = app.budgets.refresh().await;
+    let _ = app.budgets.cache.refresh().await;
     json_resp(StatusCode::OK, &json!({"stored": stored}))
 }
 

@@ -15,15 +15,6 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-/// Whether `s` is a usable tenant, feature or session name: 1–128 chars of `A-Za-z0-9._-:@`.
-#[must_use]
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-:@".contains(&b))
-}
-
 /// Which tenants a key may name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Allowed {
@@ -51,10 +42,10 @@ impl KeyEntry {
         let Some(t) = requested else {
             return Ok(self.tenant.clone());
         };
-        if !valid_name(t) {
+        if ledger::names::check(ledger::names::NameKind::Tenant, t).is_err() {
             return Err(ProxyError::BadAttribution {
                 header: "X-Tenant-ID",
-                reason: "1-128 chars of A-Z a-z 0-9 . _ - : @",
+                reason: ledger::names::RULE,
             });
         }
         let ok = t == self.tenant

@@ -1,6 +1,7 @@
 //! Budgets on the hot path: the list lives in Redis (`llmw:budgets`, live-editable with PUT
 //! /budgets) and is cached in memory, refreshed about every second and right after an admin edit,
-//! so resolving a call's caps costs no Redis round trip. The reserve itself is one atomic script.
+//! so resolving a call's caps costs no Redis round trip. The reserve itself is one atomic script
+//! ([`Budgets::reserve`]), which returns the call's [`Hold`].
 //!
 //! Precedence: at start-up each `[[budgets]]` entry of the file is *seeded* (written only when
 //! Redis has no budget for the same tenant/feature/period), so live edits survive restarts. With
@@ -10,10 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ledger::Nanos;
-use ledger::store::{Budget, Cap, Ledger, resolve_caps};
+use ledger::store::{Budget, Cap, Ledger, ReserveOutcome, ReserveRequest, resolve_caps};
 use parking_lot::RwLock;
 
-use crate::config::{BudgetSeed, Config};
+use crate::config::{BudgetSeed, Config, OnRedisUnavailable};
+use crate::error::{ProxyError, StartError};
+use crate::metrics::Metrics;
 
 /// The in-memory copy of the budget list.
 #[derive(Clone)]
@@ -37,21 +40,22 @@ impl BudgetCache {
     /// Seeds the file's budgets into Redis per `budgets_from_config`.
     ///
     /// # Errors
-    /// When Redis refuses a budget or is unreachable.
-    pub async fn seed(&self, cfg: &Config) -> Result<(), String> {
-        let list = cfg.ledger_budgets().map_err(|e| e.to_string())?;
+    /// [`StartError::SeedBudget`] when Redis refuses a budget or is unreachable.
+    pub async fn seed(&self, cfg: &Config) -> Result<(), StartError> {
+        let list = cfg.ledger_budgets()?;
         for b in &list {
             match cfg.budgets_from_config {
                 BudgetSeed::Seed => self.ledger.seed_budget(b).await.map(|_| ()),
                 BudgetSeed::Overwrite => self.ledger.set_budget(b).await,
             }
-            .map_err(|e| {
-                format!(
-                    "seeding budget {}/{}/{}: {e}",
+            .map_err(|source| StartError::SeedBudget {
+                budget: format!(
+                    "{}/{}/{}",
                     b.tenant,
                     b.feature.as_deref().unwrap_or("-"),
                     b.period
-                )
+                ),
+                source,
             })?;
         }
         Ok(())
@@ -92,6 +96,102 @@ impl BudgetCache {
     #[must_use]
     pub fn caps(&self, tenant: &str, feature: Option<&str>, session: Option<&str>) -> Vec<Cap> {
         resolve_caps(&self.list(), tenant, feature, session, self.session_cap)
+    }
+}
+
+/// What a call holds once admitted: the worst case reserved in the ledger, or (Redis unreachable
+/// under `on_redis_unavailable = "allow"`) an amount taken from this instance's emergency
+/// allowance, whose usage goes to the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Reserved atomically against every cap; settle or release ends it.
+    Reserved(Nanos),
+    /// Admitted without a reservation; the settlement is spooled for replay.
+    Unreserved(Nanos),
+}
+
+impl Hold {
+    /// The worst case held.
+    #[must_use]
+    pub fn amount(self) -> Nanos {
+        match self {
+            Hold::Reserved(n) | Hold::Unreserved(n) => n,
+        }
+    }
+}
+
+/// The budget check of the request path: cached caps, the atomic reserve, and the policy for an
+/// unreachable Redis.
+pub struct Budgets {
+    /// The cached budget list.
+    pub cache: BudgetCache,
+    ledger: Ledger,
+    emergency: EmergencyCap,
+    on_unavailable: OnRedisUnavailable,
+    timeout: Duration,
+}
+
+impl Budgets {
+    /// The budget check of `cfg` over `ledger`.
+    #[must_use]
+    pub fn new(ledger: Ledger, cfg: &Config) -> Budgets {
+        Budgets {
+            cache: BudgetCache::new(ledger.clone(), cfg.session_cap()),
+            emergency: EmergencyCap::new(
+                Nanos::from_usd_f64(cfg.redis_unavailable_cap_usd).unwrap_or(Nanos::ZERO),
+            ),
+            on_unavailable: cfg.on_redis_unavailable,
+            timeout: Duration::from_millis(cfg.timeouts.redis_ms),
+            ledger,
+        }
+    }
+
+    /// Reserves the worst case of a call against every cap of its tenant, feature and session.
+    ///
+    /// # Errors
+    /// [`ProxyError::Budget`] when a cap would be exceeded; [`ProxyError::LedgerUnavailable`]
+    /// when Redis cannot be reached and the policy (or the emergency allowance) refuses.
+    pub async fn reserve(
+        &self,
+        rr: &ReserveRequest,
+        metrics: &Metrics,
+    ) -> Result<Hold, ProxyError> {
+        let cause = match tokio::time::timeout(self.timeout, self.ledger.reserve(rr)).await {
+            Ok(Ok(ReserveOutcome::Allowed(_))) => return Ok(Hold::Reserved(rr.amount)),
+            Ok(Ok(ReserveOutcome::Denied(d))) => return Err(ProxyError::Budget(Box::new(d))),
+            Ok(Err(e)) if e.is_invalid_input() => return Err(ProxyError::BadBody(e.to_string())),
+            Ok(Err(e)) if !e.is_transient() => return Err(ProxyError::LedgerUnavailable(e)),
+            Ok(Err(e)) => e,
+            Err(_) => ledger::Error::timed_out("reserve", self.timeout),
+        };
+        self.release_when_back(rr);
+        if self.on_unavailable == OnRedisUnavailable::Deny {
+            return Err(ProxyError::LedgerUnavailable(cause));
+        }
+        if !self.emergency.admit(rr.amount) {
+            return Err(ProxyError::EmergencyAllowanceUsed(cause));
+        }
+        metrics.redis_unavailable_admissions.inc();
+        tracing::warn!(request_id = %rr.request_id, cause = %cause, "ledger unavailable; admitting without reservation");
+        Ok(Hold::Unreserved(rr.amount))
+    }
+
+    /// The reserve may still have landed in Redis: release it once Redis answers again, so an
+    /// outage never leaves phantom holds blocking the budget until their ttl.
+    fn release_when_back(&self, rr: &ReserveRequest) {
+        let (ledger, tenant, id) = (
+            self.ledger.clone(),
+            rr.tenant.clone(),
+            rr.request_id.clone(),
+        );
+        tokio::spawn(async move {
+            for wait in [1u64, 5, 30, 120] {
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                if ledger.release(&tenant, &id).await.is_ok() {
+                    return;
+                }
+            }
+        });
     }
 }
 

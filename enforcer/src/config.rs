@@ -26,16 +26,7 @@ fn bad(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// What to do with a model the price table does not know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UnknownModel {
-    /// Refuse the call (400) naming prices_file as the fix. The safe default.
-    #[default]
-    Deny,
-    /// Admit it, priced at `[unknown_model_price]` (never $0).
-    Allow,
-}
+pub use ledger::billing::{DefaultPrice, UnknownModel};
 
 /// What to do when Redis cannot be reached within `timeouts.redis_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -82,6 +73,9 @@ pub struct Config {
     pub unknown_model: UnknownModel,
     /// Price of models missing from the table when `unknown_model = "allow"`.
     pub unknown_model_price: DefaultPrice,
+    /// Model names priced as another model: Azure OpenAI deployment names, internal aliases
+    /// (`"prod-chat" = "gpt-4o-mini"`).
+    pub model_aliases: BTreeMap<String, String>,
     /// "deny" (default, 503) or "allow" when Redis is unreachable.
     pub on_redis_unavailable: OnRedisUnavailable,
     /// Worst-case USD one instance may admit per UTC day without reservations while Redis is down
@@ -138,6 +132,7 @@ impl Default for Config {
             prices_file: None,
             unknown_model: UnknownModel::Deny,
             unknown_model_price: DefaultPrice::default(),
+            model_aliases: BTreeMap::new(),
             on_redis_unavailable: OnRedisUnavailable::Deny,
             redis_unavailable_cap_usd: 10.0,
             instance_id: String::new(),
@@ -226,25 +221,16 @@ impl Default for MetricsConfig {
     }
 }
 
-/// Price applied to unknown models under `unknown_model = "allow"` (USD per million tokens).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DefaultPrice {
-    /// Input USD per million tokens.
-    pub input_usd_per_mtok: f64,
-    /// Output USD per million tokens.
-    pub output_usd_per_mtok: f64,
-    /// Output tokens reserved when the request gives no limit.
-    pub max_output_tokens: u64,
-}
-
-impl Default for DefaultPrice {
-    fn default() -> Self {
-        // Priced like a frontier model so an unknown model is never cheap by accident.
-        DefaultPrice {
-            input_usd_per_mtok: 15.0,
-            output_usd_per_mtok: 75.0,
-            max_output_tokens: 32_768,
+impl Config {
+    /// The billing policy's part of the config.
+    #[must_use]
+    pub fn pricing(&self) -> ledger::billing::PricingConfig {
+        ledger::billing::PricingConfig {
+            prices_file: self.prices_file.clone(),
+            unknown_model: self.unknown_model,
+            unknown_model_price: self.unknown_model_price.clone(),
+            model_aliases: self.model_aliases.clone(),
+            max_output_tokens_cap: self.max_output_tokens_cap,
         }
     }
 }

@@ -10,6 +10,72 @@ use serde_json::json;
 
 use crate::ProxyBody;
 
+/// Why the enforcer could not start; each names the key, variable or file to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A variable the config names is unset or empty.
+    #[error("{key}: environment variable {var} is not set{hint}")]
+    MissingEnv {
+        /// The config key naming the variable.
+        key: String,
+        /// The variable.
+        var: String,
+        /// What else can be done.
+        hint: &'static str,
+    },
+    /// The price table could not be built.
+    #[error("prices: {0}")]
+    Pricing(#[source] ledger::Error),
+    /// A provider's CA file is unusable, or the TLS client could not be built.
+    #[error("{key}: {detail}")]
+    UpstreamTls {
+        /// The config key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+        /// The cause.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The Redis URL is unusable.
+    #[error("redis_url: {0}")]
+    Redis(#[source] ledger::Error),
+    /// The spool directory cannot be used.
+    #[error("spool_dir: {0}")]
+    Spool(#[source] ledger::Error),
+    /// A budget of the file could not be written to Redis.
+    #[error("seeding budget {budget}: {source}")]
+    SeedBudget {
+        /// tenant/feature/period.
+        budget: String,
+        /// Why.
+        #[source]
+        source: ledger::Error,
+    },
+    /// A listener could not be bound.
+    #[error("{key} {addr}: {source}")]
+    Bind {
+        /// `listen` or `admin_listen`.
+        key: &'static str,
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The proxy listener's certificate or key is unusable.
+    #[error("{key}: {detail}")]
+    ListenerTls {
+        /// `tls_cert_file` or `tls_key_file`.
+        key: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
 /// Where an error comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -109,16 +175,24 @@ pub enum ProxyError {
         ms: u64,
     },
     /// The upstream's non-stream body failed or was too large.
-    #[error("upstream {provider} response failed: {detail}")]
+    #[error("upstream {provider} response failed: {source}")]
     UpstreamBody {
         /// Provider.
         provider: String,
         /// Cause.
-        detail: String,
+        #[source]
+        source: crate::meter::BodyError,
     },
-    /// Redis did not answer and on_redis_unavailable = "deny".
+    /// Redis did not answer (and on_redis_unavailable = "deny"), or failed in a way that is not
+    /// an outage (a script or schema error).
     #[error("budget ledger unavailable ({0}); the call was not sent. Retry shortly")]
-    LedgerUnavailable(String),
+    LedgerUnavailable(#[source] ledger::Error),
+    /// Redis did not answer and this instance's allowance for calls without a ledger is used up.
+    #[error(
+        "budget ledger unavailable ({0}) and this instance's allowance for calls without a ledger \
+         (redis_unavailable_cap_usd) is used up; the call was not sent. Retry shortly"
+    )]
+    EmergencyAllowanceUsed(#[source] ledger::Error),
     /// The real provider key is missing from the environment.
     #[error("the enforcer has no upstream key for {provider}: environment variable {env} is empty")]
     NoUpstreamKey {
@@ -137,7 +211,9 @@ impl ProxyError {
             Self::UpstreamConnect { .. }
             | Self::UpstreamTimeout { .. }
             | Self::UpstreamBody { .. } => Origin::Upstream,
-            Self::LedgerUnavailable(_) | Self::NoUpstreamKey { .. } => Origin::Internal,
+            Self::LedgerUnavailable(_)
+            | Self::EmergencyAllowanceUsed(_)
+            | Self::NoUpstreamKey { .. } => Origin::Internal,
             _ => Origin::Downstream,
         }
     }
@@ -160,9 +236,9 @@ impl ProxyError {
             Self::LoopDetected(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamConnect { .. } | Self::UpstreamBody { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::LedgerUnavailable(_) | Self::NoUpstreamKey { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::LedgerUnavailable(_)
+            | Self::EmergencyAllowanceUsed(_)
+            | Self::NoUpstreamKey { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -186,7 +262,7 @@ impl ProxyError {
             Self::UpstreamConnect { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::UpstreamBody { .. } => "upstream_failed",
-            Self::LedgerUnavailable(_) => "ledger_unavailable",
+            Self::LedgerUnavailable(_) | Self::EmergencyAllowanceUsed(_) => "ledger_unavailable",
             Self::NoUpstreamKey { .. } => "upstream_key_missing",
         }
     }

@@ -1,7 +1,9 @@
-//! The upstream client: hyper-util's pooled client over rustls (ring, webpki roots plus an
-//! optional CA file per provider), HTTP/1.1 and HTTP/2 by ALPN, with connect and first-byte
-//! deadlines. Upstream TLS stays on rustls so the observer never mistakes enforcer traffic for
-//! OpenSSL bypass traffic.
+//! Phase 3 of a call, **forward**: the upstream request is built only after the decision (the
+//! provider's URI, the client's headers without keys and attribution, the real key, the body with
+//! `stream_options.include_usage` added where the enforcer needs the usage), and sent with
+//! hyper-util's pooled client over rustls (ring, webpki roots plus an optional CA file per
+//! provider), HTTP/1.1 and HTTP/2 by ALPN, with connect and first-byte deadlines. Upstream TLS
+//! stays on rustls so the observer never mistakes enforcer traffic for OpenSSL bypass traffic.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::CONTENT_LENGTH;
+use http::{HeaderValue, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -17,8 +20,59 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use ledger::provider::{Api, Endpoint};
+use ledger::request::RequestInfo;
+
+use crate::admit::Admission;
 use crate::config::{Provider, Timeouts};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, StartError};
+use crate::usage_filter::inject_include_usage;
+use crate::{App, route};
+
+/// Whether the enforcer adds `stream_options.include_usage` to this request: an OpenAI-family
+/// chat stream that did not ask for the usage record the settle needs (the extra event is cut
+/// from what the client sees).
+#[must_use]
+pub fn injects_usage(provider: &Provider, endpoint: &Endpoint, info: &RequestInfo) -> bool {
+    provider.inject_include_usage
+        && endpoint.api == Api::ChatCompletions
+        && endpoint.kind.is_openai_family()
+        && info.stream
+        && !info.include_usage
+}
+
+/// The upstream request of an admitted call.
+///
+/// # Errors
+/// [`ProxyError::NoRoute`] for a path that makes no valid URI; [`ProxyError::BadBody`] when
+/// include_usage cannot be added; [`ProxyError::NoUpstreamKey`].
+pub fn upstream_request(
+    app: &App,
+    adm: &Admission<'_>,
+    inject_usage: bool,
+) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let uri = route::upstream_uri(adm.provider, &adm.rest, adm.parts.uri.query())?;
+    let mut headers = adm.parts.headers.clone();
+    route::upstream_headers(
+        &mut headers,
+        adm.provider.kind,
+        app.upstream_key(adm.provider)?,
+    );
+    let body = if inject_usage {
+        inject_include_usage(&adm.body)?
+    } else {
+        adm.body.clone()
+    };
+    let method = adm.parts.method.clone();
+    if !body.is_empty() || method == Method::POST || method == Method::PUT {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
 
 /// One pooled client.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -35,16 +89,16 @@ impl Upstreams {
     /// Builds the clients.
     ///
     /// # Errors
-    /// When a CA file cannot be read or holds no certificate.
-    pub fn new(providers: &[&Provider], t: &Timeouts) -> Result<Upstreams, String> {
-        let default = client(None, t)?;
+    /// [`StartError::UpstreamTls`] when a CA file cannot be read or holds no certificate.
+    pub fn new(providers: &[&Provider], t: &Timeouts) -> Result<Upstreams, StartError> {
+        let default = client(None, t).map_err(|e| e.under("upstream TLS client".into()))?;
         let mut by_provider = HashMap::new();
         for p in providers {
             if let Some(ca) = &p.ca_file {
                 by_provider.insert(
                     p.name.clone(),
                     client(Some(ca), t)
-                        .map_err(|e| format!("providers.{}.ca_file: {e}", p.name))?,
+                        .map_err(|e| e.under(format!("providers.{}.ca_file", p.name)))?,
                 );
             }
         }
@@ -89,27 +143,52 @@ impl Upstreams {
     }
 }
 
-fn client(ca_file: Option<&Path>, t: &Timeouts) -> Result<HttpsClient, String> {
+/// Why a TLS client could not be built (the caller names the config key).
+struct ClientError {
+    detail: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ClientError {
+    fn new(detail: String, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ClientError {
+            detail,
+            source: Some(Box::new(source)),
+        }
+    }
+
+    fn under(self, key: String) -> StartError {
+        StartError::UpstreamTls {
+            key,
+            detail: self.detail,
+            source: self.source,
+        }
+    }
+}
+
+fn client(ca_file: Option<&Path>, t: &Timeouts) -> Result<HttpsClient, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let at = || path.display().to_string();
+        let pem = std::fs::read(path).map_err(|e| ClientError::new(at(), e))?;
         let mut n = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let cert = cert.map_err(|e| ClientError::new(at(), e))?;
+            roots.add(cert).map_err(|e| ClientError::new(at(), e))?;
             n += 1;
         }
         if n == 0 {
-            return Err(format!("{} holds no PEM certificate", path.display()));
+            return Err(ClientError {
+                detail: format!("{} holds no PEM certificate", at()),
+                source: None,
+            });
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| ClientError::new("TLS protocol versions".into(), e))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     let mut http = HttpConnector::new();

@@ -2,14 +2,20 @@
 //! worst-case cost of each call in the shared Redis ledger before forwarding it, streams the
 //! answer back untouched while metering it, and settles the real cost afterwards.
 //!
-//! One module per concern: [`config`], [`auth`], [`route`], [`budget`], [`loop_guard`],
-//! [`forward`] (upstream client), [`meter`] (response metering), [`settle`] (pricing and
-//! settlement), [`proxy`] (the hot path), [`admin`], [`metrics`], [`report`], [`server`].
+//! The request path ([`proxy`]) runs named phases over one per-call context ([`call::Call`]):
+//! [`admit`] (route, auth, attribution, parse) → [`decide`] (loop check, worst case,
+//! [`budget::Budgets::reserve`] → a [`budget::Hold`]) → [`forward`] → [`meter`] → [`settle`].
+//! Billing policy and every Redis key belong to the `ledger` crate. Around the path: [`config`],
+//! [`auth`], [`route`], [`loop_guard`], [`usage_filter`], [`admin`], [`metrics`], [`report`],
+//! [`recovery`], [`server`].
 
 pub mod admin;
+pub mod admit;
 pub mod auth;
 pub mod budget;
+pub mod call;
 pub mod config;
+pub mod decide;
 pub mod error;
 pub mod forward;
 pub mod loop_guard;
@@ -21,6 +27,7 @@ pub mod report;
 pub mod route;
 pub mod server;
 pub mod settle;
+pub mod usage_filter;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,16 +37,17 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use ledger::Nanos;
+use ledger::billing::Pricing;
+use ledger::durable::DurableLedger;
 use ledger::store::{Ledger, LedgerConfig};
 
 use crate::auth::KeyStore;
-use crate::budget::BudgetCache;
+use crate::budget::Budgets;
 use crate::config::{Config, Provider};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, StartError};
 use crate::forward::Upstreams;
 use crate::loop_guard::LoopGuard;
 use crate::metrics::Metrics;
-use crate::settle::Pricing;
 
 /// The header naming the enforcer's id of a call (also its reservation id).
 pub const REQUEST_ID_HEADER: &str = "x-warden-request-id";
@@ -75,22 +83,20 @@ pub struct App {
     pub upstreams: Upstreams,
     /// The Redis ledger.
     pub ledger: Ledger,
-    /// Cached budgets.
-    pub budgets: BudgetCache,
+    /// The ledger with this instance's spool: where usage is written.
+    pub durable: DurableLedger,
+    /// Budgets: the cached caps and the reserve.
+    pub budgets: Budgets,
     /// Loop protection.
     pub loops: LoopGuard,
-    /// Prices.
+    /// The billing policy (prices, unknown models).
     pub pricing: Arc<Pricing>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Allowance for unreserved admissions while Redis is down.
-    pub emergency: budget::EmergencyCap,
     /// Admin token (None when the admin listener is off).
     pub admin_token: Option<String>,
     /// This instance's id (tags its holds, names its spool).
     pub instance: String,
-    /// Usage waiting for Redis.
-    pub spool: ledger::spool::Spool,
     /// Replays the spool while the enforcer runs.
     pub replayer: ledger::spool::Replayer,
     /// Settles running after their response was sent; shutdown waits for them.
@@ -104,37 +110,22 @@ impl App {
     /// prices, connects to Redis (lazily, so the enforcer starts while Redis is down).
     ///
     /// # Errors
-    /// A message naming the key or variable at fault.
-    pub async fn build(cfg: Config) -> Result<App, String> {
-        let providers = cfg.resolved_providers().map_err(|e| e.to_string())?;
-        let mut upstream_keys = BTreeMap::new();
-        for p in providers.values() {
-            match std::env::var(&p.api_key_env) {
-                Ok(v) if !v.is_empty() => {
-                    upstream_keys.insert(p.name.clone(), v);
-                }
-                _ if cfg.providers.contains_key(&p.name) => {
-                    return Err(format!(
-                        "providers.{}.api_key_env: environment variable {} is not set",
-                        p.name, p.api_key_env
-                    ));
-                }
-                _ => {}
-            }
-        }
-        let admin_token = match cfg.admin_addr() {
-            None => None,
-            Some(_) => match std::env::var(&cfg.admin_token_env) {
-                Ok(t) if !t.is_empty() => Some(t),
-                _ => {
-                    return Err(format!(
-                        "admin_token_env: environment variable {} is not set; set it or disable the admin listener with admin_listen = \"off\"",
-                        cfg.admin_token_env
-                    ));
-                }
-            },
-        };
-        let pricing = Arc::new(Pricing::from_config(&cfg)?);
+    /// A [`StartError`] naming the key or variable at fault.
+    pub async fn build(cfg: Config) -> Result<App, StartError> {
+        let providers = cfg.resolved_providers()?;
+        let upstream_keys = upstream_keys(&cfg, &providers)?;
+        let admin_token =
+            match cfg.admin_addr() {
+                None => None,
+                Some(_) => Some(env_secret(&cfg.admin_token_env).ok_or_else(|| {
+                    StartError::MissingEnv {
+                        key: "admin_token_env".into(),
+                        var: cfg.admin_token_env.clone(),
+                        hint: "; set it or disable the admin listener with admin_listen = \"off\"",
+                    }
+                })?),
+            };
+        let pricing = Arc::new(Pricing::load(&cfg.pricing()).map_err(StartError::Pricing)?);
         let refs: Vec<&Provider> = providers.values().collect();
         let upstreams = Upstreams::new(&refs, &cfg.timeouts)?;
         let redis_timeout = Duration::from_millis(cfg.timeouts.redis_ms);
@@ -147,32 +138,24 @@ impl App {
         let instance = recovery::instance_id(&cfg);
         let ledger = Ledger::connect_lazy(&cfg.redis_url, lcfg)
             .await
-            .map_err(|e| format!("redis_url: {e}"))?
+            .map_err(StartError::Redis)?
             .with_instance(&instance);
         let spool = recovery::open_spool(&cfg, &instance)?;
         let replayer = recovery::start(&spool, &ledger, instance.clone(), chrono::Utc::now());
-        let budgets = BudgetCache::new(ledger.clone(), cfg.session_cap());
-        let loops = LoopGuard::new(&cfg.redis_url, &cfg.session, redis_timeout);
-        let metrics = Arc::new(Metrics::new(&cfg.metrics));
-        let keys = KeyStore::new(&cfg.keys);
-        let emergency = budget::EmergencyCap::new(
-            Nanos::from_usd_f64(cfg.redis_unavailable_cap_usd).unwrap_or(Nanos::ZERO),
-        );
         Ok(App {
+            budgets: Budgets::new(ledger.clone(), &cfg),
+            loops: LoopGuard::new(ledger.clone(), &cfg.session),
+            metrics: Arc::new(Metrics::new(&cfg.metrics)),
+            keys: KeyStore::new(&cfg.keys),
+            durable: DurableLedger::new(ledger.clone(), spool),
             cfg,
             providers,
             upstream_keys,
-            keys,
             upstreams,
             ledger,
-            budgets,
-            loops,
             pricing,
-            metrics,
-            emergency,
             admin_token,
             instance,
-            spool,
             replayer,
             settles: tokio_util::task::TaskTracker::new(),
             token_cache: ledger::request::TokenCache::new(),
@@ -192,4 +175,34 @@ impl App {
                 env: p.api_key_env.clone(),
             })
     }
+}
+
+/// A non-empty environment variable.
+fn env_secret(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|v| !v.is_empty())
+}
+
+/// The real provider keys by provider name; a configured provider without its key is an error,
+/// a built-in one the config does not mention is simply unavailable.
+fn upstream_keys(
+    cfg: &Config,
+    providers: &BTreeMap<String, Provider>,
+) -> Result<BTreeMap<String, String>, StartError> {
+    let mut keys = BTreeMap::new();
+    for p in providers.values() {
+        match env_secret(&p.api_key_env) {
+            Some(v) => {
+                keys.insert(p.name.clone(), v);
+            }
+            None if cfg.providers.contains_key(&p.name) => {
+                return Err(StartError::MissingEnv {
+                    key: format!("providers.{}.api_key_env", p.name),
+                    var: p.api_key_env.clone(),
+                    hint: "",
+                });
+            }
+            None => {}
+        }
+    }
+    Ok(keys)
 }

@@ -127,10 +127,9 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                let app = enforcer::App::build(cfg)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
-                enforcer::server::run(app).await.map_err(anyhow::Error::msg)
+                let app = enforcer::App::build(cfg).await?;
+                enforcer::server::run(app).await?;
+                Ok(())
             })
         }
     }

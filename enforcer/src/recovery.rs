@@ -11,11 +11,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ledger::spool::{Replayer, ReplayerConfig, Spool, SpoolConfig, SpoolEntry, recover_instance};
+use ledger::spool::{Replayer, ReplayerConfig, Spool, SpoolConfig, recover_instance};
 use ledger::store::Ledger;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::error::StartError;
 
 /// This instance's id: `instance_id`, else "<hostname>-<listen port>" (stable across restarts
 /// with the same config on the same host).
@@ -44,11 +44,11 @@ pub fn spool_dir(cfg: &Config, instance: &str) -> PathBuf {
 /// Opens the spool.
 ///
 /// # Errors
-/// A message naming `spool_dir` when it cannot be created or is in use by another process.
-pub fn open_spool(cfg: &Config, instance: &str) -> Result<Spool, String> {
+/// [`StartError::Spool`] when it cannot be created or is in use by another process.
+pub fn open_spool(cfg: &Config, instance: &str) -> Result<Spool, StartError> {
     let mut sc = SpoolConfig::new(spool_dir(cfg, instance));
     sc.max_bytes = cfg.spool_max_bytes;
-    Spool::open(sc).map_err(|e| format!("spool_dir: {e}"))
+    Spool::open(sc).map_err(StartError::Spool)
 }
 
 /// Starts the background replayer and the start-up recovery (retried with backoff while Redis is
@@ -75,25 +75,4 @@ pub fn start(spool: &Spool, ledger: &Ledger, instance: String, started: DateTime
         }
     });
     Replayer::spawn(spool.clone(), ledger.clone(), ReplayerConfig::default())
-}
-
-/// Writes `entry` to the spool after Redis failed with `cause` (or was unreachable at admission),
-/// counting it; a refused entry is logged loudly and counted, never silently lost.
-pub async fn spool(spool: &Spool, metrics: &Metrics, entry: SpoolEntry, request_id: &str) {
-    match spool.append(&entry).await {
-        Ok(()) => {
-            metrics.spooled.inc();
-            tracing::info!(request_id = %request_id, spool = %spool.dir().display(), "usage spooled until Redis answers");
-        }
-        Err(e) => {
-            metrics.spool_refused.inc();
-            tracing::error!(request_id = %request_id, error = %e, "usage could not be spooled; it is lost unless the hold's ttl estimate covers it");
-        }
-    }
-}
-
-/// Whether a failed ledger write should go to the spool (Redis trouble, not invalid input).
-#[must_use]
-pub fn should_spool(e: &ledger::Error) -> bool {
-    !matches!(e, ledger::Error::Invalid { .. })
 }

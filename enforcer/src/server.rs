@@ -13,30 +13,43 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::error::StartError;
 use crate::{App, admin, proxy};
 
-fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, StartError> {
+    let bad = |key: &'static str, detail: String| StartError::ListenerTls { key, detail };
+    let at = |p: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", p.display());
     let certs = rustls_pemfile::certs(
         &mut std::fs::read(cert)
-            .map_err(|e| format!("tls_cert_file: {e}"))?
+            .map_err(|e| bad("tls_cert_file", at(cert, &e)))?
             .as_slice(),
     )
     .collect::<Result<Vec<_>, _>>()
-    .map_err(|e| format!("tls_cert_file: {e}"))?;
-    let key = rustls_pemfile::private_key(
+    .map_err(|e| bad("tls_cert_file", at(cert, &e)))?;
+    let pk = rustls_pemfile::private_key(
         &mut std::fs::read(key)
-            .map_err(|e| format!("tls_key_file: {e}"))?
+            .map_err(|e| bad("tls_key_file", at(key, &e)))?
             .as_slice(),
     )
-    .map_err(|e| format!("tls_key_file: {e}"))?
-    .ok_or("tls_key_file: no private key in the file")?;
+    .map_err(|e| bad("tls_key_file", at(key, &e)))?
+    .ok_or_else(|| {
+        bad(
+            "tls_key_file",
+            format!("{}: no private key in the file", key.display()),
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| bad("tls_cert_file", e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("tls_cert_file/tls_key_file: {e}"))?;
+        .with_single_cert(certs, pk)
+        .map_err(|e| {
+            bad(
+                "tls_cert_file",
+                format!("certificate and key do not match: {e}"),
+            )
+        })?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
@@ -44,14 +57,14 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 /// Seeds budgets, starts the refresher and both listeners, and runs until SIGTERM or Ctrl-C.
 ///
 /// # Errors
-/// When a listener cannot be bound or the TLS files are bad.
-pub async fn run(app: App) -> Result<(), String> {
+/// [`StartError`] when a listener cannot be bound or the TLS files are bad.
+pub async fn run(app: App) -> Result<(), StartError> {
     let app = Arc::new(app);
-    if let Err(e) = app.budgets.seed(&app.cfg).await {
+    if let Err(e) = app.budgets.cache.seed(&app.cfg).await {
         tracing::warn!(error = %e, "could not seed budgets from the config (Redis down?); the cached list fills once it answers");
     }
-    let _ = app.budgets.refresh().await;
-    app.budgets.spawn_refresher(Duration::from_secs(1));
+    let _ = app.budgets.cache.refresh().await;
+    app.budgets.cache.spawn_refresher(Duration::from_secs(1));
 
     let tls = match (&app.cfg.tls_cert_file, &app.cfg.tls_key_file) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
@@ -59,12 +72,20 @@ pub async fn run(app: App) -> Result<(), String> {
     };
     let listener = TcpListener::bind(&app.cfg.listen)
         .await
-        .map_err(|e| format!("listen {}: {e}", app.cfg.listen))?;
+        .map_err(|source| StartError::Bind {
+            key: "listen",
+            addr: app.cfg.listen.clone(),
+            source,
+        })?;
     let admin = match app.cfg.admin_addr() {
         Some(a) => Some(
             TcpListener::bind(a)
                 .await
-                .map_err(|e| format!("admin_listen {a}: {e}"))?,
+                .map_err(|source| StartError::Bind {
+                    key: "admin_listen",
+                    addr: a.to_owned(),
+                    source,
+                })?,
         ),
         None => None,
     };

@@ -80,3 +80,49 @@ pub enum Error {
         limit: u64,
     },
 }
+
+impl Error {
+    /// A Redis operation that got no reply within `after`, as a transient Redis I/O error (so
+    /// callers see one "Redis unavailable" kind whoever timed it out).
+    #[must_use]
+    pub fn timed_out(op: &'static str, after: std::time::Duration) -> Error {
+        Error::Redis(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("ledger {op} got no reply from Redis within {after:?}"),
+        )))
+    }
+
+    /// Whether the same call may succeed later because Redis could not be reached or did not
+    /// answer in time (refused, reset, timed out, a cluster without a quorum, a server still
+    /// loading) — as opposed to a logic, schema or input error. The enforcer's
+    /// `on_redis_unavailable` policy applies to these; both binaries spool a usage write Redis
+    /// did not take unless the input itself is invalid ([`Error::is_invalid_input`]).
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Redis(r) => {
+                r.is_io_error()
+                    || r.is_timeout()
+                    || r.is_connection_dropped()
+                    || r.is_connection_refusal()
+                    || matches!(
+                        r.kind(),
+                        redis::ErrorKind::Server(
+                            redis::ServerErrorKind::BusyLoading
+                                | redis::ServerErrorKind::TryAgain
+                                | redis::ServerErrorKind::ClusterDown
+                                | redis::ServerErrorKind::MasterDown
+                        )
+                    )
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the value given was refused as invalid (a bad name, an absurd amount): retrying
+    /// cannot help, and the write is refused rather than spooled.
+    #[must_use]
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, Error::Invalid { .. } | Error::InvalidAmount(_))
+    }
+}

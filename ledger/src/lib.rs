@@ -3,8 +3,11 @@
 //!
 //! Everything except [`store`] is pure: bytes in, values out, no I/O and no clock.
 
+pub mod billing;
+pub mod durable;
 pub mod error;
 pub mod money;
+pub mod names;
 pub mod price;
 pub mod provider;
 pub mod request;

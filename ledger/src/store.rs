@@ -13,6 +13,7 @@ mod recovery;
 mod reserve;
 mod scripts;
 mod settle;
+mod signals;
 mod spend;
 mod types;
 
@@ -26,8 +27,9 @@ use redis::AsyncCommands;
 pub use batch::{BatchStats, OpBatches};
 pub use budget::resolve_caps;
 pub use conn::LedgerConfig;
-pub use keys::{BUDGETS_KEY, MAX_NAME_LEN, validate_name};
+pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, validate_name};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
+pub use signals::{BYPASS_EVENTS_KEPT, BypassEvent, LoopCounts};
 pub use types::{
     Budget, BySource, Cap, CapScope, Denial, Hold, RecordOutcome, Reservation, ReserveOutcome,
     ReserveRequest, SessionSpend, SettleOutcome, Settlement, Source, TenantSpend, TokenCounts,
@@ -40,21 +42,6 @@ use keys::{validate_opt, validate_tenant};
 use scripts::Reply;
 
 use crate::{Error, Nanos};
-
-/// Whether `e` means Redis could not be reached in time (refused, reset, timed out) rather than a
-/// logic or schema error: the enforcer's `on_redis_unavailable` policy applies to these.
-#[must_use]
-pub fn is_unavailable(e: &Error) -> bool {
-    match e {
-        Error::Redis(r) => {
-            r.is_io_error()
-                || r.is_timeout()
-                || r.is_connection_dropped()
-                || r.is_connection_refusal()
-        }
-        _ => false,
-    }
-}
 
 /// A handle on the ledger; cheap to clone, safe to share between tasks.
 #[derive(Clone)]
@@ -374,7 +361,7 @@ impl Ledger {
     /// [`Error::Invalid`] for bad names; [`Error::Redis`] when Redis is unavailable.
     pub async fn session_spend(&self, tenant: &str, session: &str) -> Result<SessionSpend, Error> {
         validate_tenant(tenant)?;
-        validate_name("session", session)?;
+        crate::names::check(crate::names::NameKind::Session, session)?;
         let key = keys::session(tenant, session);
         let h: HashMap<String, i64> = self
             .timed("session_spend", async {

@@ -206,20 +206,18 @@ impl Rules {
             .iter()
             .find(|(m, _)| m.matches(p))
             .map(|(_, r)| r);
-        let valid = |v: &str| ledger::store::validate_name("tenant", v).is_ok();
+        // One name rule with the enforcer and the ledger (ledger::names): a header the ledger
+        // would refuse falls back to the rule's tenant instead of losing the record.
+        let valid = |v: &&str| ledger::names::is_valid(v);
         let tenant = tenant_header
-            .filter(|t| valid(t))
+            .filter(valid)
             .map(str::to_owned)
             .or_else(|| rule.and_then(|r| r.tenant.clone()))
             .unwrap_or_else(|| DEFAULT_TENANT.to_owned());
-        let service = rule.and_then(|r| r.service.clone()).unwrap_or_else(|| {
-            if p.comm.is_empty() {
-                "unknown".to_owned()
-            } else {
-                p.comm.clone()
-            }
-        });
-        let feature = feature_header.filter(|f| valid(f)).map(str::to_owned);
+        let service = rule
+            .and_then(|r| r.service.clone())
+            .unwrap_or_else(|| ledger::names::sanitize(&p.comm, "unknown"));
+        let feature = feature_header.filter(valid).map(str::to_owned);
         Attribution {
             tenant,
             service,
@@ -302,5 +300,38 @@ mod tests {
             comm: "apt-get".into(),
             ..ProcessInfo::default()
         }));
+    }
+
+    /// A tenant header the ledger would refuse (`|`, `*`, braces, spaces) never reaches it: the
+    /// call is billed to the rule's tenant instead of being refused and lost; a comm with
+    /// characters outside the name rule becomes a valid service name.
+    #[test]
+    fn names_the_ledger_refuses_fall_back() {
+        let rules = Rules::new(
+            &[AttributionRule {
+                comm: Some("py*".into()),
+                tenant: Some("billing".into()),
+                ..AttributionRule::default()
+            }],
+            &[],
+        )
+        .unwrap();
+        let p = ProcessInfo {
+            comm: "python3".into(),
+            ..ProcessInfo::default()
+        };
+        for bad in ["a|b", "*", "x{y}", "two words"] {
+            let a = rules.attribute(&p, Some(bad), Some(bad));
+            assert_eq!(a.tenant, "billing", "{bad}");
+            assert_eq!(a.feature, None, "{bad}");
+            assert!(ledger::names::check(ledger::names::NameKind::Tenant, &a.tenant).is_ok());
+        }
+        let odd = ProcessInfo {
+            comm: "kworker/0:1 x".into(),
+            ..ProcessInfo::default()
+        };
+        let a = rules.attribute(&odd, None, None);
+        assert_eq!(a.service, "kworker_0:1_x");
+        assert!(ledger::names::is_valid(&a.service));
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_PATH: &str = "/etc/llmwarden/observer.toml";
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The shared ledger (`redis://host:port/` or `redis+cluster://...`).
@@ -22,6 +22,11 @@ pub struct Config {
     pub metrics_listen: String,
     /// Optional LiteLLM-format price file layered over the built-in table.
     pub prices_file: Option<PathBuf>,
+    /// Price of models missing from the table (the enforcer's key of the same name): a call to an
+    /// unknown model is recorded at it, flagged estimated, never at $0.
+    pub unknown_model_price: ledger::billing::DefaultPrice,
+    /// Model names priced as another model (the enforcer's key of the same name).
+    pub model_aliases: std::collections::BTreeMap<String, String>,
     /// Most plaintext bytes copied per SSL call (request bodies beyond it are skipped, counted).
     pub per_call_bytes: u32,
     /// Kernel ring buffer size: a power of two, at least 4096.
@@ -39,7 +44,7 @@ pub struct Config {
     /// A bypass event per (service, provider) is emitted at most once per this window.
     pub bypass_event_window_secs: u64,
     /// Calls waiting for the sink (Redis or stdout); beyond it calls are dropped and counted in
-    /// `llmw_observer_sink_queue_drops`.
+    /// `llmwarden_observer_sink_queue_drops`.
     pub sink_queue: usize,
     /// In-kernel allow-list: when set, only these process ids are captured (others cost one map
     /// lookup per SSL call, nothing is copied). Fixed at start.
@@ -70,6 +75,8 @@ impl Default for Config {
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             metrics_listen: "127.0.0.1:9464".to_owned(),
             prices_file: None,
+            unknown_model_price: ledger::billing::DefaultPrice::default(),
+            model_aliases: std::collections::BTreeMap::new(),
             // 256 KiB: the most the kernel side copies per call.
             per_call_bytes: observer_common::MAX_PER_CALL_BYTES,
             // 16 MiB: ~4000 full 4 KiB chunks, or ~15 000 small keep-alive calls (request +
@@ -197,6 +204,19 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The billing policy's part of the config (the observer records what it sees, so unknown
+    /// models are billed at `unknown_model_price` rather than refused).
+    #[must_use]
+    pub fn pricing(&self) -> ledger::billing::PricingConfig {
+        ledger::billing::PricingConfig {
+            prices_file: self.prices_file.clone(),
+            unknown_model: ledger::billing::UnknownModel::Allow,
+            unknown_model_price: self.unknown_model_price.clone(),
+            model_aliases: self.model_aliases.clone(),
+            ..ledger::billing::PricingConfig::default()
+        }
+    }
+
     /// Checks every value; errors name the key and the fix.
     pub fn validate(&self) -> Result<()> {
         if !self.redis_url.starts_with("redis://")
@@ -231,6 +251,8 @@ impl Config {
         if self.max_connections == 0 {
             bail!("max_connections: must be at least 1");
         }
+        ledger::billing::Pricing::new(ledger::PriceTable::empty(), &self.pricing())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         for (i, p) in self.providers.iter().enumerate() {
             if p.host.trim().is_empty() {
                 bail!("providers[{i}].host: must not be empty");
@@ -249,10 +271,11 @@ impl Config {
             }
             for (key, v) in [("tenant", &r.tenant), ("service", &r.service)] {
                 if let Some(v) = v
-                    && ledger::store::validate_name(key, v).is_err()
+                    && !ledger::names::is_valid(v)
                 {
                     bail!(
-                        "attribution[{i}].{key}: {v:?} is not a valid name (letters, digits, -_.:@)"
+                        "attribution[{i}].{key}: {v:?} is not a valid name ({})",
+                        ledger::names::RULE
                     );
                 }
             }

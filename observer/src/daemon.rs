@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use ledger::price::PriceTable;
+use ledger::billing::Pricing;
 use ledger::provider::{ProviderDetector, ProviderKind};
 use observer_common::{
     HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, ProcEvent, STAT_DROPPED_BYTES,
@@ -56,7 +56,7 @@ struct Loop {
     boot_id: String,
     tx: mpsc::Sender<CallRecord>,
     notes: std::sync::mpsc::Sender<ProcNote>,
-    prices: Arc<PriceTable>,
+    pricing: Arc<Pricing>,
     outcomes: Vec<Outcome>,
 }
 
@@ -74,12 +74,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
             }
         });
     }
-    let mut prices = PriceTable::builtin();
-    if let Some(path) = &cfg.prices_file {
-        prices
-            .load_litellm_file(path)
-            .with_context(|| format!("prices_file: {}", path.display()))?;
-    }
+    let pricing = Pricing::load(&cfg.pricing()).context("prices")?;
     let mut detector = ProviderDetector::new();
     for p in &cfg.providers {
         let kind = ProviderKind::from_str(&p.kind)
@@ -153,7 +148,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
             .to_owned(),
         tx,
         notes: note_tx,
-        prices: Arc::new(prices),
+        pricing: Arc::new(pricing),
         outcomes: Vec::new(),
     };
     let poll = Duration::from_millis(cfg.poll_interval_ms);
@@ -340,7 +335,7 @@ impl Loop {
             call.feature_header.as_deref(),
         );
         let event_id = format!("obs:{}:{}:{:x}:{}", self.boot_id, h.pid, h.ssl, h.ts_ns);
-        let rec = CallRecord::new(call, event_id, &proc, who, &self.prices);
+        let rec = CallRecord::new(call, event_id, &proc, who, &self.pricing);
         match self.tx.try_send(rec) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -8,10 +8,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use std::time::Duration;
+
 use tokio::net::TcpListener;
 
-/// Labels of `llmw_observer_calls`.
+/// Labels of `llmwarden_observer_calls`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     /// Provider name.
@@ -20,7 +21,7 @@ pub struct CallLabels {
     pub model: String,
 }
 
-/// Labels of `llmw_observer_parse_errors`.
+/// Labels of `llmwarden_observer_parse_errors`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     /// Why.
@@ -67,9 +68,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers everything under `llmw_observer_`.
+    /// Registers everything under `llmwarden_observer_` (the enforcer's families are
+    /// `llmwarden_*`: one prefix for both binaries).
     pub fn register(self: &Arc<Self>, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("llmw_observer");
+        let r = registry.sub_registry_with_prefix("llmwarden_observer");
         r.register(
             "events",
             "TLS plaintext events read from the ring buffer",
@@ -159,31 +161,74 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (anything else: 404) on `listen` until the process ends.
-pub async fn serve(listen: std::net::SocketAddr, registry: Arc<Registry>) -> anyhow::Result<()> {
+/// Serves `GET /metrics` (and `GET /healthz`) on `listen` with hyper, HTTP/1.1 only: a request
+/// head must arrive within 5 s and a connection lives at most 30 s, so idle or slow clients
+/// cannot pile up; at most 64 connections are served at once (more wait in the listen queue).
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve(listen: std::net::SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     tracing::info!(%listen, "metrics on /metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
-        let (mut sock, _) = listener.accept().await?;
+        let (sock, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "metrics accept failed; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
         let registry = registry.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let Ok(n) = sock.read(&mut buf).await else {
-                return;
-            };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let response = if req.starts_with("GET /metrics") {
-                let mut body = String::new();
-                let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_owned()
-            };
-            let _ = sock.write_all(response.as_bytes()).await;
+            let svc = hyper::service::service_fn(move |req| {
+                let registry = registry.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &registry)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            drop(permit);
         });
     }
+}
+
+/// Connections the metrics endpoint serves at once.
+const MAX_METRICS_CONNECTIONS: usize = 64;
+
+fn respond(
+    req: &hyper::Request<hyper::body::Incoming>,
+    registry: &Registry,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => {
+            let mut body = String::new();
+            let _ = prometheus_client::encoding::text::encode(&mut body, registry);
+            (
+                hyper::StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+            )
+        }
+        (&hyper::Method::GET, "/healthz") => (hyper::StatusCode::OK, "text/plain", "ok\n".into()),
+        _ => (
+            hyper::StatusCode::NOT_FOUND,
+            "text/plain",
+            "see /metrics\n".into(),
+        ),
+    };
+    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
 }

@@ -329,18 +329,34 @@ impl Config {
                     "must be 64 lowercase hex digits (enforcer hash-key)",
                 ));
             }
-            if !crate::auth::valid_name(&k.tenant) {
+            if !ledger::names::is_valid(&k.tenant) {
                 return Err(bad(
                     format!("keys[{i}].tenant"),
-                    "required: 1-128 chars of A-Z a-z 0-9 . _ - :",
+                    format!("required: {}", ledger::names::RULE),
                 ));
+            }
+            for (j, t) in k.allowed_tenants.iter().enumerate() {
+                if t != "*" && !ledger::names::is_valid(t) {
+                    return Err(bad(
+                        format!("keys[{i}].allowed_tenants[{j}]"),
+                        format!("\"*\" or a tenant name: {}", ledger::names::RULE),
+                    ));
+                }
             }
         }
         for (i, b) in self.budgets.iter().enumerate() {
-            if b.tenant != "*" && !crate::auth::valid_name(&b.tenant) {
+            if b.tenant != "*" && !ledger::names::is_valid(&b.tenant) {
                 return Err(bad(
                     format!("budgets[{i}].tenant"),
-                    "a tenant name or \"*\"",
+                    format!("\"*\" or a tenant name: {}", ledger::names::RULE),
+                ));
+            }
+            if let Some(f) = &b.feature
+                && !ledger::names::is_valid(f)
+            {
+                return Err(bad(
+                    format!("budgets[{i}].feature"),
+                    format!("a feature name: {}", ledger::names::RULE),
                 ));
             }
         }

@@ -104,7 +104,7 @@ impl Spool {
                 match serde_json::from_slice::<SpoolEntry>(payload) {
                     Ok(entry) => match apply(ledger, &entry, &mut rep).await {
                         Ok(()) => {}
-                        Err(e @ Error::Invalid { .. }) => {
+                        Err(e) if e.is_invalid_input() => {
                             reject(&dir, payload, &e)?;
                             rep.rejected += 1;
                         }

@@ -1,4 +1,4 @@
-//! Spool unit tests on real files (no Redis; replay against Redis is in tests/tests/ledger_spool.rs).
+//! Spool unit tests on real files (no Redis; replay against Redis is in ledger/tests/spool.rs).
 
 use std::path::PathBuf;
 use std::time::Duration;

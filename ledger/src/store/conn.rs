@@ -139,10 +139,7 @@ pub(crate) fn cluster_nodes(url: &str) -> Option<Vec<String>> {
 
 /// A timeout as a Redis I/O error, so callers see one "Redis unavailable" kind.
 pub(crate) fn timeout_error(op: &'static str, after: Duration) -> Error {
-    Error::Redis(redis::RedisError::from(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("ledger {op} got no reply from Redis within {after:?}"),
-    )))
+    Error::timed_out(op, after)
 }
 
 impl ConnectionLike for Conn {

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 
 use super::Period;
 use crate::Error;
+use crate::names::{self, NameKind};
 
 /// The longest tenant, feature, session, model, request or event id the ledger accepts, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
@@ -36,36 +37,24 @@ pub fn validate_name(what: &'static str, s: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Tenants and features also appear in budget fields ("tenant|feature|period"), so they may not
-/// contain `|`; `*` is reserved for "every tenant" in budgets.
+/// A tenant: the one name rule of [`crate::names`] (no `|`, `*`, braces or spaces, so it fits in
+/// keys, the Cluster hash tag and budget fields).
 pub fn validate_tenant(s: &str) -> Result<(), Error> {
-    validate_name("tenant", s)?;
-    if s.contains('|') || s == "*" {
-        return Err(Error::Invalid {
-            what: "tenant",
-            detail: format!("{s:?}: '|' and the name \"*\" are reserved"),
-        });
-    }
-    Ok(())
+    names::check(NameKind::Tenant, s)
 }
 
-/// See [`validate_tenant`].
+/// A feature: the one name rule of [`crate::names`].
 pub fn validate_feature(s: &str) -> Result<(), Error> {
-    validate_name("feature", s)?;
-    if s.contains('|') {
-        return Err(Error::Invalid {
-            what: "feature",
-            detail: format!("{s:?}: '|' is reserved"),
-        });
-    }
-    Ok(())
+    names::check(NameKind::Feature, s)
 }
 
-/// Validates an optional name, treating `None` as absent.
+/// Validates an optional argument, treating `None` as absent: features and sessions by the name
+/// rule of [`crate::names`], other values (models, ids) by [`validate_name`].
 pub fn validate_opt(what: &'static str, s: Option<&str>) -> Result<(), Error> {
     match (what, s) {
         (_, None) => Ok(()),
-        ("feature", Some(f)) => validate_feature(f),
+        ("feature", Some(f)) => names::check(NameKind::Feature, f),
+        ("session", Some(v)) => names::check(NameKind::Session, v),
         (_, Some(v)) => validate_name(what, v),
     }
 }
@@ -117,6 +106,22 @@ pub fn event(tenant: &str, event_id: &str) -> String {
     format!("{}ev:{event_id}", prefix(tenant))
 }
 
+/// "llmw:{T}:loop:<S>:rpm:<unix minute>" — a session's calls in one UTC minute (loop guard).
+#[must_use]
+pub fn loop_minute(tenant: &str, session: &str, minute: i64) -> String {
+    format!("{}loop:{session}:rpm:{minute}", prefix(tenant))
+}
+
+/// "llmw:{T}:loop:<S>:body:<24 hex digits>" — calls of a session with one request body (the
+/// first 96 bits of its sha256) within the identical-request window (loop guard).
+#[must_use]
+pub fn loop_body(tenant: &str, session: &str, digest: &str) -> String {
+    format!("{}loop:{session}:body:{digest}", prefix(tenant))
+}
+
+/// The stream of bypass events (no hash tag: one key in its own slot).
+pub const BYPASS_EVENTS: &str = "llmw:events:bypass";
+
 /// "llmw:tenants:<period id>" — tenants with activity in the period (no hash tag: its own slot).
 #[must_use]
 pub fn tenants(period: Period, now: DateTime<Utc>) -> String {
@@ -141,7 +146,9 @@ mod tests {
         assert!(validate_tenant("a|b").is_err());
         assert!(validate_tenant("*").is_err());
         assert!(validate_feature("x|y").is_err());
-        assert!(validate_opt("session", Some("s|1")).is_ok());
+        assert!(validate_opt("session", Some("s|1")).is_err());
+        assert!(validate_opt("session", Some("s-1:a@b")).is_ok());
+        assert!(validate_opt("model", Some("ft:gpt-4o:org:x/y@z")).is_ok());
     }
 
     #[test]
@@ -163,5 +170,13 @@ mod tests {
         assert_eq!(done("acme", "r1"), "llmw:{acme}:done:r1");
         assert_eq!(event("acme", "e1"), "llmw:{acme}:ev:e1");
         assert_eq!(tenants(Period::Day, now), "llmw:tenants:2026-11-27");
+        assert_eq!(
+            loop_minute("acme", "s1", 29_000_000),
+            "llmw:{acme}:loop:s1:rpm:29000000"
+        );
+        assert_eq!(
+            loop_body("acme", "s1", "00ff"),
+            "llmw:{acme}:loop:s1:body:00ff"
+        );
     }
 }

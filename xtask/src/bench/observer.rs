@@ -266,7 +266,7 @@ fn kernel_drops(port: u16) -> Option<f64> {
     let mut sum = None;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let name = line.split(['{', ' ']).next().unwrap_or("");
-        // llmw_observer_kernel_drops (not ..._kernel_dropped_bytes).
+        // llmwarden_observer_kernel_drops (not ..._kernel_dropped_bytes).
         if name.contains("kernel_drops") && !name.contains("bytes") {
             let v: f64 = line
                 .rsplit(' ')

@@ -13,7 +13,7 @@ use futures::future::join_all;
 use ledger::Nanos;
 use ledger::store::{
     Cap, CapScope, Ledger, LedgerConfig, Period, ReserveOutcome, ReserveRequest, SettleOutcome,
-    Settlement, TokenCounts, UsageRecord, is_unavailable,
+    Settlement, TokenCounts, UsageRecord,
 };
 use llmwarden_tests::redis::RedisServer;
 use redis::AsyncCommands;
@@ -578,7 +578,7 @@ async fn a_paused_redis_fails_every_waiter_within_the_timeout() {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = res {
-                    assert!(is_unavailable(&e), "{e}");
+                    assert!(e.is_transient(), "{e}");
                     errors += 1;
                 }
             }

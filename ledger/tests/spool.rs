@@ -10,7 +10,7 @@ use ledger::Nanos;
 use ledger::spool::{Replayer, ReplayerConfig, Spool, SpoolConfig, SpoolEntry, recover_instance};
 use ledger::store::{
     Ledger, LedgerConfig, Period, ReserveOutcome, ReserveRequest, Settlement, TenantSpend,
-    TokenCounts, UsageRecord, is_unavailable,
+    TokenCounts, UsageRecord,
 };
 use llmwarden_tests::redis::RedisServer;
 
@@ -157,7 +157,7 @@ async fn a_paused_redis_fails_the_pass_fast_and_keeps_every_record() {
     let t = Instant::now();
     let e = spool.replay_once(&l).await.expect_err("redis is paused");
     server.resume();
-    assert!(is_unavailable(&e), "{e}");
+    assert!(e.is_transient(), "{e}");
     assert!(
         t.elapsed() < Duration::from_secs(3),
         "took {:?}",

@@ -1,0 +1,175 @@
+//! Phase 1 of a call, **admit**: route to a provider, authenticate the proxy key, attribute the
+//! call (tenant, feature, session by the ledger's one name rule), read the bounded request body
+//! and classify it. Nothing here touches Redis or the upstream; a refusal costs nothing.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http::header::CONTENT_LENGTH;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use ledger::names::{self, NameKind};
+use ledger::provider::Endpoint;
+use ledger::request::RequestInfo;
+
+use crate::call::Call;
+use crate::config::{Provider, UnknownModel};
+use crate::error::ProxyError;
+use crate::{App, auth, route};
+
+/// An admitted request: who sends it where, with its body read.
+pub struct Admission<'a> {
+    /// The provider it goes to.
+    pub provider: &'a Provider,
+    /// The request head.
+    pub parts: http::request::Parts,
+    /// The path after `/proxy/{provider}`.
+    pub rest: String,
+    /// The request body.
+    pub body: Bytes,
+    /// What the ledger meters, or `None` for a call forwarded unmetered.
+    pub endpoint: Option<Endpoint>,
+}
+
+/// Routes, authenticates, attributes and reads the body of `req`, recording what it learns in
+/// `call`.
+///
+/// # Errors
+/// The [`ProxyError`] the client gets (404, 401, 403, 400, 413).
+pub async fn admit<'a>(
+    app: &'a App,
+    req: Request<Incoming>,
+    call: &mut Call,
+) -> Result<Admission<'a>, ProxyError> {
+    let (parts, body) = req.into_parts();
+    let pp = route::split(parts.uri.path())?;
+    let provider = app
+        .providers
+        .get(pp.provider)
+        .ok_or_else(|| ProxyError::UnknownProvider {
+            name: pp.provider.chars().take(64).collect(),
+        })?;
+    call.kind = provider.kind;
+    call.provider.clone_from(&provider.name);
+    let rest = pp.rest.to_owned();
+    authenticate(app, &parts, call)?;
+    // Without the real key nothing can be forwarded: refuse before anything is held.
+    app.upstream_key(provider)?;
+    let target = route::classify_target(&rest, parts.uri.query());
+    let endpoint = ledger::provider::classify(
+        provider.kind,
+        &provider.name,
+        parts.method.as_str(),
+        &target,
+    )
+    .filter(|ep| !ep.api.is_free());
+    if let Some(ep) = &endpoint {
+        call.api = ep.api.as_str();
+    } else if !is_read(&parts.method) && app.cfg.unmetered_endpoints == UnknownModel::Deny {
+        return Err(ProxyError::Unmetered {
+            method: parts.method.to_string(),
+            path: rest.chars().take(200).collect(),
+        });
+    }
+    let body = read_body(app, &parts, body).await?;
+    Ok(Admission {
+        provider,
+        parts,
+        rest,
+        body,
+        endpoint,
+    })
+}
+
+fn is_read(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    )
+}
+
+/// The proxy key, the tenant it may bill, and the feature and session headers.
+fn authenticate(
+    app: &App,
+    parts: &http::request::Parts,
+    call: &mut Call,
+) -> Result<(), ProxyError> {
+    let key = auth::extract_key(&parts.headers, parts.uri.query()).ok_or(ProxyError::MissingKey)?;
+    let entry = app.keys.authenticate(&key).ok_or(ProxyError::BadKey)?;
+    drop(key);
+    call.tenant = entry.tenant_for(route::header_str(&parts.headers, "x-tenant-id"))?;
+    call.feature = attribution(&parts.headers, "x-feature-name", NameKind::Feature)?;
+    call.session = attribution(&parts.headers, "x-session-id", NameKind::Session)?;
+    Ok(())
+}
+
+/// An attribution header, checked by the ledger's name rule for `kind`.
+fn attribution(
+    h: &http::HeaderMap,
+    header: &'static str,
+    kind: NameKind,
+) -> Result<Option<String>, ProxyError> {
+    match route::header_str(h, header) {
+        None => Ok(None),
+        Some(v) => match names::check(kind, v) {
+            Ok(()) => Ok(Some(v.to_owned())),
+            Err(_) => Err(ProxyError::BadAttribution {
+                header,
+                reason: names::RULE,
+            }),
+        },
+    }
+}
+
+/// The body, bounded by `max_request_body_bytes` (a declared length over it gets 413 at once)
+/// and by `timeouts.client_ms`.
+async fn read_body(
+    app: &App,
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> Result<Bytes, ProxyError> {
+    let limit = app.cfg.max_request_body_bytes;
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let wait = Duration::from_millis(app.cfg.timeouts.client_ms);
+    match tokio::time::timeout(wait, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ProxyError::BodyRead(format!(
+            "the request body did not arrive within {} ms (timeouts.client_ms)",
+            wait.as_millis()
+        ))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Ok(Err(e)) => Err(ProxyError::BodyRead(e.to_string())),
+    }
+}
+
+/// Parses the body of a metered call: model, stream, output limit, input estimate.
+///
+/// # Errors
+/// [`ProxyError::BadBody`] when the body is not the JSON the API takes or names no model.
+pub fn parse(
+    app: &App,
+    adm: &Admission<'_>,
+    endpoint: &Endpoint,
+    call: &mut Call,
+) -> Result<RequestInfo, ProxyError> {
+    let info =
+        ledger::request::parse_request_cached(endpoint, &adm.body, &app.token_cache, &call.tenant)
+            .map_err(|e| ProxyError::BadBody(e.to_string()))?;
+    let model = info
+        .model
+        .clone()
+        .or_else(|| endpoint.model_in_path.clone())
+        .ok_or_else(|| ProxyError::BadBody("the request names no model".into()))?;
+    call.model = model;
+    Ok(info)
+}

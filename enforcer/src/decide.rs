@@ -1,0 +1,100 @@
+//! Phase 2 of a call, **decide**: the session's loop check, the worst case the call may cost
+//! (priced by the ledger's billing policy), and the atomic reserve against every cap
+//! ([`Budgets::reserve`]), which returns the call's [`Hold`]. A refusal here still costs nothing:
+//! the request has not left the enforcer.
+
+use std::time::Duration;
+
+use ledger::Nanos;
+use ledger::request::RequestInfo;
+use ledger::store::ReserveRequest;
+
+use crate::App;
+use crate::admit::Admission;
+use crate::budget::Hold;
+use crate::call::Call;
+use crate::config::OnRedisUnavailable;
+use crate::error::ProxyError;
+
+/// What the decision admitted.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision {
+    /// What the call holds.
+    pub hold: Hold,
+    /// The input tokens the worst case assumed (margin included): the floor of an estimate.
+    pub input_estimate: u64,
+}
+
+/// Checks the loop guard, prices the worst case and reserves it.
+///
+/// # Errors
+/// [`ProxyError::LoopDetected`], [`ProxyError::UnknownModel`], [`ProxyError::Budget`],
+/// [`ProxyError::LedgerUnavailable`].
+pub async fn decide(
+    app: &App,
+    adm: &Admission<'_>,
+    info: &RequestInfo,
+    call: &Call,
+) -> Result<Decision, ProxyError> {
+    check_loops(app, adm, call).await?;
+    let (input_estimate, amount) = worst_case(app, info, &call.model)?;
+    let rr = ReserveRequest {
+        tenant: call.tenant.clone(),
+        feature: call.feature.clone(),
+        session: call.session.clone(),
+        request_id: call.request_id.clone(),
+        provider: call.provider.clone(),
+        model: Some(call.model.clone()),
+        amount,
+        ttl: Duration::from_secs(app.cfg.reserve_ttl_secs),
+        caps: app.budgets.cache.caps(
+            &call.tenant,
+            call.feature.as_deref(),
+            call.session.as_deref(),
+        ),
+        at: call.started_at,
+    };
+    let hold = app.budgets.reserve(&rr, &app.metrics).await?;
+    Ok(Decision {
+        hold,
+        input_estimate,
+    })
+}
+
+async fn check_loops(app: &App, adm: &Admission<'_>, call: &Call) -> Result<(), ProxyError> {
+    let Some(session) = &call.session else {
+        return Ok(());
+    };
+    match app.loops.check(&call.tenant, session, &adm.body).await {
+        Ok(Some(msg)) => Err(ProxyError::LoopDetected(msg)),
+        Ok(None) => Ok(()),
+        Err(e) if app.cfg.on_redis_unavailable == OnRedisUnavailable::Allow && e.is_transient() => {
+            tracing::warn!(error = %e, "loop counters unavailable; admitting");
+            Ok(())
+        }
+        Err(e) => Err(ProxyError::LedgerUnavailable(e)),
+    }
+}
+
+/// The worst case: the input estimate (plus `input_estimate_margin_pct` unless the tokenizer is
+/// exact for the model) and the output limit (the request's, else the model's, at most
+/// `max_output_tokens_cap`), priced by the ledger's policy. Returns (input tokens, amount).
+fn worst_case(app: &App, info: &RequestInfo, model: &str) -> Result<(u64, Nanos), ProxyError> {
+    let margin = if info.input_estimate_exact {
+        0
+    } else {
+        app.cfg.input_estimate_margin_pct
+    };
+    let input = info
+        .input_tokens_estimate
+        .saturating_mul(100 + margin)
+        .div_ceil(100);
+    let output = info
+        .max_output_tokens
+        .unwrap_or_else(|| app.pricing.default_output_limit(model));
+    let amount = app
+        .pricing
+        .worst_case(model, input, output)
+        .map_err(|u| ProxyError::UnknownModel { model: u.model })?;
+    Ok((input, amount))
+}

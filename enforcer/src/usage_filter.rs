@@ -1,0 +1,397 @@
+//! The usage-only event filter of OpenAI chat streams: where the enforcer added
+//! `stream_options.include_usage` to learn a stream's usage, the extra usage-only event is cut
+//! out before the client sees it, leaving every other byte untouched.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::ProxyError;
+
+/// Longest event the filter holds back: an event (or a run of bytes without a blank line) longer
+/// than this switches the filter off for the rest of the stream, so an upstream cannot make the
+/// enforcer buffer without bound. The meter still sees every byte, so usage is still settled; the
+/// client then also sees the usage event.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Removes usage-only chat-completion chunks (`"choices": []` with a `usage` object) from an SSE
+/// stream, working on whole events so every other byte passes unchanged. Events are framed as the
+/// WHATWG event-stream format says (lines end with CR, LF or CRLF; a blank line ends an event),
+/// and each byte is scanned once however the stream is chunked.
+#[derive(Debug, Default)]
+pub struct UsageChunkFilter {
+    /// The start of the stream's current event, not yet known to be complete.
+    pending: BytesMut,
+    /// Where the scan for the end of the pending event stands.
+    scan: EventScan,
+    /// An event outgrew [`MAX_EVENT_BYTES`]: everything passes unchanged from then on.
+    passthrough: bool,
+}
+
+/// How far the search for the blank line ending the pending event got.
+#[derive(Debug, Default, Clone, Copy)]
+struct EventScan {
+    /// Bytes of the pending event scanned so far.
+    pos: usize,
+    /// The current line has bytes, so the next line end does not make a blank line.
+    in_line: bool,
+    /// The last byte scanned was a CR line end, which an LF may still join (CRLF); `Some(true)`
+    /// when that CR ended a blank line, so the event ends after it (and after such an LF).
+    after_cr: Option<bool>,
+}
+
+/// What scanning the pending bytes found.
+enum ScanResult {
+    /// The pending event ends this many bytes in.
+    End(usize),
+    /// No event end in the bytes so far.
+    NeedMore,
+    /// The pending event is longer than [`MAX_EVENT_BYTES`].
+    TooLong,
+}
+
+impl EventScan {
+    /// Continues the scan over `pending` (the same bytes as before, maybe with more appended).
+    /// The outcome depends only on the bytes, never on how they were chunked.
+    fn advance(&mut self, pending: &[u8]) -> ScanResult {
+        while self.pos < pending.len() {
+            if self.pos >= MAX_EVENT_BYTES {
+                return ScanResult::TooLong;
+            }
+            let b = pending[self.pos];
+            if let Some(blank) = self.after_cr.take() {
+                if b == b'\n' {
+                    // The LF of a CRLF: the line already ended at the CR.
+                    self.pos += 1;
+                    if blank {
+                        return ScanResult::End(self.pos);
+                    }
+                    continue;
+                }
+                if blank {
+                    return ScanResult::End(self.pos);
+                }
+            }
+            match b {
+                b'\n' if !self.in_line => return ScanResult::End(self.pos + 1),
+                b'\n' => self.pos += 1,
+                b'\r' => {
+                    self.after_cr = Some(!self.in_line);
+                    self.pos += 1;
+                }
+                _ => {
+                    // Skip the rest of the line at once, never past the limit.
+                    let stop = pending.len().min(MAX_EVENT_BYTES);
+                    let line = &pending[self.pos..stop];
+                    self.pos += line
+                        .iter()
+                        .position(|&c| c == b'\n' || c == b'\r')
+                        .unwrap_or(line.len());
+                    self.in_line = true;
+                    continue;
+                }
+            }
+            self.in_line = false;
+        }
+        ScanResult::NeedMore
+    }
+}
+
+/// Whether one SSE event is a usage-only chat chunk.
+fn is_usage_only(event: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(event) else {
+        return false;
+    };
+    if !text.contains("\"usage\"") {
+        return false;
+    }
+    // Lines end with CR, LF or CRLF; the empty piece a CRLF leaves is not a data line.
+    let data: String = text
+        .split(['\r', '\n'])
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // With include_usage every chunk carries `"usage": null`; only a chunk with an empty
+    // `choices` array can be the usage-only one, so the others skip the JSON parse.
+    if !has_empty_choices(&data) {
+        return false;
+    }
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&data) else {
+        return false;
+    };
+    v.get("choices")
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(Vec::is_empty)
+        && v.get("usage").is_some_and(serde_json::Value::is_object)
+}
+
+/// Whether `json` has a `"choices"` member whose value is an empty array (JSON whitespace
+/// allowed around the colon and inside the brackets). A cheap necessary condition for
+/// [`is_usage_only`]; the parse that follows decides.
+fn has_empty_choices(json: &str) -> bool {
+    let ws = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r');
+    json.match_indices("\"choices\"").any(|(i, key)| {
+        json[i + key.len()..]
+            .trim_start_matches(ws)
+            .strip_prefix(':')
+            .map(|v| v.trim_start_matches(ws))
+            .and_then(|v| v.strip_prefix('['))
+            .is_some_and(|v| v.trim_start_matches(ws).starts_with(']'))
+    })
+}
+
+impl UsageChunkFilter {
+    /// Takes a chunk; returns the bytes of every complete event except usage-only ones.
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        if self.passthrough {
+            return Bytes::copy_from_slice(chunk);
+        }
+        self.pending.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        loop {
+            match self.scan.advance(&self.pending) {
+                ScanResult::End(end) => {
+                    self.scan = EventScan::default();
+                    let event = self.pending.split_to(end);
+                    if !is_usage_only(&event) {
+                        out.extend_from_slice(&event);
+                    }
+                }
+                ScanResult::NeedMore => return out.freeze(),
+                ScanResult::TooLong => {
+                    tracing::debug!(
+                        limit = MAX_EVENT_BYTES,
+                        "SSE event without a blank line past the limit: the rest of the stream \
+                         passes unfiltered"
+                    );
+                    self.passthrough = true;
+                    out.extend_from_slice(&self.pending.split());
+                    self.pending = BytesMut::new();
+                    return out.freeze();
+                }
+            }
+        }
+    }
+
+    /// The unterminated tail at end of stream, unchanged.
+    pub fn finish(&mut self) -> Bytes {
+        self.scan = EventScan::default();
+        let rest = self.pending.split().freeze();
+        if is_usage_only(&rest) {
+            Bytes::new()
+        } else {
+            rest
+        }
+    }
+}
+
+/// Adds `stream_options.include_usage = true` to an OpenAI chat request (the enforcer then
+/// strips the extra usage event with [`UsageChunkFilter`]).
+///
+/// # Errors
+/// [`ProxyError::BadBody`] when the body is not a JSON object.
+pub fn inject_include_usage(body: &[u8]) -> Result<Bytes, ProxyError> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ProxyError::BadBody(e.to_string()))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| ProxyError::BadBody("the body is not a JSON object".into()))?;
+    let so = obj
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::json!({}));
+    if !so.is_object() {
+        *so = serde_json::json!({});
+    }
+    so["include_usage"] = serde_json::Value::Bool(true);
+    Ok(Bytes::from(
+        serde_json::to_vec(&v).map_err(|e| ProxyError::BadBody(e.to_string()))?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuts_only_the_usage_chunk() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+                      data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n\
+                      data: [DONE]\n\n";
+        for split in 1..stream.len() {
+            let mut f = UsageChunkFilter::default();
+            let mut out = Vec::new();
+            out.extend_from_slice(&f.push(&stream.as_bytes()[..split]));
+            out.extend_from_slice(&f.push(&stream.as_bytes()[split..]));
+            out.extend_from_slice(&f.finish());
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n",
+                "split at {split}"
+            );
+        }
+        let mut f = UsageChunkFilter::default();
+        let crlf = "data: {\"choices\":[],\"usage\":{}}\r\n\r\ndata: x\r\n\r\n";
+        assert_eq!(&f.push(crlf.as_bytes())[..], b"data: x\r\n\r\n");
+    }
+
+    /// What the client sees of `stream` pushed in `size`-byte chunks.
+    #[test]
+    fn empty_choices_precheck() {
+        for yes in [
+            r#"{"choices":[],"usage":{}}"#,
+            r#"{"id":"x","choices" : [ ] ,"usage":{}}"#,
+            "{\"choices\":\n[\r\n]}",
+            r#"{"a":{"choices":[1]},"choices":[]}"#,
+        ] {
+            assert!(has_empty_choices(yes), "{yes}");
+        }
+        for no in [
+            r#"{"choices":[{"delta":{}}],"usage":null}"#,
+            r#"{"usage":{}}"#,
+            r#"{"choices":null}"#,
+            r#"{"x":"\"choices\"","choices":[0]}"#,
+        ] {
+            assert!(!has_empty_choices(no), "{no}");
+        }
+        // Every chunk of an include_usage stream names "usage"; only the last one is cut.
+        let mut f = UsageChunkFilter::default();
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        assert_eq!(&f.push(chunk.as_bytes())[..], chunk.as_bytes());
+        let usage = "data: {\"choices\": [ ],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        assert!(f.push(usage.as_bytes()).is_empty());
+    }
+
+    fn filtered(stream: &[u8], size: usize) -> Vec<u8> {
+        let mut f = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        for chunk in stream.chunks(size) {
+            out.extend_from_slice(&f.push(chunk));
+        }
+        out.extend_from_slice(&f.finish());
+        out
+    }
+
+    #[test]
+    fn long_line_in_one_byte_chunks_is_scanned_once() {
+        // fuzz/regressions/enforcer_usage_filter/quadratic-rescan-128k-in-1-byte-chunks: every
+        // push used to rescan all the pending bytes (27 s for 64 KiB); now each byte is scanned
+        // once and the scan position is kept between pushes.
+        let mut stream = b"data: ".to_vec();
+        stream.resize(128 * 1024, b'a');
+        let mut f = UsageChunkFilter::default();
+        for &b in &stream {
+            assert!(f.push(&[b]).is_empty(), "no event is complete yet");
+        }
+        assert_eq!(f.scan.pos, stream.len(), "the scan kept up with the input");
+        assert!(f.scan.in_line);
+        assert_eq!(&f.finish()[..], &stream[..]);
+        // Ended by a blank line, it passes as soon as the blank line arrives; a usage event
+        // after it is still cut.
+        let usage = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        let mut f = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        for &b in stream.iter().chain(b"\n\n").chain(usage) {
+            out.extend_from_slice(&f.push(&[b]));
+        }
+        assert_eq!(out.len(), stream.len() + 2);
+        assert!(f.finish().is_empty());
+    }
+
+    #[test]
+    fn event_over_the_limit_turns_the_filter_off() {
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        let long = format!("data: \"{}\"\n\n", "a".repeat(MAX_EVENT_BYTES));
+        let stream = format!("{usage}{long}{usage}");
+        // The first usage event is cut; from the long event on everything passes, the second
+        // usage event included (the meter still settles the usage).
+        let want = format!("{long}{usage}");
+        for size in [1, 1000, stream.len()] {
+            let mut f = UsageChunkFilter::default();
+            let mut out = Vec::new();
+            for chunk in stream.as_bytes().chunks(size) {
+                out.extend_from_slice(&f.push(chunk));
+                assert!(
+                    f.pending.len() <= MAX_EVENT_BYTES + size,
+                    "held bytes are bounded"
+                );
+            }
+            assert!(f.passthrough);
+            assert!(
+                f.pending.is_empty(),
+                "nothing is held once the filter is off"
+            );
+            out.extend_from_slice(&f.finish());
+            assert!(out == want.as_bytes(), "chunks of {size}");
+        }
+        // The limit counts the whole event, its terminator included: a usage event behind a
+        // long comment line is cut at exactly the limit, and passes one byte over it.
+        let event = |len: usize| format!("{}\n{usage}", ":".repeat(len - usage.len() - 1));
+        let stream = format!("{}data: x\n\n", event(MAX_EVENT_BYTES));
+        assert_eq!(filtered(stream.as_bytes(), 4096), b"data: x\n\n");
+        let stream = format!("{}data: x\n\n", event(MAX_EVENT_BYTES + 1));
+        assert!(filtered(stream.as_bytes(), 4096) == stream.as_bytes());
+    }
+
+    #[test]
+    fn cr_lf_and_crlf_line_ends_frame_events() {
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}";
+        let split_usage = "data: {\"choices\":[],\rdata: \"usage\":{}}";
+        for (stream, want) in [
+            // CR only.
+            (
+                format!("data: a\r\r{usage}\r\rdata: b\r\r"),
+                "data: a\r\rdata: b\r\r",
+            ),
+            // Blank lines made of "\n\r" and "\r\n\r" followed by something other than LF.
+            (
+                format!("data: a\n\r{usage}\n\rdata: b\n\r"),
+                "data: a\n\rdata: b\n\r",
+            ),
+            (
+                format!("data: a\r\n\r{usage}\r\n\rdata: b\r\n\r"),
+                "data: a\r\n\rdata: b\r\n\r",
+            ),
+            // A CR line end joined by an LF: the LF belongs to the cut event.
+            (
+                format!("data: a\r\r\n{usage}\r\r\ndata: b\n"),
+                "data: a\r\r\ndata: b\n",
+            ),
+            (
+                format!("data: a\n\r\n{usage}\n\r\ndata: b\n"),
+                "data: a\n\r\ndata: b\n",
+            ),
+            // Data lines split by a lone CR are joined, as an SSE client joins them.
+            (
+                format!("data: a\n\n{split_usage}\r\rdata: b\n\n"),
+                "data: a\n\ndata: b\n\n",
+            ),
+            // An unterminated usage event at the end is cut too.
+            (format!("data: a\r\r{usage}\r"), "data: a\r\r"),
+        ] {
+            for split in 0..=stream.len() {
+                let mut f = UsageChunkFilter::default();
+                let mut out = Vec::new();
+                out.extend_from_slice(&f.push(&stream.as_bytes()[..split]));
+                out.extend_from_slice(&f.push(&stream.as_bytes()[split..]));
+                out.extend_from_slice(&f.finish());
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    want,
+                    "{stream:?} split at {split}"
+                );
+            }
+            assert_eq!(filtered(stream.as_bytes(), 1), want.as_bytes());
+        }
+    }
+
+    #[test]
+    fn injects_include_usage() {
+        let b = inject_include_usage(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["x"], 1);
+        let b = inject_include_usage(br#"{"model":"m","stream":true}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+}
