@@ -2,6 +2,7 @@
 //! `Drop` guard that kills it.
 
 pub mod mock;
+pub mod observer;
 pub mod process;
 pub mod python;
 pub mod redis;

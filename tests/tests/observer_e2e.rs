@@ -4,7 +4,7 @@
 //! Needs root (eBPF). Fails — never skips — when not root.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -12,105 +12,12 @@ use std::time::{Duration, Instant};
 use ledger::price::PriceTable;
 use ledger::store::{Ledger, Period};
 use llmwarden_tests::mock::{MockConfig, MockProvider};
-use llmwarden_tests::process::{ChildGuard, free_port, is_root, workspace_bin};
+use llmwarden_tests::observer::{Observer, require_root};
+use llmwarden_tests::process::free_port;
 use llmwarden_tests::redis::RedisServer;
 
 /// One observer at a time: each attaches host-wide and would see the other tests' calls too.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn require_root() {
-    assert!(
-        is_root(),
-        "observer tests load eBPF programs and must run as root (CAP_SYS_ADMIN); run `cargo xtask test` as root"
-    );
-}
-
-struct Observer {
-    _child: ChildGuard,
-    stderr: PathBuf,
-    metrics_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Observer {
-    /// Starts `observer` (or `observer sniff`) with the mocks as extra providers and waits until
-    /// its probes are attached.
-    fn start(redis_url: &str, providers: &[(&str, &str)], extra: &str, sniff: bool) -> Observer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let metrics_port = free_port();
-        let mut toml = format!(
-            "redis_url = \"{redis_url}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{extra}\n"
-        );
-        for (host, kind) in providers {
-            toml.push_str(&format!(
-                "[[providers]]\nhost = \"{host}\"\nkind = \"{kind}\"\n"
-            ));
-        }
-        let config = dir.path().join("observer.toml");
-        std::fs::write(&config, toml).expect("write config");
-        let stderr = dir.path().join("stderr.log");
-        let stdout = dir.path().join("stdout.log");
-        let mut cmd = Command::new(workspace_bin("observer"));
-        if sniff {
-            cmd.arg("sniff");
-        }
-        cmd.arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1");
-        cmd.stdout(std::fs::File::create(&stdout).expect("stdout file"));
-        cmd.stderr(std::fs::File::create(&stderr).expect("stderr file"));
-        let child = ChildGuard::spawn("observer", &mut cmd);
-        let obs = Observer {
-            _child: child,
-            stderr,
-            metrics_port,
-            _dir: dir,
-        };
-        obs.wait_log("observer ready", Duration::from_secs(60));
-        obs
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(self.stderr.with_file_name("stdout.log")).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "observer never logged {needle:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn metrics(&self) -> String {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                &format!("http://127.0.0.1:{}/metrics", self.metrics_port),
-            ])
-            .output()
-            .expect("curl metrics");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn metric(&self, name: &str) -> u64 {
-        let text = self.metrics();
-        text.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|v| v as u64)
-            .sum()
-    }
-}
 
 fn mock(cfg: MockConfig) -> MockProvider {
     MockProvider::start_background(cfg)
@@ -272,7 +179,7 @@ fn observer_curl_calls_are_recorded_with_the_billed_cost() {
     assert_ledger(&redis, "t-plain", sum(&calls[..2]), &obs);
     assert_ledger(&redis, "t-keepalive", sum(&calls[2..]), &obs);
     assert!(
-        obs.metric("llmw_observer_calls_total") >= 7,
+        obs.metric("llmwarden_observer_calls_total") >= 7,
         "{}",
         obs.metrics()
     );
@@ -511,8 +418,8 @@ fn observer_counts_truncation_and_kernel_drops() {
     }
     let _ = std::fs::remove_file(file);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while obs.metric("llmw_observer_truncated_bytes") == 0
-        || obs.metric("llmw_observer_kernel_drops") == 0
+    while obs.metric("llmwarden_observer_truncated_bytes") == 0
+        || obs.metric("llmwarden_observer_kernel_drops") == 0
     {
         assert!(
             Instant::now() < deadline,
@@ -522,7 +429,7 @@ fn observer_counts_truncation_and_kernel_drops() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        obs.metric("llmw_observer_kernel_dropped_bytes") >= 4096,
+        obs.metric("llmwarden_observer_kernel_dropped_bytes") >= 4096,
         "{}",
         obs.metrics()
     );
@@ -648,17 +555,17 @@ fn observer_captures_a_burst_from_a_client_already_mid_session() {
     std::thread::sleep(Duration::from_millis(1500));
     let metrics = obs.metrics();
     assert_eq!(
-        obs.metric("llmw_observer_kernel_drops"),
+        obs.metric("llmwarden_observer_kernel_drops"),
         0,
         "ring buffer drops:\n{metrics}"
     );
     assert_eq!(
-        obs.metric("llmw_observer_sink_queue_drops"),
+        obs.metric("llmwarden_observer_sink_queue_drops"),
         0,
         "output queue drops:\n{metrics}"
     );
     assert!(
-        obs.metric("llmw_observer_calls_total") >= N,
+        obs.metric("llmwarden_observer_calls_total") >= N,
         "calls metric:\n{metrics}"
     );
 }
@@ -698,7 +605,7 @@ fn observer_allow_lists_filter_in_the_kernel() {
         );
         curl(&m, "t-allow-pid", CHAT, &[]);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while obs.metric("llmw_observer_skipped_bytes") == 0 {
+        while obs.metric("llmwarden_observer_skipped_bytes") == 0 {
             assert!(
                 Instant::now() < deadline,
                 "skipped bytes never counted:\n{}",
@@ -709,13 +616,13 @@ fn observer_allow_lists_filter_in_the_kernel() {
         assert_eq!(requests("t-allow-pid"), 0, "{}", obs.log());
         // Nothing reaches the ring buffer: no data, and no connection ends (SSL_free) either.
         assert_eq!(
-            obs.metric("llmw_observer_bytes_total"),
+            obs.metric("llmwarden_observer_bytes_total"),
             0,
             "{}",
             obs.metrics()
         );
         assert_eq!(
-            obs.metric("llmw_observer_events_total"),
+            obs.metric("llmwarden_observer_events_total"),
             0,
             "{}",
             obs.metrics()

@@ -1,0 +1,113 @@
+//! The observer binary as tests start it: a config with the test's mock providers as extra
+//! provider hosts, its stderr and stdout in files, its `/metrics` read with curl. Needs root
+//! (eBPF): [`require_root`] fails the test loudly otherwise.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::process::{ChildGuard, free_port, is_root, workspace_bin};
+
+/// Fails the test unless it runs as root: observer tests load eBPF programs.
+///
+/// # Panics
+/// When not root.
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "observer tests load eBPF programs and must run as root (CAP_SYS_ADMIN); run `cargo xtask test` as root"
+    );
+}
+
+/// A running observer; dropping it kills the process.
+pub struct Observer {
+    _child: ChildGuard,
+    stderr: PathBuf,
+    metrics_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Observer {
+    /// Starts `observer` (or `observer sniff`) with the mocks as extra providers and waits until
+    /// its probes are attached.
+    pub fn start(
+        redis_url: &str,
+        providers: &[(&str, &str)],
+        extra: &str,
+        sniff: bool,
+    ) -> Observer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics_port = free_port();
+        let mut toml = format!(
+            "redis_url = \"{redis_url}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{extra}\n"
+        );
+        for (host, kind) in providers {
+            toml.push_str(&format!(
+                "[[providers]]\nhost = \"{host}\"\nkind = \"{kind}\"\n"
+            ));
+        }
+        let config = dir.path().join("observer.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let stderr = dir.path().join("stderr.log");
+        let stdout = dir.path().join("stdout.log");
+        let mut cmd = Command::new(workspace_bin("observer"));
+        if sniff {
+            cmd.arg("sniff");
+        }
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        cmd.stdout(std::fs::File::create(&stdout).expect("stdout file"));
+        cmd.stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        let child = ChildGuard::spawn("observer", &mut cmd);
+        let obs = Observer {
+            _child: child,
+            stderr,
+            metrics_port,
+            _dir: dir,
+        };
+        obs.wait_log("observer ready", Duration::from_secs(60));
+        obs
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.stderr.with_file_name("stdout.log")).unwrap_or_default()
+    }
+
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "observer never logged {needle:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                &format!("http://127.0.0.1:{}/metrics", self.metrics_port),
+            ])
+            .output()
+            .expect("curl metrics");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics();
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+}
