@@ -296,6 +296,7 @@ pub struct Provider {
     pub inject_include_usage: bool,
 }
 
+mod check;
 mod validate;
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ impl MeteredBody {
         }
     }
 
-    /// Settles with what the meter saw; `complete` is false when the stream broke off.
+    /// Settles with what the meter saw and how the stream ended (`outcome`).
     fn settle(&mut self, outcome: Outcome) {
         let (Some(meter), Some(settler)) = (self.meter.take(), self.settler.take()) else {
             return;

@@ -139,114 +139,29 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// Creates and registers every metric.
     #[must_use]
     pub fn new(cfg: &MetricsConfig) -> Metrics {
-        let mut registry = Registry::default();
-        let requests = Family::<DecisionLabels, Counter>::default();
-        let denials = Family::<ReasonLabels, Counter>::default();
-        let cost_nanos = Family::<CallLabels, Counter>::default();
-        let input_tokens = Family::<CallLabels, Counter>::default();
-        let output_tokens = Family::<CallLabels, Counter>::default();
-        let token_usage = Family::<TokenLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(1.0, 4.0, 14))) as fn() -> Histogram,
-        );
-        let operation_duration = Family::<OperationLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.01, 2.0, 16))) as fn() -> Histogram,
-        );
-        let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 20));
-        let overhead = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
-        let redis_unavailable_admissions = Counter::default();
-        let estimated_settlements = Counter::default();
-        let ledger_errors = Counter::default();
-        let spooled = Counter::default();
-        let spool_refused = Counter::default();
-        registry.register(
-            "llmwarden_spooled_records",
-            "Settles and releases written to the local spool while Redis was unreachable",
-            spooled.clone(),
-        );
-        registry.register(
-            "llmwarden_spool_refused",
-            "Settles and releases the local spool refused (full or disk error)",
-            spool_refused.clone(),
-        );
-        registry.register(
-            "llmwarden_requests",
-            "Proxied requests by decision",
-            requests.clone(),
-        );
-        registry.register(
-            "llmwarden_denials",
-            "Requests refused by the enforcer, by reason",
-            denials.clone(),
-        );
-        registry.register(
-            "llmwarden_cost_nanousd",
-            "Committed cost in nano-USD",
-            cost_nanos.clone(),
-        );
-        registry.register(
-            "llmwarden_input_tokens",
-            "Billed input tokens (all kinds)",
-            input_tokens.clone(),
-        );
-        registry.register(
-            "llmwarden_output_tokens",
-            "Billed output tokens",
-            output_tokens.clone(),
-        );
-        registry.register(
-            "gen_ai_client_token_usage",
-            "Tokens per call (OTel GenAI)",
-            token_usage.clone(),
-        );
-        registry.register(
-            "gen_ai_client_operation_duration_seconds",
-            "Whole call duration (OTel GenAI)",
-            operation_duration.clone(),
-        );
-        registry.register(
-            "llmwarden_upstream_latency_seconds",
-            "Time to the upstream response head",
-            upstream_latency.clone(),
-        );
-        registry.register(
-            "llmwarden_overhead_seconds",
-            "Enforcer time before forwarding",
-            overhead.clone(),
-        );
-        registry.register(
-            "llmwarden_redis_unavailable_admissions",
-            "Calls admitted without reservation while Redis was unreachable",
-            redis_unavailable_admissions.clone(),
-        );
-        registry.register(
-            "llmwarden_estimated_settlements",
-            "Calls settled from an estimate",
-            estimated_settlements.clone(),
-        );
-        registry.register(
-            "llmwarden_ledger_errors",
-            "Failed settles or releases",
-            ledger_errors.clone(),
-        );
-        Metrics {
-            registry,
-            requests,
-            denials,
-            cost_nanos,
-            input_tokens,
-            output_tokens,
-            token_usage,
-            operation_duration,
-            upstream_latency,
-            overhead,
-            redis_unavailable_admissions,
-            estimated_settlements,
-            ledger_errors,
-            spooled,
-            spool_refused,
+        let mut m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            denials: Family::default(),
+            cost_nanos: Family::default(),
+            input_tokens: Family::default(),
+            output_tokens: Family::default(),
+            token_usage: Family::new_with_constructor(
+                (|| Histogram::new(exponential_buckets(1.0, 4.0, 14))) as fn() -> Histogram,
+            ),
+            operation_duration: Family::new_with_constructor(
+                (|| Histogram::new(exponential_buckets(0.01, 2.0, 16))) as fn() -> Histogram,
+            ),
+            upstream_latency: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
+            overhead: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
+            redis_unavailable_admissions: Counter::default(),
+            estimated_settlements: Counter::default(),
+            ledger_errors: Counter::default(),
+            spooled: Counter::default(),
+            spool_refused: Counter::default(),
             tenants: Bounded {
                 max: cfg.max_tenants,
                 seen: Mutex::default(),
@@ -255,7 +170,90 @@ impl Metrics {
                 max: cfg.max_models,
                 seen: Mutex::default(),
             },
-        }
+        };
+        m.register_calls();
+        m.register_health();
+        m
+    }
+
+    /// Families about the calls: decisions, denials, cost, tokens, OTel GenAI histograms.
+    fn register_calls(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "llmwarden_requests",
+            "Proxied requests by decision",
+            self.requests.clone(),
+        );
+        r.register(
+            "llmwarden_denials",
+            "Requests refused by the enforcer, by reason",
+            self.denials.clone(),
+        );
+        r.register(
+            "llmwarden_cost_nanousd",
+            "Committed cost in nano-USD",
+            self.cost_nanos.clone(),
+        );
+        r.register(
+            "llmwarden_input_tokens",
+            "Billed input tokens (all kinds)",
+            self.input_tokens.clone(),
+        );
+        r.register(
+            "llmwarden_output_tokens",
+            "Billed output tokens",
+            self.output_tokens.clone(),
+        );
+        r.register(
+            "gen_ai_client_token_usage",
+            "Tokens per call (OTel GenAI)",
+            self.token_usage.clone(),
+        );
+        r.register(
+            "gen_ai_client_operation_duration_seconds",
+            "Whole call duration (OTel GenAI)",
+            self.operation_duration.clone(),
+        );
+    }
+
+    /// Families about the enforcer itself: latency added, the ledger, the spool.
+    fn register_health(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "llmwarden_upstream_latency_seconds",
+            "Time to the upstream response head",
+            self.upstream_latency.clone(),
+        );
+        r.register(
+            "llmwarden_overhead_seconds",
+            "Enforcer time before forwarding",
+            self.overhead.clone(),
+        );
+        r.register(
+            "llmwarden_redis_unavailable_admissions",
+            "Calls admitted without reservation while Redis was unreachable",
+            self.redis_unavailable_admissions.clone(),
+        );
+        r.register(
+            "llmwarden_estimated_settlements",
+            "Calls settled from an estimate",
+            self.estimated_settlements.clone(),
+        );
+        r.register(
+            "llmwarden_ledger_errors",
+            "Failed settles or releases",
+            self.ledger_errors.clone(),
+        );
+        r.register(
+            "llmwarden_spooled_records",
+            "Settles and releases written to the local spool while Redis was unreachable",
+            self.spooled.clone(),
+        );
+        r.register(
+            "llmwarden_spool_refused",
+            "Settles and releases the local spool refused (full or disk error)",
+            self.spool_refused.clone(),
+        );
     }
 
     /// Counts a request decision.

@@ -2,8 +2,9 @@
 //! background replayer, and the start-up recovery of the holds a previous run left.
 //!
 //! Every settle or release that cannot reach Redis (and the usage of every call admitted without a
-//! reservation under `on_redis_unavailable = "allow"`) is appended to the spool
-//! (`ledger::spool`), fsync'd, and replayed idempotently once Redis answers. At start the enforcer
+//! reservation under `on_redis_unavailable = "allow"`) is appended to the spool by the ledger's
+//! durable writer (`ledger::durable`, called from [`crate::settle`]), fsync'd, and replayed
+//! idempotently once Redis answers. At start the enforcer
 //! replays the spool its previous run left, then settles that run's remaining holds (tagged with
 //! the same `instance_id`) at their reserved amount, flagged estimated.
 

@@ -10,7 +10,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::error::StartError;
@@ -65,11 +65,35 @@ pub async fn run(app: App) -> Result<(), StartError> {
     }
     let _ = app.budgets.cache.refresh().await;
     app.budgets.cache.spawn_refresher(Duration::from_secs(1));
-
     let tls = match (&app.cfg.tls_cert_file, &app.cfg.tls_key_file) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
         _ => None,
     };
+    let (listener, admin) = bind(&app).await?;
+    tracing::info!(listen = %app.cfg.listen, admin = app.cfg.admin_addr().unwrap_or("off"), tls = tls.is_some(), "enforcer listening");
+    let graceful = GracefulShutdown::new();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            r = listener.accept() => {
+                let Ok((stream, _)) = r else { continue };
+                serve_proxy(&app, stream, tls.as_ref(), &graceful);
+            }
+            r = async { match &admin { Some(l) => l.accept().await, None => std::future::pending().await } } => {
+                let Ok((stream, _)) = r else { continue };
+                serve_admin(&app, stream, &graceful);
+            }
+        }
+    }
+    drop(listener);
+    drain(&app, graceful).await;
+    Ok(())
+}
+
+/// The proxy listener and, unless it is off, the admin listener.
+async fn bind(app: &App) -> Result<(TcpListener, Option<TcpListener>), StartError> {
     let listener = TcpListener::bind(&app.cfg.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -89,69 +113,83 @@ pub async fn run(app: App) -> Result<(), StartError> {
         ),
         None => None,
     };
-    tracing::info!(listen = %app.cfg.listen, admin = app.cfg.admin_addr().unwrap_or("off"), tls = tls.is_some(), "enforcer listening");
+    Ok((listener, admin))
+}
 
-    let graceful = GracefulShutdown::new();
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            r = listener.accept() => {
-                let Ok((stream, _)) = r else { continue };
-                let _ = stream.set_nodelay(true);
-                let client_wait = Duration::from_millis(app.cfg.timeouts.client_ms);
-                let app = app.clone();
-                let svc = service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req).await) }
-                });
-                let mut builder = Builder::new(TokioExecutor::new());
-                // Slow clients: a request head must arrive within timeouts.client_ms.
-                builder
-                    .http1()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(client_wait);
-                match &tls {
-                    None => {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                        let conn = graceful.watch(conn);
-                        tokio::spawn(async move { let _ = conn.await; });
-                    }
-                    Some(acc) => {
-                        let acc = acc.clone();
-                        let watcher = graceful.watcher();
-                        tokio::spawn(async move {
-                            let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await else { return };
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(s), svc).into_owned();
-                            let _ = watcher.watch(conn).await;
-                        });
-                    }
-                }
-            }
-            r = async { match &admin { Some(l) => l.accept().await, None => std::future::pending().await } } => {
-                let Ok((stream, _)) = r else { continue };
-                let app = app.clone();
-                let svc = service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, std::convert::Infallible>(admin::handle(app, req).await) }
-                });
-                let conn = Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move { let _ = conn.await; });
-            }
+/// Serves one proxy connection (HTTP/1.1 or h2c, or TLS with ALPN) in its own task.
+fn serve_proxy(
+    app: &Arc<App>,
+    stream: TcpStream,
+    tls: Option<&TlsAcceptor>,
+    graceful: &GracefulShutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    let client_wait = Duration::from_millis(app.cfg.timeouts.client_ms);
+    let app = app.clone();
+    let svc = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req).await) }
+    });
+    let mut builder = Builder::new(TokioExecutor::new());
+    // Slow clients: a request head must arrive within timeouts.client_ms.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(client_wait);
+    match tls {
+        None => {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        Some(acc) => {
+            let acc = acc.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let Ok(Ok(s)) =
+                    tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await
+                else {
+                    return;
+                };
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
+            });
         }
     }
+}
+
+/// Serves one admin connection in its own task.
+fn serve_admin(app: &Arc<App>, stream: TcpStream, graceful: &GracefulShutdown) {
+    let app = app.clone();
+    let svc = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(admin::handle(app, req).await) }
+    });
+    let conn = Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .into_owned();
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+}
+
+/// Lets calls in flight finish (30 s at most), then waits for their settles (10 s at most: each
+/// ends within the ledger's operation timeout, then spools).
+async fn drain(app: &App, graceful: GracefulShutdown) {
     tracing::info!("shutting down: waiting up to 30 s for calls in flight");
-    drop(listener);
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("calls still in flight after 30 s; their holds expire by reserve_ttl_secs");
     }
-    // Settles of answered calls still running: each ends within the ledger's operation timeout,
-    // then spools, so this wait is bounded.
     app.settles.close();
     if tokio::time::timeout(Duration::from_secs(10), app.settles.wait())
         .await
@@ -162,7 +200,6 @@ pub async fn run(app: App) -> Result<(), StartError> {
             "settles still running after 10 s; their holds expire by reserve_ttl_secs"
         );
     }
-    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -28,6 +28,9 @@ pub struct RequestInfo {
     /// The output limit the request sets, multiplied by the number of choices (`n`, `best_of`,
     /// `candidateCount`); `Some(0)` for APIs without output (embeddings, token counting).
     pub max_output_tokens: Option<u64>,
+    /// Choices the provider generates and bills (`n`, `best_of`, `candidateCount`; at least 1):
+    /// a default output limit must be multiplied by it too.
+    pub choices: u64,
     /// Estimated input tokens; errs high (see docs/providers.md).
     pub input_tokens_estimate: u64,
     /// The estimate used the model's own tokenizer over text only (no media, no tool schemas).
@@ -120,7 +123,28 @@ fn parse_object(
     let model = model_value(obj.get("model"))?;
     let model = model.or_else(|| endpoint.model_in_path.clone());
     let stream = endpoint.stream_in_path || bool_field(obj, "stream")?.unwrap_or(false);
-    let (encoding, own) = match model.as_deref().and_then(tokens::encoding_for_model) {
+    let mut est = estimator(endpoint, model.as_deref(), cache);
+    let out = output(endpoint, &mut est, obj, stream)?;
+    let (input_tokens_estimate, input_estimate_exact) = est.finish();
+    Ok(RequestInfo {
+        model,
+        stream,
+        include_usage: out.include_usage,
+        max_output_tokens: out.limit.map(|l| l.saturating_mul(out.choices)),
+        choices: out.choices,
+        input_tokens_estimate,
+        input_estimate_exact,
+    })
+}
+
+/// The input estimator for a request: the model's own BPE for OpenAI-family models (o200k for
+/// an unknown OpenAI model, not exact), else the bytes-based estimate.
+fn estimator<'a>(
+    endpoint: &Endpoint,
+    model: Option<&str>,
+    cache: Option<(&'a TokenCache, &'a str)>,
+) -> Estimator<'a> {
+    let (encoding, own) = match model.and_then(tokens::encoding_for_model) {
         Some(e) => (Some(e), true),
         None if matches!(
             endpoint.kind,
@@ -136,44 +160,77 @@ fn parse_object(
     } else {
         None
     };
-    let mut est = Estimator::new(bpe, own, cache);
-    let mut include_usage = true;
-    let max_output_tokens = match endpoint.api {
+    Estimator::new(bpe, own, cache)
+}
+
+/// What a request says about its output.
+struct Output {
+    /// The declared output limit per choice.
+    limit: Option<u64>,
+    /// Choices generated (`n`, `best_of`, `candidateCount`), at least 1.
+    choices: u64,
+    /// Whether the response will carry a usage record.
+    include_usage: bool,
+}
+
+impl Output {
+    fn one(limit: Option<u64>) -> Output {
+        Output {
+            limit,
+            choices: 1,
+            include_usage: true,
+        }
+    }
+}
+
+/// Feeds the prompt of `obj` to the estimator and reads the output limit, per API.
+fn output(
+    endpoint: &Endpoint,
+    est: &mut Estimator<'_>,
+    obj: &Map<String, Value>,
+    stream: bool,
+) -> Result<Output, String> {
+    Ok(match endpoint.api {
         Api::ChatCompletions => {
-            include_usage = !stream || stream_include_usage(obj)?;
-            chat(&mut est, obj)?;
+            chat(est, obj)?;
             let limit = match uint_field(obj, "max_completion_tokens")? {
                 Some(n) => Some(n),
                 None => uint_field(obj, "max_tokens")?,
             };
-            let n = uint_field(obj, "n")?.unwrap_or(1).max(1);
-            limit.map(|l| l.saturating_mul(n))
+            Output {
+                limit,
+                choices: uint_field(obj, "n")?.unwrap_or(1).max(1),
+                include_usage: !stream || stream_include_usage(obj)?,
+            }
         }
         Api::Completions => {
-            include_usage = !stream || stream_include_usage(obj)?;
             est.prompt_input(obj.get("prompt").unwrap_or(&Value::Null));
             est.content(obj.get("suffix").unwrap_or(&Value::Null));
-            let n = uint_field(obj, "n")?
+            let choices = uint_field(obj, "n")?
                 .unwrap_or(1)
                 .max(uint_field(obj, "best_of")?.unwrap_or(1))
                 .max(1);
-            uint_field(obj, "max_tokens")?.map(|l| l.saturating_mul(n))
+            Output {
+                limit: uint_field(obj, "max_tokens")?,
+                choices,
+                include_usage: !stream || stream_include_usage(obj)?,
+            }
         }
         Api::Embeddings => {
             est.prompt_input(obj.get("input").unwrap_or(&Value::Null));
-            Some(0)
+            Output::one(Some(0))
         }
         Api::Responses => {
-            responses(&mut est, obj)?;
-            uint_field(obj, "max_output_tokens")?
+            responses(est, obj)?;
+            Output::one(uint_field(obj, "max_output_tokens")?)
         }
-        Api::AnthropicMessages | Api::AnthropicCountTokens => {
-            anthropic(&mut est, obj)?;
-            if endpoint.api == Api::AnthropicCountTokens {
-                Some(0)
-            } else {
-                uint_field(obj, "max_tokens")?
-            }
+        Api::AnthropicMessages => {
+            anthropic(est, obj)?;
+            Output::one(uint_field(obj, "max_tokens")?)
+        }
+        Api::AnthropicCountTokens => {
+            anthropic(est, obj)?;
+            Output::one(Some(0))
         }
         Api::GeminiGenerateContent | Api::GeminiStreamGenerateContent | Api::GeminiCountTokens => {
             // countTokens may wrap a whole generateContent request.
@@ -181,39 +238,37 @@ fn parse_object(
                 .get("generateContentRequest")
                 .and_then(Value::as_object)
                 .unwrap_or(obj);
-            gemini(&mut est, inner)?;
+            gemini(est, inner)?;
             if endpoint.api == Api::GeminiCountTokens {
-                Some(0)
+                Output::one(Some(0))
             } else {
-                let config = inner
-                    .get("generationConfig")
-                    .or_else(|| inner.get("generation_config"));
-                let config = config.and_then(Value::as_object);
-                match config {
-                    Some(c) => {
-                        let limit = match uint_field(c, "maxOutputTokens")? {
-                            Some(n) => Some(n),
-                            None => uint_field(c, "max_output_tokens")?,
-                        };
-                        let n = match uint_field(c, "candidateCount")? {
-                            Some(n) => n,
-                            None => uint_field(c, "candidate_count")?.unwrap_or(1),
-                        };
-                        limit.map(|l| l.saturating_mul(n.max(1)))
-                    }
-                    None => None,
-                }
+                gemini_output(inner)?
             }
         }
+    })
+}
+
+/// Gemini's `generationConfig` (either spelling): output limit and candidate count.
+fn gemini_output(req: &Map<String, Value>) -> Result<Output, String> {
+    let config = req
+        .get("generationConfig")
+        .or_else(|| req.get("generation_config"))
+        .and_then(Value::as_object);
+    let Some(c) = config else {
+        return Ok(Output::one(None));
     };
-    let (input_tokens_estimate, input_estimate_exact) = est.finish();
-    Ok(RequestInfo {
-        model,
-        stream,
-        include_usage,
-        max_output_tokens,
-        input_tokens_estimate,
-        input_estimate_exact,
+    let limit = match uint_field(c, "maxOutputTokens")? {
+        Some(n) => Some(n),
+        None => uint_field(c, "max_output_tokens")?,
+    };
+    let choices = match uint_field(c, "candidateCount")? {
+        Some(n) => n,
+        None => uint_field(c, "candidate_count")?.unwrap_or(1),
+    };
+    Ok(Output {
+        limit,
+        choices: choices.max(1),
+        include_usage: true,
     })
 }
 

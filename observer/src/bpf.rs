@@ -279,7 +279,7 @@ fn bump_memlock_rlimit() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
-/// Tracepoints are attached through tracefs; minimal hosts (and this CI VM) do not mount it.
+/// Tracepoints are attached through tracefs; minimal hosts (and some CI machines) do not mount it.
 fn ensure_tracefs() {
     let tracing = Path::new("/sys/kernel/tracing");
     if tracing.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {

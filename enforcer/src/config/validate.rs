@@ -1,8 +1,7 @@
-//! Defaults of the built-in providers, validation naming the exact key, and the effective config
-//! that `check-config` prints.
+//! Defaults of the built-in providers, loading (with validation, see `check.rs`), and the
+//! effective config that `check-config` prints.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 
 use ledger::Nanos;
@@ -88,7 +87,7 @@ impl Config {
         Ok(cfg)
     }
 
-    fn validate_redis_url(&self) -> Result<(), ConfigError> {
+    pub(super) fn validate_redis_url(&self) -> Result<(), ConfigError> {
         if !(self.redis_url.starts_with("redis://")
             || self.redis_url.starts_with("rediss://")
             || self.redis_url.starts_with("redis+cluster://"))
@@ -212,156 +211,6 @@ impl Config {
                 })
             })
             .collect()
-    }
-
-    /// Checks every key; the first problem wins.
-    ///
-    /// # Errors
-    /// A [`ConfigError`] naming the key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.listen
-            .parse::<SocketAddr>()
-            .map_err(|e| bad("listen", format!("{e} (want host:port)")))?;
-        if let Some(a) = self.admin_addr() {
-            a.parse::<SocketAddr>()
-                .map_err(|e| bad("admin_listen", format!("{e} (want host:port, or \"off\")")))?;
-            if self.admin_token_env.is_empty() {
-                return Err(bad("admin_token_env", "required while admin_listen is on"));
-            }
-        }
-        if !self.instance_id.is_empty() {
-            ledger::store::validate_name("instance_id", &self.instance_id)
-                .map_err(|e| bad("instance_id", e.to_string()))?;
-            if self.instance_id.contains('/') || self.instance_id.starts_with('.') {
-                return Err(bad(
-                    "instance_id",
-                    "names a directory: no '/' and no leading '.'",
-                ));
-            }
-        }
-        if self.spool_max_bytes < 64 << 10 {
-            return Err(bad("spool_max_bytes", "at least 65536 bytes"));
-        }
-        self.validate_redis_url()?;
-        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            return Err(bad(
-                "tls_key_file",
-                "tls_cert_file and tls_key_file go together",
-            ));
-        }
-        if let Some(p) = &self.prices_file
-            && !p.is_file()
-        {
-            return Err(bad(
-                "prices_file",
-                format!("{} is not a readable file", p.display()),
-            ));
-        }
-        if !matches!(self.log_format.as_str(), "json" | "text") {
-            return Err(bad("log_format", "must be \"json\" or \"text\""));
-        }
-        for (k, v) in [
-            (
-                "unknown_model_price.input_usd_per_mtok",
-                self.unknown_model_price.input_usd_per_mtok,
-            ),
-            (
-                "unknown_model_price.output_usd_per_mtok",
-                self.unknown_model_price.output_usd_per_mtok,
-            ),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(bad(
-                    k,
-                    "must be a positive USD figure (unknown models are never free)",
-                ));
-            }
-        }
-        let t = &self.timeouts;
-        for (k, v) in [
-            ("timeouts.connect_ms", t.connect_ms),
-            ("timeouts.first_byte_ms", t.first_byte_ms),
-            ("timeouts.idle_ms", t.idle_ms),
-            ("timeouts.redis_ms", t.redis_ms),
-            ("reserve_ttl_secs", self.reserve_ttl_secs),
-            ("max_output_tokens_cap", self.max_output_tokens_cap),
-        ] {
-            if v == 0 {
-                return Err(bad(k, "must be greater than 0"));
-            }
-        }
-        if self.reserve_ttl_secs * 1000 <= t.first_byte_ms {
-            return Err(bad(
-                "reserve_ttl_secs",
-                "must exceed timeouts.first_byte_ms, or holds expire under live calls",
-            ));
-        }
-        if Nanos::from_usd_f64(self.redis_unavailable_cap_usd).is_err() {
-            return Err(bad(
-                "redis_unavailable_cap_usd",
-                "must be a non-negative USD figure",
-            ));
-        }
-        if let Some(v) = self.session.limit_usd
-            && Nanos::from_usd_f64(v).is_err()
-        {
-            return Err(bad(
-                "session.limit_usd",
-                "must be a non-negative USD figure",
-            ));
-        }
-        self.resolved_providers()?;
-        if self.keys.is_empty() {
-            return Err(bad(
-                "keys",
-                "at least one [[keys]] entry is required (sha256 from `enforcer hash-key`)",
-            ));
-        }
-        for (i, k) in self.keys.iter().enumerate() {
-            if k.sha256.len() != 64
-                || !k
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
-                return Err(bad(
-                    format!("keys[{i}].sha256"),
-                    "must be 64 lowercase hex digits (enforcer hash-key)",
-                ));
-            }
-            if !ledger::names::is_valid(&k.tenant) {
-                return Err(bad(
-                    format!("keys[{i}].tenant"),
-                    format!("required: {}", ledger::names::RULE),
-                ));
-            }
-            for (j, t) in k.allowed_tenants.iter().enumerate() {
-                if t != "*" && !ledger::names::is_valid(t) {
-                    return Err(bad(
-                        format!("keys[{i}].allowed_tenants[{j}]"),
-                        format!("\"*\" or a tenant name: {}", ledger::names::RULE),
-                    ));
-                }
-            }
-        }
-        for (i, b) in self.budgets.iter().enumerate() {
-            if b.tenant != "*" && !ledger::names::is_valid(&b.tenant) {
-                return Err(bad(
-                    format!("budgets[{i}].tenant"),
-                    format!("\"*\" or a tenant name: {}", ledger::names::RULE),
-                ));
-            }
-            if let Some(f) = &b.feature
-                && !ledger::names::is_valid(f)
-            {
-                return Err(bad(
-                    format!("budgets[{i}].feature"),
-                    format!("a feature name: {}", ledger::names::RULE),
-                ));
-            }
-        }
-        self.ledger_budgets()?;
-        Ok(())
     }
 
     /// The effective configuration as TOML, environment-variable names shown, their values never.

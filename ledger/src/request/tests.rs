@@ -35,6 +35,7 @@ fn openai_chat_matches_the_cookbook_count() {
             stream: false,
             include_usage: true,
             max_output_tokens: None,
+            choices: 1,
             input_tokens_estimate: 9,
             input_estimate_exact: true,
         }
@@ -48,6 +49,7 @@ fn openai_chat_stream_options_limits_and_names() {
     let r = parse("api.openai.com", "/v1/chat/completions", body);
     assert!(r.stream && r.include_usage);
     assert_eq!(r.max_output_tokens, Some(1000));
+    assert_eq!(r.choices, 2);
     let want = 3
         + o200k("system")
         + o200k("You are terse.")

@@ -1,0 +1,170 @@
+//! Validation of a whole config: every key checked at start-up, the first problem wins, and the
+//! error names the exact key and what is allowed.
+
+use std::net::SocketAddr;
+
+use ledger::Nanos;
+use ledger::names::{RULE, is_valid};
+
+use super::{Config, ConfigError, bad};
+
+impl Config {
+    /// Checks every key; the first problem wins.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_listeners()?;
+        self.validate_storage()?;
+        self.validate_pricing()?;
+        self.validate_limits()?;
+        self.resolved_providers()?;
+        self.validate_keys()?;
+        self.validate_budgets()
+    }
+
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| bad("listen", format!("{e} (want host:port)")))?;
+        if let Some(a) = self.admin_addr() {
+            a.parse::<SocketAddr>()
+                .map_err(|e| bad("admin_listen", format!("{e} (want host:port, or \"off\")")))?;
+            if self.admin_token_env.is_empty() {
+                return Err(bad("admin_token_env", "required while admin_listen is on"));
+            }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(bad(
+                "tls_key_file",
+                "tls_cert_file and tls_key_file go together",
+            ));
+        }
+        if !matches!(self.log_format.as_str(), "json" | "text") {
+            return Err(bad("log_format", "must be \"json\" or \"text\""));
+        }
+        Ok(())
+    }
+
+    /// The instance id, the spool and Redis.
+    fn validate_storage(&self) -> Result<(), ConfigError> {
+        if !self.instance_id.is_empty() {
+            ledger::store::validate_name("instance_id", &self.instance_id)
+                .map_err(|e| bad("instance_id", e.to_string()))?;
+            if self.instance_id.contains('/') || self.instance_id.starts_with('.') {
+                return Err(bad(
+                    "instance_id",
+                    "names a directory: no '/' and no leading '.'",
+                ));
+            }
+        }
+        if self.spool_max_bytes < 64 << 10 {
+            return Err(bad("spool_max_bytes", "at least 65536 bytes"));
+        }
+        self.validate_redis_url()
+    }
+
+    /// The price file exists and the unknown-model price is a positive figure (the ledger's
+    /// billing policy says why when it is not).
+    fn validate_pricing(&self) -> Result<(), ConfigError> {
+        if let Some(p) = &self.prices_file
+            && !p.is_file()
+        {
+            return Err(bad(
+                "prices_file",
+                format!("{} is not a readable file", p.display()),
+            ));
+        }
+        match ledger::billing::Pricing::new(ledger::PriceTable::empty(), &self.pricing()) {
+            Ok(_) => Ok(()),
+            Err(ledger::Error::Invalid { what, detail }) => Err(bad(what, detail)),
+            Err(e) => Err(bad("unknown_model_price", e.to_string())),
+        }
+    }
+
+    /// Timeouts, holds and money figures.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let t = &self.timeouts;
+        for (k, v) in [
+            ("timeouts.connect_ms", t.connect_ms),
+            ("timeouts.first_byte_ms", t.first_byte_ms),
+            ("timeouts.idle_ms", t.idle_ms),
+            ("timeouts.redis_ms", t.redis_ms),
+            ("reserve_ttl_secs", self.reserve_ttl_secs),
+            ("max_output_tokens_cap", self.max_output_tokens_cap),
+        ] {
+            if v == 0 {
+                return Err(bad(k, "must be greater than 0"));
+            }
+        }
+        if self.reserve_ttl_secs * 1000 <= t.first_byte_ms {
+            return Err(bad(
+                "reserve_ttl_secs",
+                "must exceed timeouts.first_byte_ms, or holds expire under live calls",
+            ));
+        }
+        let usd = |k: &'static str, v: f64| {
+            Nanos::from_usd_f64(v)
+                .map(|_| ())
+                .map_err(|_| bad(k, "must be a non-negative USD figure"))
+        };
+        usd("redis_unavailable_cap_usd", self.redis_unavailable_cap_usd)?;
+        if let Some(v) = self.session.limit_usd {
+            usd("session.limit_usd", v)?;
+        }
+        Ok(())
+    }
+
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        if self.keys.is_empty() {
+            return Err(bad(
+                "keys",
+                "at least one [[keys]] entry is required (sha256 from `enforcer hash-key`)",
+            ));
+        }
+        for (i, k) in self.keys.iter().enumerate() {
+            let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+            if k.sha256.len() != 64 || !k.sha256.bytes().all(hex) {
+                return Err(bad(
+                    format!("keys[{i}].sha256"),
+                    "must be 64 lowercase hex digits (enforcer hash-key)",
+                ));
+            }
+            if !is_valid(&k.tenant) {
+                return Err(bad(
+                    format!("keys[{i}].tenant"),
+                    format!("required: {RULE}"),
+                ));
+            }
+            for (j, t) in k.allowed_tenants.iter().enumerate() {
+                if t != "*" && !is_valid(t) {
+                    return Err(bad(
+                        format!("keys[{i}].allowed_tenants[{j}]"),
+                        format!("\"*\" or a tenant name: {RULE}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_budgets(&self) -> Result<(), ConfigError> {
+        for (i, b) in self.budgets.iter().enumerate() {
+            if b.tenant != "*" && !is_valid(&b.tenant) {
+                return Err(bad(
+                    format!("budgets[{i}].tenant"),
+                    format!("\"*\" or a tenant name: {RULE}"),
+                ));
+            }
+            if let Some(f) = &b.feature
+                && !is_valid(f)
+            {
+                return Err(bad(
+                    format!("budgets[{i}].feature"),
+                    format!("a feature name: {RULE}"),
+                ));
+            }
+        }
+        self.ledger_budgets().map(|_| ())
+    }
+}
