@@ -13,8 +13,10 @@ use ledger::names::{self, NameKind};
 use ledger::provider::Endpoint;
 use ledger::request::RequestInfo;
 
+use crate::access::{self, Access};
+use crate::auth::KeyEntry;
 use crate::call::Call;
-use crate::config::{Provider, UnknownModel};
+use crate::config::{BackgroundResponses, Provider, UnknownModel};
 use crate::error::ProxyError;
 use crate::{App, auth, route};
 
@@ -53,25 +55,26 @@ pub async fn admit<'a>(
     call.kind = provider.kind;
     call.provider.clone_from(&provider.name);
     let rest = pp.rest.to_owned();
-    authenticate(app, &parts, call)?;
-    // Without the real key nothing can be forwarded: refuse before anything is held.
+    let entry = authenticate(app, &parts, call)?;
+    // Without the real key nothing can be forwarded: refuse before anything is held; the same
+    // for a parameter that would hide the usage.
     app.upstream_key(provider)?;
+    if let Some(q) = parts.uri.query() {
+        crate::usage_params::upstream_query(provider.kind, q)?;
+    }
     let target = route::classify_target(&rest, parts.uri.query());
     let endpoint = ledger::provider::classify(
         provider.kind,
         &provider.name,
         parts.method.as_str(),
         &target,
-    )
-    .filter(|ep| !ep.api.is_free());
-    if let Some(ep) = &endpoint {
-        call.api = ep.api.as_str();
-    } else if !is_read(&parts.method) && app.cfg.unmetered_endpoints == UnknownModel::Deny {
-        return Err(ProxyError::Unmetered {
-            method: parts.method.to_string(),
-            path: rest.chars().take(200).collect(),
-        });
+    );
+    match &endpoint {
+        Some(ep) if !ep.api.is_free() => call.api = ep.api.as_str(),
+        Some(_) => {} // free token counting: forwarded unmetered
+        None => check_unmetered(app, entry, &parts.method, &rest, call).await?,
     }
+    let endpoint = endpoint.filter(|ep| !ep.api.is_free());
     let body = read_body(app, &parts, body).await?;
     Ok(Admission {
         provider,
@@ -89,19 +92,62 @@ fn is_read(m: &http::Method) -> bool {
     )
 }
 
-/// The proxy key, the tenant it may bill, and the feature and session headers.
-fn authenticate(
+/// An unmetered request goes out with the shared provider key: only public data and the
+/// tenant's own stored objects pass, unless the key (`open_paths`) or the config
+/// (`unmetered_endpoints = "allow"`) opens more ([`crate::access`]).
+async fn check_unmetered(
     app: &App,
+    entry: &KeyEntry,
+    method: &http::Method,
+    rest: &str,
+    call: &Call,
+) -> Result<(), ProxyError> {
+    let path = rest.split('?').next().unwrap_or(rest);
+    if entry.open_paths.allows(method, path) || app.cfg.unmetered_endpoints == UnknownModel::Allow {
+        return Ok(());
+    }
+    match access::classify(call.kind, method, rest) {
+        Access::Public => Ok(()),
+        Access::Object(id) => match app.ledger.owns_object(&call.tenant, &id).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ProxyError::ObjectForbidden {
+                id,
+                tenant: call.tenant.clone(),
+            }),
+            Err(e) => Err(ProxyError::LedgerUnavailable(e)),
+        },
+        Access::Other if is_read(method) || *method == http::Method::DELETE => {
+            Err(ProxyError::EndpointForbidden {
+                method: method.to_string(),
+                path: path.chars().take(200).collect(),
+            })
+        }
+        Access::Other => Err(ProxyError::Unmetered {
+            method: method.to_string(),
+            path: path.chars().take(200).collect(),
+        }),
+    }
+}
+
+/// The proxy key, the tenant it may bill, and the feature and session headers.
+fn authenticate<'a>(
+    app: &'a App,
     parts: &http::request::Parts,
     call: &mut Call,
-) -> Result<(), ProxyError> {
+) -> Result<&'a KeyEntry, ProxyError> {
     let key = auth::extract_key(&parts.headers, parts.uri.query()).ok_or(ProxyError::MissingKey)?;
     let entry = app.keys.authenticate(&key).ok_or(ProxyError::BadKey)?;
     drop(key);
-    call.tenant = entry.tenant_for(route::header_str(&parts.headers, "x-tenant-id"))?;
-    call.feature = attribution(&parts.headers, "x-feature-name", NameKind::Feature)?;
+    let grant = entry.tenant_for(route::header_str(&parts.headers, "x-tenant-id"))?;
+    if grant.by_wildcard && !entry.mint_tenants && !app.budgets.cache.has_own(&grant.tenant) {
+        return Err(ProxyError::TenantNotProvisioned {
+            tenant: grant.tenant,
+        });
+    }
+    call.tenant = grant.tenant;
+    call.feature = entry.feature_for(route::header_str(&parts.headers, "x-feature-name"))?;
     call.session = attribution(&parts.headers, "x-session-id", NameKind::Session)?;
-    Ok(())
+    Ok(entry)
 }
 
 /// An attribution header, checked by the ledger's name rule for `kind`.
@@ -165,11 +211,20 @@ pub fn parse(
     let info =
         ledger::request::parse_request_cached(endpoint, &adm.body, &app.token_cache, &call.tenant)
             .map_err(|e| ProxyError::BadBody(e.to_string()))?;
-    let model = info
-        .model
+    // The model in the path is the one the provider runs and bills (Gemini
+    // `models/{m}:generateContent`, an Azure deployment): it wins over a model named in the body.
+    let model = endpoint
+        .model_in_path
         .clone()
-        .or_else(|| endpoint.model_in_path.clone())
+        .or_else(|| info.model.clone())
         .ok_or_else(|| ProxyError::BadBody("the request names no model".into()))?;
     call.model = model;
+    if info.background && app.cfg.background_responses == BackgroundResponses::Deny {
+        return Err(ProxyError::UsageSuppressed {
+            param: "background: true",
+            why: "a background response carries no usage when it is created; set \
+                  background_responses = \"reserve\" to allow them, billed at their reservation",
+        });
+    }
     Ok(info)
 }

@@ -31,6 +31,22 @@ pub struct KeyEntry {
     /// The tenant billed when the request names none.
     pub tenant: String,
     allowed: Allowed,
+    /// Features the key may bill; the first is the default. Empty: any.
+    features: Vec<String>,
+    /// Whether a wildcard key may bill tenants without a budget of their own.
+    pub mint_tenants: bool,
+    /// Unmetered paths open to this key beyond the defaults.
+    pub open_paths: crate::access::OpenPaths,
+}
+
+/// The tenant a call bills and how the key came to allow it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantGrant {
+    /// The tenant.
+    pub tenant: String,
+    /// Allowed only through `allowed_tenants = ["*"]` (not the key's own, not listed): the
+    /// caller must check the tenant has a budget of its own unless the key may mint tenants.
+    pub by_wildcard: bool,
 }
 
 impl KeyEntry {
@@ -38,9 +54,12 @@ impl KeyEntry {
     ///
     /// # Errors
     /// 400 for a malformed name, 403 for a tenant outside `allowed_tenants`.
-    pub fn tenant_for(&self, requested: Option<&str>) -> Result<String, ProxyError> {
+    pub fn tenant_for(&self, requested: Option<&str>) -> Result<TenantGrant, ProxyError> {
         let Some(t) = requested else {
-            return Ok(self.tenant.clone());
+            return Ok(TenantGrant {
+                tenant: self.tenant.clone(),
+                by_wildcard: false,
+            });
         };
         if ledger::names::check(ledger::names::NameKind::Tenant, t).is_err() {
             return Err(ProxyError::BadAttribution {
@@ -48,16 +67,40 @@ impl KeyEntry {
                 reason: ledger::names::RULE,
             });
         }
-        let ok = t == self.tenant
-            || match &self.allowed {
-                Allowed::Any => true,
-                Allowed::List(l) => l.iter().any(|a| a == t),
-            };
-        if ok {
-            Ok(t.to_owned())
+        let listed = t == self.tenant
+            || matches!(&self.allowed, Allowed::List(l) if l.iter().any(|a| a == t));
+        if listed || self.allowed == Allowed::Any {
+            Ok(TenantGrant {
+                tenant: t.to_owned(),
+                by_wildcard: !listed,
+            })
         } else {
             Err(ProxyError::TenantForbidden {
                 tenant: t.to_owned(),
+            })
+        }
+    }
+
+    /// The feature this call bills: X-Feature-Name when given (and, for a key bound to
+    /// features, in its list), else the key's first feature, else none.
+    ///
+    /// # Errors
+    /// 400 for a malformed name, 403 for a feature the key is not bound to.
+    pub fn feature_for(&self, requested: Option<&str>) -> Result<Option<String>, ProxyError> {
+        let Some(f) = requested else {
+            return Ok(self.features.first().cloned());
+        };
+        if ledger::names::check(ledger::names::NameKind::Feature, f).is_err() {
+            return Err(ProxyError::BadAttribution {
+                header: "X-Feature-Name",
+                reason: ledger::names::RULE,
+            });
+        }
+        if self.features.is_empty() || self.features.iter().any(|a| a == f) {
+            Ok(Some(f.to_owned()))
+        } else {
+            Err(ProxyError::FeatureForbidden {
+                feature: f.to_owned(),
             })
         }
     }
@@ -87,6 +130,9 @@ impl KeyStore {
                     hash,
                     tenant: k.tenant.clone(),
                     allowed,
+                    features: k.features.clone(),
+                    mint_tenants: k.mint_tenants,
+                    open_paths: crate::access::OpenPaths::new(&k.open_paths).ok()?,
                 })
             })
             .collect();
@@ -180,12 +226,14 @@ mod tests {
             KeyConfig {
                 sha256: hash_key("sk-a"),
                 tenant: "acme".into(),
-                allowed_tenants: vec![],
+                features: vec!["bot".into(), "triage".into()],
+                ..KeyConfig::default()
             },
             KeyConfig {
                 sha256: hash_key("sk-b"),
                 tenant: "ops".into(),
                 allowed_tenants: vec!["*".into()],
+                ..KeyConfig::default()
             },
         ])
     }
@@ -203,7 +251,16 @@ mod tests {
         );
         assert!(s.authenticate("sk-c").is_none());
         let a = s.authenticate("sk-a").unwrap();
-        assert_eq!(a.tenant_for(None).unwrap(), "acme");
+        assert_eq!(a.tenant_for(None).unwrap().tenant, "acme");
+        assert_eq!(a.feature_for(None).unwrap().as_deref(), Some("bot"));
+        assert_eq!(
+            a.feature_for(Some("triage")).unwrap().as_deref(),
+            Some("triage")
+        );
+        assert!(matches!(
+            a.feature_for(Some("other")),
+            Err(ProxyError::FeatureForbidden { .. })
+        ));
         assert!(matches!(
             a.tenant_for(Some("other")),
             Err(ProxyError::TenantForbidden { .. })
@@ -212,13 +269,17 @@ mod tests {
             a.tenant_for(Some("a{b}")),
             Err(ProxyError::BadAttribution { .. })
         ));
+        let b = s.authenticate("sk-b").unwrap();
         assert_eq!(
-            s.authenticate("sk-b")
-                .unwrap()
-                .tenant_for(Some("other"))
-                .unwrap(),
-            "other"
+            b.tenant_for(Some("other")).unwrap(),
+            TenantGrant {
+                tenant: "other".into(),
+                by_wildcard: true
+            }
         );
+        assert!(!b.tenant_for(Some("ops")).unwrap().by_wildcard);
+        assert_eq!(b.feature_for(None).unwrap(), None);
+        assert_eq!(b.feature_for(Some("any")).unwrap().as_deref(), Some("any"));
     }
 
     #[test]

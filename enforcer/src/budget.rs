@@ -22,8 +22,18 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct BudgetCache {
     ledger: Ledger,
-    budgets: Arc<RwLock<Arc<Vec<Budget>>>>,
+    state: Arc<RwLock<CacheState>>,
     session_cap: Option<Nanos>,
+}
+
+/// What the cache knows.
+#[derive(Default)]
+struct CacheState {
+    list: Arc<Vec<Budget>>,
+    /// A refresh has succeeded at least once.
+    loaded: bool,
+    /// The last refresh read a malformed entry: calls are refused until it is fixed.
+    broken: Option<Arc<ledger::Error>>,
 }
 
 impl BudgetCache {
@@ -32,7 +42,7 @@ impl BudgetCache {
     pub fn new(ledger: Ledger, session_cap: Option<Nanos>) -> BudgetCache {
         BudgetCache {
             ledger,
-            budgets: Arc::default(),
+            state: Arc::default(),
             session_cap,
         }
     }
@@ -61,14 +71,31 @@ impl BudgetCache {
         Ok(())
     }
 
-    /// Reloads the list from Redis.
+    /// Reloads the list from Redis. A malformed entry makes the cache refuse calls (fail
+    /// closed) until a refresh reads a clean list; an unreachable Redis keeps the previous list.
     ///
     /// # Errors
-    /// When Redis is unreachable (the previous list stays in use).
+    /// The ledger's error (the cache keeps its previous list, or turns broken).
     pub async fn refresh(&self) -> Result<(), ledger::Error> {
-        let list = self.ledger.budgets().await?;
-        *self.budgets.write() = Arc::new(list);
-        Ok(())
+        match self.ledger.budgets().await {
+            Ok(list) => {
+                let mut st = self.state.write();
+                st.list = Arc::new(list);
+                st.loaded = true;
+                st.broken = None;
+                Ok(())
+            }
+            Err(e) if e.is_invalid_input() => {
+                tracing::error!(error = %e, "a stored budget is malformed: calls are refused until it is fixed (enforcer budgets check)");
+                let e = Arc::new(e);
+                self.state.write().broken = Some(e.clone());
+                Err(ledger::Error::Invalid {
+                    what: "llmw:budgets entry",
+                    detail: e.to_string(),
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Refreshes every `every` in the background for the life of the process.
@@ -89,13 +116,41 @@ impl BudgetCache {
     /// The cached list.
     #[must_use]
     pub fn list(&self) -> Arc<Vec<Budget>> {
-        self.budgets.read().clone()
+        self.state.read().list.clone()
     }
 
-    /// The caps of one call, in check order.
+    /// Whether `tenant` has a budget of its own (not only the "*" default).
     #[must_use]
-    pub fn caps(&self, tenant: &str, feature: Option<&str>, session: Option<&str>) -> Vec<Cap> {
-        resolve_caps(&self.list(), tenant, feature, session, self.session_cap)
+    pub fn has_own(&self, tenant: &str) -> bool {
+        self.list().iter().any(|b| b.tenant == tenant)
+    }
+
+    /// The caps of one call, in check order. Until the list has been read once it is read now,
+    /// so a fresh enforcer never admits a call against an empty list.
+    ///
+    /// # Errors
+    /// [`ProxyError::BudgetsInvalid`] while a stored budget is malformed (fail closed).
+    pub async fn caps(
+        &self,
+        tenant: &str,
+        feature: Option<&str>,
+        session: Option<&str>,
+    ) -> Result<Vec<Cap>, ProxyError> {
+        if !self.state.read().loaded {
+            // Redis down: the reserve that follows meets the same outage and its policy.
+            let _ = self.refresh().await;
+        }
+        let st = self.state.read();
+        if let Some(e) = &st.broken {
+            return Err(ProxyError::BudgetsInvalid(e.clone()));
+        }
+        Ok(resolve_caps(
+            &st.list,
+            tenant,
+            feature,
+            session,
+            self.session_cap,
+        ))
     }
 }
 
@@ -156,7 +211,15 @@ impl Budgets {
         rr: &ReserveRequest,
         metrics: &Metrics,
     ) -> Result<Hold, ProxyError> {
-        let cause = match tokio::time::timeout(self.timeout, self.ledger.reserve(rr)).await {
+        // Dropped mid-reserve (the client went away): the hold may exist, so release it.
+        let mut guard = ReleaseOnDrop(Some((
+            self.ledger.clone(),
+            rr.tenant.clone(),
+            rr.request_id.clone(),
+        )));
+        let res = tokio::time::timeout(self.timeout, self.ledger.reserve(rr)).await;
+        guard.0 = None;
+        let cause = match res {
             Ok(Ok(ReserveOutcome::Allowed(_))) => return Ok(Hold::Reserved(rr.amount)),
             Ok(Ok(ReserveOutcome::Denied(d))) => return Err(ProxyError::Budget(Box::new(d))),
             Ok(Err(e)) if e.is_invalid_input() => return Err(ProxyError::BadBody(e.to_string())),
@@ -192,6 +255,27 @@ impl Budgets {
                 }
             }
         });
+    }
+}
+
+/// Releases a reservation whose reserve was abandoned mid-flight (the request future dropped).
+struct ReleaseOnDrop(Option<(Ledger, String, String)>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let Some((ledger, tenant, id)) = self.0.take() else {
+            return;
+        };
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                for wait in [0u64, 1, 5, 30] {
+                    tokio::time::sleep(Duration::from_secs(wait)).await;
+                    if ledger.release(&tenant, &id).await.is_ok() {
+                        return;
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -75,6 +75,8 @@ pub enum Decision {
     Error,
     /// Forwarded unmetered (reads, free endpoints).
     Passthrough,
+    /// The client went away before the call was forwarded: nothing held, nothing sent.
+    Abandoned,
 }
 
 impl Decision {
@@ -87,6 +89,7 @@ impl Decision {
             Decision::Denied => "denied",
             Decision::Error => "error",
             Decision::Passthrough => "passthrough",
+            Decision::Abandoned => "abandoned",
         }
     }
 }
@@ -155,5 +158,46 @@ impl<'a> CallLog<'a> {
             status = self.status,
             message = self.message.as_deref().unwrap_or(""),
         );
+    }
+}
+
+/// A call until a terminal phase owns it: if the request future is dropped before that (the
+/// client went away during admission), the call still writes its one log line.
+#[derive(Debug)]
+pub struct Admitting {
+    /// The call.
+    pub call: Call,
+    /// A terminal phase (refusal, passthrough, the settler) has taken over the log line.
+    pub handed_off: bool,
+}
+
+impl Admitting {
+    /// A new call.
+    #[must_use]
+    pub fn new() -> Admitting {
+        Admitting {
+            call: Call::new(),
+            handed_off: false,
+        }
+    }
+}
+
+impl Default for Admitting {
+    fn default() -> Self {
+        Admitting::new()
+    }
+}
+
+impl Drop for Admitting {
+    fn drop(&mut self) {
+        if !self.handed_off {
+            CallLog::new(
+                &self.call,
+                Decision::Abandoned,
+                "client gone before forwarding",
+                499,
+            )
+            .write();
+        }
     }
 }

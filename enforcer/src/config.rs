@@ -39,6 +39,18 @@ pub enum OnRedisUnavailable {
     Allow,
 }
 
+/// OpenAI Responses `background: true` requests: their creation returns no usage (the output
+/// comes later from `GET /responses/{id}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackgroundResponses {
+    /// Refused with 400 `usage_suppressed`. The default.
+    #[default]
+    Deny,
+    /// Admitted and settled at their reservation (the worst case), flagged estimated.
+    Reserve,
+}
+
 /// How `[[budgets]]` from the file meet budgets already in Redis at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,8 +104,17 @@ pub struct Config {
     pub spool_max_bytes: u64,
     /// How a reservation lives if never settled (seconds); must exceed the longest call.
     pub reserve_ttl_secs: u64,
-    /// Output tokens assumed when neither the request nor the price table gives a limit.
-    pub max_output_tokens_cap: u64,
+    /// Removed: it clamped the output reserved for a request without a limit below what the
+    /// model can bill. Kept only to refuse it with the fix (`output_token_limits`).
+    #[serde(skip_serializing)]
+    pub max_output_tokens_cap: Option<u64>,
+    /// Output tokens reserved per choice for a request without a limit, by model; default: the
+    /// model's own maximum from the price table (a lower figure can under-reserve).
+    pub output_token_limits: BTreeMap<String, u64>,
+    /// Input tokens reserved for a request that refers to context the enforcer cannot see
+    /// (`previous_response_id`, `cachedContent`, file ids, hosted tools); default: the model's
+    /// context window.
+    pub unseen_context_tokens: Option<u64>,
     /// Percent added to the input token estimate when the tokenizer is not exact for the model.
     pub input_estimate_margin_pct: u64,
     /// Largest request body accepted (bytes); larger gets 413.
@@ -102,6 +123,12 @@ pub struct Config {
     pub max_response_body_bytes: usize,
     /// Forward POSTs to endpoints the enforcer cannot meter ("deny", the default, or "allow").
     pub unmetered_endpoints: UnknownModel,
+    /// OpenAI Responses `background: true`: "deny" (default) or "reserve" (billed at the
+    /// reservation, since the creation carries no usage).
+    pub background_responses: BackgroundResponses,
+    /// How long the enforcer remembers which tenant created a stored response or completion
+    /// (only its creator may read it back). Default 30 days, OpenAI's retention.
+    pub object_ttl_secs: u64,
     /// "seed" (default) or "overwrite": see [`BudgetSeed`].
     pub budgets_from_config: BudgetSeed,
     /// Log format: "json" (default) or "text".
@@ -140,12 +167,16 @@ impl Default for Config {
             spool_max_bytes: 256 << 20,
             // 15 minutes: longer than any sane completion, short enough that a crash frees budget soon.
             reserve_ttl_secs: 900,
-            max_output_tokens_cap: 32_768,
+            max_output_tokens_cap: None,
+            output_token_limits: BTreeMap::new(),
+            unseen_context_tokens: None,
             input_estimate_margin_pct: 10,
             // 32 MiB: large enough for base64 images in a prompt.
             max_request_body_bytes: 32 << 20,
             max_response_body_bytes: 256 << 20,
             unmetered_endpoints: UnknownModel::Deny,
+            background_responses: BackgroundResponses::Deny,
+            object_ttl_secs: 30 * 24 * 3600,
             budgets_from_config: BudgetSeed::Seed,
             log_format: "json".into(),
             timeouts: Timeouts::default(),
@@ -230,7 +261,8 @@ impl Config {
             unknown_model: self.unknown_model,
             unknown_model_price: self.unknown_model_price.clone(),
             model_aliases: self.model_aliases.clone(),
-            max_output_tokens_cap: self.max_output_tokens_cap,
+            output_token_limits: self.output_token_limits.clone(),
+            unseen_context_tokens: self.unseen_context_tokens,
         }
     }
 }
@@ -262,6 +294,17 @@ pub struct KeyConfig {
     pub tenant: String,
     /// Tenants the key may name in X-Tenant-ID: ["*"] or a list (default: only its own).
     pub allowed_tenants: Vec<String>,
+    /// Features the key may bill (X-Feature-Name); the first is used when the header is absent,
+    /// and a feature outside the list is refused (403). Empty: any feature, none by default.
+    pub features: Vec<String>,
+    /// With `allowed_tenants = ["*"]`: may the key bill a tenant that has no budget of its own
+    /// (only the "*" default)? Off by default, so a wildcard key cannot mint an unlimited number
+    /// of tenants, each with a fresh default budget.
+    pub mint_tenants: bool,
+    /// Unmetered requests this key may make beyond the defaults (model listings, its tenant's
+    /// own stored objects): globs over `"METHOD /path"` (path after `/proxy/{provider}`), e.g.
+    /// `["GET /v1/files*"]`. They go out with the shared provider key: trusted callers only.
+    pub open_paths: Vec<String>,
 }
 
 /// One budget seeded from the file.

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use ledger::Nanos;
+use ledger::billing::CallShape;
 use ledger::request::RequestInfo;
 use ledger::store::ReserveRequest;
 
@@ -47,11 +48,15 @@ pub async fn decide(
         model: Some(call.model.clone()),
         amount,
         ttl: Duration::from_secs(app.cfg.reserve_ttl_secs),
-        caps: app.budgets.cache.caps(
-            &call.tenant,
-            call.feature.as_deref(),
-            call.session.as_deref(),
-        ),
+        caps: app
+            .budgets
+            .cache
+            .caps(
+                &call.tenant,
+                call.feature.as_deref(),
+                call.session.as_deref(),
+            )
+            .await?,
         at: call.started_at,
     };
     let hold = app.budgets.reserve(&rr, &app.metrics).await?;
@@ -77,24 +82,28 @@ async fn check_loops(app: &App, adm: &Admission<'_>, call: &Call) -> Result<(), 
 }
 
 /// The worst case: the input estimate (plus `input_estimate_margin_pct` unless the tokenizer is
-/// exact for the model) and the output limit (the request's, else the model's, at most
-/// `max_output_tokens_cap`), priced by the ledger's policy. Returns (input tokens, amount).
+/// exact for the model) and the output, priced by the ledger's policy (which raises the input to
+/// the model's context for unseen context, prices cache writes, and multiplies a default output
+/// limit by the choices). Returns (input tokens, amount).
 fn worst_case(app: &App, info: &RequestInfo, model: &str) -> Result<(u64, Nanos), ProxyError> {
     let margin = if info.input_estimate_exact {
         0
     } else {
         app.cfg.input_estimate_margin_pct
     };
-    let input = info
-        .input_tokens_estimate
-        .saturating_mul(100 + margin)
-        .div_ceil(100);
-    let output = info
-        .max_output_tokens
-        .unwrap_or_else(|| app.pricing.default_output_limit(model));
-    let amount = app
+    let shape = CallShape {
+        input_tokens: info
+            .input_tokens_estimate
+            .saturating_mul(100 + margin)
+            .div_ceil(100),
+        declared_output: info.max_output_tokens,
+        choices: info.choices,
+        unseen_context: info.unseen_context,
+        cache_writes: info.cache_writes,
+    };
+    let w = app
         .pricing
-        .worst_case(model, input, output)
+        .worst_case(model, &shape)
         .map_err(|u| ProxyError::UnknownModel { model: u.model })?;
-    Ok((input, amount))
+    Ok((shape.input_tokens, w.amount))
 }

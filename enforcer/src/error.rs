@@ -114,6 +114,41 @@ pub enum ProxyError {
         /// The requested tenant.
         tenant: String,
     },
+    /// A read of a stored object another tenant (or no one through the enforcer) created.
+    #[error(
+        "object {id} was not created by tenant {tenant} through llmwarden; only its creator may read it"
+    )]
+    ObjectForbidden {
+        /// The object id.
+        id: String,
+        /// The caller's tenant.
+        tenant: String,
+    },
+    /// An unmetered read the key may not make (it would use the shared provider key).
+    #[error(
+        "{method} {path} is not open through llmwarden (it could read other tenants' data); add it to the key's open_paths"
+    )]
+    EndpointForbidden {
+        /// Method.
+        method: String,
+        /// Path after the provider.
+        path: String,
+    },
+    /// X-Feature-Name names a feature the key is not bound to.
+    #[error("this key may not bill feature {feature}; add it to the key's features")]
+    FeatureForbidden {
+        /// The requested feature.
+        feature: String,
+    },
+    /// A wildcard key named a tenant that has no budget of its own.
+    #[error(
+        "tenant {tenant} has no budget of its own; a key with allowed_tenants = [\"*\"] bills only \
+         provisioned tenants (give the tenant a budget with PUT /budgets, or set mint_tenants = true on the key)"
+    )]
+    TenantNotProvisioned {
+        /// The requested tenant.
+        tenant: String,
+    },
     /// An attribution header is malformed.
     #[error("invalid {header} header: {reason}")]
     BadAttribution {
@@ -143,6 +178,14 @@ pub enum ProxyError {
         method: String,
         /// Path after the provider.
         path: String,
+    },
+    /// A request parameter would hide the call's usage from the enforcer.
+    #[error("{param} is not allowed through llmwarden: {why}")]
+    UsageSuppressed {
+        /// The parameter.
+        param: &'static str,
+        /// Why, and what to do instead.
+        why: &'static str,
     },
     /// The model is missing from the price table and unknown_model = "deny".
     #[error(
@@ -187,6 +230,11 @@ pub enum ProxyError {
     /// an outage (a script or schema error).
     #[error("budget ledger unavailable ({0}); the call was not sent. Retry shortly")]
     LedgerUnavailable(#[source] ledger::Error),
+    /// A stored budget is malformed: every call is refused until it is fixed (fail closed).
+    #[error(
+        "the stored budgets are invalid ({0}); calls are refused until it is fixed: run `enforcer check-budgets`"
+    )]
+    BudgetsInvalid(#[source] std::sync::Arc<ledger::Error>),
     /// Redis did not answer and this instance's allowance for calls without a ledger is used up.
     #[error(
         "budget ledger unavailable ({0}) and this instance's allowance for calls without a ledger \
@@ -213,6 +261,7 @@ impl ProxyError {
             | Self::UpstreamBody { .. } => Origin::Upstream,
             Self::LedgerUnavailable(_)
             | Self::EmergencyAllowanceUsed(_)
+            | Self::BudgetsInvalid(_)
             | Self::NoUpstreamKey { .. } => Origin::Internal,
             _ => Origin::Downstream,
         }
@@ -226,10 +275,15 @@ impl ProxyError {
                 StatusCode::NOT_FOUND
             }
             Self::MissingKey | Self::BadKey => StatusCode::UNAUTHORIZED,
-            Self::TenantForbidden { .. } => StatusCode::FORBIDDEN,
+            Self::TenantForbidden { .. }
+            | Self::ObjectForbidden { .. }
+            | Self::EndpointForbidden { .. }
+            | Self::FeatureForbidden { .. }
+            | Self::TenantNotProvisioned { .. } => StatusCode::FORBIDDEN,
             Self::BadAttribution { .. }
             | Self::BodyRead(_)
             | Self::BadBody(_)
+            | Self::UsageSuppressed { .. }
             | Self::UnknownModel { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Budget(_) => StatusCode::PAYMENT_REQUIRED,
@@ -238,6 +292,7 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::LedgerUnavailable(_)
             | Self::EmergencyAllowanceUsed(_)
+            | Self::BudgetsInvalid(_)
             | Self::NoUpstreamKey { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -251,11 +306,16 @@ impl ProxyError {
             Self::MissingKey => "missing_api_key",
             Self::BadKey => "invalid_api_key",
             Self::TenantForbidden { .. } => "tenant_forbidden",
+            Self::FeatureForbidden { .. } => "feature_forbidden",
+            Self::ObjectForbidden { .. } => "object_forbidden",
+            Self::EndpointForbidden { .. } => "endpoint_forbidden",
+            Self::TenantNotProvisioned { .. } => "tenant_not_provisioned",
             Self::BadAttribution { .. } => "invalid_attribution",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead(_) => "body_read_failed",
             Self::BadBody(_) => "invalid_request",
             Self::Unmetered { .. } => "unmetered_endpoint",
+            Self::UsageSuppressed { .. } => "usage_suppressed",
             Self::UnknownModel { .. } => "unknown_model",
             Self::Budget(_) => "budget_exceeded",
             Self::LoopDetected(_) => "loop_detected",
@@ -263,6 +323,7 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::UpstreamBody { .. } => "upstream_failed",
             Self::LedgerUnavailable(_) | Self::EmergencyAllowanceUsed(_) => "ledger_unavailable",
+            Self::BudgetsInvalid(_) => "budgets_invalid",
             Self::NoUpstreamKey { .. } => "upstream_key_missing",
         }
     }

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,7 +42,49 @@ pub fn injects_usage(provider: &Provider, endpoint: &Endpoint, info: &RequestInf
         && !info.include_usage
 }
 
-/// The upstream request of an admitted call.
+/// A request body that records when the client handed it to the connection: from then on the
+/// provider may have the request (and may bill it), so a failure must settle an estimate, not
+/// release the hold.
+#[derive(Debug)]
+pub struct SentBody {
+    inner: Full<Bytes>,
+    sent: Arc<AtomicBool>,
+}
+
+impl SentBody {
+    /// Wraps `body`; `sent` turns true when its bytes are taken for the wire.
+    #[must_use]
+    pub fn new(body: Bytes, sent: Arc<AtomicBool>) -> SentBody {
+        SentBody {
+            inner: Full::new(body),
+            sent,
+        }
+    }
+}
+
+impl http_body::Body for SentBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        // The head is on the wire before hyper asks for the body.
+        self.sent.store(true, Ordering::Release);
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The upstream request of an admitted call; `sent` turns true once it is written.
 ///
 /// # Errors
 /// [`ProxyError::NoRoute`] for a path that makes no valid URI; [`ProxyError::BadBody`] when
@@ -50,7 +93,8 @@ pub fn upstream_request(
     app: &App,
     adm: &Admission<'_>,
     inject_usage: bool,
-) -> Result<Request<Full<Bytes>>, ProxyError> {
+    sent: Arc<AtomicBool>,
+) -> Result<Request<SentBody>, ProxyError> {
     let uri = route::upstream_uri(adm.provider, &adm.rest, adm.parts.uri.query())?;
     let mut headers = adm.parts.headers.clone();
     route::upstream_headers(
@@ -67,7 +111,7 @@ pub fn upstream_request(
     if !body.is_empty() || method == Method::POST || method == Method::PUT {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
-    let mut req = Request::new(Full::new(body));
+    let mut req = Request::new(SentBody::new(body, sent));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
@@ -75,7 +119,7 @@ pub fn upstream_request(
 }
 
 /// One pooled client.
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, SentBody>;
 
 /// Clients per provider (a provider with its own CA file gets its own pool).
 #[derive(Clone)]
@@ -117,7 +161,7 @@ impl Upstreams {
     pub async fn send(
         &self,
         provider: &str,
-        req: Request<Full<Bytes>>,
+        req: Request<SentBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let c = self.by_provider.get(provider).unwrap_or(&self.default);
         match tokio::time::timeout(self.first_byte, c.request(req)).await {

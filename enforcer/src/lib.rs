@@ -6,9 +6,10 @@
 //! [`admit`] (route, auth, attribution, parse) → [`decide`] (loop check, worst case,
 //! [`budget::Budgets::reserve`] → a [`budget::Hold`]) → [`forward`] → [`meter`] → [`settle`].
 //! Billing policy and every Redis key belong to the `ledger` crate. Around the path: [`config`],
-//! [`auth`], [`route`], [`loop_guard`], [`usage_filter`], [`admin`], [`metrics`], [`report`],
+//! [`auth`], [`route`], [`loop_guard`], [`usage_filter`], [`usage_params`], [`admin`], [`metrics`], [`report`],
 //! [`recovery`], [`server`].
 
+pub mod access;
 pub mod admin;
 pub mod admit;
 pub mod auth;
@@ -28,6 +29,7 @@ pub mod route;
 pub mod server;
 pub mod settle;
 pub mod usage_filter;
+pub mod usage_params;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -36,6 +36,9 @@ enum Cmd {
     CheckConfig,
     /// Read a key on stdin and print its lowercase hex sha256 for [[keys]].
     HashKey,
+    /// Validate the budgets stored in Redis (`llmw:budgets`): prints every malformed entry and
+    /// exits 1 if there is one (the enforcer refuses calls while one exists).
+    CheckBudgets,
     /// Print the ledger of the current period.
     Report {
         /// Only this tenant.
@@ -89,6 +92,31 @@ fn main() -> anyhow::Result<()> {
             print!("{}", cfg.effective_toml());
             eprintln!("config {} is valid", cli.config.display());
             Ok(())
+        }
+        Some(Cmd::CheckBudgets) => {
+            let cfg = Config::load_for_reading(&cli.config)
+                .with_context(|| format!("invalid config {}", cli.config.display()))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let ledger = Ledger::connect(&cfg.redis_url)
+                    .await
+                    .with_context(|| format!("connecting to {}", cfg.redis_url))?;
+                let problems = ledger.check_budgets().await?;
+                if problems.is_empty() {
+                    println!("budgets: every entry of llmw:budgets is valid");
+                    return Ok(());
+                }
+                for p in &problems {
+                    println!("{}: {}", p.field, p.problem);
+                }
+                bail!(
+                    "{} malformed budget entr{}",
+                    problems.len(),
+                    if problems.len() == 1 { "y" } else { "ies" }
+                )
+            })
         }
         Some(Cmd::Report {
             tenant,

@@ -33,9 +33,15 @@ pub struct MeteredBody {
     /// When the upstream last sent a frame.
     last_frame: tokio::time::Instant,
     settler: Option<Settler>,
+    /// The stream's first bytes, kept (up to [`OBJECT_HEAD_BYTES`]) only while the call stores
+    /// an object whose id the first event names.
+    head: Option<Vec<u8>>,
     delivered: bool,
     done: bool,
 }
+
+/// How many first bytes of a stream are kept to find a stored object's id (the first event).
+const OBJECT_HEAD_BYTES: usize = 16 * 1024;
 
 impl MeteredBody {
     /// Wraps `inner`; `strip_usage_chunk` when the enforcer injected include_usage.
@@ -54,9 +60,26 @@ impl MeteredBody {
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
             last_frame: tokio::time::Instant::now(),
+            head: settler.stored.is_some().then(Vec::new),
             settler: Some(settler),
             delivered: false,
             done: false,
+        }
+    }
+
+    /// Keeps the first bytes until the stored object's id is found or the cap is reached.
+    fn keep_head(&mut self, data: &[u8]) {
+        let Some(head) = self.head.as_mut() else {
+            return;
+        };
+        let room = OBJECT_HEAD_BYTES.saturating_sub(head.len());
+        head.extend_from_slice(&data[..data.len().min(room)]);
+        if let Some(s) = self.settler.as_mut() {
+            s.note_object(head);
+            if s.stored.as_ref().is_some_and(|o| o.id.is_some()) || head.len() >= OBJECT_HEAD_BYTES
+            {
+                self.head = None;
+            }
         }
     }
 
@@ -130,6 +153,7 @@ impl Body for MeteredBody {
                     if let Some(m) = this.meter.as_mut() {
                         m.feed(&data);
                     }
+                    this.keep_head(&data);
                     let out = match this.filter.as_mut() {
                         Some(f) => f.push(&data),
                         None => data,

@@ -134,6 +134,8 @@ pub struct Metrics {
     pub spooled: Counter<u64, AtomicU64>,
     /// Settles and releases the spool refused (full or failing disk): usage not saved locally.
     pub spool_refused: Counter<u64, AtomicU64>,
+    /// Nano-USD settled above the call's reservation (the worst case was not one).
+    pub over_reservation: Counter<u64, AtomicU64>,
     tenants: Bounded,
     models: Bounded,
 }
@@ -162,6 +164,7 @@ impl Metrics {
             ledger_errors: Counter::default(),
             spooled: Counter::default(),
             spool_refused: Counter::default(),
+            over_reservation: Counter::default(),
             tenants: Bounded {
                 max: cfg.max_tenants,
                 seen: Mutex::default(),
@@ -253,6 +256,11 @@ impl Metrics {
             "llmwarden_spool_refused",
             "Settles and releases the local spool refused (full or disk error)",
             self.spool_refused.clone(),
+        );
+        r.register(
+            "llmwarden_settle_over_reservation_nusd",
+            "Nano-USD settled above the call's reservation (the worst case under-reserved)",
+            self.over_reservation.clone(),
         );
     }
 

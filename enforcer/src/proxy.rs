@@ -12,6 +12,7 @@
 //! [`Hold`]: crate::budget::Hold
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -23,22 +24,23 @@ use ledger::request::RequestInfo;
 use ledger::usage::StreamMeter;
 
 use crate::admit::{self, Admission};
-use crate::call::{Call, CallLog, Decision};
+use crate::call::{Admitting, Call, CallLog, Decision};
 use crate::decide;
 use crate::error::{Origin, ProxyError};
 use crate::forward;
 use crate::meter::{MeteredBody, collect_bounded};
-use crate::settle::Settler;
+use crate::settle::{Settler, StoredObject};
 use crate::{App, ProxyBody, REQUEST_ID_HEADER, full_body, route, usd_string};
 
 /// Serves one request on the proxy listener.
 pub async fn handle(app: Arc<App>, req: http::Request<Incoming>) -> Response<ProxyBody> {
-    let mut call = Call::new();
-    let mut resp = match run(&app, req, &mut call).await {
+    let mut a = Admitting::new();
+    let mut resp = match run(&app, req, &mut a).await {
         Ok(r) => r,
-        Err(e) => refuse(&app, &call, e),
+        Err(e) => refuse(&app, &a.call, e),
     };
-    if let Ok(v) = HeaderValue::from_str(&call.request_id) {
+    a.handed_off = true;
+    if let Ok(v) = HeaderValue::from_str(&a.call.request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     resp
@@ -48,11 +50,14 @@ pub async fn handle(app: Arc<App>, req: http::Request<Incoming>) -> Response<Pro
 async fn run(
     app: &App,
     req: http::Request<Incoming>,
-    call: &mut Call,
+    a: &mut Admitting,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let call = &mut a.call;
     let adm = admit::admit(app, req, call).await?;
     let Some(endpoint) = adm.endpoint.clone() else {
-        return passthrough(app, call, &adm).await;
+        let r = passthrough(app, call, &adm).await;
+        a.handed_off = r.is_ok();
+        return r;
     };
     let info = admit::parse(app, &adm, &endpoint, call)?;
     let decision = decide::decide(app, &adm, &info, call).await?;
@@ -64,12 +69,46 @@ async fn run(
         call: call.clone(),
         hold: decision.hold,
         input_estimate: decision.input_estimate,
+        sent: Arc::new(AtomicBool::new(false)),
         pricing: app.pricing.clone(),
         durable: app.durable.clone(),
         metrics: app.metrics.clone(),
         tracker: app.settles.clone(),
+        stored: info.stores_object.then(|| StoredObject {
+            api: endpoint.api,
+            ttl: Duration::from_secs(app.cfg.object_ttl_secs),
+            id: None,
+        }),
     };
-    Ok(forward_and_meter(app, &adm, &endpoint, &info, settler).await)
+    // From here the settler ends the call and writes its log line, on every exit.
+    let pending = Pending(Some(settler));
+    a.handed_off = true;
+    Ok(forward_and_meter(app, &adm, &endpoint, &info, pending).await)
+}
+
+/// An admitted call whose settler has not yet been handed to its response: if the request
+/// future is dropped here (the client went away before the response head), the call is ended
+/// by the same rule as a failure — released if the request never left, else settled.
+struct Pending(Option<Settler>);
+
+impl Pending {
+    fn settler(&self) -> &Settler {
+        self.0
+            .as_ref()
+            .expect("a pending call holds its settler until it is ended")
+    }
+
+    fn take(mut self) -> Settler {
+        self.0.take().expect("a pending call is ended once")
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.abandon();
+        }
+    }
 }
 
 /// A call refused before it was forwarded: counted, logged once, rendered in the provider's shape.
@@ -94,17 +133,18 @@ async fn forward_and_meter(
     adm: &Admission<'_>,
     endpoint: &Endpoint,
     info: &RequestInfo,
-    settler: Settler,
+    pending: Pending,
 ) -> Response<ProxyBody> {
     let inject = forward::injects_usage(adm.provider, endpoint, info);
-    let req = match forward::upstream_request(app, adm, inject) {
+    let sent = pending.settler().sent.clone();
+    let req = match forward::upstream_request(app, adm, inject, sent) {
         Ok(r) => r,
-        Err(e) => return settler.fail(e).await,
+        Err(e) => return pending.take().fail(e).await,
     };
     let up_start = Instant::now();
     let resp = match app.upstreams.send(&adm.provider.name, req).await {
         Ok(r) => r,
-        Err(e) => return settler.fail(e).await,
+        Err(e) => return pending.take().fail(e).await,
     };
     app.metrics
         .upstream_latency
@@ -117,7 +157,7 @@ async fn forward_and_meter(
         let bytes = collect_bounded(body, app.cfg.max_response_body_bytes, idle)
             .await
             .unwrap_or_default();
-        settler.refused_upstream(parts.status).await;
+        pending.take().refused_upstream(parts.status).await;
         parts.headers.remove(CONTENT_LENGTH);
         return Response::from_parts(parts, full_body(bytes));
     }
@@ -131,10 +171,10 @@ async fn forward_and_meter(
             parts.headers.remove(CONTENT_LENGTH);
         }
         let meter = StreamMeter::new(endpoint);
-        let body = MeteredBody::new(body, meter, inject, idle, settler);
+        let body = MeteredBody::new(body, meter, inject, idle, pending.take());
         return Response::from_parts(parts, BodyExt::boxed_unsync(body));
     }
-    meter_whole(app, endpoint, parts, body, settler).await
+    meter_whole(app, endpoint, parts, body, pending).await
 }
 
 /// Phase 4 for a non-stream response: read it whole (bounded), read its usage, settle in the
@@ -144,18 +184,21 @@ async fn meter_whole(
     endpoint: &Endpoint,
     mut parts: http::response::Parts,
     body: Incoming,
-    settler: Settler,
+    pending: Pending,
 ) -> Response<ProxyBody> {
     let idle = Duration::from_millis(app.cfg.timeouts.idle_ms);
     let bytes = match collect_bounded(body, app.cfg.max_response_body_bytes, idle).await {
         Ok(b) => b,
         Err(source) => {
-            let provider = settler.call.provider.clone();
-            return settler
+            let provider = pending.settler().call.provider.clone();
+            return pending
+                .take()
                 .fail(ProxyError::UpstreamBody { provider, source })
                 .await;
         }
     };
+    let mut settler = pending.take();
+    settler.note_object(&bytes);
     let (model, usage) = match ledger::usage::parse_response(endpoint, &bytes) {
         Ok(m) if m.usage.is_some() => (m.model, m.usage),
         _ => {
@@ -181,7 +224,7 @@ async fn passthrough(
     adm: &Admission<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     app.metrics.decision(&call.provider, "passthrough");
-    let req = forward::upstream_request(app, adm, false)?;
+    let req = forward::upstream_request(app, adm, false, Arc::default())?;
     let resp = app.upstreams.send(&call.provider, req).await?;
     let (mut parts, body) = resp.into_parts();
     route::downstream_headers(&mut parts.headers);

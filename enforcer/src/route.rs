@@ -55,17 +55,21 @@ pub fn split(path: &str) -> Result<ProxyPath<'_>, ProxyError> {
     Ok(ProxyPath { provider, rest })
 }
 
-/// The upstream URI: base URL + rest + the query without `key=`.
+/// The upstream URI: base URL + rest + the query without the proxy key and without parameters
+/// that would hide the usage ([`crate::usage_params`]).
 ///
 /// # Errors
-/// [`ProxyError::NoRoute`] when the result is not a valid URI.
+/// [`ProxyError::NoRoute`] when the result is not a valid URI; [`ProxyError::UsageSuppressed`].
 pub fn upstream_uri(p: &Provider, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
     let mut s = String::with_capacity(p.base_url.len() + rest.len() + 32);
     s.push_str(&p.base_url);
     s.push_str(rest);
-    if let Some(q) = query.map(strip_key_param).filter(|q| !q.is_empty()) {
-        s.push('?');
-        s.push_str(&q);
+    if let Some(q) = query {
+        let q = crate::usage_params::upstream_query(p.kind, q)?;
+        if !q.is_empty() {
+            s.push('?');
+            s.push_str(&q);
+        }
     }
     s.parse().map_err(|_| ProxyError::NoRoute {
         path: rest.chars().take(200).collect(),
@@ -103,6 +107,7 @@ pub fn upstream_headers(h: &mut HeaderMap, kind: ProviderKind, real_key: &str) {
         h.remove(*n);
     }
     h.remove(header::CONTENT_LENGTH);
+    crate::usage_params::strip_headers(kind, h);
     h.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),

@@ -4,6 +4,7 @@
 //! stream, a client gone, an upstream failure.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ledger::Nanos;
 use ledger::billing::{Bill, Pricing};
@@ -35,6 +36,21 @@ impl Outcome {
     }
 }
 
+/// What a call is billed on (docs/enforcer.md, "What an admitted call is billed"): the
+/// provider's usage when it sent one; otherwise never $0 once the request reached the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Basis {
+    /// The provider's usage record.
+    Usage,
+    /// A stream broke after output was delivered: the input estimate plus the delivered output.
+    Delivered,
+    /// The provider may have billed anything up to the worst case: a complete response without a
+    /// usage record, or a call that failed after its request was sent, before any output.
+    Reservation,
+    /// Nothing reached the provider, or it answered with an error status: nothing is billed.
+    Release,
+}
+
 /// What a settle committed, for the response header.
 #[derive(Debug, Clone, Copy)]
 pub struct Billed {
@@ -53,6 +69,8 @@ pub struct Settler {
     pub hold: Hold,
     /// The input tokens its worst case assumed (the floor of an estimate).
     pub input_estimate: u64,
+    /// Turns true once the request was handed to the upstream connection.
+    pub sent: Arc<AtomicBool>,
     /// The billing policy.
     pub pricing: Arc<Pricing>,
     /// Where usage is written.
@@ -61,17 +79,78 @@ pub struct Settler {
     pub metrics: Arc<Metrics>,
     /// Tracks settles spawned after the response, so shutdown can wait for them.
     pub tracker: tokio_util::task::TaskTracker,
+    /// When the provider keeps the result as an object (a stored response or completion): the
+    /// API, how long to remember its creator, and (once the response named it) its id.
+    pub stored: Option<StoredObject>,
+}
+
+/// A provider-stored result whose creator the ledger remembers, so only that tenant reads it.
+#[derive(Clone, Debug)]
+pub struct StoredObject {
+    /// The API that created it.
+    pub api: ledger::provider::Api,
+    /// How long to remember it.
+    pub ttl: std::time::Duration,
+    /// Its id, once read from the response.
+    pub id: Option<String>,
 }
 
 impl Settler {
-    /// Bills a response with `usage` (or an estimate without one).
-    fn bill(&self, response_model: Option<&str>, usage: Option<Usage>) -> Bill {
-        self.pricing.bill(
+    /// Reads the stored object's id from the response's first bytes (a JSON body, or the first
+    /// event of a stream).
+    pub fn note_object(&mut self, head: &[u8]) {
+        if let Some(o) = &mut self.stored
+            && o.id.is_none()
+        {
+            o.id = ledger::usage::object_id(o.api, head);
+        }
+    }
+
+    /// Remembers the tenant as the object's creator (not in the spool: a lost record only
+    /// means the tenant cannot read the object back through the enforcer).
+    async fn remember_object(&self) {
+        let Some(StoredObject {
+            id: Some(id), ttl, ..
+        }) = &self.stored
+        else {
+            return;
+        };
+        if let Err(e) = self
+            .durable
+            .ledger()
+            .remember_object(&self.call.tenant, id, *ttl)
+            .await
+        {
+            tracing::warn!(request_id = %self.call.request_id, error = %e,
+                "could not remember the stored object's tenant; reads of it will be refused");
+        }
+    }
+
+    fn basis(&self, usage: Option<&Usage>, outcome: Outcome, delivered: bool) -> Basis {
+        if usage.is_some_and(|u| !u.estimated) {
+            return Basis::Usage;
+        }
+        match outcome {
+            Outcome::Complete => Basis::Reservation,
+            Outcome::Broken(_) if delivered => Basis::Delivered,
+            Outcome::Broken(_) if self.sent.load(Ordering::Acquire) => Basis::Reservation,
+            Outcome::Broken(_) => Basis::Release,
+        }
+    }
+
+    /// Bills a response on `basis`.
+    fn bill(&self, response_model: Option<&str>, usage: Option<Usage>, basis: Basis) -> Bill {
+        let mut bill = self.pricing.bill(
             Some(&self.call.model),
             response_model,
             usage,
             self.input_estimate,
-        )
+        );
+        if basis == Basis::Reservation && bill.cost < self.hold.amount() {
+            bill.cost = self.hold.amount();
+            bill.usage.estimated = true;
+        }
+        bill
     }
 
     /// Settles a complete response in a tracked task and returns what it bills, computed now,
@@ -81,7 +160,8 @@ impl Settler {
         response_model: Option<String>,
         usage: Option<Usage>,
     ) -> Billed {
-        let bill = self.bill(response_model.as_deref(), usage);
+        let basis = self.basis(usage.as_ref(), Outcome::Complete, true);
+        let bill = self.bill(response_model.as_deref(), usage, basis);
         let billed = Billed {
             cost: bill.cost,
             usage: bill.usage,
@@ -90,8 +170,7 @@ impl Settler {
         billed
     }
 
-    /// Ends the call: with usage, or with output delivered, it is billed (an estimate when the
-    /// response carried no usage record); otherwise its hold is released.
+    /// Ends the call on the basis its usage, outcome and delivery give.
     pub async fn settle(
         self,
         response_model: Option<String>,
@@ -99,39 +178,22 @@ impl Settler {
         outcome: Outcome,
         delivered: bool,
     ) -> Billed {
-        if usage.is_none() && !delivered {
-            self.release_hold().await;
-            let log = self.log(Decision::Released, outcome.as_str(), 200);
-            log.write();
-            return Billed {
-                cost: Nanos::ZERO,
-                usage: Usage::default(),
-            };
-        }
-        let bill = self.bill(response_model.as_deref(), usage);
-        if outcome != Outcome::Complete && bill.usage.estimated {
-            self.metrics.estimated_settlements.inc();
-        }
-        self.commit(&bill).await;
-        self.metrics.settled(&SettledCall {
-            tenant: &self.call.tenant,
-            provider: &self.call.provider,
-            model: &bill.model,
-            api: self.call.api,
-            input: bill.usage.prompt_tokens(),
-            output: bill.usage.output_tokens,
-            nanos: bill.cost.0,
-            secs: self.call.start.elapsed().as_secs_f64(),
-        });
-        let mut log = self.log(Decision::Settled, outcome.as_str(), 200);
-        log.model = Some(&bill.model);
-        log.usage = bill.usage;
-        log.cost = bill.cost;
-        log.write();
-        Billed {
-            cost: bill.cost,
-            usage: bill.usage,
-        }
+        let basis = self.basis(usage.as_ref(), outcome, delivered);
+        let decision = if basis == Basis::Release {
+            Decision::Released
+        } else {
+            Decision::Settled
+        };
+        self.end(
+            response_model,
+            usage,
+            basis,
+            decision,
+            outcome.as_str(),
+            200,
+            None,
+        )
+        .await
     }
 
     /// Settles in a new task (from Drop or poll: never blocks the caller).
@@ -150,20 +212,121 @@ impl Settler {
 
     /// The provider answered with an error status: nothing is billed, its body goes back as is.
     pub async fn refused_upstream(self, status: http::StatusCode) {
-        self.release_hold().await;
-        self.log(Decision::Released, "upstream error status", status.as_u16())
-            .write();
+        let reason = "upstream error status";
+        self.end(
+            None,
+            None,
+            Basis::Release,
+            Decision::Released,
+            reason,
+            status.as_u16(),
+            None,
+        )
+        .await;
     }
 
     /// Ends a call that failed after its hold was taken (the upstream unreachable, timed out,
-    /// or its body failed): releases the hold, counts and logs the error, and renders it.
+    /// reset, or its body failed): released when the request never left, else settled at the
+    /// reservation; counted, logged and rendered.
     pub async fn fail(self, err: ProxyError) -> http::Response<ProxyBody> {
-        self.release_hold().await;
         self.metrics.decision(&self.call.provider, "error");
-        let mut log = self.log(Decision::Error, err.code(), err.status().as_u16());
-        log.message = Some(err.to_string());
+        let basis = self.basis(None, Outcome::Broken(err.code()), false);
+        let (kind, rid) = (self.call.kind, self.call.request_id.clone());
+        let (code, status, msg) = (err.code(), err.status().as_u16(), err.to_string());
+        self.end(None, None, basis, Decision::Error, code, status, Some(msg))
+            .await;
+        err.into_response(kind, &rid)
+    }
+
+    /// The call was dropped before its response head (the client went away): the same rule as
+    /// a failure, in a tracked task.
+    pub fn abandon(self) {
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            let tracker = self.tracker.clone();
+            let reason = "client gone before the response";
+            tracker.spawn_on(
+                async move {
+                    let basis = self.basis(None, Outcome::Broken(reason), false);
+                    let decision = if basis == Basis::Release {
+                        Decision::Released
+                    } else {
+                        Decision::Settled
+                    };
+                    self.end(None, None, basis, decision, reason, 499, None)
+                        .await;
+                },
+                &h,
+            );
+        }
+    }
+
+    /// Commits (or releases), counts and logs once.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call's whole ending, used by four callers"
+    )]
+    async fn end(
+        &self,
+        response_model: Option<String>,
+        usage: Option<Usage>,
+        basis: Basis,
+        decision: Decision,
+        outcome: &'static str,
+        status: u16,
+        message: Option<String>,
+    ) -> Billed {
+        if basis == Basis::Release {
+            self.release_hold().await;
+            let mut log = self.log(decision, outcome, status);
+            log.message = message;
+            log.write();
+            return Billed {
+                cost: Nanos::ZERO,
+                usage: Usage::default(),
+            };
+        }
+        let bill = self.bill(response_model.as_deref(), usage, basis);
+        if basis != Basis::Usage {
+            self.metrics.estimated_settlements.inc();
+        }
+        self.check_over_reservation(&bill);
+        self.commit(&bill).await;
+        self.remember_object().await;
+        self.metrics.settled(&SettledCall {
+            tenant: &self.call.tenant,
+            provider: &self.call.provider,
+            model: &bill.model,
+            api: self.call.api,
+            input: bill.usage.prompt_tokens(),
+            output: bill.usage.output_tokens,
+            nanos: bill.cost.0,
+            secs: self.call.start.elapsed().as_secs_f64(),
+        });
+        let mut log = self.log(decision, outcome, status);
+        log.model = Some(&bill.model);
+        log.usage = bill.usage;
+        log.cost = bill.cost;
+        log.message = message;
         log.write();
-        err.into_response(self.call.kind, &self.call.request_id)
+        Billed {
+            cost: bill.cost,
+            usage: bill.usage,
+        }
+    }
+
+    /// A settle above its reservation means the worst case was not one: counted and logged so
+    /// the gap is visible (the ledger still commits the real cost).
+    fn check_over_reservation(&self, bill: &Bill) {
+        let held = self.hold.amount();
+        if bill.cost > held {
+            let over = bill.cost.0 - held.0;
+            self.metrics
+                .over_reservation
+                .inc_by(u64::try_from(over).unwrap_or(0));
+            tracing::warn!(request_id = %self.call.request_id, model = %bill.model,
+                cost_usd = %crate::usd_string(bill.cost), reserved_usd = %crate::usd_string(held),
+                "settle above its reservation: the worst case under-reserved this call");
+        }
     }
 
     /// A log line of this call with its hold.

@@ -61,8 +61,14 @@ pub struct PricingConfig {
     pub unknown_model_price: DefaultPrice,
     /// Names (Azure deployment names, internal aliases) mapped to the model they price as.
     pub model_aliases: BTreeMap<String, String>,
-    /// Output tokens reserved at most when a request names no output limit.
-    pub max_output_tokens_cap: u64,
+    /// Output tokens reserved per choice when a request names no limit, by model; a model not
+    /// listed reserves its own maximum from the price table (the true upper bound). A figure
+    /// below the model's maximum can under-reserve: a settle above its reservation is counted.
+    pub output_token_limits: BTreeMap<String, u64>,
+    /// Input tokens reserved for a request that refers to context the proxy cannot see
+    /// (`previous_response_id`, `conversation`, `cachedContent`, uploaded files); `None`: the
+    /// model's context window from the price table (the true upper bound).
+    pub unseen_context_tokens: Option<u64>,
 }
 
 impl Default for PricingConfig {
@@ -72,9 +78,36 @@ impl Default for PricingConfig {
             unknown_model: UnknownModel::Deny,
             unknown_model_price: DefaultPrice::default(),
             model_aliases: BTreeMap::new(),
-            max_output_tokens_cap: 32_768,
+            output_token_limits: BTreeMap::new(),
+            unseen_context_tokens: None,
         }
     }
+}
+
+/// What a request says about its worst case, as the request parser read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CallShape {
+    /// The input-token estimate (margin included).
+    pub input_tokens: u64,
+    /// The output limit the request declares, all choices together; `None` when it names none.
+    pub declared_output: Option<u64>,
+    /// Choices the provider generates (`n`, `best_of`, `candidateCount`), at least 1.
+    pub choices: u64,
+    /// The request refers to context the proxy cannot see (a stored response, a cache, a file).
+    pub unseen_context: bool,
+    /// The request may write the prompt cache (Anthropic `cache_control`).
+    pub cache_writes: bool,
+}
+
+/// The worst case of a call: what the reservation holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorstCase {
+    /// Input tokens assumed.
+    pub input_tokens: u64,
+    /// Output tokens assumed (all choices).
+    pub output_tokens: u64,
+    /// The amount to reserve.
+    pub amount: Nanos,
 }
 
 /// A model the price table does not know, refused under [`UnknownModel::Deny`].
@@ -120,8 +153,13 @@ pub struct Pricing {
     default_in: AttoUsd,
     default_out: AttoUsd,
     default_max_output: u64,
-    max_output_cap: u64,
+    output_limits: BTreeMap<String, u64>,
+    unseen_context: Option<u64>,
 }
+
+/// Context assumed for a model the price table does not size, when a request refers to context
+/// the proxy cannot see.
+const UNSIZED_CONTEXT_TOKENS: u64 = 128_000;
 
 /// USD per million tokens → atto-USD per token, through the number's decimal text (exact).
 fn per_token(what: &'static str, usd_per_mtok: f64) -> Result<AttoUsd, Error> {
@@ -174,7 +212,12 @@ impl Pricing {
                 d.output_usd_per_mtok,
             )?,
             default_max_output: d.max_output_tokens,
-            max_output_cap: cfg.max_output_tokens_cap,
+            output_limits: cfg
+                .output_token_limits
+                .iter()
+                .map(|(m, n)| (m.trim().to_ascii_lowercase(), *n))
+                .collect(),
+            unseen_context: cfg.unseen_context_tokens,
         })
     }
 
@@ -190,32 +233,71 @@ impl Pricing {
         self.table.lookup(model).is_some()
     }
 
-    /// Output tokens to reserve when a request names no limit: the model's own maximum (the
-    /// default price's for unknown models), at most `max_output_tokens_cap`.
+    /// Output tokens to reserve per choice when a request names no limit: the configured
+    /// `output_token_limits` entry (by the name or its canonical id), else the model's own
+    /// maximum from the table, else (unknown models, tables without a figure) the default
+    /// price's `max_output_tokens`.
     #[must_use]
     pub fn default_output_limit(&self, model: &str) -> u64 {
-        let model_max = match self.table.lookup(model) {
-            Some((_, p)) => p.max_output_tokens.unwrap_or(self.max_output_cap),
-            None => self.default_max_output,
-        };
-        model_max.min(self.max_output_cap)
+        let lookup = self.table.lookup(model);
+        let configured = self
+            .output_limits
+            .get(&model.trim().to_ascii_lowercase())
+            .or_else(|| lookup.and_then(|(id, _)| self.output_limits.get(id)));
+        if let Some(n) = configured {
+            return *n;
+        }
+        lookup
+            .and_then(|(_, p)| p.max_output_tokens)
+            .unwrap_or(self.default_max_output)
     }
 
-    /// The worst case of a call: `input` tokens at the input price and `output` at the output
-    /// price (the dearer of output and reasoning).
+    /// Input tokens to assume for a request that refers to context the proxy cannot see: the
+    /// configured figure, else the model's context window, else the default output limit's
+    /// order of magnitude (128k) for a model the table does not size.
+    #[must_use]
+    pub fn unseen_context_tokens(&self, model: &str) -> u64 {
+        self.unseen_context.unwrap_or_else(|| {
+            self.table
+                .lookup(model)
+                .and_then(|(_, p)| p.max_input_tokens)
+                .unwrap_or(UNSIZED_CONTEXT_TOKENS)
+        })
+    }
+
+    /// The worst case of a call: its input (at least the model's context when it refers to
+    /// context the proxy cannot see; at the dearest input or cache-write price when it may write
+    /// the cache) and its output (the declared limit, else the default limit times the
+    /// choices), priced at the dearest output price.
     ///
     /// # Errors
     /// [`Unpriced`] when the model has no price and unknown models are denied.
-    pub fn worst_case(&self, model: &str, input: u64, output: u64) -> Result<Nanos, Unpriced> {
-        match self.table.max_cost(model, input, output) {
-            Cost::Priced { nanos, .. } => Ok(nanos),
-            Cost::Unpriced { .. } if self.unknown == UnknownModel::Allow => {
-                Ok(self.at_default(input, output))
+    pub fn worst_case(&self, model: &str, shape: &CallShape) -> Result<WorstCase, Unpriced> {
+        let input_tokens = if shape.unseen_context {
+            shape.input_tokens.max(self.unseen_context_tokens(model))
+        } else {
+            shape.input_tokens
+        };
+        let output_tokens = shape.declared_output.unwrap_or_else(|| {
+            self.default_output_limit(model)
+                .saturating_mul(shape.choices.max(1))
+        });
+        let amount = match self.table.lookup(model) {
+            Some((_, p)) => p.max_cost_writing(input_tokens, output_tokens, shape.cache_writes),
+            None if self.unknown == UnknownModel::Allow => {
+                self.at_default(input_tokens, output_tokens)
             }
-            Cost::Unpriced { .. } => Err(Unpriced {
-                model: model.to_owned(),
-            }),
-        }
+            None => {
+                return Err(Unpriced {
+                    model: model.to_owned(),
+                });
+            }
+        };
+        Ok(WorstCase {
+            input_tokens,
+            output_tokens,
+            amount,
+        })
     }
 
     fn at_default(&self, input: u64, output: u64) -> Nanos {
@@ -290,7 +372,7 @@ mod tests {
     fn unknown_models_follow_the_policy_and_are_never_free() {
         let deny = Pricing::load(&PricingConfig::default()).unwrap();
         assert_eq!(
-            deny.worst_case("no-such-model", 10, 10),
+            deny.worst_case("no-such-model", &shape(10, Some(10))),
             Err(Unpriced {
                 model: "no-such-model".into()
             })
@@ -302,7 +384,9 @@ mod tests {
         .unwrap();
         // 1000 x $15/M + 100 x $75/M = $0.0225.
         assert_eq!(
-            allow.worst_case("no-such-model", 1000, 100),
+            allow
+                .worst_case("no-such-model", &shape(1000, Some(100)))
+                .map(|w| w.amount),
             Ok(Nanos(22_500_000))
         );
         // Billing does not depend on the admission policy: both bill the default price.
@@ -314,6 +398,80 @@ mod tests {
         }
         assert_eq!(allow.default_output_limit("no-such-model"), 32_768);
         assert_eq!(allow.default_output_limit("gpt-4o-mini"), 16_384);
+    }
+
+    fn shape(input: u64, declared: Option<u64>) -> CallShape {
+        CallShape {
+            input_tokens: input,
+            declared_output: declared,
+            choices: 1,
+            ..CallShape::default()
+        }
+    }
+
+    /// The reservation is a true upper bound of what the provider can bill.
+    #[test]
+    fn the_worst_case_covers_what_the_provider_can_bill() {
+        let p = Pricing::load(&PricingConfig::default()).unwrap();
+        // No output limit: the model's own maximum, not a 32k clamp (claude-sonnet-4-5: 64k).
+        let w = p
+            .worst_case("claude-sonnet-4-5", &shape(100, None))
+            .unwrap();
+        assert_eq!(w.output_tokens, 64_000);
+        // n = 3 choices without a limit: three times the per-choice maximum.
+        let w3 = p
+            .worst_case(
+                "gpt-4o-mini",
+                &CallShape {
+                    choices: 3,
+                    ..shape(100, None)
+                },
+            )
+            .unwrap();
+        assert_eq!(w3.output_tokens, 3 * 16_384);
+        // A declared limit already counts every choice.
+        let wd = p
+            .worst_case(
+                "gpt-4o-mini",
+                &CallShape {
+                    choices: 3,
+                    ..shape(100, Some(300))
+                },
+            )
+            .unwrap();
+        assert_eq!(wd.output_tokens, 300);
+        // Context the proxy cannot see: the model's whole context window (gpt-4o-mini: 128k).
+        let wu = p
+            .worst_case(
+                "gpt-4o-mini",
+                &CallShape {
+                    unseen_context: true,
+                    ..shape(100, Some(10))
+                },
+            )
+            .unwrap();
+        assert_eq!(wu.input_tokens, 128_000);
+        // Cache writes: a 1h write bills 2x input, so input is reserved at the write price.
+        let plain = p
+            .worst_case("claude-sonnet-4-5", &shape(1_000_000, Some(0)))
+            .unwrap();
+        let writing = p
+            .worst_case(
+                "claude-sonnet-4-5",
+                &CallShape {
+                    cache_writes: true,
+                    ..shape(1_000_000, Some(0))
+                },
+            )
+            .unwrap();
+        assert_eq!(writing.amount.0, 2 * plain.amount.0);
+        // A configured per-model limit and context size win.
+        let mut cfg = PricingConfig::default();
+        cfg.output_token_limits.insert("gpt-4o-mini".into(), 1000);
+        cfg.unseen_context_tokens = Some(5000);
+        let p = Pricing::load(&cfg).unwrap();
+        assert_eq!(p.default_output_limit("gpt-4o-mini-2024-07-18"), 1000);
+        assert_eq!(p.unseen_context_tokens("gpt-4o-mini"), 5000);
     }
 
     #[test]

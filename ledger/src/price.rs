@@ -135,10 +135,28 @@ impl ModelPrice {
     /// `max_output_tokens` at the dearest output price.
     #[must_use]
     pub fn max_cost(&self, input_tokens: u64, max_output_tokens: u64) -> Nanos {
+        self.max_cost_writing(input_tokens, max_output_tokens, false)
+    }
+
+    /// [`ModelPrice::max_cost`] for a request that may write the prompt cache (Anthropic
+    /// `cache_control`): every input token at the dearest of the input and cache-write prices,
+    /// since a 1-hour write bills up to 2× the input price.
+    #[must_use]
+    pub fn max_cost_writing(
+        &self,
+        input_tokens: u64,
+        max_output_tokens: u64,
+        cache_writes: bool,
+    ) -> Nanos {
         let r = self.rates(input_tokens);
         let out_rate = r.reasoning.map_or(r.output, |p| p.max(r.output));
-        Nanos(
+        let in_rate = if cache_writes {
+            r.input.max(r.cache_write_5m).max(r.cache_write_1h)
+        } else {
             r.input
+        };
+        Nanos(
+            in_rate
                 .times(input_tokens)
                 .plus(out_rate.times(max_output_tokens))
                 .ceil_nanos(),

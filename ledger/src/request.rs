@@ -9,6 +9,7 @@ use crate::error::Error;
 use crate::provider::{Api, Endpoint, ProviderKind};
 use crate::usage::tokens::{self, Encoding};
 
+mod context;
 mod estimate;
 
 pub use crate::usage::tokens::TokenCache;
@@ -31,6 +32,16 @@ pub struct RequestInfo {
     /// Choices the provider generates and bills (`n`, `best_of`, `candidateCount`; at least 1):
     /// a default output limit must be multiplied by it too.
     pub choices: u64,
+    /// The request refers to context the proxy cannot count (a stored response or conversation,
+    /// a context cache, an uploaded file, a hosted tool's results): see `request/context.rs`.
+    pub unseen_context: bool,
+    /// The request may write the prompt cache (Anthropic `cache_control`), billed above input.
+    pub cache_writes: bool,
+    /// An OpenAI Responses `background: true` request: its creation returns no usage.
+    pub background: bool,
+    /// The provider keeps the result as an object readable by id (a Responses call unless
+    /// `store: false`, a chat completion with `store: true`).
+    pub stores_object: bool,
     /// Estimated input tokens; errs high (see docs/providers.md).
     pub input_tokens_estimate: u64,
     /// The estimate used the model's own tokenizer over text only (no media, no tool schemas).
@@ -126,12 +137,22 @@ fn parse_object(
     let mut est = estimator(endpoint, model.as_deref(), cache);
     let out = output(endpoint, &mut est, obj, stream)?;
     let (input_tokens_estimate, input_estimate_exact) = est.finish();
+    let (unseen_context, cache_writes) = context::scan(endpoint.api, obj);
     Ok(RequestInfo {
         model,
         stream,
         include_usage: out.include_usage,
         max_output_tokens: out.limit.map(|l| l.saturating_mul(out.choices)),
         choices: out.choices,
+        unseen_context,
+        cache_writes,
+        background: endpoint.api == Api::Responses
+            && bool_field(obj, "background")?.unwrap_or(false),
+        stores_object: match endpoint.api {
+            Api::Responses => bool_field(obj, "store")?.unwrap_or(true),
+            Api::ChatCompletions => bool_field(obj, "store")?.unwrap_or(false),
+            _ => false,
+        },
         input_tokens_estimate,
         input_estimate_exact,
     })

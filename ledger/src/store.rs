@@ -25,7 +25,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 
 pub use batch::{BatchStats, OpBatches};
-pub use budget::resolve_caps;
+pub use budget::{BudgetProblem, resolve_caps};
 pub use conn::LedgerConfig;
 pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, validate_name};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};

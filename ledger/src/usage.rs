@@ -117,6 +117,37 @@ pub fn parse_response(endpoint: &Endpoint, body: &[u8]) -> Result<ResponseMeta, 
     Ok(meta)
 }
 
+/// The id of the object a response created, for APIs whose results the provider keeps (OpenAI
+/// Responses `id`, chat completion `id`): read from a complete JSON body, or from the first event
+/// of a stream (a chat chunk's `id`, a Responses stream's `response.created` event's
+/// `response.id`). `None` when the text has none.
+#[must_use]
+pub fn object_id(api: Api, text: &[u8]) -> Option<String> {
+    if !matches!(api, Api::Responses | Api::ChatCompletions) {
+        return None;
+    }
+    let trimmed = text.trim_ascii_start();
+    let v: Value = if trimmed.starts_with(b"{") {
+        serde_json::from_slice(trimmed).ok()?
+    } else {
+        // An event stream: the first event whose data is a JSON object.
+        let mut p = crate::sse::SseParser::new();
+        let mut events = Vec::new();
+        p.feed(text, &mut events);
+        p.finish(&mut events);
+        events.iter().find_map(|e| {
+            serde_json::from_str::<Value>(&e.data)
+                .ok()
+                .filter(Value::is_object)
+        })?
+    };
+    let obj = v.get("response").filter(|r| r.is_object()).unwrap_or(&v);
+    obj.get("id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty() && id.len() <= 128)
+        .map(str::to_owned)
+}
+
 fn parse_object(api: Api, obj: &serde_json::Map<String, Value>) -> Result<ResponseMeta, String> {
     let model = str_field(obj, "model");
     let usage = match api {

@@ -47,6 +47,7 @@ mod body;
 mod knobs;
 mod render;
 mod server;
+mod suppress;
 mod tls;
 mod words;
 

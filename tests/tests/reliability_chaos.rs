@@ -101,6 +101,8 @@ api_key_env = "TEST_MOCK_KEY"
 sha256 = "{h}"
 tenant = "ops"
 allowed_tenants = ["*"]
+# The chaos tenants have only the "*" default budget: the key may bill them (mint them).
+mint_tenants = true
 
 [[budgets]]
 tenant = "*"
@@ -220,11 +222,12 @@ async fn chaos(calls: usize) {
         }
         if !killed
             && i >= calls * 45 / 100
+            // Redis may still be frozen (SIGSTOP above, slower on a loaded machine): a timed-out
+            // look is "not yet", and the next call looks again.
             && let in_flight = watch
                 .instance_holds("chaos-1", chrono::Utc::now(), 100)
                 .await
-                .expect("instance_holds")
-                .len()
+                .map_or(0, |h| h.len())
             && in_flight >= 2
         {
             inst[1].guard.kill(); // SIGKILL with calls in flight

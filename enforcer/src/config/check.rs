@@ -84,6 +84,14 @@ impl Config {
 
     /// Timeouts, holds and money figures.
     fn validate_limits(&self) -> Result<(), ConfigError> {
+        if self.max_output_tokens_cap.is_some() {
+            return Err(bad(
+                "max_output_tokens_cap",
+                "was removed: it reserved less output than a model can bill. A request without a \
+                 limit now reserves the model's maximum; to reserve less for a model, set \
+                 [output_token_limits] \"<model>\" = <tokens>",
+            ));
+        }
         let t = &self.timeouts;
         for (k, v) in [
             ("timeouts.connect_ms", t.connect_ms),
@@ -91,7 +99,6 @@ impl Config {
             ("timeouts.idle_ms", t.idle_ms),
             ("timeouts.redis_ms", t.redis_ms),
             ("reserve_ttl_secs", self.reserve_ttl_secs),
-            ("max_output_tokens_cap", self.max_output_tokens_cap),
         ] {
             if v == 0 {
                 return Err(bad(k, "must be greater than 0"));
@@ -135,6 +142,28 @@ impl Config {
                     format!("keys[{i}].tenant"),
                     format!("required: {RULE}"),
                 ));
+            }
+            for (j, p) in k.open_paths.iter().enumerate() {
+                globset::Glob::new(p).map_err(|e| {
+                    bad(
+                        format!("keys[{i}].open_paths[{j}]"),
+                        format!("not a glob: {e}"),
+                    )
+                })?;
+                if !p.contains(' ') {
+                    return Err(bad(
+                        format!("keys[{i}].open_paths[{j}]"),
+                        "write \"METHOD /path\", e.g. \"GET /v1/files*\"",
+                    ));
+                }
+            }
+            for (j, f) in k.features.iter().enumerate() {
+                if !is_valid(f) {
+                    return Err(bad(
+                        format!("keys[{i}].features[{j}]"),
+                        format!("a feature name: {RULE}"),
+                    ));
+                }
             }
             for (j, t) in k.allowed_tenants.iter().enumerate() {
                 if t != "*" && !is_valid(t) {

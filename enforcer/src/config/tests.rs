@@ -31,7 +31,7 @@ listen = "127.0.0.1:9000"
 admin_listen = "off"
 unknown_model = "allow"
 on_redis_unavailable = "allow"
-max_output_tokens_cap = 4096
+unseen_context_tokens = 50000
 [timeouts]
 connect_ms = 100
 [session]
@@ -93,4 +93,8 @@ fn errors_name_the_key() {
         e.reason.contains("year") || e.reason.contains("variant"),
         "{e}"
     );
+    // The removed output clamp is refused with the fix, not silently ignored.
+    let e = Config::parse(&format!("max_output_tokens_cap = 4096\n{}", minimal())).unwrap_err();
+    assert_eq!(e.key, "max_output_tokens_cap");
+    assert!(e.reason.contains("output_token_limits"), "{e}");
 }

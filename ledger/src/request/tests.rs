@@ -36,6 +36,10 @@ fn openai_chat_matches_the_cookbook_count() {
             include_usage: true,
             max_output_tokens: None,
             choices: 1,
+            unseen_context: false,
+            cache_writes: false,
+            background: false,
+            stores_object: false,
             input_tokens_estimate: 9,
             input_estimate_exact: true,
         }

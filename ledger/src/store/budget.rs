@@ -40,14 +40,25 @@ pub fn parse(field: &str, value: &str) -> Result<Budget, Error> {
     let limit: i64 = value
         .parse()
         .map_err(|_| bad(format!("{field:?} has a non-integer limit {value:?}")))?;
-    Ok(Budget {
+    let b = Budget {
         tenant: tenant.to_owned(),
         feature: (!feature.is_empty()).then(|| feature.to_owned()),
         period: period
             .parse()
             .map_err(|_| bad(format!("{field:?} has an unknown period {period:?}")))?,
         limit: Nanos(limit),
-    })
+    };
+    validate(&b).map_err(|e| bad(format!("{field:?}: {e}")))?;
+    Ok(b)
+}
+
+/// A malformed entry of `llmw:budgets`, as [`super::Ledger::check_budgets`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetProblem {
+    /// The hash field ("tenant|feature|period").
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub problem: String,
 }
 
 /// Checks a budget before it is stored.
@@ -176,6 +187,34 @@ impl super::Ledger {
             .map(|(f, l)| parse(f, l))
             .collect::<Result<Vec<_>, _>>()?;
         v.sort_by(|a, b| (&a.tenant, &a.feature, a.period).cmp(&(&b.tenant, &b.feature, b.period)));
+        Ok(v)
+    }
+
+    /// Every malformed entry of `llmw:budgets` (empty when all parse): what `enforcer budgets
+    /// check` and `GET /budgets/check` show, since one bad entry makes every enforcer refuse
+    /// calls until it is fixed (fail closed).
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when Redis is unavailable.
+    pub async fn check_budgets(&self) -> Result<Vec<BudgetProblem>, Error> {
+        let h: HashMap<String, String> = self
+            .timed("check_budgets", async {
+                let mut c = self.conn.clone();
+                Ok(c.hgetall(BUDGETS_KEY).await?)
+            })
+            .await?;
+        let mut v: Vec<BudgetProblem> = h
+            .iter()
+            .filter_map(|(f, l)| {
+                parse(f, l).err().map(|e| BudgetProblem {
+                    field: f.clone(),
+                    problem: format!(
+                        "{e}; fix it with PUT /budgets or remove it with HDEL {BUDGETS_KEY} {f:?}"
+                    ),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.field.cmp(&b.field));
         Ok(v)
     }
 

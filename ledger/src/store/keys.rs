@@ -119,6 +119,13 @@ pub fn loop_body(tenant: &str, session: &str, digest: &str) -> String {
     format!("{}loop:{session}:body:{digest}", prefix(tenant))
 }
 
+/// "llmw:{T}:obj:<id>" — a provider-stored object (a stored response or chat completion) the
+/// tenant created through the enforcer; only its creator may read it back.
+#[must_use]
+pub fn object(tenant: &str, id: &str) -> String {
+    format!("{}obj:{id}", prefix(tenant))
+}
+
 /// The stream of bypass events (no hash tag: one key in its own slot).
 pub const BYPASS_EVENTS: &str = "llmw:events:bypass";
 

@@ -94,6 +94,49 @@ impl Ledger {
         })
     }
 
+    /// Remembers that `tenant` created the provider-stored object `id` (for `ttl`), so the
+    /// enforcer lets only that tenant read it back.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad tenant or id; [`Error::Redis`] when Redis is unavailable.
+    pub async fn remember_object(
+        &self,
+        tenant: &str,
+        id: &str,
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        validate_tenant(tenant)?;
+        super::validate_name("object id", id)?;
+        let key = keys::object(tenant, id);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&key).arg(1).arg("EX").arg(ttl.as_secs().max(1));
+        self.timed("remember_object", async {
+            let mut c = self.conn.clone();
+            let _: () = cmd.query_async(&mut c).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether `tenant` created the provider-stored object `id` through the enforcer.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad tenant; [`Error::Redis`] when Redis is unavailable.
+    pub async fn owns_object(&self, tenant: &str, id: &str) -> Result<bool, Error> {
+        validate_tenant(tenant)?;
+        if super::validate_name("object id", id).is_err() {
+            return Ok(false);
+        }
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(keys::object(tenant, id));
+        self.timed("owns_object", async {
+            let mut c = self.conn.clone();
+            let n: u64 = cmd.query_async(&mut c).await?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     /// Appends a bypass event to `llmw:events:bypass` (capped at about
     /// [`BYPASS_EVENTS_KEPT`] entries) and returns its stream id.
     ///

@@ -437,3 +437,26 @@ proptest! {
         prop_assert_eq!(stream(&endpoint, &chunks), whole);
     }
 }
+
+#[test]
+fn object_ids_of_stored_results() {
+    use crate::provider::Api;
+    let chat =
+        br#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","choices":[]}"#;
+    assert_eq!(
+        super::object_id(Api::ChatCompletions, chat).as_deref(),
+        Some("chatcmpl-1")
+    );
+    let stream = b"data: {\"id\":\"chatcmpl-2\",\"choices\":[{\"delta\":{}}]}\n\ndata: [DONE]\n\n";
+    assert_eq!(
+        super::object_id(Api::ChatCompletions, stream).as_deref(),
+        Some("chatcmpl-2")
+    );
+    let responses = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_9\",\"status\":\"in_progress\"}}\n\n";
+    assert_eq!(
+        super::object_id(Api::Responses, responses).as_deref(),
+        Some("resp_9")
+    );
+    assert_eq!(super::object_id(Api::Embeddings, chat), None);
+    assert_eq!(super::object_id(Api::ChatCompletions, b"not json"), None);
+}

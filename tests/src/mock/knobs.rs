@@ -84,6 +84,8 @@ pub enum Fault {
     InvalidJson,
     /// End the body cleanly in the middle of a frame (an SSE event cut in half) after this many frames.
     TruncatedSse(Option<usize>),
+    /// Answer normally but without the usage record (the call is still billed).
+    NoUsage,
 }
 
 impl FromStr for Fault {
@@ -118,6 +120,7 @@ impl FromStr for Fault {
             "stall" => Ok(Fault::Stall(count(arg)?)),
             "truncated-sse" | "truncated" => Ok(Fault::TruncatedSse(count(arg)?)),
             "invalid-json" => Ok(Fault::InvalidJson),
+            "no-usage" => Ok(Fault::NoUsage),
             "slow-first-byte" => {
                 let a = arg.ok_or(
                     "x-mock-fault: slow-first-byte needs milliseconds (slow-first-byte=2000)",
@@ -129,7 +132,7 @@ impl FromStr for Fault {
             }
             other => Err(format!(
                 "x-mock-fault: unknown fault `{other}` (status=N, reset-mid-stream[=K], stall[=K], \
-                 truncated-sse[=K], slow-first-byte=MS, invalid-json)"
+                 truncated-sse[=K], slow-first-byte=MS, invalid-json, no-usage)"
             )),
         }
     }
@@ -145,6 +148,7 @@ impl fmt::Display for Fault {
             Fault::SlowFirstByte(d) => write!(f, "slow-first-byte={}", d.as_millis()),
             Fault::InvalidJson => f.write_str("invalid-json"),
             Fault::TruncatedSse(n) => write!(f, "truncated-sse{}", k(n)),
+            Fault::NoUsage => f.write_str("no-usage"),
         }
     }
 }

@@ -25,6 +25,7 @@ use super::billing::{MockLedger, ServedCall};
 use super::body::{Cut, MockBody, Pending};
 use super::knobs::{Fault, Knobs};
 use super::render::{self, Ctx, Family, MockApi, Tokens};
+use super::suppress;
 
 /// Largest request body the mock reads.
 const MAX_REQUEST: usize = 32 << 20;
@@ -315,7 +316,19 @@ async fn handle(
             .max_tokens
             .is_some_and(|m| tokens.output >= m && tokens.output > 0),
     };
-    let rendered = render::render(&request, &tokens, &ctx);
+    let mut rendered = render::render(&request, &tokens, &ctx);
+    let hidden = if matches!(knobs.fault, Some(Fault::NoUsage)) {
+        Some(suppress::Hidden::Fault)
+    } else if suppress::gemini_masked(api, query, &call.headers) {
+        Some(suppress::Hidden::FieldMask)
+    } else if suppress::is_background(api, &bytes) {
+        Some(suppress::Hidden::Background)
+    } else {
+        None
+    };
+    if let Some(why) = hidden {
+        suppress::apply(&mut rendered, request.stream, why);
+    }
     let stream = request.stream;
     let mut frames = rendered.frames;
     // Non-stream bodies are split in two so faults can strike mid-body; chunked ones in a few pieces.

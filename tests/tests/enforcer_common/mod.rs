@@ -19,8 +19,12 @@ use llmwarden_tests::redis::RedisServer;
 
 /// The key apps present (tenant acme, may also bill beta).
 pub const KEY_ACME: &str = "sk-warden-acme-4f9c2e7d";
-/// A second key (tenant ops, may bill any tenant).
+/// A second key (tenant ops, may bill any tenant, new ones included: `mint_tenants = true`).
 pub const KEY_OPS: &str = "sk-warden-ops-91b3aa01";
+/// A key with `allowed_tenants = ["*"]` that may not mint tenants (bills only provisioned ones).
+pub const KEY_WILD: &str = "sk-warden-wild-0c2d9e44";
+/// A key of tenant acme bound to the features support-bot (default) and triage.
+pub const KEY_BOUND: &str = "sk-warden-bound-7a61f3b2";
 /// The real upstream key the enforcer holds and the mock requires.
 pub const UPSTREAM_KEY: &str = "sk-real-upstream-77e1c0";
 /// Admin bearer token.
@@ -134,6 +138,17 @@ impl Stack {
     sha256 = "{h_ops}"
     tenant = "ops"
     allowed_tenants = ["*"]
+    mint_tenants = true
+
+    [[keys]]
+    sha256 = "{h_wild}"
+    tenant = "wild"
+    allowed_tenants = ["*"]
+
+    [[keys]]
+    sha256 = "{h_bound}"
+    tenant = "acme"
+    features = ["support-bot", "triage"]
     {extra}
     "#,
                 redis = redis.url(),
@@ -148,6 +163,8 @@ impl Stack {
                 ca = mock.ca_pem_path().display(),
                 h_acme = hash_key(KEY_ACME),
                 h_ops = hash_key(KEY_OPS),
+                h_wild = hash_key(KEY_WILD),
+                h_bound = hash_key(KEY_BOUND),
                 extra = opts.extra_toml,
                 top = opts.top_toml,
             );
