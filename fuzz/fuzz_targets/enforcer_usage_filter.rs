@@ -5,7 +5,7 @@
 //! Input: a chunking plan (see `llmwarden_fuzz::plan`), then the upstream stream.
 #![no_main]
 
-use enforcer::meter::UsageChunkFilter;
+use enforcer::usage_filter::UsageChunkFilter;
 use libfuzzer_sys::fuzz_target;
 use llmwarden_fuzz::{chunks, plan};
 

@@ -4,6 +4,7 @@ mod bench;
 mod chaos;
 mod command;
 mod demo;
+mod disk;
 mod fuzz;
 mod selfcontained;
 mod setup;

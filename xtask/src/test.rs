@@ -25,6 +25,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
         // The eBPF tests fail loudly without root; say why up front rather than after the build.
         step("WARNING: not root: the observer's eBPF tests will fail (they need CAP_SYS_ADMIN)");
     }
+    // A test run builds once from scratch (CI) or rebuilds after an edit: incremental caches
+    // double target/ and buy nothing here (see docs/development.md, "Disk").
+    // SAFETY: single-threaded at this point; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("CARGO_INCREMENTAL", "0") };
+    crate::disk::report("before the build")?;
     step("cargo fmt --check");
     command::run(cargo().args(["fmt", "--all", "--check"]))?;
     step("cargo clippy -D warnings");
@@ -77,8 +82,10 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if command::run(&mut test).is_err() {
         bail!("tests failed (see above)");
     }
+    crate::disk::report("after the workspace tests")?;
     step("fuzz smoke: kept regressions, then a few seconds per target");
     crate::fuzz::smoke()?;
+    crate::disk::report("after the fuzz smoke")?;
     step("the demo, non-interactively: denials via the enforcer, bypass via the observer");
     crate::demo::run(&crate::demo::DemoArgs::checked_run())?;
     step("all checks passed");
