@@ -117,6 +117,11 @@ pub struct Config {
     pub unseen_context_tokens: Option<u64>,
     /// Percent added to the input token estimate when the tokenizer is not exact for the model.
     pub input_estimate_margin_pct: u64,
+    /// Client connections the proxy listener serves at once; past it, new connections wait in the
+    /// kernel's accept queue until one closes.
+    pub max_connections: usize,
+    /// Concurrent requests (streams) one h2 connection may carry.
+    pub max_streams_per_connection: u32,
     /// Largest request body accepted (bytes); larger gets 413.
     pub max_request_body_bytes: usize,
     /// Largest non-stream response body buffered to price it (bytes); larger gets 502.
@@ -171,6 +176,8 @@ impl Default for Config {
             output_token_limits: BTreeMap::new(),
             unseen_context_tokens: None,
             input_estimate_margin_pct: 10,
+            max_connections: 4096,
+            max_streams_per_connection: 100,
             // 32 MiB: large enough for base64 images in a prompt.
             max_request_body_bytes: 32 << 20,
             max_response_body_bytes: 256 << 20,
@@ -204,6 +211,9 @@ pub struct Timeouts {
     /// A client must send its request head, and separately its whole body, within this (slow
     /// clients: the connection is closed, or the call gets 400).
     pub client_ms: u64,
+    /// A client connection (HTTP/1.1 keep-alive, h2, h2c; proxy and admin) with no request in
+    /// flight for this long is closed (h2: GOAWAY first).
+    pub connection_idle_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -215,6 +225,7 @@ impl Default for Timeouts {
             idle_ms: 120_000,
             redis_ms: 1_000,
             client_ms: 30_000,
+            connection_idle_ms: 120_000,
         }
     }
 }

@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -39,6 +40,13 @@ pub struct DecisionLabels {
 pub struct ReasonLabels {
     /// The error code (budget_exceeded, loop_detected, invalid_api_key, ...).
     pub reason: String,
+}
+
+/// Labels of the connection families.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Listener {
+    /// proxy or admin.
+    pub listener: String,
 }
 
 /// OTel GenAI token usage labels.
@@ -136,6 +144,14 @@ pub struct Metrics {
     pub spool_refused: Counter<u64, AtomicU64>,
     /// Nano-USD settled above the call's reservation (the worst case was not one).
     pub over_reservation: Counter<u64, AtomicU64>,
+    /// Client connections open, by listener.
+    pub connections_open: Family<Listener, Gauge>,
+    /// Times a listener stopped accepting because its connection limit was reached.
+    pub connection_limit_waits: Family<Listener, Counter>,
+    /// Failed accepts (EMFILE, ...), each followed by a pause.
+    pub accept_errors: Family<Listener, Counter>,
+    /// Connections closed for having no request in flight for `timeouts.connection_idle_ms`.
+    pub idle_closes: Family<Listener, Counter>,
     tenants: Bounded,
     models: Bounded,
 }
@@ -165,6 +181,10 @@ impl Metrics {
             spooled: Counter::default(),
             spool_refused: Counter::default(),
             over_reservation: Counter::default(),
+            connections_open: Family::default(),
+            connection_limit_waits: Family::default(),
+            accept_errors: Family::default(),
+            idle_closes: Family::default(),
             tenants: Bounded {
                 max: cfg.max_tenants,
                 seen: Mutex::default(),
@@ -176,6 +196,7 @@ impl Metrics {
         };
         m.register_calls();
         m.register_health();
+        m.register_connections();
         m
     }
 
@@ -216,6 +237,31 @@ impl Metrics {
             "gen_ai_client_operation_duration_seconds",
             "Whole call duration (OTel GenAI)",
             self.operation_duration.clone(),
+        );
+    }
+
+    /// Families about client connections: open, limited, failed accepts, idle closes.
+    fn register_connections(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "llmwarden_connections_open",
+            "Client connections open, by listener",
+            self.connections_open.clone(),
+        );
+        r.register(
+            "llmwarden_connection_limit_waits",
+            "Times a listener paused accepting at its connection limit",
+            self.connection_limit_waits.clone(),
+        );
+        r.register(
+            "llmwarden_accept_errors",
+            "Failed accepts (e.g. out of file descriptors), each followed by a pause",
+            self.accept_errors.clone(),
+        );
+        r.register(
+            "llmwarden_connection_idle_closes",
+            "Connections closed after timeouts.connection_idle_ms with no request in flight",
+            self.idle_closes.clone(),
         );
     }
 

@@ -1,20 +1,20 @@
 //! Listeners: the proxy (HTTP/1.1 and h2c through hyper-util's auto builder, optionally TLS with
 //! ALPN h2/http1.1) and the admin API, with graceful shutdown on SIGTERM / Ctrl-C so streams in
-//! flight finish and settle.
+//! flight finish and settle. Connection limits, accept back-off and idle closing: [`conn`].
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::App;
 use crate::error::StartError;
-use crate::{App, admin, proxy};
+
+mod conn;
+
+use conn::{Connections, Kind};
 
 fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, StartError> {
     let bad = |key: &'static str, detail: String| StartError::ListenerTls { key, detail };
@@ -70,25 +70,28 @@ pub async fn run(app: App) -> Result<(), StartError> {
         _ => None,
     };
     let (listener, admin) = bind(&app).await?;
-    tracing::info!(listen = %app.cfg.listen, admin = app.cfg.admin_addr().unwrap_or("off"), tls = tls.is_some(), "enforcer listening");
-    let graceful = GracefulShutdown::new();
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            r = listener.accept() => {
-                let Ok((stream, _)) = r else { continue };
-                serve_proxy(&app, stream, tls.as_ref(), &graceful);
-            }
-            r = async { match &admin { Some(l) => l.accept().await, None => std::future::pending().await } } => {
-                let Ok((stream, _)) = r else { continue };
-                serve_admin(&app, stream, &graceful);
-            }
-        }
+    tracing::info!(listen = %app.cfg.listen, admin = app.cfg.admin_addr().unwrap_or("off"), tls = tls.is_some(), max_connections = app.cfg.max_connections, "enforcer listening");
+    let conns = Connections::default();
+    let mut loops = vec![tokio::spawn(conn::accept_loop(
+        app.clone(),
+        listener,
+        Kind::Proxy,
+        app.cfg.max_connections,
+        tls,
+        conns.clone(),
+    ))];
+    if let Some(admin) = admin {
+        loops.push(tokio::spawn(conn::accept_loop(
+            app.clone(),
+            admin,
+            Kind::Admin,
+            conn::ADMIN_MAX_CONNECTIONS,
+            None,
+            conns.clone(),
+        )));
     }
-    drop(listener);
-    drain(&app, graceful).await;
+    shutdown_signal().await;
+    drain(&app, &conns, loops).await;
     Ok(())
 }
 
@@ -116,79 +119,15 @@ async fn bind(app: &App) -> Result<(TcpListener, Option<TcpListener>), StartErro
     Ok((listener, admin))
 }
 
-/// Serves one proxy connection (HTTP/1.1 or h2c, or TLS with ALPN) in its own task.
-fn serve_proxy(
-    app: &Arc<App>,
-    stream: TcpStream,
-    tls: Option<&TlsAcceptor>,
-    graceful: &GracefulShutdown,
-) {
-    let _ = stream.set_nodelay(true);
-    let client_wait = Duration::from_millis(app.cfg.timeouts.client_ms);
-    let app = app.clone();
-    let svc = service_fn(move |req| {
-        let app = app.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(app, req).await) }
-    });
-    let mut builder = Builder::new(TokioExecutor::new());
-    // Slow clients: a request head must arrive within timeouts.client_ms.
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(client_wait);
-    match tls {
-        None => {
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-        Some(acc) => {
-            let acc = acc.clone();
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let Ok(Ok(s)) =
-                    tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await
-                else {
-                    return;
-                };
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                    .into_owned();
-                let _ = watcher.watch(conn).await;
-            });
-        }
-    }
-}
-
-/// Serves one admin connection in its own task.
-fn serve_admin(app: &Arc<App>, stream: TcpStream, graceful: &GracefulShutdown) {
-    let app = app.clone();
-    let svc = service_fn(move |req| {
-        let app = app.clone();
-        async move { Ok::<_, std::convert::Infallible>(admin::handle(app, req).await) }
-    });
-    let conn = Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), svc)
-        .into_owned();
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-}
-
-/// Lets calls in flight finish (30 s at most), then waits for their settles (10 s at most: each
-/// ends within the ledger's operation timeout, then spools).
-async fn drain(app: &App, graceful: GracefulShutdown) {
+/// Stops accepting, lets calls in flight finish (30 s at most), then waits for their settles
+/// (10 s at most: each ends within the ledger's operation timeout, then spools).
+async fn drain(app: &App, conns: &Connections, loops: Vec<tokio::task::JoinHandle<()>>) {
     tracing::info!("shutting down: waiting up to 30 s for calls in flight");
-    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if !conns.drain(Duration::from_secs(30)).await {
         tracing::warn!("calls still in flight after 30 s; their holds expire by reserve_ttl_secs");
+    }
+    for l in loops {
+        let _ = l.await;
     }
     app.settles.close();
     if tokio::time::timeout(Duration::from_secs(10), app.settles.wait())

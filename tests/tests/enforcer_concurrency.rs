@@ -29,6 +29,7 @@ async fn concurrent_calls_never_overspend() {
         extra_toml: extra,
         mock_output_tokens: Some(200),
         mock_chunk_delay: Some(Duration::from_millis(2)),
+        ..Opts::default()
     })
     .await;
     let url = format!("{}/chat/completions", stack.base("openai"));

@@ -40,6 +40,15 @@ impl Config {
                 "tls_cert_file and tls_key_file go together",
             ));
         }
+        if self.max_connections == 0 {
+            return Err(bad("max_connections", "at least 1"));
+        }
+        if self.max_streams_per_connection == 0 {
+            return Err(bad("max_streams_per_connection", "at least 1"));
+        }
+        if self.timeouts.connection_idle_ms < 1_000 {
+            return Err(bad("timeouts.connection_idle_ms", "at least 1000 (ms)"));
+        }
         if !matches!(self.log_format.as_str(), "json" | "text") {
             return Err(bad("log_format", "must be \"json\" or \"text\""));
         }

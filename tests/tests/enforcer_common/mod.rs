@@ -64,6 +64,8 @@ pub struct Opts {
     pub mock_output_tokens: Option<u64>,
     /// Mock stream chunk delay.
     pub mock_chunk_delay: Option<Duration>,
+    /// RLIMIT_NOFILE for the enforcer process (file descriptor exhaustion tests).
+    pub nofile: Option<u64>,
 }
 
 /// A running redis + mock + enforcer.
@@ -182,6 +184,9 @@ impl Stack {
                 )
                 .stdout(Stdio::null())
                 .stderr(log);
+            if let Some(n) = opts.nofile {
+                limit_open_files(&mut cmd, n);
+            }
             let mut enforcer = ChildGuard::spawn("enforcer", &mut cmd);
             let log =
                 || std::fs::read_to_string(dir.path().join("enforcer.log")).unwrap_or_default();
@@ -258,6 +263,25 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Starts `cmd` with at most `n` open file descriptors.
+fn limit_open_files(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: setrlimit is async-signal-safe and touches only the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
     }
 }
 
