@@ -26,6 +26,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "nodejs",
         "a second OpenSSL client (node's https) for the observer tests",
     ),
+    (
+        "golang-go",
+        "Go crypto/tls clients for the observer's Go coverage (issue 15)",
+    ),
     ("python3-venv", "the venv holding the official SDKs"),
     ("libssl3", "the OpenSSL the observer attaches to"),
     ("ca-certificates", "TLS roots for package downloads"),
