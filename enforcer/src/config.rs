@@ -73,8 +73,13 @@ pub struct Config {
     pub admin_listen: String,
     /// Environment variable holding the admin bearer token (required when the admin listener is on).
     pub admin_token_env: String,
-    /// Redis: `redis://host:port[/db]`, `redis+cluster://h1:p1,h2:p2`.
+    /// Redis: `redis://[user@]host:port[/db]`, `rediss://` (TLS), `redis+cluster://h1:p1,h2:p2`,
+    /// `rediss+cluster://...`.
     pub redis_url: String,
+    /// Environment variable holding the Redis password (ACL user from the URL); unset: the URL's.
+    pub redis_password_env: Option<String>,
+    /// PEM CA bundle that signed the Redis server's certificate (`rediss://`); unset: the system's.
+    pub redis_ca_file: Option<PathBuf>,
     /// Optional PEM certificate chain for a TLS proxy listener.
     pub tls_cert_file: Option<PathBuf>,
     /// Optional PEM private key for the TLS proxy listener.
@@ -159,6 +164,8 @@ impl Default for Config {
             admin_listen: "127.0.0.1:8081".into(),
             admin_token_env: "WARDEN_ADMIN_TOKEN".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_password_env: None,
+            redis_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
             prices_file: None,
@@ -264,6 +271,27 @@ impl Default for MetricsConfig {
 }
 
 impl Config {
+    /// How the ledger connects to Redis: `timeout` per reply, connect and operation, plus the
+    /// password and CA the config names (read now, so a missing Secret fails at start).
+    ///
+    /// # Errors
+    /// The variable or file named by `redis_password_env` / `redis_ca_file` is missing or bad.
+    pub fn ledger_config(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<ledger::store::LedgerConfig, ledger::Error> {
+        ledger::store::LedgerConfig {
+            response_timeout: timeout,
+            operation_timeout: timeout,
+            connection_timeout: timeout,
+            ..ledger::store::LedgerConfig::default()
+        }
+        .with_credentials(
+            self.redis_password_env.as_deref(),
+            self.redis_ca_file.as_deref(),
+        )
+    }
+
     /// The billing policy's part of the config.
     #[must_use]
     pub fn pricing(&self) -> ledger::billing::PricingConfig {

@@ -41,7 +41,7 @@ use http_body_util::{BodyExt, Full};
 use ledger::Nanos;
 use ledger::billing::Pricing;
 use ledger::durable::DurableLedger;
-use ledger::store::{Ledger, LedgerConfig};
+use ledger::store::Ledger;
 
 use crate::auth::KeyStore;
 use crate::budget::Budgets;
@@ -131,12 +131,9 @@ impl App {
         let refs: Vec<&Provider> = providers.values().collect();
         let upstreams = Upstreams::new(&refs, &cfg.timeouts)?;
         let redis_timeout = Duration::from_millis(cfg.timeouts.redis_ms);
-        let lcfg = LedgerConfig {
-            response_timeout: redis_timeout,
-            operation_timeout: redis_timeout,
-            connection_timeout: redis_timeout,
-            ..LedgerConfig::default()
-        };
+        let lcfg = cfg
+            .ledger_config(redis_timeout)
+            .map_err(StartError::Redis)?;
         let instance = recovery::instance_id(&cfg);
         let ledger = Ledger::connect_lazy(&cfg.redis_url, lcfg)
             .await

@@ -100,7 +100,8 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                let ledger = Ledger::connect(&cfg.redis_url)
+                let lcfg = cfg.ledger_config(std::time::Duration::from_secs(2))?;
+                let ledger = Ledger::connect_with(&cfg.redis_url, lcfg)
                     .await
                     .with_context(|| format!("connecting to {}", cfg.redis_url))?;
                 let problems = ledger.check_budgets().await?;
@@ -133,7 +134,8 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                let ledger = Ledger::connect(&cfg.redis_url)
+                let lcfg = cfg.ledger_config(std::time::Duration::from_secs(2))?;
+                let ledger = Ledger::connect_with(&cfg.redis_url, lcfg)
                     .await
                     .with_context(|| format!("connecting to {}", cfg.redis_url))?;
                 let r =

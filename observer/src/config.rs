@@ -16,8 +16,13 @@ pub const DEFAULT_PATH: &str = "/etc/llmwarden/observer.toml";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// The shared ledger (`redis://host:port/` or `redis+cluster://...`).
+    /// The shared ledger (`redis://[user@]host:port/`, `rediss://` for TLS, `redis+cluster://...`
+    /// or `rediss+cluster://...`).
     pub redis_url: String,
+    /// Environment variable holding the Redis password (ACL user from the URL); unset: the URL's.
+    pub redis_password_env: Option<String>,
+    /// PEM CA bundle that signed the Redis server's certificate (`rediss://`); unset: the system's.
+    pub redis_ca_file: Option<PathBuf>,
     /// Where Prometheus scrapes `/metrics`; empty disables it.
     pub metrics_listen: String,
     /// Optional LiteLLM-format price file layered over the built-in table.
@@ -73,6 +78,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
+            redis_password_env: None,
+            redis_ca_file: None,
             metrics_listen: "127.0.0.1:9464".to_owned(),
             prices_file: None,
             unknown_model_price: ledger::billing::DefaultPrice::default(),
@@ -222,10 +229,12 @@ impl Config {
         if !self.redis_url.starts_with("redis://")
             && !self.redis_url.starts_with("rediss://")
             && !self.redis_url.starts_with("redis+cluster://")
+            && !self.redis_url.starts_with("rediss+cluster://")
         {
+            // The URL itself is not printed: it may carry a password.
             bail!(
-                "redis_url: {:?} must start with redis://, rediss:// or redis+cluster://",
-                self.redis_url
+                "redis_url: must start with redis://, rediss://, redis+cluster:// or \
+                 rediss+cluster://"
             );
         }
         if !self.metrics_listen.is_empty() {

@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use ledger::billing::Pricing;
 use ledger::provider::{ProviderDetector, ProviderKind};
+use ledger::store::LedgerConfig;
 use observer_common::{
     HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, ProcEvent, STAT_DROPPED_BYTES,
     STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES,
@@ -84,6 +85,10 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     let mut sink = match mode {
         Mode::Record => Sink::ledger(
             &cfg.redis_url,
+            LedgerConfig::default().with_credentials(
+                cfg.redis_password_env.as_deref(),
+                cfg.redis_ca_file.as_deref(),
+            )?,
             Duration::from_secs(cfg.bypass_event_window_secs),
             crate::sink::spool_config(
                 cfg.spool_dir.as_deref(),
@@ -92,7 +97,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
             ),
         )
         .await
-        .with_context(|| format!("connecting to redis_url {}", cfg.redis_url))?,
+        .context("connecting to redis_url")?,
         Mode::Sniff => Sink::Stdout,
     };
     let (tx, mut rx) = mpsc::channel::<CallRecord>(cfg.sink_queue);

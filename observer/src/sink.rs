@@ -158,8 +158,13 @@ pub fn spool_config(
 impl Sink {
     /// Connects to Redis for the daemon. The connection is lazy, so the observer starts (and
     /// spools what it sees) while Redis is down.
-    pub async fn ledger(url: &str, window: Duration, spool: SpoolConfig) -> Result<Sink> {
-        let ledger = Ledger::connect_lazy(url, LedgerConfig::default()).await?;
+    pub async fn ledger(
+        url: &str,
+        lcfg: LedgerConfig,
+        window: Duration,
+        spool: SpoolConfig,
+    ) -> Result<Sink> {
+        let ledger = Ledger::connect_lazy(url, lcfg).await?;
         let spool = Spool::open(spool)?;
         let replayer = Replayer::spawn(spool.clone(), ledger.clone(), ReplayerConfig::default());
         Ok(Sink::Ledger(LedgerSink {

@@ -17,7 +17,20 @@ use crate::process::{ChildGuard, free_port};
 pub struct RedisServer {
     guard: ChildGuard,
     port: u16,
+    tls: Option<TlsRedis>,
 }
+
+/// The TLS side of a server started with [`RedisServer::start_tls`].
+#[derive(Debug)]
+pub struct TlsRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// The ACL user [`RedisServer::start_tls`] creates (the `default` user is switched off).
+pub const TLS_USER: &str = "llmwarden";
+/// Its password.
+pub const TLS_PASSWORD: &str = "test-only-redis-pw-5b1e";
 
 /// Where redis-server is: `$LLMWARDEN_REDIS_SERVER`, else the first `redis-server` on `PATH`, else
 /// /usr/bin/redis-server. Panics with the fix when none exists.
@@ -87,7 +100,11 @@ impl RedisServer {
                     break;
                 }
                 if ping(port) {
-                    return RedisServer { guard, port };
+                    return RedisServer {
+                        guard,
+                        port,
+                        tls: None,
+                    };
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -97,6 +114,74 @@ impl RedisServer {
             "redis-server ({}) did not answer PING on a free loopback port after 5 attempts",
             bin.display()
         );
+    }
+
+    /// A server that also listens with TLS on a second loopback port, its certificate signed by a
+    /// fresh CA ([`RedisServer::ca_path`]), clients not asked for certificates. The ACL user
+    /// [`TLS_USER`] / [`TLS_PASSWORD`] has the ACL docs/security.md recommends; the `default` user is switched off, so
+    /// every connection must authenticate (and [`RedisServer::command`] no longer works).
+    ///
+    /// # Panics
+    /// When the certificates cannot be made or the server does not come up.
+    #[must_use]
+    pub fn start_tls() -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir for redis TLS files");
+        write_tls_files(dir.path());
+        let tls_port = free_port();
+        let p = |f: &str| dir.path().join(f).display().to_string();
+        let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
+        let mut server = RedisServer::start_with(&[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ]);
+        let created = server.command(&[
+            "ACL",
+            "SETUSER",
+            TLS_USER,
+            "on",
+            &format!(">{TLS_PASSWORD}"),
+            // The ACL docs/security.md gives the llmwarden user: its own keys, no dangerous or
+            // admin commands, no Pub/Sub channels.
+            "~llmw:*",
+            "resetchannels",
+            "+@all",
+            "-@dangerous",
+        ]);
+        assert_eq!(created, "+OK", "ACL SETUSER {TLS_USER}");
+        assert_eq!(server.command(&["ACL", "SETUSER", "default", "off"]), "+OK");
+        server.tls = Some(TlsRedis {
+            port: tls_port,
+            dir,
+        });
+        server
+    }
+
+    /// `rediss://llmwarden@127.0.0.1:<tls port>` (no password: it comes from the environment).
+    ///
+    /// # Panics
+    /// When the server was not started with [`RedisServer::start_tls`].
+    #[must_use]
+    pub fn tls_url(&self) -> String {
+        let tls = self.tls.as_ref().expect("a server from start_tls");
+        format!("rediss://{TLS_USER}@127.0.0.1:{}", tls.port)
+    }
+
+    /// The PEM file of the CA that signed the TLS certificate.
+    ///
+    /// # Panics
+    /// When the server was not started with [`RedisServer::start_tls`].
+    #[must_use]
+    pub fn ca_path(&self) -> PathBuf {
+        let tls = self.tls.as_ref().expect("a server from start_tls");
+        tls.dir.path().join("ca.pem")
     }
 
     /// The port it listens on (127.0.0.1).
@@ -163,6 +248,28 @@ impl RedisServer {
         }
         line.trim_end().to_owned()
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 / localhost in `dir`: ca.pem, server.pem,
+/// server.key.
+fn write_tls_files(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "llmwarden test redis CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("self-sign CA");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("server params")
+        .signed_by(&key, &issuer)
+        .expect("sign server certificate");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write ca.pem");
+    std::fs::write(dir.join("server.pem"), leaf.pem()).expect("write server.pem");
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write server.key");
 }
 
 /// Whether something answers `+PONG` on 127.0.0.1:`port` within 200 ms.

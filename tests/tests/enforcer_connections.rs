@@ -47,7 +47,11 @@ fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, Option<Duratio
         match s.read(&mut buf) {
             Ok(0) => return (got, Some(start.elapsed())),
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 return (got, Some(start.elapsed()));
             }
@@ -124,10 +128,18 @@ async fn idle_connections_close_on_every_protocol_and_listener() {
     stack.settled("acme", 1).await;
     let m = metrics(&stack).await;
     assert!(
-        sample(&m, "llmwarden_connection_idle_closes_total{listener=\"proxy\"}") >= 2.0,
+        sample(
+            &m,
+            "llmwarden_connection_idle_closes_total{listener=\"proxy\"}"
+        ) >= 2.0,
         "idle closes not counted:\n{m}"
     );
-    assert!(sample(&m, "llmwarden_connection_idle_closes_total{listener=\"admin\"}") >= 1.0);
+    assert!(
+        sample(
+            &m,
+            "llmwarden_connection_idle_closes_total{listener=\"admin\"}"
+        ) >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +178,10 @@ async fn past_max_connections_new_ones_wait_for_a_free_slot() {
     assert_eq!(r.status(), 200);
     let m = metrics(&stack).await;
     assert!(
-        sample(&m, "llmwarden_connection_limit_waits_total{listener=\"proxy\"}") >= 1.0,
+        sample(
+            &m,
+            "llmwarden_connection_limit_waits_total{listener=\"proxy\"}"
+        ) >= 1.0,
         "limit waits not counted:\n{m}"
     );
     drop(held);
@@ -224,7 +239,12 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
     // The descriptors free up: calls go through again, and the failures were counted.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = http().post(&url).bearer_auth(KEY_ACME).json(&chat()).send().await;
+        let r = http()
+            .post(&url)
+            .bearer_auth(KEY_ACME)
+            .json(&chat())
+            .send()
+            .await;
         if r.as_ref().is_ok_and(|r| r.status() == 200) {
             break;
         }

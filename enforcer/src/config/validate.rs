@@ -90,11 +90,22 @@ impl Config {
     pub(super) fn validate_redis_url(&self) -> Result<(), ConfigError> {
         if !(self.redis_url.starts_with("redis://")
             || self.redis_url.starts_with("rediss://")
-            || self.redis_url.starts_with("redis+cluster://"))
+            || self.redis_url.starts_with("redis+cluster://")
+            || self.redis_url.starts_with("rediss+cluster://"))
         {
             return Err(bad(
                 "redis_url",
-                "must start with redis://, rediss:// or redis+cluster://",
+                "must start with redis://, rediss://, redis+cluster:// or rediss+cluster://",
+            ));
+        }
+        if self
+            .redis_password_env
+            .as_deref()
+            .is_some_and(str::is_empty)
+        {
+            return Err(bad(
+                "redis_password_env",
+                "names no variable; remove the key or name one",
             ));
         }
         Ok(())

@@ -101,7 +101,10 @@ pub async fn accept_loop(
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         if slots.available_permits() == 0 {
-            app.metrics.connection_limit_waits.get_or_create(&label).inc();
+            app.metrics
+                .connection_limit_waits
+                .get_or_create(&label)
+                .inc();
         }
         let slot = tokio::select! {
             () = conns.stop.cancelled() => return,

@@ -6,13 +6,19 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, TlsCertificates, Value};
 
 use crate::Error;
 
 /// How the ledger talks to Redis. `Default` suits an enforcer on the same network as Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct LedgerConfig {
+    /// Password for Redis AUTH, over any in the URL (e.g. from a Kubernetes Secret through the
+    /// environment, so it is not in a config file). Never printed.
+    pub password: Option<String>,
+    /// PEM certificates of the CA that signed the Redis server's certificate, for `rediss://`;
+    /// `None` trusts the system's store.
+    pub tls_ca_pem: Option<Vec<u8>>,
     /// Each command's reply must arrive within this; a paused or overloaded Redis yields
     /// [`Error::Redis`] (timeout) instead of a hang. Default 500 ms.
     pub response_timeout: Duration,
@@ -42,6 +48,8 @@ pub struct LedgerConfig {
 impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
+            password: None,
+            tls_ca_pem: None,
             response_timeout: Duration::from_millis(500),
             connection_timeout: Duration::from_secs(1),
             operation_timeout: Duration::from_secs(2),
@@ -55,12 +63,78 @@ impl Default for LedgerConfig {
     }
 }
 
+impl std::fmt::Debug for LedgerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerConfig")
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(Vec::len))
+            .field("response_timeout", &self.response_timeout)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("reconnect_retries", &self.reconnect_retries)
+            .field("session_ttl", &self.session_ttl)
+            .field("idempotency_ttl", &self.idempotency_ttl)
+            .field("hold_grace", &self.hold_grace)
+            .field("reclaim_batch", &self.reclaim_batch)
+            .field("group_commit", &self.group_commit)
+            .finish()
+    }
+}
+
+impl LedgerConfig {
+    /// Adds the Redis credentials a deployment keeps outside its config file: the password from
+    /// the environment variable `password_env` (a Kubernetes Secret, a systemd credential) and
+    /// the PEM CA bundle at `ca_file` that signed the server's certificate for `rediss://`. The
+    /// ACL user name, if any, is the URL's (`redis://llmwarden@redis:6379`).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming the variable or file when the variable is unset or empty, or the
+    /// file is unreadable or holds no PEM certificate.
+    pub fn with_credentials(
+        mut self,
+        password_env: Option<&str>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<LedgerConfig, Error> {
+        if let Some(var) = password_env {
+            let pw = std::env::var(var).ok().filter(|v| !v.is_empty());
+            self.password = Some(pw.ok_or_else(|| Error::Invalid {
+                what: "redis_password_env",
+                detail: format!("environment variable {var} is not set or empty"),
+            })?);
+        }
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path).map_err(|e| Error::Invalid {
+                what: "redis_ca_file",
+                detail: format!("{}: {e}", path.display()),
+            })?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(Error::Invalid {
+                    what: "redis_ca_file",
+                    detail: format!("{}: no PEM certificate in it", path.display()),
+                });
+            }
+            self.tls_ca_pem = Some(pem);
+        }
+        Ok(self)
+    }
+}
+
+/// TLS for `rediss://`: the configured CA, else the system's trust store. rustls in redis uses
+/// the process-wide crypto provider; ring is installed when none is (the workspace's provider).
+fn tls(cfg: &LedgerConfig) -> TlsCertificates {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    TlsCertificates {
+        client_tls: None,
+        root_cert: cfg.tls_ca_pem.clone(),
+    }
+}
+
 /// A single-node or cluster connection; both are cheap to clone and multiplexed.
 #[derive(Clone)]
 pub(crate) enum Conn {
     /// `redis://host:port[/db]`: one node, reconnected automatically.
     Single(ConnectionManager),
-    /// `redis+cluster://h1:p1,h2:p2` or several comma-separated nodes.
+    /// `redis+cluster://h1:p1,h2:p2` (`rediss+cluster://` for TLS) or several comma-separated nodes.
     Cluster(ClusterConnection),
 }
 
@@ -69,7 +143,15 @@ impl Conn {
     /// first use, so a process can start while Redis is down.
     pub(crate) async fn open(url: &str, cfg: &LedgerConfig, lazy: bool) -> Result<Conn, Error> {
         if let Some(nodes) = cluster_nodes(url) {
-            let client = ClusterClientBuilder::new(nodes)
+            let tls_nodes = nodes.iter().any(|n| n.starts_with("rediss://"));
+            let mut builder = ClusterClientBuilder::new(nodes);
+            if let Some(p) = &cfg.password {
+                builder = builder.password(p.clone());
+            }
+            if tls_nodes {
+                builder = builder.certs(tls(cfg));
+            }
+            let client = builder
                 .connection_timeout(cfg.connection_timeout)
                 .response_timeout(cfg.response_timeout)
                 .overall_response_timeout(Some(cfg.operation_timeout))
@@ -80,7 +162,16 @@ impl Conn {
                 .map_err(|_| timeout_error("connect", cfg.operation_timeout))??;
             return Ok(Conn::Cluster(conn));
         }
-        let client = redis::Client::open(url)?;
+        let mut info = url.into_connection_info()?;
+        if let Some(p) = &cfg.password {
+            let settings = info.redis_settings().clone().set_password(p);
+            info = info.set_redis_settings(settings);
+        }
+        let client = if url.starts_with("rediss://") {
+            redis::Client::build_with_tls(info, tls(cfg))?
+        } else {
+            redis::Client::open(info)?
+        };
         let mcfg = ConnectionManagerConfig::new()
             .set_response_timeout(Some(cfg.response_timeout))
             .set_connection_timeout(Some(cfg.connection_timeout))
@@ -101,20 +192,28 @@ impl Conn {
     }
 }
 
-/// The node URLs when `url` names a cluster: `redis+cluster://h1:p1,h2:p2` (credentials on the
+/// The node URLs when `url` names a cluster: `redis+cluster://h1:p1,h2:p2` or
+/// `rediss+cluster://...` for TLS (credentials on the
 /// first node apply to all) or several comma-separated `redis://` URLs. `None` for a single node.
 #[must_use]
 pub(crate) fn cluster_nodes(url: &str) -> Option<Vec<String>> {
-    if let Some(rest) = url.strip_prefix("redis+cluster://") {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", Some(rest))
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", Some(rest))
+    } else {
+        ("redis", None)
+    };
+    if let Some(rest) = rest {
         let mut parts = rest.split(',').map(str::trim).filter(|s| !s.is_empty());
         let first = parts.next()?;
         let creds = first.rsplit_once('@').map(|(c, _)| format!("{c}@"));
-        let mut nodes = vec![format!("redis://{first}")];
+        let mut nodes = vec![format!("{scheme}://{first}")];
         for p in parts {
-            let p = p.strip_prefix("redis://").unwrap_or(p);
+            let p = p.strip_prefix(&format!("{scheme}://")).unwrap_or(p);
             match (&creds, p.contains('@')) {
-                (Some(c), false) => nodes.push(format!("redis://{c}{p}")),
-                _ => nodes.push(format!("redis://{p}")),
+                (Some(c), false) => nodes.push(format!("{scheme}://{c}{p}")),
+                _ => nodes.push(format!("{scheme}://{p}")),
             }
         }
         return Some(nodes);
@@ -175,6 +274,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn credentials_come_from_the_environment_and_a_pem_file_never_printed() {
+        let var = "LLMWARDEN_TEST_REDIS_PASSWORD_CONN";
+        // SAFETY: this test alone reads or writes this variable.
+        unsafe { std::env::set_var(var, "s3cret-pw") };
+        let cfg = LedgerConfig::default()
+            .with_credentials(Some(var), None)
+            .unwrap();
+        assert_eq!(cfg.password.as_deref(), Some("s3cret-pw"));
+        assert!(!format!("{cfg:?}").contains("s3cret-pw"));
+        let err = LedgerConfig::default()
+            .with_credentials(Some("LLMWARDEN_TEST_UNSET_VAR_X"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis_password_env") && err.contains("LLMWARDEN_TEST_UNSET_VAR_X"));
+        let dir = std::env::temp_dir().join(format!("llmw-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.pem");
+        std::fs::write(&bad, "not a certificate").unwrap();
+        let err = LedgerConfig::default()
+            .with_credentials(None, Some(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("redis_ca_file") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        let missing = dir.join("missing.pem");
+        let err = LedgerConfig::default()
+            .with_credentials(None, Some(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.pem"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn cluster_urls() {
         assert_eq!(cluster_nodes("redis://127.0.0.1:6379"), None);
         assert_eq!(cluster_nodes("redis://127.0.0.1:6379/2"), None);
@@ -185,6 +320,10 @@ mod tests {
         assert_eq!(
             cluster_nodes("redis+cluster://u:p@a:1,b:2").unwrap(),
             vec!["redis://u:p@a:1".to_owned(), "redis://u:p@b:2".to_owned()]
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://u@a:1,b:2").unwrap(),
+            vec!["rediss://u@a:1".to_owned(), "rediss://u@b:2".to_owned()]
         );
         assert_eq!(
             cluster_nodes("redis://a:1,redis://b:2").unwrap(),

@@ -66,6 +66,9 @@ pub struct Opts {
     pub mock_chunk_delay: Option<Duration>,
     /// RLIMIT_NOFILE for the enforcer process (file descriptor exhaustion tests).
     pub nofile: Option<u64>,
+    /// Redis over TLS only, with an ACL user whose password the enforcer reads from the
+    /// environment (`RedisServer::start_tls`); the stack's own ledger connects the same way.
+    pub redis_tls: bool,
 }
 
 /// A running redis + mock + enforcer.
@@ -89,7 +92,22 @@ pub struct Stack {
 impl Stack {
     /// Starts everything and waits until the enforcer listens.
     pub async fn start(opts: Opts) -> Stack {
-        let redis = RedisServer::start();
+        let redis = if opts.redis_tls {
+            RedisServer::start_tls()
+        } else {
+            RedisServer::start()
+        };
+        let (redis_url, redis_creds) = if opts.redis_tls {
+            (
+                redis.tls_url(),
+                format!(
+                    "redis_password_env = \"TEST_REDIS_PASSWORD\"\n    redis_ca_file = \"{}\"",
+                    redis.ca_path().display()
+                ),
+            )
+        } else {
+            (redis.url(), String::new())
+        };
         let mut mc = MockConfig {
             require_key: Some(UPSTREAM_KEY.to_owned()),
             ..MockConfig::default()
@@ -116,6 +134,7 @@ impl Stack {
     admin_listen = "127.0.0.1:{admin_port}"
     admin_token_env = "TEST_WARDEN_ADMIN_TOKEN"
     redis_url = "{redis}"
+    {redis_creds}
     {spool}
 
     [providers.openai]
@@ -153,7 +172,7 @@ impl Stack {
     features = ["support-bot", "triage"]
     {extra}
     "#,
-                redis = redis.url(),
+                redis = redis_url,
                 // Keep the spool in the test's temp dir unless the test chose one.
                 spool = if opts.top_toml.contains("spool_dir") {
                     String::new()
@@ -178,6 +197,7 @@ impl Stack {
                 .arg(&cfg_path)
                 .env("TEST_MOCK_KEY", UPSTREAM_KEY)
                 .env("TEST_WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("TEST_REDIS_PASSWORD", llmwarden_tests::redis::TLS_PASSWORD)
                 .env(
                     "ENFORCER_LOG",
                     "debug,hyper=info,h2=info,rustls=info,redis=info",
@@ -209,7 +229,17 @@ impl Stack {
                 "the enforcer exited at start:\n{out}"
             );
         };
-        let ledger = Ledger::connect(&redis.url()).await.expect("connect ledger");
+        let ledger = if opts.redis_tls {
+            let lcfg = ledger::store::LedgerConfig {
+                password: Some(llmwarden_tests::redis::TLS_PASSWORD.to_owned()),
+                tls_ca_pem: Some(std::fs::read(redis.ca_path()).expect("read redis CA")),
+                ..ledger::store::LedgerConfig::default()
+            };
+            Ledger::connect_with(&redis_url, lcfg).await
+        } else {
+            Ledger::connect(&redis.url()).await
+        }
+        .expect("connect ledger");
         Stack {
             enforcer,
             mock,
