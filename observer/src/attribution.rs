@@ -194,7 +194,9 @@ impl Rules {
         self.exclude.iter().any(|m| m.matches(p))
     }
 
-    /// Tenant and service for a call: headers win, then the first matching rule, then defaults.
+    /// Tenant and service for a call. The first matching rule decides: its tenant, or the
+    /// `X-Tenant-ID` / `X-Feature-Name` headers when it sets `trust_headers` (a header the ledger
+    /// would refuse falls back to the rule's tenant); no rule: the default tenant, headers ignored.
     pub fn attribute(
         &self,
         p: &ProcessInfo,
@@ -206,9 +208,12 @@ impl Rules {
             .iter()
             .find(|(m, _)| m.matches(p))
             .map(|(_, r)| r);
-        // One name rule with the enforcer and the ledger (ledger::names): a header the ledger
-        // would refuse falls back to the rule's tenant instead of losing the record.
-        let valid = |v: &&str| ledger::names::is_valid(v);
+        // A header is honoured only for processes a rule trusts: otherwise any local process
+        // could charge any tenant by naming it. One name rule with the enforcer and the ledger
+        // (ledger::names): a header the ledger would refuse falls back to the rule's tenant
+        // instead of losing the record.
+        let trusted = rule.is_some_and(|r| r.trust_headers);
+        let valid = |v: &&str| trusted && ledger::names::is_valid(v);
         let tenant = tenant_header
             .filter(valid)
             .map(str::to_owned)
@@ -268,6 +273,7 @@ mod tests {
                 unit: Some("billing*.service".into()),
                 tenant: Some("billing".into()),
                 service: Some("invoicer".into()),
+                trust_headers: true,
                 ..AttributionRule::default()
             }],
             &[Matcher {
@@ -296,10 +302,37 @@ mod tests {
             (a.tenant.as_str(), a.service.as_str()),
             (DEFAULT_TENANT, "node")
         );
+        // No rule trusts this process: what it claims is ignored.
+        let claimed = rules.attribute(&other, Some("victim"), Some("chat"));
+        assert_eq!(
+            (claimed.tenant.as_str(), claimed.feature),
+            (DEFAULT_TENANT, None)
+        );
         assert!(rules.excluded(&ProcessInfo {
             comm: "apt-get".into(),
             ..ProcessInfo::default()
         }));
+    }
+
+    /// A rule without `trust_headers` bills its own tenant whatever the process claims: a local
+    /// process cannot charge another tenant by sending its name.
+    #[test]
+    fn headers_count_only_for_trusted_processes() {
+        let rules = Rules::new(
+            &[AttributionRule {
+                comm: Some("curl".into()),
+                tenant: Some("team-a".into()),
+                ..AttributionRule::default()
+            }],
+            &[],
+        )
+        .unwrap();
+        let p = ProcessInfo {
+            comm: "curl".into(),
+            ..ProcessInfo::default()
+        };
+        let a = rules.attribute(&p, Some("victim"), Some("support-bot"));
+        assert_eq!((a.tenant.as_str(), a.feature), ("team-a", None));
     }
 
     /// A tenant header the ledger would refuse (`|`, `*`, braces, spaces) never reaches it: the
@@ -311,6 +344,7 @@ mod tests {
             &[AttributionRule {
                 comm: Some("py*".into()),
                 tenant: Some("billing".into()),
+                trust_headers: true,
                 ..AttributionRule::default()
             }],
             &[],

@@ -72,6 +72,12 @@ pub struct Config {
     pub spool_dir: Option<PathBuf>,
     /// Bound of the spool in bytes; when full, records are refused and counted. Default 256 MiB.
     pub spool_max_bytes: u64,
+    /// A call reporting more tokens than this (input + output + cache) is refused, not booked,
+    /// and counted in `llmwarden_observer_records_refused{reason="tokens"}`: no real call is that
+    /// large, and a local process faking a provider must not be able to book it.
+    pub max_tokens_per_call: u64,
+    /// A call costing more than this is refused the same way (`reason="cost"`).
+    pub max_cost_per_call_usd: f64,
 }
 
 impl Default for Config {
@@ -80,6 +86,10 @@ impl Default for Config {
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             redis_password_env: None,
             redis_ca_file: None,
+            // Above the largest context windows plus output (2M + 128k); the cost above a
+            // 1M-token call of the dearest model in the table.
+            max_tokens_per_call: 4_000_000,
+            max_cost_per_call_usd: 1000.0,
             metrics_listen: "127.0.0.1:9464".to_owned(),
             prices_file: None,
             unknown_model_price: ledger::billing::DefaultPrice::default(),
@@ -154,6 +164,11 @@ pub struct AttributionRule {
     pub tenant: Option<String>,
     /// Service name (default: the process name).
     pub service: Option<String>,
+    /// Honour the `X-Tenant-ID` / `X-Feature-Name` headers the process sends (default false). A
+    /// header is only a claim: any local process can send any tenant's name, so only processes
+    /// you trust to name their tenant (a multi-tenant gateway) get this; the others are billed
+    /// to the rule's `tenant` whatever they send.
+    pub trust_headers: bool,
 }
 
 impl AttributionRule {
@@ -237,6 +252,18 @@ impl Config {
                  rediss+cluster://"
             );
         }
+        if self.max_tokens_per_call == 0 {
+            bail!("max_tokens_per_call: must be at least 1");
+        }
+        ledger::Nanos::from_usd_f64(self.max_cost_per_call_usd)
+            .ok()
+            .filter(|n| n.get() > 0)
+            .with_context(|| {
+                format!(
+                    "max_cost_per_call_usd: {} is not a positive USD amount",
+                    self.max_cost_per_call_usd
+                )
+            })?;
         if !self.metrics_listen.is_empty() {
             SocketAddr::from_str(&self.metrics_listen).with_context(|| {
                 format!("metrics_listen: {:?} is not IP:PORT", self.metrics_listen)
@@ -275,8 +302,8 @@ impl Config {
         }
         for (i, r) in self.attribution.iter().enumerate() {
             r.matcher().validate(&format!("attribution[{i}]"))?;
-            if r.tenant.is_none() && r.service.is_none() {
-                bail!("attribution[{i}]: give tenant and/or service");
+            if r.tenant.is_none() && r.service.is_none() && !r.trust_headers {
+                bail!("attribution[{i}]: give tenant, service and/or trust_headers = true");
             }
             for (key, v) in [("tenant", &r.tenant), ("service", &r.service)] {
                 if let Some(v) = v

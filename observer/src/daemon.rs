@@ -31,7 +31,7 @@ use crate::connections::Connections;
 use crate::discovery::{Discovery, ProcNote};
 use crate::exchange::{ObservedCall, Outcome};
 use crate::metrics::Metrics;
-use crate::sink::{CallRecord, Sink};
+use crate::sink::{CallRecord, RecordCaps, Sink};
 
 /// Daemon (ledger) or `observer sniff` (stdout, no Redis).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +58,7 @@ struct Loop {
     tx: mpsc::Sender<CallRecord>,
     notes: std::sync::mpsc::Sender<ProcNote>,
     pricing: Arc<Pricing>,
+    caps: RecordCaps,
     outcomes: Vec<Outcome>,
 }
 
@@ -154,6 +155,11 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         tx,
         notes: note_tx,
         pricing: Arc::new(pricing),
+        caps: RecordCaps {
+            max_tokens: cfg.max_tokens_per_call,
+            max_cost: ledger::Nanos::from_usd_f64(cfg.max_cost_per_call_usd)
+                .context("max_cost_per_call_usd")?,
+        },
         outcomes: Vec::new(),
     };
     let poll = Duration::from_millis(cfg.poll_interval_ms);
@@ -341,6 +347,19 @@ impl Loop {
         );
         let event_id = format!("obs:{}:{}:{:x}:{}", self.boot_id, h.pid, h.ssl, h.ts_ns);
         let rec = CallRecord::new(call, event_id, &proc, who, &self.pricing);
+        if let Some(reason) = rec.over_caps(&self.caps) {
+            self.metrics
+                .records_refused
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc();
+            tracing::warn!(reason, provider = %rec.provider, tenant = %rec.tenant,
+                service = %rec.service, pid = rec.pid, comm = %rec.comm,
+                tokens_in = rec.input_tokens, tokens_out = rec.output_tokens, cost_nusd = rec.cost_nusd,
+                "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
+            return;
+        }
         match self.tx.try_send(rec) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub parse_errors: Family<ReasonLabels, Counter>,
     /// Calls whose model has no price.
     pub price_gaps: Family<CallLabels, Counter>,
+    /// Calls refused before the ledger because their usage is beyond any real call
+    /// (`max_tokens_per_call`, `max_cost_per_call_usd`), by reason.
+    pub records_refused: Family<ReasonLabels, Counter>,
     /// Ledger writes that failed.
     pub ledger_errors: Counter,
     /// Calls dropped because the output queue (to Redis or stdout) was full.
@@ -128,6 +131,11 @@ impl Metrics {
             "parse_errors",
             "HTTP or body parse errors",
             self.parse_errors.clone(),
+        );
+        r.register(
+            "records_refused",
+            "Calls refused before the ledger: usage beyond max_tokens_per_call or max_cost_per_call_usd",
+            self.records_refused.clone(),
         );
         r.register(
             "price_gaps",

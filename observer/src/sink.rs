@@ -58,7 +58,47 @@ pub struct CallRecord {
     pub feature: Option<String>,
 }
 
+/// Per-call sanity bounds: usage beyond them is no real call (a fake provider, a corrupt body)
+/// and is refused before the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordCaps {
+    /// Most tokens (input + output + cache read + cache write) one call may report.
+    pub max_tokens: u64,
+    /// Most one call may cost.
+    pub max_cost: ledger::Nanos,
+}
+
+/// The metric label of a model: the price table's id for a priced model, "unpriced" for every
+/// other name (any process can send any model name; labels must stay bounded).
+pub const UNPRICED_MODEL_LABEL: &str = "unpriced";
+
 impl CallRecord {
+    /// Why the record is beyond `caps` ("tokens" or "cost"), or `None` when it is within them.
+    #[must_use]
+    pub fn over_caps(&self, caps: &RecordCaps) -> Option<&'static str> {
+        let tokens = self
+            .input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_read_tokens)
+            .saturating_add(self.cache_write_tokens);
+        if tokens > caps.max_tokens {
+            Some("tokens")
+        } else if self.cost_nusd > caps.max_cost.get() {
+            Some("cost")
+        } else {
+            None
+        }
+    }
+
+    /// The model's metric label (bounded: see [`UNPRICED_MODEL_LABEL`]).
+    #[must_use]
+    pub fn model_label(&self) -> String {
+        match (&self.model, self.priced) {
+            (Some(m), true) => m.clone(),
+            _ => UNPRICED_MODEL_LABEL.to_owned(),
+        }
+    }
+
     /// Bills and attributes an observed call.
     pub fn new(
         call: &ObservedCall,
@@ -180,12 +220,13 @@ impl Sink {
     pub async fn write(&mut self, rec: &CallRecord, metrics: &Arc<Metrics>) {
         let labels = CallLabels {
             provider: rec.provider.clone(),
-            model: rec.model.clone().unwrap_or_else(|| "unknown".to_owned()),
+            model: rec.model_label(),
         };
         metrics.calls.get_or_create(&labels).inc();
         if !rec.priced {
             metrics.price_gaps.get_or_create(&labels).inc();
-            tracing::warn!(provider = %rec.provider, model = %labels.model, service = %rec.service,
+            let model = rec.model.as_deref().unwrap_or("none");
+            tracing::warn!(provider = %rec.provider, model = %model, service = %rec.service,
                 "price gap: no price for this model; recorded at unknown_model_price, flagged estimated");
         }
         match self {
@@ -196,7 +237,8 @@ impl Sink {
             }
             Sink::Ledger(s) => {
                 s.record(rec, metrics).await;
-                s.bypass_event(rec, &labels.model, metrics).await;
+                let model = rec.model.clone().unwrap_or_else(|| "unknown".to_owned());
+                s.bypass_event(rec, &model, metrics).await;
             }
         }
     }

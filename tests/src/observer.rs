@@ -29,7 +29,8 @@ pub struct Observer {
 
 impl Observer {
     /// Starts `observer` (or `observer sniff`) with the mocks as extra providers and waits until
-    /// its probes are attached.
+    /// its probes are attached. Without an `[[attribution]]` rule in `extra`, every process is
+    /// trusted to name its tenant (`comm = "*"`, `trust_headers = true`).
     pub fn start(
         redis_url: &str,
         providers: &[(&str, &str)],
@@ -41,6 +42,11 @@ impl Observer {
         let mut toml = format!(
             "redis_url = \"{redis_url}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{extra}\n"
         );
+        // The tests' clients name their tenant with X-Tenant-ID; a test that writes its own
+        // [[attribution]] rules decides for itself whom the observer trusts.
+        if !extra.contains("[[attribution]]") {
+            toml.push_str("[[attribution]]\ncomm = \"*\"\ntrust_headers = true\n");
+        }
         for (host, kind) in providers {
             toml.push_str(&format!(
                 "[[providers]]\nhost = \"{host}\"\nkind = \"{kind}\"\n"

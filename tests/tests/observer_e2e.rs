@@ -652,3 +652,132 @@ fn observer_allow_lists_filter_in_the_kernel() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Any local process can send `X-Tenant-ID: victim`. Unless a rule trusts the process to name
+/// its tenant, the call is billed to the rule's tenant and the claimed one pays nothing; a
+/// process a rule trusts (`trust_headers = true`) names its tenant as before.
+#[test]
+fn observer_bills_claimed_tenants_only_for_trusted_processes() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let m = mock(MockConfig::default());
+    let h = host(&m);
+    // curl's rule names its tenant and does not trust its headers; python is trusted.
+    let rules = "[[attribution]]\ncomm = \"curl\"\ntenant = \"team-curl\"\nservice = \"curl\"\n\n\
+                 [[attribution]]\ncomm = \"python*\"\ntrust_headers = true\n";
+    let obs = Observer::start(&redis.url(), &[(h.as_str(), "openai")], rules, false);
+    curl(&m, "victim", CHAT, &[]);
+    assert_ledger(&redis, "team-curl", billed(&m), &obs);
+
+    // The trusted process names its tenant.
+    let before = billed(&m);
+    let script = format!(
+        "import ssl, urllib.request\n\
+         ctx = ssl.create_default_context(cafile={ca:?})\n\
+         req = urllib.request.Request({url:?}, data={body:?}.encode(), headers={{'content-type': 'application/json', 'x-tenant-id': 'gateway-tenant'}})\n\
+         urllib.request.urlopen(req, context=ctx).read()\n",
+        ca = m.ca_pem_path().display().to_string(),
+        url = format!("{}/v1/chat/completions", m.https_url()),
+        body = CHAT,
+    );
+    let out = Command::new(llmwarden_tests::python::venv_python())
+        .args(["-c", &script])
+        .output()
+        .expect("run the venv's python");
+    assert!(
+        out.status.success(),
+        "python3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = billed(&m);
+    let delta = (
+        after.0 - before.0,
+        after.1 - before.1,
+        after.2 - before.2,
+        after.3 - before.3,
+    );
+    assert_ledger(&redis, "gateway-tenant", delta, &obs);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let ledger = rt
+        .block_on(Ledger::connect(&redis.url()))
+        .expect("ledger connect");
+    let victim = rt
+        .block_on(ledger.tenant_spend("victim", Period::Month, chrono::Utc::now()))
+        .expect("tenant_spend");
+    assert_eq!(
+        (victim.requests, victim.spend.0),
+        (0, 0),
+        "the claimed tenant was charged; observer log:\n{}",
+        obs.log()
+    );
+}
+
+/// A call reporting more usage than any real call (a local fake provider) is refused before the
+/// ledger and counted; models outside the price table share one metric label, so made-up names
+/// cannot grow the metrics without bound.
+#[test]
+fn observer_refuses_absurd_usage_and_bounds_model_labels() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let huge = mock(MockConfig {
+        output_tokens: 5_000,
+        ..MockConfig::default()
+    });
+    let small = mock(MockConfig::default());
+    let (hh, hs) = (host(&huge), host(&small));
+    let obs = Observer::start(
+        &redis.url(),
+        &[(hh.as_str(), "openai"), (hs.as_str(), "openai")],
+        "max_tokens_per_call = 2000\n",
+        false,
+    );
+    curl(&huge, "t-absurd", CHAT, &[]);
+    // Two made-up model names: one label between them.
+    for model in ["made-up-model-1", "made-up-model-2"] {
+        let body = CHAT.replace("gpt-4o-mini", model);
+        curl(&small, "t-labels", &body, &[]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while obs.metric("llmwarden_observer_records_refused_total") < 1
+        || obs.metric("llmwarden_observer_calls_total") < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal or calls counted; log:\n{}\nmetrics:\n{}",
+            obs.log(),
+            obs.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = obs.metrics();
+    assert!(
+        metrics.contains("llmwarden_observer_records_refused_total{reason=\"tokens\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("model=\"unpriced\"") && !metrics.contains("made-up-model"),
+        "{metrics}"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let ledger = rt
+        .block_on(Ledger::connect(&redis.url()))
+        .expect("ledger connect");
+    let absurd = rt
+        .block_on(ledger.tenant_spend("t-absurd", Period::Month, chrono::Utc::now()))
+        .expect("tenant_spend");
+    assert_eq!((absurd.requests, absurd.spend.0), (0, 0), "{}", obs.log());
+    assert!(obs.log().contains("call refused"), "{}", obs.log());
+}
