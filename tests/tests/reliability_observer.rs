@@ -42,7 +42,8 @@ fn a_call_seen_while_redis_is_frozen_is_spooled_and_recorded_once() {
         &config,
         format!(
             "redis_url = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\nspool_dir = \"{}\"\n\
-             [[providers]]\nhost = \"{}\"\nkind = \"openai\"\n",
+             [[providers]]\nhost = \"{}\"\nkind = \"openai\"\n\
+             [[attribution]]\ncomm = \"curl\"\ntrust_headers = true\n",
             redis.url(),
             free_port(),
             spool.display(),
