@@ -8,25 +8,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use enforcer_common::{ADMIN_TOKEN, KEY_ACME, Opts, Stack, http};
+use enforcer_common::{KEY_ACME, Opts, Stack, http};
 use serde_json::json;
 
 /// The h2 client connection preface and an empty SETTINGS frame.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
 /// h2 frame type of GOAWAY.
 const GOAWAY: u8 = 0x7;
-
-async fn metrics(stack: &Stack) -> String {
-    http()
-        .get(format!("{}/metrics", stack.admin()))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text")
-}
 
 /// The value of one sample (`name{labels}`), 0 when absent.
 fn sample(metrics: &str, series: &str) -> f64 {
@@ -126,7 +114,7 @@ async fn idle_connections_close_on_every_protocol_and_listener() {
     let body = r.text().await.expect("body");
     assert!(body.contains("usage"), "the slow call's body: {body}");
     stack.settled("acme", 1).await;
-    let m = metrics(&stack).await;
+    let m = stack.metrics().await;
     assert!(
         sample(
             &m,
@@ -176,7 +164,7 @@ async fn past_max_connections_new_ones_wait_for_a_free_slot() {
         .await
         .expect("a call once a slot is free");
     assert_eq!(r.status(), 200);
-    let m = metrics(&stack).await;
+    let m = stack.metrics().await;
     assert!(
         sample(
             &m,
@@ -254,7 +242,7 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let m = metrics(&stack).await;
+    let m = stack.metrics().await;
     assert!(
         sample(&m, "llmwarden_accept_errors_total{listener=\"proxy\"}") >= 1.0,
         "accept errors not counted:\n{m}"

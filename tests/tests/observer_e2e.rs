@@ -97,6 +97,19 @@ fn assert_ledger(redis: &RedisServer, tenant: &str, want: (u64, u64, u64, i64), 
     }
 }
 
+/// The tenant's figures for this month, read once.
+fn month_spend(redis: &RedisServer, tenant: &str) -> ledger::store::TenantSpend {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let ledger = rt
+        .block_on(Ledger::connect(&redis.url()))
+        .expect("ledger connect");
+    rt.block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
+        .expect("tenant_spend")
+}
+
 const CHAT: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]}"#;
 const CHAT_STREAM: &str = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hello there"}]}"#;
@@ -701,16 +714,7 @@ fn observer_bills_claimed_tenants_only_for_trusted_processes() {
     );
     assert_ledger(&redis, "gateway-tenant", delta, &obs);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let ledger = rt
-        .block_on(Ledger::connect(&redis.url()))
-        .expect("ledger connect");
-    let victim = rt
-        .block_on(ledger.tenant_spend("victim", Period::Month, chrono::Utc::now()))
-        .expect("tenant_spend");
+    let victim = month_spend(&redis, "victim");
     assert_eq!(
         (victim.requests, victim.spend.0),
         (0, 0),
@@ -768,16 +772,7 @@ fn observer_refuses_absurd_usage_and_bounds_model_labels() {
         metrics.contains("model=\"unpriced\"") && !metrics.contains("made-up-model"),
         "{metrics}"
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let ledger = rt
-        .block_on(Ledger::connect(&redis.url()))
-        .expect("ledger connect");
-    let absurd = rt
-        .block_on(ledger.tenant_spend("t-absurd", Period::Month, chrono::Utc::now()))
-        .expect("tenant_spend");
+    let absurd = month_spend(&redis, "t-absurd");
     assert_eq!((absurd.requests, absurd.spend.0), (0, 0), "{}", obs.log());
     assert!(obs.log().contains("call refused"), "{}", obs.log());
 }

@@ -7,23 +7,11 @@ mod reliability_common;
 
 use std::time::Duration;
 
-use enforcer_common::{ADMIN_TOKEN, Opts, Stack, http};
+use enforcer_common::{Opts, Stack};
 use ledger::Nanos;
 use reliability_common::{
     assert_log_clean, call, mock_billed, spawn_stream, spool_toml, wait_until,
 };
-
-async fn metrics(stack: &Stack) -> String {
-    http()
-        .get(format!("{}/metrics", stack.admin()))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
 
 fn counter(metrics: &str, name: &str) -> u64 {
     metrics
@@ -64,7 +52,7 @@ async fn allow_admits_under_the_cap_spools_the_usage_and_replays_it_once() {
     }
     let (st, body, _) = call(&stack, "outage", &[], true).await;
     assert_eq!(st, 200, "{body}");
-    let m = metrics(&stack).await;
+    let m = stack.metrics().await;
     assert_eq!(
         counter(&m, "llmwarden_redis_unavailable_admissions_total"),
         4,
@@ -72,7 +60,7 @@ async fn allow_admits_under_the_cap_spools_the_usage_and_replays_it_once() {
     );
     wait_until(5, "4 spooled records", || {
         let stack = &stack;
-        async move { counter(&metrics(stack).await, "llmwarden_spooled_records_total") == 4 }
+        async move { counter(&stack.metrics().await, "llmwarden_spooled_records_total") == 4 }
     })
     .await;
     stack.redis.resume();

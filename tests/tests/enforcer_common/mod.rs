@@ -256,6 +256,20 @@ impl Stack {
         format!("http://127.0.0.1:{}/proxy/{provider}", self.port)
     }
 
+    /// The admin listener's `/metrics` text.
+    #[allow(dead_code)] // Not every test binary that includes this module reads metrics.
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(format!("{}/metrics", self.admin()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// `http://127.0.0.1:ADMIN`.
     pub fn admin(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin_port)
