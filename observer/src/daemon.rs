@@ -339,7 +339,20 @@ impl Loop {
     }
 
     fn call(&mut self, h: &SslEventHeader, call: &ObservedCall) {
-        let proc = self.process(h.pid);
+        let mut proc = self.process(h.pid);
+        // The name a process goes by now: servers and workers rename themselves after exec
+        // (prctl PR_SET_NAME, setproctitle), and `comm` rules are written against that name, not
+        // the interpreter's. One small read per LLM call; a process already gone keeps the name
+        // it had when first seen.
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{}/comm", h.pid)) {
+            let comm = comm.trim_end();
+            if comm != proc.comm {
+                proc.comm = comm.to_owned();
+                if let Some(p) = self.procs.get_mut(&h.pid) {
+                    p.comm = proc.comm.clone();
+                }
+            }
+        }
         let who = self.rules.attribute(
             &proc,
             call.tenant_header.as_deref(),

@@ -679,7 +679,10 @@ fn observer_bills_claimed_tenants_only_for_trusted_processes() {
     let m = mock(MockConfig::default());
     let h = host(&m);
     // curl's rule names its tenant and does not trust its headers; python is trusted.
+    // A process that renames itself after exec (prctl, as workers and the demo do) is matched
+    // by the name it has when it calls, not the interpreter's.
     let rules = "[[attribution]]\ncomm = \"curl\"\ntenant = \"team-curl\"\nservice = \"curl\"\n\n\
+                 [[attribution]]\ncomm = \"renamed-work*\"\ntenant = \"team-renamed\"\n\n\
                  [[attribution]]\ncomm = \"python*\"\ntrust_headers = true\n";
     let obs = Observer::start(&redis.url(), &[(h.as_str(), "openai")], rules, false);
     curl(&m, "victim", CHAT, &[]);
@@ -713,6 +716,30 @@ fn observer_bills_claimed_tenants_only_for_trusted_processes() {
         after.3 - before.3,
     );
     assert_ledger(&redis, "gateway-tenant", delta, &obs);
+
+    // Renamed after exec: its rule's tenant, not the trusted python rule's header.
+    let before = billed(&m);
+    let renamed = format!(
+        "import ctypes\n\
+         ctypes.CDLL(None).prctl(15, b'renamed-worker', 0, 0, 0)\n{script}"
+    );
+    let out = Command::new(llmwarden_tests::python::venv_python())
+        .args(["-c", &renamed])
+        .output()
+        .expect("run the venv's python");
+    assert!(
+        out.status.success(),
+        "python3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = billed(&m);
+    let delta = (
+        after.0 - before.0,
+        after.1 - before.1,
+        after.2 - before.2,
+        after.3 - before.3,
+    );
+    assert_ledger(&redis, "team-renamed", delta, &obs);
 
     let victim = month_spend(&redis, "victim");
     assert_eq!(
