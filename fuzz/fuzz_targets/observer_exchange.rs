@@ -11,17 +11,18 @@ use std::sync::LazyLock;
 use ledger::provider::{ProviderDetector, ProviderKind};
 use libfuzzer_sys::fuzz_target;
 use llmwarden_fuzz::{CaptureKind, CaptureOp, capture, chunks, plan};
-use observer::exchange::{Exchange, MAX_REQUEST_BODY, MAX_RESPONSE_BODY, Outcome};
+use observer::exchange::{End, Exchange, MAX_REQUEST_BODY, MAX_RESPONSE_BODY, Outcome};
 use observer::http1::{MAX_HEAD_BYTES, Side};
 
 static DETECTOR: LazyLock<ProviderDetector> = LazyLock::new(|| {
     ProviderDetector::new().with_host("127.0.0.1:8443", ProviderKind::OpenAi, "mock")
 });
 
-/// Most bytes one connection may hold: the kept bodies (with `Vec` growth slack) and the
+/// Most bytes one connection may hold: the kept bodies (with `Vec` growth slack: the request
+/// being written, those awaiting a response, the one being answered, and the response) and the
 /// reassembler's heads and chunk lines.
 const MAX_BUFFERED: usize =
-    2 * (MAX_REQUEST_BODY + MAX_RESPONSE_BODY) + 4 * (MAX_HEAD_BYTES + 4096);
+    2 * (3 * MAX_REQUEST_BODY + MAX_RESPONSE_BODY) + 4 * (MAX_HEAD_BYTES + 4096);
 
 fn side(op: &CaptureOp<'_>) -> Side {
     if op.response {
@@ -51,7 +52,7 @@ fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<String> {
                 }
             }
             CaptureKind::Gap(n) => x.gap(side(op), n, det, &mut out),
-            CaptureKind::Close => x.close(det, &mut out),
+            CaptureKind::Close => x.finish(End::ConnectionClosed, det, &mut out),
         }
         assert!(
             x.buffered() <= MAX_BUFFERED,
@@ -59,7 +60,7 @@ fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<String> {
             x.buffered()
         );
     }
-    x.close(det, &mut out);
+    x.finish(End::ConnectionClosed, det, &mut out);
     out.iter().map(|o| format!("{o:?}")).collect()
 }
 

@@ -20,9 +20,9 @@ use core::ffi::c_void;
 use observer_common::{
     ActiveCall, CHUNK_SIZE, ConnKey, DIR_READ, DIR_WRITE, FLAG_CGROUP_ALLOWLIST,
     FLAG_PID_ALLOWLIST, HEADER_SIZE, KIND_CLOSE, KIND_DATA, MAX_CHUNKS, MAX_PER_CALL_BYTES,
-    ObserverConfig, PROC_EXEC, PROC_EXIT, ProcEvent, STAT_BYTES, STAT_COUNT, STAT_DROPPED_BYTES,
-    STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES,
-    SslEventBuf, SslEventHeader,
+    ObserverConfig, PROC_EXEC, PROC_EXIT, PROC_RENAME, ProcEvent, STAT_BYTES, STAT_COUNT,
+    STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES,
+    STAT_TRUNCATED_BYTES, SslEventBuf, SslEventHeader,
 };
 
 /// TLS plaintext events; userspace resizes it before load (ring_buffer_bytes).
@@ -356,6 +356,7 @@ fn proc_event(kind: u32) {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         pid,
         kind,
+        comm: [0; 16],
     };
     // Process events are rare: wake the reader at once so it attaches before the first TLS call.
     if PROC_EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
@@ -372,6 +373,44 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     proc_event(PROC_EXIT);
+    0
+}
+
+/// Offsets in `task/task_rename` (its tracefs format on the 6.18 kernel this was built on:
+/// `pid_t pid` at 8, `char newcomm[16]` at 28). Userspace checks the running kernel's format
+/// and does not attach this program when they differ.
+const RENAME_PID: usize = 8;
+const RENAME_NEWCOMM: usize = 28;
+
+/// A task renamed: processes name themselves after exec (workers, the demo's workload), and
+/// `comm` attribution rules are written against that name. A thread renaming itself (not the
+/// main thread) is skipped here: only main threads name a process.
+#[tracepoint]
+pub fn task_rename(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets from the tracepoint's format; read_at checks the access.
+    let Ok(target) = (unsafe { ctx.read_at::<i32>(RENAME_PID) }) else {
+        return 0;
+    };
+    let target = target as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if target == tid && tid != tgid {
+        return 0;
+    }
+    // SAFETY: as above.
+    let Ok(comm) = (unsafe { ctx.read_at::<[u8; 16]>(RENAME_NEWCOMM) }) else {
+        return 0;
+    };
+    let ev = ProcEvent {
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid: target,
+        kind: PROC_RENAME,
+        comm,
+    };
+    if PROC_EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
+        stat_add(STAT_PROC_DROPS, 1);
+    }
     0
 }
 

@@ -169,6 +169,23 @@ impl Probes {
             prog.attach("sched", name)
                 .with_context(|| format!("attaching tracepoint sched/{name}"))?;
         }
+        match rename_format_matches() {
+            Ok(()) => {
+                let rename: &mut TracePoint = ebpf
+                    .program_mut("task_rename")
+                    .context("program task_rename")?
+                    .try_into()?;
+                rename.load().context("verifier rejected task_rename")?;
+                rename
+                    .attach("task", "task_rename")
+                    .context("attaching tracepoint task/task_rename")?;
+            }
+            Err(why) => tracing::warn!(
+                %why,
+                "task/task_rename not attached: a process renamed after exec is matched by \
+                 its name when first seen"
+            ),
+        }
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} already taken"))
@@ -299,5 +316,26 @@ fn ensure_tracefs() {
     };
     if rc != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot mount tracefs at /sys/kernel/tracing");
+    }
+}
+
+/// Whether this kernel's `task/task_rename` has the field offsets the eBPF program reads.
+fn rename_format_matches() -> Result<()> {
+    let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|root| {
+            std::fs::read_to_string(format!("{root}/events/task/task_rename/format")).ok()
+        })
+        .context("no task/task_rename format in tracefs")?;
+    let field = |decl: &str, offset: usize| {
+        format.lines().any(|l| {
+            let l = l.trim();
+            l.starts_with(&format!("field:{decl};")) && l.contains(&format!("offset:{offset};"))
+        })
+    };
+    if field("pid_t pid", 8) && field("char newcomm[16]", 28) {
+        Ok(())
+    } else {
+        anyhow::bail!("task_rename fields moved (want pid at 8, newcomm[16] at 28)")
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ledger::provider::ProviderDetector;
 use observer_common::{DIR_WRITE, SslEventHeader};
 
-use crate::exchange::{Exchange, Outcome};
+use crate::exchange::{End, Exchange, Outcome};
 use crate::http1::Side;
 
 /// Where a side is within the current SSL call's chunks.
@@ -25,6 +25,22 @@ struct Conn {
     req: Cursor,
     resp: Cursor,
     last_seen: Instant,
+    /// Kernel timestamp of the connection's last event: what ends later is stamped after it.
+    last_ts: u64,
+}
+
+/// What a connection produced when it ended outside a data event (closed, its process exited,
+/// idle, evicted): the daemon records it under this connection's identity.
+#[derive(Debug)]
+pub struct Finished {
+    /// Process.
+    pub pid: u32,
+    /// SSL object.
+    pub ssl: u64,
+    /// A timestamp unique to this outcome (event ids are built from it).
+    pub ts_ns: u64,
+    /// What the connection's end produced.
+    pub outcome: Outcome,
 }
 
 /// All tracked connections.
@@ -34,6 +50,8 @@ pub struct Connections {
     max_connections: usize,
     max_bytes: usize,
     idle: Duration,
+    finished: Vec<Finished>,
+    scratch: Vec<Outcome>,
 }
 
 impl Connections {
@@ -44,7 +62,39 @@ impl Connections {
             max_connections,
             max_bytes,
             idle,
+            finished: Vec::new(),
+            scratch: Vec::new(),
         }
+    }
+
+    /// Outcomes of connections that ended since the last call (see [`Finished`]).
+    pub fn take_finished(&mut self) -> Vec<Finished> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// Ends a connection's exchange (`end` says how) and queues what it produced.
+    fn end(
+        &mut self,
+        key: (u32, u64),
+        mut conn: Conn,
+        end: End,
+        ts_ns: u64,
+        det: &ProviderDetector,
+    ) {
+        let Some(ex) = conn.exchange.as_mut() else {
+            return;
+        };
+        let mut out = std::mem::take(&mut self.scratch);
+        ex.finish(end, det, &mut out);
+        for (i, outcome) in out.drain(..).enumerate() {
+            self.finished.push(Finished {
+                pid: key.0,
+                ssl: key.1,
+                ts_ns: ts_ns.saturating_add(i as u64),
+                outcome,
+            });
+        }
+        self.scratch = out;
     }
 
     /// Connections tracked.
@@ -64,15 +114,17 @@ impl Connections {
         let key = (h.pid, h.ssl);
         let mut evicted = 0;
         if !self.conns.contains_key(&key) && self.conns.len() >= self.max_connections {
-            evicted += self.evict_oldest(1);
+            evicted += self.evict_oldest(1, det);
         }
         let conn = self.conns.entry(key).or_insert_with(|| Conn {
             exchange: Some(Exchange::new()),
             req: Cursor::default(),
             resp: Cursor::default(),
             last_seen: now,
+            last_ts: h.ts_ns,
         });
         conn.last_seen = now;
+        conn.last_ts = conn.last_ts.max(h.ts_ns);
         let Some(ex) = conn.exchange.as_mut() else {
             return evicted;
         }; // ignored connection
@@ -123,34 +175,51 @@ impl Connections {
         }
     }
 
-    /// The SSL object was freed.
-    pub fn close(&mut self, pid: u32, ssl: u64, det: &ProviderDetector, out: &mut Vec<Outcome>) {
-        if let Some(mut c) = self.conns.remove(&(pid, ssl))
-            && let Some(ex) = c.exchange.as_mut()
-        {
-            ex.close(det, out);
+    /// The SSL object was freed (the close event's timestamp `ts_ns`): its exchange ends here.
+    pub fn close(&mut self, pid: u32, ssl: u64, ts_ns: u64, det: &ProviderDetector) {
+        if let Some(c) = self.conns.remove(&(pid, ssl)) {
+            self.end((pid, ssl), c, End::ConnectionClosed, ts_ns, det);
         }
     }
 
-    /// A process exited: drop all its connections.
-    pub fn remove_pid(&mut self, pid: u32) {
-        self.conns.retain(|(p, _), _| *p != pid);
+    /// A process exited: its connections end.
+    pub fn remove_pid(&mut self, pid: u32, det: &ProviderDetector) {
+        let keys: Vec<_> = self
+            .conns
+            .keys()
+            .filter(|(p, _)| *p == pid)
+            .copied()
+            .collect();
+        for key in keys {
+            if let Some(c) = self.conns.remove(&key) {
+                let ts = c.last_ts.saturating_add(1);
+                self.end(key, c, End::ProcessExit, ts, det);
+            }
+        }
     }
 
     /// Applies the idle timeout and the memory bounds; returns (idle, memory) evictions.
-    pub fn sweep(&mut self, now: Instant) -> (usize, usize) {
-        let before = self.conns.len();
+    pub fn sweep(&mut self, now: Instant, det: &ProviderDetector) -> (usize, usize) {
         let idle = self.idle;
-        self.conns
-            .retain(|_, c| now.duration_since(c.last_seen) < idle);
-        let idle_evicted = before - self.conns.len();
+        let stale: Vec<_> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_seen) >= idle)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &stale {
+            if let Some(c) = self.conns.remove(key) {
+                let ts = c.last_ts.saturating_add(1);
+                self.end(*key, c, End::IdleTimeout, ts, det);
+            }
+        }
         let mut mem_evicted = 0;
         let mut total: usize = self.buffered();
         while total > self.max_bytes && !self.conns.is_empty() {
-            mem_evicted += self.evict_oldest(1);
+            mem_evicted += self.evict_oldest(1, det);
             total = self.buffered();
         }
-        (idle_evicted, mem_evicted)
+        (stale.len(), mem_evicted)
     }
 
     /// Bytes buffered over all connections.
@@ -162,7 +231,7 @@ impl Connections {
             .sum()
     }
 
-    fn evict_oldest(&mut self, n: usize) -> usize {
+    fn evict_oldest(&mut self, n: usize, det: &ProviderDetector) -> usize {
         let mut evicted = 0;
         for _ in 0..n {
             let Some(key) = self
@@ -173,7 +242,10 @@ impl Connections {
             else {
                 break;
             };
-            self.conns.remove(&key);
+            if let Some(c) = self.conns.remove(&key) {
+                let ts = c.last_ts.saturating_add(1);
+                self.end(key, c, End::Evicted, ts, det);
+            }
             evicted += 1;
         }
         evicted

@@ -16,9 +16,9 @@ use ledger::billing::Pricing;
 use ledger::provider::{ProviderDetector, ProviderKind};
 use ledger::store::LedgerConfig;
 use observer_common::{
-    HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, ProcEvent, STAT_DROPPED_BYTES,
-    STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES,
-    SslEventHeader,
+    HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, PROC_RENAME, ProcEvent,
+    STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES,
+    STAT_TRUNCATED_BYTES, SslEventHeader,
 };
 use prometheus_client::registry::Registry;
 use tokio::io::unix::AsyncFd;
@@ -53,6 +53,8 @@ struct Loop {
     rules: Rules,
     metrics: Arc<Metrics>,
     procs: HashMap<u32, ProcessInfo>,
+    /// Names processes gave themselves since exec (`task/task_rename`), by pid.
+    renamed: HashMap<u32, String>,
     dying: Vec<(Instant, u32)>,
     boot_id: String,
     tx: mpsc::Sender<CallRecord>,
@@ -147,6 +149,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         rules: rules.clone(),
         metrics: metrics.clone(),
         procs: HashMap::new(),
+        renamed: HashMap::new(),
         dying: Vec::new(),
         boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .unwrap_or_default()
@@ -246,9 +249,15 @@ impl Loop {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = tick.tick() => self.drain(events.get_mut()),
+                // Process events first: a rename committed before a process's TLS call is
+                // applied before that call is attributed.
+                _ = tick.tick() => {
+                    self.drain_procs(proc_events.get_mut());
+                    self.drain(events.get_mut());
+                }
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
+                    self.drain_procs(proc_events.get_mut());
                     self.drain(guard.get_inner_mut());
                     guard.clear_ready();
                 }
@@ -257,7 +266,11 @@ impl Loop {
                     self.drain_procs(guard.get_inner_mut());
                     guard.clear_ready();
                 }
-                Some(info) = infos.recv() => {
+                Some(mut info) = infos.recv() => {
+                    // The discovery thread read /proc earlier: a rename seen since wins.
+                    if let Some(name) = self.renamed.get(&info.pid) {
+                        info.comm.clone_from(name);
+                    }
                     self.procs.insert(info.pid, info);
                 }
                 _ = housekeeping.tick() => self.housekeeping(),
@@ -303,9 +316,7 @@ impl Loop {
                         .data(&h, data, &self.detector, now, &mut outcomes);
                     self.metrics.evictions.inc_by(evicted as u64);
                 }
-                KIND_CLOSE => self
-                    .conns
-                    .close(h.pid, h.ssl, &self.detector, &mut outcomes),
+                KIND_CLOSE => self.conns.close(h.pid, h.ssl, h.ts_ns, &self.detector),
                 _ => {}
             }
             drop(item);
@@ -313,15 +324,27 @@ impl Loop {
                 self.outcome(&h, o);
             }
             self.outcomes = outcomes;
+            self.finished();
         }
         self.metrics
             .connections
             .set(i64::try_from(self.conns.len()).unwrap_or(i64::MAX));
     }
 
+    /// Records what connections produced as they ended (closed, exited, idle, evicted).
+    fn finished(&mut self) {
+        for f in self.conns.take_finished() {
+            match f.outcome {
+                Outcome::Call(call) => self.call(f.pid, f.ssl, f.ts_ns, &call),
+                Outcome::ParseError(reason) => self.metrics.parse_error(reason),
+                Outcome::NotLlm | Outcome::Http2 => {}
+            }
+        }
+    }
+
     fn outcome(&mut self, h: &SslEventHeader, o: Outcome) {
         match o {
-            Outcome::Call(call) => self.call(h, &call),
+            Outcome::Call(call) => self.call(h.pid, h.ssl, h.ts_ns, &call),
             Outcome::NotLlm => {
                 self.conns.ignore(h.pid, h.ssl);
                 self.metrics.connections_ignored.inc();
@@ -338,27 +361,22 @@ impl Loop {
         }
     }
 
-    fn call(&mut self, h: &SslEventHeader, call: &ObservedCall) {
-        let mut proc = self.process(h.pid);
-        // The name a process goes by now: servers and workers rename themselves after exec
-        // (prctl PR_SET_NAME, setproctitle), and `comm` rules are written against that name, not
-        // the interpreter's. One small read per LLM call; a process already gone keeps the name
-        // it had when first seen.
-        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{}/comm", h.pid)) {
-            let comm = comm.trim_end();
-            if comm != proc.comm {
-                proc.comm = comm.to_owned();
-                if let Some(p) = self.procs.get_mut(&h.pid) {
-                    p.comm = proc.comm.clone();
-                }
-            }
-        }
+    fn call(&mut self, pid: u32, ssl: u64, ts_ns: u64, call: &ObservedCall) {
+        self.metrics
+            .exchanges
+            .get_or_create(&crate::metrics::ExchangeLabels {
+                end: call.end.label().to_owned(),
+                response: call.response.label().to_owned(),
+            })
+            .inc();
+        // The name the process has now: a rename after exec (`task/task_rename`) updated it.
+        let proc = self.process(pid);
         let who = self.rules.attribute(
             &proc,
             call.tenant_header.as_deref(),
             call.feature_header.as_deref(),
         );
-        let event_id = format!("obs:{}:{}:{:x}:{}", self.boot_id, h.pid, h.ssl, h.ts_ns);
+        let event_id = format!("obs:{}:{}:{:x}:{}", self.boot_id, pid, ssl, ts_ns);
         let rec = CallRecord::new(call, event_id, &proc, who, &self.pricing);
         if let Some(reason) = rec.over_caps(&self.caps) {
             self.metrics
@@ -410,11 +428,28 @@ impl Loop {
             match ev.kind {
                 PROC_EXEC => {
                     self.procs.remove(&ev.pid);
+                    self.renamed.remove(&ev.pid);
                     let _ = self.notes.send(ProcNote::Exec(ev.pid));
                 }
                 PROC_EXIT => {
                     self.dying.push((now + EXIT_GRACE, ev.pid));
                     let _ = self.notes.send(ProcNote::Exit(ev.pid));
+                }
+                PROC_RENAME => {
+                    let len = ev
+                        .comm
+                        .iter()
+                        .position(|&b| b == 0)
+                        .unwrap_or(ev.comm.len());
+                    let name = String::from_utf8_lossy(&ev.comm[..len]).into_owned();
+                    // Only processes: a thread renamed by another process has no entry here
+                    // (its id is never a live process's pid).
+                    if let Some(p) = self.procs.get_mut(&ev.pid) {
+                        p.comm.clone_from(&name);
+                        self.renamed.insert(ev.pid, name);
+                    } else if std::fs::metadata(format!("/proc/{}", ev.pid)).is_ok() {
+                        self.renamed.insert(ev.pid, name);
+                    }
                 }
                 _ => {}
             }
@@ -423,13 +458,18 @@ impl Loop {
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
-        let (idle, mem) = self.conns.sweep(now);
+        let (idle, mem) = self.conns.sweep(now, &self.detector);
         self.metrics.evictions.inc_by((idle + mem) as u64);
         let (gone, keep): (Vec<_>, Vec<_>) = self.dying.drain(..).partition(|(t, _)| *t <= now);
         self.dying = keep;
+        for (_, pid) in &gone {
+            self.conns.remove_pid(*pid, &self.detector);
+        }
+        // Recorded while the exited processes' identities are still known.
+        self.finished();
         for (_, pid) in gone {
             self.procs.remove(&pid);
-            self.conns.remove_pid(pid);
+            self.renamed.remove(&pid);
         }
         if let Ok(stats) = self.kernel.stats() {
             let m = &self.metrics;

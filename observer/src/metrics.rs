@@ -28,6 +28,16 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels of `llmwarden_observer_exchanges`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExchangeLabels {
+    /// How the exchange ended (`body_end`, `stream_end_event`, `connection_closed`,
+    /// `process_exit`, `idle_timeout`, `evicted`).
+    pub end: String,
+    /// What of the response was seen (`complete`, `cut`, `none`).
+    pub response: String,
+}
+
 /// All observer metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -55,6 +65,8 @@ pub struct Metrics {
     pub http2_connections: Counter,
     /// LLM calls by provider and model.
     pub calls: Family<CallLabels, Counter>,
+    /// Calls recorded, by how their exchange ended and what of the response was seen.
+    pub exchanges: Family<ExchangeLabels, Counter>,
     /// Parse errors by reason.
     pub parse_errors: Family<ReasonLabels, Counter>,
     /// Calls whose model has no price.
@@ -127,6 +139,11 @@ impl Metrics {
             self.http2_connections.clone(),
         );
         r.register("calls", "LLM calls observed", self.calls.clone());
+        r.register(
+            "exchanges",
+            "Calls recorded, by how the exchange ended (end) and what of the response was seen (response)",
+            self.exchanges.clone(),
+        );
         r.register(
             "parse_errors",
             "HTTP or body parse errors",

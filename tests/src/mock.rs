@@ -84,6 +84,9 @@ pub struct MockConfig {
     pub chunk_delay: Duration,
     /// Delay before the response head (time to first byte).
     pub latency: Duration,
+    /// Pause between the last body frame and the body's end, so the end of a chunked body (its
+    /// `0\r\n\r\n`) leaves in a TLS record of its own, as real provider edges send it.
+    pub end_delay: Duration,
     /// Gzip responses when the client sends `Accept-Encoding: gzip`.
     pub gzip: bool,
     /// Send non-stream bodies with chunked transfer encoding instead of Content-Length.
@@ -115,6 +118,7 @@ impl Default for MockConfig {
             chunks: None,
             chunk_delay: Duration::ZERO,
             latency: Duration::ZERO,
+            end_delay: Duration::ZERO,
             gzip: false,
             chunked: false,
             fault: None,

@@ -803,3 +803,94 @@ fn observer_refuses_absurd_usage_and_bounds_model_labels() {
     assert_eq!((absurd.requests, absurd.spend.0), (0, 0), "{}", obs.log());
     assert!(obs.log().contains("call refused"), "{}", obs.log());
 }
+
+/// Two streams on one client, as an app makes them; the SDK opens a new connection for the
+/// second because it closed the first at `[DONE]` (the body's end was never read).
+const PY_OPENAI_STREAMS: &str = r#"
+import os, httpx, openai
+c = openai.OpenAI(base_url=os.environ["URL"] + "/v1", api_key="sk-test-secret", max_retries=0,
+                  http_client=httpx.Client(verify=os.environ["CA"]),
+                  default_headers={"X-Tenant-ID": os.environ["TENANT"]})
+extra = {"stream_options": {"include_usage": True}} if os.environ["INCLUDE_USAGE"] == "1" else {}
+for _ in range(2):
+    s = c.chat.completions.create(model="gpt-4o-mini", stream=True, max_tokens=24,
+                                  messages=[{"role": "user", "content": "hello there"}], **extra)
+    for _ in s:
+        pass
+print("ok")
+"#;
+
+/// The official Python `openai` SDK returns at `data: [DONE]` and closes the connection. Real
+/// provider edges send the chunked body's end (`0\r\n\r\n`) in a TLS record of its own, which
+/// the client then never reads, so a call recorded at the body's end was never recorded. The
+/// mock sends the end 400 ms after the last event: with `include_usage` each stream costs exactly
+/// what the provider billed; without it, the call is still recorded, flagged estimated.
+#[test]
+fn observer_records_python_sdk_streams_that_stop_reading_at_done() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let split = || MockConfig {
+        end_delay: Duration::from_millis(400),
+        ..MockConfig::default()
+    };
+    let with_usage = mock(split());
+    let without_usage = mock(split());
+    let providers = [host(&with_usage), host(&without_usage)];
+    let obs = Observer::start(
+        &redis.url(),
+        &[
+            (providers[0].as_str(), "openai"),
+            (providers[1].as_str(), "openai"),
+        ],
+        "",
+        false,
+    );
+    for (m, tenant, include) in [
+        (&with_usage, "t-stream-usage", "1"),
+        (&without_usage, "t-stream-no-usage", "0"),
+    ] {
+        let env = vec![
+            ("URL", m.https_url()),
+            ("CA", m.ca_pem_path().display().to_string()),
+            ("TENANT", tenant.to_owned()),
+            ("INCLUDE_USAGE", include.to_owned()),
+        ];
+        finish(python(PY_OPENAI_STREAMS, &env), "python openai streams");
+    }
+    assert_ledger(&redis, "t-stream-usage", billed(&with_usage), &obs);
+
+    // Without a usage record: both calls recorded, as estimates (input from the request, output
+    // from the delivered text), never at $0.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let spend = loop {
+        let s = month_spend(&redis, "t-stream-no-usage");
+        if s.requests >= 2 || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (_, _, mock_output, _) = billed(&without_usage);
+    assert_eq!(spend.requests, 2, "observer log:\n{}", obs.log());
+    assert!(
+        spend.spend.0 > 0 && spend.estimated_spend == spend.spend,
+        "{spend:?}"
+    );
+    assert!(spend.input_tokens > 0, "{spend:?}");
+    assert!(
+        spend.output_tokens >= mock_output,
+        "delivered output {} tokens, estimate {} (errs high)",
+        mock_output,
+        spend.output_tokens
+    );
+    assert_eq!(
+        obs.metric(
+            r#"llmwarden_observer_exchanges_total{end="stream_end_event",response="complete"}"#
+        ),
+        4,
+        "{}",
+        obs.metrics()
+    );
+}

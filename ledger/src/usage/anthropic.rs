@@ -97,6 +97,8 @@ pub(super) fn on_event(state: &mut StreamState, raw: &mut Raw, value: &Value) {
             absorb(state, raw, message.get("usage"), false);
         }
         "message_delta" => absorb(state, raw, obj.get("usage"), true),
+        // The last event of a message, or the error that ends the stream early.
+        "message_stop" | "error" => state.mark_ended(),
         "content_block_start" => {
             if let Some(text) = obj
                 .get("content_block")

@@ -171,6 +171,7 @@ pub(super) fn on_responses_event(state: &mut StreamState, value: &Value) {
             kind,
             "response.completed" | "response.incomplete" | "response.failed"
         ) {
+            state.mark_ended();
             match responses_usage(response.get("usage")) {
                 Ok(Some(usage)) => state.set_record(usage, true),
                 Ok(None) => {}

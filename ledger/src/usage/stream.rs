@@ -28,6 +28,9 @@ pub(super) struct StreamState {
     /// The stream reached its end marker (final usage chunk, `message_delta`, `finishReason`,
     /// `response.completed`...), so the record is complete.
     final_record: bool,
+    /// The provider's end-of-stream event arrived (`[DONE]`, `message_stop`, a terminal
+    /// `response.*` event): nothing billable follows, whether or not the client reads on.
+    ended: bool,
     text: Option<TextCounter>,
     pub(super) errors: u64,
 }
@@ -47,6 +50,11 @@ impl StreamState {
 
     pub(super) fn mark_final(&mut self) {
         self.final_record = true;
+    }
+
+    /// The stream's own end event arrived.
+    pub(super) fn mark_ended(&mut self) {
+        self.ended = true;
     }
 
     /// Counts delivered output text. The text itself is not kept beyond a small tokenising window.
@@ -160,6 +168,7 @@ impl StreamMeter {
                 model: None,
                 record: None,
                 final_record: false,
+                ended: false,
                 text: None,
                 errors: 0,
             },
@@ -247,7 +256,11 @@ impl StreamMeter {
 
     fn on_data(&mut self, data: &str) {
         let data = data.trim();
-        if data.is_empty() || data == "[DONE]" {
+        if data == "[DONE]" {
+            self.state.mark_ended();
+            return;
+        }
+        if data.is_empty() {
             return;
         }
         match serde_json::from_str::<Value>(data) {
@@ -295,6 +308,17 @@ impl StreamMeter {
             return meta.usage;
         }
         self.state.usage(false)
+    }
+
+    /// Whether the provider's end-of-stream event arrived: OpenAI's `data: [DONE]`, Anthropic's
+    /// `message_stop` (or an `error` event), a terminal Responses event (`response.completed`,
+    /// `.incomplete`, `.failed`). Clients stop reading there (the official Python SDK returns
+    /// at `[DONE]` and closes), so the transfer framing that follows may never be seen: a caller
+    /// that meters a connection records the call now instead of waiting for the body's end.
+    /// Gemini streams have no such event (their SDKs read to the end of the body).
+    #[must_use]
+    pub fn is_complete(&self) -> bool {
+        self.state.ended
     }
 
     /// Malformed events, oversized lines or elements, invalid UTF-8 lines seen so far.

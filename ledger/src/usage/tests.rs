@@ -460,3 +460,51 @@ fn object_ids_of_stored_results() {
     assert_eq!(super::object_id(Api::Embeddings, chat), None);
     assert_eq!(super::object_id(Api::ChatCompletions, b"not json"), None);
 }
+
+/// The end-of-stream event marks the meter complete exactly when it arrives, and the usage read at
+/// that point is the one the whole body gives: a caller may record the call there.
+#[test]
+fn end_events_complete_the_stream_with_its_final_usage() {
+    for (endpoint, body, ends) in [
+        (chat(), OPENAI_CHAT_STREAM, true),
+        (responses(), OPENAI_RESPONSES_STREAM, true),
+        (messages(), ANTHROPIC_STREAM, true),
+        (gemini_sse(), GEMINI_STREAM, false),
+    ] {
+        let whole = stream_whole(&endpoint, body);
+        let mut meter = StreamMeter::new(&endpoint);
+        let mut completed_at = None;
+        for (i, event) in body.split_inclusive("\n\n").enumerate() {
+            assert!(
+                !meter.is_complete(),
+                "{:?}: complete before event {i}",
+                endpoint.api
+            );
+            meter.feed(event.as_bytes());
+            if meter.is_complete() {
+                completed_at = Some(i);
+                break;
+            }
+        }
+        assert_eq!(completed_at.is_some(), ends, "{:?}", endpoint.api);
+        if ends {
+            assert_eq!(
+                meter.finish(),
+                whole,
+                "{:?}: usage at the end event",
+                endpoint.api
+            );
+        }
+    }
+    // Without include_usage, `[DONE]` still ends the stream (the usage is then an estimate).
+    let mut meter = StreamMeter::new(&chat());
+    meter.feed(b"data: {\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"hi there\"}}]}\n\n");
+    assert!(!meter.is_complete());
+    meter.feed(b"data: [DONE]\n\n");
+    assert!(meter.is_complete());
+    assert!(meter.finish().usage.is_some_and(|u| u.estimated));
+    // An Anthropic error event ends the stream too.
+    let mut meter = StreamMeter::new(&messages());
+    meter.feed(b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n");
+    assert!(meter.is_complete());
+}

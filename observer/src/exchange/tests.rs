@@ -14,7 +14,7 @@ fn run(req: &[u8], resp: &[u8]) -> Vec<Outcome> {
     for piece in resp.chunks(13) {
         x.feed(Side::Response, piece, false, &d, &mut out);
     }
-    x.close(&d, &mut out);
+    x.finish(End::ConnectionClosed, &d, &mut out);
     out
 }
 
@@ -71,4 +71,213 @@ fn other_hosts_are_not_llm() {
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
     );
     assert!(matches!(out.as_slice(), [Outcome::NotLlm]), "{out:?}");
+}
+
+/// An SSE response framed with chunked encoding, without its terminating `0\r\n\r\n`.
+fn chunked_sse(sse: &str) -> Vec<u8> {
+    let mut resp =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    for piece in sse.as_bytes().chunks(40) {
+        resp.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        resp.extend_from_slice(piece);
+        resp.extend_from_slice(b"\r\n");
+    }
+    resp
+}
+
+fn calls(out: &[Outcome]) -> Vec<&ObservedCall> {
+    out.iter()
+        .filter_map(|o| match o {
+            Outcome::Call(c) => Some(c.as_ref()),
+            _ => None,
+        })
+        .collect()
+}
+
+const USAGE_STREAM: &str = "data: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3,\"total_tokens\":8}}\n\ndata: [DONE]\n\n";
+
+/// The official Python SDK returns at `[DONE]` and closes: the chunked terminator, sent in a TLS
+/// record of its own, is never read. The call is recorded at `[DONE]`, exactly, once, on a
+/// connection that then carries on (the terminator arrives later) or ends.
+#[test]
+fn stream_is_recorded_at_its_end_event_once() {
+    let d = det();
+    for terminator_arrives in [false, true] {
+        let mut x = Exchange::new();
+        let mut out = Vec::new();
+        x.feed(
+            Side::Request,
+            &request("127.0.0.1:8443", BODY),
+            true,
+            &d,
+            &mut out,
+        );
+        x.feed(
+            Side::Response,
+            &chunked_sse(USAGE_STREAM),
+            true,
+            &d,
+            &mut out,
+        );
+        let got = calls(&out);
+        assert_eq!(got.len(), 1, "recorded at [DONE]: {out:?}");
+        assert_eq!(got[0].end, End::StreamEvent);
+        assert_eq!(got[0].response, ResponseSeen::Complete);
+        let u = got[0].usage.expect("usage");
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.estimated),
+            (5, 3, false)
+        );
+        if terminator_arrives {
+            x.feed(Side::Response, b"0\r\n\r\n", true, &d, &mut out);
+            // The connection is reused: the next call is metered too.
+            x.feed(
+                Side::Request,
+                &request("127.0.0.1:8443", BODY),
+                true,
+                &d,
+                &mut out,
+            );
+            x.feed(
+                Side::Response,
+                &chunked_sse(USAGE_STREAM),
+                true,
+                &d,
+                &mut out,
+            );
+            x.feed(Side::Response, b"0\r\n\r\n", true, &d, &mut out);
+        }
+        x.finish(End::ConnectionClosed, &d, &mut out);
+        let want = if terminator_arrives { 2 } else { 1 };
+        assert_eq!(calls(&out).len(), want, "{out:?}");
+        assert!(
+            !out.iter().any(|o| matches!(o, Outcome::ParseError(_))),
+            "{out:?}"
+        );
+    }
+}
+
+/// A stream cut before its usage record (the client went away mid-answer) is recorded when the
+/// connection ends: an estimate of the request's input plus the delivered output, flagged.
+#[test]
+fn stream_cut_before_its_usage_is_an_estimate_at_connection_end() {
+    let d = det();
+    for end in [
+        End::ConnectionClosed,
+        End::ProcessExit,
+        End::IdleTimeout,
+        End::Evicted,
+    ] {
+        let mut x = Exchange::new();
+        let mut out = Vec::new();
+        x.feed(
+            Side::Request,
+            &request("127.0.0.1:8443", BODY),
+            true,
+            &d,
+            &mut out,
+        );
+        let partial = "data: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"Hello there, friend\"}}]}\n\n";
+        x.feed(Side::Response, &chunked_sse(partial), true, &d, &mut out);
+        assert!(calls(&out).is_empty(), "{out:?}");
+        x.finish(end, &d, &mut out);
+        let got = calls(&out);
+        assert_eq!(got.len(), 1, "{out:?}");
+        assert_eq!((got[0].end, got[0].response), (end, ResponseSeen::Cut));
+        let u = got[0].usage.expect("usage");
+        assert!(u.estimated);
+        assert!(u.output_tokens >= 4, "delivered text counted: {u:?}");
+        assert!(
+            u.input_tokens > 0,
+            "input estimated from the request: {u:?}"
+        );
+        assert_eq!(got[0].model.as_deref(), Some("gpt-4o-mini"));
+    }
+}
+
+/// A request sent whole whose response never showed up (the process was killed while waiting)
+/// is recorded at its input estimate, flagged; a free API or a request cut mid-body is not.
+#[test]
+fn request_without_a_response_is_recorded_at_its_input_estimate() {
+    let d = det();
+    let mut x = Exchange::new();
+    let mut out = Vec::new();
+    x.feed(
+        Side::Request,
+        &request("127.0.0.1:8443", BODY),
+        true,
+        &d,
+        &mut out,
+    );
+    x.finish(End::ProcessExit, &d, &mut out);
+    let got = calls(&out);
+    assert_eq!(got.len(), 1, "{out:?}");
+    assert_eq!(got[0].response, ResponseSeen::None);
+    let u = got[0].usage.expect("usage");
+    assert!(
+        u.estimated && u.input_tokens > 0 && u.output_tokens == 0,
+        "{u:?}"
+    );
+    assert_eq!(got[0].tenant_header.as_deref(), Some("acme"));
+
+    let mut x = Exchange::new();
+    let mut out = Vec::new();
+    let req = request("127.0.0.1:8443", BODY);
+    x.feed(Side::Request, &req[..req.len() - 5], true, &d, &mut out);
+    x.finish(End::ProcessExit, &d, &mut out);
+    assert!(
+        calls(&out).is_empty(),
+        "half a request is not billed: {out:?}"
+    );
+}
+
+/// A non-stream response cut mid-body is an estimate too; an error status is never billed.
+#[test]
+fn non_stream_cut_is_an_estimate_and_errors_are_free() {
+    let d = det();
+    let mut x = Exchange::new();
+    let mut out = Vec::new();
+    x.feed(
+        Side::Request,
+        &request("127.0.0.1:8443", BODY),
+        true,
+        &d,
+        &mut out,
+    );
+    x.feed(
+        Side::Response,
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{\"id\":\"c\",\"choices\":[{\"message\":{\"content\":\"Hello",
+        true,
+        &d,
+        &mut out,
+    );
+    x.finish(End::ConnectionClosed, &d, &mut out);
+    let got = calls(&out);
+    assert_eq!(got.len(), 1, "{out:?}");
+    assert_eq!(got[0].response, ResponseSeen::Cut);
+    assert!(
+        got[0]
+            .usage
+            .is_some_and(|u| u.estimated && u.input_tokens > 0)
+    );
+
+    let mut x = Exchange::new();
+    let mut out = Vec::new();
+    x.feed(
+        Side::Request,
+        &request("127.0.0.1:8443", BODY),
+        true,
+        &d,
+        &mut out,
+    );
+    x.feed(
+        Side::Response,
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 100\r\n\r\n{\"error\"",
+        true,
+        &d,
+        &mut out,
+    );
+    x.finish(End::ConnectionClosed, &d, &mut out);
+    assert!(calls(&out).is_empty(), "{out:?}");
 }

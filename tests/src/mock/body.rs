@@ -50,6 +50,8 @@ pub(super) struct MockBody {
     /// Frames from this index on are sent without the delay (the provider's trailer).
     trailer_from: usize,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// Pause before the end of the body (taken once).
+    end_delay: Duration,
     cut: Cut,
     gzip: Option<GzEncoder<Vec<u8>>>,
     size: Option<u64>,
@@ -89,6 +91,7 @@ impl MockBody {
             delay,
             trailer_from: usize::MAX,
             sleep: None,
+            end_delay: Duration::ZERO,
             cut,
             gzip: gzip.then(|| GzEncoder::new(Vec::with_capacity(256), Compression::fast())),
             size,
@@ -107,6 +110,13 @@ impl MockBody {
     /// trailer events.
     pub(super) fn with_trailer_from(mut self, from: usize) -> MockBody {
         self.trailer_from = from;
+        self
+    }
+
+    /// Pauses `delay` after the last frame before ending the body, so the end of a chunked body
+    /// is written on its own.
+    pub(super) fn with_end_delay(mut self, delay: Duration) -> MockBody {
+        self.end_delay = delay;
         self
     }
 
@@ -187,6 +197,11 @@ impl Body for MockBody {
                     if !tail.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
                     }
+                }
+                if !this.end_delay.is_zero() {
+                    this.sleep = Some(Box::pin(tokio::time::sleep(this.end_delay)));
+                    this.end_delay = Duration::ZERO;
+                    continue;
                 }
                 return Poll::Ready(None);
             };

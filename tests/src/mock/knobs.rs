@@ -164,6 +164,8 @@ pub struct Knobs {
     pub chunk_delay: Duration,
     /// Delay before the response head.
     pub latency: Duration,
+    /// Pause before the end of the body (`x-mock-end-delay-ms`).
+    pub end_delay: Duration,
     /// Gzip if the client accepts it.
     pub gzip: bool,
     /// Chunked non-stream bodies.
@@ -183,6 +185,7 @@ impl Knobs {
             chunks: config.chunks,
             chunk_delay: config.chunk_delay,
             latency: config.latency,
+            end_delay: config.end_delay,
             gzip: config.gzip,
             chunked: config.chunked,
             fault: config.fault,
@@ -211,6 +214,7 @@ impl Knobs {
                 }
                 "x-mock-chunk-delay-ms" => k.chunk_delay = ms()?,
                 "x-mock-latency-ms" => k.latency = ms()?,
+                "x-mock-end-delay-ms" => k.end_delay = ms()?,
                 "x-mock-gzip" => k.gzip = flag(name, v)?,
                 "x-mock-chunked" => k.chunked = flag(name, v)?,
                 "x-mock-fault" => {

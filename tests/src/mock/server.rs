@@ -379,6 +379,7 @@ async fn handle(
         !stream && !knobs.chunked,
     )
     .with_trailer_from(rendered.trailer_from)
+    .with_end_delay(knobs.end_delay)
     .with_record(
         Pending {
             call,
