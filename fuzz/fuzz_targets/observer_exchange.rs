@@ -11,7 +11,10 @@ use std::sync::LazyLock;
 use ledger::provider::{ProviderDetector, ProviderKind};
 use libfuzzer_sys::fuzz_target;
 use llmwarden_fuzz::{CaptureKind, CaptureOp, capture, chunks, plan};
-use observer::exchange::{End, Exchange, MAX_REQUEST_BODY, MAX_RESPONSE_BODY, Outcome};
+use observer::exchange::{
+    End, Exchange, MAX_H2_BODIES, MAX_REQUEST_BODY, MAX_RESPONSE_BODY, Outcome,
+};
+use observer::http2::{MAX_FRAME, MAX_HEADER_BLOCK};
 use observer::http1::{MAX_HEAD_BYTES, Side};
 
 static DETECTOR: LazyLock<ProviderDetector> = LazyLock::new(|| {
@@ -20,9 +23,12 @@ static DETECTOR: LazyLock<ProviderDetector> = LazyLock::new(|| {
 
 /// Most bytes one connection may hold: the kept bodies (with `Vec` growth slack: the request
 /// being written, those awaiting a response, the one being answered, and the response) and the
-/// reassembler's heads and chunk lines.
-const MAX_BUFFERED: usize =
-    2 * (3 * MAX_REQUEST_BODY + MAX_RESPONSE_BODY) + 4 * (MAX_HEAD_BYTES + 4096);
+/// reassembler's heads and chunk lines; over HTTP/2, the bodies of all streams and a partial
+/// frame and header block per side.
+const MAX_BUFFERED: usize = 2 * (3 * MAX_REQUEST_BODY + MAX_RESPONSE_BODY)
+    + 4 * (MAX_HEAD_BYTES + 4096)
+    + 2 * (MAX_H2_BODIES + MAX_REQUEST_BODY + MAX_RESPONSE_BODY)
+    + 4 * (MAX_FRAME + 9 + MAX_HEADER_BLOCK);
 
 fn side(op: &CaptureOp<'_>) -> Side {
     if op.response {

@@ -93,7 +93,7 @@ fn check_well_formed(events: &[HttpEvent]) {
                 open[ix(s)] = false;
             }
             HttpEvent::Desync(..) => open = [false, false],
-            HttpEvent::Http2 => assert_eq!(i + 1, events.len(), "events after HTTP/2"),
+            HttpEvent::Http2(_) => assert_eq!(i + 1, events.len(), "events after HTTP/2"),
         }
     }
 }

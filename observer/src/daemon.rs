@@ -320,8 +320,10 @@ impl Loop {
                 _ => {}
             }
             drop(item);
-            for o in outcomes.drain(..) {
-                self.outcome(&h, o);
+            // One event can complete several calls (HTTP/2 streams, pipelined responses):
+            // each gets its own event id.
+            for (seq, o) in outcomes.drain(..).enumerate() {
+                self.outcome(&h, o, seq);
             }
             self.outcomes = outcomes;
             self.finished();
@@ -335,16 +337,16 @@ impl Loop {
     fn finished(&mut self) {
         for f in self.conns.take_finished() {
             match f.outcome {
-                Outcome::Call(call) => self.call(f.pid, f.ssl, f.ts_ns, &call),
+                Outcome::Call(call) => self.call(f.pid, f.ssl, f.ts_ns, 0, &call),
                 Outcome::ParseError(reason) => self.metrics.parse_error(reason),
                 Outcome::NotLlm | Outcome::Http2 => {}
             }
         }
     }
 
-    fn outcome(&mut self, h: &SslEventHeader, o: Outcome) {
+    fn outcome(&mut self, h: &SslEventHeader, o: Outcome, seq: usize) {
         match o {
-            Outcome::Call(call) => self.call(h.pid, h.ssl, h.ts_ns, &call),
+            Outcome::Call(call) => self.call(h.pid, h.ssl, h.ts_ns, seq, &call),
             Outcome::NotLlm => {
                 self.conns.ignore(h.pid, h.ssl);
                 self.metrics.connections_ignored.inc();
@@ -353,15 +355,13 @@ impl Loop {
                 }
             }
             Outcome::Http2 => {
-                self.conns.ignore(h.pid, h.ssl);
                 self.metrics.http2_connections.inc();
-                let _ = self.kernel.skip_connection(h.pid, h.ssl);
             }
             Outcome::ParseError(reason) => self.metrics.parse_error(reason),
         }
     }
 
-    fn call(&mut self, pid: u32, ssl: u64, ts_ns: u64, call: &ObservedCall) {
+    fn call(&mut self, pid: u32, ssl: u64, ts_ns: u64, seq: usize, call: &ObservedCall) {
         self.metrics
             .exchanges
             .get_or_create(&crate::metrics::ExchangeLabels {
@@ -376,7 +376,11 @@ impl Loop {
             call.tenant_header.as_deref(),
             call.feature_header.as_deref(),
         );
-        let event_id = format!("obs:{}:{}:{:x}:{}", self.boot_id, pid, ssl, ts_ns);
+        let mut event_id = format!("obs:{}:{}:{:x}:{}", self.boot_id, pid, ssl, ts_ns);
+        if seq > 0 {
+            use std::fmt::Write as _;
+            let _ = write!(event_id, ":{seq}");
+        }
         let rec = CallRecord::new(call, event_id, &proc, who, &self.pricing);
         if let Some(reason) = rec.over_caps(&self.caps) {
             self.metrics

@@ -1,5 +1,6 @@
-//! Turns one connection's HTTP events into LLM calls: pairs requests with responses, classifies
-//! the provider from the Host header, decodes bodies and extracts model and usage with the ledger.
+//! Turns one connection's HTTP events into LLM calls: pairs requests with responses (HTTP/1.1 in
+//! order, HTTP/2 by stream), classifies the provider from the Host header (`:authority`), decodes
+//! bodies and extracts model and usage with the ledger.
 //!
 //! Pure: bytes in, [`Outcome`]s out. Bodies live only until the call is recorded.
 //!
@@ -9,7 +10,7 @@
 //! timeout, eviction). A response cut before its usage is an estimate flagged `estimated`: the
 //! request's input estimate plus the delivered output. Each way is an [`End`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use ledger::provider::{Endpoint, ProviderDetector};
 use ledger::request::{parse_request, request_model};
@@ -17,6 +18,7 @@ use ledger::usage::{ResponseMeta, StreamMeter, Usage, estimate_tokens_from_text,
 
 use crate::decode::BodyDecoder;
 use crate::http1::{Connection, Head, HttpEvent, Side};
+use crate::http2::{H2Connection, H2Event};
 
 /// Largest request body kept for `request_model`.
 pub const MAX_REQUEST_BODY: usize = 4 << 20;
@@ -38,6 +40,8 @@ pub enum End {
     IdleTimeout,
     /// The connection was evicted for `max_connections` / `max_buffered_bytes`.
     Evicted,
+    /// An HTTP/2 stream was reset (RST_STREAM) by either side.
+    StreamReset,
 }
 
 impl End {
@@ -50,6 +54,7 @@ impl End {
             End::ProcessExit => "process_exit",
             End::IdleTimeout => "idle_timeout",
             End::Evicted => "evicted",
+            End::StreamReset => "stream_reset",
         }
     }
 }
@@ -104,7 +109,8 @@ pub enum Outcome {
     Call(Box<ObservedCall>),
     /// The connection's first request went to a host that is not a provider: stop capturing it.
     NotLlm,
-    /// HTTP/2: counted, not parsed.
+    /// The client sent the HTTP/2 preface: counted; the connection is parsed as HTTP/2 from
+    /// here on.
     Http2,
     /// Something could not be parsed (reason for the metric label).
     ParseError(&'static str),
@@ -138,6 +144,35 @@ impl PendingRequest {
         }
     }
 
+    /// Body bytes of a metered request (kept up to [`MAX_REQUEST_BODY`]).
+    fn body_bytes(&mut self, bytes: &[u8]) {
+        if self.endpoint.is_none() {
+            return;
+        }
+        self.body_len = self.body_len.saturating_add(bytes.len());
+        if self.body.len() + bytes.len() > MAX_REQUEST_BODY {
+            self.complete = false;
+        } else {
+            self.body.extend_from_slice(bytes);
+        }
+    }
+
+    /// The request was sent whole: reads its model; keeps the body for a cut call's input
+    /// estimate unless `kept` bytes of other requests already are (at most MAX_REQUEST_BODY).
+    fn ended(&mut self, kept: usize) {
+        if let Some(ep) = self.endpoint.as_ref()
+            && self.complete
+        {
+            // Only the model: the observer bills the response's usage.
+            self.model = request_model(ep, &self.body).ok().flatten();
+        }
+        if self.endpoint.is_none() || kept + self.body.len() > MAX_REQUEST_BODY {
+            self.body = Vec::new();
+        } else {
+            self.body.shrink_to_fit();
+        }
+    }
+
     /// Input tokens estimated from the request (as the enforcer estimates them); a body that
     /// was not kept (pipelined past [`MAX_REQUEST_BODY`] in all) counts one token per 3 bytes,
     /// erring high; 0 when the body was not seen whole.
@@ -149,6 +184,34 @@ impl PendingRequest {
             return parse_request(endpoint, &self.body).map_or(0, |i| i.input_tokens_estimate);
         }
         u64::try_from(self.body_len.div_ceil(3)).unwrap_or(u64::MAX)
+    }
+
+    /// A request sent whole whose response was never seen: its input estimate, flagged.
+    fn unanswered(self, end: End, out: &mut Vec<Outcome>) {
+        let Some(endpoint) = self.endpoint.clone() else {
+            return;
+        };
+        if !self.complete || endpoint.api.is_free() {
+            return;
+        }
+        let usage = Usage {
+            input_tokens: self.input_estimate(&endpoint),
+            estimated: true,
+            ..Usage::default()
+        };
+        out.push(Outcome::Call(Box::new(ObservedCall {
+            model: self
+                .model
+                .clone()
+                .or_else(|| endpoint.model_in_path.clone()),
+            endpoint,
+            usage: Some(usage),
+            stream: false,
+            tenant_header: self.tenant,
+            feature_header: self.feature,
+            end,
+            response: ResponseSeen::None,
+        })));
     }
 }
 
@@ -164,6 +227,139 @@ struct PendingResponse {
     recorded: bool,
 }
 
+impl PendingResponse {
+    /// The response to `request` that `head` starts.
+    fn new(request: PendingRequest, head: &Head) -> PendingResponse {
+        let metered = request.endpoint.is_some() && (200..300).contains(&head.status);
+        let sse = head
+            .content_type
+            .as_deref()
+            .is_some_and(|c| c.to_ascii_lowercase().contains("text/event-stream"));
+        let decoder = if metered {
+            BodyDecoder::new(head.content_encoding.as_deref()).ok()
+        } else {
+            None
+        };
+        let meter = match (&request.endpoint, sse && metered) {
+            (Some(ep), true) => Some(StreamMeter::new(ep)),
+            _ => None,
+        };
+        PendingResponse {
+            request,
+            status: head.status,
+            decoder,
+            meter,
+            body: Vec::new(),
+            complete: metered,
+            recorded: false,
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.body.capacity() + self.request.body.capacity()
+    }
+
+    /// Body bytes (transfer-decoded, still content-encoded).
+    fn body_bytes(&mut self, bytes: &[u8], out: &mut Vec<Outcome>) {
+        let Some(decoder) = self.decoder.as_mut() else {
+            return;
+        };
+        let plain = match decoder.feed(bytes) {
+            Ok(p) => p,
+            Err(_) => {
+                self.decoder = None;
+                self.complete = false;
+                out.push(Outcome::ParseError("content-encoding"));
+                return;
+            }
+        };
+        if decoder.truncated() {
+            // Decoded past MAX_DECODED: what is kept is not the whole body.
+            self.complete = false;
+        }
+        if let Some(m) = self.meter.as_mut() {
+            m.feed(&plain);
+            if m.is_complete() {
+                // The client may stop reading here (the official Python SDK returns at
+                // `[DONE]` and closes): record now, read past the rest.
+                if let Some(call) = take_call(self, End::StreamEvent, ResponseSeen::Complete) {
+                    out.push(Outcome::Call(Box::new(call)));
+                }
+            }
+        } else if self.body.len() + plain.len() <= MAX_RESPONSE_BODY {
+            self.body.extend_from_slice(&plain);
+        } else {
+            self.complete = false;
+        }
+    }
+
+    /// The body ended.
+    fn ended(mut self, out: &mut Vec<Outcome>) {
+        if self.recorded || !billed(&self) {
+            return;
+        }
+        if self.meter.is_none() && !(self.complete && self.decoder.is_some()) {
+            out.push(Outcome::ParseError("response body incomplete"));
+            return;
+        }
+        match take_call(&mut self, End::BodyEnd, ResponseSeen::Complete) {
+            Some(call) => out.push(Outcome::Call(Box::new(call))),
+            None => out.push(Outcome::ParseError("response body")),
+        }
+    }
+
+    /// The response was cut (`end` says how): recorded from what it delivered.
+    fn cut(mut self, end: End, out: &mut Vec<Outcome>) {
+        if !self.recorded
+            && billed(&self)
+            && let Some(call) = take_call(&mut self, end, ResponseSeen::Cut)
+        {
+            out.push(Outcome::Call(Box::new(call)));
+        }
+    }
+}
+
+/// One HTTP/2 stream: its request while it is being sent, then its response.
+#[derive(Debug, Default)]
+struct H2Stream {
+    request: Option<PendingRequest>,
+    request_ended: bool,
+    response: Option<PendingResponse>,
+    /// Response body bytes still to come by its `content-length`: a client that has them all
+    /// may close without reading the frame that carries END_STREAM (curl does).
+    response_left: Option<u64>,
+}
+
+/// An HTTP/2 connection's state: each stream is its own exchange.
+#[derive(Debug, Default)]
+struct H2 {
+    conn: H2Connection,
+    streams: HashMap<u32, H2Stream>,
+    events: Vec<H2Event>,
+}
+
+/// Most HTTP/2 streams tracked at once per connection (a client's default concurrency limit
+/// is 100); streams beyond it are counted and not metered.
+pub const MAX_H2_STREAMS: usize = 256;
+/// Most body bytes kept over all streams of one HTTP/2 connection; past it a stream's body is
+/// not kept (counted; its call is then an estimate or a parse error, never silent).
+pub const MAX_H2_BODIES: usize = 32 << 20;
+
+impl H2 {
+    /// Body bytes kept over all streams.
+    fn bodies(&self) -> usize {
+        self.streams
+            .values()
+            .map(|s| {
+                s.request.as_ref().map_or(0, |r| r.body.len())
+                    + s.response
+                        .as_ref()
+                        .map_or(0, |r| r.body.len() + r.request.body.len())
+            })
+            .sum()
+    }
+}
+
 /// One connection's pairing and metering state.
 #[derive(Debug)]
 pub struct Exchange {
@@ -176,6 +372,8 @@ pub struct Exchange {
     /// connection mid-message (a process started before the observer), not a parse failure.
     fresh: bool,
     events: Vec<HttpEvent>,
+    /// Set once the client sent the HTTP/2 preface: everything after goes there.
+    h2: Option<Box<H2>>,
 }
 
 impl Default for Exchange {
@@ -195,19 +393,31 @@ impl Exchange {
             first_request: true,
             fresh: true,
             events: Vec::new(),
+            h2: None,
         }
     }
 
     /// Bytes held for this connection.
     pub fn buffered(&self) -> usize {
         let req = |r: &PendingRequest| r.body.capacity();
+        let h2 = self.h2.as_ref().map_or(0, |h| {
+            h.conn.buffered()
+                + h.streams
+                    .values()
+                    .map(|s| {
+                        s.request.as_ref().map_or(0, req)
+                            + s.response.as_ref().map_or(0, PendingResponse::buffered)
+                    })
+                    .sum::<usize>()
+        });
         self.conn.buffered()
             + self.current_request.as_ref().map_or(0, req)
             + self.awaiting.iter().map(req).sum::<usize>()
             + self
                 .current_response
                 .as_ref()
-                .map_or(0, |r| r.body.capacity() + req(&r.request))
+                .map_or(0, PendingResponse::buffered)
+            + h2
     }
 
     /// Feeds captured plaintext.
@@ -219,6 +429,12 @@ impl Exchange {
         det: &ProviderDetector,
         out: &mut Vec<Outcome>,
     ) {
+        if let Some(h2) = self.h2.as_mut() {
+            let mut events = std::mem::take(&mut h2.events);
+            h2.conn.feed(side, data, &mut events);
+            self.handle_h2(&mut events, det, out);
+            return;
+        }
         let mut events = std::mem::take(&mut self.events);
         self.conn.feed(side, data, call_start, &mut events);
         self.handle(&mut events, det, out);
@@ -227,6 +443,12 @@ impl Exchange {
 
     /// Reports bytes that were not captured (truncation or a dropped event).
     pub fn gap(&mut self, side: Side, n: u64, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        if let Some(h2) = self.h2.as_mut() {
+            let mut events = std::mem::take(&mut h2.events);
+            h2.conn.gap(&mut events);
+            self.handle_h2(&mut events, det, out);
+            return;
+        }
         let mut events = std::mem::take(&mut self.events);
         self.conn.gap(side, n, &mut events);
         self.handle(&mut events, det, out);
@@ -246,15 +468,8 @@ impl Exchange {
             match ev {
                 HttpEvent::Head(Side::Request, head) => self.request_head(head, det, out),
                 HttpEvent::Body(Side::Request, bytes) => {
-                    if let Some(r) = self.current_request.as_mut()
-                        && r.endpoint.is_some()
-                    {
-                        r.body_len = r.body_len.saturating_add(bytes.len());
-                        if r.body.len() + bytes.len() > MAX_REQUEST_BODY {
-                            r.complete = false;
-                        } else {
-                            r.body.extend_from_slice(&bytes);
-                        }
+                    if let Some(r) = self.current_request.as_mut() {
+                        r.body_bytes(&bytes);
                     }
                 }
                 HttpEvent::BodyGap(Side::Request, _) => {
@@ -264,33 +479,35 @@ impl Exchange {
                 }
                 HttpEvent::End(Side::Request) => {
                     if let Some(mut r) = self.current_request.take() {
-                        if let Some(ep) = r.endpoint.as_ref()
-                            && r.complete
-                        {
-                            // Only the model: the observer bills the response's usage, so the
-                            // prompt is never tokenised on the reader thread.
-                            r.model = request_model(ep, &r.body).ok().flatten();
-                        }
-                        // Kept for a cut call's input estimate, at most MAX_REQUEST_BODY over
-                        // the requests awaiting their responses.
-                        let kept: usize = self.awaiting.iter().map(|a| a.body.len()).sum();
-                        if r.endpoint.is_none() || kept + r.body.len() > MAX_REQUEST_BODY {
-                            r.body = Vec::new();
-                        } else {
-                            r.body.shrink_to_fit();
-                        }
+                        let kept = self.awaiting.iter().map(|a| a.body.len()).sum();
+                        r.ended(kept);
                         self.awaiting.push_back(r);
                     }
                 }
                 HttpEvent::Head(Side::Response, head) => self.response_head(&head),
-                HttpEvent::Body(Side::Response, bytes) => self.response_body(&bytes, out),
+                HttpEvent::Body(Side::Response, bytes) => {
+                    if let Some(r) = self.current_response.as_mut() {
+                        r.body_bytes(&bytes, out);
+                    }
+                }
                 HttpEvent::BodyGap(Side::Response, _) => {
                     if let Some(r) = self.current_response.as_mut() {
                         r.complete = false;
                     }
                 }
-                HttpEvent::End(Side::Response) => self.response_end(out),
-                HttpEvent::Http2 => out.push(Outcome::Http2),
+                HttpEvent::End(Side::Response) => {
+                    if let Some(r) = self.current_response.take() {
+                        r.ended(out);
+                    }
+                }
+                HttpEvent::Http2(bytes) => {
+                    out.push(Outcome::Http2);
+                    let mut h2 = Box::<H2>::default();
+                    let mut events = Vec::new();
+                    h2.conn.feed(Side::Request, &bytes, &mut events);
+                    self.h2 = Some(h2);
+                    self.handle_h2(&mut events, det, out);
+                }
                 HttpEvent::Desync(_, why) => {
                     self.current_request = None;
                     self.current_response = None;
@@ -303,6 +520,132 @@ impl Exchange {
                     }));
                 }
             }
+        }
+    }
+
+    /// HTTP/2 events: each stream pairs its own request and response.
+    fn handle_h2(
+        &mut self,
+        events: &mut Vec<H2Event>,
+        det: &ProviderDetector,
+        out: &mut Vec<Outcome>,
+    ) {
+        let Some(h2) = self.h2.as_mut() else {
+            return;
+        };
+        for ev in events.drain(..) {
+            match ev {
+                H2Event::Head(Side::Request, id, head) => {
+                    if h2.streams.contains_key(&id) {
+                        continue; // trailers
+                    }
+                    let host = head.host.clone().unwrap_or_default();
+                    if self.first_request && !det.is_provider_host(&host) {
+                        out.push(Outcome::NotLlm);
+                    }
+                    self.first_request = false;
+                    if h2.streams.len() >= MAX_H2_STREAMS {
+                        out.push(Outcome::ParseError("http2: too many concurrent streams"));
+                        continue;
+                    }
+                    let endpoint = det.detect(&host, &head.method, &head.path);
+                    h2.streams.insert(
+                        id,
+                        H2Stream {
+                            request: Some(PendingRequest::new(endpoint, head.tenant, head.feature)),
+                            ..H2Stream::default()
+                        },
+                    );
+                }
+                H2Event::Body(Side::Request, id, bytes) => {
+                    let over = h2.bodies() + bytes.len() > MAX_H2_BODIES;
+                    if let Some(r) = h2.streams.get_mut(&id).and_then(|s| s.request.as_mut()) {
+                        if over {
+                            if r.complete {
+                                out.push(Outcome::ParseError("http2: connection body cap"));
+                            }
+                            r.complete = false;
+                            r.body_len = r.body_len.saturating_add(bytes.len());
+                            r.body = Vec::new();
+                        } else {
+                            r.body_bytes(&bytes);
+                        }
+                    }
+                }
+                H2Event::End(Side::Request, id) => {
+                    if let Some(s) = h2.streams.get_mut(&id)
+                        && let Some(r) = s.request.as_mut()
+                    {
+                        // Each stream keeps its own body (bounded by MAX_H2_STREAMS).
+                        r.ended(0);
+                        s.request_ended = true;
+                    }
+                }
+                H2Event::Head(Side::Response, id, head) => {
+                    let Some(s) = h2.streams.get_mut(&id) else {
+                        out.push(Outcome::ParseError("http2: response for an unknown stream"));
+                        continue;
+                    };
+                    if s.response.is_some() || (100..200).contains(&head.status) {
+                        continue; // trailers, or an interim response
+                    }
+                    if let Some(mut request) = s.request.take() {
+                        if !s.request_ended {
+                            // Answered before the request ended (rare): what was sent counts.
+                            request.ended(0);
+                        }
+                        s.response = Some(PendingResponse::new(request, &head));
+                        s.response_left = head.content_length;
+                    }
+                }
+                H2Event::Body(Side::Response, id, bytes) => {
+                    let over = h2.bodies() + bytes.len() > MAX_H2_BODIES;
+                    let Some(s) = h2.streams.get_mut(&id) else {
+                        continue;
+                    };
+                    if let Some(r) = s.response.as_mut() {
+                        if over && r.meter.is_none() {
+                            // A JSON body that cannot be kept: what it says is lost.
+                            if r.complete {
+                                out.push(Outcome::ParseError("http2: connection body cap"));
+                            }
+                            r.complete = false;
+                            r.body = Vec::new();
+                        } else {
+                            r.body_bytes(&bytes, out);
+                        }
+                    }
+                    if let Some(left) = s.response_left.as_mut() {
+                        *left = left.saturating_sub(bytes.len() as u64);
+                        if *left == 0
+                            && let Some(s) = h2.streams.remove(&id)
+                            && let Some(r) = s.response
+                        {
+                            r.ended(out);
+                        }
+                    }
+                }
+                H2Event::End(Side::Response, id) => {
+                    if let Some(s) = h2.streams.remove(&id)
+                        && let Some(r) = s.response
+                    {
+                        r.ended(out);
+                    }
+                }
+                H2Event::Reset(id) => {
+                    if let Some(s) = h2.streams.remove(&id) {
+                        finish_stream(s, End::StreamReset, out);
+                    }
+                }
+                H2Event::Broken(why) => out.push(Outcome::ParseError(match why {
+                    "bytes lost" => "http2: bytes lost",
+                    "HPACK decoding failed" => "http2: HPACK decoding failed",
+                    _ => "http2: framing",
+                })),
+            }
+        }
+        if let Some(h2) = self.h2.as_mut() {
+            h2.events = std::mem::take(events);
         }
     }
 
@@ -334,82 +677,7 @@ impl Exchange {
                 ..PendingRequest::new(None, None, None)
             },
         };
-        let metered = request.endpoint.is_some() && (200..300).contains(&head.status);
-        let sse = head
-            .content_type
-            .as_deref()
-            .is_some_and(|c| c.to_ascii_lowercase().contains("text/event-stream"));
-        let decoder = if metered {
-            BodyDecoder::new(head.content_encoding.as_deref()).ok()
-        } else {
-            None
-        };
-        let meter = match (&request.endpoint, sse && metered) {
-            (Some(ep), true) => Some(StreamMeter::new(ep)),
-            _ => None,
-        };
-        self.current_response = Some(PendingResponse {
-            request,
-            status: head.status,
-            decoder,
-            meter,
-            body: Vec::new(),
-            complete: metered,
-            recorded: false,
-        });
-    }
-
-    fn response_body(&mut self, bytes: &[u8], out: &mut Vec<Outcome>) {
-        let Some(r) = self.current_response.as_mut() else {
-            return;
-        };
-        let Some(decoder) = r.decoder.as_mut() else {
-            return;
-        };
-        let plain = match decoder.feed(bytes) {
-            Ok(p) => p,
-            Err(_) => {
-                r.decoder = None;
-                r.complete = false;
-                out.push(Outcome::ParseError("content-encoding"));
-                return;
-            }
-        };
-        if decoder.truncated() {
-            // Decoded past MAX_DECODED: what is kept is not the whole body.
-            r.complete = false;
-        }
-        if let Some(m) = r.meter.as_mut() {
-            m.feed(&plain);
-            if m.is_complete() {
-                // The client may stop reading here (the official Python SDK returns at
-                // `[DONE]` and closes): record now, read past the rest.
-                if let Some(call) = take_call(r, End::StreamEvent, ResponseSeen::Complete) {
-                    out.push(Outcome::Call(Box::new(call)));
-                }
-            }
-        } else if r.body.len() + plain.len() <= MAX_RESPONSE_BODY {
-            r.body.extend_from_slice(&plain);
-        } else {
-            r.complete = false;
-        }
-    }
-
-    fn response_end(&mut self, out: &mut Vec<Outcome>) {
-        let Some(mut r) = self.current_response.take() else {
-            return;
-        };
-        if r.recorded || !billed(&r) {
-            return;
-        }
-        if r.meter.is_none() && !(r.complete && r.decoder.is_some()) {
-            out.push(Outcome::ParseError("response body incomplete"));
-            return;
-        }
-        match take_call(&mut r, End::BodyEnd, ResponseSeen::Complete) {
-            Some(call) => out.push(Outcome::Call(Box::new(call))),
-            None => out.push(Outcome::ParseError("response body")),
-        }
+        self.current_response = Some(PendingResponse::new(request, head));
     }
 
     /// The connection ended (`end` says how): a close-delimited response ends here; a response
@@ -417,41 +685,38 @@ impl Exchange {
     /// seen); a request sent whole without a response seen is recorded at its input estimate.
     /// Nothing the provider may have billed is dropped without a record.
     pub fn finish(&mut self, end: End, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        if let Some(mut h2) = self.h2.take() {
+            let mut ids: Vec<u32> = h2.streams.keys().copied().collect();
+            ids.sort_unstable();
+            for id in ids {
+                if let Some(s) = h2.streams.remove(&id) {
+                    finish_stream(s, end, out);
+                }
+            }
+            return;
+        }
         let mut events = std::mem::take(&mut self.events);
         self.conn.close(&mut events);
         self.handle(&mut events, det, out);
         self.events = events;
-        if let Some(mut r) = self.current_response.take()
-            && !r.recorded
-            && billed(&r)
-            && let Some(call) = take_call(&mut r, end, ResponseSeen::Cut)
-        {
-            out.push(Outcome::Call(Box::new(call)));
+        if let Some(r) = self.current_response.take() {
+            r.cut(end, out);
         }
         for r in self.awaiting.drain(..) {
-            let Some(endpoint) = r.endpoint.clone() else {
-                continue;
-            };
-            if !r.complete || endpoint.api.is_free() {
-                continue;
-            }
-            let usage = Usage {
-                input_tokens: r.input_estimate(&endpoint),
-                estimated: true,
-                ..Usage::default()
-            };
-            out.push(Outcome::Call(Box::new(ObservedCall {
-                model: r.model.clone().or_else(|| endpoint.model_in_path.clone()),
-                endpoint,
-                usage: Some(usage),
-                stream: false,
-                tenant_header: r.tenant,
-                feature_header: r.feature,
-                end,
-                response: ResponseSeen::None,
-            })));
+            r.unanswered(end, out);
         }
         self.current_request = None;
+    }
+}
+
+/// An HTTP/2 stream that ended without its response's end: cut, or never answered.
+fn finish_stream(s: H2Stream, end: End, out: &mut Vec<Outcome>) {
+    if let Some(r) = s.response {
+        r.cut(end, out);
+    } else if let Some(r) = s.request
+        && s.request_ended
+    {
+        r.unanswered(end, out);
     }
 }
 
@@ -467,7 +732,7 @@ fn billed(r: &PendingResponse) -> bool {
 /// buffers. A complete non-stream body that does not parse gives `None`. A cut one is an
 /// estimate from its delivered bytes; a stream's estimate comes from its meter. An estimate
 /// without input gets the request's input estimate.
-fn take_call(r: &mut PendingResponse, end: End, seen: ResponseSeen) -> Option<ObservedCall> {
+fn take_call(r: &mut PendingResponse, end: End, mut seen: ResponseSeen) -> Option<ObservedCall> {
     let endpoint = r.request.endpoint.clone()?;
     r.recorded = true;
     r.decoder = None;
@@ -477,6 +742,13 @@ fn take_call(r: &mut PendingResponse, end: End, seen: ResponseSeen) -> Option<Ob
         meter.finish()
     } else if seen == ResponseSeen::Complete {
         parse_response(&endpoint, &body).ok()?
+    } else if let Some(meta) = parse_response(&endpoint, &body)
+        .ok()
+        .filter(|m| m.usage.is_some())
+    {
+        // The end of the body was not seen, but all of it was: the client had it all and went.
+        seen = ResponseSeen::Complete;
+        meta
     } else {
         // A non-stream body cut short: its text so far, JSON and all, errs high.
         let model = r

@@ -55,6 +55,9 @@ pub struct Head {
     pub content_type: Option<String>,
     /// `Content-Encoding`.
     pub content_encoding: Option<String>,
+    /// `Content-Length` of an HTTP/2 message (HTTP/1.1 frames its bodies itself and leaves this
+    /// empty).
+    pub content_length: Option<u64>,
     /// `X-Tenant-ID`.
     pub tenant: Option<String>,
     /// `X-Feature-Name`.
@@ -72,8 +75,9 @@ pub enum HttpEvent {
     BodyGap(Side, u64),
     /// The message ended.
     End(Side),
-    /// The client sent the HTTP/2 connection preface: nothing else will be parsed.
-    Http2,
+    /// The client sent the HTTP/2 connection preface: nothing else will be parsed here. The
+    /// request side's bytes from the preface on, for the HTTP/2 reassembler.
+    Http2(Vec<u8>),
     /// The stream is not HTTP/1.1 or lost sync: state was reset, pending messages are gone.
     Desync(Side, &'static str),
 }
@@ -287,8 +291,10 @@ impl Connection {
             .min(MAX_HEAD_BYTES + 1 - before.min(MAX_HEAD_BYTES));
         stream.buf.extend_from_slice(&data[..take]);
         if side == Side::Request && stream.buf.starts_with(H2_PREFACE) {
+            let mut bytes = std::mem::take(&mut stream.buf);
+            bytes.extend_from_slice(&data[take..]);
             self.http2 = true;
-            out.push(HttpEvent::Http2);
+            out.push(HttpEvent::Http2(bytes));
             return data.len();
         }
         if side == Side::Request && H2_PREFACE.starts_with(&stream.buf) {

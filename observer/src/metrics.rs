@@ -61,7 +61,7 @@ pub struct Metrics {
     pub connections_ignored: Counter,
     /// Connections evicted (idle timeout or memory bound).
     pub evictions: Counter,
-    /// HTTP/2 connections seen (not parsed).
+    /// HTTP/2 connections seen (parsed per stream).
     pub http2_connections: Counter,
     /// LLM calls by provider and model.
     pub calls: Family<CallLabels, Counter>,
@@ -135,7 +135,7 @@ impl Metrics {
         );
         r.register(
             "http2_connections",
-            "HTTP/2 connections seen (not parsed)",
+            "HTTP/2 connections seen (parsed per stream)",
             self.http2_connections.clone(),
         );
         r.register("calls", "LLM calls observed", self.calls.clone());

@@ -894,3 +894,164 @@ fn observer_records_python_sdk_streams_that_stop_reading_at_done() {
         obs.metrics()
     );
 }
+
+/// Concurrent calls on one HTTP/2 connection: the official SDKs with `http2=True` share one
+/// client across threads, as a server app does.
+const PY_H2: &str = r#"
+import os, httpx, openai, anthropic
+from concurrent.futures import ThreadPoolExecutor
+if os.environ["SDK"] == "openai":
+    c = openai.OpenAI(base_url=os.environ["URL"] + "/v1", api_key="sk-test-secret", max_retries=0,
+                      http_client=httpx.Client(verify=os.environ["CA"], http2=True),
+                      default_headers={"X-Tenant-ID": os.environ["TENANT"]})
+    def call(i):
+        msgs = [{"role": "user", "content": "hello there %d" % i}]
+        if i % 2:
+            s = c.chat.completions.create(model="gpt-4o-mini", messages=msgs, max_tokens=20, stream=True,
+                                          stream_options={"include_usage": True})
+            for _ in s:
+                pass
+        else:
+            c.chat.completions.create(model="gpt-4o-mini", messages=msgs, max_tokens=20)
+else:
+    c = anthropic.Anthropic(base_url=os.environ["URL"], api_key="sk-ant-test-secret", max_retries=0,
+                            http_client=anthropic.DefaultHttpxClient(verify=os.environ["CA"], http2=True),
+                            default_headers={"X-Tenant-ID": os.environ["TENANT"]})
+    def call(i):
+        msgs = [{"role": "user", "content": "hello there %d" % i}]
+        if i % 2:
+            with c.messages.stream(model="claude-haiku-4-5", max_tokens=20, messages=msgs) as s:
+                for _ in s.text_stream:
+                    pass
+        else:
+            c.messages.create(model="claude-haiku-4-5", max_tokens=20, messages=msgs)
+with ThreadPoolExecutor(max_workers=int(os.environ["N"])) as ex:
+    list(ex.map(call, range(int(os.environ["N"]))))
+print("ok")
+"#;
+
+/// node's `http2` module: a stream and a non-stream call on one session.
+const NODE_H2: &str = r#"
+const http2 = require('http2'); const fs = require('fs');
+const s = http2.connect(process.env.URL, {ca: fs.readFileSync(process.env.CA)});
+let left = 2;
+for (const stream of [false, true]) {
+  const body = JSON.stringify({model: 'gpt-4o-mini', stream, messages: [{role: 'user', content: 'hello there'}],
+                               ...(stream ? {stream_options: {include_usage: true}} : {})});
+  const req = s.request({':method': 'POST', ':path': '/v1/chat/completions', 'content-type': 'application/json',
+                         'x-tenant-id': process.env.TENANT});
+  req.on('response', h => { if (h[':status'] !== 200) { console.error(h); process.exit(1); } });
+  req.on('data', () => {});
+  req.on('end', () => { if (--left === 0) { s.close(); console.log('ok'); } });
+  req.on('error', e => { console.error(e); process.exit(1); });
+  req.end(body);
+}
+"#;
+
+/// HTTP/2 clients, costed exactly: curl's default (it negotiates h2 when the server offers it),
+/// stream and non-stream; node's `http2` module; the official `openai` and `anthropic` SDKs
+/// with `http2=True`, 20 concurrent calls each (half streamed) multiplexed on one connection
+/// per client.
+#[test]
+fn observer_meters_http2_clients_exactly() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let h2 = || {
+        mock(MockConfig {
+            h2: true,
+            ..MockConfig::default()
+        })
+    };
+    let (curl_mock, py_mock, ant_mock, node_mock) = (h2(), h2(), h2(), h2());
+    let hosts = [
+        host(&curl_mock),
+        host(&py_mock),
+        host(&ant_mock),
+        host(&node_mock),
+    ];
+    let obs = Observer::start(
+        &redis.url(),
+        &[
+            (hosts[0].as_str(), "openai"),
+            (hosts[1].as_str(), "openai"),
+            (hosts[2].as_str(), "anthropic"),
+            (hosts[3].as_str(), "openai"),
+        ],
+        "",
+        false,
+    );
+    for body in [CHAT, CHAT_STREAM] {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--fail",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version}",
+                "--cacert",
+            ])
+            .arg(curl_mock.ca_pem_path())
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "x-tenant-id: t-h2-curl",
+            ])
+            .args(["-d", body])
+            .arg(format!("{}/v1/chat/completions", curl_mock.https_url()))
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "2",
+            "curl negotiated h2"
+        );
+    }
+    for (m, sdk, tenant) in [
+        (&py_mock, "openai", "t-h2-openai"),
+        (&ant_mock, "anthropic", "t-h2-anthropic"),
+    ] {
+        let env = vec![
+            ("URL", m.https_url()),
+            ("CA", m.ca_pem_path().display().to_string()),
+            ("TENANT", tenant.to_owned()),
+            ("SDK", sdk.to_owned()),
+            ("N", "20".to_owned()),
+        ];
+        finish(python(PY_H2, &env), sdk);
+    }
+    let mut node = Command::new("/usr/bin/node");
+    node.arg("-e")
+        .arg(NODE_H2)
+        .env("URL", node_mock.https_url())
+        .env("CA", node_mock.ca_pem_path())
+        .env("TENANT", "t-h2-node")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    finish(node.spawn().expect("node"), "node http2");
+    assert_ledger(&redis, "t-h2-node", billed(&node_mock), &obs);
+    assert_ledger(&redis, "t-h2-curl", billed(&curl_mock), &obs);
+    assert_ledger(&redis, "t-h2-openai", billed(&py_mock), &obs);
+    assert_ledger(&redis, "t-h2-anthropic", billed(&ant_mock), &obs);
+    assert_eq!(billed(&py_mock).0, 20);
+    assert!(
+        obs.metric("llmwarden_observer_http2_connections_total") >= 5,
+        "{}",
+        obs.metrics()
+    );
+    assert_eq!(
+        obs.metric("llmwarden_observer_parse_errors_total"),
+        0,
+        "{}",
+        obs.metrics()
+    );
+}

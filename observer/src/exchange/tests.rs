@@ -281,3 +281,109 @@ fn non_stream_cut_is_an_estimate_and_errors_are_free() {
     x.finish(End::ConnectionClosed, &d, &mut out);
     assert!(calls(&out).is_empty(), "{out:?}");
 }
+
+/// HTTP/2: concurrent streams on one connection, each its own call (an SSE stream with usage
+/// and a JSON answer, answered out of order), then a stream reset mid-answer: an estimate.
+#[test]
+fn http2_streams_are_calls_of_their_own() {
+    use crate::http2::tests::{block, frame};
+    use loona_hpack::Encoder;
+    let d = det();
+    let (mut client, mut server) = (Encoder::new(), Encoder::new());
+    let head = |enc: &mut Encoder<'_>, tenant: &str| {
+        block(
+            enc,
+            &[
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":authority", "127.0.0.1:8443"),
+                (":path", "/v1/chat/completions"),
+                ("x-tenant-id", tenant),
+            ],
+        )
+    };
+    let mut req = crate::http2::PREFACE.to_vec();
+    req.extend(frame(0x4, 0, 0, &[]));
+    for (id, tenant) in [(1, "t-stream"), (3, "t-json"), (5, "t-cut")] {
+        req.extend(frame(0x1, 0x4, id, &head(&mut client, tenant)));
+        req.extend(frame(0x0, 0x1, id, BODY.as_bytes()));
+    }
+    let mut x = Exchange::new();
+    let mut out = Vec::new();
+    // The preface arrives split, as a client may write it.
+    x.feed(Side::Request, &req[..10], true, &d, &mut out);
+    x.feed(Side::Request, &req[10..], true, &d, &mut out);
+    let json = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}"#;
+    let mut resp = frame(0x4, 0, 0, &[]);
+    resp.extend(frame(
+        0x1,
+        0x4,
+        3,
+        &block(
+            &mut server,
+            &[(":status", "200"), ("content-type", "application/json")],
+        ),
+    ));
+    resp.extend(frame(
+        0x1,
+        0x4,
+        1,
+        &block(
+            &mut server,
+            &[(":status", "200"), ("content-type", "text/event-stream")],
+        ),
+    ));
+    resp.extend(frame(
+        0x1,
+        0x4,
+        5,
+        &block(
+            &mut server,
+            &[(":status", "200"), ("content-type", "text/event-stream")],
+        ),
+    ));
+    resp.extend(frame(0x0, 0, 1, &USAGE_STREAM.as_bytes()[..50]));
+    resp.extend(frame(0x0, 0x1, 3, json.as_bytes()));
+    resp.extend(frame(0x0, 0, 5, b"data: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"Hello there\"}}]}\n\n"));
+    resp.extend(frame(0x0, 0, 1, &USAGE_STREAM.as_bytes()[50..]));
+    resp.extend(frame(0x3, 0, 5, &[0, 0, 0, 8]));
+    for piece in resp.chunks(7) {
+        x.feed(Side::Response, piece, false, &d, &mut out);
+    }
+    assert!(matches!(out.first(), Some(Outcome::Http2)), "{out:?}");
+    let got = calls(&out);
+    assert_eq!(got.len(), 3, "{out:?}");
+    let by = |t: &str| {
+        *got.iter()
+            .find(|c| c.tenant_header.as_deref() == Some(t))
+            .expect(t)
+    };
+    let json_call = by("t-json");
+    let u = json_call.usage.expect("usage");
+    assert_eq!(
+        (u.input_tokens, u.output_tokens, json_call.end),
+        (11, 7, End::BodyEnd)
+    );
+    let sse = by("t-stream");
+    let u = sse.usage.expect("usage");
+    assert_eq!(
+        (u.input_tokens, u.output_tokens, sse.end),
+        (5, 3, End::StreamEvent)
+    );
+    let cut = by("t-cut");
+    let u = cut.usage.expect("usage");
+    assert!(
+        u.estimated && u.input_tokens > 0 && u.output_tokens > 0,
+        "{u:?}"
+    );
+    assert_eq!(
+        (cut.end, cut.response),
+        (End::StreamReset, ResponseSeen::Cut)
+    );
+    x.finish(End::ConnectionClosed, &d, &mut out);
+    assert_eq!(calls(&out).len(), 3, "nothing twice: {out:?}");
+    assert!(
+        !out.iter().any(|o| matches!(o, Outcome::ParseError(_))),
+        "{out:?}"
+    );
+}
