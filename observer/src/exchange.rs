@@ -336,6 +336,40 @@ struct H2 {
     conn: H2Connection,
     streams: HashMap<u32, H2Stream>,
     events: Vec<H2Event>,
+    /// Streams ended before their last frame (by `content-length`, or reset), most recent last:
+    /// frames that still come for them are read past.
+    done: VecDeque<u32>,
+    /// Response events of streams whose request is not seen yet: a multi-threaded client's
+    /// reader can return (and its probe report) a response before the writer's probe reports
+    /// the request. Replayed when the request arrives; bounded by [`MAX_EARLY_EVENTS`].
+    early: Vec<H2Event>,
+}
+
+/// Most response events held for requests not seen yet.
+const MAX_EARLY_EVENTS: usize = 64;
+/// Most body bytes of those events.
+const MAX_EARLY_BYTES: usize = 1 << 20;
+/// Ended streams remembered (see `H2::done`).
+const MAX_DONE: usize = 512;
+
+fn ev_len(e: &H2Event) -> usize {
+    match e {
+        H2Event::Body(_, _, b) => b.len(),
+        _ => 0,
+    }
+}
+
+impl H2 {
+    fn early_bytes(&self) -> usize {
+        self.early.iter().map(ev_len).sum()
+    }
+
+    fn mark_done(&mut self, id: u32) {
+        if self.done.len() >= MAX_DONE {
+            self.done.pop_front();
+        }
+        self.done.push_back(id);
+    }
 }
 
 /// Most HTTP/2 streams tracked at once per connection (a client's default concurrency limit
@@ -402,6 +436,7 @@ impl Exchange {
         let req = |r: &PendingRequest| r.body.capacity();
         let h2 = self.h2.as_ref().map_or(0, |h| {
             h.conn.buffered()
+                + h.early_bytes()
                 + h.streams
                     .values()
                     .map(|s| {
@@ -533,11 +568,41 @@ impl Exchange {
         let Some(h2) = self.h2.as_mut() else {
             return;
         };
-        for ev in events.drain(..) {
+        let mut queue: VecDeque<H2Event> = events.drain(..).collect();
+        while let Some(ev) = queue.pop_front() {
+            let response_event = match &ev {
+                H2Event::Head(Side::Response, id, _)
+                | H2Event::Body(Side::Response, id, _)
+                | H2Event::End(Side::Response, id)
+                | H2Event::Reset(id) => Some(*id),
+                _ => None,
+            };
+            if let Some(id) = response_event
+                && !h2.streams.contains_key(&id)
+                && id % 2 == 1
+                && !h2.done.contains(&id)
+            {
+                if h2.early.len() < MAX_EARLY_EVENTS
+                    && h2.early_bytes() + ev_len(&ev) <= MAX_EARLY_BYTES
+                {
+                    h2.early.push(ev);
+                } else {
+                    out.push(Outcome::ParseError("http2: response before its request"));
+                }
+                continue;
+            }
             match ev {
                 H2Event::Head(Side::Request, id, head) => {
                     if h2.streams.contains_key(&id) {
                         continue; // trailers
+                    }
+                    // Its response events that came first go next, in order.
+                    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut h2.early)
+                        .into_iter()
+                        .partition(|e| early_stream(e) == id);
+                    h2.early = rest;
+                    for e in mine.into_iter().rev() {
+                        queue.push_front(e);
                     }
                     let host = head.host.clone().unwrap_or_default();
                     if self.first_request && !det.is_provider_host(&host) {
@@ -545,6 +610,7 @@ impl Exchange {
                     }
                     self.first_request = false;
                     if h2.streams.len() >= MAX_H2_STREAMS {
+                        h2.mark_done(id);
                         out.push(Outcome::ParseError("http2: too many concurrent streams"));
                         continue;
                     }
@@ -583,8 +649,7 @@ impl Exchange {
                 }
                 H2Event::Head(Side::Response, id, head) => {
                     let Some(s) = h2.streams.get_mut(&id) else {
-                        out.push(Outcome::ParseError("http2: response for an unknown stream"));
-                        continue;
+                        continue; // a stream not metered (over the cap) or already ended
                     };
                     if s.response.is_some() || (100..200).contains(&head.status) {
                         continue; // trailers, or an interim response
@@ -619,9 +684,11 @@ impl Exchange {
                         *left = left.saturating_sub(bytes.len() as u64);
                         if *left == 0
                             && let Some(s) = h2.streams.remove(&id)
-                            && let Some(r) = s.response
                         {
-                            r.ended(out);
+                            h2.mark_done(id);
+                            if let Some(r) = s.response {
+                                r.ended(out);
+                            }
                         }
                     }
                 }
@@ -634,6 +701,7 @@ impl Exchange {
                 }
                 H2Event::Reset(id) => {
                     if let Some(s) = h2.streams.remove(&id) {
+                        h2.mark_done(id);
                         finish_stream(s, End::StreamReset, out);
                     }
                 }
@@ -686,6 +754,9 @@ impl Exchange {
     /// Nothing the provider may have billed is dropped without a record.
     pub fn finish(&mut self, end: End, det: &ProviderDetector, out: &mut Vec<Outcome>) {
         if let Some(mut h2) = self.h2.take() {
+            if !h2.early.is_empty() {
+                out.push(Outcome::ParseError("http2: response before its request"));
+            }
             let mut ids: Vec<u32> = h2.streams.keys().copied().collect();
             ids.sort_unstable();
             for id in ids {
@@ -706,6 +777,17 @@ impl Exchange {
             r.unanswered(end, out);
         }
         self.current_request = None;
+    }
+}
+
+/// The stream of a held response event.
+fn early_stream(e: &H2Event) -> u32 {
+    match e {
+        H2Event::Head(_, id, _)
+        | H2Event::Body(_, id, _)
+        | H2Event::End(_, id)
+        | H2Event::Reset(id) => *id,
+        H2Event::Broken(_) => 0,
     }
 }
 

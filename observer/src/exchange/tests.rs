@@ -387,3 +387,58 @@ fn http2_streams_are_calls_of_their_own() {
         "{out:?}"
     );
 }
+
+/// A multi-threaded client's reader can report a response before its writer reports the
+/// request: the response is held and paired when the request arrives, not lost.
+#[test]
+fn http2_response_reported_before_its_request_is_paired() {
+    use crate::http2::tests::{block, frame};
+    use loona_hpack::Encoder;
+    let d = det();
+    let (mut client, mut server) = (Encoder::new(), Encoder::new());
+    let mut x = Exchange::new();
+    let mut out = Vec::new();
+    let mut preface = crate::http2::PREFACE.to_vec();
+    preface.extend(frame(0x4, 0, 0, &[]));
+    x.feed(Side::Request, &preface, true, &d, &mut out);
+    let json = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}"#;
+    let mut resp = frame(
+        0x1,
+        0x4,
+        1,
+        &block(
+            &mut server,
+            &[(":status", "200"), ("content-type", "application/json")],
+        ),
+    );
+    resp.extend(frame(0x0, 0x1, 1, json.as_bytes()));
+    x.feed(Side::Response, &resp, true, &d, &mut out);
+    assert!(calls(&out).is_empty(), "{out:?}");
+    let mut req = frame(
+        0x1,
+        0x4,
+        1,
+        &block(
+            &mut client,
+            &[
+                (":method", "POST"),
+                (":authority", "127.0.0.1:8443"),
+                (":path", "/v1/chat/completions"),
+            ],
+        ),
+    );
+    req.extend(frame(0x0, 0x1, 1, BODY.as_bytes()));
+    x.feed(Side::Request, &req, true, &d, &mut out);
+    let got = calls(&out);
+    assert_eq!(got.len(), 1, "{out:?}");
+    let u = got[0].usage.expect("usage");
+    assert_eq!(
+        (u.input_tokens, u.output_tokens, u.estimated),
+        (11, 7, false)
+    );
+    x.finish(End::ConnectionClosed, &d, &mut out);
+    assert!(
+        !out.iter().any(|o| matches!(o, Outcome::ParseError(_))),
+        "{out:?}"
+    );
+}
