@@ -2,7 +2,9 @@
 //! with the observer attached and not; non-LLM traffic (a host that is no provider: the in-kernel
 //! filter should make it nearly free) and LLM traffic (captured, priced and recorded in Redis).
 //! Capture is checked against Redis (the tenant's day hash `requests` field) at 500 calls/s and
-//! unthrottled, with the kernel drop counter from the observer's /metrics.
+//! unthrottled, with the kernel drop counter from the observer's /metrics, over HTTP/1.1 and
+//! HTTP/2 (curl `--http2`: one connection, one stream after another), with the observer's CPU
+//! per captured call for each.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,7 +39,7 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         &env.work,
         "obs-llm-mock",
         0,
-        &["--output-tokens", "16"],
+        &["--output-tokens", "16", "--h2"],
     )?;
     let plain = stack::mock(&env.bin, &env.work, "obs-plain-mock", 0, &[])?;
     let body = env.work.join("obs-chat.json");
@@ -50,9 +52,19 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     // unattached, attached, ... with the observer started and stopped in between; each attached
     // run is compared with the unattached runs on either side of it.
     let n_plain = n * PLAIN_SCALE;
-    let curl_plain = || curl(&plain, "/healthz", None, n_plain, None);
+    let curl_plain = || curl(&plain, "/healthz", None, n_plain, None, false);
     let curl_llm = |count: u64, rate: Option<u32>| {
-        curl(&llm, "/v1/chat/completions", Some(&body), count, rate)
+        curl(
+            &llm,
+            "/v1/chat/completions",
+            Some(&body),
+            count,
+            rate,
+            false,
+        )
+    };
+    let curl_h2 = |count: u64, rate: Option<u32>| {
+        curl(&llm, "/v1/chat/completions", Some(&body), count, rate, true)
     };
     let port = redis_url.rsplit(':').next().unwrap_or("6379").to_owned();
     let tps = stack::ticks_per_s();
@@ -60,11 +72,13 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     step("observer: unattached baseline");
     let mut unattached = vec![curl_plain()?];
     let a_llm = curl_llm(n, None)?;
+    let a_h2 = curl_h2(n, None)?;
     let mut attached = Vec::new();
     let mut cycle_ratios = Vec::new();
     let mut cycle_added_us = Vec::new();
     let mut plain_cpu = Vec::new();
     let mut llm_part = None;
+    let mut h2_part = None;
     for cycle in 0..PLAIN_CYCLES {
         step(&format!(
             "observer: attach cycle {} of {PLAIN_CYCLES} (eBPF uprobes on OpenSSL)",
@@ -106,7 +120,24 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
                 4 * n,
                 "unthrottled, 4 clients",
             )?;
+            let c2 = tree_ticks(obs.pid());
+            let (b_h2, cap_h2_max) = captured(
+                &port,
+                metrics,
+                || curl_h2(n, None),
+                n,
+                "HTTP/2, unthrottled, 1 client",
+            )?;
+            let h2_cpu = cpu_per_1000(c2, n);
+            let (_, cap_h2_500) = captured(
+                &port,
+                metrics,
+                || curl_h2(n, Some(750)),
+                n,
+                "HTTP/2, ≥ 500/s (curl --rate 750/s)",
+            )?;
             llm_part = Some((b_llm, llm_cpu, cap500, cap_max, cap_par));
+            h2_part = Some((b_h2, h2_cpu, cap_h2_500, cap_h2_max));
         }
         obs.ensure_running()?;
         drop(obs);
@@ -123,10 +154,16 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         unattached.push(u);
     }
     let c_llm = curl_llm(n, None)?;
-    let Some((b_llm, llm_cpu, cap500, cap_max, cap_par)) = llm_part else {
+    let c_h2 = curl_h2(n, None)?;
+    let (
+        Some((b_llm, llm_cpu, cap500, cap_max, cap_par)),
+        Some((b_h2, h2_cpu, cap_h2_500, cap_h2_max)),
+    ) = (llm_part, h2_part)
+    else {
         bail!("no attach cycle ran");
     };
     let llm_base = f64::midpoint(a_llm, c_llm);
+    let h2_base = f64::midpoint(a_h2, c_h2);
     Ok(json!({ "observer": {
         "requests": n,
         "non_llm": {
@@ -147,8 +184,15 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
             "observer_cpu_ms_per_1000": llm_cpu,
             "added_us_per_request": 1e6 / b_llm.max(1e-9) - 1e6 / llm_base.max(1e-9),
         },
+        "llm_h2": {
+            "unattached_rps": h2_base, "unattached_runs": [a_h2, c_h2],
+            "attached_rps": b_h2, "ratio": { "median": b_h2 / h2_base.max(1e-9) },
+            "observer_cpu_ms_per_1000": h2_cpu,
+            "added_us_per_request": 1e6 / b_h2.max(1e-9) - 1e6 / h2_base.max(1e-9),
+        },
         "capture_500": cap500,
-        "capture": [cap500, cap_max, cap_par],
+        "capture_h2_500": cap_h2_500,
+        "capture": [cap500, cap_max, cap_par, cap_h2_500, cap_h2_max],
     }}))
 }
 
@@ -287,8 +331,9 @@ fn curl(
     body: Option<&std::path::Path>,
     count: u64,
     rate: Option<u32>,
+    h2: bool,
 ) -> Result<f64> {
-    let mut c = curl_cmd(mock, path, body, count, rate);
+    let mut c = curl_cmd(mock, path, body, count, rate, h2);
     let t = Instant::now();
     let mut child = c.spawn().context("starting curl")?;
     wait_bounded(&mut child, Duration::from_secs(120))?;
@@ -300,7 +345,7 @@ fn parallel(mock: &Mock, body: &std::path::Path, count: u64, clients: u64) -> Re
     let mut kids = Vec::new();
     for _ in 0..clients {
         kids.push(
-            curl_cmd(mock, "/v1/chat/completions", Some(body), count, None)
+            curl_cmd(mock, "/v1/chat/completions", Some(body), count, None, false)
                 .spawn()
                 .context("starting curl")?,
         );
@@ -317,9 +362,11 @@ fn curl_cmd(
     body: Option<&std::path::Path>,
     count: u64,
     rate: Option<u32>,
+    h2: bool,
 ) -> Command {
     let mut c = Command::new("curl");
-    c.args(["--http1.1", "-sS", "--fail", "--cacert"])
+    c.arg(if h2 { "--http2" } else { "--http1.1" })
+        .args(["-sS", "--fail", "--cacert"])
         .arg(&mock.ca);
     c.args(["-H", &format!("authorization: Bearer {MOCK_KEY}")]);
     if let Some(b) = body {
