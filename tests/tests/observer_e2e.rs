@@ -689,7 +689,6 @@ fn observer_bills_claimed_tenants_only_for_trusted_processes() {
     assert_ledger(&redis, "team-curl", billed(&m), &obs);
 
     // The trusted process names its tenant.
-    let before = billed(&m);
     let script = format!(
         "import ssl, urllib.request\n\
          ctx = ssl.create_default_context(cafile={ca:?})\n\
@@ -699,47 +698,34 @@ fn observer_bills_claimed_tenants_only_for_trusted_processes() {
         url = format!("{}/v1/chat/completions", m.https_url()),
         body = CHAT,
     );
-    let out = Command::new(llmwarden_tests::python::venv_python())
-        .args(["-c", &script])
-        .output()
-        .expect("run the venv's python");
-    assert!(
-        out.status.success(),
-        "python3 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let after = billed(&m);
-    let delta = (
-        after.0 - before.0,
-        after.1 - before.1,
-        after.2 - before.2,
-        after.3 - before.3,
-    );
-    assert_ledger(&redis, "gateway-tenant", delta, &obs);
+    // What one run of a python script made the mock bill.
+    let billed_by = |script: &str| {
+        let before = billed(&m);
+        let out = Command::new(llmwarden_tests::python::venv_python())
+            .args(["-c", script])
+            .output()
+            .expect("run the venv's python");
+        assert!(
+            out.status.success(),
+            "python3 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after = billed(&m);
+        (
+            after.0 - before.0,
+            after.1 - before.1,
+            after.2 - before.2,
+            after.3 - before.3,
+        )
+    };
+    assert_ledger(&redis, "gateway-tenant", billed_by(&script), &obs);
 
     // Renamed after exec: its rule's tenant, not the trusted python rule's header.
-    let before = billed(&m);
     let renamed = format!(
         "import ctypes\n\
          ctypes.CDLL(None).prctl(15, b'renamed-worker', 0, 0, 0)\n{script}"
     );
-    let out = Command::new(llmwarden_tests::python::venv_python())
-        .args(["-c", &renamed])
-        .output()
-        .expect("run the venv's python");
-    assert!(
-        out.status.success(),
-        "python3 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let after = billed(&m);
-    let delta = (
-        after.0 - before.0,
-        after.1 - before.1,
-        after.2 - before.2,
-        after.3 - before.3,
-    );
-    assert_ledger(&redis, "team-renamed", delta, &obs);
+    assert_ledger(&redis, "team-renamed", billed_by(&renamed), &obs);
 
     let victim = month_spend(&redis, "victim");
     assert_eq!(

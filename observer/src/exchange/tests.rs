@@ -10,7 +10,7 @@ fn run(req: &[u8], resp: &[u8]) -> Vec<Outcome> {
     let d = det();
     let mut x = Exchange::new();
     let mut out = Vec::new();
-    x.feed(Side::Request, req, true, &d, &mut out);
+    send(&mut x, Side::Request, req, &mut out);
     for piece in resp.chunks(13) {
         x.feed(Side::Response, piece, false, &d, &mut out);
     }
@@ -86,6 +86,11 @@ fn chunked_sse(sse: &str) -> Vec<u8> {
     resp
 }
 
+/// Feeds `bytes` as an SSL call of `side`.
+fn send(x: &mut Exchange, side: Side, bytes: &[u8], out: &mut Vec<Outcome>) {
+    x.feed(side, bytes, true, &det(), out);
+}
+
 fn calls(out: &[Outcome]) -> Vec<&ObservedCall> {
     out.iter()
         .filter_map(|o| match o {
@@ -106,20 +111,13 @@ fn stream_is_recorded_at_its_end_event_once() {
     for terminator_arrives in [false, true] {
         let mut x = Exchange::new();
         let mut out = Vec::new();
-        x.feed(
+        send(
+            &mut x,
             Side::Request,
             &request("127.0.0.1:8443", BODY),
-            true,
-            &d,
             &mut out,
         );
-        x.feed(
-            Side::Response,
-            &chunked_sse(USAGE_STREAM),
-            true,
-            &d,
-            &mut out,
-        );
+        send(&mut x, Side::Response, &chunked_sse(USAGE_STREAM), &mut out);
         let got = calls(&out);
         assert_eq!(got.len(), 1, "recorded at [DONE]: {out:?}");
         assert_eq!(got[0].end, End::StreamEvent);
@@ -130,23 +128,16 @@ fn stream_is_recorded_at_its_end_event_once() {
             (5, 3, false)
         );
         if terminator_arrives {
-            x.feed(Side::Response, b"0\r\n\r\n", true, &d, &mut out);
+            send(&mut x, Side::Response, b"0\r\n\r\n", &mut out);
             // The connection is reused: the next call is metered too.
-            x.feed(
+            send(
+                &mut x,
                 Side::Request,
                 &request("127.0.0.1:8443", BODY),
-                true,
-                &d,
                 &mut out,
             );
-            x.feed(
-                Side::Response,
-                &chunked_sse(USAGE_STREAM),
-                true,
-                &d,
-                &mut out,
-            );
-            x.feed(Side::Response, b"0\r\n\r\n", true, &d, &mut out);
+            send(&mut x, Side::Response, &chunked_sse(USAGE_STREAM), &mut out);
+            send(&mut x, Side::Response, b"0\r\n\r\n", &mut out);
         }
         x.finish(End::ConnectionClosed, &d, &mut out);
         let want = if terminator_arrives { 2 } else { 1 };
@@ -171,15 +162,14 @@ fn stream_cut_before_its_usage_is_an_estimate_at_connection_end() {
     ] {
         let mut x = Exchange::new();
         let mut out = Vec::new();
-        x.feed(
+        send(
+            &mut x,
             Side::Request,
             &request("127.0.0.1:8443", BODY),
-            true,
-            &d,
             &mut out,
         );
         let partial = "data: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"Hello there, friend\"}}]}\n\n";
-        x.feed(Side::Response, &chunked_sse(partial), true, &d, &mut out);
+        send(&mut x, Side::Response, &chunked_sse(partial), &mut out);
         assert!(calls(&out).is_empty(), "{out:?}");
         x.finish(end, &d, &mut out);
         let got = calls(&out);
@@ -203,11 +193,10 @@ fn request_without_a_response_is_recorded_at_its_input_estimate() {
     let d = det();
     let mut x = Exchange::new();
     let mut out = Vec::new();
-    x.feed(
+    send(
+        &mut x,
         Side::Request,
         &request("127.0.0.1:8443", BODY),
-        true,
-        &d,
         &mut out,
     );
     x.finish(End::ProcessExit, &d, &mut out);
@@ -224,7 +213,7 @@ fn request_without_a_response_is_recorded_at_its_input_estimate() {
     let mut x = Exchange::new();
     let mut out = Vec::new();
     let req = request("127.0.0.1:8443", BODY);
-    x.feed(Side::Request, &req[..req.len() - 5], true, &d, &mut out);
+    send(&mut x, Side::Request, &req[..req.len() - 5], &mut out);
     x.finish(End::ProcessExit, &d, &mut out);
     assert!(
         calls(&out).is_empty(),
@@ -238,20 +227,13 @@ fn non_stream_cut_is_an_estimate_and_errors_are_free() {
     let d = det();
     let mut x = Exchange::new();
     let mut out = Vec::new();
-    x.feed(
+    send(
+        &mut x,
         Side::Request,
         &request("127.0.0.1:8443", BODY),
-        true,
-        &d,
         &mut out,
     );
-    x.feed(
-        Side::Response,
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{\"id\":\"c\",\"choices\":[{\"message\":{\"content\":\"Hello",
-        true,
-        &d,
-        &mut out,
-    );
+    send(&mut x, Side::Response, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{\"id\":\"c\",\"choices\":[{\"message\":{\"content\":\"Hello", &mut out);
     x.finish(End::ConnectionClosed, &d, &mut out);
     let got = calls(&out);
     assert_eq!(got.len(), 1, "{out:?}");
@@ -264,18 +246,16 @@ fn non_stream_cut_is_an_estimate_and_errors_are_free() {
 
     let mut x = Exchange::new();
     let mut out = Vec::new();
-    x.feed(
+    send(
+        &mut x,
         Side::Request,
         &request("127.0.0.1:8443", BODY),
-        true,
-        &d,
         &mut out,
     );
-    x.feed(
+    send(
+        &mut x,
         Side::Response,
         b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 100\r\n\r\n{\"error\"",
-        true,
-        &d,
         &mut out,
     );
     x.finish(End::ConnectionClosed, &d, &mut out);
@@ -311,8 +291,8 @@ fn http2_streams_are_calls_of_their_own() {
     let mut x = Exchange::new();
     let mut out = Vec::new();
     // The preface arrives split, as a client may write it.
-    x.feed(Side::Request, &req[..10], true, &d, &mut out);
-    x.feed(Side::Request, &req[10..], true, &d, &mut out);
+    send(&mut x, Side::Request, &req[..10], &mut out);
+    send(&mut x, Side::Request, &req[10..], &mut out);
     let json = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}"#;
     let mut resp = frame(0x4, 0, 0, &[]);
     resp.extend(frame(
@@ -400,7 +380,7 @@ fn http2_response_reported_before_its_request_is_paired() {
     let mut out = Vec::new();
     let mut preface = crate::http2::PREFACE.to_vec();
     preface.extend(frame(0x4, 0, 0, &[]));
-    x.feed(Side::Request, &preface, true, &d, &mut out);
+    send(&mut x, Side::Request, &preface, &mut out);
     let json = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}"#;
     let mut resp = frame(
         0x1,
@@ -412,7 +392,7 @@ fn http2_response_reported_before_its_request_is_paired() {
         ),
     );
     resp.extend(frame(0x0, 0x1, 1, json.as_bytes()));
-    x.feed(Side::Response, &resp, true, &d, &mut out);
+    send(&mut x, Side::Response, &resp, &mut out);
     assert!(calls(&out).is_empty(), "{out:?}");
     let mut req = frame(
         0x1,
@@ -428,7 +408,7 @@ fn http2_response_reported_before_its_request_is_paired() {
         ),
     );
     req.extend(frame(0x0, 0x1, 1, BODY.as_bytes()));
-    x.feed(Side::Request, &req, true, &d, &mut out);
+    send(&mut x, Side::Request, &req, &mut out);
     let got = calls(&out);
     assert_eq!(got.len(), 1, "{out:?}");
     let u = got[0].usage.expect("usage");
