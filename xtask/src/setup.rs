@@ -215,9 +215,9 @@ fn venv() -> Result<()> {
             ])
             .arg(&req),
     )?;
-    if !succeeds(Command::new(&py).args(["-c", "import openai, anthropic, httpx"])) {
+    if !succeeds(Command::new(&py).args(["-c", "import openai, anthropic, httpx, h2"])) {
         bail!(
-            "the venv at {} cannot import openai/anthropic after installing them",
+            "the venv at {} cannot import openai/anthropic/httpx/h2 after installing them",
             venv.display()
         );
     }
