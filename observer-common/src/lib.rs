@@ -173,6 +173,6 @@ mod tests {
         assert_eq!(HEADER_SIZE % 8, 0);
         assert_eq!(core::mem::size_of::<ActiveCall>(), 32);
         assert_eq!(core::mem::size_of::<ConnKey>(), 16);
-        assert_eq!(core::mem::size_of::<ProcEvent>(), 16);
+        assert_eq!(core::mem::size_of::<ProcEvent>(), 8 + 4 + 4 + 16);
     }
 }
