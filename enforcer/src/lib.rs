@@ -19,6 +19,7 @@ pub mod config;
 pub mod decide;
 pub mod error;
 pub mod forward;
+pub mod inflight;
 pub mod loop_guard;
 pub mod meter;
 pub mod metrics;
@@ -103,6 +104,8 @@ pub struct App {
     pub replayer: ledger::spool::Replayer,
     /// Settles running after their response was sent; shutdown waits for them.
     pub settles: tokio_util::task::TaskTracker,
+    /// Bytes of bodies held by calls in flight (`max_inflight_body_bytes`).
+    pub inflight: Arc<inflight::InflightBudget>,
     /// Token counts of prompt texts seen recently (per tenant), for the input estimate.
     pub token_cache: ledger::request::TokenCache,
 }
@@ -141,10 +144,15 @@ impl App {
             .with_instance(&instance);
         let spool = recovery::open_spool(&cfg, &instance)?;
         let replayer = recovery::start(&spool, &ledger, instance.clone(), chrono::Utc::now());
+        let metrics = Arc::new(Metrics::new(&cfg.metrics));
         Ok(App {
             budgets: Budgets::new(ledger.clone(), &cfg),
             loops: LoopGuard::new(ledger.clone(), &cfg.session),
-            metrics: Arc::new(Metrics::new(&cfg.metrics)),
+            inflight: inflight::InflightBudget::new(
+                cfg.max_inflight_body_bytes,
+                metrics.inflight_body_bytes.clone(),
+            ),
+            metrics,
             keys: KeyStore::new(&cfg.keys),
             durable: DurableLedger::new(ledger.clone(), spool),
             cfg,

@@ -43,6 +43,12 @@ impl Config {
         if self.max_connections == 0 {
             return Err(bad("max_connections", "at least 1"));
         }
+        if self.max_inflight_body_bytes < self.max_request_body_bytes {
+            return Err(bad(
+                "max_inflight_body_bytes",
+                "at least max_request_body_bytes (else the largest allowed request never fits)",
+            ));
+        }
         if self.max_streams_per_connection == 0 {
             return Err(bad("max_streams_per_connection", "at least 1"));
         }
