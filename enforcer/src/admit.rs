@@ -18,7 +18,7 @@ use crate::auth::KeyEntry;
 use crate::call::Call;
 use crate::config::{BackgroundResponses, Provider, UnknownModel};
 use crate::error::ProxyError;
-use crate::inflight::BodyPermit;
+use crate::inflight::{BodyPermit, REQUEST_COST_FACTOR};
 use crate::{App, auth, route};
 
 /// An admitted request: who sends it where, with its body read.
@@ -173,8 +173,9 @@ fn attribution(
 }
 
 /// The body, bounded by `max_request_body_bytes` (a declared length over it gets 413 at once),
-/// by `timeouts.client_ms`, and by what is left of `max_inflight_body_bytes` (503), counted as it
-/// arrives so that a body that does not fit is never held whole.
+/// by `timeouts.client_ms`, and by what is left of `max_inflight_body_bytes` (503), counted
+/// ([`REQUEST_COST_FACTOR`] times its size) as it arrives so that a body that does not fit is
+/// never held whole.
 async fn read_body(
     app: &App,
     parts: &http::request::Parts,
@@ -200,7 +201,7 @@ async fn read_body(
     // that does not fit is still read to its end, discarding it, so that the client (which
     // sends its whole body before reading the answer) gets the 503 rather than a reset.
     let upfront = declared.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
-    let mut fits = permit.try_grow(upfront);
+    let mut fits = permit.try_grow(upfront.saturating_mul(REQUEST_COST_FACTOR));
     let wait = Duration::from_millis(app.cfg.timeouts.client_ms);
     let mut body = Limited::new(body, limit);
     let mut chunks: Vec<Bytes> = Vec::new();
@@ -211,7 +212,8 @@ async fn read_body(
                 continue; // trailers
             };
             len += data.len();
-            if fits && len > permit.bytes() && !permit.try_grow(len - permit.bytes()) {
+            let cost = len.saturating_mul(REQUEST_COST_FACTOR);
+            if fits && cost > permit.bytes() && !permit.try_grow(cost - permit.bytes()) {
                 fits = false;
             }
             if fits {
@@ -258,9 +260,10 @@ pub fn parse(
     endpoint: &Endpoint,
     call: &mut Call,
 ) -> Result<RequestInfo, ProxyError> {
-    let info =
+    let info = off_worker(adm.body.len(), || {
         ledger::request::parse_request_cached(endpoint, &adm.body, &app.token_cache, &call.tenant)
-            .map_err(|e| ProxyError::BadBody(e.to_string()))?;
+    })
+    .map_err(|e| ProxyError::BadBody(e.to_string()))?;
     // The model in the path is the one the provider runs and bills (Gemini
     // `models/{m}:generateContent`, an Azure deployment): it wins over a model named in the body.
     let model = endpoint
@@ -277,4 +280,21 @@ pub fn parse(
         });
     }
     Ok(info)
+}
+
+/// Bodies from this size are parsed and tokenised off the async workers.
+pub const BLOCKING_PARSE_BYTES: usize = 64 << 10;
+
+/// Runs `f`, CPU-heavy work over a body of `len` bytes (parsing, tokenising megabytes of prompt),
+/// so that it does not stall the other calls on this async worker: for a large body, on a thread
+/// where blocking is allowed (`block_in_place`; only the multi-threaded runtime the server runs
+/// has one).
+pub fn off_worker<T>(len: usize, f: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if len >= BLOCKING_PARSE_BYTES && multi {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
 }

@@ -191,8 +191,9 @@ impl Default for Config {
             // 32 MiB: large enough for base64 images in a prompt.
             max_request_body_bytes: 32 << 20,
             max_response_body_bytes: 256 << 20,
-            // 128 MiB: four maximum-size requests, or hundreds of ordinary ones, at once.
-            max_inflight_body_bytes: 128 << 20,
+            // 96 MiB: one maximum-size request (counted three times its size), or hundreds of
+            // ordinary ones, at once; keeps 64 worst-case calls under 256 MiB of RSS.
+            max_inflight_body_bytes: 96 << 20,
             unmetered_endpoints: UnknownModel::Deny,
             background_responses: BackgroundResponses::Deny,
             object_ttl_secs: 30 * 24 * 3600,

@@ -31,6 +31,7 @@ pub mod server;
 pub mod settle;
 pub mod usage_filter;
 pub mod usage_params;
+pub mod usage_view;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -203,15 +203,18 @@ async fn meter_whole(
     };
     let mut settler = pending.take();
     settler.note_object(&bytes);
-    let (model, usage) = match ledger::usage::parse_response(endpoint, &bytes) {
-        Ok(m) if m.usage.is_some() => (m.model, m.usage),
-        _ => {
-            let mut m = StreamMeter::new(endpoint);
-            m.feed(&bytes);
-            let meta = m.finish();
-            (meta.model, meta.usage)
+    let (model, usage) = admit::off_worker(bytes.len(), || {
+        let view = crate::usage_view::usage_view(endpoint.api, &bytes);
+        match ledger::usage::parse_response(endpoint, view.as_deref().unwrap_or(&bytes)) {
+            Ok(m) if m.usage.is_some() => (m.model, m.usage),
+            _ => {
+                let mut m = StreamMeter::new(endpoint);
+                m.feed(&bytes);
+                let meta = m.finish();
+                (meta.model, meta.usage)
+            }
         }
-    };
+    });
     // The cost is known now; committing it to Redis need not delay the response.
     let billed = settler.settle_in_background(model, usage);
     if let Ok(v) = HeaderValue::from_str(&usd_string(billed.cost)) {
