@@ -254,12 +254,18 @@ fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
 ///
 /// # Errors
 /// [`ProxyError::BadBody`] when the body is not the JSON the API takes or names no model.
-pub fn parse(
+pub async fn parse(
     app: &App,
     adm: &Admission<'_>,
     endpoint: &Endpoint,
     call: &mut Call,
 ) -> Result<RequestInfo, ProxyError> {
+    // A large body waits (without blocking a worker) for one of the CPU-count parse slots.
+    let _slot = if adm.body.len() >= BLOCKING_PARSE_BYTES {
+        app.parse_slots.acquire().await.ok()
+    } else {
+        None
+    };
     let info = off_worker(adm.body.len(), || {
         ledger::request::parse_request_cached(endpoint, &adm.body, &app.token_cache, &call.tenant)
     })

@@ -107,6 +107,9 @@ pub struct App {
     pub settles: tokio_util::task::TaskTracker,
     /// Bytes of bodies held by calls in flight (`max_inflight_body_bytes`).
     pub inflight: Arc<inflight::InflightBudget>,
+    /// Large bodies parsed and tokenised at once (one per CPU), so that many large prompts
+    /// neither stall the async workers nor hold their parse trees all at the same time.
+    pub parse_slots: tokio::sync::Semaphore,
     /// Token counts of prompt texts seen recently (per tenant), for the input estimate.
     pub token_cache: ledger::request::TokenCache,
 }
@@ -166,6 +169,9 @@ impl App {
             instance,
             replayer,
             settles: tokio_util::task::TaskTracker::new(),
+            parse_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            ),
             token_cache: ledger::request::TokenCache::new(),
         })
     }

@@ -60,7 +60,7 @@ async fn run(
         a.handed_off = r.is_ok();
         return r;
     };
-    let info = admit::parse(app, &adm, &endpoint, call)?;
+    let info = admit::parse(app, &adm, &endpoint, call).await?;
     let decision = decide::decide(app, &adm, &info, call).await?;
     app.metrics
         .overhead

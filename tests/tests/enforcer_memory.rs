@@ -78,8 +78,26 @@ async fn peak_rss_under_64_worst_case_calls() {
     // 4 MiB of prompt in 160 inputs, answered with 160 vectors of 4096 floats (~7 MiB of JSON).
     let body = big_embeddings(4 << 20, 160);
     let started = Instant::now();
+    // A small call sent while the big ones are parsed: its latency shows whether parsing
+    // megabytes of prompt stalls the async workers.
+    let small_url = format!("{}/embeddings", stack.base("openai"));
+    let small = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let t = Instant::now();
+        let r = http()
+            .post(&small_url)
+            .bearer_auth(KEY_OPS)
+            .header("x-tenant-id", "memtest-small")
+            .json(&json!({"model": "text-embedding-3-small", "input": "hello"}))
+            .send()
+            .await
+            .expect("small call");
+        (r.status().as_u16(), t.elapsed())
+    });
     let res = crowd(&stack, 64, body, "memtest").await;
     let elapsed = started.elapsed();
+    let (small_status, small_latency) = small.await.expect("small task");
+    eprintln!("memory: a small call during the crowd: {small_status} in {small_latency:?}");
     let ok = res.iter().filter(|(s, _)| *s == 200).count();
     let busy = res.iter().filter(|(s, _)| *s == 503).count();
     for (s, text) in &res {
@@ -99,6 +117,17 @@ async fn peak_rss_under_64_worst_case_calls() {
          enforcer RSS idle {} MiB, peak (VmHWM) {} MiB",
         idle / 1024,
         peak / 1024
+    );
+    // The enforcer's own time before forwarding (parse, tokenise, reserve) of the admitted calls.
+    let m = stack.metrics().await;
+    let sample = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    eprintln!(
+        "memory: mean enforcer overhead per admitted call {:.3} s",
+        sample("llmwarden_overhead_seconds_sum") / sample("llmwarden_overhead_seconds_count")
     );
     assert!(ok > 0, "no call succeeded: {res:?}");
     let s = stack.settled("memtest", ok as u64).await;
