@@ -18,6 +18,7 @@ use crate::auth::KeyEntry;
 use crate::call::Call;
 use crate::config::{BackgroundResponses, Provider, UnknownModel};
 use crate::error::ProxyError;
+use crate::inflight::{BodyPermit, REQUEST_COST_FACTOR};
 use crate::{App, auth, route};
 
 /// An admitted request: who sends it where, with its body read.
@@ -30,6 +31,8 @@ pub struct Admission<'a> {
     pub rest: String,
     /// The request body.
     pub body: Bytes,
+    /// Its bytes counted in the in-flight budget while the call holds them.
+    pub permit: BodyPermit,
     /// What the ledger meters, or `None` for a call forwarded unmetered.
     pub endpoint: Option<Endpoint>,
 }
@@ -75,12 +78,13 @@ pub async fn admit<'a>(
         None => check_unmetered(app, entry, &parts.method, &rest, call).await?,
     }
     let endpoint = endpoint.filter(|ep| !ep.api.is_free());
-    let body = read_body(app, &parts, body).await?;
+    let (body, permit) = read_body(app, &parts, body).await?;
     Ok(Admission {
         provider,
         parts,
         rest,
         body,
+        permit,
         endpoint,
     })
 }
@@ -168,13 +172,15 @@ fn attribution(
     }
 }
 
-/// The body, bounded by `max_request_body_bytes` (a declared length over it gets 413 at once)
-/// and by `timeouts.client_ms`.
+/// The body, bounded by `max_request_body_bytes` (a declared length over it gets 413 at once),
+/// by `timeouts.client_ms`, and by what is left of `max_inflight_body_bytes` (503), counted
+/// ([`REQUEST_COST_FACTOR`] times its size) as it arrives so that a body that does not fit is
+/// never held whole.
 async fn read_body(
     app: &App,
     parts: &http::request::Parts,
     body: Incoming,
-) -> Result<Bytes, ProxyError> {
+) -> Result<(Bytes, BodyPermit), ProxyError> {
     let limit = app.cfg.max_request_body_bytes;
     let declared = parts
         .headers
@@ -184,13 +190,47 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
+    let mut permit = app.inflight.permit();
+    let overloaded = || {
+        app.metrics.inflight_refusals.inc();
+        ProxyError::Overloaded {
+            limit: app.inflight.limit(),
+        }
+    };
+    // A declared length is counted before a byte is read; a chunked body frame by frame. A body
+    // that does not fit is still read to its end, discarding it, so that the client (which
+    // sends its whole body before reading the answer) gets the 503 rather than a reset.
+    let upfront = declared.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let mut fits = permit.try_grow(upfront.saturating_mul(REQUEST_COST_FACTOR));
     let wait = Duration::from_millis(app.cfg.timeouts.client_ms);
-    match tokio::time::timeout(wait, Limited::new(body, limit).collect()).await {
+    let mut body = Limited::new(body, limit);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue; // trailers
+            };
+            len += data.len();
+            let cost = len.saturating_mul(REQUEST_COST_FACTOR);
+            if fits && cost > permit.bytes() && !permit.try_grow(cost - permit.bytes()) {
+                fits = false;
+            }
+            if fits {
+                chunks.push(data);
+            } else {
+                chunks.clear();
+            }
+        }
+        Ok::<bool, Box<dyn std::error::Error + Send + Sync>>(fits)
+    };
+    match tokio::time::timeout(wait, read).await {
         Err(_) => Err(ProxyError::BodyRead(format!(
             "the request body did not arrive within {} ms (timeouts.client_ms)",
             wait.as_millis()
         ))),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Ok(true)) => Ok((concat(chunks, len), permit)),
+        Ok(Ok(false)) => Err(overloaded()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ProxyError::BodyTooLarge { limit })
         }
@@ -198,19 +238,38 @@ async fn read_body(
     }
 }
 
+/// The chunks of a body as one buffer (no copy for a body that came in one chunk).
+fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut out = bytes::BytesMut::with_capacity(len);
+    for c in chunks {
+        out.extend_from_slice(&c);
+    }
+    out.freeze()
+}
+
 /// Parses the body of a metered call: model, stream, output limit, input estimate.
 ///
 /// # Errors
 /// [`ProxyError::BadBody`] when the body is not the JSON the API takes or names no model.
-pub fn parse(
+pub async fn parse(
     app: &App,
     adm: &Admission<'_>,
     endpoint: &Endpoint,
     call: &mut Call,
 ) -> Result<RequestInfo, ProxyError> {
-    let info =
+    // A large body waits (without blocking a worker) for one of the CPU-count parse slots.
+    let _slot = if adm.body.len() >= BLOCKING_PARSE_BYTES {
+        app.parse_slots.acquire().await.ok()
+    } else {
+        None
+    };
+    let info = off_worker(adm.body.len(), || {
         ledger::request::parse_request_cached(endpoint, &adm.body, &app.token_cache, &call.tenant)
-            .map_err(|e| ProxyError::BadBody(e.to_string()))?;
+    })
+    .map_err(|e| ProxyError::BadBody(e.to_string()))?;
     // The model in the path is the one the provider runs and bills (Gemini
     // `models/{m}:generateContent`, an Azure deployment): it wins over a model named in the body.
     let model = endpoint
@@ -227,4 +286,21 @@ pub fn parse(
         });
     }
     Ok(info)
+}
+
+/// Bodies from this size are parsed and tokenised off the async workers.
+pub const BLOCKING_PARSE_BYTES: usize = 64 << 10;
+
+/// Runs `f`, CPU-heavy work over a body of `len` bytes (parsing, tokenising megabytes of prompt),
+/// so that it does not stall the other calls on this async worker: for a large body, on a thread
+/// where blocking is allowed (`block_in_place`; only the multi-threaded runtime the server runs
+/// has one).
+pub fn off_worker<T>(len: usize, f: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if len >= BLOCKING_PARSE_BYTES && multi {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
 }

@@ -131,6 +131,9 @@ pub struct Config {
     pub max_request_body_bytes: usize,
     /// Largest non-stream response body buffered to price it (bytes); larger gets 502.
     pub max_response_body_bytes: usize,
+    /// Bytes of request bodies (and buffered non-stream responses) held at once, over all calls;
+    /// a call whose request body does not fit gets 503 before anything is held or sent.
+    pub max_inflight_body_bytes: usize,
     /// Forward POSTs to endpoints the enforcer cannot meter ("deny", the default, or "allow").
     pub unmetered_endpoints: UnknownModel,
     /// OpenAI Responses `background: true`: "deny" (default) or "reserve" (billed at the
@@ -188,6 +191,9 @@ impl Default for Config {
             // 32 MiB: large enough for base64 images in a prompt.
             max_request_body_bytes: 32 << 20,
             max_response_body_bytes: 256 << 20,
+            // 96 MiB: one maximum-size request (counted three times its size), or hundreds of
+            // ordinary ones, at once; keeps 64 worst-case calls under 256 MiB of RSS.
+            max_inflight_body_bytes: 96 << 20,
             unmetered_endpoints: UnknownModel::Deny,
             background_responses: BackgroundResponses::Deny,
             object_ttl_secs: 30 * 24 * 3600,

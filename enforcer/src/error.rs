@@ -163,6 +163,16 @@ pub enum ProxyError {
         /// The limit.
         limit: usize,
     },
+    /// The bodies held by calls in flight already fill max_inflight_body_bytes.
+    #[error(
+        "the enforcer is already holding its limit of {limit} bytes of request and response \
+         bodies in flight (max_inflight_body_bytes); the call was not sent. Retry shortly, or \
+         raise max_inflight_body_bytes if the host has the memory"
+    )]
+    Overloaded {
+        /// The limit.
+        limit: usize,
+    },
     /// The body could not be read from the client.
     #[error("could not read the request body: {0}")]
     BodyRead(String),
@@ -262,6 +272,7 @@ impl ProxyError {
             Self::LedgerUnavailable(_)
             | Self::EmergencyAllowanceUsed(_)
             | Self::BudgetsInvalid(_)
+            | Self::Overloaded { .. }
             | Self::NoUpstreamKey { .. } => Origin::Internal,
             _ => Origin::Downstream,
         }
@@ -293,6 +304,7 @@ impl ProxyError {
             Self::LedgerUnavailable(_)
             | Self::EmergencyAllowanceUsed(_)
             | Self::BudgetsInvalid(_)
+            | Self::Overloaded { .. }
             | Self::NoUpstreamKey { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -313,6 +325,7 @@ impl ProxyError {
             Self::BadAttribution { .. } => "invalid_attribution",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead(_) => "body_read_failed",
+            Self::Overloaded { .. } => "inflight_bytes_exceeded",
             Self::BadBody(_) => "invalid_request",
             Self::Unmetered { .. } => "unmetered_endpoint",
             Self::UsageSuppressed { .. } => "usage_suppressed",

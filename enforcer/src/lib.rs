@@ -19,6 +19,7 @@ pub mod config;
 pub mod decide;
 pub mod error;
 pub mod forward;
+pub mod inflight;
 pub mod loop_guard;
 pub mod meter;
 pub mod metrics;
@@ -30,6 +31,7 @@ pub mod server;
 pub mod settle;
 pub mod usage_filter;
 pub mod usage_params;
+pub mod usage_view;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -103,6 +105,11 @@ pub struct App {
     pub replayer: ledger::spool::Replayer,
     /// Settles running after their response was sent; shutdown waits for them.
     pub settles: tokio_util::task::TaskTracker,
+    /// Bytes of bodies held by calls in flight (`max_inflight_body_bytes`).
+    pub inflight: Arc<inflight::InflightBudget>,
+    /// Large bodies parsed and tokenised at once (one per CPU), so that many large prompts
+    /// neither stall the async workers nor hold their parse trees all at the same time.
+    pub parse_slots: tokio::sync::Semaphore,
     /// Token counts of prompt texts seen recently (per tenant), for the input estimate.
     pub token_cache: ledger::request::TokenCache,
 }
@@ -141,10 +148,15 @@ impl App {
             .with_instance(&instance);
         let spool = recovery::open_spool(&cfg, &instance)?;
         let replayer = recovery::start(&spool, &ledger, instance.clone(), chrono::Utc::now());
+        let metrics = Arc::new(Metrics::new(&cfg.metrics));
         Ok(App {
             budgets: Budgets::new(ledger.clone(), &cfg),
             loops: LoopGuard::new(ledger.clone(), &cfg.session),
-            metrics: Arc::new(Metrics::new(&cfg.metrics)),
+            inflight: inflight::InflightBudget::new(
+                cfg.max_inflight_body_bytes,
+                metrics.inflight_body_bytes.clone(),
+            ),
+            metrics,
             keys: KeyStore::new(&cfg.keys),
             durable: DurableLedger::new(ledger.clone(), spool),
             cfg,
@@ -157,6 +169,9 @@ impl App {
             instance,
             replayer,
             settles: tokio_util::task::TaskTracker::new(),
+            parse_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            ),
             token_cache: ledger::request::TokenCache::new(),
         })
     }

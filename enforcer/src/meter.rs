@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use ledger::usage::{StreamMeter, Usage};
 use tokio::time::Sleep;
 
+use crate::inflight::BodyPermit;
 use crate::settle::{Outcome, Settler};
 use crate::usage_filter::UsageChunkFilter;
 
@@ -204,7 +205,8 @@ pub enum BodyError {
     Transport(#[from] hyper::Error),
 }
 
-/// Polls a body to the end, enforcing the idle timeout and a size limit (non-stream responses).
+/// Polls a body to the end, enforcing the idle timeout and a size limit (non-stream responses),
+/// counting what it holds in `permit` (the in-flight budget).
 ///
 /// # Errors
 /// [`BodyError`] on timeout, size overflow or transport error.
@@ -212,8 +214,12 @@ pub async fn collect_bounded(
     mut body: Incoming,
     limit: usize,
     idle: Duration,
+    permit: &mut BodyPermit,
 ) -> Result<Bytes, BodyError> {
-    let mut buf = BytesMut::new();
+    // A declared length sizes the buffer once instead of doubling it up to twice the body.
+    let hint = body.size_hint().exact().unwrap_or(0);
+    let mut buf = BytesMut::with_capacity(usize::try_from(hint).unwrap_or(0).min(limit));
+    permit.grow(buf.capacity());
     loop {
         let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
         match tokio::time::timeout(idle, frame).await {
@@ -230,6 +236,9 @@ pub async fn collect_bounded(
                         return Err(BodyError::TooLarge { limit });
                     }
                     buf.extend_from_slice(&d);
+                    if buf.capacity() > permit.bytes() {
+                        permit.grow(buf.capacity() - permit.bytes());
+                    }
                 }
             }
         }

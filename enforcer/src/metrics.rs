@@ -152,6 +152,10 @@ pub struct Metrics {
     pub accept_errors: Family<Listener, Counter>,
     /// Connections closed for having no request in flight for `timeouts.connection_idle_ms`.
     pub idle_closes: Family<Listener, Counter>,
+    /// Bytes of request and buffered response bodies held now (`max_inflight_body_bytes`).
+    pub inflight_body_bytes: Gauge,
+    /// Calls refused with 503 because their body did not fit `max_inflight_body_bytes`.
+    pub inflight_refusals: Counter<u64, AtomicU64>,
     tenants: Bounded,
     models: Bounded,
 }
@@ -185,6 +189,8 @@ impl Metrics {
             connection_limit_waits: Family::default(),
             accept_errors: Family::default(),
             idle_closes: Family::default(),
+            inflight_body_bytes: Gauge::default(),
+            inflight_refusals: Counter::default(),
             tenants: Bounded {
                 max: cfg.max_tenants,
                 seen: Mutex::default(),
@@ -307,6 +313,16 @@ impl Metrics {
             "llmwarden_settle_over_reservation_nusd",
             "Nano-USD settled above the call's reservation (the worst case under-reserved)",
             self.over_reservation.clone(),
+        );
+        r.register(
+            "llmwarden_inflight_body_bytes",
+            "Bytes of request and buffered response bodies held now",
+            self.inflight_body_bytes.clone(),
+        );
+        r.register(
+            "llmwarden_inflight_refusals",
+            "Calls refused with 503 because max_inflight_body_bytes was full",
+            self.inflight_refusals.clone(),
         );
     }
 

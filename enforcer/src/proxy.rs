@@ -28,6 +28,7 @@ use crate::call::{Admitting, Call, CallLog, Decision};
 use crate::decide;
 use crate::error::{Origin, ProxyError};
 use crate::forward;
+use crate::inflight::HeldBody;
 use crate::meter::{MeteredBody, collect_bounded};
 use crate::settle::{Settler, StoredObject};
 use crate::{App, ProxyBody, REQUEST_ID_HEADER, full_body, route, usd_string};
@@ -59,7 +60,7 @@ async fn run(
         a.handed_off = r.is_ok();
         return r;
     };
-    let info = admit::parse(app, &adm, &endpoint, call)?;
+    let info = admit::parse(app, &adm, &endpoint, call).await?;
     let decision = decide::decide(app, &adm, &info, call).await?;
     app.metrics
         .overhead
@@ -154,12 +155,13 @@ async fn forward_and_meter(
     let idle = Duration::from_millis(app.cfg.timeouts.idle_ms);
     if !parts.status.is_success() {
         // The provider refused: nothing is billed; its error body goes back as is.
-        let bytes = collect_bounded(body, app.cfg.max_response_body_bytes, idle)
+        let mut permit = app.inflight.permit();
+        let bytes = collect_bounded(body, app.cfg.max_response_body_bytes, idle, &mut permit)
             .await
             .unwrap_or_default();
         pending.take().refused_upstream(parts.status).await;
         parts.headers.remove(CONTENT_LENGTH);
-        return Response::from_parts(parts, full_body(bytes));
+        return Response::from_parts(parts, HeldBody::wrap(full_body(bytes), permit));
     }
     let sse = parts
         .headers
@@ -187,7 +189,9 @@ async fn meter_whole(
     pending: Pending,
 ) -> Response<ProxyBody> {
     let idle = Duration::from_millis(app.cfg.timeouts.idle_ms);
-    let bytes = match collect_bounded(body, app.cfg.max_response_body_bytes, idle).await {
+    let mut permit = app.inflight.permit();
+    let limit = app.cfg.max_response_body_bytes;
+    let bytes = match collect_bounded(body, limit, idle, &mut permit).await {
         Ok(b) => b,
         Err(source) => {
             let provider = pending.settler().call.provider.clone();
@@ -199,22 +203,25 @@ async fn meter_whole(
     };
     let mut settler = pending.take();
     settler.note_object(&bytes);
-    let (model, usage) = match ledger::usage::parse_response(endpoint, &bytes) {
-        Ok(m) if m.usage.is_some() => (m.model, m.usage),
-        _ => {
-            let mut m = StreamMeter::new(endpoint);
-            m.feed(&bytes);
-            let meta = m.finish();
-            (meta.model, meta.usage)
+    let (model, usage) = admit::off_worker(bytes.len(), || {
+        let view = crate::usage_view::usage_view(endpoint.api, &bytes);
+        match ledger::usage::parse_response(endpoint, view.as_deref().unwrap_or(&bytes)) {
+            Ok(m) if m.usage.is_some() => (m.model, m.usage),
+            _ => {
+                let mut m = StreamMeter::new(endpoint);
+                m.feed(&bytes);
+                let meta = m.finish();
+                (meta.model, meta.usage)
+            }
         }
-    };
+    });
     // The cost is known now; committing it to Redis need not delay the response.
     let billed = settler.settle_in_background(model, usage);
     if let Ok(v) = HeaderValue::from_str(&usd_string(billed.cost)) {
         parts.headers.insert("x-warden-cost-usd", v);
     }
     parts.headers.remove(CONTENT_LENGTH);
-    Response::from_parts(parts, full_body(bytes))
+    Response::from_parts(parts, HeldBody::wrap(full_body(bytes), permit))
 }
 
 /// Forwards a call the enforcer does not meter (reads such as GET /models, free count-tokens).

@@ -43,6 +43,16 @@ impl Config {
         if self.max_connections == 0 {
             return Err(bad("max_connections", "at least 1"));
         }
+        let factor = crate::inflight::REQUEST_COST_FACTOR;
+        if self.max_inflight_body_bytes / factor < self.max_request_body_bytes {
+            return Err(bad(
+                "max_inflight_body_bytes",
+                format!(
+                    "at least {factor} x max_request_body_bytes (a request body is counted \
+                     {factor} times its size; else the largest allowed request never fits)"
+                ),
+            ));
+        }
         if self.max_streams_per_connection == 0 {
             return Err(bad("max_streams_per_connection", "at least 1"));
         }

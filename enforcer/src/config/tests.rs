@@ -98,3 +98,20 @@ fn errors_name_the_key() {
     assert_eq!(e.key, "max_output_tokens_cap");
     assert!(e.reason.contains("output_token_limits"), "{e}");
 }
+
+#[test]
+fn inflight_budget_must_hold_the_largest_request() {
+    let c = Config::parse(&minimal()).unwrap();
+    assert_eq!(c.max_inflight_body_bytes, 96 << 20);
+    let ok = format!(
+        "max_request_body_bytes = 1048576\nmax_inflight_body_bytes = 3145728\n{}",
+        minimal()
+    );
+    assert!(Config::parse(&ok).is_ok());
+    let small = format!("max_inflight_body_bytes = 33554432\n{}", minimal());
+    let e = Config::parse(&small).unwrap_err().to_string();
+    assert!(
+        e.contains("max_inflight_body_bytes") && e.contains("max_request_body_bytes"),
+        "{e}"
+    );
+}
