@@ -14,8 +14,8 @@ use llmwarden_fuzz::{CaptureKind, CaptureOp, capture, chunks, plan};
 use observer::exchange::{
     End, Exchange, MAX_H2_BODIES, MAX_REQUEST_BODY, MAX_RESPONSE_BODY, Outcome,
 };
+use observer::http1::MAX_HEAD_BYTES;
 use observer::http2::{MAX_FRAME, MAX_HEADER_BLOCK};
-use observer::http1::{MAX_HEAD_BYTES, Side};
 
 static DETECTOR: LazyLock<ProviderDetector> = LazyLock::new(|| {
     ProviderDetector::new().with_host("127.0.0.1:8443", ProviderKind::OpenAi, "mock")
@@ -29,14 +29,6 @@ const MAX_BUFFERED: usize = 2 * (3 * MAX_REQUEST_BODY + MAX_RESPONSE_BODY)
     + 4 * (MAX_HEAD_BYTES + 4096)
     + 2 * (MAX_H2_BODIES + MAX_REQUEST_BODY + MAX_RESPONSE_BODY)
     + 4 * (MAX_FRAME + 9 + MAX_HEADER_BLOCK);
-
-fn side(op: &CaptureOp<'_>) -> Side {
-    if op.response {
-        Side::Response
-    } else {
-        Side::Request
-    }
-}
 
 /// Runs the capture with each call cut by `lens` (none: whole); outcomes as debug text.
 fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<String> {
@@ -53,11 +45,11 @@ fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<String> {
                 let mut fed = 0;
                 for piece in pieces {
                     let start = op.kind == CaptureKind::Call && fed == 0;
-                    x.feed(side(op), piece, start, det, &mut out);
+                    x.feed(op.side(), piece, start, det, &mut out);
                     fed += piece.len();
                 }
             }
-            CaptureKind::Gap(n) => x.gap(side(op), n, det, &mut out),
+            CaptureKind::Gap(n) => x.gap(op.side(), n, det, &mut out),
             CaptureKind::Close => x.finish(End::ConnectionClosed, det, &mut out),
         }
         assert!(

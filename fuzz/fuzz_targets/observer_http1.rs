@@ -14,14 +14,6 @@ use observer::http1::{Connection, HttpEvent, MAX_HEAD_BYTES, Side};
 /// Most bytes a connection may hold: a head per side, a chunk line, small change.
 const MAX_BUFFERED: usize = 2 * (MAX_HEAD_BYTES + 4096) + 1024;
 
-fn side(op: &CaptureOp<'_>) -> Side {
-    if op.response {
-        Side::Response
-    } else {
-        Side::Request
-    }
-}
-
 /// Runs the capture with each call cut by `lens` (none: whole).
 fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<HttpEvent> {
     let mut c = Connection::new();
@@ -38,11 +30,11 @@ fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<HttpEvent> {
                 let mut fed = 0;
                 for piece in pieces {
                     let start = op.kind == CaptureKind::Call && fed == 0;
-                    c.feed(side(op), piece, start, &mut out);
+                    c.feed(op.side(), piece, start, &mut out);
                     fed += piece.len();
                 }
             }
-            CaptureKind::Gap(n) => c.gap(side(op), n, &mut out),
+            CaptureKind::Gap(n) => c.gap(op.side(), n, &mut out),
             CaptureKind::Close => c.close(&mut out),
         }
         assert!(

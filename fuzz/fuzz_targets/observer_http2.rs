@@ -10,20 +10,11 @@
 
 use libfuzzer_sys::fuzz_target;
 use llmwarden_fuzz::{CaptureKind, CaptureOp, capture, chunks, plan};
-use observer::http1::Side;
 use observer::http2::{H2Connection, H2Event, MAX_FRAME, MAX_HEADER_BLOCK};
 
 /// Most bytes a connection may hold: a partial frame and a header block per side, with `Vec`
 /// growth slack.
 const MAX_BUFFERED: usize = 2 * 2 * (MAX_FRAME + 9 + MAX_HEADER_BLOCK);
-
-fn side(op: &CaptureOp<'_>) -> Side {
-    if op.response {
-        Side::Response
-    } else {
-        Side::Request
-    }
-}
 
 fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<H2Event> {
     let mut c = H2Connection::new();
@@ -36,7 +27,7 @@ fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<H2Event> {
                     None => vec![op.data],
                 };
                 for piece in pieces {
-                    c.feed(side(op), piece, &mut out);
+                    c.feed(op.side(), piece, &mut out);
                 }
             }
             CaptureKind::Gap(_) => c.gap(&mut out),
@@ -83,9 +74,7 @@ fuzz_target!(|input: &[u8]| {
     }
     ops_with_preface.extend(capture(rest));
     let whole = merge(run(&ops_with_preface, None));
-    let broken = whole
-        .iter()
-        .position(|e| matches!(e, H2Event::Broken(_)));
+    let broken = whole.iter().position(|e| matches!(e, H2Event::Broken(_)));
     if let Some(at) = broken {
         assert_eq!(at + 1, whole.len(), "events after Broken: {whole:?}");
     }

@@ -184,6 +184,18 @@ pub struct CaptureOp<'a> {
     pub data: &'a [u8],
 }
 
+impl CaptureOp<'_> {
+    /// The side of the connection the op is about, as the observer's reassemblers name it.
+    #[must_use]
+    pub fn side(&self) -> observer::http1::Side {
+        if self.response {
+            observer::http1::Side::Response
+        } else {
+            observer::http1::Side::Request
+        }
+    }
+}
+
 /// Reads a capture: a sequence of an op byte (bit 0: response side; bits 1–2: call, continue,
 /// gap, close), then for call/continue a little-endian u16 length and that many bytes (fewer at
 /// the end of the input), for a gap a little-endian u16 byte count.

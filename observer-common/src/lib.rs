@@ -23,8 +23,8 @@ pub const DIR_READ: u8 = 1;
 pub const PROC_EXEC: u32 = 1;
 /// [`ProcEvent::kind`]: a process (thread group leader) exited.
 pub const PROC_EXIT: u32 = 2;
-/// [`ProcEvent::kind`]: a task was renamed (`prctl(PR_SET_NAME)`, `pthread_setname_np`, a write
-/// to `/proc/PID/comm`); `pid` is the renamed task's id, `comm` its new name.
+/// [`ProcEvent::kind`]: a process renamed its main thread (`prctl(PR_SET_NAME)`,
+/// `pthread_setname_np`, its own write to `/proc/self/comm`); `comm` is the new name.
 pub const PROC_RENAME: u32 = 3;
 
 /// Index into the `STATS` per-CPU array: events the ring buffer had no room for.
@@ -140,7 +140,7 @@ pub struct ObserverConfig {
 pub struct ProcEvent {
     /// `bpf_ktime_get_ns`.
     pub ts_ns: u64,
-    /// Thread group id ([`PROC_RENAME`]: the renamed task's id).
+    /// Thread group id.
     pub pid: u32,
     /// [`PROC_EXEC`], [`PROC_EXIT`] or [`PROC_RENAME`].
     pub kind: u32,

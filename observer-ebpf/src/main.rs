@@ -382,19 +382,19 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 const RENAME_PID: usize = 8;
 const RENAME_NEWCOMM: usize = 28;
 
-/// A task renamed: processes name themselves after exec (workers, the demo's workload), and
-/// `comm` attribution rules are written against that name. A thread renaming itself (not the
-/// main thread) is skipped here: only main threads name a process.
+/// A process renamed its main thread: processes name themselves after exec (workers, the demo's
+/// workload), and `comm` attribution rules are written against that name. Only renames of the
+/// current process's main thread are reported (by itself, `prctl(PR_SET_NAME)`, or by one of its
+/// threads, `pthread_setname_np` on the main thread): a thread naming itself does not name the
+/// process, and a write to another process's `/proc/PID/comm` is not followed (documented).
 #[tracepoint]
 pub fn task_rename(ctx: TracePointContext) -> u32 {
     // SAFETY: offsets from the tracepoint's format; read_at checks the access.
     let Ok(target) = (unsafe { ctx.read_at::<i32>(RENAME_PID) }) else {
         return 0;
     };
-    let target = target as u32;
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if target == tid && tid != tgid {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if target as u32 != tgid {
         return 0;
     }
     // SAFETY: as above.
@@ -404,7 +404,7 @@ pub fn task_rename(ctx: TracePointContext) -> u32 {
     let ev = ProcEvent {
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        pid: target,
+        pid: tgid,
         kind: PROC_RENAME,
         comm,
     };

@@ -37,8 +37,10 @@ pub struct Finished {
     pub pid: u32,
     /// SSL object.
     pub ssl: u64,
-    /// A timestamp unique to this outcome (event ids are built from it).
+    /// The connection's end: the close event's timestamp, else one past its last event's.
     pub ts_ns: u64,
+    /// The outcome's place among those the end produced (event ids are built from both).
+    pub seq: usize,
     /// What the connection's end produced.
     pub outcome: Outcome,
 }
@@ -86,11 +88,12 @@ impl Connections {
         };
         let mut out = std::mem::take(&mut self.scratch);
         ex.finish(end, det, &mut out);
-        for (i, outcome) in out.drain(..).enumerate() {
+        for (seq, outcome) in out.drain(..).enumerate() {
             self.finished.push(Finished {
                 pid: key.0,
                 ssl: key.1,
-                ts_ns: ts_ns.saturating_add(i as u64),
+                ts_ns,
+                seq,
                 outcome,
             });
         }

@@ -337,7 +337,7 @@ impl Loop {
     fn finished(&mut self) {
         for f in self.conns.take_finished() {
             match f.outcome {
-                Outcome::Call(call) => self.call(f.pid, f.ssl, f.ts_ns, 0, &call),
+                Outcome::Call(call) => self.call(f.pid, f.ssl, f.ts_ns, f.seq, &call),
                 Outcome::ParseError(reason) => self.metrics.parse_error(reason),
                 Outcome::NotLlm | Outcome::Http2 => {}
             }
@@ -362,13 +362,6 @@ impl Loop {
     }
 
     fn call(&mut self, pid: u32, ssl: u64, ts_ns: u64, seq: usize, call: &ObservedCall) {
-        self.metrics
-            .exchanges
-            .get_or_create(&crate::metrics::ExchangeLabels {
-                end: call.end.label().to_owned(),
-                response: call.response.label().to_owned(),
-            })
-            .inc();
         // The name the process has now: a rename after exec (`task/task_rename`) updated it.
         let proc = self.process(pid);
         let who = self.rules.attribute(
@@ -395,6 +388,13 @@ impl Loop {
                 "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
             return;
         }
+        self.metrics
+            .exchanges
+            .get_or_create(&crate::metrics::ExchangeLabels {
+                end: call.end.label().to_owned(),
+                response: call.response.label().to_owned(),
+            })
+            .inc();
         match self.tx.try_send(rec) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -446,14 +446,13 @@ impl Loop {
                         .position(|&b| b == 0)
                         .unwrap_or(ev.comm.len());
                     let name = String::from_utf8_lossy(&ev.comm[..len]).into_owned();
-                    // Only processes: a thread renamed by another process has no entry here
-                    // (its id is never a live process's pid).
+                    // The kernel reports main-thread renames only, so `pid` is a live process:
+                    // its entry (if any) takes the name, and discovery's later /proc reads
+                    // cannot bring the old one back (forgotten at exec or exit).
                     if let Some(p) = self.procs.get_mut(&ev.pid) {
                         p.comm.clone_from(&name);
-                        self.renamed.insert(ev.pid, name);
-                    } else if std::fs::metadata(format!("/proc/{}", ev.pid)).is_ok() {
-                        self.renamed.insert(ev.pid, name);
                     }
+                    self.renamed.insert(ev.pid, name);
                 }
                 _ => {}
             }

@@ -336,6 +336,9 @@ struct H2 {
     conn: H2Connection,
     streams: HashMap<u32, H2Stream>,
     events: Vec<H2Event>,
+    /// The events being handled, with held ones replayed in front (kept: no allocation per
+    /// TLS event).
+    queue: VecDeque<H2Event>,
     /// Streams ended before their last frame (by `content-length`, or reset), most recent last:
     /// frames that still come for them are read past.
     done: VecDeque<u32>,
@@ -568,7 +571,8 @@ impl Exchange {
         let Some(h2) = self.h2.as_mut() else {
             return;
         };
-        let mut queue: VecDeque<H2Event> = events.drain(..).collect();
+        let mut queue = std::mem::take(&mut h2.queue);
+        queue.extend(events.drain(..));
         while let Some(ev) = queue.pop_front() {
             let response_event = match &ev {
                 H2Event::Head(Side::Response, id, _)
@@ -714,6 +718,7 @@ impl Exchange {
         }
         if let Some(h2) = self.h2.as_mut() {
             h2.events = std::mem::take(events);
+            h2.queue = queue;
         }
     }
 
