@@ -1,8 +1,10 @@
 //! Finds the OpenSSL code processes run: `libssl.so.*` mappings and executables that export
-//! `SSL_write` themselves (node with built-in OpenSSL). Files are opened through /proc/PID/root so
-//! container filesystems work, and identified by (device, inode) so each is attached once.
+//! `SSL_write` themselves (node with built-in OpenSSL). Files are opened as mapped
+//! (`/proc/PID/map_files`, `/proc/PID/exe`; see `mapped.rs`) so chroots, containers and files
+//! replaced on disk work, and identified by (device, inode) so each is attached once.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -26,36 +28,44 @@ const SYSTEM_LIB_DIRS: &[&str] = &[
     "/usr/lib/aarch64-linux-gnu",
 ];
 
-/// Candidate files of one process: (path inside its mount namespace, reachable path).
-pub fn candidates(pid: u32) -> Vec<PathBuf> {
-    let root = PathBuf::from(format!("/proc/{pid}/root"));
+/// An OpenSSL candidate of one process, already open: the file the kernel maps, whatever the
+/// process's root or whether the file was replaced on disk since.
+pub struct Candidate {
+    /// The path as the process's maps print it (for logs).
+    pub label: String,
+    /// The open file.
+    pub file: File,
+}
+
+/// Candidate files of one process: its executable (node with built-in OpenSSL) and its mapped
+/// `libssl.so.*` / `libnode.so*`, each opened through [`crate::mapped`].
+pub fn candidates(pid: u32) -> Vec<Candidate> {
     let mut out = Vec::new();
-    if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
-        out.push(join_root(&root, &exe));
+    if let Some(file) = crate::mapped::open_exe(pid) {
+        let label = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map_or_else(|_| format!("/proc/{pid}/exe"), |p| p.display().to_string());
+        out.push(Candidate { label, file });
     }
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return out;
-    };
-    for line in maps.lines() {
-        // addr perms offset dev inode path
-        let mut parts = line.split_whitespace();
-        let perms = parts.nth(1).unwrap_or("");
-        let Some(path) = parts.nth(3) else { continue };
-        if !perms.contains('x') || !path.starts_with('/') || line.ends_with("(deleted)") {
+    let mut seen: Vec<String> = Vec::new();
+    for entry in crate::mapped::exec_mappings(pid) {
+        if !(is_libssl(&entry.path) || entry.file_name().contains("libnode.so"))
+            || seen.contains(&entry.path)
+        {
             continue;
         }
-        if is_libssl(path) || path.contains("libnode.so") {
-            let p = join_root(&root, Path::new(path));
-            if !out.contains(&p) {
-                out.push(p);
+        seen.push(entry.path.clone());
+        match crate::mapped::open_mapped(pid, &entry) {
+            Some((file, how)) => {
+                tracing::debug!(pid, path = %entry.path, ?how, deleted = entry.deleted, "mapped OpenSSL candidate");
+                out.push(Candidate {
+                    label: entry.path,
+                    file,
+                });
             }
+            None => tracing::debug!(pid, path = %entry.path, "mapped file not reachable"),
         }
     }
     out
-}
-
-fn join_root(root: &Path, path: &Path) -> PathBuf {
-    root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
 /// `libssl.so`, `libssl.so.3`, `libssl.so.1.1`, ...
@@ -65,9 +75,9 @@ pub fn is_libssl(path: &str) -> bool {
         .is_some_and(|name| name.starts_with("libssl.so"))
 }
 
-/// Device and inode of a file.
-pub fn file_id(path: &Path) -> Option<FileId> {
-    let md = std::fs::metadata(path).ok()?;
+/// Device and inode of an open file (the identity probes are keyed by).
+pub fn open_file_id(file: &File) -> Option<FileId> {
+    let md = file.metadata().ok()?;
     md.is_file().then(|| FileId {
         dev: md.dev(),
         ino: md.ino(),
@@ -86,24 +96,32 @@ pub fn all_pids() -> Vec<u32> {
 /// Attaches to every new OpenSSL file `pid` uses; returns how many files were newly attached.
 pub fn attach_process(probes: &mut Probes, pid: u32) -> usize {
     let mut attached = 0;
-    for path in candidates(pid) {
-        attached += attach_path(probes, &path);
+    for c in candidates(pid) {
+        attached += attach_open(probes, &c.file, &c.label);
     }
     attached
 }
 
-/// Attaches to one file if it is new and defines the OpenSSL API. The file is read once (section
-/// headers and dynamic symbols only) and every probe is attached at its resolved offset.
+/// Attaches to one file (by path) if it is new and defines the OpenSSL API.
 pub fn attach_path(probes: &mut Probes, path: &Path) -> usize {
-    let Some(id) = file_id(path) else { return 0 };
+    match File::open(path) {
+        Ok(file) => attach_open(probes, &file, &path.display().to_string()),
+        Err(_) => 0,
+    }
+}
+
+/// Attaches to an open file if it is new and defines the OpenSSL API. The file is read once
+/// (section headers and dynamic symbols only) and every probe is attached at its resolved offset,
+/// through `/proc/self/fd/N`: the kernel resolves that link to the very inode held open (a
+/// map_files reference, a deleted file, a file under another root), and a short-lived process
+/// vanishing mid-attach does not matter.
+pub fn attach_open(probes: &mut Probes, file: &File, label: &str) -> usize {
+    let Some(id) = open_file_id(file) else {
+        return 0;
+    };
     if probes.knows(id) {
         return 0;
     }
-    // Hold the file open and attach through /proc/self/fd: a short-lived process (and with it
-    // /proc/PID/root) may vanish while the file is being resolved.
-    let Ok(file) = std::fs::File::open(path) else {
-        return 0;
-    };
     let stable = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     let Some(symbols) = crate::elf::ssl_symbols(&stable) else {
         probes.remember_not_ssl(id);
@@ -111,12 +129,18 @@ pub fn attach_path(probes: &mut Probes, path: &Path) -> usize {
     };
     match probes.attach_file(id, &stable, &symbols) {
         Ok(AttachOutcome::Attached(n)) => {
-            tracing::info!(path = %path.display(), probes = n, "attached to OpenSSL");
+            tracing::info!(
+                path = label,
+                dev = id.dev,
+                ino = id.ino,
+                probes = n,
+                "attached to OpenSSL"
+            );
             1
         }
         Ok(_) => 0,
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "cannot attach");
+            tracing::warn!(path = label, error = %format!("{e:#}"), "cannot attach");
             0
         }
     }
@@ -310,9 +334,15 @@ mod tests {
     #[test]
     fn own_process_has_candidates() {
         let c = candidates(std::process::id());
-        assert!(
-            c[0].starts_with(format!("/proc/{}/root", std::process::id())),
-            "{c:?}"
+        let exe = std::env::current_exe().expect("current_exe");
+        assert_eq!(c[0].label, exe.display().to_string());
+        let want = std::fs::metadata(&exe).expect("stat exe");
+        assert_eq!(
+            open_file_id(&c[0].file),
+            Some(FileId {
+                dev: want.dev(),
+                ino: want.ino()
+            })
         );
     }
 }

@@ -7,6 +7,7 @@ mod connections;
 mod daemon;
 mod discovery;
 mod elf;
+mod mapped;
 mod metrics;
 mod sink;
 
