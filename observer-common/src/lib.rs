@@ -26,6 +26,9 @@ pub const PROC_EXIT: u32 = 2;
 /// [`ProcEvent::kind`]: a process renamed its main thread (`prctl(PR_SET_NAME)`,
 /// `pthread_setname_np`, its own write to `/proc/self/comm`); `comm` is the new name.
 pub const PROC_RENAME: u32 = 3;
+/// [`ProcEvent::kind`]: a process opened a file named like a TLS library (`libssl.so*`,
+/// `libnode.so*`); [`ProcEvent::arg`] is the new file descriptor.
+pub const PROC_TLS_OPEN: u32 = 4;
 
 /// Index into the `STATS` per-CPU array: events the ring buffer had no room for.
 pub const STAT_RINGBUF_DROPS: u32 = 0;
@@ -142,10 +145,14 @@ pub struct ProcEvent {
     pub ts_ns: u64,
     /// Thread group id.
     pub pid: u32,
-    /// [`PROC_EXEC`], [`PROC_EXIT`] or [`PROC_RENAME`].
+    /// [`PROC_EXEC`], [`PROC_EXIT`], [`PROC_RENAME`] or [`PROC_TLS_OPEN`].
     pub kind: u32,
     /// [`PROC_RENAME`]: the new name, NUL-padded; zero otherwise.
     pub comm: [u8; 16],
+    /// [`PROC_TLS_OPEN`]: the file descriptor; zero otherwise.
+    pub arg: u32,
+    /// Reserved, zero.
+    pub pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -173,6 +180,6 @@ mod tests {
         assert_eq!(HEADER_SIZE % 8, 0);
         assert_eq!(core::mem::size_of::<ActiveCall>(), 32);
         assert_eq!(core::mem::size_of::<ConnKey>(), 16);
-        assert_eq!(core::mem::size_of::<ProcEvent>(), 8 + 4 + 4 + 16);
+        assert_eq!(core::mem::size_of::<ProcEvent>(), 8 + 4 + 4 + 16 + 4 + 4);
     }
 }

@@ -1,5 +1,6 @@
 //! The observer's kernel side: uprobes on OpenSSL's SSL_read/SSL_write (+ `_ex`) copy TLS plaintext
-//! to a ring buffer, SSL_free ends a connection, and sched tracepoints report process exec/exit.
+//! to a ring buffer, SSL_free ends a connection, sched tracepoints report process exec/exit, and
+//! open syscall tracepoints report TLS libraries being opened (so discovery attaches at once).
 //!
 //! Kept tiny on purpose: everything that can be done in userspace is (parsing, classification).
 #![no_std]
@@ -9,6 +10,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_probe_read_user_str_bytes,
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_loop},
     },
     macros::{map, tracepoint, uprobe, uretprobe},
@@ -20,9 +22,9 @@ use core::ffi::c_void;
 use observer_common::{
     ActiveCall, CHUNK_SIZE, ConnKey, DIR_READ, DIR_WRITE, FLAG_CGROUP_ALLOWLIST,
     FLAG_PID_ALLOWLIST, HEADER_SIZE, KIND_CLOSE, KIND_DATA, MAX_CHUNKS, MAX_PER_CALL_BYTES,
-    ObserverConfig, PROC_EXEC, PROC_EXIT, PROC_RENAME, ProcEvent, STAT_BYTES, STAT_COUNT,
-    STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES,
-    STAT_TRUNCATED_BYTES, SslEventBuf, SslEventHeader,
+    ObserverConfig, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN, ProcEvent, STAT_BYTES,
+    STAT_COUNT, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS,
+    STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES, SslEventBuf, SslEventHeader,
 };
 
 /// TLS plaintext events; userspace resizes it before load (ring_buffer_bytes).
@@ -357,6 +359,8 @@ fn proc_event(kind: u32) {
         pid,
         kind,
         comm: [0; 16],
+        arg: 0,
+        pad: 0,
     };
     // Process events are rare: wake the reader at once so it attaches before the first TLS call.
     if PROC_EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
@@ -407,11 +411,161 @@ pub fn task_rename(ctx: TracePointContext) -> u32 {
         pid: tgid,
         kind: PROC_RENAME,
         comm,
+        arg: 0,
+        pad: 0,
     };
     if PROC_EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
         stat_add(STAT_PROC_DROPS, 1);
     }
     0
+}
+
+/// How much of an opened path is read: longer paths are not matched (the periodic rescan still
+/// finds their library; documented).
+const OPEN_PATH_BYTES: usize = 256;
+
+/// Threads inside an `open`/`openat`/`openat2` of a TLS-library-named file, until the syscall
+/// returns its descriptor.
+#[map]
+static TLS_OPENING: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// Scratch for the opened path (too big for the 512-byte stack next to the rest).
+#[map]
+static OPEN_PATH: PerCpuArray<[u8; OPEN_PATH_SCRATCH]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The scratch: the path plus room for a prefix compared at any index below
+/// [`OPEN_PATH_BYTES`], so every access is in bounds by construction (the verifier sees a mask,
+/// not a chain of checks the compiler may merge).
+const OPEN_PATH_SCRATCH: usize = OPEN_PATH_BYTES + 16;
+
+/// Longest version suffix after `libssl.so` / `libnode.so` that is matched (`.3`, `.1.1`,
+/// `.3.0.13`, `.108`).
+const MAX_SONAME_SUFFIX: usize = 16;
+
+/// Whether the file name of `path[..len]` starts with `libssl.so` or `libnode.so` followed by at
+/// most [`MAX_SONAME_SUFFIX`] bytes: the libraries discovery attaches to
+/// (`discovery::is_tls_library`). Runs on every open of the host, so it only looks where such a
+/// name can start — a few positions before the end — instead of scanning the path (a per-byte
+/// `bpf_loop` cost ~1 us per open).
+#[inline(always)]
+fn is_tls_library(path: &[u8; OPEN_PATH_SCRATCH], len: usize) -> bool {
+    let mut k = 0usize;
+    while k <= MAX_SONAME_SUFFIX {
+        if name_at(path, len, k + 9, b"libssl.so") || name_at(path, len, k + 10, b"libnode.so") {
+            return true;
+        }
+        k += 1;
+    }
+    false
+}
+
+/// Whether `prefix` starts a file name `back` bytes before the end of `path[..len]`.
+#[inline(always)]
+fn name_at(path: &[u8; OPEN_PATH_SCRATCH], len: usize, back: usize, prefix: &[u8]) -> bool {
+    if back > len || len > OPEN_PATH_BYTES {
+        return false;
+    }
+    // black_box keeps the compiler from folding `- back` into a negative constant offset of the
+    // access, which the verifier refuses; the mask then bounds the index it sees.
+    let at = core::hint::black_box(len - back) & (OPEN_PATH_BYTES - 1);
+    (at == 0 || path[(at - 1) & (OPEN_PATH_BYTES - 1)] == b'/') && starts_at(path, at, prefix)
+}
+
+/// Whether `path[at..]` starts with `prefix` (at most 16 bytes). The path is NUL-terminated, so
+/// a comparison never runs past it into stale scratch bytes.
+#[inline(always)]
+fn starts_at(path: &[u8; OPEN_PATH_SCRATCH], at: usize, prefix: &[u8]) -> bool {
+    let at = at & (OPEN_PATH_BYTES - 1);
+    let mut j = 0usize;
+    while j < prefix.len() && j < 16 {
+        if path[at + j] != prefix[j] {
+            return false;
+        }
+        j += 1;
+    }
+    true
+}
+
+/// Entry of an open syscall: remembers the thread when the path names a TLS library. Runs for
+/// every open on the host, so it only reads the path (bounded) and compares its file name.
+#[inline(always)]
+fn open_enter(ctx: &TracePointContext, filename_at: usize) -> u32 {
+    // SAFETY: offset from the tracepoint's format (checked by userspace before attaching).
+    let Ok(filename) = (unsafe { ctx.read_at::<u64>(filename_at) }) else {
+        return 0;
+    };
+    let Some(buf) = OPEN_PATH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU scratch is ours for this program's run.
+    let buf = unsafe { &mut *buf };
+    // SAFETY: reads at most the buffer's length from a user pointer; failure is handled.
+    let Ok(path) = (unsafe {
+        bpf_probe_read_user_str_bytes(filename as *const u8, &mut buf[..OPEN_PATH_BYTES])
+    }) else {
+        return 0;
+    };
+    let len = path.len();
+    if is_tls_library(buf, len) {
+        let _ = TLS_OPENING.insert(&bpf_get_current_pid_tgid(), &1, 0);
+    }
+    0
+}
+
+/// Exit of an open syscall: a TLS library was opened, tell discovery (pid and descriptor) so it
+/// attaches while the loader is still mapping the file.
+#[inline(always)]
+fn open_exit(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a plain map lookup; the value is not kept.
+    if unsafe { TLS_OPENING.get(&pid_tgid) }.is_none() {
+        return 0;
+    }
+    let _ = TLS_OPENING.remove(&pid_tgid);
+    // SAFETY: offset from the tracepoint's format (`long ret` at 16).
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(OPEN_RET) }) else {
+        return 0;
+    };
+    if ret < 0 {
+        return 0;
+    }
+    let ev = ProcEvent {
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid: (pid_tgid >> 32) as u32,
+        kind: PROC_TLS_OPEN,
+        comm: [0; 16],
+        arg: ret as u32,
+        pad: 0,
+    };
+    if PROC_EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
+        stat_add(STAT_PROC_DROPS, 1);
+    }
+    0
+}
+
+/// Field offsets in `syscalls/sys_{enter,exit}_open*` (tracefs formats of the 6.18 kernel this
+/// was built on; userspace checks them on the running kernel before attaching).
+const OPEN_FILENAME: usize = 16;
+const OPENAT_FILENAME: usize = 24;
+const OPEN_RET: usize = 16;
+
+/// `syscalls/sys_enter_open` (the legacy syscall: musl and static binaries still use it).
+#[tracepoint]
+pub fn tls_open_enter(ctx: TracePointContext) -> u32 {
+    open_enter(&ctx, OPEN_FILENAME)
+}
+
+/// `syscalls/sys_enter_openat` and `sys_enter_openat2` (glibc's loader and `dlopen`).
+#[tracepoint]
+pub fn tls_openat_enter(ctx: TracePointContext) -> u32 {
+    open_enter(&ctx, OPENAT_FILENAME)
+}
+
+/// `syscalls/sys_exit_open`, `sys_exit_openat` and `sys_exit_openat2`.
+#[tracepoint]
+pub fn tls_open_exit(ctx: TracePointContext) -> u32 {
+    open_exit(&ctx)
 }
 
 #[cfg(not(test))]

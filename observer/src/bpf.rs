@@ -70,6 +70,8 @@ pub struct Probes {
     ebpf: Ebpf,
     files: StdHashMap<FileId, AttachOutcome>,
     skip_pids: HashMap<MapData, u32, u8>,
+    /// Whether the open tracepoints report TLS libraries as they are opened.
+    open_events: bool,
 }
 
 /// The maps the ring-buffer reader uses, taken out of the [`Ebpf`] object so the reader never
@@ -186,6 +188,20 @@ impl Probes {
                  its name when first seen"
             ),
         }
+        let open_events = match open_formats_match() {
+            Ok(()) => {
+                attach_open_tracepoints(&mut ebpf)?;
+                true
+            }
+            Err(why) => {
+                tracing::warn!(
+                    %why,
+                    "open tracepoints not attached: a TLS library loaded after exec is found by \
+                     the timed rescans only"
+                );
+                false
+            }
+        };
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} already taken"))
@@ -204,9 +220,16 @@ impl Probes {
                 ebpf,
                 files: StdHashMap::new(),
                 skip_pids,
+                open_events,
             },
             maps,
         ))
+    }
+
+    /// Whether the kernel reports TLS libraries as they are opened (else only timed scans find
+    /// libraries loaded after exec).
+    pub fn open_events(&self) -> bool {
+        self.open_events
     }
 
     /// Whether this file was already handled.
@@ -319,23 +342,86 @@ fn ensure_tracefs() {
     }
 }
 
-/// Whether this kernel's `task/task_rename` has the field offsets the eBPF program reads.
-fn rename_format_matches() -> Result<()> {
+/// Whether tracepoint `category/name` of the running kernel declares every `(field, offset)` the
+/// eBPF program reads (`field` as tracefs prints it, e.g. `pid_t pid`).
+fn format_has(category: &str, name: &str, fields: &[(&str, usize)]) -> Result<()> {
     let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
         .find_map(|root| {
-            std::fs::read_to_string(format!("{root}/events/task/task_rename/format")).ok()
+            std::fs::read_to_string(format!("{root}/events/{category}/{name}/format")).ok()
         })
-        .context("no task/task_rename format in tracefs")?;
-    let field = |decl: &str, offset: usize| {
-        format.lines().any(|l| {
+        .with_context(|| format!("no {category}/{name} format in tracefs"))?;
+    for (decl, offset) in fields {
+        let found = format.lines().any(|l| {
             let l = l.trim();
             l.starts_with(&format!("field:{decl};")) && l.contains(&format!("offset:{offset};"))
-        })
-    };
-    if field("pid_t pid", 8) && field("char newcomm[16]", 28) {
-        Ok(())
-    } else {
-        anyhow::bail!("task_rename fields moved (want pid at 8, newcomm[16] at 28)")
+        });
+        if !found {
+            anyhow::bail!("{category}/{name}: field `{decl}` is not at offset {offset}");
+        }
     }
+    Ok(())
+}
+
+/// Whether this kernel's `task/task_rename` has the field offsets the eBPF program reads.
+fn rename_format_matches() -> Result<()> {
+    format_has(
+        "task",
+        "task_rename",
+        &[("pid_t pid", 8), ("char newcomm[16]", 28)],
+    )
+}
+
+/// The open syscall tracepoints, the program attached to each, and the fields it reads.
+const OPEN_TRACEPOINTS: &[(&str, &str, &str, usize)] = &[
+    (
+        "sys_enter_open",
+        "tls_open_enter",
+        "const char * filename",
+        16,
+    ),
+    (
+        "sys_enter_openat",
+        "tls_openat_enter",
+        "const char * filename",
+        24,
+    ),
+    (
+        "sys_enter_openat2",
+        "tls_openat_enter",
+        "const char * filename",
+        24,
+    ),
+    ("sys_exit_open", "tls_open_exit", "long ret", 16),
+    ("sys_exit_openat", "tls_open_exit", "long ret", 16),
+    ("sys_exit_openat2", "tls_open_exit", "long ret", 16),
+];
+
+/// Whether every open tracepoint has the offsets the eBPF programs read.
+fn open_formats_match() -> Result<()> {
+    for (name, _, field, offset) in OPEN_TRACEPOINTS {
+        format_has("syscalls", name, &[(field, *offset)])?;
+    }
+    Ok(())
+}
+
+/// Loads the open programs and attaches each to its tracepoints (one program serves several).
+fn attach_open_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
+    for prog in ["tls_open_enter", "tls_openat_enter", "tls_open_exit"] {
+        let p: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog}"))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("verifier rejected {prog}"))?;
+    }
+    for (name, prog, _, _) in OPEN_TRACEPOINTS {
+        let p: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog}"))?
+            .try_into()?;
+        p.attach("syscalls", name)
+            .with_context(|| format!("attaching tracepoint syscalls/{name}"))?;
+    }
+    Ok(())
 }

@@ -16,9 +16,9 @@ use ledger::billing::Pricing;
 use ledger::provider::{ProviderDetector, ProviderKind};
 use ledger::store::LedgerConfig;
 use observer_common::{
-    HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, PROC_RENAME, ProcEvent,
-    STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES,
-    STAT_TRUNCATED_BYTES, SslEventHeader,
+    HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN,
+    ProcEvent, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS,
+    STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES, SslEventHeader,
 };
 use prometheus_client::registry::Registry;
 use tokio::io::unix::AsyncFd;
@@ -453,6 +453,13 @@ impl Loop {
                         p.comm.clone_from(&name);
                     }
                     self.renamed.insert(ev.pid, name);
+                }
+                PROC_TLS_OPEN => {
+                    let _ = self.notes.send(ProcNote::TlsOpen {
+                        pid: ev.pid,
+                        fd: ev.arg,
+                        ts_ns: ev.ts_ns,
+                    });
                 }
                 _ => {}
             }

@@ -33,6 +33,8 @@ const SYSTEM_LIB_DIRS: &[&str] = &[
 pub struct Candidate {
     /// The path as the process's maps print it (for logs).
     pub label: String,
+    /// A mapped library (not the process's executable).
+    pub library: bool,
     /// The open file.
     pub file: File,
 }
@@ -44,7 +46,11 @@ pub fn candidates(pid: u32) -> Vec<Candidate> {
     if let Some(file) = crate::mapped::open_exe(pid) {
         let label = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map_or_else(|_| format!("/proc/{pid}/exe"), |p| p.display().to_string());
-        out.push(Candidate { label, file });
+        out.push(Candidate {
+            label,
+            library: false,
+            file,
+        });
     }
     let mut seen: Vec<String> = Vec::new();
     for entry in crate::mapped::exec_mappings(pid) {
@@ -59,6 +65,7 @@ pub fn candidates(pid: u32) -> Vec<Candidate> {
                 tracing::debug!(pid, path = %entry.path, ?how, deleted = entry.deleted, "mapped OpenSSL candidate");
                 out.push(Candidate {
                     label: entry.path,
+                    library: true,
                     file,
                 });
             }
@@ -73,6 +80,16 @@ pub fn is_libssl(path: &str) -> bool {
     path.rsplit('/')
         .next()
         .is_some_and(|name| name.starts_with("libssl.so"))
+}
+
+/// The libraries the kernel reports as they are opened (the eBPF `is_tls_library`): `libssl.so*`
+/// and `libnode.so*` (node built as a shared library).
+pub fn is_tls_library(path: &str) -> bool {
+    is_libssl(path)
+        || path
+            .rsplit('/')
+            .next()
+            .is_some_and(|name| name.starts_with("libnode.so"))
 }
 
 /// Device and inode of an open file (the identity probes are keyed by).
@@ -102,6 +119,43 @@ pub fn attach_process(probes: &mut Probes, pid: u32) -> usize {
     attached
 }
 
+/// What a TLS-library open reported by the kernel led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Files newly attached.
+    pub attached: usize,
+    /// Whether the library was found (through the descriptor or the mappings), attached now or
+    /// before; `false` means it is not mapped yet (or the process is gone): look again shortly.
+    pub found: bool,
+}
+
+/// Attaches to the TLS library process `pid` just opened as descriptor `fd`: through the
+/// descriptor while the loader still holds it (the exact file, before it is even mapped), else
+/// through the process's mappings.
+pub fn attach_opened(probes: &mut Probes, pid: u32, fd: u32) -> Opened {
+    let link = format!("/proc/{pid}/fd/{fd}");
+    if let Ok(target) = std::fs::read_link(&link) {
+        let target = target.to_string_lossy();
+        if is_tls_library(&target)
+            && let Ok(file) = File::open(&link)
+        {
+            return Opened {
+                attached: attach_open(probes, &file, &target),
+                found: true,
+            };
+        }
+    }
+    let mut out = Opened {
+        attached: 0,
+        found: false,
+    };
+    for c in candidates(pid) {
+        out.found |= c.library;
+        out.attached += attach_open(probes, &c.file, &c.label);
+    }
+    out
+}
+
 /// Attaches to one file (by path) if it is new and defines the OpenSSL API.
 pub fn attach_path(probes: &mut Probes, path: &Path) -> usize {
     match File::open(path) {
@@ -123,7 +177,7 @@ pub fn attach_open(probes: &mut Probes, file: &File, label: &str) -> usize {
         return 0;
     }
     let stable = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    let Some(symbols) = crate::elf::ssl_symbols(&stable) else {
+    let Some(symbols) = crate::elf::ssl_symbols_of(file, &stable) else {
         probes.remember_not_ssl(id);
         return 0;
     };
@@ -173,9 +227,16 @@ pub fn attach_system_libs(probes: &mut Probes) -> usize {
     attached
 }
 
-/// Delays after an exec at which the new process is scanned (libssl is mapped by ld.so or a
-/// later dlopen, not at exec time).
-const EXEC_SCANS_MS: [u64; 5] = [0, 25, 150, 600, 2500];
+/// Delays after an exec at which the new process is scanned when the kernel reports TLS libraries
+/// as they are opened: at once (the executable itself, e.g. node with built-in OpenSSL), and a
+/// late safety net (counted as `rescan`).
+const EXEC_SCANS_MS: [u64; 2] = [0, 2500];
+/// The same without open events (a kernel whose open tracepoints differ): libssl is mapped by
+/// ld.so or a later dlopen, so the new process is scanned several times.
+const EXEC_SCANS_BLIND_MS: [u64; 5] = [0, 25, 150, 600, 2500];
+/// Delays at which a process is looked at again when its TLS library was reported opened but was
+/// neither held open nor mapped yet.
+const OPEN_RETRIES_MS: [u64; 4] = [1, 5, 25, 100];
 /// How long an exited process's kernel exclusion is kept (its last events may still be queued).
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -186,6 +247,49 @@ pub enum ProcNote {
     Exec(u32),
     /// A process exited.
     Exit(u32),
+    /// A process opened a file named like a TLS library.
+    TlsOpen {
+        /// The process.
+        pid: u32,
+        /// The new descriptor.
+        fd: u32,
+        /// When (kernel monotonic clock, ns).
+        ts_ns: u64,
+    },
+}
+
+/// What made discovery look at a process (the `trigger` label of `attaches`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// The scan of a just exec'd process.
+    Exec,
+    /// The kernel reported a TLS library opened at this kernel time (ns).
+    Open(u64),
+    /// A timed scan: the safety net.
+    Rescan,
+}
+
+impl Trigger {
+    fn label(self) -> &'static str {
+        match self {
+            Trigger::Exec => "exec",
+            Trigger::Open(_) => "open",
+            Trigger::Rescan => "rescan",
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// The discovery thread's state: owns the programs (attaching) and the process exclusions. All
@@ -196,7 +300,7 @@ pub struct Discovery {
     rules: Rules,
     metrics: Arc<Metrics>,
     to_reader: tokio::sync::mpsc::UnboundedSender<ProcessInfo>,
-    scans: BTreeMap<Instant, Vec<u32>>,
+    scans: BTreeMap<Instant, Vec<(u32, Trigger)>>,
     dying: Vec<(Instant, u32)>,
     rescan: Duration,
 }
@@ -224,8 +328,9 @@ impl Discovery {
     /// Attaches the host's libraries and every running process's OpenSSL, then sends on `ready`
     /// and serves process notes until `notes` is closed or `stop` is set.
     pub fn run(mut self, notes: &Receiver<ProcNote>, ready: &Sender<usize>, stop: &AtomicBool) {
-        attach_system_libs(&mut self.probes);
-        self.scan_all();
+        let mut attached = attach_system_libs(&mut self.probes);
+        attached += self.scan_all();
+        self.metrics.attached("startup", attached);
         let _ = ready.send(self.probes.attached_files());
         let mut next_rescan = Instant::now() + self.rescan;
         while !stop.load(Ordering::Relaxed) {
@@ -242,7 +347,14 @@ impl Discovery {
             self.run_scans();
             let now = Instant::now();
             if now >= next_rescan {
-                self.scan_all();
+                let found = self.scan_all();
+                self.metrics.attached("rescan", found);
+                if found > 0 {
+                    tracing::warn!(
+                        files = found,
+                        "the periodic rescan found TLS libraries no event reported"
+                    );
+                }
                 next_rescan = now + self.rescan;
             }
             self.forget_exited(now);
@@ -261,36 +373,88 @@ impl Discovery {
                     }
                     let _ = self.to_reader.send(info);
                 }
-                for ms in EXEC_SCANS_MS {
-                    self.scans
-                        .entry(now + Duration::from_millis(ms))
-                        .or_default()
-                        .push(pid);
+                let delays: &[u64] = if self.probes.open_events() {
+                    &EXEC_SCANS_MS
+                } else {
+                    &EXEC_SCANS_BLIND_MS
+                };
+                for &ms in delays {
+                    let trigger = if ms == 0 {
+                        Trigger::Exec
+                    } else {
+                        Trigger::Rescan
+                    };
+                    self.schedule(now + Duration::from_millis(ms), pid, trigger);
                 }
             }
             ProcNote::Exit(pid) => self.dying.push((now + EXIT_GRACE, pid)),
+            ProcNote::TlsOpen { pid, fd, ts_ns } => {
+                let picked = monotonic_ns();
+                let opened = attach_opened(&mut self.probes, pid, fd);
+                tracing::debug!(
+                    pid,
+                    fd,
+                    queued_us = picked.saturating_sub(ts_ns) / 1000,
+                    took_us = monotonic_ns().saturating_sub(picked) / 1000,
+                    ?opened,
+                    "TLS library opened"
+                );
+                self.attached(Trigger::Open(ts_ns), pid, opened.attached);
+                if !opened.found {
+                    for ms in OPEN_RETRIES_MS {
+                        self.schedule(now + Duration::from_millis(ms), pid, Trigger::Open(ts_ns));
+                    }
+                }
+            }
         }
+    }
+
+    fn schedule(&mut self, at: Instant, pid: u32, trigger: Trigger) {
+        self.scans.entry(at).or_default().push((pid, trigger));
+    }
+
+    /// Counts `files` newly attached for `pid` and, for a reported open, how long the library was
+    /// unprobed.
+    fn attached(&mut self, trigger: Trigger, pid: u32, files: usize) {
+        if files == 0 {
+            return;
+        }
+        self.metrics.attached(trigger.label(), files);
+        if let Trigger::Open(ts_ns) = trigger {
+            let window_ns = monotonic_ns().saturating_sub(ts_ns);
+            self.metrics.attach_window.observe(window_ns as f64 / 1e9);
+            tracing::info!(
+                pid,
+                window_us = window_ns / 1000,
+                "probes live on a TLS library the process just opened"
+            );
+        }
+        self.publish();
     }
 
     fn run_scans(&mut self) {
         let now = Instant::now();
         let later = self.scans.split_off(&(now + Duration::from_nanos(1)));
         let due = std::mem::replace(&mut self.scans, later);
-        let mut attached = 0;
-        for pid in due.into_values().flatten() {
+        for (pid, trigger) in due.into_values().flatten() {
             let t = Instant::now();
-            attached += attach_process(&mut self.probes, pid);
-            tracing::debug!(pid, took_us = t.elapsed().as_micros() as u64, "exec scan");
-        }
-        if attached > 0 {
-            self.publish();
+            let attached = attach_process(&mut self.probes, pid);
+            tracing::debug!(
+                pid,
+                ?trigger,
+                took_us = t.elapsed().as_micros() as u64,
+                "scan"
+            );
+            self.attached(trigger, pid, attached);
         }
     }
 
-    fn scan_all(&mut self) {
+    /// Scans every process; returns how many files were newly attached.
+    fn scan_all(&mut self) -> usize {
+        let mut attached = 0;
         let excludes = self.rules.has_excludes();
         for pid in all_pids() {
-            attach_process(&mut self.probes, pid);
+            attached += attach_process(&mut self.probes, pid);
             if excludes
                 && let Ok(info) = ProcessInfo::read(Path::new("/proc"), pid)
                 && self.rules.excluded(&info)
@@ -299,6 +463,7 @@ impl Discovery {
             }
         }
         self.publish();
+        attached
     }
 
     fn forget_exited(&mut self, now: Instant) {

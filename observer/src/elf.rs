@@ -75,6 +75,103 @@ pub fn ssl_symbols(path: &Path) -> Option<SslSymbols> {
     resolve(&mut f).ok().flatten()
 }
 
+/// The GNU build id of an ELF file (`NT_GNU_BUILD_ID` in a `PT_NOTE` segment), reading only the
+/// header, the program headers and the notes.
+pub fn build_id(file: &File) -> Option<Vec<u8>> {
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+    let data = object::ReadCache::new(file);
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(&data).ok()?;
+    let endian = header.endian().ok()?;
+    for segment in header.program_headers(endian, &data).ok()? {
+        let Ok(Some(mut notes)) = segment.notes(endian, &data) else {
+            continue;
+        };
+        while let Ok(Some(note)) = notes.next() {
+            if note.name() == object::elf::ELF_NOTE_GNU
+                && note.n_type(endian) == object::elf::NT_GNU_BUILD_ID
+            {
+                return Some(note.desc().to_vec());
+            }
+        }
+    }
+    None
+}
+
+/// Bytes compared at each probe offset before a cached resolution is reused.
+const CODE_CHECK: usize = 16;
+/// Most build ids remembered (the cache is cleared when full).
+const MAX_CACHED_BUILDS: usize = 1024;
+
+/// A resolution remembered under a build id.
+struct CachedBuild {
+    size: u64,
+    symbols: Option<SslSymbols>,
+    /// The first bytes of each resolved function, as found in the file first resolved.
+    code: Vec<(u64, [u8; CODE_CHECK])>,
+}
+
+/// Resolutions by GNU build id: a container's or chroot's own copy of a library or runtime (a
+/// new inode, the same build) reuses the host's resolution instead of reading a node binary's
+/// megabytes of symbol tables again while the process it belongs to starts.
+static BY_BUILD: std::sync::Mutex<Option<std::collections::HashMap<Vec<u8>, CachedBuild>>> =
+    std::sync::Mutex::new(None);
+
+/// [`ssl_symbols`] for an open file (`path` reaches it, e.g. `/proc/self/fd/N`), reusing the
+/// resolution of an earlier file with the same build id — only when the size matches and the
+/// first bytes at every probe offset are the same, so a binary rewritten after linking (patchelf
+/// moves sections but keeps the build id) is resolved afresh, never probed at a wrong offset.
+pub fn ssl_symbols_of(file: &File, path: &Path) -> Option<SslSymbols> {
+    lookup(file, path).0
+}
+
+/// [`ssl_symbols_of`], and whether the cache answered.
+fn lookup(file: &File, path: &Path) -> (Option<SslSymbols>, bool) {
+    let Ok(size) = file.metadata().map(|m| m.len()) else {
+        return (None, false);
+    };
+    let Some(id) = build_id(file) else {
+        return (ssl_symbols(path), false);
+    };
+    let mut cache = BY_BUILD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let cache = cache.get_or_insert_with(Default::default);
+    if let Some(c) = cache.get(&id)
+        && c.size == size
+        && c.code
+            .iter()
+            .all(|(off, bytes)| code_at(file, *off).as_ref() == Some(bytes))
+    {
+        return (c.symbols.clone(), true);
+    }
+    let symbols = ssl_symbols(path);
+    let code = symbols
+        .iter()
+        .flat_map(|s| s.offsets.iter())
+        .filter_map(|(_, off)| Some((*off, code_at(file, *off)?)))
+        .collect();
+    if cache.len() >= MAX_CACHED_BUILDS {
+        cache.clear();
+    }
+    cache.insert(
+        id,
+        CachedBuild {
+            size,
+            symbols: symbols.clone(),
+            code,
+        },
+    );
+    (symbols, false)
+}
+
+/// The [`CODE_CHECK`] bytes of `file` at `off`.
+fn code_at(file: &File, off: u64) -> Option<[u8; CODE_CHECK]> {
+    use std::os::unix::fs::FileExt as _;
+    let mut b = [0u8; CODE_CHECK];
+    file.read_exact_at(&mut b, off).ok()?;
+    Some(b)
+}
+
 fn read_at(f: &mut File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
     if len > MAX_TABLE {
         return Err(std::io::Error::other("table too large"));
@@ -201,5 +298,31 @@ mod tests {
                 .expect("address inside a libssl mapping");
             assert_eq!(*off, file_off, "{name}");
         }
+    }
+
+    /// A copy of the host's libssl (a new inode, the same build) reuses the resolution; a copy
+    /// whose code differs at a probe offset (a binary rewritten after linking) does not.
+    #[test]
+    fn copies_of_a_build_reuse_its_resolution_only_when_the_code_matches() {
+        let host = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |p: &Path| File::open(p).expect("open");
+        let id = build_id(&open(host)).expect("libssl has a build id");
+        assert_eq!(id.len(), 20, "sha1 build id");
+        let (first, _) = lookup(&open(host), host);
+        let first = first.expect("libssl resolves");
+        let copy = dir.path().join("libssl.so.3");
+        std::fs::copy(host, &copy).expect("copy");
+        let (again, hit) = lookup(&open(&copy), &copy);
+        assert!(hit, "an identical copy is answered from the cache");
+        assert_eq!(again.as_ref(), Some(&first));
+        let patched = dir.path().join("patched.so.3");
+        let mut bytes = std::fs::read(host).expect("read");
+        let off = usize::try_from(first.offset("SSL_write").expect("SSL_write")).expect("usize");
+        bytes[off] ^= 0xff;
+        std::fs::write(&patched, bytes).expect("write");
+        let (fresh, hit) = lookup(&open(&patched), &patched);
+        assert!(!hit, "different code at a probe offset is resolved afresh");
+        assert_eq!(fresh.as_ref(), Some(&first), "same symbol tables");
     }
 }

@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::time::Duration;
 
@@ -38,8 +39,21 @@ pub struct ExchangeLabels {
     pub response: String,
 }
 
+/// Labels of `llmwarden_observer_attaches`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// What found the file: `startup` (the scan at start), `exec` (a process's exec), `open` (the
+    /// kernel saw the library opened), `rescan` (a timed scan: the safety net, should stay 0).
+    pub trigger: String,
+}
+
+/// Bounds (seconds) of `llmwarden_observer_attach_window_seconds`: 50 us to 1 s.
+const ATTACH_WINDOW_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.25, 1.0,
+];
+
 /// All observer metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// TLS plaintext events read from the ring buffer.
     pub events: Counter,
@@ -80,6 +94,38 @@ pub struct Metrics {
     pub sink_queue_drops: Counter,
     /// Distinct files with probes attached.
     pub attached_files: Gauge,
+    /// Files newly attached, by what found them.
+    pub attaches: Family<TriggerLabels, Counter>,
+    /// From the kernel seeing a TLS library opened to its probes being live.
+    pub attach_window: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            events: Counter::default(),
+            bytes: Counter::default(),
+            kernel_drops: Gauge::default(),
+            kernel_dropped_bytes: Gauge::default(),
+            truncated_bytes: Gauge::default(),
+            skipped_bytes: Gauge::default(),
+            proc_event_drops: Gauge::default(),
+            connections: Gauge::default(),
+            connections_ignored: Counter::default(),
+            evictions: Counter::default(),
+            http2_connections: Counter::default(),
+            calls: Family::default(),
+            exchanges: Family::default(),
+            parse_errors: Family::default(),
+            price_gaps: Family::default(),
+            records_refused: Family::default(),
+            ledger_errors: Counter::default(),
+            sink_queue_drops: Counter::default(),
+            attached_files: Gauge::default(),
+            attaches: Family::default(),
+            attach_window: Histogram::new(ATTACH_WINDOW_BUCKETS),
+        }
+    }
 }
 
 impl Metrics {
@@ -174,6 +220,27 @@ impl Metrics {
             "Distinct OpenSSL files with probes attached",
             self.attached_files.clone(),
         );
+        r.register(
+            "attaches",
+            "Files newly attached, by what found them (startup, exec, open, rescan; rescan is the safety net and should stay 0)",
+            self.attaches.clone(),
+        );
+        r.register(
+            "attach_window_seconds",
+            "From the kernel seeing a TLS library opened to its probes being live",
+            self.attach_window.clone(),
+        );
+    }
+
+    /// Counts files newly attached by `trigger`.
+    pub fn attached(&self, trigger: &str, files: usize) {
+        if files > 0 {
+            self.attaches
+                .get_or_create(&TriggerLabels {
+                    trigger: trigger.to_owned(),
+                })
+                .inc_by(files as u64);
+        }
     }
 
     /// Counts a parse error.

@@ -214,6 +214,29 @@ impl PrivateRoot {
     /// /proc, chroots, and runs `script` (written to the root's /tmp) with the venv's python.
     fn python(&self, script: &str, envs: &[(&str, String)]) -> Command {
         std::fs::write(self.path().join("tmp/client.py"), script).expect("write script");
+        self.chrooted(&["/venv/bin/python", "-u", "/tmp/client.py"], envs)
+    }
+
+    /// The same for node: the root gets its own copy of the node binary (another inode, with
+    /// the OpenSSL node carries inside it), which runs `script`.
+    fn node(&self, script: &str, envs: &[(&str, String)]) -> Command {
+        let node = under(self.path(), Path::new(NODE));
+        if !node.exists() {
+            std::fs::create_dir_all(node.parent().expect("bin")).expect("mkdir");
+            std::fs::copy(NODE, &node).expect("copy node");
+        }
+        std::fs::write(self.path().join("tmp/client.js"), script).expect("write script");
+        self.chrooted(&[NODE, "/tmp/client.js"], envs)
+    }
+
+    /// (dev, inode) of the root's own node copy.
+    fn node_id(&self) -> (u64, u64) {
+        let md = std::fs::metadata(under(self.path(), Path::new(NODE))).expect("stat node copy");
+        (md.dev(), md.ino())
+    }
+
+    /// `argv` run chrooted into the root in new pid and mount namespaces.
+    fn chrooted(&self, argv: &[&str], envs: &[(&str, String)]) -> Command {
         let version = self.py.stdlib.file_name().expect("python3.X");
         let venv_site = Path::new("/venv/lib").join(version).join("site-packages");
         let mut cmd = Command::new("unshare");
@@ -234,13 +257,15 @@ ro "$2" "$R$2"
 ro "$3" "$R$4"
 mount --rbind /dev "$R/dev"
 mount -t proc proc "$R/proc"
-exec chroot "$R" /venv/bin/python -u /tmp/client.py"#,
+shift 4
+exec chroot "$R" "$@""#,
         )
         .arg("sh")
         .arg(self.path())
         .arg(&self.py.stdlib)
         .arg(&self.py.site_packages)
         .arg(venv_site)
+        .args(argv)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -249,6 +274,43 @@ exec chroot "$R" /venv/bin/python -u /tmp/client.py"#,
         }
         cmd
     }
+}
+
+/// The host's node (v20 here: OpenSSL built into the binary).
+const NODE: &str = "/usr/bin/node";
+
+/// One chat completion right away, then exit.
+const NODE_NOW: &str = r#"
+const https = require('https'); const fs = require('fs');
+const u = new URL(process.env.URL + '/v1/chat/completions');
+const body = JSON.stringify({model: 'gpt-4o-mini', messages: [{role: 'user', content: 'hello there'}]});
+const req = https.request({hostname: u.hostname, port: u.port, path: u.pathname, method: 'POST',
+  ca: fs.readFileSync(process.env.CA),
+  headers: {'content-type': 'application/json', 'content-length': Buffer.byteLength(body),
+            'authorization': 'Bearer sk-test-secret', 'x-tenant-id': process.env.TENANT}},
+  res => { res.resume(); res.on('end', () => console.log('ok ' + res.statusCode)); });
+req.on('error', e => { console.error(e); process.exit(1); });
+req.end(body);
+"#;
+
+#[test]
+fn chrooted_node_with_its_own_binary_is_billed_exactly() {
+    require_root();
+    let _g = serial();
+    let redis = RedisServer::start();
+    let m = MockProvider::start_background(MockConfig::default());
+    let host = m.addr().to_string();
+    let root = PrivateRoot::build();
+    std::fs::copy(m.ca_pem_path(), root.path().join("tmp/ca.pem")).expect("copy CA");
+    let obs = Observer::start(&redis.url(), &[(host.as_str(), "openai")], "", false);
+    let (out, took) = run(
+        root.node(NODE_NOW, &mock_env(&m, "/tmp/ca.pem", "t-node")),
+        "chrooted node",
+    );
+    eprintln!("chrooted node: {} (exec to exit {took:?})", out.trim());
+    assert_eq!(out.trim(), "ok 200");
+    assert_ledger(&redis, "t-node", &m, &obs);
+    assert_attached(&obs, root.node_id(), "the root's own node binary");
 }
 
 /// Makes its calls at once: one plain, one streamed; prints how long it lived.
@@ -318,7 +380,79 @@ fn chrooted_client_with_its_own_libssl_in_new_namespaces_is_billed_exactly() {
     eprintln!("chrooted client: {} (exec to exit {took:?})", out.trim());
     assert_ledger(&redis, "t-chroot", &m, &obs);
     assert_attached(&obs, root.libssl_id(), "the root's own libssl copy");
+    assert_found_by_open(&obs);
     assert!(!obs.log().contains("sk-test-secret"), "keys never logged");
+}
+
+/// The library was found because the kernel reported it opened, not by a timed scan.
+fn assert_found_by_open(obs: &Observer) {
+    let metrics = obs.metrics();
+    let count = |trigger: &str| {
+        let needle = format!("llmwarden_observer_attaches_total{{trigger=\"{trigger}\"}}");
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("open") >= 1,
+        "no attach triggered by an open event; metrics:\n{metrics}\nlog:\n{}",
+        obs.log()
+    );
+    assert_eq!(
+        count("rescan"),
+        0,
+        "the safety-net rescan found a library:\n{metrics}"
+    );
+    let window = metrics
+        .lines()
+        .find(|l| l.starts_with("llmwarden_observer_attach_window_seconds_sum"))
+        .unwrap_or("none");
+    eprintln!("attach window: {window}");
+}
+
+/// The smallest client that can: the standard library's `http.client` posts one chat
+/// completion right after importing `ssl` (libssl loaded by `dlopen` of `_ssl`), then exits.
+/// `DELAY_MS` after the import, if set.
+const PY_STDLIB_NOW: &str = r#"
+import os, time, json, ssl, http.client
+time.sleep(int(os.environ.get("DELAY_MS", "0")) / 1000)
+host, port = os.environ["URL"].removeprefix("https://").rsplit(":", 1)
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+c = http.client.HTTPSConnection(host, int(port), context=ctx)
+body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]})
+c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json",
+          "Authorization": "Bearer sk-test-secret", "X-Tenant-ID": os.environ["TENANT"]})
+r = c.getresponse()
+assert r.status == 200, r.status
+r.read()
+c.close()
+"#;
+
+#[test]
+fn short_lived_chrooted_client_calling_at_once_is_billed_exactly() {
+    require_root();
+    let _g = serial();
+    let redis = RedisServer::start();
+    let m = MockProvider::start_background(MockConfig::default());
+    let host = m.addr().to_string();
+    let root = PrivateRoot::build();
+    std::fs::copy(m.ca_pem_path(), root.path().join("tmp/ca.pem")).expect("copy CA");
+    let obs = Observer::start(&redis.url(), &[(host.as_str(), "openai")], "", false);
+    for (i, delay) in [0, 300].into_iter().enumerate() {
+        let mut env = mock_env(&m, "/tmp/ca.pem", "t-short");
+        env.push(("DELAY_MS", delay.to_string()));
+        let (_, took) = run(root.python(PY_STDLIB_NOW, &env), "chrooted stdlib client");
+        eprintln!("stdlib client {i} (call {delay} ms after import): exec to exit {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "the client is short-lived: {took:?}"
+        );
+    }
+    assert_ledger(&redis, "t-short", &m, &obs);
+    assert_attached(&obs, root.libssl_id(), "the root's own libssl copy");
+    assert_found_by_open(&obs);
 }
 
 /// Imports the SDK (mapping libssl), says "ready", waits for WAIT_FILE, then calls.
