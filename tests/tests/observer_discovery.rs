@@ -128,9 +128,10 @@ fn mirror_dir(root: &Path, dir: &Path, copy: &[&str]) {
             let target = std::fs::read_link(&src).expect("readlink");
             std::os::unix::fs::symlink(target, &to).expect("symlink");
         } else if ft.is_file() {
-            if copy.iter().any(|c| name == *c) {
-                std::fs::copy(&src, &to).expect("copy");
-            } else if std::fs::hard_link(&src, &to).is_err() {
+            // A real copy for the named files; a hard link (the host's inode) for the rest,
+            // or a copy where linking fails (another filesystem).
+            let own_copy = copy.iter().any(|c| name == *c);
+            if own_copy || std::fs::hard_link(&src, &to).is_err() {
                 std::fs::copy(&src, &to).expect("copy");
             }
         }
