@@ -26,8 +26,8 @@ pub const PROC_EXIT: u32 = 2;
 /// [`ProcEvent::kind`]: a process renamed its main thread (`prctl(PR_SET_NAME)`,
 /// `pthread_setname_np`, its own write to `/proc/self/comm`); `comm` is the new name.
 pub const PROC_RENAME: u32 = 3;
-/// [`ProcEvent::kind`]: a process opened a file named like a TLS library (`libssl.so*`,
-/// `libnode.so*`); [`ProcEvent::arg`] is the new file descriptor.
+/// [`ProcEvent::kind`]: a process is opening a file named like a TLS library (`libssl.so*`,
+/// `libnode.so*`); `comm` holds the file name's first 16 bytes.
 pub const PROC_TLS_OPEN: u32 = 4;
 
 /// Index into the `STATS` per-CPU array: events the ring buffer had no room for.
@@ -147,12 +147,9 @@ pub struct ProcEvent {
     pub pid: u32,
     /// [`PROC_EXEC`], [`PROC_EXIT`], [`PROC_RENAME`] or [`PROC_TLS_OPEN`].
     pub kind: u32,
-    /// [`PROC_RENAME`]: the new name, NUL-padded; zero otherwise.
+    /// [`PROC_RENAME`]: the new name; [`PROC_TLS_OPEN`]: the file name; NUL-padded (or cut at
+    /// 16 bytes); zero otherwise.
     pub comm: [u8; 16],
-    /// [`PROC_TLS_OPEN`]: the file descriptor; zero otherwise.
-    pub arg: u32,
-    /// Reserved, zero.
-    pub pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -180,6 +177,6 @@ mod tests {
         assert_eq!(HEADER_SIZE % 8, 0);
         assert_eq!(core::mem::size_of::<ActiveCall>(), 32);
         assert_eq!(core::mem::size_of::<ConnKey>(), 16);
-        assert_eq!(core::mem::size_of::<ProcEvent>(), 8 + 4 + 4 + 16 + 4 + 4);
+        assert_eq!(core::mem::size_of::<ProcEvent>(), 8 + 4 + 4 + 16);
     }
 }

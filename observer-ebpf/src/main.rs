@@ -359,8 +359,6 @@ fn proc_event(kind: u32) {
         pid,
         kind,
         comm: [0; 16],
-        arg: 0,
-        pad: 0,
     };
     // Process events are rare: wake the reader at once so it attaches before the first TLS call.
     if PROC_EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
@@ -411,8 +409,6 @@ pub fn task_rename(ctx: TracePointContext) -> u32 {
         pid: tgid,
         kind: PROC_RENAME,
         comm,
-        arg: 0,
-        pad: 0,
     };
     if PROC_EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
         stat_add(STAT_PROC_DROPS, 1);
@@ -423,11 +419,6 @@ pub fn task_rename(ctx: TracePointContext) -> u32 {
 /// How much of an opened path is read: longer paths are not matched (the periodic rescan still
 /// finds their library; documented).
 const OPEN_PATH_BYTES: usize = 256;
-
-/// Threads inside an `open`/`openat`/`openat2` of a TLS-library-named file, until the syscall
-/// returns its descriptor.
-#[map]
-static TLS_OPENING: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
 
 /// Scratch for the opened path (too big for the 512-byte stack next to the rest).
 #[map]
@@ -442,33 +433,47 @@ const OPEN_PATH_SCRATCH: usize = OPEN_PATH_BYTES + 16;
 /// `.3.0.13`, `.108`).
 const MAX_SONAME_SUFFIX: usize = 16;
 
-/// Whether the file name of `path[..len]` starts with `libssl.so` or `libnode.so` followed by at
-/// most [`MAX_SONAME_SUFFIX`] bytes: the libraries discovery attaches to
-/// (`discovery::is_tls_library`). Runs on every open of the host, so it only looks where such a
-/// name can start — a few positions before the end — instead of scanning the path (a per-byte
-/// `bpf_loop` cost ~1 us per open).
+/// Whether the file name of `path[..len]` is `libssl.so` or `libnode.so` followed by a version
+/// suffix of digits and dots (at most [`MAX_SONAME_SUFFIX`] bytes): the libraries discovery
+/// attaches to (`discovery::is_tls_library`). Runs on every open of the host, so it walks back
+/// over the suffix and compares the two names ending there — a path ending in a letter (most
+/// do) costs two mismatching first bytes — instead of scanning the whole path.
+///
+/// Returns where the file name starts.
 #[inline(always)]
-fn is_tls_library(path: &[u8; OPEN_PATH_SCRATCH], len: usize) -> bool {
+fn tls_library_name(path: &[u8; OPEN_PATH_SCRATCH], len: usize) -> Option<usize> {
+    if len > OPEN_PATH_BYTES {
+        return None;
+    }
+    let mut end = len;
     let mut k = 0usize;
-    while k <= MAX_SONAME_SUFFIX {
-        if name_at(path, len, k + 9, b"libssl.so") || name_at(path, len, k + 10, b"libnode.so") {
-            return true;
+    while k < MAX_SONAME_SUFFIX && end > 0 {
+        let c = path[(end - 1) & (OPEN_PATH_BYTES - 1)];
+        if !(c == b'.' || c.is_ascii_digit()) {
+            break;
         }
+        end -= 1;
         k += 1;
     }
-    false
+    name_at(path, end, 9, b"libssl.so").or_else(|| name_at(path, end, 10, b"libnode.so"))
 }
 
-/// Whether `prefix` starts a file name `back` bytes before the end of `path[..len]`.
+/// Where `prefix` (`back` bytes long) starts if it is a whole file name ending at `path[end]`.
 #[inline(always)]
-fn name_at(path: &[u8; OPEN_PATH_SCRATCH], len: usize, back: usize, prefix: &[u8]) -> bool {
-    if back > len || len > OPEN_PATH_BYTES {
-        return false;
+fn name_at(
+    path: &[u8; OPEN_PATH_SCRATCH],
+    end: usize,
+    back: usize,
+    prefix: &[u8],
+) -> Option<usize> {
+    if back > end {
+        return None;
     }
     // black_box keeps the compiler from folding `- back` into a negative constant offset of the
     // access, which the verifier refuses; the mask then bounds the index it sees.
-    let at = core::hint::black_box(len - back) & (OPEN_PATH_BYTES - 1);
-    (at == 0 || path[(at - 1) & (OPEN_PATH_BYTES - 1)] == b'/') && starts_at(path, at, prefix)
+    let at = core::hint::black_box(end - back) & (OPEN_PATH_BYTES - 1);
+    ((at == 0 || path[(at - 1) & (OPEN_PATH_BYTES - 1)] == b'/') && starts_at(path, at, prefix))
+        .then_some(at)
 }
 
 /// Whether `path[at..]` starts with `prefix` (at most 16 bytes). The path is NUL-terminated, so
@@ -486,8 +491,11 @@ fn starts_at(path: &[u8; OPEN_PATH_SCRATCH], at: usize, prefix: &[u8]) -> bool {
     true
 }
 
-/// Entry of an open syscall: remembers the thread when the path names a TLS library. Runs for
-/// every open on the host, so it only reads the path (bounded) and compares its file name.
+/// Entry of an open syscall: when the path's file name is a TLS library's, tells discovery
+/// (pid and file name) so it attaches while the loader is still mapping the file. Runs for every
+/// open on the host, so it only reads the path (bounded) and compares its end. Reported before
+/// the open's outcome (the loader's failed tries along its search path are reported too): one
+/// program at entry costs less on every open than an entry/exit pair.
 #[inline(always)]
 fn open_enter(ctx: &TracePointContext, filename_at: usize) -> u32 {
     // SAFETY: offset from the tracepoint's format (checked by userspace before attaching).
@@ -506,37 +514,22 @@ fn open_enter(ctx: &TracePointContext, filename_at: usize) -> u32 {
         return 0;
     };
     let len = path.len();
-    if is_tls_library(buf, len) {
-        let _ = TLS_OPENING.insert(&bpf_get_current_pid_tgid(), &1, 0);
-    }
-    0
-}
-
-/// Exit of an open syscall: a TLS library was opened, tell discovery (pid and descriptor) so it
-/// attaches while the loader is still mapping the file.
-#[inline(always)]
-fn open_exit(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: a plain map lookup; the value is not kept.
-    if unsafe { TLS_OPENING.get(&pid_tgid) }.is_none() {
-        return 0;
-    }
-    let _ = TLS_OPENING.remove(&pid_tgid);
-    // SAFETY: offset from the tracepoint's format (`long ret` at 16).
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(OPEN_RET) }) else {
+    let Some(at) = tls_library_name(buf, len) else {
         return 0;
     };
-    if ret < 0 {
-        return 0;
+    // The file name's first 16 bytes (NUL-terminated when shorter: the helper wrote the NUL).
+    let mut name = [0u8; 16];
+    let mut i = 0usize;
+    while i < 16 {
+        name[i] = buf[(at & (OPEN_PATH_BYTES - 1)) + i];
+        i += 1;
     }
     let ev = ProcEvent {
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        pid: (pid_tgid >> 32) as u32,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         kind: PROC_TLS_OPEN,
-        comm: [0; 16],
-        arg: ret as u32,
-        pad: 0,
+        comm: name,
     };
     if PROC_EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
         stat_add(STAT_PROC_DROPS, 1);
@@ -544,11 +537,10 @@ fn open_exit(ctx: &TracePointContext) -> u32 {
     0
 }
 
-/// Field offsets in `syscalls/sys_{enter,exit}_open*` (tracefs formats of the 6.18 kernel this
-/// was built on; userspace checks them on the running kernel before attaching).
+/// Field offsets in `syscalls/sys_enter_open*` (tracefs formats of the 6.18 kernel this was
+/// built on; userspace checks them on the running kernel before attaching).
 const OPEN_FILENAME: usize = 16;
 const OPENAT_FILENAME: usize = 24;
-const OPEN_RET: usize = 16;
 
 /// `syscalls/sys_enter_open` (the legacy syscall: musl and static binaries still use it).
 #[tracepoint]
@@ -560,12 +552,6 @@ pub fn tls_open_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tls_openat_enter(ctx: TracePointContext) -> u32 {
     open_enter(&ctx, OPENAT_FILENAME)
-}
-
-/// `syscalls/sys_exit_open`, `sys_exit_openat` and `sys_exit_openat2`.
-#[tracepoint]
-pub fn tls_open_exit(ctx: TracePointContext) -> u32 {
-    open_exit(&ctx)
 }
 
 #[cfg(not(test))]

@@ -63,6 +63,8 @@ pub struct KernelSettings {
     pub per_call_limit: u32,
     /// Wake the reader only when this many bytes are waiting.
     pub wakeup_threshold: u32,
+    /// Attach the open tracepoints that report TLS libraries as they are opened.
+    pub open_events: bool,
 }
 
 /// The programs, owned by the discovery thread: attaching never runs on the reader's thread.
@@ -189,6 +191,7 @@ impl Probes {
             ),
         }
         let open_events = match open_formats_match() {
+            Ok(()) if !settings.open_events => false,
             Ok(()) => {
                 attach_open_tracepoints(&mut ebpf)?;
                 true
@@ -372,7 +375,7 @@ fn rename_format_matches() -> Result<()> {
     )
 }
 
-/// The open syscall tracepoints, the program attached to each, and the fields it reads.
+/// The open syscall tracepoints, the program attached to each, and the field it reads.
 const OPEN_TRACEPOINTS: &[(&str, &str, &str, usize)] = &[
     (
         "sys_enter_open",
@@ -392,9 +395,6 @@ const OPEN_TRACEPOINTS: &[(&str, &str, &str, usize)] = &[
         "const char * filename",
         24,
     ),
-    ("sys_exit_open", "tls_open_exit", "long ret", 16),
-    ("sys_exit_openat", "tls_open_exit", "long ret", 16),
-    ("sys_exit_openat2", "tls_open_exit", "long ret", 16),
 ];
 
 /// Whether every open tracepoint has the offsets the eBPF programs read.
@@ -407,7 +407,7 @@ fn open_formats_match() -> Result<()> {
 
 /// Loads the open programs and attaches each to its tracepoints (one program serves several).
 fn attach_open_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
-    for prog in ["tls_open_enter", "tls_openat_enter", "tls_open_exit"] {
+    for prog in ["tls_open_enter", "tls_openat_enter"] {
         let p: &mut TracePoint = ebpf
             .program_mut(prog)
             .with_context(|| format!("program {prog}"))?

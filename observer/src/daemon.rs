@@ -128,6 +128,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
             ring_buffer_bytes: cfg.ring_buffer_bytes,
             per_call_limit: cfg.per_call_bytes,
             wakeup_threshold: cfg.ring_buffer_bytes / 4,
+            open_events: cfg.attach_on_open,
         },
         &allow,
     )?;
@@ -457,7 +458,7 @@ impl Loop {
                 PROC_TLS_OPEN => {
                     let _ = self.notes.send(ProcNote::TlsOpen {
                         pid: ev.pid,
-                        fd: ev.arg,
+                        name: ev.comm,
                         ts_ns: ev.ts_ns,
                     });
                 }

@@ -54,9 +54,7 @@ pub fn candidates(pid: u32) -> Vec<Candidate> {
     }
     let mut seen: Vec<String> = Vec::new();
     for entry in crate::mapped::exec_mappings(pid) {
-        if !(is_libssl(&entry.path) || entry.file_name().contains("libnode.so"))
-            || seen.contains(&entry.path)
-        {
+        if !is_tls_library(&entry.path) || seen.contains(&entry.path) {
             continue;
         }
         seen.push(entry.path.clone());
@@ -124,33 +122,22 @@ pub fn attach_process(probes: &mut Probes, pid: u32) -> usize {
 pub struct Opened {
     /// Files newly attached.
     pub attached: usize,
-    /// Whether the library was found (through the descriptor or the mappings), attached now or
-    /// before; `false` means it is not mapped yet (or the process is gone): look again shortly.
+    /// Whether a library of that file name is mapped (attached now or before); `false` means not
+    /// mapped yet, or the open failed (the loader tries each directory of its search path), or the
+    /// process is gone: look again shortly.
     pub found: bool,
 }
 
-/// Attaches to the TLS library process `pid` just opened as descriptor `fd`: through the
-/// descriptor while the loader still holds it (the exact file, before it is even mapped), else
-/// through the process's mappings.
-pub fn attach_opened(probes: &mut Probes, pid: u32, fd: u32) -> Opened {
-    let link = format!("/proc/{pid}/fd/{fd}");
-    if let Ok(target) = std::fs::read_link(&link) {
-        let target = target.to_string_lossy();
-        if is_tls_library(&target)
-            && let Ok(file) = File::open(&link)
-        {
-            return Opened {
-                attached: attach_open(probes, &file, &target),
-                found: true,
-            };
-        }
-    }
+/// Attaches to the TLS libraries process `pid` maps, after the kernel reported it opening one
+/// named `name` (its first 16 bytes).
+pub fn attach_opened(probes: &mut Probes, pid: u32, name: &[u8]) -> Opened {
     let mut out = Opened {
         attached: 0,
         found: false,
     };
     for c in candidates(pid) {
-        out.found |= c.library;
+        let file_name = c.label.rsplit('/').next().unwrap_or("").as_bytes();
+        out.found |= c.library && file_name.starts_with(name);
         out.attached += attach_open(probes, &c.file, &c.label);
     }
     out
@@ -247,12 +234,12 @@ pub enum ProcNote {
     Exec(u32),
     /// A process exited.
     Exit(u32),
-    /// A process opened a file named like a TLS library.
+    /// A process is opening a file named like a TLS library.
     TlsOpen {
         /// The process.
         pid: u32,
-        /// The new descriptor.
-        fd: u32,
+        /// The file name (its first 16 bytes, NUL-padded).
+        name: [u8; 16],
         /// When (kernel monotonic clock, ns).
         ts_ns: u64,
     },
@@ -388,12 +375,13 @@ impl Discovery {
                 }
             }
             ProcNote::Exit(pid) => self.dying.push((now + EXIT_GRACE, pid)),
-            ProcNote::TlsOpen { pid, fd, ts_ns } => {
+            ProcNote::TlsOpen { pid, name, ts_ns } => {
                 let picked = monotonic_ns();
-                let opened = attach_opened(&mut self.probes, pid, fd);
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                let opened = attach_opened(&mut self.probes, pid, name);
                 tracing::debug!(
                     pid,
-                    fd,
+                    name = %String::from_utf8_lossy(name),
                     queued_us = picked.saturating_sub(ts_ns) / 1000,
                     took_us = monotonic_ns().saturating_sub(picked) / 1000,
                     ?opened,

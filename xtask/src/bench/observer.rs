@@ -71,6 +71,8 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
 
     step("observer: unattached baseline");
     let mut unattached = vec![curl_plain()?];
+    let mut open_unattached = vec![open_close_ns(&env.work)?];
+    let mut open_attached = Vec::new();
     let a_llm = curl_llm(n, None)?;
     let a_h2 = curl_h2(n, None)?;
     let mut attached = Vec::new();
@@ -92,6 +94,7 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         let b = curl_plain()?;
         plain_cpu.push(cpu_per_1000(c0, n_plain));
         attached.push(b);
+        open_attached.push(open_close_ns(&env.work)?);
         if cycle == 0 {
             let c1 = tree_ticks(obs.pid());
             let (b_llm, cap_max) = captured(
@@ -142,6 +145,7 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         obs.ensure_running()?;
         drop(obs);
         let u = curl_plain()?;
+        open_unattached.push(open_close_ns(&env.work)?);
         let base = f64::midpoint(unattached[unattached.len() - 1], u);
         cycle_ratios.push(b / base.max(1e-9));
         cycle_added_us.push(1e6 / b.max(1e-9) - 1e6 / base.max(1e-9));
@@ -190,6 +194,11 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
             "observer_cpu_ms_per_1000": h2_cpu,
             "added_us_per_request": 1e6 / b_h2.max(1e-9) - 1e6 / h2_base.max(1e-9),
         },
+        "open_syscall": {
+            "unattached_ns": median(&open_unattached), "unattached_runs": open_unattached,
+            "attached_ns": median(&open_attached), "attached_runs": open_attached,
+            "added_ns": median(&open_attached) - median(&open_unattached),
+        },
         "capture_500": cap500,
         "capture_h2_500": cap_h2_500,
         "capture": [cap500, cap_max, cap_par, cap_h2_500, cap_h2_max],
@@ -233,6 +242,25 @@ fn start_observer(
     obs.ensure_running()?;
     Ok((obs, metrics))
 }
+
+/// `open` + `close` of a file in the work directory, best of 5 runs of [`OPEN_LOOPS`]: what the
+/// observer's open tracepoints (they read every opened path) add to every `open` on the host.
+fn open_close_ns(work: &std::path::Path) -> Result<f64> {
+    let path = work.join("obs-open-probe.txt");
+    std::fs::write(&path, b"x")?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        for _ in 0..OPEN_LOOPS {
+            drop(std::fs::File::open(&path)?);
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / OPEN_LOOPS as f64);
+    }
+    Ok(best)
+}
+
+/// Opens per [`open_close_ns`] run.
+const OPEN_LOOPS: u32 = 50_000;
 
 /// Non-LLM runs send this many times the LLM run's request count.
 const PLAIN_SCALE: u64 = 4;
