@@ -16,6 +16,9 @@ use observer_common::{
 use crate::config::AllowLists;
 use crate::elf::SslSymbols;
 
+mod go;
+pub use go::GoOutcome;
+
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
 
@@ -70,6 +73,8 @@ pub struct Probes {
     ebpf: Ebpf,
     files: StdHashMap<FileId, AttachOutcome>,
     skip_pids: HashMap<MapData, u32, u8>,
+    /// Distinct Go binaries by outcome.
+    go: std::collections::BTreeMap<GoOutcome, u64>,
 }
 
 /// The maps the ring-buffer reader uses, taken out of the [`Ebpf`] object so the reader never
@@ -159,6 +164,14 @@ impl Probes {
             prog.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
+        // Absent from objects built for other architectures than amd64.
+        for name in go::GO_PROGRAMS {
+            if let Some(prog) = ebpf.program_mut(name) {
+                let prog: &mut UProbe = prog.try_into()?;
+                prog.load()
+                    .with_context(|| format!("verifier rejected {name}"))?;
+            }
+        }
         for name in ["sched_process_exec", "sched_process_exit"] {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -204,6 +217,7 @@ impl Probes {
                 ebpf,
                 files: StdHashMap::new(),
                 skip_pids,
+                go: std::collections::BTreeMap::new(),
             },
             maps,
         ))

@@ -15,6 +15,8 @@ use crate::attribution::{ProcessInfo, Rules};
 use crate::bpf::{AttachOutcome, FileId, Probes};
 use crate::metrics::Metrics;
 
+mod go;
+
 /// Directories where a host's own libssl lives, attached at start so processes started later are
 /// covered from their first call.
 const SYSTEM_LIB_DIRS: &[&str] = &[
@@ -106,6 +108,9 @@ pub fn attach_path(probes: &mut Probes, path: &Path) -> usize {
     };
     let stable = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     let Some(symbols) = crate::elf::ssl_symbols(&stable) else {
+        if let Some(n) = go::attach_go_file(probes, id, &file, &stable, &path.to_string_lossy()) {
+            return n;
+        }
         probes.remember_not_ssl(id);
         return 0;
     };
@@ -292,6 +297,14 @@ impl Discovery {
         self.metrics
             .attached_files
             .set(i64::try_from(self.probes.attached_files()).unwrap_or(0));
+        for outcome in crate::bpf::GoOutcome::ALL {
+            self.metrics
+                .go_binaries
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: outcome.label().to_owned(),
+                })
+                .set(i64::try_from(self.probes.go_binaries(outcome)).unwrap_or(0));
+        }
     }
 }
 

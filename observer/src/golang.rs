@@ -13,7 +13,7 @@ pub mod buildinfo;
 pub mod code;
 pub mod pclntab;
 
-use object::{Architecture, Object as _, ObjectSection as _, ObjectSymbol as _, ReadRef};
+use object::{Architecture, Object as _, ObjectSection as _, ReadRef};
 
 /// `crypto/tls.(*Conn).Write`: the plaintext a Go program sends.
 pub const WRITE: &str = "crypto/tls.(*Conn).Write";
@@ -102,7 +102,7 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
         return Ok(GoBinary::NotGo);
     }
     let version = buildinfo
-        .and_then(|s| version(&file, s.data().ok()?))
+        .and_then(|s| version(&file, data, s.data().ok()?))
         .unwrap_or_else(|| "unknown".to_owned());
     if file.architecture() != Architecture::X86_64 {
         return Ok(GoBinary::Unsupported {
@@ -121,14 +121,7 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
     // (address, size) of Write, Read, Close.
     let mut funcs: [Option<(u64, u64)>; 3] = [None; 3];
     let names = [WRITE, READ, CLOSE];
-    for sym in file.symbols() {
-        if let Ok(name) = sym.name_bytes()
-            && let Some(i) = names.iter().position(|n| n.as_bytes() == name)
-            && sym.size() > 0
-        {
-            funcs[i] = Some((sym.address(), sym.size()));
-        }
-    }
+    symtab_lookup(&file, &names, &mut funcs)?;
     let mut stripped = false;
     if (funcs[0].is_none() || funcs[1].is_none())
         && let Some(pcln) = &pcln
@@ -156,10 +149,10 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
     let (Some(write), Some(read)) = (funcs[0], funcs[1]) else {
         return Ok(GoBinary::NoTls { version });
     };
-    let write_sites = sites(&file, WRITE, write)?;
-    let read_sites = sites(&file, READ, read)?;
+    let write_sites = sites(&file, data, WRITE, write)?;
+    let read_sites = sites(&file, data, READ, read)?;
     let close = match funcs[2] {
-        Some(f) => Some(file_offset(&file, sites(&file, CLOSE, f)?.body)?),
+        Some(f) => Some(file_offset(&file, sites(&file, data, CLOSE, f)?.body)?),
         None => None,
     };
     Ok(GoBinary::Tls(GoTls {
@@ -176,8 +169,48 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
     }))
 }
 
+/// Finds `names` in `.symtab` (Elf64) with two reads: the table and its strings. object's
+/// symbol iterator reads each name separately, which through a `ReadCache` is a read per symbol
+/// (~50 ms for a small Go binary).
+fn symtab_lookup<'d, R: ReadRef<'d>>(
+    file: &object::File<'d, R>,
+    names: &[&str],
+    funcs: &mut [Option<(u64, u64)>],
+) -> Result<(), GoError> {
+    let (Some(symtab), Some(strtab)) = (
+        file.section_by_name(".symtab"),
+        file.section_by_name(".strtab"),
+    ) else {
+        return Ok(());
+    };
+    let (syms, strs) = (symtab.data()?, strtab.data()?);
+    for sym in syms.chunks_exact(24) {
+        let name_off = u32::from_le_bytes([sym[0], sym[1], sym[2], sym[3]]) as usize;
+        let Some(rest) = strs.get(name_off..) else {
+            continue;
+        };
+        let name = rest.split(|&b| b == 0).next().unwrap_or_default();
+        if let Some(i) = names.iter().position(|n| n.as_bytes() == name) {
+            let word = |at: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&sym[at..at + 8]);
+                u64::from_le_bytes(b)
+            };
+            let (addr, size) = (word(8), word(16));
+            if size > 0 {
+                funcs[i] = Some((addr, size));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The Go version in a `.go.buildinfo` section, following the pointer of pre-1.18 binaries.
-fn version<'d, R: ReadRef<'d>>(file: &object::File<'d, R>, section: &[u8]) -> Option<String> {
+fn version<'d, R: ReadRef<'d>>(
+    file: &object::File<'d, R>,
+    data: R,
+    section: &[u8],
+) -> Option<String> {
     match buildinfo::parse(section).ok()? {
         buildinfo::Version::Inline(v) => Some(v),
         buildinfo::Version::At {
@@ -185,25 +218,30 @@ fn version<'d, R: ReadRef<'d>>(file: &object::File<'d, R>, section: &[u8]) -> Op
             ptr_size,
             big_endian,
         } => {
-            let header = data_at(file, addr, 2 * u64::from(ptr_size))?;
+            let header = data_at(file, data, addr, 2 * u64::from(ptr_size))?;
             let (ptr, len) = buildinfo::string_header(header, ptr_size, big_endian).ok()?;
-            buildinfo::version_string(data_at(file, ptr, len)?).ok()
+            buildinfo::version_string(data_at(file, data, ptr, len)?).ok()
         }
     }
 }
 
-/// `len` bytes at virtual address `addr`, from the section that holds them.
+/// `len` bytes at virtual address `addr`, read from the file alone (a section's `data_range`
+/// would read the whole section first: megabytes of `.text` for a few hundred bytes).
 fn data_at<'d, R: ReadRef<'d>>(
     file: &object::File<'d, R>,
+    data: R,
     addr: u64,
     len: u64,
 ) -> Option<&'d [u8]> {
-    file.sections()
-        .find_map(|s| s.data_range(addr, len).ok().flatten())
+    let offset = file_offset(file, addr).ok()?;
+    let last = file_offset(file, addr.checked_add(len.checked_sub(1)?)?).ok()?;
+    (last - offset == len - 1).then_some(())?;
+    data.read_bytes_at(offset, len).ok()
 }
 
 fn sites<'d, R: ReadRef<'d>>(
     file: &object::File<'d, R>,
+    data: R,
     func: &'static str,
     (addr, size): (u64, u64),
 ) -> Result<code::FuncSites, GoError> {
@@ -216,7 +254,7 @@ fn sites<'d, R: ReadRef<'d>>(
             source: code::CodeError::Size(usize::MAX),
         });
     };
-    let bytes = data_at(file, addr, size as u64).ok_or(GoError::Address(addr))?;
+    let bytes = data_at(file, data, addr, size as u64).ok_or(GoError::Address(addr))?;
     code::sites(bytes, addr).map_err(|source| GoError::Code { func, source })
 }
 

@@ -38,6 +38,13 @@ pub struct ExchangeLabels {
     pub response: String,
 }
 
+/// Labels of `llmwarden_observer_go_binaries`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `attached`, `unsupported` (Go < 1.17, not amd64), `no_tls`, `error`.
+    pub outcome: String,
+}
+
 /// All observer metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -80,6 +87,8 @@ pub struct Metrics {
     pub sink_queue_drops: Counter,
     /// Distinct files with probes attached.
     pub attached_files: Gauge,
+    /// Distinct Go binaries seen, by outcome.
+    pub go_binaries: Family<OutcomeLabels, Gauge>,
 }
 
 impl Metrics {
@@ -173,6 +182,11 @@ impl Metrics {
             "attached_files",
             "Distinct OpenSSL files with probes attached",
             self.attached_files.clone(),
+        );
+        r.register(
+            "go_binaries",
+            "Distinct Go binaries seen, by outcome (attached, unsupported, no_tls, error)",
+            self.go_binaries.clone(),
         );
     }
 
