@@ -51,16 +51,25 @@ fn go_cmd(bin: &Path, m: &MockProvider, proto: Proto, tenant: &str, args: &[&str
     cmd
 }
 
-/// Runs the Go client to its end; panics with its output when it fails.
+/// Runs the Go client to its end; panics with its output when it fails or when it did not
+/// speak the protocol asked for.
 fn go_run(bin: &Path, m: &MockProvider, proto: Proto, tenant: &str, args: &[&str]) -> Output {
     let out = go_cmd(bin, m, proto, tenant, args)
         .output()
         .expect("run the Go client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "Go client failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
+        "Go client failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let want = match proto {
+        Proto::Http1 => "proto HTTP/1.1",
+        Proto::Http2 => "proto HTTP/2.0",
+    };
+    assert!(
+        args.windows(2).any(|w| w == ["-n", "0"]) || stdout.contains(want),
+        "wanted {want}: {stdout}"
     );
     out
 }
@@ -89,6 +98,20 @@ fn served(m: &MockProvider, tenant: &str) -> Vec<ServedCall> {
         .into_iter()
         .filter(|c| c.header("x-tenant-id") == Some(tenant))
         .collect()
+}
+
+/// The tenant's recorded requests this month.
+fn month_requests(redis: &RedisServer, tenant: &str) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let ledger = rt
+        .block_on(Ledger::connect(&redis.url()))
+        .expect("ledger connect");
+    rt.block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
+        .expect("tenant_spend")
+        .requests
 }
 
 /// Waits until the tenant's ledger shows `want.0` requests, then compares tokens and cost.
@@ -126,13 +149,35 @@ fn assert_ledger(redis: &RedisServer, tenant: &str, want: (u64, u64, u64, i64), 
     }
 }
 
+/// Runs `bin` once without calling and waits until the observer has attached to it: the calls
+/// that follow test the pipeline, not the race between a new binary's first call and its
+/// discovery (measured in `observer_meters_go_clients_started_before_and_after_it`).
+fn prime(obs: &Observer, bin: &Path, m: &MockProvider) {
+    let seen = obs.log().matches("attached to Go crypto/tls").count();
+    go_run(bin, m, Proto::Http1, "t-prime", &["-n", "0"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while obs.log().matches("attached to Go crypto/tls").count() <= seen {
+        assert!(
+            Instant::now() < deadline,
+            "{} never attached:\n{}",
+            bin.display(),
+            obs.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn start(redis: &RedisServer, m: &MockProvider) -> Observer {
     let host = m.addr().to_string();
     Observer::start(&redis.url(), &[(host.as_str(), "openai")], "", false)
 }
 
+/// The mock offering `h2` and `http/1.1` in ALPN (Go's default client takes h2).
 fn mock() -> MockProvider {
-    MockProvider::start_background(MockConfig::default())
+    MockProvider::start_background(MockConfig {
+        h2: true,
+        ..MockConfig::default()
+    })
 }
 
 #[test]
@@ -143,6 +188,7 @@ fn observer_meters_go_http1_calls_exactly() {
     let redis = RedisServer::start();
     let m = mock();
     let obs = start(&redis, &m);
+    prime(&obs, &bin, &m);
     go_run(&bin, &m, Proto::Http1, "t-go-h1", &["-n", "3"]);
     go_run(
         &bin,
@@ -158,8 +204,9 @@ fn observer_meters_go_http1_calls_exactly() {
         sum(&served(&m, "t-go-h1-stream")),
         &obs,
     );
+    let version = format!("version=\"{}\"", go_version());
     assert!(
-        obs.log().contains("attached to Go crypto/tls"),
+        obs.log().contains("attached to Go crypto/tls") && obs.log().contains(&version),
         "{}",
         obs.log()
     );
@@ -169,5 +216,220 @@ fn observer_meters_go_http1_calls_exactly() {
         "{}",
         obs.metrics()
     );
-    let _ = go_version();
+}
+
+#[test]
+fn observer_meters_go_http2_calls_exactly_also_stripped_and_concurrent() {
+    require_root();
+    let _g = serial();
+    let bin = llmclient(false);
+    let stripped = llmclient(true);
+    let redis = RedisServer::start();
+    let m = mock();
+    let obs = start(&redis, &m);
+    prime(&obs, &bin, &m);
+    prime(&obs, &stripped, &m);
+    go_run(&bin, &m, Proto::Http2, "t-go-h2", &["-n", "3"]);
+    go_run(
+        &bin,
+        &m,
+        Proto::Http2,
+        "t-go-h2-stream",
+        &["-n", "2", "-stream"],
+    );
+    // 20 goroutines at once over the one connection the first call opened.
+    go_run(
+        &bin,
+        &m,
+        Proto::Http2,
+        "t-go-h2-20",
+        &["-n", "41", "-concurrency", "20"],
+    );
+    go_run(
+        &bin,
+        &m,
+        Proto::Http2,
+        "t-go-h2-20-stream",
+        &["-n", "41", "-concurrency", "20", "-stream"],
+    );
+    go_run(
+        &stripped,
+        &m,
+        Proto::Http2,
+        "t-go-stripped-h2",
+        &["-n", "2"],
+    );
+    go_run(
+        &stripped,
+        &m,
+        Proto::Http1,
+        "t-go-stripped-h1",
+        &["-n", "2", "-stream"],
+    );
+    for tenant in [
+        "t-go-h2",
+        "t-go-h2-stream",
+        "t-go-h2-20",
+        "t-go-h2-20-stream",
+        "t-go-stripped-h2",
+        "t-go-stripped-h1",
+    ] {
+        assert_ledger(&redis, tenant, sum(&served(&m, tenant)), &obs);
+    }
+    let log = obs.log();
+    assert!(log.contains("stripped=true"), "{log}");
+    assert!(
+        obs.metric("llmwarden_observer_http2_connections_total") >= 5,
+        "{}",
+        obs.metrics()
+    );
+    assert!(
+        obs.metrics()
+            .contains("llmwarden_observer_go_binaries{outcome=\"attached\"} 2"),
+        "{}",
+        obs.metrics()
+    );
+}
+
+/// A copy of the client under a new inode: a binary the observer has never seen.
+fn fresh_copy(bin: &Path, dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::copy(bin, &p).expect("copy the Go client");
+    p
+}
+
+#[test]
+fn observer_meters_go_clients_started_before_and_after_it() {
+    require_root();
+    let _g = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = llmclient(false);
+    let redis = RedisServer::start();
+    let m = mock();
+    // Started before the observer: running (its binary never seen) when the observer scans.
+    let go_file = dir.path().join("go");
+    let before_bin = fresh_copy(&bin, dir.path(), "llmclient-before");
+    let before_h2_bin = fresh_copy(&bin, dir.path(), "llmclient-before-h2");
+    let mut before = ChildGuard::spawn(
+        "go client (before)",
+        go_cmd(
+            &before_bin,
+            &m,
+            Proto::Http1,
+            "t-go-before",
+            &["-n", "3", "-wait", go_file.to_str().unwrap()],
+        )
+        .stdout(Stdio::null()),
+    );
+    let mut before_h2 = ChildGuard::spawn(
+        "go client (before, h2)",
+        go_cmd(
+            &before_h2_bin,
+            &m,
+            Proto::Http2,
+            "t-go-before-h2",
+            &["-n", "3", "-stream", "-wait", go_file.to_str().unwrap()],
+        )
+        .stdout(Stdio::null()),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let obs = start(&redis, &m);
+    std::fs::write(&go_file, b"go").expect("signal the clients");
+    assert!(before.wait_exit(Duration::from_secs(30)).success());
+    assert!(before_h2.wait_exit(Duration::from_secs(30)).success());
+    // Started after: a binary never seen, found through the exec tracepoint. Its calls are
+    // seen from the moment the probes are attached; these start 300 ms after exec.
+    for i in 0..3 {
+        let after = fresh_copy(&bin, dir.path(), &format!("llmclient-after-{i}"));
+        go_run(
+            &after,
+            &m,
+            Proto::Http2,
+            "t-go-after",
+            &["-n", "2", "-delay", "300ms"],
+        );
+    }
+    // And a binary seen before (the first client's), run again: nothing to find.
+    go_run(&before_bin, &m, Proto::Http1, "t-go-again", &["-n", "2"]);
+    // Measurement (not asserted): fresh binaries calling after a short delay from exec; the
+    // first call is missed when it comes before the attach.
+    let mut seen = Vec::new();
+    for delay_ms in [0, 5, 10, 20, 40, 80] {
+        let tenant = format!("t-go-race-{delay_ms}");
+        let b = fresh_copy(&bin, dir.path(), &format!("llmclient-race-{delay_ms}"));
+        go_run(
+            &b,
+            &m,
+            Proto::Http1,
+            &tenant,
+            &["-n", "1", "-delay", &format!("{delay_ms}ms")],
+        );
+        seen.push((delay_ms, tenant));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let report: Vec<String> = seen
+        .iter()
+        .map(|(d, t)| format!("{d}ms:{}", month_requests(&redis, t)))
+        .collect();
+    eprintln!(
+        "first call of a never-seen Go binary recorded (delay from exec: calls): {}",
+        report.join(" ")
+    );
+    for tenant in ["t-go-before", "t-go-before-h2", "t-go-after", "t-go-again"] {
+        assert_ledger(&redis, tenant, sum(&served(&m, tenant)), &obs);
+    }
+}
+
+#[test]
+fn go_clients_under_load_survive_the_observer_attaching_and_detaching() {
+    require_root();
+    let _g = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = llmclient(false);
+    let redis = RedisServer::start();
+    let m = mock();
+    let stop = dir.path().join("stop");
+    let stop = stop.to_str().unwrap();
+    let mut clients: Vec<ChildGuard> = [Proto::Http2, Proto::Http1]
+        .into_iter()
+        .map(|proto| {
+            let args = ["-until", stop, "-concurrency", "8"];
+            let mut cmd = go_cmd(&bin, &m, proto, "t-go-load", &args);
+            ChildGuard::spawn(
+                "go client (load)",
+                cmd.stdout(
+                    std::fs::File::create(dir.path().join(format!("{proto:?}.out"))).unwrap(),
+                ),
+            )
+        })
+        .collect();
+    let mut recorded = 0;
+    for round in 0..4 {
+        let before = m.ledger().calls().len();
+        let obs = start(&redis, &m);
+        std::thread::sleep(Duration::from_millis(1500));
+        let served = m.ledger().calls().len() - before;
+        let calls = obs.metric("llmwarden_observer_calls_total");
+        assert!(
+            served > 0 && calls > 0,
+            "round {round}: served {served}, observer saw {calls}; log:\n{}",
+            obs.log()
+        );
+        recorded += calls;
+        drop(obs); // SIGKILL: the probes go with the observer's file descriptors
+        std::thread::sleep(Duration::from_millis(500));
+        for c in &mut clients {
+            assert!(c.is_running(), "round {round}: a Go client died");
+        }
+    }
+    std::fs::write(stop, b"stop").expect("stop the clients");
+    for (c, proto) in clients.iter_mut().zip(["Http2", "Http1"]) {
+        let st = c.wait_exit(Duration::from_secs(30));
+        let out = std::fs::read_to_string(dir.path().join(format!("{proto}.out"))).unwrap();
+        assert!(st.success(), "{proto} client: {out}");
+        assert!(out.starts_with("ok ") && out.contains(" failed 0"), "{out}");
+    }
+    let served = m.ledger().calls().len();
+    assert!(recorded > 0 && served > 0, "{recorded} {served}");
+    eprintln!("served {served} calls under load, observer recorded {recorded} while attached");
 }

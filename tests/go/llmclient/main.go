@@ -26,6 +26,7 @@ func main() {
 	stream := flag.Bool("stream", false, "stream the completion (SSE, include_usage)")
 	waitFile := flag.String("wait", "", "print 'waiting', then wait until this file exists before calling")
 	until := flag.String("until", "", "call in a loop with -concurrency goroutines until this file exists")
+	delay := flag.Duration("delay", 0, "sleep this long before the first call")
 	flag.Parse()
 
 	client := &http.Client{Timeout: 30 * time.Second}
@@ -38,6 +39,7 @@ func main() {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
+	time.Sleep(*delay)
 	call := func() error { return chat(client, *url, *tenant, *stream) }
 	if *until != "" {
 		var ok, failed atomic.Int64
@@ -74,6 +76,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "call failed:", err)
 		os.Exit(1)
 	}
+	fmt.Println("proto", lastProto.Load())
 	var failed atomic.Int64
 	work := make(chan struct{})
 	var wg sync.WaitGroup
@@ -100,6 +103,9 @@ func main() {
 	fmt.Printf("ok %d\n", *n)
 }
 
+// lastProto is the protocol of the last response ("HTTP/1.1", "HTTP/2.0").
+var lastProto atomic.Value
+
 // chat makes one call and checks the answer carries usage, so a broken response fails the test.
 func chat(client *http.Client, url, tenant string, stream bool) error {
 	body := `{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello from go"}]}`
@@ -118,6 +124,7 @@ func chat(client *http.Client, url, tenant string, stream bool) error {
 		return err
 	}
 	defer resp.Body.Close()
+	lastProto.Store(resp.Proto)
 	if resp.StatusCode != 200 {
 		b, _ := io.ReadAll(resp.Body)
 		return fmt.Errorf("status %d: %.200s", resp.StatusCode, b)
