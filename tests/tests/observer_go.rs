@@ -433,3 +433,65 @@ fn go_clients_under_load_survive_the_observer_attaching_and_detaching() {
     assert!(recorded > 0 && served > 0, "{recorded} {served}");
     eprintln!("served {served} calls under load, observer recorded {recorded} while attached");
 }
+
+/// A Go client already mid keep-alive session (HTTP/1.1) when the observer starts: measured and
+/// documented, not asserted exact — its reader goroutine is already blocked in `Read` when the
+/// probes attach, so the first response after that is not captured.
+#[test]
+fn observer_joins_a_go_client_mid_session() {
+    require_root();
+    let _g = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = llmclient(false);
+    let redis = RedisServer::start();
+    let m = mock();
+    let go_file = dir.path().join("go");
+    let mut client = ChildGuard::spawn(
+        "go client (mid-session)",
+        go_cmd(
+            &bin,
+            &m,
+            Proto::Http1,
+            "t-go-mid",
+            &["-warm", "2", "-n", "4", "-wait", go_file.to_str().unwrap()],
+        )
+        .stdout(Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while served(&m, "t-warm").len() < 2 {
+        assert!(Instant::now() < deadline, "warm-up calls never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let obs = start(&redis, &m);
+    std::fs::write(&go_file, b"go").expect("signal the client");
+    assert!(client.wait_exit(Duration::from_secs(30)).success());
+    std::thread::sleep(Duration::from_millis(1500));
+    let want = sum(&served(&m, "t-go-mid"));
+    let spend = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let ledger = rt
+            .block_on(Ledger::connect(&redis.url()))
+            .expect("ledger connect");
+        rt.block_on(ledger.tenant_spend("t-go-mid", Period::Month, chrono::Utc::now()))
+            .expect("tenant_spend")
+    };
+    eprintln!(
+        "mid-session Go client: mock billed {want:?}; ledger (requests, input, output, nanos, estimated) = ({}, {}, {}, {}); parse errors: {:?}",
+        spend.requests,
+        spend.input_tokens,
+        spend.output_tokens,
+        spend.spend.0,
+        obs.metrics()
+            .lines()
+            .filter(|l| l.starts_with("llmwarden_observer_parse_errors")
+                || l.starts_with("llmwarden_observer_exchanges"))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        spend.requests >= 3,
+        "the calls after the first are recorded"
+    );
+}

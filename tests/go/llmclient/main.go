@@ -27,9 +27,16 @@ func main() {
 	waitFile := flag.String("wait", "", "print 'waiting', then wait until this file exists before calling")
 	until := flag.String("until", "", "call in a loop with -concurrency goroutines until this file exists")
 	delay := flag.Duration("delay", 0, "sleep this long before the first call")
+	warm := flag.Int("warm", 0, "calls made (tenant t-warm) before -wait, on the connection the later calls reuse")
 	flag.Parse()
 
 	client := &http.Client{Timeout: 30 * time.Second}
+	for i := 0; i < *warm; i++ {
+		if err := chat(client, *url, "t-warm", *stream); err != nil {
+			fmt.Fprintln(os.Stderr, "warm-up call failed:", err)
+			os.Exit(1)
+		}
+	}
 	if *waitFile != "" {
 		fmt.Println("waiting")
 		for {
