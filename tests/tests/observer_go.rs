@@ -495,3 +495,50 @@ fn observer_joins_a_go_client_mid_session() {
         "the calls after the first are recorded"
     );
 }
+
+/// Issue 15, item 5 (a measurement with a floor): the capture rate of Go calls at more than
+/// 500 calls/s, and the observer's overhead on a Go HTTPS client whose host is no provider
+/// (its connections are filtered in the kernel after the first request).
+#[test]
+fn go_capture_rate_and_overhead() {
+    require_root();
+    let _g = serial();
+    let bin = llmclient(false);
+    let redis = RedisServer::start();
+    let m = mock();
+    let other = mock(); // not a provider: its traffic is not LLM traffic to the observer
+    let timed = |target: &MockProvider, proto: Proto, tenant: &str, n: &str| {
+        let t = Instant::now();
+        go_run(&bin, target, proto, tenant, &["-n", n, "-concurrency", "8"]);
+        t.elapsed()
+    };
+    let plain = [Proto::Http1, Proto::Http2].map(|p| timed(&other, p, "t-plain", "3000"));
+    let obs = start(&redis, &m);
+    prime(&obs, &bin, &m);
+    let observed = [Proto::Http1, Proto::Http2].map(|p| timed(&other, p, "t-plain", "3000"));
+    for (proto, tenant) in [(Proto::Http1, "t-rate-h1"), (Proto::Http2, "t-rate-h2")] {
+        let took = timed(&m, proto, tenant, "3000");
+        let rate = 3000.0 / took.as_secs_f64();
+        let want = sum(&served(&m, tenant));
+        assert_ledger(&redis, tenant, want, &obs);
+        eprintln!("{proto:?}: 3000 LLM calls at {rate:.0} calls/s, all recorded exactly");
+        assert!(
+            rate >= 500.0,
+            "{proto:?}: only {rate:.0} calls/s; the load is too low to say"
+        );
+    }
+    for (i, proto) in ["HTTP/1.1", "HTTP/2"].iter().enumerate() {
+        eprintln!(
+            "{proto}: 3000 non-LLM Go HTTPS calls: {:.0} ms without the observer, {:.0} ms with it ({:.2}x)",
+            plain[i].as_secs_f64() * 1000.0,
+            observed[i].as_secs_f64() * 1000.0,
+            observed[i].as_secs_f64() / plain[i].as_secs_f64()
+        );
+    }
+    assert_eq!(
+        obs.metric("llmwarden_observer_kernel_drops"),
+        0,
+        "{}",
+        obs.metrics()
+    );
+}
