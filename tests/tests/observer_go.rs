@@ -542,3 +542,42 @@ fn go_capture_rate_and_overhead() {
         obs.metrics()
     );
 }
+
+/// A Go binary that exists only inside another mount namespace (as in a container): the
+/// observer reaches it through /proc/PID/root.
+#[test]
+fn observer_meters_a_go_client_in_another_mount_namespace() {
+    require_root();
+    let _g = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = llmclient(false);
+    let redis = RedisServer::start();
+    let m = mock();
+    let obs = start(&redis, &m);
+    let inner = dir.path().join("llmclient");
+    let url = format!("{}/v1/chat/completions", m.https_url());
+    // A private tmpfs over the (empty) directory: the copy is invisible from the host.
+    let script = format!(
+        "mount -t tmpfs none {d} && cp {bin} {inner} && exec {inner} -url {url} -tenant t-go-ns -n 3 -delay 300ms",
+        d = dir.path().display(),
+        bin = bin.display(),
+        inner = inner.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("SSL_CERT_FILE", m.ca_pem_path())
+        .output()
+        .expect("run unshare");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !inner.exists(),
+        "the binary must not be visible from the host"
+    );
+    assert_ledger(&redis, "t-go-ns", sum(&served(&m, "t-go-ns")), &obs);
+    assert!(obs.log().contains("/root/"), "{}", obs.log());
+}
