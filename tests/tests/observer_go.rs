@@ -153,8 +153,22 @@ fn assert_ledger(redis: &RedisServer, tenant: &str, want: (u64, u64, u64, i64), 
 /// that follow test the pipeline, not the race between a new binary's first call and its
 /// discovery (measured in `observer_meters_go_clients_started_before_and_after_it`).
 fn prime(obs: &Observer, bin: &Path, m: &MockProvider) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let go_file = dir.path().join("go");
     let seen = obs.log().matches("attached to Go crypto/tls").count();
-    go_run(bin, m, Proto::Http1, "t-prime", &["-n", "0"]);
+    // Alive until attached: a process that exits before discovery reads /proc/PID/exe is
+    // never looked at.
+    let mut waiting = ChildGuard::spawn(
+        "go client (prime)",
+        go_cmd(
+            bin,
+            m,
+            Proto::Http1,
+            "t-prime",
+            &["-n", "0", "-wait", go_file.to_str().unwrap()],
+        )
+        .stdout(Stdio::null()),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while obs.log().matches("attached to Go crypto/tls").count() <= seen {
         assert!(
@@ -165,6 +179,8 @@ fn prime(obs: &Observer, bin: &Path, m: &MockProvider) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    std::fs::write(&go_file, b"go").expect("release the primed client");
+    assert!(waiting.wait_exit(Duration::from_secs(10)).success());
 }
 
 fn start(redis: &RedisServer, m: &MockProvider) -> Observer {
@@ -507,21 +523,29 @@ fn go_capture_rate_and_overhead() {
     let redis = RedisServer::start();
     let m = mock();
     let other = mock(); // not a provider: its traffic is not LLM traffic to the observer
-    let timed = |target: &MockProvider, proto: Proto, tenant: &str, n: &str| {
+    let timed = |target: &MockProvider, proto: Proto, tenant: &str, conc: &str| {
         let t = Instant::now();
-        go_run(&bin, target, proto, tenant, &["-n", n, "-concurrency", "8"]);
+        go_run(
+            &bin,
+            target,
+            proto,
+            tenant,
+            &["-n", "3000", "-concurrency", conc],
+        );
         t.elapsed()
     };
-    let plain = [Proto::Http1, Proto::Http2].map(|p| timed(&other, p, "t-plain", "3000"));
+    let plain = [Proto::Http1, Proto::Http2].map(|p| timed(&other, p, "t-plain", "8"));
     let obs = start(&redis, &m);
     prime(&obs, &bin, &m);
-    let observed = [Proto::Http1, Proto::Http2].map(|p| timed(&other, p, "t-plain", "3000"));
+    let observed = [Proto::Http1, Proto::Http2].map(|p| timed(&other, p, "t-plain", "8"));
     for (proto, tenant) in [(Proto::Http1, "t-rate-h1"), (Proto::Http2, "t-rate-h2")] {
-        let took = timed(&m, proto, tenant, "3000");
+        let took = timed(&m, proto, tenant, "16");
         let rate = 3000.0 / took.as_secs_f64();
         let want = sum(&served(&m, tenant));
         assert_ledger(&redis, tenant, want, &obs);
-        eprintln!("{proto:?}: 3000 LLM calls at {rate:.0} calls/s, all recorded exactly");
+        eprintln!(
+            "{proto:?}: 3000 LLM calls (16 goroutines) at {rate:.0} calls/s, all recorded exactly"
+        );
         assert!(
             rate >= 500.0,
             "{proto:?}: only {rate:.0} calls/s; the load is too low to say"
