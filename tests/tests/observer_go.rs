@@ -227,8 +227,7 @@ fn observer_meters_go_http1_calls_exactly() {
         obs.log()
     );
     assert!(
-        obs.metrics()
-            .contains("llmwarden_observer_go_binaries{outcome=\"attached\"} 1"),
+        obs.metric("llmwarden_observer_go_binaries{outcome=\"attached\"}") >= 1,
         "{}",
         obs.metrics()
     );
@@ -299,9 +298,9 @@ fn observer_meters_go_http2_calls_exactly_also_stripped_and_concurrent() {
         "{}",
         obs.metrics()
     );
+    // Both builds (other Go programs on the host may add to it).
     assert!(
-        obs.metrics()
-            .contains("llmwarden_observer_go_binaries{outcome=\"attached\"} 2"),
+        obs.metric("llmwarden_observer_go_binaries{outcome=\"attached\"}") >= 2,
         "{}",
         obs.metrics()
     );

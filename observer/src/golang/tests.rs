@@ -161,3 +161,63 @@ fn other_files_are_not_go() {
     assert_eq!(inspect(&*data).unwrap(), GoBinary::NotGo);
     assert_eq!(inspect(&b"#!/bin/sh\n"[..]).unwrap(), GoBinary::NotGo);
 }
+
+#[test]
+fn go_older_than_1_17_is_unsupported() {
+    // The real binary with its build info saying go1.16: the stack ABI, so no probes.
+    let mut data = std::fs::read(go_client(false)).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let (off, len) = file
+        .section_by_name(".go.buildinfo")
+        .unwrap()
+        .file_range()
+        .unwrap();
+    let (off, len) = (usize::try_from(off).unwrap(), usize::try_from(len).unwrap());
+    let section = &mut data[off..off + len];
+    let at = section
+        .windows(5)
+        .position(|w| w == b"go1.1")
+        .expect("version in the build info");
+    section[at + 5] = b'6';
+    match inspect(&*data).unwrap() {
+        GoBinary::Unsupported { version, reason } => {
+            assert!(version.starts_with("go1.16"), "{version}");
+            assert!(reason.contains("1.17"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_go_binary_without_tls_is_known_as_such() {
+    let dir = root().join("target/go-test/observer-unit/hello");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("go.mod"), "module hello\n\ngo 1.19\n").unwrap();
+    std::fs::write(
+        dir.join("main.go"),
+        "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"hello\") }\n",
+    )
+    .unwrap();
+    let out = dir.join("hello");
+    let st = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(&dir)
+        .env("GOCACHE", root().join("target/go-test/cache"))
+        .env("GOPATH", root().join("target/go-test/gopath"))
+        .env("GOFLAGS", "")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("CGO_ENABLED", "0")
+        .status()
+        .expect("these tests need `go` (apt-get install golang-go)");
+    assert!(st.success());
+    let data = std::fs::read(&out).unwrap();
+    assert_eq!(
+        inspect(&*data).unwrap(),
+        GoBinary::NoTls {
+            version: go_version()
+        }
+    );
+}
