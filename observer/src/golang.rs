@@ -93,7 +93,8 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
     let Ok(file) = object::File::parse(data) else {
         return Ok(GoBinary::NotGo);
     };
-    if !matches!(file, object::File::Elf64(_) | object::File::Elf32(_)) {
+    // Elf64 only: the Go probes are amd64, and `.symtab` is read as `Elf64_Sym`.
+    if !matches!(file, object::File::Elf64(_)) {
         return Ok(GoBinary::NotGo);
     }
     let buildinfo = file.section_by_name(".go.buildinfo");
@@ -264,7 +265,7 @@ fn file_offset<'d, R: ReadRef<'d>>(file: &object::File<'d, R>, addr: u64) -> Res
         .find_map(|s| {
             let (off, len) = s.file_range()?;
             let start = s.address();
-            (addr >= start && addr - start < len).then(|| off + (addr - start))
+            (addr >= start && addr - start < len).then(|| off.checked_add(addr - start))?
         })
         .ok_or(GoError::Address(addr))
 }

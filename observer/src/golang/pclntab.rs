@@ -177,7 +177,8 @@ impl<'a> FuncTable<'a> {
             .functab
             .checked_add(func_off)
             .ok_or(PclntabError::Malformed)?;
-        let name_off = to_usize(self.uint(func + fs, 4)?)?;
+        let name_at = func.checked_add(fs).ok_or(PclntabError::Malformed)?;
+        let name_off = to_usize(self.uint(name_at, 4)?)?;
         let start = self
             .funcnames
             .checked_add(name_off)
