@@ -56,8 +56,10 @@ pub struct Func {
 }
 
 impl<'a> FuncTable<'a> {
-    /// Reads the header. `text_start` is the address of `.text` (`runtime.text`): Go 1.18+
-    /// tables store entries relative to it, and the header's own copy may be unrelocated.
+    /// Reads the header. Go 1.18+ tables store entries relative to `runtime.text`, which the
+    /// header holds; `text_start` (the address of `.text`) is used when the header's copy is 0
+    /// (a PIE binary's unrelocated value). With internal linking the two are equal; with external
+    /// linking (cgo) C code may come first in `.text`, so the header's value wins.
     ///
     /// # Errors
     /// When the header is not a known layout or points outside `data`.
@@ -96,8 +98,12 @@ impl<'a> FuncTable<'a> {
             Layout::Go116 => (2, 6),
             Layout::Go118 => (3, 7),
         };
+        let header_text = if layout == Layout::Go118 { word(2)? } else { 0 };
         let funcnames = to_usize(word(names_word)?)?;
         let functab = to_usize(word(pcln_word)?)?;
+        if header_text != 0 {
+            t.text_start = header_text;
+        }
         t.nfunc = to_usize(nfunc)?;
         t.funcnames = funcnames;
         t.functab = functab;
@@ -260,7 +266,8 @@ mod tests {
             &[("main.main", 0), ("crypto/tls.(*Conn).Write", 0x40)],
             0x100,
         );
-        let t = FuncTable::parse(&d, 0x40_1000).unwrap();
+        // The header's runtime.text (0x401000) wins over the section address given.
+        let t = FuncTable::parse(&d, 0x40_0000).unwrap();
         assert_eq!(t.len(), 2);
         let found = t
             .find(&["crypto/tls.(*Conn).Write", "main.main", "nope"])
