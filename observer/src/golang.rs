@@ -98,7 +98,10 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
         return Ok(GoBinary::NotGo);
     }
     let buildinfo = file.section_by_name(".go.buildinfo");
-    let pcln = file.section_by_name(".gopclntab");
+    // PIE builds put it in RELRO under another name.
+    let pcln = file
+        .section_by_name(".gopclntab")
+        .or_else(|| file.section_by_name(".data.rel.ro.gopclntab"));
     if buildinfo.is_none() && pcln.is_none() {
         return Ok(GoBinary::NotGo);
     }

@@ -228,24 +228,8 @@ fn a_go_binary_without_tls_is_known_as_such() {
 fn an_externally_linked_stripped_go_binary_agrees_with_its_symtab() {
     let dir = root().join("target/go-test/observer-unit");
     std::fs::create_dir_all(&dir).unwrap();
-    let build = |name: &str, ldflags: &str| {
-        let out = dir.join(name);
-        let st = Command::new("go")
-            .args(["build", &format!("-ldflags={ldflags}"), "-o"])
-            .arg(&out)
-            .arg(".")
-            .current_dir(root().join("tests/go/llmclient"))
-            .env("GOCACHE", root().join("target/go-test/cache"))
-            .env("GOPATH", root().join("target/go-test/gopath"))
-            .env("GOFLAGS", "")
-            .env("GOPROXY", "off")
-            .env("GOTOOLCHAIN", "local")
-            .env("CGO_ENABLED", "1")
-            .status()
-            .expect("these tests need `go` (apt-get install golang-go) and a C compiler");
-        assert!(st.success(), "go build {name}");
-        out
-    };
+    let build =
+        |name: &str, ldflags: &str| build_with(&dir, name, &[&format!("-ldflags={ldflags}")], "1");
     let full = tls(&build("llmclient-ext", "-linkmode=external"));
     let stripped = tls(&build("llmclient-ext-stripped", "-linkmode=external -s -w"));
     assert!(!full.stripped && stripped.stripped);
@@ -258,4 +242,49 @@ fn an_externally_linked_stripped_go_binary_agrees_with_its_symtab() {
         ),
         (full.write, full.read, &full.read_rets, full.close)
     );
+}
+
+/// `-buildmode=pie`: the function table lives in `.data.rel.ro.gopclntab`.
+#[test]
+fn a_pie_stripped_go_binary_agrees_with_its_symtab() {
+    let dir = root().join("target/go-test/observer-unit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let full = tls(&build_with(&dir, "llmclient-pie", &["-buildmode=pie"], "0"));
+    let stripped = tls(&build_with(
+        &dir,
+        "llmclient-pie-stripped",
+        &["-buildmode=pie", "-ldflags=-s -w"],
+        "0",
+    ));
+    assert!(!full.stripped && stripped.stripped);
+    assert_eq!(
+        (
+            stripped.write,
+            stripped.read,
+            &stripped.read_rets,
+            stripped.close
+        ),
+        (full.write, full.read, &full.read_rets, full.close)
+    );
+}
+
+fn build_with(dir: &Path, name: &str, flags: &[&str], cgo: &str) -> PathBuf {
+    let out = dir.join(name);
+    let st = Command::new("go")
+        .arg("build")
+        .args(flags)
+        .arg("-o")
+        .arg(&out)
+        .arg(".")
+        .current_dir(root().join("tests/go/llmclient"))
+        .env("GOCACHE", root().join("target/go-test/cache"))
+        .env("GOPATH", root().join("target/go-test/gopath"))
+        .env("GOFLAGS", "")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("CGO_ENABLED", cgo)
+        .status()
+        .expect("these tests need `go` (apt-get install golang-go) and a C compiler");
+    assert!(st.success(), "go build {name}");
+    out
 }
