@@ -34,6 +34,15 @@ pub fn llmclient(stripped: bool) -> PathBuf {
     build(&workspace_root().join("tests/go/llmclient"), name, flags)
 }
 
+/// The Go test client built with other `go build` flags (e.g. `-buildmode=pie`), as `name`.
+///
+/// # Panics
+/// When Go is not installed or the build fails.
+#[must_use]
+pub fn llmclient_with(name: &str, flags: &[&str]) -> PathBuf {
+    build(&workspace_root().join("tests/go/llmclient"), name, flags)
+}
+
 /// The Go version `go version` reports (e.g. `go1.19.8`).
 ///
 /// # Panics

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ledger::price::PriceTable;
 use ledger::store::{Ledger, Period};
-use llmwarden_tests::golang::{go_version, llmclient};
+use llmwarden_tests::golang::{go_version, llmclient, llmclient_with};
 use llmwarden_tests::mock::{MockConfig, MockProvider, ServedCall};
 use llmwarden_tests::observer::{Observer, require_root};
 use llmwarden_tests::process::ChildGuard;
@@ -239,11 +239,16 @@ fn observer_meters_go_http2_calls_exactly_also_stripped_and_concurrent() {
     let _g = serial();
     let bin = llmclient(false);
     let stripped = llmclient(true);
+    let pie = llmclient_with(
+        "llmclient-pie-stripped",
+        &["-buildmode=pie", "-ldflags=-s -w"],
+    );
     let redis = RedisServer::start();
     let m = mock();
     let obs = start(&redis, &m);
     prime(&obs, &bin, &m);
     prime(&obs, &stripped, &m);
+    prime(&obs, &pie, &m);
     go_run(&bin, &m, Proto::Http2, "t-go-h2", &["-n", "3"]);
     go_run(
         &bin,
@@ -281,7 +286,9 @@ fn observer_meters_go_http2_calls_exactly_also_stripped_and_concurrent() {
         "t-go-stripped-h1",
         &["-n", "2", "-stream"],
     );
+    go_run(&pie, &m, Proto::Http2, "t-go-pie", &["-n", "2", "-stream"]);
     for tenant in [
+        "t-go-pie",
         "t-go-h2",
         "t-go-h2-stream",
         "t-go-h2-20",
@@ -298,9 +305,9 @@ fn observer_meters_go_http2_calls_exactly_also_stripped_and_concurrent() {
         "{}",
         obs.metrics()
     );
-    // Both builds (other Go programs on the host may add to it).
+    // The three builds (other Go programs on the host may add to it).
     assert!(
-        obs.metric("llmwarden_observer_go_binaries{outcome=\"attached\"}") >= 2,
+        obs.metric("llmwarden_observer_go_binaries{outcome=\"attached\"}") >= 3,
         "{}",
         obs.metrics()
     );
