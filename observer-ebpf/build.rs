@@ -5,6 +5,10 @@
 use std::path::PathBuf;
 
 fn main() {
+    // aya-build passes the target's architecture as this cfg (the Go probes read amd64 registers).
+    println!(
+        "cargo::rustc-check-cfg=cfg(bpf_target_arch, values(\"x86_64\", \"aarch64\", \"arm\", \"riscv64\", \"powerpc64\", \"s390x\", \"mips\", \"loongarch64\"))"
+    );
     let linker = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<PathBuf>>())

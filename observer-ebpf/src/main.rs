@@ -19,6 +19,10 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 
+/// Go's crypto/tls probes (amd64 registers).
+#[cfg(bpf_target_arch = "x86_64")]
+mod golang;
+
 use observer_common::{
     ActiveCall, CHUNK_SIZE, ConnKey, DIR_READ, DIR_WRITE, FLAG_CGROUP_ALLOWLIST,
     FLAG_PID_ALLOWLIST, HEADER_SIZE, KIND_CLOSE, KIND_DATA, MAX_CHUNKS, MAX_PER_CALL_BYTES,
@@ -315,13 +319,21 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
     if ssl == 0 {
         return 0;
     }
+    close_connection(ssl);
+    0
+}
+
+/// Reports the end of connection `ssl` of the current process (OpenSSL's `SSL_free`, Go's
+/// `(*Conn).Close`).
+#[inline(always)]
+fn close_connection(ssl: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
     let _ = SKIP_CONNS.remove(&ConnKey { ssl, pid, pad: 0 });
     let cfg = config();
     // A process that is not observed sent no data, so its connection ends matter to nobody.
     if process_filtered(&cfg, pid) {
-        return 0;
+        return;
     }
     let header = SslEventHeader {
         // SAFETY: helper without preconditions.
@@ -339,7 +351,6 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
     {
         stat_add(STAT_RINGBUF_DROPS, 1);
     }
-    0
 }
 
 #[inline(always)]

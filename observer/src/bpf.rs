@@ -16,6 +16,9 @@ use observer_common::{
 use crate::config::AllowLists;
 use crate::elf::SslSymbols;
 
+mod go;
+pub use go::GoOutcome;
+
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
 
@@ -74,6 +77,8 @@ pub struct Probes {
     skip_pids: HashMap<MapData, u32, u8>,
     /// Whether the open tracepoints report TLS libraries as they are opened.
     open_events: bool,
+    /// Distinct Go binaries by outcome.
+    go: std::collections::BTreeMap<GoOutcome, u64>,
 }
 
 /// The maps the ring-buffer reader uses, taken out of the [`Ebpf`] object so the reader never
@@ -163,6 +168,14 @@ impl Probes {
             prog.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
+        // Absent from objects built for other architectures than amd64.
+        for name in go::GO_PROGRAMS {
+            if let Some(prog) = ebpf.program_mut(name) {
+                let prog: &mut UProbe = prog.try_into()?;
+                prog.load()
+                    .with_context(|| format!("verifier rejected {name}"))?;
+            }
+        }
         for name in ["sched_process_exec", "sched_process_exit"] {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -224,6 +237,7 @@ impl Probes {
                 files: StdHashMap::new(),
                 skip_pids,
                 open_events,
+                go: std::collections::BTreeMap::new(),
             },
             maps,
         ))

@@ -17,6 +17,8 @@ use crate::attribution::{ProcessInfo, Rules};
 use crate::bpf::{AttachOutcome, FileId, Probes};
 use crate::metrics::Metrics;
 
+mod go;
+
 /// Directories where a host's own libssl lives, attached at start so processes started later are
 /// covered from their first call.
 const SYSTEM_LIB_DIRS: &[&str] = &[
@@ -165,6 +167,9 @@ pub fn attach_open(probes: &mut Probes, file: &File, label: &str) -> usize {
     }
     let stable = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     let Some(symbols) = crate::elf::ssl_symbols_of(file, &stable) else {
+        if let Some(n) = go::attach_go_file(probes, id, file, &stable, label) {
+            return n;
+        }
         probes.remember_not_ssl(id);
         return 0;
     };
@@ -469,6 +474,14 @@ impl Discovery {
         self.metrics
             .attached_files
             .set(i64::try_from(self.probes.attached_files()).unwrap_or(0));
+        for outcome in crate::bpf::GoOutcome::ALL {
+            self.metrics
+                .go_binaries
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: outcome.label().to_owned(),
+                })
+                .set(i64::try_from(self.probes.go_binaries(outcome)).unwrap_or(0));
+        }
     }
 }
 

@@ -6,5 +6,6 @@
 pub mod config;
 pub mod decode;
 pub mod exchange;
+pub mod golang;
 pub mod http1;
 pub mod http2;

@@ -52,6 +52,13 @@ const ATTACH_WINDOW_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.25, 1.0,
 ];
 
+/// Labels of `llmwarden_observer_go_binaries`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `attached`, `unsupported` (Go < 1.17, not amd64), `no_tls`, `error`.
+    pub outcome: String,
+}
+
 /// All observer metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -98,6 +105,8 @@ pub struct Metrics {
     pub attaches: Family<TriggerLabels, Counter>,
     /// From the kernel seeing a TLS library opened to its probes being live.
     pub attach_window: Histogram,
+    /// Distinct Go binaries seen, by outcome.
+    pub go_binaries: Family<OutcomeLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -124,6 +133,7 @@ impl Default for Metrics {
             attached_files: Gauge::default(),
             attaches: Family::default(),
             attach_window: Histogram::new(ATTACH_WINDOW_BUCKETS),
+            go_binaries: Family::default(),
         }
     }
 }
@@ -229,6 +239,11 @@ impl Metrics {
             "attach_window_seconds",
             "From the kernel seeing a TLS library opened to its probes being live",
             self.attach_window.clone(),
+        );
+        r.register(
+            "go_binaries",
+            "Distinct Go binaries seen, by outcome (attached, unsupported, no_tls, error)",
+            self.go_binaries.clone(),
         );
     }
 

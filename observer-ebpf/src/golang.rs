@@ -1,0 +1,118 @@
+//! Go's `crypto/tls` (amd64, Go 1.17+ register ABI): `(*Conn).Write` and `(*Conn).Read` are
+//! probed past their stack check (`morestack` re-runs a function's entry), `Read` again at each
+//! of its `RET`s (never a uretprobe: it would rewrite a return address on a goroutine stack the
+//! runtime moves). Userspace finds those sites. Registers there: receiver RAX, buffer RBX,
+//! length RCX; at a `RET`, `n` in RAX; the goroutine `g` in R14 throughout, which keys a read in
+//! flight: a goroutine blocked in `Read` may resume on another thread.
+
+use aya_ebpf::{
+    bindings::pt_regs, helpers::bpf_get_current_pid_tgid, macros::map, macros::uprobe,
+    maps::LruHashMap, programs::ProbeContext,
+};
+use observer_common::{ActiveCall, ConnKey, DIR_READ, DIR_WRITE, STAT_SKIPPED_BYTES};
+
+use crate::{close_connection, config, emit_data, filtered_out, stat_add};
+
+/// Go reads in flight, keyed by (goroutine `g`, pid) — `ConnKey::ssl` holds `g`.
+#[map]
+static GO_READS: LruHashMap<ConnKey, ActiveCall> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn regs(ctx: &ProbeContext) -> pt_regs {
+    // SAFETY: the probe's context is the user registers, readable for the program's run.
+    unsafe { *ctx.regs }
+}
+
+/// Largest single Write/Read length believed (a Go slice length is an int).
+#[inline(always)]
+fn clamp(n: u64) -> u32 {
+    if n > u64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        n as u32
+    }
+}
+
+#[uprobe]
+pub fn go_tls_write(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    let (conn, buf, len) = (r.rax, r.rbx, r.rcx as i64);
+    if conn == 0 || buf == 0 || len <= 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let cfg = config();
+    let total = clamp(len as u64);
+    if filtered_out(&cfg, (pid_tgid >> 32) as u32, conn) {
+        stat_add(STAT_SKIPPED_BYTES, u64::from(total));
+        return 0;
+    }
+    // Reported at the call: Go's Write sends all of `b` or fails the connection.
+    emit_data(pid_tgid, conn, buf, total, DIR_WRITE);
+    0
+}
+
+#[uprobe]
+pub fn go_tls_read(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    let (conn, buf, g) = (r.rax, r.rbx, r.r14);
+    if conn == 0 || buf == 0 || g == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let cfg = config();
+    let call = ActiveCall {
+        ssl: conn,
+        buf,
+        len_ptr: 0,
+        skip: u32::from(filtered_out(&cfg, pid, conn)),
+        pad: 0,
+    };
+    let _ = GO_READS.insert(
+        &ConnKey {
+            ssl: g,
+            pid,
+            pad: 0,
+        },
+        &call,
+        0,
+    );
+    0
+}
+
+#[uprobe]
+pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let key = ConnKey {
+        ssl: r.r14,
+        pid: (pid_tgid >> 32) as u32,
+        pad: 0,
+    };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(call) = (unsafe { GO_READS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = GO_READS.remove(&key);
+    let n = r.rax as i64;
+    if n <= 0 {
+        return 0;
+    }
+    let total = clamp(n as u64);
+    if call.skip != 0 {
+        stat_add(STAT_SKIPPED_BYTES, u64::from(total));
+        return 0;
+    }
+    emit_data(pid_tgid, call.ssl, call.buf, total, DIR_READ);
+    0
+}
+
+#[uprobe]
+pub fn go_tls_close(ctx: ProbeContext) -> u32 {
+    let conn = regs(&ctx).rax;
+    if conn != 0 {
+        close_connection(conn);
+    }
+    0
+}

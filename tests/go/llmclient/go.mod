@@ -1,0 +1,3 @@
+module llmwarden.test/llmclient
+
+go 1.19
