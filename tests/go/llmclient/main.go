@@ -28,7 +28,9 @@ func main() {
 	until := flag.String("until", "", "call in a loop with -concurrency goroutines until this file exists")
 	delay := flag.Duration("delay", 0, "sleep this long before the first call")
 	warm := flag.Int("warm", 0, "calls made (tenant t-warm) before -wait, on the connection the later calls reuse")
+	key := flag.String("key", "sk-test", "provider API key sent as a bearer token")
 	flag.Parse()
+	apiKey = *key
 
 	client := &http.Client{Timeout: 30 * time.Second}
 	for i := 0; i < *warm; i++ {
@@ -110,6 +112,9 @@ func main() {
 	fmt.Printf("ok %d\n", *n)
 }
 
+// apiKey is the bearer token every call sends (-key).
+var apiKey string
+
 // lastProto is the protocol of the last response ("HTTP/1.1", "HTTP/2.0").
 var lastProto atomic.Value
 
@@ -124,7 +129,7 @@ func chat(client *http.Client, url, tenant string, stream bool) error {
 		return err
 	}
 	req.Header.Set("content-type", "application/json")
-	req.Header.Set("authorization", "Bearer sk-test")
+	req.Header.Set("authorization", "Bearer "+apiKey)
 	req.Header.Set("x-tenant-id", tenant)
 	resp, err := client.Do(req)
 	if err != nil {

@@ -68,9 +68,16 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     };
     let port = redis_url.rsplit(':').next().unwrap_or("6379").to_owned();
     let tps = stack::ticks_per_s();
+    step("observer: building the Go test client (tests/go/llmclient)");
+    let go = build_go_client(&env.work)?;
+    let go_llm = |count: u64, h2: bool| go_calls(&go, &llm, count, h2);
+    let go_plain = |h2: bool| go_calls(&go, &plain, n_plain, h2);
 
     step("observer: unattached baseline");
     let mut unattached = vec![curl_plain()?];
+    let mut go_unattached = vec![[go_plain(false)?, go_plain(true)?]];
+    let mut go_attached = Vec::new();
+    let mut go_ratios: Vec<[f64; 2]> = Vec::new();
     let mut open_unattached = vec![open_close_ns(&env.work)?];
     let mut open_attached = Vec::new();
     let a_llm = curl_llm(n, None)?;
@@ -81,6 +88,7 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     let mut plain_cpu = Vec::new();
     let mut llm_part = None;
     let mut h2_part = None;
+    let mut go_caps = Vec::new();
     for cycle in 0..PLAIN_CYCLES {
         step(&format!(
             "observer: attach cycle {} of {PLAIN_CYCLES} (eBPF uprobes on OpenSSL)",
@@ -95,6 +103,7 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         plain_cpu.push(cpu_per_1000(c0, n_plain));
         attached.push(b);
         open_attached.push(open_close_ns(&env.work)?);
+        go_attached.push([go_plain(false)?, go_plain(true)?]);
         if cycle == 0 {
             let c1 = tree_ticks(obs.pid());
             let (b_llm, cap_max) = captured(
@@ -139,6 +148,23 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
                 n,
                 "HTTP/2, ≥ 500/s (curl --rate 750/s)",
             )?;
+            // Go (crypto/tls probes): 16 goroutines, HTTP/1.1 (GODEBUG=http2client=0) and
+            // HTTP/2 over one connection each.
+            let (_, cap_go_h1) = captured(
+                &port,
+                metrics,
+                || go_llm(n, false),
+                n,
+                "Go net/http HTTP/1.1, 16 goroutines",
+            )?;
+            let (_, cap_go_h2) = captured(
+                &port,
+                metrics,
+                || go_llm(n, true),
+                n,
+                "Go net/http HTTP/2, 16 goroutines",
+            )?;
+            go_caps = vec![cap_go_h1, cap_go_h2];
             llm_part = Some((b_llm, llm_cpu, cap500, cap_max, cap_par));
             h2_part = Some((b_h2, h2_cpu, cap_h2_500, cap_h2_max));
         }
@@ -146,6 +172,13 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         drop(obs);
         let u = curl_plain()?;
         open_unattached.push(open_close_ns(&env.work)?);
+        let go_u = [go_plain(false)?, go_plain(true)?];
+        let (go_b, go_prev) = (
+            go_attached[go_attached.len() - 1],
+            go_unattached[go_unattached.len() - 1],
+        );
+        go_ratios.push([0, 1].map(|i| go_b[i] / f64::midpoint(go_prev[i], go_u[i]).max(1e-9)));
+        go_unattached.push(go_u);
         let base = f64::midpoint(unattached[unattached.len() - 1], u);
         cycle_ratios.push(b / base.max(1e-9));
         cycle_added_us.push(1e6 / b.max(1e-9) - 1e6 / base.max(1e-9));
@@ -166,6 +199,16 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     else {
         bail!("no attach cycle ran");
     };
+    let capture: Vec<Value> = [
+        cap500.clone(),
+        cap_max,
+        cap_par,
+        cap_h2_500.clone(),
+        cap_h2_max,
+    ]
+    .into_iter()
+    .chain(go_caps)
+    .collect();
     let llm_base = f64::midpoint(a_llm, c_llm);
     let h2_base = f64::midpoint(a_h2, c_h2);
     Ok(json!({ "observer": {
@@ -199,9 +242,18 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
             "attached_ns": median(&open_attached), "attached_runs": open_attached,
             "added_ns": median(&open_attached) - median(&open_unattached),
         },
+        "go_non_llm": {
+            "requests": n_plain,
+            "http1": { "ratio": { "median": median(&go_ratios.iter().map(|r| r[0]).collect::<Vec<_>>()) },
+                       "unattached_rps": median(&go_unattached.iter().map(|r| r[0]).collect::<Vec<_>>()),
+                       "attached_rps": median(&go_attached.iter().map(|r| r[0]).collect::<Vec<_>>()) },
+            "http2": { "ratio": { "median": median(&go_ratios.iter().map(|r| r[1]).collect::<Vec<_>>()) },
+                       "unattached_rps": median(&go_unattached.iter().map(|r| r[1]).collect::<Vec<_>>()),
+                       "attached_rps": median(&go_attached.iter().map(|r| r[1]).collect::<Vec<_>>()) },
+        },
         "capture_500": cap500,
         "capture_h2_500": cap_h2_500,
-        "capture": [cap500, cap_max, cap_par, cap_h2_500, cap_h2_max],
+        "capture": capture,
     }}))
 }
 
@@ -220,7 +272,8 @@ fn start_observer(
         &cfg,
         format!(
             "# Written by `cargo xtask bench`.\nredis_url = \"{redis_url}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\n\
-             [[providers]]\nhost = \"{}\"\nkind = \"openai\"\n\n[[attribution]]\ncomm = \"curl\"\ntenant = \"{TENANT}\"\nservice = \"curl-bench\"\n",
+             [[providers]]\nhost = \"{}\"\nkind = \"openai\"\n\n[[attribution]]\ncomm = \"curl\"\ntenant = \"{TENANT}\"\nservice = \"curl-bench\"\n\n\
+             [[attribution]]\ncomm = \"llmclient\"\ntenant = \"{TENANT}\"\nservice = \"go-bench\"\n",
             llm.addr
         ),
     )?;
@@ -241,6 +294,48 @@ fn start_observer(
     std::thread::sleep(Duration::from_secs(2));
     obs.ensure_running()?;
     Ok((obs, metrics))
+}
+
+/// Builds the observer tests' Go client (standard library only, no network) into `work`.
+fn build_go_client(work: &std::path::Path) -> Result<std::path::PathBuf> {
+    let out = work.join("llmclient");
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(command::root().join("tests/go/llmclient"))
+        .env("GOCACHE", work.join("go-cache"))
+        .env("GOPATH", work.join("gopath"))
+        .env("GOFLAGS", "")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("CGO_ENABLED", "0")
+        .status()
+        .context("running `go build` (golang-go; `cargo xtask setup` installs it)")?;
+    if !status.success() {
+        bail!("go build of tests/go/llmclient failed ({status})");
+    }
+    Ok(out)
+}
+
+/// The Go client: `count` chat completions to `mock`, 16 goroutines on one connection, HTTP/2
+/// or HTTP/1.1 (`GODEBUG=http2client=0`); returns calls per second. Bounded: killed after 120 s.
+fn go_calls(bin: &std::path::Path, mock: &Mock, count: u64, h2: bool) -> Result<f64> {
+    let mut c = Command::new(bin);
+    c.args([
+        "-url",
+        &format!("https://{}/v1/chat/completions", mock.addr),
+    ])
+    .args(["-tenant", TENANT, "-key", MOCK_KEY, "-concurrency", "16"])
+    .args(["-n", &count.to_string()])
+    .env("SSL_CERT_FILE", &mock.ca)
+    .env("GODEBUG", if h2 { "" } else { "http2client=0" })
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
+    let t = Instant::now();
+    let mut child = c.spawn().context("starting the Go client")?;
+    wait_bounded(&mut child, Duration::from_secs(120))?;
+    Ok(count as f64 / t.elapsed().as_secs_f64())
 }
 
 /// `open` + `close` of a file in the work directory, best of 5 runs of [`OPEN_LOOPS`]: what the

@@ -248,6 +248,44 @@ pub fn targets(r: &Value) -> Value {
     ] {
         t.push(capture_target(&obs[key], name, skipped));
     }
+    // Go (issue 15): the capture rows are the last two of `capture` when present.
+    let caps = obs["capture"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    for (offered, name) in [
+        (
+            "Go net/http HTTP/1.1, 16 goroutines",
+            "observer: capture of a Go client at ≥ 500 calls/s",
+        ),
+        (
+            "Go net/http HTTP/2, 16 goroutines",
+            "observer: capture of a Go client at ≥ 500 calls/s over HTTP/2",
+        ),
+    ] {
+        let c = caps
+            .iter()
+            .find(|c| c["offered"].as_str() == Some(offered))
+            .unwrap_or(&Value::Null);
+        t.push(capture_target(c, name, skipped));
+    }
+    for (proto, name) in [
+        ("http1", "observer: Go HTTPS non-LLM client throughput"),
+        (
+            "http2",
+            "observer: Go HTTPS non-LLM client throughput over HTTP/2",
+        ),
+    ] {
+        let g = med(&obs["go_non_llm"][proto]["ratio"]);
+        t.push(target(
+            name,
+            "≥ 0.95× unattached",
+            g.map(|x| format!("{x:.3}×")),
+            g.map(|x| x >= 0.95),
+            if skipped.is_empty() {
+                "16 goroutines calling chat completions on a host that is no provider (the kernel filter stops copying)"
+            } else {
+                skipped
+            },
+        ));
+    }
     Value::Array(t)
 }
 
