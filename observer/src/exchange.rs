@@ -100,6 +100,9 @@ pub struct ObservedCall {
     pub end: End,
     /// How much of the response was seen.
     pub response: ResponseSeen,
+    /// Recorded on an HTTP/2 connection joined mid-way: what had to be guessed (see
+    /// [`midway`]); `None` on connections seen from their start.
+    pub midway: Option<&'static str>,
 }
 
 /// What a connection produced.
@@ -211,6 +214,7 @@ impl PendingRequest {
             feature_header: self.feature,
             end,
             response: ResponseSeen::None,
+            midway: None,
         })));
     }
 }
@@ -342,6 +346,8 @@ struct H2 {
     /// Streams ended before their last frame (by `content-length`, or reset), most recent last:
     /// frames that still come for them are read past.
     done: VecDeque<u32>,
+    /// Set when the connection was joined mid-way: its streams are paired there instead.
+    midway: Option<Box<midway::Streams>>,
     /// Response events of streams whose request is not seen yet: a multi-threaded client's
     /// reader can return (and its probe report) a response before the writer's probe reports
     /// the request. Replayed when the request arrives; bounded by [`MAX_EARLY_EVENTS`].
@@ -411,6 +417,9 @@ pub struct Exchange {
     events: Vec<HttpEvent>,
     /// Set once the client sent the HTTP/2 preface: everything after goes there.
     h2: Option<Box<H2>>,
+    /// While `fresh`: the same bytes searched for HTTP/2 frames, in case the connection is an
+    /// HTTP/2 one joined after its preface (see [`midway`]).
+    sniff: Option<Box<H2Connection>>,
 }
 
 impl Default for Exchange {
@@ -431,6 +440,7 @@ impl Exchange {
             fresh: true,
             events: Vec::new(),
             h2: None,
+            sniff: None,
         }
     }
 
@@ -447,7 +457,9 @@ impl Exchange {
                             + s.response.as_ref().map_or(0, PendingResponse::buffered)
                     })
                     .sum::<usize>()
+                + h.midway.as_ref().map_or(0, |m| m.buffered())
         });
+        let h2 = h2 + self.sniff.as_ref().map_or(0, |s| s.buffered());
         self.conn.buffered()
             + self.current_request.as_ref().map_or(0, req)
             + self.awaiting.iter().map(req).sum::<usize>()
@@ -477,10 +489,49 @@ impl Exchange {
         self.conn.feed(side, data, call_start, &mut events);
         self.handle(&mut events, det, out);
         self.events = events;
+        self.sniff_midway(side, data, det, out);
+    }
+
+    /// Searches a connection that has shown no HTTP/1.1 head nor HTTP/2 preface for HTTP/2
+    /// frames; once found on either side, the connection is HTTP/2 joined mid-way.
+    fn sniff_midway(
+        &mut self,
+        side: Side,
+        data: &[u8],
+        det: &ProviderDetector,
+        out: &mut Vec<Outcome>,
+    ) {
+        if self.h2.is_some() || !self.fresh {
+            self.sniff = None;
+            return;
+        }
+        let sniff = self
+            .sniff
+            .get_or_insert_with(|| Box::new(H2Connection::midway()));
+        let mut events = Vec::new();
+        sniff.feed(side, data, &mut events);
+        if !sniff.is_synced() {
+            return;
+        }
+        let conn = self.sniff.take().expect("set above");
+        out.push(Outcome::Http2);
+        self.conn = Connection::new();
+        self.current_request = None;
+        self.current_response = None;
+        self.awaiting.clear();
+        self.h2 = Some(Box::new(H2 {
+            conn: *conn,
+            midway: Some(Box::default()),
+            ..H2::default()
+        }));
+        self.handle_h2(&mut events, det, out);
     }
 
     /// Reports bytes that were not captured (truncation or a dropped event).
     pub fn gap(&mut self, side: Side, n: u64, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        if let Some(sniff) = self.sniff.as_mut() {
+            sniff.resync(side);
+        }
         if let Some(h2) = self.h2.as_mut() {
             let mut events = std::mem::take(&mut h2.events);
             h2.conn.gap(&mut events);
@@ -571,6 +622,10 @@ impl Exchange {
         let Some(h2) = self.h2.as_mut() else {
             return;
         };
+        if let Some(m) = h2.midway.as_mut() {
+            m.handle(events, det, out);
+            return;
+        }
         let mut queue = std::mem::take(&mut h2.queue);
         queue.extend(events.drain(..));
         while let Some(ev) = queue.pop_front() {
@@ -709,6 +764,8 @@ impl Exchange {
                         finish_stream(s, End::StreamReset, out);
                     }
                 }
+                // Only connections joined mid-way have hidden heads (handled in `midway`).
+                H2Event::HiddenHead(..) => {}
                 H2Event::Broken(why) => out.push(Outcome::ParseError(match why {
                     "bytes lost" => "http2: bytes lost",
                     "HPACK decoding failed" => "http2: HPACK decoding failed",
@@ -758,7 +815,12 @@ impl Exchange {
     /// seen); a request sent whole without a response seen is recorded at its input estimate.
     /// Nothing the provider may have billed is dropped without a record.
     pub fn finish(&mut self, end: End, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        self.sniff = None;
         if let Some(mut h2) = self.h2.take() {
+            if let Some(m) = h2.midway.as_mut() {
+                m.finish(end, det, out);
+                return;
+            }
             if !h2.early.is_empty() {
                 out.push(Outcome::ParseError("http2: response before its request"));
             }
@@ -789,6 +851,7 @@ impl Exchange {
 fn early_stream(e: &H2Event) -> u32 {
     match e {
         H2Event::Head(_, id, _)
+        | H2Event::HiddenHead(_, id)
         | H2Event::Body(_, id, _)
         | H2Event::End(_, id)
         | H2Event::Reset(id) => *id,
@@ -873,8 +936,11 @@ fn take_call(r: &mut PendingResponse, end: End, mut seen: ResponseSeen) -> Optio
         feature_header: r.request.feature.clone(),
         end,
         response: seen,
+        midway: None,
     })
 }
+
+pub mod midway;
 
 #[cfg(test)]
 mod tests;
