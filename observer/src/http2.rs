@@ -223,6 +223,10 @@ impl H2Connection {
                 }
                 sync::Sync::Wait(at) => {
                     buf.drain(..at);
+                    // A large read searched through: keep only what is left (≤ 3 frames).
+                    if buf.capacity() > 4 * buf.len().max(1 << 12) {
+                        buf.shrink_to_fit();
+                    }
                     dir.buf = buf;
                     return;
                 }
@@ -266,10 +270,11 @@ impl H2Connection {
 
     fn fail(&mut self, why: &'static str, out: &mut Vec<H2Event>) {
         self.broken = true;
+        // Synced stays as it was: a broken connection is not searched again.
+        let synced = (self.req.synced, self.resp.synced);
         self.req = Direction::new();
         self.resp = Direction::new();
-        self.req.synced = !self.midway;
-        self.resp.synced = !self.midway;
+        (self.req.synced, self.resp.synced) = synced;
         out.push(H2Event::Broken(why));
     }
 
