@@ -48,8 +48,7 @@ fn run_h2(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<H2Event> {
                     c.feed(op.side(), piece, &mut out);
                 }
             }
-            CaptureKind::Gap(_) if c.is_synced() => c.gap(&mut out),
-            CaptureKind::Gap(_) => c.resync(op.side()),
+            CaptureKind::Gap(_) => c.lost(op.side(), &mut out),
             CaptureKind::Close => {}
         }
         assert!(c.buffered() <= MAX_H2_BUFFERED, "buffered {}", c.buffered());

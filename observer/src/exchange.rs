@@ -420,6 +420,10 @@ pub struct Exchange {
     /// While `fresh`: the same bytes searched for HTTP/2 frames, in case the connection is an
     /// HTTP/2 one joined after its preface (see [`midway`]).
     sniff: Option<Box<H2Connection>>,
+    /// What the sniffer parsed since it found frames: handled when the connection switches
+    /// to HTTP/2 at the next SSL call's start (an HTTP/1.1 head parsed first wins, whatever
+    /// the chunking of the call in progress).
+    sniffed: Vec<H2Event>,
 }
 
 impl Default for Exchange {
@@ -441,6 +445,7 @@ impl Exchange {
             events: Vec::new(),
             h2: None,
             sniff: None,
+            sniffed: Vec::new(),
         }
     }
 
@@ -459,7 +464,9 @@ impl Exchange {
                     .sum::<usize>()
                 + h.midway.as_ref().map_or(0, |m| m.buffered())
         });
-        let h2 = h2 + self.sniff.as_ref().map_or(0, |s| s.buffered());
+        let h2 = h2
+            + self.sniff.as_ref().map_or(0, |s| s.buffered())
+            + self.sniffed.iter().map(ev_len).sum::<usize>();
         self.conn.buffered()
             + self.current_request.as_ref().map_or(0, req)
             + self.awaiting.iter().map(req).sum::<usize>()
@@ -479,6 +486,9 @@ impl Exchange {
         det: &ProviderDetector,
         out: &mut Vec<Outcome>,
     ) {
+        if call_start {
+            self.switch_to_midway(det, out);
+        }
         if let Some(h2) = self.h2.as_mut() {
             let mut events = std::mem::take(&mut h2.events);
             h2.conn.feed(side, data, &mut events);
@@ -489,31 +499,33 @@ impl Exchange {
         self.conn.feed(side, data, call_start, &mut events);
         self.handle(&mut events, det, out);
         self.events = events;
-        self.sniff_midway(side, data, det, out);
+        self.sniff_midway(side, data);
     }
 
     /// Searches a connection that has shown no HTTP/1.1 head nor HTTP/2 preface for HTTP/2
-    /// frames; once found on either side, the connection is HTTP/2 joined mid-way.
-    fn sniff_midway(
-        &mut self,
-        side: Side,
-        data: &[u8],
-        det: &ProviderDetector,
-        out: &mut Vec<Outcome>,
-    ) {
+    /// frames; once found on either side, the connection becomes HTTP/2 joined mid-way at the
+    /// next SSL call's start (see [`Exchange::switch_to_midway`]).
+    fn sniff_midway(&mut self, side: Side, data: &[u8]) {
         if self.h2.is_some() || !self.fresh {
             self.sniff = None;
+            self.sniffed = Vec::new();
             return;
         }
         let sniff = self
             .sniff
             .get_or_insert_with(|| Box::new(H2Connection::midway()));
-        let mut events = Vec::new();
-        sniff.feed(side, data, &mut events);
-        if !sniff.is_synced() {
+        sniff.feed(side, data, &mut self.sniffed);
+    }
+
+    /// The connection is HTTP/2 joined mid-way if the sniffer found frames and no HTTP/1.1 head
+    /// came first; the switch waits for a call boundary so that it does not depend on how the
+    /// call in progress was cut into events.
+    fn switch_to_midway(&mut self, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        if !self.fresh || self.h2.is_some() || !self.sniff.as_ref().is_some_and(|s| s.is_synced()) {
             return;
         }
-        let conn = self.sniff.take().expect("set above");
+        let conn = self.sniff.take().expect("checked above");
+        let mut events = std::mem::take(&mut self.sniffed);
         out.push(Outcome::Http2);
         self.conn = Connection::new();
         self.current_request = None;
@@ -529,8 +541,10 @@ impl Exchange {
 
     /// Reports bytes that were not captured (truncation or a dropped event).
     pub fn gap(&mut self, side: Side, n: u64, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        // A gap is a call boundary too.
+        self.switch_to_midway(det, out);
         if let Some(sniff) = self.sniff.as_mut() {
-            sniff.resync(side);
+            sniff.lost(side, &mut self.sniffed);
         }
         if let Some(h2) = self.h2.as_mut() {
             let mut events = std::mem::take(&mut h2.events);
@@ -815,7 +829,9 @@ impl Exchange {
     /// seen); a request sent whole without a response seen is recorded at its input estimate.
     /// Nothing the provider may have billed is dropped without a record.
     pub fn finish(&mut self, end: End, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        self.switch_to_midway(det, out);
         self.sniff = None;
+        self.sniffed = Vec::new();
         if let Some(mut h2) = self.h2.take() {
             if let Some(m) = h2.midway.as_mut() {
                 m.finish(end, det, out);

@@ -154,14 +154,16 @@ impl H2Connection {
         self.req.synced || self.resp.synced
     }
 
-    /// A side of a mid-way connection not synced yet lost bytes: it keeps searching from the
-    /// next ones. (Once synced, a loss is a [`H2Connection::gap`].)
-    pub fn resync(&mut self, side: Side) {
+    /// Bytes of `side` were lost: a side of a mid-way connection not synced yet keeps
+    /// searching from the next ones; once synced, it is a [`H2Connection::gap`].
+    pub fn lost(&mut self, side: Side, out: &mut Vec<H2Event>) {
         let dir = match side {
             Side::Request => &mut self.req,
             Side::Response => &mut self.resp,
         };
-        if !dir.synced {
+        if dir.synced {
+            self.gap(out);
+        } else {
             dir.buf = Vec::new();
         }
     }

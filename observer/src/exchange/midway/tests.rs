@@ -135,6 +135,7 @@ fn every_split_gives_the_same_calls() {
         for piece in resp.chunks(n) {
             x.feed(Side::Response, piece, false, &det(), &mut out);
         }
+        x.finish(End::ConnectionClosed, &det(), &mut out);
         let c = calls(&out);
         assert_eq!(c.len(), 1, "split {n}: {out:?}");
         assert_eq!(c[0].usage.expect("usage").output_tokens, 7);
@@ -173,6 +174,16 @@ fn response_alone_is_billed_only_when_seen_from_its_head() {
     // A WINDOW_UPDATE and a PING make the chain long enough on their own.
     resp.extend(frame(0x8, 0, 0, &[0, 0, 0x10, 0]));
     feed(&mut x, Side::Response, &resp, &mut out);
+    assert!(
+        calls(&out).is_empty(),
+        "HTTP/2 from the next SSL call: {out:?}"
+    );
+    feed(
+        &mut x,
+        Side::Request,
+        &frame(0x8, 0, 0, &[0, 0, 0x10, 0]),
+        &mut out,
+    );
     let c = calls(&out);
     assert_eq!(c.len(), 1, "{out:?}");
     assert_eq!(c[0].midway, Some(GUESSED_API_NO_REQUEST));
