@@ -144,6 +144,43 @@ mod tests {
         assert_eq!(find(&two, SYNC_FRAMES_OTHER_SYNCED), Sync::At(0));
     }
 
+    /// What searching costs on bytes that are not frames (a connection joined inside an
+    /// HTTP/1.1 body, or another protocol): `cargo test -p observer --release --lib
+    /// search_throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, run in release"]
+    fn search_throughput() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let random: Vec<u8> = (0..(16 << 20))
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed.to_le_bytes()[0]
+            })
+            .collect();
+        let text = br#"{"id":"c","object":"chat.completion","choices":[{"text":"hello"}]} "#
+            .repeat((16 << 20) / 70);
+        for (what, bytes) in [("random", &random), ("json text", &text)] {
+            // As the exchange feeds it: 16 KiB reads, undecided bytes kept for the next one.
+            let mut c = crate::http2::H2Connection::midway();
+            let mut out = Vec::new();
+            let t = std::time::Instant::now();
+            for chunk in bytes.chunks(16 << 10) {
+                c.feed(crate::http1::Side::Response, chunk, &mut out);
+            }
+            let secs = t.elapsed().as_secs_f64();
+            #[expect(clippy::cast_precision_loss, reason = "a measurement")]
+            let mbps = bytes.len() as f64 / secs / 1e6;
+            println!(
+                "{what}: {mbps:.0} MB/s searched, synced: {}, {} bytes held",
+                c.is_synced(),
+                c.buffered()
+            );
+            assert!(!c.is_synced() && out.is_empty());
+        }
+    }
+
     #[test]
     fn text_and_implausible_headers_are_rejected() {
         let text = br#"{"model":"gpt-4o-mini","messages":[{"role":"user"}]} HTTP/1.1 200 OK"#;
