@@ -18,7 +18,7 @@ use ledger::usage::{ResponseMeta, StreamMeter, Usage, estimate_tokens_from_text,
 
 use crate::decode::BodyDecoder;
 use crate::http1::{Connection, Head, HttpEvent, Side};
-use crate::http2::{H2Connection, H2Event};
+use crate::http2::{H2Connection, H2Event, PREFACE};
 
 /// Largest request body kept for `request_model`.
 pub const MAX_REQUEST_BODY: usize = 4 << 20;
@@ -486,7 +486,14 @@ impl Exchange {
         det: &ProviderDetector,
         out: &mut Vec<Outcome>,
     ) {
-        if call_start {
+        // A call that starts with the client preface is a new HTTP/2 connection's start, whatever
+        // frames came before it on the other side (a reader thread's probe can report the
+        // server's SETTINGS before the writer's reports the preface): the HTTP/1.1 reassembler
+        // takes it. Told by the first byte alone ('P', never a frame's first byte at the sizes
+        // searched), so that it does not depend on how much of the call this event holds. An
+        // empty call start decides nothing.
+        let preface = side == Side::Request && data.first() == Some(&PREFACE[0]);
+        if call_start && !data.is_empty() && !preface {
             self.switch_to_midway(det, out);
         }
         if let Some(h2) = self.h2.as_mut() {

@@ -346,6 +346,36 @@ fn http1_joined_midway_is_not_taken_for_http2() {
     feed(&mut x, Side::Response, resp.as_bytes(), &mut out);
     let c = calls(&out);
     assert_eq!(c.len(), 1, "{out:?}");
-    assert_eq!(c[0].midway, None);
+    assert_eq!(c[0].midway, None, "{out:?}");
     assert!(x.sniff.is_none());
+}
+
+/// A reader thread's probe can report the server's first frames before the writer's reports
+/// the client preface: the connection is still a new HTTP/2 one, not one joined mid-way.
+#[test]
+fn server_frames_before_the_preface_are_not_a_midway_join() {
+    let mut peer = Peer {
+        client: Encoder::new(),
+        server: Encoder::new(),
+    };
+    let mut x = Exchange::new();
+    let mut out = Vec::new();
+    let mut server = frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+    server.extend(frame(0x8, 0, 0, &[0, 0, 0x10, 0]));
+    server.extend(frame(0x4, 0x1, 0, &[]));
+    feed(&mut x, Side::Response, &server, &mut out);
+    let mut req = crate::http2::PREFACE.to_vec();
+    req.extend(frame(0x4, 0, 0, &[]));
+    feed(&mut x, Side::Request, &req, &mut out);
+    feed(&mut x, Side::Request, &peer.request(1, CHAT), &mut out);
+    feed(
+        &mut x,
+        Side::Response,
+        &peer.response(1, "application/json", JSON),
+        &mut out,
+    );
+    let c = calls(&out);
+    assert_eq!(c.len(), 1, "{out:?}");
+    assert_eq!(c[0].midway, None, "{out:?}");
+    assert_eq!(c[0].tenant_header.as_deref(), Some("acme"));
 }
