@@ -59,7 +59,12 @@ fn run(ops: &[CaptureOp<'_>], lens: Option<&[u8]>) -> Vec<String> {
         );
     }
     x.finish(End::ConnectionClosed, det, &mut out);
-    out.iter().map(|o| format!("{o:?}")).collect()
+    // How many HTTP/1.1 desyncs come before HTTP/2 frames are found on a connection joined
+    // mid-way depends on where in an SSL call they were found: not compared.
+    out.iter()
+        .filter(|o| !matches!(o, Outcome::ParseError("joined mid-connection")))
+        .map(|o| format!("{o:?}"))
+        .collect()
 }
 
 fuzz_target!(|input: &[u8]| {

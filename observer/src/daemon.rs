@@ -396,6 +396,14 @@ impl Loop {
                 response: call.response.label().to_owned(),
             })
             .inc();
+        if let Some(guessed) = call.midway {
+            self.metrics
+                .midway_calls
+                .get_or_create(&crate::metrics::MidwayLabels {
+                    guessed: guessed.to_owned(),
+                })
+                .inc();
+        }
         match self.tx.try_send(rec) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -18,7 +18,7 @@ use ledger::usage::{ResponseMeta, StreamMeter, Usage, estimate_tokens_from_text,
 
 use crate::decode::BodyDecoder;
 use crate::http1::{Connection, Head, HttpEvent, Side};
-use crate::http2::{H2Connection, H2Event};
+use crate::http2::{H2Connection, H2Event, PREFACE};
 
 /// Largest request body kept for `request_model`.
 pub const MAX_REQUEST_BODY: usize = 4 << 20;
@@ -100,6 +100,9 @@ pub struct ObservedCall {
     pub end: End,
     /// How much of the response was seen.
     pub response: ResponseSeen,
+    /// Recorded on an HTTP/2 connection joined mid-way: what had to be guessed (see
+    /// [`midway`]); `None` on connections seen from their start.
+    pub midway: Option<&'static str>,
 }
 
 /// What a connection produced.
@@ -211,6 +214,7 @@ impl PendingRequest {
             feature_header: self.feature,
             end,
             response: ResponseSeen::None,
+            midway: None,
         })));
     }
 }
@@ -342,6 +346,8 @@ struct H2 {
     /// Streams ended before their last frame (by `content-length`, or reset), most recent last:
     /// frames that still come for them are read past.
     done: VecDeque<u32>,
+    /// Set when the connection was joined mid-way: its streams are paired there instead.
+    midway: Option<Box<midway::Streams>>,
     /// Response events of streams whose request is not seen yet: a multi-threaded client's
     /// reader can return (and its probe report) a response before the writer's probe reports
     /// the request. Replayed when the request arrives; bounded by [`MAX_EARLY_EVENTS`].
@@ -411,6 +417,13 @@ pub struct Exchange {
     events: Vec<HttpEvent>,
     /// Set once the client sent the HTTP/2 preface: everything after goes there.
     h2: Option<Box<H2>>,
+    /// While `fresh`: the same bytes searched for HTTP/2 frames, in case the connection is an
+    /// HTTP/2 one joined after its preface (see [`midway`]).
+    sniff: Option<Box<H2Connection>>,
+    /// What the sniffer parsed since it found frames: handled when the connection switches
+    /// to HTTP/2 at the next SSL call's start (an HTTP/1.1 head parsed first wins, whatever
+    /// the chunking of the call in progress).
+    sniffed: Vec<H2Event>,
 }
 
 impl Default for Exchange {
@@ -431,6 +444,8 @@ impl Exchange {
             fresh: true,
             events: Vec::new(),
             h2: None,
+            sniff: None,
+            sniffed: Vec::new(),
         }
     }
 
@@ -447,7 +462,11 @@ impl Exchange {
                             + s.response.as_ref().map_or(0, PendingResponse::buffered)
                     })
                     .sum::<usize>()
+                + h.midway.as_ref().map_or(0, |m| m.buffered())
         });
+        let h2 = h2
+            + self.sniff.as_ref().map_or(0, |s| s.buffered())
+            + self.sniffed.iter().map(ev_len).sum::<usize>();
         self.conn.buffered()
             + self.current_request.as_ref().map_or(0, req)
             + self.awaiting.iter().map(req).sum::<usize>()
@@ -467,6 +486,16 @@ impl Exchange {
         det: &ProviderDetector,
         out: &mut Vec<Outcome>,
     ) {
+        // A call that starts with the client preface is a new HTTP/2 connection's start, whatever
+        // frames came before it on the other side (a reader thread's probe can report the
+        // server's SETTINGS before the writer's reports the preface): the HTTP/1.1 reassembler
+        // takes it. Told by the first byte alone ('P', never a frame's first byte at the sizes
+        // searched), so that it does not depend on how much of the call this event holds. An
+        // empty call start decides nothing.
+        let preface = side == Side::Request && data.first() == Some(&PREFACE[0]);
+        if call_start && !data.is_empty() && !preface {
+            self.switch_to_midway(det, out);
+        }
         if let Some(h2) = self.h2.as_mut() {
             let mut events = std::mem::take(&mut h2.events);
             h2.conn.feed(side, data, &mut events);
@@ -477,10 +506,53 @@ impl Exchange {
         self.conn.feed(side, data, call_start, &mut events);
         self.handle(&mut events, det, out);
         self.events = events;
+        self.sniff_midway(side, data);
+    }
+
+    /// Searches a connection that has shown no HTTP/1.1 head nor HTTP/2 preface for HTTP/2
+    /// frames; once found on either side, the connection becomes HTTP/2 joined mid-way at the
+    /// next SSL call's start (see [`Exchange::switch_to_midway`]).
+    fn sniff_midway(&mut self, side: Side, data: &[u8]) {
+        if self.h2.is_some() || !self.fresh {
+            self.sniff = None;
+            self.sniffed = Vec::new();
+            return;
+        }
+        let sniff = self
+            .sniff
+            .get_or_insert_with(|| Box::new(H2Connection::midway()));
+        sniff.feed(side, data, &mut self.sniffed);
+    }
+
+    /// The connection is HTTP/2 joined mid-way if the sniffer found frames and no HTTP/1.1 head
+    /// came first; the switch waits for a call boundary so that it does not depend on how the
+    /// call in progress was cut into events.
+    fn switch_to_midway(&mut self, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        if !self.fresh || self.h2.is_some() || !self.sniff.as_ref().is_some_and(|s| s.is_synced()) {
+            return;
+        }
+        let conn = self.sniff.take().expect("checked above");
+        let mut events = std::mem::take(&mut self.sniffed);
+        out.push(Outcome::Http2);
+        self.conn = Connection::new();
+        self.current_request = None;
+        self.current_response = None;
+        self.awaiting.clear();
+        self.h2 = Some(Box::new(H2 {
+            conn: *conn,
+            midway: Some(Box::default()),
+            ..H2::default()
+        }));
+        self.handle_h2(&mut events, det, out);
     }
 
     /// Reports bytes that were not captured (truncation or a dropped event).
     pub fn gap(&mut self, side: Side, n: u64, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        // A gap is a call boundary too.
+        self.switch_to_midway(det, out);
+        if let Some(sniff) = self.sniff.as_mut() {
+            sniff.lost(side, &mut self.sniffed);
+        }
         if let Some(h2) = self.h2.as_mut() {
             let mut events = std::mem::take(&mut h2.events);
             h2.conn.gap(&mut events);
@@ -571,6 +643,10 @@ impl Exchange {
         let Some(h2) = self.h2.as_mut() else {
             return;
         };
+        if let Some(m) = h2.midway.as_mut() {
+            m.handle(events, det, out);
+            return;
+        }
         let mut queue = std::mem::take(&mut h2.queue);
         queue.extend(events.drain(..));
         while let Some(ev) = queue.pop_front() {
@@ -709,6 +785,8 @@ impl Exchange {
                         finish_stream(s, End::StreamReset, out);
                     }
                 }
+                // Only connections joined mid-way have hidden heads (handled in `midway`).
+                H2Event::HiddenHead(..) => {}
                 H2Event::Broken(why) => out.push(Outcome::ParseError(match why {
                     "bytes lost" => "http2: bytes lost",
                     "HPACK decoding failed" => "http2: HPACK decoding failed",
@@ -758,7 +836,14 @@ impl Exchange {
     /// seen); a request sent whole without a response seen is recorded at its input estimate.
     /// Nothing the provider may have billed is dropped without a record.
     pub fn finish(&mut self, end: End, det: &ProviderDetector, out: &mut Vec<Outcome>) {
+        self.switch_to_midway(det, out);
+        self.sniff = None;
+        self.sniffed = Vec::new();
         if let Some(mut h2) = self.h2.take() {
+            if let Some(m) = h2.midway.as_mut() {
+                m.finish(end, det, out);
+                return;
+            }
             if !h2.early.is_empty() {
                 out.push(Outcome::ParseError("http2: response before its request"));
             }
@@ -789,6 +874,7 @@ impl Exchange {
 fn early_stream(e: &H2Event) -> u32 {
     match e {
         H2Event::Head(_, id, _)
+        | H2Event::HiddenHead(_, id)
         | H2Event::Body(_, id, _)
         | H2Event::End(_, id)
         | H2Event::Reset(id) => *id,
@@ -873,8 +959,11 @@ fn take_call(r: &mut PendingResponse, end: End, mut seen: ResponseSeen) -> Optio
         feature_header: r.request.feature.clone(),
         end,
         response: seen,
+        midway: None,
     })
 }
+
+pub mod midway;
 
 #[cfg(test)]
 mod tests;

@@ -18,8 +18,10 @@ pub const MAX_PIPELINED: usize = 64;
 const MAX_CHUNK_LINE: usize = 4096;
 /// What a response must start with to resynchronise on it.
 const RESPONSE_MARKER: &[u8] = b"HTTP/1.";
-/// What a request must start with to resynchronise on it.
-const REQUEST_MARKERS: [&[u8]; 7] = [
+/// What a request must start with to resynchronise on it; the HTTP/2 preface too (a
+/// multi-threaded client's reader can report the server's first frames, a desync, before its
+/// writer reports the preface).
+const REQUEST_MARKERS: [&[u8]; 8] = [
     b"GET ",
     b"POST ",
     b"PUT ",
@@ -27,9 +29,10 @@ const REQUEST_MARKERS: [&[u8]; 7] = [
     b"PATCH ",
     b"HEAD ",
     b"OPTIONS ",
+    b"PRI * HTTP/2.0\r\n",
 ];
 /// Longest of the markers above.
-const MAX_MARKER: usize = 8;
+const MAX_MARKER: usize = 16;
 
 /// Which side of the client connection bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

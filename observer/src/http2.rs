@@ -11,10 +11,18 @@
 //! error or lost bytes leave the connection [`H2Event::Broken`]: frame boundaries and the HPACK
 //! state cannot be recovered, so nothing more is parsed (the streams in progress end with the
 //! connection, as estimates).
+//!
+//! A connection joined mid-way ([`H2Connection::midway`]: the observer attached after the
+//! preface) first finds its frame boundaries on each side (see [`sync`]); its HPACK tables are
+//! unknown for good, so each header block is decoded on its own with an empty table: one that
+//! only uses the static table and literals decodes exactly, any other is reported as
+//! [`H2Event::HiddenHead`] and never reaches a table.
 
 use loona_hpack::Decoder;
 
 use crate::http1::{Head, Side};
+
+pub mod sync;
 
 /// The client connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -47,6 +55,9 @@ const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
 pub enum H2Event {
     /// A decoded header block (a request's or response's head, or trailers).
     Head(Side, u32, Head),
+    /// A header block of a connection joined mid-way that refers to the unknown HPACK table:
+    /// the stream has a head here, what it says is not known.
+    HiddenHead(Side, u32),
     /// DATA payload, padding removed (still content-encoded).
     Body(Side, u32, Vec<u8>),
     /// The side ended the stream (END_STREAM).
@@ -70,6 +81,8 @@ struct Direction {
     buf: Vec<u8>,
     hpack: Decoder<'static>,
     block: Option<Block>,
+    /// Frame boundaries are known (always, unless joined mid-way).
+    synced: bool,
 }
 
 impl std::fmt::Debug for Direction {
@@ -89,6 +102,7 @@ impl Direction {
             buf: Vec::new(),
             hpack,
             block: None,
+            synced: true,
         }
     }
 }
@@ -101,6 +115,8 @@ pub struct H2Connection {
     /// Bytes of the client preface still expected on the request side.
     preface_left: usize,
     broken: bool,
+    /// Joined mid-connection: HPACK state unknown, frame boundaries found by [`sync`].
+    midway: bool,
 }
 
 impl Default for H2Connection {
@@ -117,6 +133,38 @@ impl H2Connection {
             resp: Direction::new(),
             preface_left: PREFACE.len(),
             broken: false,
+            midway: false,
+        }
+    }
+
+    /// A connection joined after its preface: each side is searched for frames first.
+    pub fn midway() -> H2Connection {
+        let mut c = H2Connection {
+            preface_left: 0,
+            midway: true,
+            ..H2Connection::new()
+        };
+        c.req.synced = false;
+        c.resp.synced = false;
+        c
+    }
+
+    /// Whether frames were found on either side (always, unless joined mid-way).
+    pub fn is_synced(&self) -> bool {
+        self.req.synced || self.resp.synced
+    }
+
+    /// Bytes of `side` were lost: a side of a mid-way connection not synced yet keeps
+    /// searching from the next ones; once synced, it is a [`H2Connection::gap`].
+    pub fn lost(&mut self, side: Side, out: &mut Vec<H2Event>) {
+        let dir = match side {
+            Side::Request => &mut self.req,
+            Side::Response => &mut self.resp,
+        };
+        if dir.synced {
+            self.gap(out);
+        } else {
+            dir.buf = Vec::new();
         }
     }
 
@@ -155,7 +203,37 @@ impl H2Connection {
             Side::Response => &mut self.resp,
         };
         dir.buf.extend_from_slice(data);
-        let buf = std::mem::take(&mut dir.buf);
+        let mut buf = std::mem::take(&mut dir.buf);
+        if !dir.synced {
+            let other_synced = match side {
+                Side::Request => self.resp.synced,
+                Side::Response => self.req.synced,
+            };
+            let frames = if other_synced {
+                sync::SYNC_FRAMES_OTHER_SYNCED
+            } else {
+                sync::SYNC_FRAMES
+            };
+            let dir = match side {
+                Side::Request => &mut self.req,
+                Side::Response => &mut self.resp,
+            };
+            match sync::find(&buf, frames) {
+                sync::Sync::At(at) => {
+                    buf.drain(..at);
+                    dir.synced = true;
+                }
+                sync::Sync::Wait(at) => {
+                    buf.drain(..at);
+                    // A large read searched through: keep only what is left (≤ 3 frames).
+                    if buf.capacity() > 4 * buf.len().max(1 << 12) {
+                        buf.shrink_to_fit();
+                    }
+                    dir.buf = buf;
+                    return;
+                }
+            }
+        }
         let mut at = 0;
         while buf.len() - at >= 9 {
             let h = &buf[at..at + 9];
@@ -178,7 +256,6 @@ impl H2Connection {
             Side::Request => &mut self.req,
             Side::Response => &mut self.resp,
         };
-        let mut buf = buf;
         buf.drain(..at);
         if buf.is_empty() {
             buf = Vec::new();
@@ -195,8 +272,11 @@ impl H2Connection {
 
     fn fail(&mut self, why: &'static str, out: &mut Vec<H2Event>) {
         self.broken = true;
+        // Synced stays as it was: a broken connection is not searched again.
+        let synced = (self.req.synced, self.resp.synced);
         self.req = Direction::new();
         self.resp = Direction::new();
+        (self.req.synced, self.resp.synced) = synced;
         out.push(H2Event::Broken(why));
     }
 
@@ -209,6 +289,7 @@ impl H2Connection {
         payload: &[u8],
         out: &mut Vec<H2Event>,
     ) -> Result<(), &'static str> {
+        let midway = self.midway;
         let (dir, other) = match side {
             Side::Request => (&mut self.req, &mut self.resp),
             Side::Response => (&mut self.resp, &mut self.req),
@@ -224,7 +305,7 @@ impl H2Connection {
             block.bytes.extend_from_slice(payload);
             if flags & END_HEADERS != 0 {
                 let block = dir.block.take().expect("checked above");
-                decode(side, dir, block, out)?;
+                decode(side, dir, block, midway, out)?;
             }
             return Ok(());
         }
@@ -256,7 +337,7 @@ impl H2Connection {
                     bytes: fragment.to_vec(),
                 };
                 if flags & END_HEADERS != 0 {
-                    decode(side, dir, block, out)?;
+                    decode(side, dir, block, midway, out)?;
                 } else {
                     dir.block = Some(block);
                 }
@@ -271,11 +352,13 @@ impl H2Connection {
                     bytes: fragment.to_vec(),
                 };
                 if flags & END_HEADERS != 0 {
-                    decode(side, dir, block, out)?;
+                    decode(side, dir, block, midway, out)?;
                 } else {
                     dir.block = Some(block);
                 }
             }
+            // Joined mid-way, the frames found may start inside a header block.
+            CONTINUATION if midway => {}
             CONTINUATION => return Err("CONTINUATION without a header block"),
             RST_STREAM if stream != 0 => out.push(H2Event::Reset(stream)),
             SETTINGS if flags & ACK == 0 => {
@@ -316,17 +399,52 @@ fn unpad(flags: u8, payload: &[u8]) -> Result<&[u8], &'static str> {
         .ok_or("padding longer than the frame")
 }
 
-/// Decodes a complete header block (always, to keep the table in step) and reports it.
+/// Decodes a complete header block (always, to keep the table in step) and reports it. Joined
+/// mid-way, the block is decoded alone with an empty table (see the module docs).
 fn decode(
     side: Side,
     dir: &mut Direction,
     block: Block,
+    midway: bool,
     out: &mut Vec<H2Event>,
 ) -> Result<(), &'static str> {
+    if midway {
+        let mut alone = Decoder::new();
+        alone.set_max_allowed_table_size(MAX_TABLE);
+        let decoded = read_block(&mut alone, &block.bytes);
+        if block.push {
+            return Ok(());
+        }
+        out.push(match decoded {
+            Ok((head, true)) => H2Event::Head(side, block.stream, head),
+            _ => H2Event::HiddenHead(side, block.stream),
+        });
+        if block.end_stream {
+            out.push(H2Event::End(side, block.stream));
+        }
+        return Ok(());
+    }
+    let (head, status_ok) = read_block(&mut dir.hpack, &block.bytes)?;
+    if block.push {
+        return Ok(());
+    }
+    if !status_ok {
+        return Err("malformed :status");
+    }
+    out.push(H2Event::Head(side, block.stream, head));
+    if block.end_stream {
+        out.push(H2Event::End(side, block.stream));
+    }
+    Ok(())
+}
+
+/// The head a header block carries (the headers the observer keeps), and whether its `:status`
+/// (if any) is a number.
+fn read_block(hpack: &mut Decoder<'static>, bytes: &[u8]) -> Result<(Head, bool), &'static str> {
     let mut head = Head::default();
     let mut status_ok = true;
-    dir.hpack
-        .decode_with_cb(&block.bytes, |name, value| {
+    hpack
+        .decode_with_cb(bytes, |name, value| {
             let Ok(value) = std::str::from_utf8(&value) else {
                 return;
             };
@@ -348,17 +466,7 @@ fn decode(
             }
         })
         .map_err(|_| "HPACK decoding failed")?;
-    if block.push {
-        return Ok(());
-    }
-    if !status_ok {
-        return Err("malformed :status");
-    }
-    out.push(H2Event::Head(side, block.stream, head));
-    if block.end_stream {
-        out.push(H2Event::End(side, block.stream));
-    }
-    Ok(())
+    Ok((head, status_ok))
 }
 
 #[cfg(test)]

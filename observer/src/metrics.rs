@@ -59,6 +59,13 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// Labels of `llmwarden_observer_midway_calls`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MidwayLabels {
+    /// What had to be guessed (`nothing`, `api`, `api_no_request`; see `exchange::midway`).
+    pub guessed: String,
+}
+
 /// All observer metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -90,6 +97,8 @@ pub struct Metrics {
     pub exchanges: Family<ExchangeLabels, Counter>,
     /// Parse errors by reason.
     pub parse_errors: Family<ReasonLabels, Counter>,
+    /// Calls recorded on HTTP/2 connections joined mid-way, by what had to be guessed.
+    pub midway_calls: Family<MidwayLabels, Counter>,
     /// Calls whose model has no price.
     pub price_gaps: Family<CallLabels, Counter>,
     /// Calls refused before the ledger because their usage is beyond any real call
@@ -133,6 +142,7 @@ impl Default for Metrics {
             attached_files: Gauge::default(),
             attaches: Family::default(),
             attach_window: Histogram::new(ATTACH_WINDOW_BUCKETS),
+            midway_calls: Family::default(),
             go_binaries: Family::default(),
         }
     }
@@ -204,6 +214,11 @@ impl Metrics {
             "parse_errors",
             "HTTP or body parse errors",
             self.parse_errors.clone(),
+        );
+        r.register(
+            "midway_calls",
+            "Calls recorded on HTTP/2 connections joined mid-way (observer started after them), by what was guessed",
+            self.midway_calls.clone(),
         );
         r.register(
             "records_refused",

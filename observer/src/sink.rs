@@ -56,6 +56,10 @@ pub struct CallRecord {
     pub tenant: String,
     /// Feature (X-Feature-Name), if any.
     pub feature: Option<String>,
+    /// On an HTTP/2 connection joined mid-way: what was guessed (`nothing`, `api`,
+    /// `api_no_request`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub joined_midway: Option<&'static str>,
 }
 
 /// Per-call sanity bounds: usage beyond them is no real call (a fake provider, a corrupt body)
@@ -127,6 +131,7 @@ impl CallRecord {
             service: who.service,
             tenant: who.tenant,
             feature: who.feature,
+            joined_midway: call.midway,
         }
     }
 
