@@ -518,9 +518,10 @@ fn observer_joins_a_go_client_mid_session() {
     );
 }
 
-/// Issue 15, item 5 (a measurement with a floor): the capture rate of Go calls at more than
-/// 500 calls/s, and the observer's overhead on a Go HTTPS client whose host is no provider
-/// (its connections are filtered in the kernel after the first request).
+/// Issue 15, item 5: every Go call of a 3000-call, 16-goroutine load is recorded exactly, and the
+/// observer's overhead on a Go HTTPS client whose host is no provider (filtered in the kernel
+/// after the first request) is printed. The rates are reported, not asserted: the ≥ 500 calls/s
+/// target is in `cargo xtask bench`.
 #[test]
 fn go_capture_rate_and_overhead() {
     require_root();
