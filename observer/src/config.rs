@@ -41,7 +41,7 @@ pub struct Config {
     /// How often /proc is rescanned for newly loaded OpenSSL libraries.
     pub rescan_interval_secs: u64,
     /// Whether the kernel reports TLS libraries as they are opened (tracepoints on the open
-    /// syscalls, ~0.3 us per open on the host) so they are attached at once; without it they are
+    /// syscalls, ~0.6 us per open on the host) so they are attached at once; without it they are
     /// found by scans 0, 25, 150, 600 and 2500 ms after exec and by the rescans.
     pub attach_on_open: bool,
     /// Connections with no traffic for this long are dropped (counted as evictions).
