@@ -117,3 +117,63 @@ impl Observer {
             .sum()
     }
 }
+
+/// (calls, input tokens, output tokens, nano-USD): what a mock billed, or what a ledger holds.
+pub type Billed = (u64, u64, u64, i64);
+
+/// What the mock billed, priced with the builtin price table.
+///
+/// # Panics
+/// When a served model has no price.
+pub fn billed(m: &crate::mock::MockProvider) -> Billed {
+    let prices = ledger::price::PriceTable::builtin();
+    m.ledger().calls().iter().fold((0, 0, 0, 0), |t, c| {
+        (
+            t.0 + 1,
+            t.1 + c.usage.input_tokens,
+            t.2 + c.usage.output_tokens,
+            t.3 + prices
+                .cost(&c.response_model, &c.usage)
+                .nanos()
+                .expect("mock model priced")
+                .0,
+        )
+    })
+}
+
+/// Waits (at most 15 s) until `tenant`'s month in the ledger shows `want.0` requests, and 300 ms
+/// more, then asserts requests, tokens and nano-USD equal `want`, all of it bypass spend seen by the
+/// observer.
+///
+/// # Panics
+/// On any difference (with the observer's log), or when `want` has no call.
+pub fn assert_ledger(redis_url: &str, tenant: &str, want: Billed, obs: &Observer) {
+    use ledger::store::{Ledger, Period};
+    assert!(want.0 > 0, "tenant {tenant}: the mock served no call");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let ledger = rt
+        .block_on(Ledger::connect(redis_url))
+        .expect("ledger connect");
+    let month = || {
+        rt.block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
+            .expect("tenant_spend")
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while month().requests < want.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A moment more: a call recorded twice would show now.
+    std::thread::sleep(Duration::from_millis(300));
+    let s = month();
+    assert_eq!(
+        (s.requests, s.input_tokens, s.output_tokens, s.spend.0),
+        want,
+        "tenant {tenant}: ledger (requests, input, output, nanos) != mock billed; observer log:\n{}",
+        obs.log()
+    );
+    assert_eq!(s.bypass_spend.0, want.3, "observer spend is bypass spend");
+    assert_eq!(s.by_source.observer.0, want.3, "by_source.observer");
+}

@@ -12,10 +12,8 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ledger::price::PriceTable;
-use ledger::store::{Ledger, Period};
 use llmwarden_tests::mock::{MockConfig, MockProvider};
-use llmwarden_tests::observer::{Observer, require_root};
+use llmwarden_tests::observer::{Observer, assert_ledger, billed, require_root};
 use llmwarden_tests::redis::RedisServer;
 
 /// One observer at a time: each attaches host-wide.
@@ -28,52 +26,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// What the mock billed, priced with the builtin table: (calls, input, output, nanos).
-fn billed(m: &MockProvider) -> (u64, u64, u64, i64) {
-    let prices = PriceTable::builtin();
-    m.ledger().calls().iter().fold((0, 0, 0, 0), |t, c| {
-        (
-            t.0 + 1,
-            t.1 + c.usage.input_tokens,
-            t.2 + c.usage.output_tokens,
-            t.3 + prices
-                .cost(&c.response_model, &c.usage)
-                .nanos()
-                .expect("mock model priced")
-                .0,
-        )
-    })
-}
-
-/// Waits until the tenant's ledger shows the mock's calls, then compares tokens and nano-USD.
-fn assert_ledger(redis: &RedisServer, tenant: &str, m: &MockProvider, obs: &Observer) {
-    let want = billed(m);
-    assert!(want.0 > 0, "the client made no call");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let ledger = rt
-        .block_on(Ledger::connect(&redis.url()))
-        .expect("ledger connect");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = rt
-            .block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
-            .expect("tenant_spend");
-        if s.requests >= want.0 || Instant::now() > deadline {
-            assert_eq!(
-                (s.requests, s.input_tokens, s.output_tokens, s.spend.0),
-                want,
-                "tenant {tenant}: ledger (requests, input, output, nanos) != mock billed; observer log:\n{}",
-                obs.log()
-            );
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Where the venv's interpreter and libraries live on the host.
@@ -310,7 +262,7 @@ fn chrooted_node_with_its_own_binary_is_billed_exactly() {
     );
     eprintln!("chrooted node: {} (exec to exit {took:?})", out.trim());
     assert_eq!(out.trim(), "ok 200");
-    assert_ledger(&redis, "t-node", &m, &obs);
+    assert_ledger(&redis.url(), "t-node", billed(&m), &obs);
     assert_attached(&obs, root.node_id(), "the root's own node binary");
 }
 
@@ -379,7 +331,7 @@ fn chrooted_client_with_its_own_libssl_in_new_namespaces_is_billed_exactly() {
     let cmd = root.python(PY_OPENAI_NOW, &mock_env(&m, "/tmp/ca.pem", "t-chroot"));
     let (out, took) = run(cmd, "chrooted python openai");
     eprintln!("chrooted client: {} (exec to exit {took:?})", out.trim());
-    assert_ledger(&redis, "t-chroot", &m, &obs);
+    assert_ledger(&redis.url(), "t-chroot", billed(&m), &obs);
     assert_attached(&obs, root.libssl_id(), "the root's own libssl copy");
     assert_found_by_open(&obs);
     assert!(!obs.log().contains("sk-test-secret"), "keys never logged");
@@ -451,7 +403,7 @@ fn short_lived_chrooted_client_calling_at_once_is_billed_exactly() {
             "the client is short-lived: {took:?}"
         );
     }
-    assert_ledger(&redis, "t-short", &m, &obs);
+    assert_ledger(&redis.url(), "t-short", billed(&m), &obs);
     assert_attached(&obs, root.libssl_id(), "the root's own libssl copy");
     assert_found_by_open(&obs);
 }
@@ -525,7 +477,7 @@ fn client_whose_libssl_was_replaced_on_disk_is_billed_exactly() {
         "gated client failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_ledger(&redis, "t-replaced", &m, &obs);
+    assert_ledger(&redis.url(), "t-replaced", billed(&m), &obs);
     assert_attached(&obs, old_id, "the deleted-but-mapped libssl");
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ledger::price::PriceTable;
 use ledger::store::{Ledger, Period};
 use llmwarden_tests::mock::{MockConfig, MockProvider};
-use llmwarden_tests::observer::{Observer, require_root};
+use llmwarden_tests::observer::{Observer, assert_ledger, billed, require_root};
 use llmwarden_tests::process::free_port;
 use llmwarden_tests::redis::RedisServer;
 
@@ -49,52 +49,6 @@ fn curl(m: &MockProvider, tenant: &str, body: &str, extra: &[&str]) {
         "curl failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// What the mock billed, priced with the builtin table: (calls, input, output, nanos).
-fn billed(m: &MockProvider) -> (u64, u64, u64, i64) {
-    let prices = PriceTable::builtin();
-    let mut t = (0, 0, 0, 0);
-    for c in m.ledger().calls() {
-        t.0 += 1;
-        t.1 += c.usage.input_tokens;
-        t.2 += c.usage.output_tokens;
-        t.3 += prices
-            .cost(&c.response_model, &c.usage)
-            .nanos()
-            .expect("mock model priced")
-            .0;
-    }
-    t
-}
-
-/// Waits until the tenant's ledger shows `calls` requests, then compares tokens and cost.
-fn assert_ledger(redis: &RedisServer, tenant: &str, want: (u64, u64, u64, i64), obs: &Observer) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let ledger = rt
-        .block_on(Ledger::connect(&redis.url()))
-        .expect("ledger connect");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = rt
-            .block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
-            .expect("tenant_spend");
-        if s.requests >= want.0 || Instant::now() > deadline {
-            assert_eq!(
-                (s.requests, s.input_tokens, s.output_tokens, s.spend.0),
-                want,
-                "tenant {tenant}: ledger (requests, input, output, nanos) != mock billed; observer log:\n{}",
-                obs.log()
-            );
-            assert_eq!(s.bypass_spend.0, want.3, "observer spend is bypass spend");
-            assert_eq!(s.by_source.observer.0, want.3, "by_source.observer");
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The tenant's figures for this month, read once.
@@ -173,8 +127,8 @@ fn observer_curl_calls_are_recorded_with_the_billed_cost() {
         .expect("curl keep-alive");
     assert!(st.success());
 
-    assert_ledger(&redis, "t-gzip", billed(&gz), &obs);
-    assert_ledger(&redis, "t-chunked", billed(&chunked), &obs);
+    assert_ledger(&redis.url(), "t-gzip", billed(&gz), &obs);
+    assert_ledger(&redis.url(), "t-chunked", billed(&chunked), &obs);
     // The plain mock served t-plain (2 calls) then t-keepalive (3 calls): split its ledger.
     let calls = plain.ledger().calls();
     let prices = PriceTable::builtin();
@@ -189,8 +143,8 @@ fn observer_curl_calls_are_recorded_with_the_billed_cost() {
         })
     };
     assert_eq!(calls.len(), 5);
-    assert_ledger(&redis, "t-plain", sum(&calls[..2]), &obs);
-    assert_ledger(&redis, "t-keepalive", sum(&calls[2..]), &obs);
+    assert_ledger(&redis.url(), "t-plain", sum(&calls[..2]), &obs);
+    assert_ledger(&redis.url(), "t-keepalive", sum(&calls[2..]), &obs);
     assert!(
         obs.metric("llmwarden_observer_calls_total") >= 7,
         "{}",
@@ -329,10 +283,10 @@ fn observer_sdk_and_node_clients_started_before_and_after() {
     }
     finish(node.spawn().expect("node"), "node https");
 
-    assert_ledger(&redis, "t-py-before", billed(&before_mock), &obs);
-    assert_ledger(&redis, "t-py-after", billed(&after_mock), &obs);
-    assert_ledger(&redis, "t-anthropic", billed(&anthropic_mock), &obs);
-    assert_ledger(&redis, "t-node", billed(&node_mock), &obs);
+    assert_ledger(&redis.url(), "t-py-before", billed(&before_mock), &obs);
+    assert_ledger(&redis.url(), "t-py-after", billed(&after_mock), &obs);
+    assert_ledger(&redis.url(), "t-anthropic", billed(&anthropic_mock), &obs);
+    assert_ledger(&redis.url(), "t-node", billed(&node_mock), &obs);
     assert!(
         !obs.log().contains("sk-test-secret") && !obs.log().contains("sk-ant-test-secret"),
         "keys never logged"
@@ -563,7 +517,7 @@ fn observer_captures_a_burst_from_a_client_already_mid_session() {
                 .0,
         )
     });
-    assert_ledger(&redis, "t-load", want, &obs);
+    assert_ledger(&redis.url(), "t-load", want, &obs);
     // Kernel counters reach the metrics once a second.
     std::thread::sleep(Duration::from_millis(1500));
     let metrics = obs.metrics();
@@ -686,7 +640,7 @@ fn observer_bills_claimed_tenants_only_for_trusted_processes() {
                  [[attribution]]\ncomm = \"python*\"\ntrust_headers = true\n";
     let obs = Observer::start(&redis.url(), &[(h.as_str(), "openai")], rules, false);
     curl(&m, "victim", CHAT, &[]);
-    assert_ledger(&redis, "team-curl", billed(&m), &obs);
+    assert_ledger(&redis.url(), "team-curl", billed(&m), &obs);
 
     // The trusted process names its tenant.
     let script = format!(
@@ -718,14 +672,14 @@ fn observer_bills_claimed_tenants_only_for_trusted_processes() {
             after.3 - before.3,
         )
     };
-    assert_ledger(&redis, "gateway-tenant", billed_by(&script), &obs);
+    assert_ledger(&redis.url(), "gateway-tenant", billed_by(&script), &obs);
 
     // Renamed after exec: its rule's tenant, not the trusted python rule's header.
     let renamed = format!(
         "import ctypes\n\
          ctypes.CDLL(None).prctl(15, b'renamed-worker', 0, 0, 0)\n{script}"
     );
-    assert_ledger(&redis, "team-renamed", billed_by(&renamed), &obs);
+    assert_ledger(&redis.url(), "team-renamed", billed_by(&renamed), &obs);
 
     let victim = month_spend(&redis, "victim");
     assert_eq!(
@@ -846,7 +800,7 @@ fn observer_records_python_sdk_streams_that_stop_reading_at_done() {
         ];
         finish(python(PY_OPENAI_STREAMS, &env), "python openai streams");
     }
-    assert_ledger(&redis, "t-stream-usage", billed(&with_usage), &obs);
+    assert_ledger(&redis.url(), "t-stream-usage", billed(&with_usage), &obs);
 
     // Without a usage record: both calls recorded, as estimates (input from the request, output
     // from the delivered text), never at $0.
@@ -1034,10 +988,10 @@ fn observer_meters_http2_clients_exactly() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     finish(node.spawn().expect("node"), "node http2");
-    assert_ledger(&redis, "t-h2-node", billed(&node_mock), &obs);
-    assert_ledger(&redis, "t-h2-curl", billed(&curl_mock), &obs);
-    assert_ledger(&redis, "t-h2-openai", billed(&py_mock), &obs);
-    assert_ledger(&redis, "t-h2-anthropic", billed(&ant_mock), &obs);
+    assert_ledger(&redis.url(), "t-h2-node", billed(&node_mock), &obs);
+    assert_ledger(&redis.url(), "t-h2-curl", billed(&curl_mock), &obs);
+    assert_ledger(&redis.url(), "t-h2-openai", billed(&py_mock), &obs);
+    assert_ledger(&redis.url(), "t-h2-anthropic", billed(&ant_mock), &obs);
     assert_eq!(billed(&py_mock).0, 20);
     assert!(
         obs.metric("llmwarden_observer_http2_connections_total") >= 5,

@@ -11,7 +11,7 @@ use ledger::price::PriceTable;
 use ledger::store::{Ledger, Period};
 use llmwarden_tests::golang::{go_version, llmclient, llmclient_with};
 use llmwarden_tests::mock::{MockConfig, MockProvider, ServedCall};
-use llmwarden_tests::observer::{Observer, require_root};
+use llmwarden_tests::observer::{Observer, assert_ledger, require_root};
 use llmwarden_tests::process::ChildGuard;
 use llmwarden_tests::redis::RedisServer;
 
@@ -114,41 +114,6 @@ fn month_requests(redis: &RedisServer, tenant: &str) -> u64 {
         .requests
 }
 
-/// Waits until the tenant's ledger shows `want.0` requests, then compares tokens and cost.
-fn assert_ledger(redis: &RedisServer, tenant: &str, want: (u64, u64, u64, i64), obs: &Observer) {
-    assert!(want.0 > 0, "tenant {tenant}: the mock served no call");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let ledger = rt
-        .block_on(Ledger::connect(&redis.url()))
-        .expect("ledger connect");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = rt
-            .block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
-            .expect("tenant_spend");
-        if s.requests >= want.0 || Instant::now() > deadline {
-            // A moment more: a call recorded twice would show now.
-            std::thread::sleep(Duration::from_millis(300));
-            let s = rt
-                .block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
-                .expect("tenant_spend");
-            assert_eq!(
-                (s.requests, s.input_tokens, s.output_tokens, s.spend.0),
-                want,
-                "tenant {tenant}: ledger (requests, input, output, nanos) != mock billed; observer log:\n{}",
-                obs.log()
-            );
-            assert_eq!(s.bypass_spend.0, want.3, "observer spend is bypass spend");
-            assert_eq!(s.by_source.observer.0, want.3, "by_source.observer");
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Runs `bin` once without calling and waits until the observer has attached to it: the calls
 /// that follow test the pipeline, not the race between a new binary's first call and its
 /// discovery (measured in `observer_meters_go_clients_started_before_and_after_it`).
@@ -213,9 +178,9 @@ fn observer_meters_go_http1_calls_exactly() {
         "t-go-h1-stream",
         &["-n", "2", "-stream"],
     );
-    assert_ledger(&redis, "t-go-h1", sum(&served(&m, "t-go-h1")), &obs);
+    assert_ledger(&redis.url(), "t-go-h1", sum(&served(&m, "t-go-h1")), &obs);
     assert_ledger(
-        &redis,
+        &redis.url(),
         "t-go-h1-stream",
         sum(&served(&m, "t-go-h1-stream")),
         &obs,
@@ -296,7 +261,7 @@ fn observer_meters_go_http2_calls_exactly_also_stripped_and_concurrent() {
         "t-go-stripped-h2",
         "t-go-stripped-h1",
     ] {
-        assert_ledger(&redis, tenant, sum(&served(&m, tenant)), &obs);
+        assert_ledger(&redis.url(), tenant, sum(&served(&m, tenant)), &obs);
     }
     let log = obs.log();
     assert!(log.contains("stripped=true"), "{log}");
@@ -398,7 +363,7 @@ fn observer_meters_go_clients_started_before_and_after_it() {
         report.join(" ")
     );
     for tenant in ["t-go-before", "t-go-before-h2", "t-go-after", "t-go-again"] {
-        assert_ledger(&redis, tenant, sum(&served(&m, tenant)), &obs);
+        assert_ledger(&redis.url(), tenant, sum(&served(&m, tenant)), &obs);
     }
 }
 
@@ -549,7 +514,7 @@ fn go_capture_rate_and_overhead() {
         let took = timed(&m, proto, tenant, "16");
         let rate = 3000.0 / took.as_secs_f64();
         let want = sum(&served(&m, tenant));
-        assert_ledger(&redis, tenant, want, &obs);
+        assert_ledger(&redis.url(), tenant, want, &obs);
         eprintln!(
             "{proto:?}: 3000 LLM calls (16 goroutines) at {rate:.0} calls/s, all recorded exactly"
         );
@@ -605,7 +570,7 @@ fn observer_meters_a_go_client_in_another_mount_namespace() {
         !inner.exists(),
         "the binary must not be visible from the host"
     );
-    assert_ledger(&redis, "t-go-ns", sum(&served(&m, "t-go-ns")), &obs);
+    assert_ledger(&redis.url(), "t-go-ns", sum(&served(&m, "t-go-ns")), &obs);
     assert!(
         obs.log().contains(&inner.display().to_string()),
         "the attach names the binary as the process sees it: {}",

@@ -9,12 +9,10 @@
 
 use std::io::BufRead as _;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use ledger::price::PriceTable;
-use ledger::store::{Ledger, Period};
 use llmwarden_tests::mock::{MockConfig, MockProvider};
-use llmwarden_tests::observer::{Observer, require_root};
+use llmwarden_tests::observer::{Observer, assert_ledger, require_root};
 use llmwarden_tests::redis::RedisServer;
 
 /// Warms one h2 connection (tenant `t-warm`), prints "warm", waits for WAIT_FILE, then makes a
@@ -171,31 +169,7 @@ fn observer_bills_http2_connections_it_joined_midway_exactly() {
     );
     let want = (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let ledger = rt
-        .block_on(Ledger::connect(&redis.url()))
-        .expect("ledger connect");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = rt
-            .block_on(ledger.tenant_spend("t-midway", Period::Month, chrono::Utc::now()))
-            .expect("tenant_spend");
-        if s.requests >= want.0 || Instant::now() > deadline {
-            assert_eq!(
-                (s.requests, s.input_tokens, s.output_tokens, s.spend.0),
-                want,
-                "ledger (requests, input, output, nanos) != mock billed; metrics:\n{}\nobserver log:\n{}",
-                obs.metrics(),
-                obs.log()
-            );
-            assert_eq!(s.bypass_spend.0, want.3, "observer spend is bypass spend");
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_ledger(&redis.url(), "t-midway", want, &obs);
     let metrics = obs.metrics();
     assert_eq!(
         obs.metric("llmwarden_observer_midway_calls_total"),
