@@ -83,7 +83,14 @@ async fn serve_conn(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared
             let Ok(stream) = acceptor.accept(io).await else {
                 return;
             };
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            // An HTTP/2 connection ended by GOAWAY (e.g. the h2 crate finding a client frame a
+            // protocol error) is said: the client then fails calls it did not cause itself.
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                let detail = format!("{e:?}");
+                if detail.contains("GoAway") {
+                    eprintln!("mock-provider: h2 connection ended: {detail}");
+                }
+            }
         }
         _ => {
             let _ = builder.serve_connection(TokioIo::new(io), svc).await;
