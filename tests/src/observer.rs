@@ -126,8 +126,30 @@ pub type Billed = (u64, u64, u64, i64);
 /// # Panics
 /// When a served model has no price.
 pub fn billed(m: &crate::mock::MockProvider) -> Billed {
+    billed_calls(&m.ledger().calls())
+}
+
+/// What the mock billed for calls that named `tenant` in `X-Tenant-ID`.
+///
+/// # Panics
+/// When a served model has no price.
+pub fn billed_tenant(m: &crate::mock::MockProvider, tenant: &str) -> Billed {
+    let calls: Vec<_> = m
+        .ledger()
+        .calls()
+        .into_iter()
+        .filter(|c| c.header("x-tenant-id") == Some(tenant))
+        .collect();
+    billed_calls(&calls)
+}
+
+/// `calls` priced with the builtin price table.
+///
+/// # Panics
+/// When a served model has no price.
+pub fn billed_calls(calls: &[crate::mock::ServedCall]) -> Billed {
     let prices = ledger::price::PriceTable::builtin();
-    m.ledger().calls().iter().fold((0, 0, 0, 0), |t, c| {
+    calls.iter().fold((0, 0, 0, 0), |t, c| {
         (
             t.0 + 1,
             t.1 + c.usage.input_tokens,
@@ -141,6 +163,22 @@ pub fn billed(m: &crate::mock::MockProvider) -> Billed {
     })
 }
 
+/// `tenant`'s figures for this month in the ledger, read once.
+///
+/// # Panics
+/// When Redis cannot be read.
+pub fn month_spend(redis_url: &str, tenant: &str) -> ledger::store::TenantSpend {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let ledger = rt
+        .block_on(ledger::store::Ledger::connect(redis_url))
+        .expect("ledger connect");
+    rt.block_on(ledger.tenant_spend(tenant, ledger::store::Period::Month, chrono::Utc::now()))
+        .expect("tenant_spend")
+}
+
 /// Waits (at most 15 s) until `tenant`'s month in the ledger shows `want.0` requests, and 300 ms
 /// more, then asserts requests, tokens and nano-USD equal `want`, all of it bypass spend seen by the
 /// observer.
@@ -148,26 +186,14 @@ pub fn billed(m: &crate::mock::MockProvider) -> Billed {
 /// # Panics
 /// On any difference (with the observer's log), or when `want` has no call.
 pub fn assert_ledger(redis_url: &str, tenant: &str, want: Billed, obs: &Observer) {
-    use ledger::store::{Ledger, Period};
     assert!(want.0 > 0, "tenant {tenant}: the mock served no call");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let ledger = rt
-        .block_on(Ledger::connect(redis_url))
-        .expect("ledger connect");
-    let month = || {
-        rt.block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
-            .expect("tenant_spend")
-    };
     let deadline = Instant::now() + Duration::from_secs(15);
-    while month().requests < want.0 && Instant::now() < deadline {
+    while month_spend(redis_url, tenant).requests < want.0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     // A moment more: a call recorded twice would show now.
     std::thread::sleep(Duration::from_millis(300));
-    let s = month();
+    let s = month_spend(redis_url, tenant);
     assert_eq!(
         (s.requests, s.input_tokens, s.output_tokens, s.spend.0),
         want,

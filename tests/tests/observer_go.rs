@@ -11,7 +11,7 @@ use ledger::price::PriceTable;
 use ledger::store::{Ledger, Period};
 use llmwarden_tests::golang::{go_version, llmclient, llmclient_with};
 use llmwarden_tests::mock::{MockConfig, MockProvider, ServedCall};
-use llmwarden_tests::observer::{Observer, assert_ledger, require_root};
+use llmwarden_tests::observer::{Observer, assert_ledger, month_spend, require_root};
 use llmwarden_tests::process::ChildGuard;
 use llmwarden_tests::redis::RedisServer;
 
@@ -98,20 +98,6 @@ fn served(m: &MockProvider, tenant: &str) -> Vec<ServedCall> {
         .into_iter()
         .filter(|c| c.header("x-tenant-id") == Some(tenant))
         .collect()
-}
-
-/// The tenant's recorded requests this month.
-fn month_requests(redis: &RedisServer, tenant: &str) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let ledger = rt
-        .block_on(Ledger::connect(&redis.url()))
-        .expect("ledger connect");
-    rt.block_on(ledger.tenant_spend(tenant, Period::Month, chrono::Utc::now()))
-        .expect("tenant_spend")
-        .requests
 }
 
 /// Runs `bin` once without calling and waits until the observer has attached to it: the calls
@@ -356,7 +342,7 @@ fn observer_meters_go_clients_started_before_and_after_it() {
     std::thread::sleep(Duration::from_millis(1000));
     let report: Vec<String> = seen
         .iter()
-        .map(|(d, t)| format!("{d}ms:{}", month_requests(&redis, t)))
+        .map(|(d, t)| format!("{d}ms:{}", month_spend(&redis.url(), t).requests))
         .collect();
     eprintln!(
         "first call of a never-seen Go binary recorded (delay from exec: calls): {}",

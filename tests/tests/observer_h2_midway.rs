@@ -10,9 +10,8 @@
 use std::io::BufRead as _;
 use std::process::{Child, Command, Stdio};
 
-use ledger::price::PriceTable;
 use llmwarden_tests::mock::{MockConfig, MockProvider};
-use llmwarden_tests::observer::{Observer, assert_ledger, require_root};
+use llmwarden_tests::observer::{Observer, assert_ledger, billed_tenant, require_root};
 use llmwarden_tests::redis::RedisServer;
 
 /// Warms one h2 connection (tenant `t-warm`), prints "warm", waits for WAIT_FILE, then makes a
@@ -88,27 +87,6 @@ fn warm_client(sdk: &str, m: &MockProvider, wait_file: &std::path::Path) -> Chil
     child
 }
 
-/// What the mock billed for the calls after the observer started: (calls, input, output, nanos).
-fn billed_after_warmup(m: &MockProvider) -> (u64, u64, u64, i64) {
-    let prices = PriceTable::builtin();
-    m.ledger()
-        .calls()
-        .iter()
-        .filter(|c| c.header("x-tenant-id") == Some("t-midway"))
-        .fold((0, 0, 0, 0), |t, c| {
-            (
-                t.0 + 1,
-                t.1 + c.usage.input_tokens,
-                t.2 + c.usage.output_tokens,
-                t.3 + prices
-                    .cost(&c.response_model, &c.usage)
-                    .nanos()
-                    .expect("mock model priced")
-                    .0,
-            )
-        })
-}
-
 #[test]
 fn observer_bills_http2_connections_it_joined_midway_exactly() {
     require_root();
@@ -159,8 +137,8 @@ fn observer_bills_http2_connections_it_joined_midway_exactly() {
     }
 
     let (a, b) = (
-        billed_after_warmup(&openai_mock),
-        billed_after_warmup(&anthropic_mock),
+        billed_tenant(&openai_mock, "t-midway"),
+        billed_tenant(&anthropic_mock, "t-midway"),
     );
     assert_eq!(
         (a.0, b.0),
