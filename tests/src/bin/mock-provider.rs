@@ -64,6 +64,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // RUST_LOG=h2=debug etc. says why the HTTP stack ended a connection (a client frame the h2
+    // crate found a protocol error, a reset flood): off unless asked for.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let usage = match &args.usage {
         Some(spec) => UsageSpec::parse(spec).map_err(anyhow::Error::msg)?,
         None => UsageSpec::default(),
