@@ -4,6 +4,7 @@
 //! Lua script touches a single slot. The key layout and the scripts are a stable interface,
 //! documented in docs/redis-schema.md. Money is integer nano-USD, changed only with HINCRBY.
 
+mod apikeys;
 mod batch;
 mod budget;
 mod conn;
@@ -24,6 +25,10 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 
+pub use apikeys::{
+    API_KEYS_KEY, ApiKey, ApiKeySnapshot, KeyStatus, NewApiKey, PreviousSecret, SECRET_PREFIX,
+    secret_hash,
+};
 pub use batch::{BatchStats, OpBatches};
 pub use budget::{BudgetProblem, resolve_caps};
 pub use conn::LedgerConfig;

@@ -13,6 +13,9 @@ pub const MAX_NAME_LEN: usize = 128;
 /// The hash holding every budget limit (one slot, read by the enforcer, not by scripts).
 pub const BUDGETS_KEY: &str = "llmw:budgets";
 
+/// The hash holding every runtime proxy key record and its `#version` (see apikeys.rs).
+pub const API_KEYS_KEY: &str = "llmw:apikeys";
+
 /// Checks a name that becomes part of a key or hash field: non-empty, at most [`MAX_NAME_LEN`]
 /// bytes, no `{` or `}` (they would break the per-tenant Cluster hash tag) and no control characters.
 ///
