@@ -1,6 +1,7 @@
 //! The admin API (its own listener, loopback by default): GET /healthz and /readyz without a
 //! token (probes), everything else behind `Authorization: Bearer <admin token>`:
-//! GET /spend, GET/PUT/DELETE /budgets, GET /budgets/check, GET /metrics.
+//! GET /spend, GET/PUT/DELETE /budgets, GET /budgets/check, GET /metrics, and the runtime keys
+//! ([`crate::admin_keys`]: /keys).
 
 use std::sync::Arc;
 
@@ -23,11 +24,11 @@ fn respond(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> R
     r
 }
 
-fn json_resp(status: StatusCode, v: &Value) -> Response<ProxyBody> {
+pub(crate) fn json_resp(status: StatusCode, v: &Value) -> Response<ProxyBody> {
     respond(status, "application/json", v.to_string())
 }
 
-fn err(status: StatusCode, msg: impl std::fmt::Display) -> Response<ProxyBody> {
+pub(crate) fn err(status: StatusCode, msg: impl std::fmt::Display) -> Response<ProxyBody> {
     json_resp(
         status,
         &json!({"error": {"message": msg.to_string(), "code": status.as_u16()}}),
@@ -136,6 +137,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
             Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, e),
         },
         (Method::PUT, "/budgets") => put_budgets(&app, req).await,
+        (_, p) if p == "/keys" || p.starts_with("/keys/") => {
+            crate::admin_keys::handle(&app, req, &path).await
+        }
         (Method::GET, "/budgets/check") => match app.ledger.check_budgets().await {
             Ok(p) => json_resp(
                 StatusCode::OK,

@@ -2,6 +2,7 @@
 //! call (tenant, feature, session by the ledger's one name rule), read the bounded request body
 //! and classify it. Nothing here touches Redis or the upstream; a refusal costs nothing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +36,8 @@ pub struct Admission<'a> {
     pub permit: BodyPermit,
     /// What the ledger meters, or `None` for a call forwarded unmetered.
     pub endpoint: Option<Endpoint>,
+    /// The caller's key (what it may bill, call and reach).
+    pub key: Arc<KeyEntry>,
 }
 
 /// Routes, authenticates, attributes and reads the body of `req`, recording what it learns in
@@ -59,6 +62,7 @@ pub async fn admit<'a>(
     call.provider.clone_from(&provider.name);
     let rest = pp.rest.to_owned();
     let entry = authenticate(app, &parts, call)?;
+    entry.check_provider(&provider.name)?;
     // Without the real key nothing can be forwarded: refuse before anything is held; the same
     // for a parameter that would hide the usage.
     app.upstream_key(provider)?;
@@ -75,7 +79,7 @@ pub async fn admit<'a>(
     match &endpoint {
         Some(ep) if !ep.api.is_free() => call.api = ep.api.as_str(),
         Some(_) => {} // free token counting: forwarded unmetered
-        None => check_unmetered(app, entry, &parts.method, &rest, call).await?,
+        None => check_unmetered(app, &entry, &parts.method, &rest, call).await?,
     }
     let endpoint = endpoint.filter(|ep| !ep.api.is_free());
     let (body, permit) = read_body(app, &parts, body).await?;
@@ -86,6 +90,7 @@ pub async fn admit<'a>(
         body,
         permit,
         endpoint,
+        key: entry,
     })
 }
 
@@ -134,13 +139,13 @@ async fn check_unmetered(
 }
 
 /// The proxy key, the tenant it may bill, and the feature and session headers.
-fn authenticate<'a>(
-    app: &'a App,
+fn authenticate(
+    app: &App,
     parts: &http::request::Parts,
     call: &mut Call,
-) -> Result<&'a KeyEntry, ProxyError> {
+) -> Result<Arc<KeyEntry>, ProxyError> {
     let key = auth::extract_key(&parts.headers, parts.uri.query()).ok_or(ProxyError::MissingKey)?;
-    let entry = app.keys.authenticate(&key).ok_or(ProxyError::BadKey)?;
+    let entry = app.authenticate(&key).ok_or(ProxyError::BadKey)?;
     drop(key);
     let grant = entry.tenant_for(route::header_str(&parts.headers, "x-tenant-id"))?;
     if grant.by_wildcard && !entry.mint_tenants && !app.budgets.cache.has_own(&grant.tenant) {
@@ -277,6 +282,7 @@ pub async fn parse(
         .clone()
         .or_else(|| info.model.clone())
         .ok_or_else(|| ProxyError::BadBody("the request names no model".into()))?;
+    adm.key.check_model(&model)?;
     call.model = model;
     if info.background && app.cfg.background_responses == BackgroundResponses::Deny {
         return Err(ProxyError::UsageSuppressed {

@@ -2,7 +2,11 @@
 //! sha256 and compared in constant time against every configured hash, so neither timing nor the
 //! config reveals a key.
 
+use std::sync::Arc;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
 use http::HeaderMap;
+use ledger::store::ApiKey;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -24,10 +28,16 @@ enum Allowed {
     List(Vec<String>),
 }
 
-/// A configured key, known only by its hash.
+/// A configured key (file or runtime), known only by its hash.
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
     hash: [u8; 32],
+    /// A runtime key's id (`k_...`); `None` for a key from the file.
+    pub id: Option<String>,
+    /// Models it may call (`None`: any), and the globs for the refusal's message.
+    models: Option<GlobSet>,
+    /// Provider routes it may use (empty: any).
+    providers: Vec<String>,
     /// The tenant billed when the request names none.
     pub tenant: String,
     allowed: Allowed,
@@ -49,7 +59,77 @@ pub struct TenantGrant {
     pub by_wildcard: bool,
 }
 
+/// The globs as one set (`None` when there are none: any model). Bad globs were refused by
+/// the config check or the admin API; one that still fails to build refuses every model.
+fn model_set(globs: &[String]) -> Option<GlobSet> {
+    if globs.is_empty() {
+        return None;
+    }
+    let mut b = GlobSetBuilder::new();
+    for g in globs {
+        if let Ok(g) = Glob::new(g) {
+            b.add(g);
+        }
+    }
+    Some(b.build().unwrap_or_else(|_| GlobSet::empty()))
+}
+
 impl KeyEntry {
+    /// A runtime key's entry for one of its live secret hashes.
+    #[must_use]
+    pub fn from_api_key(k: &ApiKey, sha256: &str) -> Option<KeyEntry> {
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(sha256, &mut hash).ok()?;
+        Some(KeyEntry {
+            hash,
+            id: Some(k.id.clone()),
+            models: model_set(&k.allowed_models),
+            providers: k.allowed_providers.clone(),
+            tenant: k.tenant.clone(),
+            allowed: if k.allowed_tenants.iter().any(|t| t == "*") {
+                Allowed::Any
+            } else {
+                Allowed::List(k.allowed_tenants.clone())
+            },
+            features: k.features.clone(),
+            mint_tenants: false,
+            open_paths: crate::access::OpenPaths::default(),
+        })
+    }
+
+    /// The hash this entry matches.
+    #[must_use]
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
+
+    /// Refuses a model outside `allowed_models`.
+    ///
+    /// # Errors
+    /// 403 `model_forbidden`.
+    pub fn check_model(&self, model: &str) -> Result<(), ProxyError> {
+        match &self.models {
+            Some(set) if !set.is_match(model) => Err(ProxyError::ModelForbidden {
+                model: model.chars().take(128).collect(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a provider route outside `allowed_providers`.
+    ///
+    /// # Errors
+    /// 403 `provider_forbidden`.
+    pub fn check_provider(&self, provider: &str) -> Result<(), ProxyError> {
+        if self.providers.is_empty() || self.providers.iter().any(|p| p == provider) {
+            Ok(())
+        } else {
+            Err(ProxyError::ProviderForbidden {
+                provider: provider.to_owned(),
+            })
+        }
+    }
+
     /// The tenant this call bills: X-Tenant-ID when given and allowed, else the key's own.
     ///
     /// # Errors
@@ -106,10 +186,10 @@ impl KeyEntry {
     }
 }
 
-/// Every configured key.
+/// Every key of the config file.
 #[derive(Debug, Clone, Default)]
 pub struct KeyStore {
-    keys: Vec<KeyEntry>,
+    keys: Vec<Arc<KeyEntry>>,
 }
 
 impl KeyStore {
@@ -126,14 +206,17 @@ impl KeyStore {
                 } else {
                     Allowed::List(k.allowed_tenants.clone())
                 };
-                Some(KeyEntry {
+                Some(Arc::new(KeyEntry {
                     hash,
+                    id: None,
+                    models: model_set(&k.allowed_models),
+                    providers: k.allowed_providers.clone(),
                     tenant: k.tenant.clone(),
                     allowed,
                     features: k.features.clone(),
                     mint_tenants: k.mint_tenants,
                     open_paths: crate::access::OpenPaths::new(&k.open_paths).ok()?,
-                })
+                }))
             })
             .collect();
         KeyStore { keys }
@@ -142,11 +225,17 @@ impl KeyStore {
     /// The entry whose hash matches `key`. Every entry is compared, whatever matches, in constant
     /// time per entry.
     #[must_use]
-    pub fn authenticate(&self, key: &str) -> Option<&KeyEntry> {
+    pub fn authenticate(&self, key: &str) -> Option<&Arc<KeyEntry>> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.authenticate_digest(&digest)
+    }
+
+    /// As [`KeyStore::authenticate`], given the key's sha256.
+    #[must_use]
+    pub fn authenticate_digest(&self, digest: &[u8; 32]) -> Option<&Arc<KeyEntry>> {
         let mut found = None;
         for k in &self.keys {
-            if bool::from(k.hash.ct_eq(&digest)) && found.is_none() {
+            if bool::from(k.hash.ct_eq(digest)) && found.is_none() {
                 found = Some(k);
             }
         }

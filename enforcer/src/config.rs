@@ -144,6 +144,11 @@ pub struct Config {
     pub object_ttl_secs: u64,
     /// "seed" (default) or "overwrite": see [`BudgetSeed`].
     pub budgets_from_config: BudgetSeed,
+    /// Accept keys made at runtime (admin API `POST /keys`, `enforcer keys create`), stored
+    /// hashed in Redis and reloaded within `runtime_keys_refresh_ms` (default true, 250 ms).
+    pub runtime_keys: bool,
+    /// How often each replica asks Redis whether a runtime key changed (one HGET).
+    pub runtime_keys_refresh_ms: u64,
     /// Log format: "json" (default) or "text".
     pub log_format: String,
     /// Timeouts.
@@ -198,6 +203,8 @@ impl Default for Config {
             background_responses: BackgroundResponses::Deny,
             object_ttl_secs: 30 * 24 * 3600,
             budgets_from_config: BudgetSeed::Seed,
+            runtime_keys: true,
+            runtime_keys_refresh_ms: 250,
             log_format: "json".into(),
             timeouts: Timeouts::default(),
             session: SessionConfig::default(),
@@ -350,6 +357,12 @@ pub struct KeyConfig {
     /// own stored objects): globs over `"METHOD /path"` (path after `/proxy/{provider}`), e.g.
     /// `["GET /v1/files*"]`. They go out with the shared provider key: trusted callers only.
     pub open_paths: Vec<String>,
+    /// Models the key may call, as globs (`["gpt-4o*", "claude-*"]`); another model is refused
+    /// (403 `model_forbidden`). Empty: any.
+    pub allowed_models: Vec<String>,
+    /// Provider routes the key may use (`["openai"]`); another is refused (403
+    /// `provider_forbidden`). Empty: any.
+    pub allowed_providers: Vec<String>,
 }
 
 /// One budget seeded from the file.

@@ -140,6 +140,18 @@ pub enum ProxyError {
         /// The requested feature.
         feature: String,
     },
+    /// The request names a model outside the key's `allowed_models`.
+    #[error("this key may not call model {model}; it is outside the key's allowed_models")]
+    ModelForbidden {
+        /// The requested model.
+        model: String,
+    },
+    /// The route's provider is outside the key's `allowed_providers`.
+    #[error("this key may not use provider {provider}; it is outside the key's allowed_providers")]
+    ProviderForbidden {
+        /// The provider route.
+        provider: String,
+    },
     /// A wildcard key named a tenant that has no budget of its own.
     #[error(
         "tenant {tenant} has no budget of its own; a key with allowed_tenants = [\"*\"] bills only \
@@ -290,6 +302,8 @@ impl ProxyError {
             | Self::ObjectForbidden { .. }
             | Self::EndpointForbidden { .. }
             | Self::FeatureForbidden { .. }
+            | Self::ModelForbidden { .. }
+            | Self::ProviderForbidden { .. }
             | Self::TenantNotProvisioned { .. } => StatusCode::FORBIDDEN,
             Self::BadAttribution { .. }
             | Self::BodyRead(_)
@@ -319,6 +333,8 @@ impl ProxyError {
             Self::BadKey => "invalid_api_key",
             Self::TenantForbidden { .. } => "tenant_forbidden",
             Self::FeatureForbidden { .. } => "feature_forbidden",
+            Self::ModelForbidden { .. } => "model_forbidden",
+            Self::ProviderForbidden { .. } => "provider_forbidden",
             Self::ObjectForbidden { .. } => "object_forbidden",
             Self::EndpointForbidden { .. } => "endpoint_forbidden",
             Self::TenantNotProvisioned { .. } => "tenant_not_provisioned",

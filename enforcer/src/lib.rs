@@ -6,11 +6,12 @@
 //! [`admit`] (route, auth, attribution, parse) → [`decide`] (loop check, worst case,
 //! [`budget::Budgets::reserve`] → a [`budget::Hold`]) → [`forward`] → [`meter`] → [`settle`].
 //! Billing policy and every Redis key belong to the `ledger` crate. Around the path: [`config`],
-//! [`auth`], [`route`], [`loop_guard`], [`usage_filter`], [`usage_params`], [`admin`], [`metrics`], [`report`],
+//! [`auth`], [`keys`], [`route`], [`loop_guard`], [`usage_filter`], [`usage_params`], [`admin`], [`metrics`], [`report`],
 //! [`recovery`], [`server`].
 
 pub mod access;
 pub mod admin;
+pub mod admin_keys;
 pub mod admit;
 pub mod auth;
 pub mod budget;
@@ -20,6 +21,7 @@ pub mod decide;
 pub mod error;
 pub mod forward;
 pub mod inflight;
+pub mod keys;
 pub mod loop_guard;
 pub mod meter;
 pub mod metrics;
@@ -81,8 +83,10 @@ pub struct App {
     pub providers: BTreeMap<String, Provider>,
     /// Real provider keys by provider name (read from the environment at start).
     upstream_keys: BTreeMap<String, String>,
-    /// Proxy keys.
+    /// Proxy keys of the config file.
     pub keys: KeyStore,
+    /// Proxy keys made at runtime (`None` with `runtime_keys = false`).
+    pub runtime_keys: Option<keys::RuntimeKeys>,
     /// Upstream clients.
     pub upstreams: Upstreams,
     /// The Redis ledger.
@@ -158,6 +162,9 @@ impl App {
             ),
             metrics,
             keys: KeyStore::new(&cfg.keys),
+            runtime_keys: cfg
+                .runtime_keys
+                .then(|| keys::RuntimeKeys::new(ledger.clone())),
             durable: DurableLedger::new(ledger.clone(), spool),
             cfg,
             providers,
@@ -174,6 +181,21 @@ impl App {
             ),
             token_cache: ledger::request::TokenCache::new(),
         })
+    }
+
+    /// The key a caller presented: the config file's keys first (compared in constant time),
+    /// then the runtime keys (looked up by the secret's sha256, so timing reveals nothing about
+    /// a secret either).
+    #[must_use]
+    pub fn authenticate(&self, key: &str) -> Option<Arc<auth::KeyEntry>> {
+        use sha2::Digest as _;
+        let digest: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+        if let Some(e) = self.keys.authenticate_digest(&digest) {
+            return Some(e.clone());
+        }
+        self.runtime_keys
+            .as_ref()?
+            .authenticate_digest(&digest, chrono::Utc::now())
     }
 
     /// The real key for `p`.

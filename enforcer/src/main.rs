@@ -1,4 +1,4 @@
-//! `enforcer`: serve, check-config, hash-key, report.
+//! `enforcer`: serve, check-config, hash-key, check-budgets, report, keys.
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -50,6 +50,11 @@ enum Cmd {
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Manage runtime proxy keys in Redis: create, list, get, revoke, rotate.
+    Keys {
+        #[command(subcommand)]
+        cmd: enforcer::admin_keys::KeysCmd,
     },
 }
 
@@ -117,6 +122,20 @@ fn main() -> anyhow::Result<()> {
                     problems.len(),
                     if problems.len() == 1 { "y" } else { "ies" }
                 )
+            })
+        }
+        Some(Cmd::Keys { cmd }) => {
+            let cfg = Config::load_for_reading(&cli.config)
+                .with_context(|| format!("invalid config {}", cli.config.display()))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let lcfg = cfg.ledger_config(std::time::Duration::from_secs(2))?;
+                let ledger = Ledger::connect_with(&cfg.redis_url, lcfg)
+                    .await
+                    .with_context(|| format!("connecting to {}", cfg.redis_url))?;
+                enforcer::admin_keys::run_cli(&ledger, cmd).await
             })
         }
         Some(Cmd::Report {

@@ -65,6 +65,12 @@ pub async fn run(app: App) -> Result<(), StartError> {
     }
     let _ = app.budgets.cache.refresh().await;
     app.budgets.cache.spawn_refresher(Duration::from_secs(1));
+    if let Some(rk) = &app.runtime_keys {
+        if let Err(e) = rk.refresh(true).await {
+            tracing::warn!(error = %e, "could not load runtime keys (Redis down?); they work once it answers");
+        }
+        rk.spawn_refresher(Duration::from_millis(app.cfg.runtime_keys_refresh_ms));
+    }
     let tls = match (&app.cfg.tls_cert_file, &app.cfg.tls_key_file) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
         _ => None,

@@ -955,7 +955,11 @@ fn observer_meters_http2_clients_exactly() {
             "{sdk} failed: {stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(stdout.trim(), "ok, 1 connection(s)", "{sdk}: one connection");
+        assert_eq!(
+            stdout.trim(),
+            "ok, 1 connection(s)",
+            "{sdk}: one connection"
+        );
         assert_eq!(billed(m).0, 50, "{sdk}: the mock served 50 calls");
     }
     let mut node = Command::new("/usr/bin/node");

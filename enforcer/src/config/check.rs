@@ -142,10 +142,17 @@ impl Config {
     }
 
     fn validate_keys(&self) -> Result<(), ConfigError> {
-        if self.keys.is_empty() {
+        if self.keys.is_empty() && !self.runtime_keys {
             return Err(bad(
                 "keys",
-                "at least one [[keys]] entry is required (sha256 from `enforcer hash-key`)",
+                "at least one [[keys]] entry is required when runtime_keys = false (sha256 from \
+                 `enforcer hash-key`)",
+            ));
+        }
+        if !(50..=60_000).contains(&self.runtime_keys_refresh_ms) {
+            return Err(bad(
+                "runtime_keys_refresh_ms",
+                "must be 50 to 60000 (a revoked key stays usable for up to this long)",
             ));
         }
         for (i, k) in self.keys.iter().enumerate() {
@@ -175,6 +182,14 @@ impl Config {
                         "write \"METHOD /path\", e.g. \"GET /v1/files*\"",
                     ));
                 }
+            }
+            for (j, m) in k.allowed_models.iter().enumerate() {
+                globset::Glob::new(m).map_err(|e| {
+                    bad(
+                        format!("keys[{i}].allowed_models[{j}]"),
+                        format!("not a glob: {e}"),
+                    )
+                })?;
             }
             for (j, f) in k.features.iter().enumerate() {
                 if !is_valid(f) {

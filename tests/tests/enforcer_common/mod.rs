@@ -285,6 +285,49 @@ impl Stack {
         std::fs::read_to_string(self.dir.path().join("enforcer.log")).expect("read enforcer log")
     }
 
+    /// A second enforcer on the same config, Redis and mock (its own ports, instance id and
+    /// spool): a replica. Returns it with its proxy and admin ports once both listen.
+    pub fn start_replica(&self, name: &str) -> (ChildGuard, u16, u16) {
+        let (port, admin_port) = (free_port(), free_port());
+        let cfg = std::fs::read_to_string(self.config_path())
+            .expect("config")
+            .replace(
+                &format!("listen = \"127.0.0.1:{}\"", self.port),
+                &format!("listen = \"127.0.0.1:{port}\""),
+            )
+            .replace(
+                &format!("admin_listen = \"127.0.0.1:{}\"", self.admin_port),
+                &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
+            )
+            .replace(
+                "spool_dir = \"",
+                &format!("instance_id = \"{name}\"\nspool_dir = \""),
+            )
+            .replace("/spool\"", &format!("/spool-{name}\""));
+        let cfg_path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg_path, cfg).expect("write replica config");
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log");
+        let mut cmd = Command::new(workspace_bin("enforcer"));
+        cmd.arg("--config")
+            .arg(&cfg_path)
+            .env("TEST_MOCK_KEY", UPSTREAM_KEY)
+            .env("TEST_WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env(
+                "ENFORCER_LOG",
+                "debug,hyper=info,h2=info,rustls=info,redis=info",
+            )
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = ChildGuard::spawn("enforcer replica", &mut cmd);
+        for p in [port, admin_port] {
+            llmwarden_tests::process::wait_for_port(
+                std::net::SocketAddr::from(([127, 0, 0, 1], p)),
+                Duration::from_secs(15),
+            );
+        }
+        (child, port, admin_port)
+    }
+
     /// The tenant's month figures.
     pub async fn spend(&self, tenant: &str) -> TenantSpend {
         self.ledger
