@@ -372,6 +372,32 @@ mod tests {
     }
 
     #[test]
+    fn file_keys_bind_models_and_providers() {
+        let s = KeyStore::new(&[KeyConfig {
+            sha256: hash_key("sk-m"),
+            tenant: "acme".into(),
+            allowed_models: vec!["gpt-4o-mini*".into(), "claude-*".into()],
+            allowed_providers: vec!["openai".into()],
+            ..KeyConfig::default()
+        }]);
+        let k = s.authenticate("sk-m").unwrap();
+        assert!(k.check_model("gpt-4o-mini-2024-07-18").is_ok());
+        assert!(k.check_model("claude-haiku-4-5").is_ok());
+        assert!(matches!(
+            k.check_model("gpt-4o"),
+            Err(ProxyError::ModelForbidden { .. })
+        ));
+        assert!(k.check_provider("openai").is_ok());
+        assert!(matches!(
+            k.check_provider("anthropic"),
+            Err(ProxyError::ProviderForbidden { .. })
+        ));
+        let any = store();
+        let a = any.authenticate("sk-a").unwrap();
+        assert!(a.check_model("anything").is_ok() && a.check_provider("gemini").is_ok());
+    }
+
+    #[test]
     fn finds_keys_where_sdks_put_them() {
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer sk-1".parse().unwrap());

@@ -214,7 +214,22 @@ async fn report_json_lists_every_active_tenant() {
             .is_some_and(|t| t.iter().any(|t| t["tenant"] == "acme")),
         "{v}"
     );
-    // Serving with the same file still needs keys, and says so.
+    // Serving with the same file works with runtime keys (made with `enforcer keys create`);
+    // with runtime keys off it needs [[keys]], and says so.
+    let out = Command::new(enforcer_bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = config(
+        dir.path(),
+        &format!("redis_url = \"{}\"\nruntime_keys = false\n", redis.url()),
+    );
     let out = Command::new(enforcer_bin())
         .args(["check-config", "--config"])
         .arg(&path)
