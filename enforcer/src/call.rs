@@ -31,6 +31,11 @@ pub struct Call {
     pub api: &'static str,
     /// The model the request names ("" until parsed).
     pub model: String,
+    /// The provider route that answered, and how many attempts that took, when it is not the
+    /// call's own route on the first try (weights and failover; "" otherwise).
+    pub upstream: String,
+    /// Upstream attempts made (0 before forwarding).
+    pub attempts: u32,
     /// When the call arrived (wall clock: picks the ledger's day and month).
     pub started_at: DateTime<Utc>,
     /// When the call arrived (monotonic: latency).
@@ -50,6 +55,8 @@ impl Call {
             session: None,
             api: "",
             model: String::new(),
+            upstream: String::new(),
+            attempts: 0,
             started_at: Utc::now(),
             start: Instant::now(),
         }
@@ -145,6 +152,8 @@ impl<'a> CallLog<'a> {
             feature = c.feature.as_deref().unwrap_or(""),
             session = c.session.as_deref().unwrap_or(""),
             provider = %c.provider,
+            upstream = %c.upstream,
+            attempts = c.attempts,
             api = c.api,
             model = self.model.unwrap_or(&c.model),
             input_tokens = self.usage.prompt_tokens(),

@@ -334,6 +334,14 @@ pub struct ProviderConfig {
     /// Add `stream_options.include_usage` to OpenAI-family chat streams (default true); turn it off
     /// for servers that reject the field (such streams are then billed from an estimate).
     pub inject_include_usage: Option<bool>,
+    /// This upstream's share of first attempts among itself and its `failover` routes (default
+    /// 1; 0: only tried after another failed).
+    pub weight: Option<u32>,
+    /// Other provider routes of the same kind (another key, region or host) tried, in order,
+    /// when an attempt fails before any response byte: connect error, 429 or 5xx. They also
+    /// share first attempts by weight. The call keeps its one reservation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<Vec<String>>,
 }
 
 /// One proxy key.
@@ -395,6 +403,10 @@ pub struct Provider {
     pub ca_file: Option<PathBuf>,
     /// Whether OpenAI chat streams get include_usage injected.
     pub inject_include_usage: bool,
+    /// Share of first attempts (among itself and `failover`).
+    pub weight: u32,
+    /// Routes tried after a failure before any response byte, in order.
+    pub failover: Vec<String>,
 }
 
 mod check;

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -84,7 +84,8 @@ impl http_body::Body for SentBody {
     }
 }
 
-/// The upstream request of an admitted call; `sent` turns true once it is written.
+/// The upstream request of an admitted call to `target` (its own route, or one of that route's
+/// `failover` routes); `sent` turns true once it is written.
 ///
 /// # Errors
 /// [`ProxyError::NoRoute`] for a path that makes no valid URI; [`ProxyError::BadBody`] when
@@ -92,16 +93,13 @@ impl http_body::Body for SentBody {
 pub fn upstream_request(
     app: &App,
     adm: &Admission<'_>,
+    target: &Provider,
     inject_usage: bool,
     sent: Arc<AtomicBool>,
 ) -> Result<Request<SentBody>, ProxyError> {
-    let uri = route::upstream_uri(adm.provider, &adm.rest, adm.parts.uri.query())?;
+    let uri = route::upstream_uri(target, &adm.rest, adm.parts.uri.query())?;
     let mut headers = adm.parts.headers.clone();
-    route::upstream_headers(
-        &mut headers,
-        adm.provider.kind,
-        app.upstream_key(adm.provider)?,
-    );
+    route::upstream_headers(&mut headers, target.kind, app.upstream_key(target)?);
     let body = if inject_usage {
         inject_include_usage(&adm.body)?
     } else {
@@ -127,6 +125,47 @@ pub struct Upstreams {
     default: HttpsClient,
     by_provider: HashMap<String, HttpsClient>,
     first_byte: Duration,
+    /// Calls so far per route with failover routes: picks the first attempt by weight.
+    turns: Arc<HashMap<String, AtomicU64>>,
+}
+
+/// Whether an upstream answer is worth another upstream: rate limited or a server error, before
+/// any byte of the body reached the client (the provider bills neither).
+#[must_use]
+pub fn retryable_status(s: http::StatusCode) -> bool {
+    s == http::StatusCode::TOO_MANY_REQUESTS || s.is_server_error()
+}
+
+/// The routes of a call to `p` in attempt order: the first by weight (a deterministic weighted
+/// rotation over `turn`, so weights 3 and 1 give exactly three of every four first attempts to
+/// the first), then the others in configured order (`p` itself first). Unknown names were
+/// refused by the config check.
+#[must_use]
+pub fn attempt_order<'a>(
+    p: &'a Provider,
+    providers: &'a std::collections::BTreeMap<String, Provider>,
+    turn: u64,
+) -> Vec<&'a Provider> {
+    let mut order: Vec<&Provider> = std::iter::once(p)
+        .chain(p.failover.iter().filter_map(|n| providers.get(n)))
+        .collect();
+    let total: u64 = order.iter().map(|t| u64::from(t.weight)).sum();
+    if total > 0 && order.len() > 1 {
+        let mut at = turn % total;
+        if let Some(i) = order.iter().position(|t| {
+            let w = u64::from(t.weight);
+            if at < w {
+                true
+            } else {
+                at -= w;
+                false
+            }
+        }) {
+            let first = order.remove(i);
+            order.insert(0, first);
+        }
+    }
+    order
 }
 
 impl Upstreams {
@@ -146,11 +185,31 @@ impl Upstreams {
                 );
             }
         }
+        let turns = providers
+            .iter()
+            .filter(|p| !p.failover.is_empty())
+            .map(|p| (p.name.clone(), AtomicU64::new(0)))
+            .collect();
         Ok(Upstreams {
             default,
             by_provider,
             first_byte: Duration::from_millis(t.first_byte_ms),
+            turns: Arc::new(turns),
         })
+    }
+
+    /// The routes of the next call to `p`, in attempt order ([`attempt_order`]).
+    #[must_use]
+    pub fn order<'a>(
+        &self,
+        p: &'a Provider,
+        providers: &'a std::collections::BTreeMap<String, Provider>,
+    ) -> Vec<&'a Provider> {
+        let turn = self
+            .turns
+            .get(&p.name)
+            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+        attempt_order(p, providers, turn)
     }
 
     /// Sends `req` to `provider`'s upstream and waits for the response head.
@@ -248,4 +307,60 @@ fn client(ca_file: Option<&Path>, t: &Timeouts) -> Result<HttpsClient, ClientErr
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build(https))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ledger::provider::ProviderKind;
+
+    use super::*;
+
+    fn route(name: &str, weight: u32, failover: &[&str]) -> Provider {
+        Provider {
+            name: name.into(),
+            kind: ProviderKind::OpenAi,
+            base_url: "http://127.0.0.1:9/v1".into(),
+            api_key_env: "K".into(),
+            ca_file: None,
+            inject_include_usage: true,
+            weight,
+            failover: failover.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn weights_pick_the_first_attempt_and_the_rest_follow_in_order() {
+        let ps: BTreeMap<String, Provider> = [
+            route("a", 3, &["b", "c"]),
+            route("b", 1, &[]),
+            route("c", 0, &[]),
+        ]
+        .into_iter()
+        .map(|p| (p.name.clone(), p))
+        .collect();
+        let names = |turn| {
+            attempt_order(&ps["a"], &ps, turn)
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(0), ["a", "b", "c"]);
+        assert_eq!(names(2), ["a", "b", "c"]);
+        assert_eq!(names(3), ["b", "a", "c"]);
+        assert_eq!(names(4), ["a", "b", "c"]);
+        let firsts: Vec<_> = (0..400).map(|t| names(t)[0]).collect();
+        assert_eq!(firsts.iter().filter(|n| **n == "a").count(), 300);
+        assert_eq!(firsts.iter().filter(|n| **n == "b").count(), 100);
+        assert!(!firsts.contains(&"c"), "weight 0: failover only");
+        assert_eq!(
+            attempt_order(&ps["b"], &ps, 7).len(),
+            1,
+            "no failover: its own route"
+        );
+        assert!(retryable_status(http::StatusCode::TOO_MANY_REQUESTS));
+        assert!(retryable_status(http::StatusCode::BAD_GATEWAY));
+        assert!(!retryable_status(http::StatusCode::BAD_REQUEST));
+    }
 }

@@ -42,6 +42,17 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels of the failover counter: the route that failed, the one tried next, and why.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailoverLabels {
+    /// The route that failed.
+    pub from: String,
+    /// The route tried next.
+    pub to: String,
+    /// `connect` or the status (`429`, `503`, ...).
+    pub reason: String,
+}
+
 /// Labels of the connection families.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Listener {
@@ -156,6 +167,8 @@ pub struct Metrics {
     pub inflight_body_bytes: Gauge,
     /// Calls refused with 503 because their body did not fit `max_inflight_body_bytes`.
     pub inflight_refusals: Counter<u64, AtomicU64>,
+    /// Attempts moved to another upstream route after a failure before any response byte.
+    pub failovers: Family<FailoverLabels, Counter>,
     tenants: Bounded,
     models: Bounded,
 }
@@ -191,6 +204,7 @@ impl Metrics {
             idle_closes: Family::default(),
             inflight_body_bytes: Gauge::default(),
             inflight_refusals: Counter::default(),
+            failovers: Family::default(),
             tenants: Bounded {
                 max: cfg.max_tenants,
                 seen: Mutex::default(),
@@ -324,6 +338,22 @@ impl Metrics {
             "Calls refused with 503 because max_inflight_body_bytes was full",
             self.inflight_refusals.clone(),
         );
+        r.register(
+            "llmwarden_upstream_failovers",
+            "Attempts moved to another upstream route (failover) after a connect error, 429 or 5xx before any response byte",
+            self.failovers.clone(),
+        );
+    }
+
+    /// Counts an attempt moved from route `from` to `to`.
+    pub fn failover(&self, from: &str, to: &str, reason: String) {
+        self.failovers
+            .get_or_create(&FailoverLabels {
+                from: from.to_owned(),
+                to: to.to_owned(),
+                reason,
+            })
+            .inc();
     }
 
     /// Counts a request decision.

@@ -12,7 +12,7 @@
 //! [`Hold`]: crate::budget::Hold
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -99,6 +99,12 @@ impl Pending {
             .expect("a pending call holds its settler until it is ended")
     }
 
+    fn settler_mut(&mut self) -> &mut Settler {
+        self.0
+            .as_mut()
+            .expect("a pending call holds its settler until it is ended")
+    }
+
     fn take(mut self) -> Settler {
         self.0.take().expect("a pending call is ended once")
     }
@@ -136,20 +142,11 @@ async fn forward_and_meter(
     info: &RequestInfo,
     pending: Pending,
 ) -> Response<ProxyBody> {
-    let inject = forward::injects_usage(adm.provider, endpoint, info);
-    let sent = pending.settler().sent.clone();
-    let req = match forward::upstream_request(app, adm, inject, sent) {
+    let mut pending = pending;
+    let (resp, inject) = match send_with_failover(app, adm, endpoint, info, &mut pending).await {
         Ok(r) => r,
         Err(e) => return pending.take().fail(e).await,
     };
-    let up_start = Instant::now();
-    let resp = match app.upstreams.send(&adm.provider.name, req).await {
-        Ok(r) => r,
-        Err(e) => return pending.take().fail(e).await,
-    };
-    app.metrics
-        .upstream_latency
-        .observe(up_start.elapsed().as_secs_f64());
     let (mut parts, body) = resp.into_parts();
     route::downstream_headers(&mut parts.headers);
     let idle = Duration::from_millis(app.cfg.timeouts.idle_ms);
@@ -177,6 +174,60 @@ async fn forward_and_meter(
         return Response::from_parts(parts, BodyExt::boxed_unsync(body));
     }
     meter_whole(app, endpoint, parts, body, pending).await
+}
+
+/// Phase 3: sends the call to its route, or (weights) to one of the route's `failover` routes
+/// first; a connect error before the request left, a 429 or a 5xx moves it to the next route
+/// in order. The call keeps its one hold throughout: a provider bills none of those failures.
+/// Returns the answer and whether its request had `include_usage` injected.
+async fn send_with_failover(
+    app: &App,
+    adm: &Admission<'_>,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    pending: &mut Pending,
+) -> Result<(Response<Incoming>, bool), ProxyError> {
+    let mut order = app.upstreams.order(adm.provider, &app.providers);
+    // A failover route whose key variable was empty at start cannot be tried; the call's own
+    // route was checked at admission.
+    order.retain(|t| t.name == adm.provider.name || app.upstream_key(t).is_ok());
+    let sent = pending.settler().sent.clone();
+    for (i, target) in order.iter().enumerate() {
+        let inject = forward::injects_usage(target, endpoint, info);
+        let req = forward::upstream_request(app, adm, target, inject, sent.clone())?;
+        let up_start = Instant::now();
+        let result = app.upstreams.send(&target.name, req).await;
+        let call = &mut pending.settler_mut().call;
+        call.attempts = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        if i > 0 || target.name != adm.provider.name {
+            call.upstream.clone_from(&target.name);
+        }
+        let reason = match &result {
+            Ok(r) if forward::retryable_status(r.status()) => r.status().as_str().to_owned(),
+            Err(ProxyError::UpstreamConnect { .. }) if !sent.load(Ordering::Acquire) => {
+                "connect".to_owned()
+            }
+            _ => String::new(),
+        };
+        let Some(to) = order.get(i + 1).filter(|_| !reason.is_empty()) else {
+            if result.is_ok() {
+                app.metrics
+                    .upstream_latency
+                    .observe(up_start.elapsed().as_secs_f64());
+            }
+            return result.map(|r| (r, inject));
+        };
+        // The provider answered with an error (or never got the request): nothing was billed,
+        // so the next attempt starts unsent. Its error body is dropped unread.
+        sent.store(false, Ordering::Release);
+        tracing::debug!(from = %target.name, to = %to.name, reason = %reason, "failing over");
+        app.metrics.failover(&target.name, &to.name, reason);
+    }
+    // `order` always holds the call's own route, so the loop returned.
+    Err(ProxyError::UpstreamConnect {
+        provider: adm.provider.name.clone(),
+        detail: "no upstream route to try".into(),
+    })
 }
 
 /// Phase 4 for a non-stream response: read it whole (bounded), read its usage, settle in the
@@ -231,7 +282,7 @@ async fn passthrough(
     adm: &Admission<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     app.metrics.decision(&call.provider, "passthrough");
-    let req = forward::upstream_request(app, adm, false, Arc::default())?;
+    let req = forward::upstream_request(app, adm, adm.provider, false, Arc::default())?;
     let resp = app.upstreams.send(&call.provider, req).await?;
     let (mut parts, body) = resp.into_parts();
     route::downstream_headers(&mut parts.headers);

@@ -170,6 +170,8 @@ mod tests {
             api_key_env: "K".into(),
             ca_file: None,
             inject_include_usage: true,
+            weight: 1,
+            failover: Vec::new(),
         }
     }
 

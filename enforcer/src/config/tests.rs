@@ -115,3 +115,41 @@ fn inflight_budget_must_hold_the_largest_request() {
         "{e}"
     );
 }
+
+#[test]
+fn failover_routes_are_checked() {
+    let with = |t: &str| Config::parse(&format!("{t}\n{}", minimal()));
+    let c = with(
+        "[providers.openai]\nweight = 3\nfailover = [\"openai-eu\"]\n\
+         [providers.openai-eu]\nkind = \"openai\"\nbase_url = \"https://eu.example\"\napi_key_env = \"E\"\n",
+    )
+    .unwrap();
+    let p = c.resolved_providers().unwrap();
+    assert_eq!(
+        (p["openai"].weight, p["openai"].failover.clone()),
+        (3, vec!["openai-eu".to_owned()])
+    );
+    for (toml, key) in [
+        (
+            "[providers.openai]\nfailover = [\"nope\"]\n",
+            "providers.openai.failover[0]",
+        ),
+        (
+            "[providers.openai]\nfailover = [\"openai\"]\n",
+            "providers.openai.failover[0]",
+        ),
+        (
+            "[providers.openai]\nfailover = [\"anthropic\"]\n",
+            "providers.openai.failover[0]",
+        ),
+        (
+            "[providers.openai]\nweight = 1001\n",
+            "providers.openai.weight",
+        ),
+    ] {
+        let e = with(toml)
+            .and_then(|c| c.resolved_providers().map(|_| c))
+            .unwrap_err();
+        assert_eq!(e.key, key, "{toml}");
+    }
+}

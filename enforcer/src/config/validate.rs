@@ -132,6 +132,8 @@ impl Config {
                 api_key_env: env.into(),
                 ca_file: None,
                 inject_include_usage: true,
+                weight: 1,
+                failover: Vec::new(),
             };
             out.insert(name.to_owned(), p);
         }
@@ -189,9 +191,12 @@ impl Config {
                 api_key_env,
                 ca_file: pc.ca_file.clone(),
                 inject_include_usage: pc.inject_include_usage.unwrap_or(true),
+                weight: pc.weight.unwrap_or(1),
+                failover: pc.failover.clone().unwrap_or_default(),
             };
             out.insert(name.clone(), p);
         }
+        check_failover(&out)?;
         Ok(out)
     }
 
@@ -238,6 +243,8 @@ impl Config {
                         kind: Some(p.kind),
                         ca_file: p.ca_file,
                         inject_include_usage: Some(p.inject_include_usage),
+                        weight: Some(p.weight),
+                        failover: (!p.failover.is_empty()).then_some(p.failover),
                     };
                     (p.name, pc)
                 })
@@ -249,4 +256,54 @@ impl Config {
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
     }
+}
+
+/// Each route's `failover` names other routes of the same kind, once each, and its weight is at
+/// most 1000; a route with failover routes and those routes do not all have weight 0 (a route
+/// called directly with no failover always goes to itself, whatever its weight).
+fn check_failover(ps: &BTreeMap<String, Provider>) -> Result<(), ConfigError> {
+    for p in ps.values() {
+        let key = |k: &str| format!("providers.{}.{k}", p.name);
+        if p.weight > 1000 {
+            return Err(bad(key("weight"), "must be 0 to 1000"));
+        }
+        for (i, f) in p.failover.iter().enumerate() {
+            let Some(other) = ps.get(f) else {
+                return Err(bad(
+                    format!("providers.{}.failover[{i}]", p.name),
+                    format!("{f:?} is not a configured provider"),
+                ));
+            };
+            if f == &p.name || p.failover[..i].contains(f) {
+                return Err(bad(
+                    format!("providers.{}.failover[{i}]", p.name),
+                    format!("{f:?} is the route itself or listed twice"),
+                ));
+            }
+            if other.kind != p.kind {
+                return Err(bad(
+                    format!("providers.{}.failover[{i}]", p.name),
+                    format!(
+                        "{f:?} is a {:?} provider, not {:?}: a failover route must speak the same API",
+                        other.kind, p.kind
+                    ),
+                ));
+            }
+        }
+        let total: u32 = std::iter::once(p.weight)
+            .chain(
+                p.failover
+                    .iter()
+                    .filter_map(|f| ps.get(f))
+                    .map(|o| o.weight),
+            )
+            .sum();
+        if total == 0 && !p.failover.is_empty() {
+            return Err(bad(
+                key("weight"),
+                "the route and its failover routes all have weight 0: no upstream would get a first attempt",
+            ));
+        }
+    }
+    Ok(())
 }

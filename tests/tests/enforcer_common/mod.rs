@@ -58,7 +58,8 @@ pub fn hash_key(key: &str) -> String {
 pub struct Opts {
     /// Top-level TOML keys put before any table (unknown_model, timeouts via dotted keys, ...).
     pub top_toml: String,
-    /// TOML appended to the generated config (budgets, session, ...).
+    /// TOML appended to the generated config (budgets, session, ...). `@MOCK_HTTPS@`,
+    /// `@MOCK_HTTP@` and `@MOCK_CA@` are replaced with the stack's mock URLs and CA file.
     pub extra_toml: String,
     /// Mock config changes.
     pub mock_output_tokens: Option<u64>,
@@ -186,7 +187,11 @@ impl Stack {
                 h_ops = hash_key(KEY_OPS),
                 h_wild = hash_key(KEY_WILD),
                 h_bound = hash_key(KEY_BOUND),
-                extra = opts.extra_toml,
+                extra = opts
+                    .extra_toml
+                    .replace("@MOCK_HTTPS@", &mock.https_url())
+                    .replace("@MOCK_HTTP@", &mock.http_url())
+                    .replace("@MOCK_CA@", &mock.ca_pem_path().display().to_string()),
                 top = opts.top_toml,
             );
             let cfg_path = dir.path().join("enforcer.toml");

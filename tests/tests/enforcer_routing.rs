@@ -1,0 +1,164 @@
+//! Routing across upstreams of one provider: weights split first attempts exactly, and a
+//! connect error, 429 or 5xx before any response byte moves the call to the next route with its
+//! one reservation, so only the upstream that answered is billed.
+
+mod enforcer_common;
+
+use enforcer_common::{KEY_OPS, Opts, Stack, UPSTREAM_KEY, http};
+use ledger::Nanos;
+use ledger::price::PriceTable;
+use llmwarden_tests::mock::{Fault, MockConfig, MockProvider};
+use serde_json::{Value, json};
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "gpt-4o-mini", "max_tokens": 20, "stream": stream,
+           "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+async fn call(stack: &Stack, route: &str, tenant: &str, stream: bool) -> (u16, String) {
+    let r = http()
+        .post(format!("{}/chat/completions", stack.base(route)))
+        .bearer_auth(KEY_OPS)
+        .header("x-tenant-id", tenant)
+        .json(&chat(stream))
+        .send()
+        .await
+        .expect("POST");
+    let st = r.status().as_u16();
+    (st, r.text().await.unwrap_or_default())
+}
+
+/// (calls answered 200, nano-USD) a mock billed, at the built-in prices.
+fn billed(m: &MockProvider) -> (usize, Nanos) {
+    let t = PriceTable::builtin();
+    let ok: Vec<_> = m
+        .ledger()
+        .calls()
+        .into_iter()
+        .filter(|c| c.status == 200)
+        .collect();
+    let cost = ok
+        .iter()
+        .map(|c| {
+            t.cost(&c.response_model, &c.usage)
+                .nanos()
+                .expect("priced")
+                .0
+        })
+        .sum();
+    (ok.len(), Nanos(cost))
+}
+
+fn metric(text: &str, needle: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn mock_cfg(fault: Option<Fault>) -> MockConfig {
+    MockConfig {
+        require_key: Some(UPSTREAM_KEY.to_owned()),
+        fault,
+        ..MockConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_bills_only_the_upstream_that_answered_and_weights_split_exactly() {
+    let failing = MockProvider::start(mock_cfg(Some(Fault::Status(503)))).await;
+    let limited = MockProvider::start(mock_cfg(Some(Fault::Status(429)))).await;
+    let second = MockProvider::start(mock_cfg(None)).await;
+    let closed = llmwarden_tests::process::free_port();
+    let route = |name: &str, url: String, weight: u32, failover: &str| {
+        format!(
+            "\n[providers.{name}]\nkind = \"openai\"\nbase_url = \"{url}/v1\"\napi_key_env = \"TEST_MOCK_KEY\"\nweight = {weight}\nfailover = [{failover}]\n"
+        )
+    };
+    let backup = |name: &str, weight: u32| {
+        format!(
+            "\n[providers.{name}]\nkind = \"openai\"\nbase_url = \"@MOCK_HTTPS@/v1\"\nca_file = \"@MOCK_CA@\"\napi_key_env = \"TEST_MOCK_KEY\"\nweight = {weight}\n"
+        )
+    };
+    let mut extra = String::new();
+    // The stack's own mock (TLS) as a failover-only route, and as a weight-1 route.
+    extra.push_str(&backup("backup", 0));
+    extra.push_str(&backup("backup1", 1));
+    extra.push_str(&route("primary", failing.http_url(), 1, "\"backup\""));
+    extra.push_str(&route("busy", limited.http_url(), 1, "\"backup\""));
+    extra.push_str(&route(
+        "down",
+        format!("http://127.0.0.1:{closed}"),
+        1,
+        "\"backup\"",
+    ));
+    extra.push_str(&route("allbad", failing.http_url(), 1, "\"busy\""));
+    extra.push_str(&route("split", second.http_url(), 3, "\"backup1\""));
+    let stack = Stack::start(Opts {
+        extra_toml: extra,
+        ..Opts::default()
+    })
+    .await;
+
+    // A 503, a 429 and a refused connection each move the call to the backup: the client gets
+    // the backup's answer; the tenant is billed what the backup billed, once per call.
+    for (route, tenant) in [
+        ("primary", "fo-503"),
+        ("busy", "fo-429"),
+        ("down", "fo-connect"),
+    ] {
+        for stream in [false, true] {
+            let (st, body) = call(&stack, route, tenant, stream).await;
+            assert_eq!(st, 200, "{route}: {body}");
+        }
+    }
+    let s503 = stack.settled("fo-503", 2).await;
+    let s429 = stack.settled("fo-429", 2).await;
+    let sconn = stack.settled("fo-connect", 2).await;
+    assert_eq!(
+        (s503.requests, s429.requests, sconn.requests),
+        (2, 2, 2),
+        "one reservation per call"
+    );
+    let (backup_calls, backup_cost) = billed(&stack.mock);
+    assert_eq!(backup_calls, 6, "the backup answered every call");
+    assert_eq!(
+        s503.spend.0 + s429.spend.0 + sconn.spend.0,
+        backup_cost.0,
+        "billed exactly what the upstream that answered billed"
+    );
+    assert_eq!(billed(&failing).1, Nanos::ZERO);
+    assert_eq!(billed(&limited).1, Nanos::ZERO);
+    let m = stack.metrics().await;
+    for (from, reason) in [("primary", "503"), ("busy", "429"), ("down", "connect")] {
+        let needle = format!(
+            "llmwarden_upstream_failovers_total{{from=\"{from}\",to=\"backup\",reason=\"{reason}\"}}"
+        );
+        assert_eq!(metric(&m, &needle), 2, "{needle}\n{m}");
+    }
+    let log = stack.log();
+    assert!(
+        log.contains("\"upstream\":\"backup\"") && log.contains("\"attempts\":2"),
+        "the call log names the upstream"
+    );
+
+    // Every route fails: the client gets the last provider error as is; nothing is billed.
+    let before = stack.spend("fo-allbad").await;
+    let (st, body) = call(&stack, "allbad", "fo-allbad", false).await;
+    assert_eq!(st, 429, "{body}");
+    let after = stack.settled("fo-allbad", 0).await;
+    assert_eq!((after.spend, after.held), (before.spend, Nanos::ZERO));
+
+    // Weights 3 and 1: 40 calls, exactly 30 and 10 first attempts, each billed where it ran.
+    let backup_before = billed(&stack.mock);
+    for _ in 0..40 {
+        let (st, body) = call(&stack, "split", "w-split", false).await;
+        assert_eq!(st, 200, "{body}");
+    }
+    let split = stack.settled("w-split", 40).await;
+    let (n2, c2) = billed(&second);
+    let (nb, cb) = billed(&stack.mock);
+    assert_eq!((n2, nb - backup_before.0), (30, 10));
+    assert_eq!(split.spend.0, c2.0 + cb.0 - backup_before.1.0);
+}
