@@ -36,6 +36,9 @@ pub struct Call {
     pub upstream: String,
     /// Upstream attempts made (0 before forwarding).
     pub attempts: u32,
+    /// The model the request named when a budget-aware downgrade replaced it (`model` is then
+    /// the one that ran).
+    pub routed_from: Option<String>,
     /// When the call arrived (wall clock: picks the ledger's day and month).
     pub started_at: DateTime<Utc>,
     /// When the call arrived (monotonic: latency).
@@ -57,6 +60,7 @@ impl Call {
             model: String::new(),
             upstream: String::new(),
             attempts: 0,
+            routed_from: None,
             started_at: Utc::now(),
             start: Instant::now(),
         }
@@ -154,6 +158,7 @@ impl<'a> CallLog<'a> {
             provider = %c.provider,
             upstream = %c.upstream,
             attempts = c.attempts,
+            routed_from = c.routed_from.as_deref().unwrap_or(""),
             api = c.api,
             model = self.model.unwrap_or(&c.model),
             input_tokens = self.usage.prompt_tokens(),

@@ -163,6 +163,23 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     /// Budgets seeded into Redis at start.
     pub budgets: Vec<BudgetConfig>,
+    /// Budget-aware downgrades: when a cap would deny a model, the next model of a chain.
+    pub downgrades: Vec<DowngradeConfig>,
+}
+
+/// One downgrade chain: calls of `tenant` (and `feature`) to a model matching `from` that a
+/// budget would deny are reserved and sent as the first model of `to` that fits.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DowngradeConfig {
+    /// Tenant, or "*" (default) for every tenant.
+    pub tenant: String,
+    /// Only calls billing this feature (default: any).
+    pub feature: Option<String>,
+    /// A model glob, e.g. "gpt-4o" or "claude-sonnet-*".
+    pub from: String,
+    /// Models to try in order, each reserved atomically against every cap.
+    pub to: Vec<String>,
 }
 
 impl Default for Config {
@@ -212,6 +229,7 @@ impl Default for Config {
             providers: BTreeMap::new(),
             keys: Vec::new(),
             budgets: Vec::new(),
+            downgrades: Vec::new(),
         }
     }
 }

@@ -38,6 +38,20 @@ pub async fn decide(
     call: &Call,
 ) -> Result<Decision, ProxyError> {
     check_loops(app, adm, call).await?;
+    reserve_worst_case(app, info, call).await
+}
+
+/// Prices the worst case of `call` (its `model`, the request `info`) and reserves it against
+/// every cap: the decision without the loop check (a downgrade reserves again through here,
+/// without counting the call twice in its session).
+///
+/// # Errors
+/// [`ProxyError::UnknownModel`], [`ProxyError::Budget`], [`ProxyError::LedgerUnavailable`].
+pub async fn reserve_worst_case(
+    app: &App,
+    info: &RequestInfo,
+    call: &Call,
+) -> Result<Decision, ProxyError> {
     let (input_estimate, amount) = worst_case(app, info, &call.model)?;
     let rr = ReserveRequest {
         tenant: call.tenant.clone(),

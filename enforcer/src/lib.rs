@@ -18,6 +18,7 @@ pub mod budget;
 pub mod call;
 pub mod config;
 pub mod decide;
+pub mod downgrade;
 pub mod error;
 pub mod forward;
 pub mod inflight;
@@ -85,6 +86,8 @@ pub struct App {
     upstream_keys: BTreeMap<String, String>,
     /// Proxy keys of the config file.
     pub keys: KeyStore,
+    /// Budget-aware downgrade chains.
+    pub downgrades: downgrade::Downgrades,
     /// Proxy keys made at runtime (`None` with `runtime_keys = false`).
     pub runtime_keys: Option<keys::RuntimeKeys>,
     /// Upstream clients.
@@ -162,6 +165,7 @@ impl App {
             ),
             metrics,
             keys: KeyStore::new(&cfg.keys),
+            downgrades: downgrade::Downgrades::new(&cfg.downgrades),
             runtime_keys: cfg
                 .runtime_keys
                 .then(|| keys::RuntimeKeys::new(ledger.clone())),

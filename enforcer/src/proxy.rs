@@ -25,13 +25,13 @@ use ledger::usage::StreamMeter;
 
 use crate::admit::{self, Admission};
 use crate::call::{Admitting, Call, CallLog, Decision};
-use crate::decide;
 use crate::error::{Origin, ProxyError};
 use crate::forward;
 use crate::inflight::HeldBody;
 use crate::meter::{MeteredBody, collect_bounded};
 use crate::settle::{Settler, StoredObject};
 use crate::{App, ProxyBody, REQUEST_ID_HEADER, full_body, route, usd_string};
+use crate::{decide, downgrade};
 
 /// Serves one request on the proxy listener.
 pub async fn handle(app: Arc<App>, req: http::Request<Incoming>) -> Response<ProxyBody> {
@@ -44,6 +44,15 @@ pub async fn handle(app: Arc<App>, req: http::Request<Incoming>) -> Response<Pro
     if let Ok(v) = HeaderValue::from_str(&a.call.request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
+    if let Some(from) = &a.call.routed_from
+        && let (Ok(f), Ok(t)) = (
+            HeaderValue::from_str(from),
+            HeaderValue::from_str(&a.call.model),
+        )
+    {
+        resp.headers_mut().insert(downgrade::ROUTED_FROM, f);
+        resp.headers_mut().insert(downgrade::ROUTED_TO, t);
+    }
     resp
 }
 
@@ -54,14 +63,20 @@ async fn run(
     a: &mut Admitting,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let call = &mut a.call;
-    let adm = admit::admit(app, req, call).await?;
+    let mut adm = admit::admit(app, req, call).await?;
     let Some(endpoint) = adm.endpoint.clone() else {
         let r = passthrough(app, call, &adm).await;
         a.handed_off = r.is_ok();
         return r;
     };
     let info = admit::parse(app, &adm, &endpoint, call).await?;
-    let decision = decide::decide(app, &adm, &info, call).await?;
+    let (info, decision) = match decide::decide(app, &adm, &info, call).await {
+        Ok(d) => (info, d),
+        Err(e @ ProxyError::Budget(_)) => {
+            downgrade::try_chain(app, &mut adm, &endpoint, call, e).await?
+        }
+        Err(e) => return Err(e),
+    };
     app.metrics
         .overhead
         .observe(call.start.elapsed().as_secs_f64());

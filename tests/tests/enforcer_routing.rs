@@ -162,3 +162,118 @@ async fn failover_bills_only_the_upstream_that_answered_and_weights_split_exactl
     assert_eq!((n2, nb - backup_before.0), (30, 10));
     assert_eq!(split.spend.0, c2.0 + cb.0 - backup_before.1.0);
 }
+
+/// The official SDKs, base URL changed only: openai with stream and non-stream, anthropic.
+const PY_DOWNGRADE: &str = r#"
+import json, sys, openai, anthropic
+base, key = sys.argv[1], sys.argv[2]
+o = openai.OpenAI(base_url=base + "/proxy/openai", api_key=key, max_retries=0,
+                  default_headers={"X-Tenant-ID": "dg-tenant"})
+out = {}
+r = o.chat.completions.with_raw_response.create(
+    model="gpt-4o", max_tokens=1000, messages=[{"role": "user", "content": "hello there"}])
+c = r.parse()
+out["openai"] = {"model": c.model, "text": c.choices[0].message.content,
+                 "from": r.headers.get("x-warden-routed-from"), "to": r.headers.get("x-warden-routed-to")}
+s = o.chat.completions.create(model="gpt-4o", max_tokens=1000, stream=True,
+                              messages=[{"role": "user", "content": "hello there"}])
+models, text = set(), ""
+for ch in s:
+    models.add(ch.model)
+    if ch.choices and ch.choices[0].delta.content:
+        text += ch.choices[0].delta.content
+out["openai_stream"] = {"models": sorted(models), "text": text}
+a = anthropic.Anthropic(base_url=base + "/proxy/anthropic", api_key=key, max_retries=0,
+                        default_headers={"X-Tenant-ID": "dg-tenant"})
+m = a.messages.create(model="claude-opus-4-5", max_tokens=1000,
+                      messages=[{"role": "user", "content": "hello there"}])
+out["anthropic"] = {"model": m.model, "text": m.content[0].text}
+try:
+    o.chat.completions.create(model="gpt-4o", max_tokens=1000, messages=[{"role": "user", "content": "hi"}],
+                              extra_headers={"X-Tenant-ID": "dg-broke"})
+    out["broke"] = "allowed"
+except openai.APIStatusError as e:
+    out["broke"] = e.status_code
+print(json.dumps(out))
+"#;
+
+/// A cap that denies gpt-4o and claude-opus admits their cheaper chain models: the SDKs get
+/// normal answers from the model that ran, the ledger bills that model exactly, and a tenant
+/// whose cap denies the whole chain still gets 402.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_aware_downgrade_is_a_normal_answer_and_never_escapes_a_cap() {
+    let extra = "\n[[downgrades]]\nfrom = \"gpt-4o\"\nto = [\"gpt-4o-mini\"]\n\
+                 [[downgrades]]\nfrom = \"claude-opus-*\"\nto = [\"claude-3-haiku\"]\n\
+                 [[budgets]]\ntenant = \"dg-tenant\"\nperiod = \"month\"\nlimit_usd = 0.005\n\
+                 [[budgets]]\ntenant = \"dg-broke\"\nperiod = \"month\"\nlimit_usd = 0.0001\n";
+    let stack = Stack::start(Opts {
+        extra_toml: extra.into(),
+        ..Opts::default()
+    })
+    .await;
+    let base = format!("http://127.0.0.1:{}", stack.port);
+    let py = llmwarden_tests::python::venv_python();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(py)
+            .args(["-c", PY_DOWNGRADE, &base, KEY_OPS])
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).expect("script JSON");
+    assert!(
+        v["openai"]["model"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("gpt-4o-mini")),
+        "{v}"
+    );
+    assert!(
+        v["openai"]["text"].as_str().is_some_and(|t| !t.is_empty()),
+        "{v}"
+    );
+    assert_eq!(v["openai"]["from"], "gpt-4o", "{v}");
+    assert_eq!(v["openai"]["to"], "gpt-4o-mini", "{v}");
+    assert!(
+        v["openai_stream"]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{v}"
+    );
+    assert!(
+        v["openai_stream"]["models"].as_array().is_some_and(|m| m
+            .iter()
+            .all(|m| m.as_str().is_some_and(|m| m.starts_with("gpt-4o-mini")))),
+        "{v}"
+    );
+    assert!(
+        v["anthropic"]["model"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("claude-3-haiku")),
+        "{v}"
+    );
+    assert_eq!(
+        v["broke"], 402,
+        "a cap that denies every model of the chain still denies: {v}"
+    );
+
+    // The mock ran only the downgraded models; the ledger holds exactly what it billed.
+    let calls = stack.mock.ledger().calls();
+    let models: Vec<_> = calls.iter().map(|c| c.model.clone()).collect();
+    assert_eq!(calls.len(), 3, "{models:?}");
+    assert!(
+        models
+            .iter()
+            .all(|m| m == "gpt-4o-mini" || m == "claude-3-haiku"),
+        "{models:?}"
+    );
+    let s = stack.settled("dg-tenant", 3).await;
+    assert_eq!(s.spend, billed(&stack.mock).1);
+    assert_eq!(stack.spend("dg-broke").await.requests, 0);
+}

@@ -20,6 +20,7 @@ impl Config {
         self.validate_limits()?;
         self.resolved_providers()?;
         self.validate_keys()?;
+        self.validate_downgrades()?;
         self.validate_budgets()
     }
 
@@ -137,6 +138,29 @@ impl Config {
         usd("redis_unavailable_cap_usd", self.redis_unavailable_cap_usd)?;
         if let Some(v) = self.session.limit_usd {
             usd("session.limit_usd", v)?;
+        }
+        Ok(())
+    }
+
+    fn validate_downgrades(&self) -> Result<(), ConfigError> {
+        for (i, d) in self.downgrades.iter().enumerate() {
+            let key = |k: &str| format!("downgrades[{i}].{k}");
+            if d.tenant != "*" && !d.tenant.is_empty() && !is_valid(&d.tenant) {
+                return Err(bad(key("tenant"), format!("\"*\" or a tenant: {RULE}")));
+            }
+            if let Some(f) = &d.feature
+                && !is_valid(f)
+            {
+                return Err(bad(key("feature"), format!("a feature name: {RULE}")));
+            }
+            globset::Glob::new(&d.from)
+                .map_err(|e| bad(key("from"), format!("not a glob: {e}")))?;
+            if d.from.is_empty() || d.to.is_empty() || d.to.iter().any(String::is_empty) {
+                return Err(bad(
+                    key("to"),
+                    "give `from` (a model glob) and `to` (models to try, in order)",
+                ));
+            }
         }
         Ok(())
     }

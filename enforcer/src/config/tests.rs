@@ -153,3 +153,25 @@ fn failover_routes_are_checked() {
         assert_eq!(e.key, key, "{toml}");
     }
 }
+
+#[test]
+fn downgrades_are_checked() {
+    let with = |t: &str| Config::parse(&format!("{t}\n{}", minimal()));
+    with("[[downgrades]]\nfrom = \"gpt-4o\"\nto = [\"gpt-4o-mini\"]\n").unwrap();
+    for (toml, key) in [
+        (
+            "[[downgrades]]\nfrom = \"gpt-4o\"\nto = []\n",
+            "downgrades[0].to",
+        ),
+        (
+            "[[downgrades]]\nfrom = \"[x\"\nto = [\"m\"]\n",
+            "downgrades[0].from",
+        ),
+        (
+            "[[downgrades]]\ntenant = \"a|b\"\nfrom = \"m\"\nto = [\"n\"]\n",
+            "downgrades[0].tenant",
+        ),
+    ] {
+        assert_eq!(with(toml).unwrap_err().key, key, "{toml}");
+    }
+}
