@@ -71,6 +71,14 @@ pub struct Config {
     pub attribution: Vec<AttributionRule>,
     /// Processes never captured.
     pub exclude: Vec<Matcher>,
+    /// Egress accounting: every TCP connection to a provider address (configured and built-in
+    /// hosts, resolved) is accounted by a `sock/inet_sock_set_state` tracepoint, and one that
+    /// carried no metered call is recorded as unmetered bypass.
+    pub egress_accounting: bool,
+    /// Processes whose provider connections are never reported as unmetered: the enforcer's own
+    /// upstream connections (rustls, never decoded). Default: any executable named `enforcer`;
+    /// in production name its systemd unit or cgroup instead.
+    pub unmetered_ignore: Vec<Matcher>,
     /// Where records that could not be written to Redis wait (fsync'd) for replay. Default
     /// `/var/lib/llmwarden/spool/observer-<hostname>-<metrics port>/`.
     pub spool_dir: Option<PathBuf>,
@@ -117,6 +125,11 @@ impl Default for Config {
             providers: Vec::new(),
             attribution: Vec::new(),
             exclude: Vec::new(),
+            egress_accounting: true,
+            unmetered_ignore: vec![Matcher {
+                exe: Some("*/enforcer".to_owned()),
+                ..Matcher::default()
+            }],
             spool_dir: None,
             spool_max_bytes: 256 << 20,
         }
@@ -320,6 +333,9 @@ impl Config {
                     );
                 }
             }
+        }
+        for (i, m) in self.unmetered_ignore.iter().enumerate() {
+            m.validate(&format!("unmetered_ignore[{i}]"))?;
         }
         for (i, m) in self.exclude.iter().enumerate() {
             m.validate(&format!("exclude[{i}]"))?;

@@ -18,7 +18,7 @@ use ledger::store::LedgerConfig;
 use observer_common::{
     HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN,
     ProcEvent, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS,
-    STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES, SslEventHeader,
+    STAT_SKIPPED_BYTES, STAT_TCP_DROPS, STAT_TRUNCATED_BYTES, SslEventHeader,
 };
 use prometheus_client::registry::Registry;
 use tokio::io::unix::AsyncFd;
@@ -62,6 +62,8 @@ struct Loop {
     pricing: Arc<Pricing>,
     caps: RecordCaps,
     outcomes: Vec<Outcome>,
+    /// Egress accounting (connections to providers), when the kernel has it.
+    egress: Option<crate::egress::Egress>,
 }
 
 /// Runs until SIGINT/SIGTERM.
@@ -69,6 +71,8 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    let egress_metrics = Arc::new(crate::egress::EgressMetrics::default());
+    egress_metrics.register(&mut registry);
     if mode == Mode::Record && !cfg.metrics_listen.is_empty() {
         let addr = cfg.metrics_listen.parse().context("metrics_listen")?;
         let registry = Arc::new(registry);
@@ -103,6 +107,13 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         .context("connecting to redis_url")?,
         Mode::Sniff => Sink::Stdout,
     };
+    let (unmetered_tx, unmetered_rx) = mpsc::channel(cfg.sink_queue);
+    tokio::spawn(crate::unmetered::run(
+        unmetered_rx,
+        sink.ledger_handle(),
+        Duration::from_secs(cfg.bypass_event_window_secs),
+        egress_metrics.clone(),
+    ));
     let (tx, mut rx) = mpsc::channel::<CallRecord>(cfg.sink_queue);
     let sink_metrics = metrics.clone();
     let sink_task = tokio::spawn(async move {
@@ -129,6 +140,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
             per_call_limit: cfg.per_call_bytes,
             wakeup_threshold: cfg.ring_buffer_bytes / 4,
             open_events: cfg.attach_on_open,
+            egress: cfg.egress_accounting,
         },
         &allow,
     )?;
@@ -138,6 +150,18 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop = Arc::new(AtomicBool::new(false));
 
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let egress = crate::egress::start(
+        maps.egress,
+        &cfg,
+        &stop,
+        unmetered_tx,
+        egress_metrics,
+        &boot_id,
+    )?;
     // The reader starts first: it drains while the discovery thread attaches.
     let lp = Loop {
         kernel: maps.kernel,
@@ -152,10 +176,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         procs: HashMap::new(),
         renamed: HashMap::new(),
         dying: Vec::new(),
-        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
+        boot_id,
         tx,
         notes: note_tx,
         pricing: Arc::new(pricing),
@@ -165,6 +186,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
                 .context("max_cost_per_call_usd")?,
         },
         outcomes: Vec::new(),
+        egress,
     };
     let poll = Duration::from_millis(cfg.poll_interval_ms);
     let (events, proc_events) = (maps.events, maps.proc_events);
@@ -255,6 +277,7 @@ impl Loop {
                 _ = tick.tick() => {
                     self.drain_procs(proc_events.get_mut());
                     self.drain(events.get_mut());
+                    self.egress_tick();
                 }
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
@@ -389,6 +412,9 @@ impl Loop {
                 "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
             return;
         }
+        if let Some(e) = self.egress.as_mut() {
+            e.note_metered(pid, &call.endpoint.provider, ts_ns);
+        }
         self.metrics
             .exchanges
             .get_or_create(&crate::metrics::ExchangeLabels {
@@ -426,6 +452,16 @@ impl Loop {
         });
         self.procs.insert(pid, p.clone());
         p
+    }
+
+    /// Drains the egress ring and decides connections whose grace has passed (egress.rs).
+    fn egress_tick(&mut self) {
+        let Some(mut e) = self.egress.take() else {
+            return;
+        };
+        e.drain(|pid| self.process(pid));
+        e.decide(&self.rules);
+        self.egress = Some(e);
     }
 
     /// Process events: forgets a re-exec'd process's old identity and hands the pid to the
@@ -489,6 +525,9 @@ impl Loop {
         for (_, pid) in gone {
             self.procs.remove(&pid);
             self.renamed.remove(&pid);
+            if let Some(e) = self.egress.as_mut() {
+                e.forget(pid);
+            }
         }
         if let Ok(stats) = self.kernel.stats() {
             let m = &self.metrics;
@@ -498,6 +537,11 @@ impl Loop {
             m.truncated_bytes.set(stats[STAT_TRUNCATED_BYTES as usize]);
             m.skipped_bytes.set(stats[STAT_SKIPPED_BYTES as usize]);
             m.proc_event_drops.set(stats[STAT_PROC_DROPS as usize]);
+            if let Some(e) = &self.egress {
+                e.metrics()
+                    .kernel_drops
+                    .set(i64::try_from(stats[STAT_TCP_DROPS as usize]).unwrap_or(i64::MAX));
+            }
         }
         self.metrics
             .connections
