@@ -215,8 +215,9 @@ pub struct TcpEvent {
     pub flags: u32,
     /// Peer port, host byte order.
     pub port: u16,
-    /// Reserved, zero.
-    pub pad: u16,
+    /// Local port, host byte order (with the peer, finds a connection opened before the
+    /// observer in userspace's scan of the host's sockets at start).
+    pub lport: u16,
 }
 
 /// Where the kernel finds the byte counters in `struct tcp_sock` (from the running kernel's BTF,

@@ -42,6 +42,7 @@ static TCP_OFFSETS: Array<TcpOffsets> = Array::with_max_entries(1, 0);
 const SKADDR: usize = 8;
 const OLDSTATE: usize = 16;
 const NEWSTATE: usize = 20;
+const SPORT: usize = 24;
 const DPORT: usize = 26;
 const FAMILY: usize = 28;
 const PROTOCOL: usize = 30;
@@ -201,7 +202,8 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
         kind: TCP_CLOSE,
         flags,
         port: key.port,
-        pad: 0,
+        // SAFETY: as above.
+        lport: unsafe { field(&ctx, SPORT) },
     });
     0
 }

@@ -45,6 +45,120 @@ pub struct Dest {
 /// Resolved provider addresses → destination, shared by the resolver and the reader.
 pub type Names = Arc<RwLock<HashMap<ProviderAddr, Dest>>>;
 
+/// A provider connection that was open when the observer started: its process and when the
+/// scan saw it.
+#[derive(Debug, Clone)]
+pub struct Preexisting {
+    /// The process holding the socket (read at the scan).
+    pub proc: ProcessInfo,
+    /// When the scan saw it.
+    pub seen: chrono::DateTime<chrono::Utc>,
+}
+
+/// Connections open before the observer started, by (local port, peer).
+pub type Joined = Arc<std::sync::Mutex<HashMap<(u16, ProviderAddr), Preexisting>>>;
+
+/// Parses an address of `/proc/net/tcp` (`0100007F:1F90`) or `/proc/net/tcp6` (32 hex digits):
+/// each 32-bit word is printed as the native (little-endian here) integer of network-order bytes.
+fn proc_net_addr(s: &str) -> Option<(IpAddr, u16)> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..addr.len()).step_by(8) {
+        let w = u32::from_str_radix(addr.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&w.to_le_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        16 => IpAddr::from(<[u8; 16]>::try_from(bytes.as_slice()).ok()?),
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+/// The host's TCP sockets connected to a provider address: inode → (local port, peer).
+fn provider_sockets(names: &HashMap<ProviderAddr, Dest>) -> HashMap<u64, (u16, ProviderAddr)> {
+    let mut out = HashMap::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() < 10 || f[3] == "0A" {
+                continue;
+            }
+            let (Some((_, lport)), Some((rip, rport))) = (proc_net_addr(f[1]), proc_net_addr(f[2]))
+            else {
+                continue;
+            };
+            let key = provider_addr(rip, rport);
+            if let (true, Ok(inode)) = (names.contains_key(&key), f[9].parse::<u64>())
+                && inode != 0
+            {
+                out.insert(inode, (lport, key));
+            }
+        }
+    }
+    out
+}
+
+/// Finds the processes holding the provider connections open now (`/proc/*/fd`), so a
+/// connection that predates the observer is attributed when it ends. Returns how many.
+fn scan_preexisting(names: &Names, joined: &Joined) -> usize {
+    let sockets = match names.read() {
+        Ok(n) => provider_sockets(&n),
+        Err(_) => return 0,
+    };
+    if sockets.is_empty() {
+        return 0;
+    }
+    let seen = chrono::Utc::now();
+    let mut found = 0;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let Some(inode) = link
+                .to_str()
+                .and_then(|l| l.strip_prefix("socket:["))
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|l| l.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Some(&(lport, key)) = sockets.get(&inode) else {
+                continue;
+            };
+            let proc =
+                ProcessInfo::read(std::path::Path::new("/proc"), pid).unwrap_or(ProcessInfo {
+                    pid,
+                    ..ProcessInfo::default()
+                });
+            if let Ok(mut j) = joined.lock() {
+                j.insert((lport, key), Preexisting { proc, seen });
+                found += 1;
+            }
+        }
+    }
+    found
+}
+
 /// A provider connection that carried no metered call: what goes to the ledger. Metadata only.
 #[derive(Debug, Clone, Serialize)]
 pub struct UnmeteredRecord {
@@ -203,16 +317,29 @@ pub struct Resolver {
     pub map: BpfHashMap<MapData, ProviderAddr, u32>,
     /// Shared with the reader.
     pub names: Names,
+    /// Connections open before start, found after the first resolution.
+    pub joined: Joined,
 }
 
 impl Resolver {
     /// Runs until `stop`.
     pub fn run(mut self, stop: &AtomicBool) {
         let mut next = Instant::now();
+        let mut first = true;
         while !stop.load(Ordering::Relaxed) {
             if Instant::now() >= next {
                 self.resolve_all();
                 next = Instant::now() + RESOLVE_EVERY;
+                if first {
+                    first = false;
+                    let open = scan_preexisting(&self.names, &self.joined);
+                    let addrs = self.names.read().map(|n| n.len()).unwrap_or(0);
+                    tracing::info!(
+                        provider_addresses = addrs,
+                        open_before_start = open,
+                        "egress accounting on"
+                    );
+                }
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -285,10 +412,12 @@ pub fn start(
             .map(|(h, n)| (h.to_owned(), n.to_owned())),
     );
     let names: Names = Arc::default();
+    let joined: Joined = Arc::default();
     let resolver = Resolver {
         hosts,
         map: maps.addrs,
         names: names.clone(),
+        joined: joined.clone(),
     };
     let stop = stop.clone();
     std::thread::Builder::new()
@@ -297,6 +426,7 @@ pub fn start(
     Ok(Some(Egress::new(
         maps.events,
         names,
+        joined,
         ignore,
         tx,
         metrics,
@@ -315,12 +445,15 @@ struct Closed {
     due: Instant,
     ev: TcpEvent,
     proc: ProcessInfo,
+    /// For a connection that predates the observer: when the scan at start saw it.
+    seen: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The reader's side: pairs opens and closes, remembers metered calls, decides.
 pub struct Egress {
     events: RingBuf<MapData>,
     names: Names,
+    joined: Joined,
     open: HashMap<u64, Open>,
     closed: VecDeque<Closed>,
     /// Kernel times of metered calls, per process.
@@ -355,6 +488,7 @@ impl Egress {
     pub fn new(
         events: RingBuf<MapData>,
         names: Names,
+        joined: Joined,
         ignore: Vec<CompiledMatcher>,
         tx: mpsc::Sender<UnmeteredRecord>,
         metrics: Arc<EgressMetrics>,
@@ -363,6 +497,7 @@ impl Egress {
         Egress {
             events,
             names,
+            joined,
             open: HashMap::new(),
             closed: VecDeque::new(),
             metered: HashMap::new(),
@@ -419,15 +554,37 @@ impl Egress {
                     );
                 }
                 TCP_CLOSE => {
+                    let mut ev = ev;
+                    let mut seen = None;
                     let proc = match self.open.remove(&ev.sk) {
                         Some(o) if o.start_ns == ev.start_ns => o.proc,
                         _ if ev.pid != 0 => process(ev.pid),
-                        _ => ProcessInfo::default(),
+                        _ => {
+                            let key = ProviderAddr {
+                                addr: ev.addr,
+                                port: ev.port,
+                                pad: [0; 6],
+                            };
+                            let pre = self
+                                .joined
+                                .lock()
+                                .ok()
+                                .and_then(|mut j| j.remove(&(ev.lport, key)));
+                            match pre {
+                                Some(p) => {
+                                    ev.pid = p.proc.pid;
+                                    seen = Some(p.seen);
+                                    p.proc
+                                }
+                                None => ProcessInfo::default(),
+                            }
+                        }
                     };
                     self.closed.push_back(Closed {
                         due: now + VERDICT_GRACE,
                         ev,
                         proc,
+                        seen,
                     });
                 }
                 _ => {}
@@ -469,11 +626,16 @@ impl Egress {
                 provider: "unknown".to_owned(),
             });
         let until = ev.ts_ns + u64::try_from(VERDICT_GRACE.as_nanos()).unwrap_or(u64::MAX);
-        let metered = if joined {
+        let metered = if joined && ev.pid == 0 {
             // No pid: any call metered to this provider up to its close counts for it.
             self.metered_provider
                 .get(&dest.provider)
                 .is_some_and(|&t| t <= until)
+        } else if joined {
+            // Its start is unknown: any call of its process up to its close counts for it.
+            self.metered
+                .get(&ev.pid)
+                .is_some_and(|q| q.iter().any(|&t| t <= until))
         } else {
             self.metered
                 .get(&ev.pid)
@@ -524,11 +686,15 @@ impl Egress {
             tenant: who.tenant,
             bytes_out: ev.bytes_out,
             bytes_in: ev.bytes_in,
-            started_at: wall(if joined { ev.ts_ns } else { ev.start_ns }),
-            duration_ms: if joined {
-                0
-            } else {
-                ev.ts_ns.saturating_sub(ev.start_ns) / 1_000_000
+            started_at: c
+                .seen
+                .unwrap_or_else(|| wall(if joined { ev.ts_ns } else { ev.start_ns })),
+            duration_ms: match c.seen {
+                Some(seen) => {
+                    u64::try_from((wall(ev.ts_ns) - seen).num_milliseconds()).unwrap_or(0)
+                }
+                None if joined => 0,
+                None => ev.ts_ns.saturating_sub(ev.start_ns) / 1_000_000,
             },
             joined,
         };
@@ -552,6 +718,19 @@ mod tests {
         assert_eq!(split_host("api.openai.com"), ("api.openai.com".into(), 443));
         assert_eq!(split_host("[::1]:9000"), ("::1".into(), 9000));
         assert_eq!(split_host("[::1]"), ("::1".into(), 443));
+    }
+
+    #[test]
+    fn proc_net_tcp_addresses() {
+        assert_eq!(
+            proc_net_addr("0100007F:1F90"),
+            Some(("127.0.0.1".parse().unwrap(), 8080))
+        );
+        assert_eq!(
+            proc_net_addr("00000000000000000000000001000000:01BB"),
+            Some(("::1".parse().unwrap(), 443))
+        );
+        assert_eq!(proc_net_addr("zz:1"), None);
     }
 
     #[test]

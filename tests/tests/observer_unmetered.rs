@@ -11,6 +11,8 @@
 //!
 //! Needs root (eBPF). Fails — never skips — when not root.
 
+mod enforcer_common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -291,4 +293,129 @@ fn tls_to_a_host_that_is_no_provider_is_not_reported() {
         0
     );
     assert!(unmetered_events(&redis.url()).is_empty());
+}
+
+#[test]
+fn a_connection_opened_before_the_observer_is_reported_flagged_joined() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let m = MockProvider::start_background(MockConfig::default());
+    let host = m.addr().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let go = dir.path().join("go");
+    let child = Command::new(env!("CARGO_BIN_EXE_rustls-client"))
+        .args(["--url", &m.https_url(), "--calls", "2", "--ca"])
+        .arg(m.ca_pem_path())
+        .arg("--wait-file")
+        .arg(&go)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rustls-client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while m.ledger().calls().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the first call never reached the mock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The client's connection is open (its first call done) before the observer starts.
+    let obs = Observer::start(&redis.url(), &[(&host, "openai")], RULES, false);
+    obs.wait_log("open_before_start=1", Duration::from_secs(20));
+    std::fs::write(&go, b"").expect("go");
+    let out = child.wait_with_output().expect("rustls-client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_slice(&out.stdout).expect("JSON line");
+    let sent = line["request_body_bytes"].as_u64().expect("sent");
+    assert_eq!(m.ledger().calls().len(), 2);
+
+    let u = wait_unmetered(&redis.url(), "t-rustls", 1, &obs);
+    assert_eq!(u.connections, 1, "{u:?}");
+    let e = &u.entries[0];
+    assert_eq!(
+        (e.service.as_str(), e.host.as_str()),
+        ("rustls-agent", host.as_str())
+    );
+    // The socket's own counters: the whole connection, the call before the observer included.
+    assert!(
+        (sent..=sent + TLS_OVERHEAD).contains(&e.bytes_out),
+        "bytes out {} for {sent} body bytes",
+        e.bytes_out
+    );
+    let events = unmetered_events(&redis.url());
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["joined"], "1");
+    assert_eq!(events[0]["pid"], line["pid"].to_string());
+    assert_eq!(obs.metric("llmwarden_observer_unmetered_joined_total"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::await_holding_lock,
+    reason = "the guard serialises whole tests (one observer at a time); nothing else takes it in this runtime"
+)]
+async fn the_enforcers_own_upstream_connection_is_neither_metered_nor_unmetered() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut stack = enforcer_common::Stack::start(enforcer_common::Opts::default()).await;
+    let host = stack.mock.addr().to_string();
+    let obs = Observer::start(&stack.redis.url(), &[(&host, "openai")], RULES, false);
+
+    let r = enforcer_common::http()
+        .post(format!("{}/chat/completions", stack.base("openai")))
+        .bearer_auth(enforcer_common::KEY_ACME)
+        .header("content-type", "application/json")
+        .body(
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"via the enforcer"}]}"#,
+        )
+        .send()
+        .await
+        .expect("enforcer call");
+    assert!(r.status().is_success(), "{}", r.status());
+    let s = stack.settled("acme", 1).await;
+    assert_eq!(
+        s.by_source.observer.0, 0,
+        "the observer cannot decode rustls"
+    );
+    // Its pooled upstream connection ends with the process.
+    stack.enforcer.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while obs.metric("llmwarden_observer_provider_connections_total") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the enforcer's upstream connection was never decided; log:\n{}",
+            obs.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(SETTLE).await;
+    let metrics = obs.metrics();
+    assert!(
+        metrics.contains("llmwarden_observer_provider_connections_total{verdict=\"ignored\"}"),
+        "{metrics}"
+    );
+    assert_eq!(
+        obs.metric("llmwarden_observer_unmetered_connections_total"),
+        0
+    );
+    let url = stack.redis.url();
+    let (acme, unattributed) = tokio::task::spawn_blocking(move || {
+        (
+            unmetered(&url, "acme").connections,
+            unmetered(&url, "unattributed").connections,
+        )
+    })
+    .await
+    .expect("join");
+    assert_eq!((acme, unattributed), (0, 0));
 }

@@ -40,6 +40,7 @@ fn try_load(ebpf: &mut Ebpf) -> Result<EgressMaps> {
             ("const void * skaddr", 8),
             ("int oldstate", 16),
             ("int newstate", 20),
+            ("__u16 sport", 24),
             ("__u16 dport", 26),
             ("__u16 family", 28),
             ("__u16 protocol", 30),

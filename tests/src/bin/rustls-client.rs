@@ -27,6 +27,9 @@ struct Args {
     /// Bytes of prompt text per call.
     #[arg(long, default_value_t = 20_000)]
     prompt_bytes: usize,
+    /// After the first call, wait (keeping the connection open) until this file exists.
+    #[arg(long)]
+    wait_file: Option<PathBuf>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -45,7 +48,18 @@ async fn main() -> anyhow::Result<()> {
     })
     .to_string();
     let (mut sent, mut received) = (0usize, 0usize);
-    for _ in 0..args.calls {
+    for i in 0..args.calls {
+        if i == 1
+            && let Some(f) = &args.wait_file
+        {
+            eprintln!(
+                "rustls-client: first call done, waiting for {}",
+                f.display()
+            );
+            while !f.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
         let resp = client
             .post(format!("{}/v1/chat/completions", args.url))
             .header("content-type", "application/json")
