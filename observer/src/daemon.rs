@@ -64,6 +64,9 @@ struct Loop {
     outcomes: Vec<Outcome>,
     /// Egress accounting (connections to providers), when the kernel has it.
     egress: Option<crate::egress::Egress>,
+    /// `provider_identity = "connection"`: a decoded call needs its process's connection to
+    /// the provider.
+    identity_by_connection: bool,
 }
 
 /// Runs until SIGINT/SIGTERM.
@@ -186,6 +189,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
                 .context("max_cost_per_call_usd")?,
         },
         outcomes: Vec::new(),
+        identity_by_connection: cfg.provider_identity == "connection",
         egress,
     };
     let poll = Duration::from_millis(cfg.poll_interval_ms);
@@ -274,14 +278,17 @@ impl Loop {
             tokio::select! {
                 // Process events first: a rename committed before a process's TLS call is
                 // applied before that call is attributed.
+                // Provider connections before TLS data: a call is then never seen before the
+                // connection that carried it (`provider_identity = "connection"`).
                 _ = tick.tick() => {
                     self.drain_procs(proc_events.get_mut());
-                    self.drain(events.get_mut());
                     self.egress_tick();
+                    self.drain(events.get_mut());
                 }
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
                     self.drain_procs(proc_events.get_mut());
+                    self.egress_tick();
                     self.drain(guard.get_inner_mut());
                     guard.clear_ready();
                 }
@@ -410,6 +417,23 @@ impl Loop {
                 service = %rec.service, pid = rec.pid, comm = %rec.comm,
                 tokens_in = rec.input_tokens, tokens_out = rec.output_tokens, cost_nusd = rec.cost_nusd,
                 "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
+            return;
+        }
+        if self.identity_by_connection
+            && self
+                .egress
+                .as_ref()
+                .is_none_or(|e| !e.vouches(pid, &call.endpoint.provider, ts_ns))
+        {
+            self.metrics
+                .records_refused
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: "no_provider_connection".to_owned(),
+                })
+                .inc();
+            tracing::warn!(provider = %rec.provider, service = %rec.service, pid = rec.pid,
+                comm = %rec.comm, "call refused: its process has no connection to that provider's \
+                addresses (provider_identity = \"connection\"); a Host header alone is only a claim");
             return;
         }
         if let Some(e) = self.egress.as_mut() {

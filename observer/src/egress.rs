@@ -434,6 +434,16 @@ pub fn start(
     )))
 }
 
+/// Where `addr`:`port` leads, if it is a resolved provider address.
+fn dest(names: &Names, addr: [u8; 16], port: u16) -> Option<Dest> {
+    let key = ProviderAddr {
+        addr,
+        port,
+        pad: [0; 6],
+    };
+    names.read().ok().and_then(|n| n.get(&key).cloned())
+}
+
 /// A connection seen opening.
 struct Open {
     start_ns: u64,
@@ -464,7 +474,23 @@ pub struct Egress {
     tx: mpsc::Sender<UnmeteredRecord>,
     metrics: Arc<EgressMetrics>,
     boot_id: String,
+    /// Provider connections per process (provider name, kernel start; closed ones kept
+    /// [`CONNECTED_KEEP`]), for `provider_identity = "connection"`.
+    connected: HashMap<u32, Vec<Connected>>,
 }
+
+/// A provider connection of a process, as `provider_identity = "connection"` needs it.
+struct Connected {
+    provider: String,
+    start_ns: u64,
+    /// When its close was drained (None: open).
+    closed: Option<Instant>,
+}
+
+/// How long a closed provider connection still vouches for its process's calls: a call is
+/// recorded when its response ends, at the connection's end, or at the latest 5 s after its
+/// process exits (`EXIT_GRACE`).
+const CONNECTED_KEEP: Duration = Duration::from_secs(30);
 
 /// `CLOCK_MONOTONIC` now, ns (the clock of `bpf_ktime_get_ns`).
 fn mono_ns() -> u64 {
@@ -506,7 +532,25 @@ impl Egress {
             tx,
             metrics,
             boot_id,
+            connected: HashMap::new(),
         }
+    }
+
+    /// Whether process `pid` had a TCP connection to `provider`'s addresses, opened before kernel
+    /// time `ts_ns` (open then, or closed within [`CONNECTED_KEEP`]), or one the scan at start
+    /// found: what identifies the provider of a decoded call under
+    /// `provider_identity = "connection"` (a Host header alone is only a claim).
+    pub fn vouches(&self, pid: u32, provider: &str, ts_ns: u64) -> bool {
+        let live = self.connected.get(&pid).is_some_and(|v| {
+            v.iter()
+                .any(|c| c.provider == provider && c.start_ns <= ts_ns)
+        });
+        live || self.joined.lock().is_ok_and(|j| {
+            j.iter().any(|((_, key), p)| {
+                p.proc.pid == pid
+                    && dest(&self.names, key.addr, key.port).is_some_and(|d| d.provider == provider)
+            })
+        })
     }
 
     /// The metrics (the reader sets the kernel drop gauge).
@@ -544,6 +588,13 @@ impl Egress {
             drop(item);
             match ev.kind {
                 TCP_OPEN => {
+                    if let Some(d) = dest(&self.names, ev.addr, ev.port) {
+                        self.connected.entry(ev.pid).or_default().push(Connected {
+                            provider: d.provider,
+                            start_ns: ev.start_ns,
+                            closed: None,
+                        });
+                    }
                     let proc = process(ev.pid);
                     self.open.insert(
                         ev.sk,
@@ -554,6 +605,13 @@ impl Egress {
                     );
                 }
                 TCP_CLOSE => {
+                    if let Some(v) = self.connected.get_mut(&ev.pid)
+                        && let Some(c) = v
+                            .iter_mut()
+                            .find(|c| c.start_ns == ev.start_ns && c.closed.is_none())
+                    {
+                        c.closed = Some(now);
+                    }
                     let mut ev = ev;
                     let mut seen = None;
                     let proc = match self.open.remove(&ev.sk) {
@@ -599,6 +657,13 @@ impl Egress {
     /// Decides the connections whose grace has passed.
     pub fn decide(&mut self, rules: &Rules) {
         let now = Instant::now();
+        self.connected.retain(|_, v| {
+            v.retain(|c| {
+                c.closed
+                    .is_none_or(|t| now.duration_since(t) < CONNECTED_KEEP)
+            });
+            !v.is_empty()
+        });
         while self.closed.front().is_some_and(|c| c.due <= now) {
             let Some(c) = self.closed.pop_front() else {
                 break;

@@ -419,3 +419,74 @@ async fn the_enforcers_own_upstream_connection_is_neither_metered_nor_unmetered(
     .expect("join");
     assert_eq!((acme, unattributed), (0, 0));
 }
+
+fn curl(url: &str, ca: &Path, headers: &[String]) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--http1.1", "--fail", "-o", "/dev/null", "--cacert"])
+        .arg(ca)
+        .args(["-H", "content-type: application/json"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .args([
+            "-d",
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]}"#,
+        ])
+        .arg(format!("{url}/v1/chat/completions"))
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_host_header_alone_is_no_provider_under_connection_identity() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let provider = MockProvider::start_background(MockConfig::default());
+    // A local TLS server that is no provider, sent the provider's Host header: with the default
+    // provider_identity = "header" its calls are billed as the provider's.
+    let local = MockProvider::start_background(MockConfig::default());
+    let host = provider.addr().to_string();
+    let extra = format!("provider_identity = \"connection\"\n{RULES}");
+    let obs = Observer::start(&redis.url(), &[(&host, "openai")], &extra, false);
+
+    curl(
+        &local.https_url(),
+        local.ca_pem_path(),
+        &[format!("host: {host}"), "x-tenant-id: t-claimed".to_owned()],
+    );
+    curl(
+        &provider.https_url(),
+        provider.ca_pem_path(),
+        &["x-tenant-id: t-real".to_owned()],
+    );
+    assert_ledger(&redis.url(), "t-real", billed(&provider), &obs);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while obs.metric("llmwarden_observer_records_refused_total") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the call to the local server was not refused; log:\n{}",
+            obs.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = obs.metrics();
+    assert!(
+        metrics.contains(
+            "llmwarden_observer_records_refused_total{reason=\"no_provider_connection\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert_eq!(
+        llmwarden_tests::observer::month_spend(&redis.url(), "t-claimed").requests,
+        0
+    );
+}
