@@ -271,6 +271,15 @@ impl Loop {
         let mut events = unsafe { AsyncFd::register_with_interest(events, readable)? };
         // SAFETY: as above.
         let mut proc_events = unsafe { AsyncFd::register_with_interest(proc_events, readable)? };
+        let tcp = self
+            .egress
+            .as_mut()
+            .and_then(crate::egress::Egress::take_ring);
+        // SAFETY: as above.
+        let mut tcp = match tcp {
+            Some(r) => Some(unsafe { AsyncFd::register_with_interest(r, readable)? }),
+            None => None,
+        };
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -282,13 +291,25 @@ impl Loop {
                 // connection that carried it (`provider_identity = "connection"`).
                 _ = tick.tick() => {
                     self.drain_procs(proc_events.get_mut());
-                    self.egress_tick();
+                    self.egress_tick(tcp.as_mut().map(AsyncFd::get_mut));
                     self.drain(events.get_mut());
+                }
+                // Provider connections wake the reader at once (two events per connection):
+                // the connecting process is read while it surely exists.
+                guard = async {
+                    match tcp.as_mut() {
+                        Some(fd) => fd.readable_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let mut guard = guard?;
+                    self.egress_tick(Some(guard.get_inner_mut()));
+                    guard.clear_ready();
                 }
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
                     self.drain_procs(proc_events.get_mut());
-                    self.egress_tick();
+                    self.egress_tick(tcp.as_mut().map(AsyncFd::get_mut));
                     self.drain(guard.get_inner_mut());
                     guard.clear_ready();
                 }
@@ -479,11 +500,13 @@ impl Loop {
     }
 
     /// Drains the egress ring and decides connections whose grace has passed (egress.rs).
-    fn egress_tick(&mut self) {
+    fn egress_tick(&mut self, ring: Option<&mut RingBuf<MapData>>) {
         let Some(mut e) = self.egress.take() else {
             return;
         };
-        e.drain(|pid| self.process(pid));
+        if let Some(ring) = ring {
+            e.drain(ring, |pid| self.process(pid));
+        }
         e.decide(&self.rules);
         self.egress = Some(e);
     }

@@ -368,6 +368,8 @@ async fn the_enforcers_own_upstream_connection_is_neither_metered_nor_unmetered(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut stack = enforcer_common::Stack::start(enforcer_common::Opts::default()).await;
+    let exe = std::fs::read_link(format!("/proc/{}/exe", stack.enforcer.pid()));
+    let epid = stack.enforcer.pid();
     let host = stack.mock.addr().to_string();
     let obs = Observer::start(&stack.redis.url(), &[(&host, "openai")], RULES, false);
 
@@ -400,9 +402,13 @@ async fn the_enforcers_own_upstream_connection_is_neither_metered_nor_unmetered(
     }
     tokio::time::sleep(SETTLE).await;
     let metrics = obs.metrics();
+    let url = stack.redis.url();
+    let events = tokio::task::spawn_blocking(move || unmetered_events(&url))
+        .await
+        .expect("join");
     assert!(
         metrics.contains("llmwarden_observer_provider_connections_total{verdict=\"ignored\"}"),
-        "{metrics}"
+        "{metrics}\nunmetered events: {events:?}\nenforcer exe {exe:?} pid {epid}"
     );
     assert_eq!(
         obs.metric("llmwarden_observer_unmetered_connections_total"),
