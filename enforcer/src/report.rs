@@ -85,9 +85,37 @@ pub async fn build(
     let mut out = Vec::with_capacity(tenants.len());
     for t in &tenants {
         let s = ledger.tenant_spend(t, period, now).await?;
-        out.push(tenant_json(&s, &budgets, period));
+        let mut v = tenant_json(&s, &budgets, period);
+        add_unmetered(&mut v, &ledger.unmetered(t, period, now).await?);
+        out.push(v);
     }
     Ok(json!({"period": period.id(now), "tenants": out}))
+}
+
+/// Adds the tenant's unmetered provider connections (the observer's egress accounting: traffic
+/// to a provider that carried no call it could meter) to its object.
+pub fn add_unmetered(v: &mut Value, u: &ledger::store::UnmeteredSummary) {
+    let list: Vec<Value> = u
+        .entries
+        .iter()
+        .map(|e| {
+            json!({
+                "service": e.service,
+                "host": e.host,
+                "connections": e.connections,
+                "bytes_out": e.bytes_out,
+                "bytes_in": e.bytes_in,
+                "first_seen_ms": e.first_seen_ms,
+                "last_seen_ms": e.last_seen_ms,
+            })
+        })
+        .collect();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("unmetered_connections".into(), json!(u.connections));
+        o.insert("unmetered_bytes_out".into(), json!(u.bytes_out));
+        o.insert("unmetered_bytes_in".into(), json!(u.bytes_in));
+        o.insert("unmetered".into(), Value::Array(list));
+    }
 }
 
 fn usd(v: &Value) -> String {
@@ -133,6 +161,17 @@ pub fn text(report: &Value) -> String {
         for (f, v) in t["by_feature"].as_object().into_iter().flatten() {
             let _ = writeln!(s, "  feature {f}: {}", usd(v));
         }
+        for u in t["unmetered"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                s,
+                "  UNMETERED {} -> {}: {} connections, {} bytes out, {} bytes in",
+                u["service"].as_str().unwrap_or("?"),
+                u["host"].as_str().unwrap_or("?"),
+                u["connections"],
+                u["bytes_out"],
+                u["bytes_in"]
+            );
+        }
     }
     s
 }
@@ -162,7 +201,28 @@ mod tests {
         assert_eq!(v["by_feature"]["bot"], 3);
         assert_eq!(v["by_source"]["observer"], 0);
         assert_eq!(v["limits"][0]["remaining_nusd"], 5);
-        let t = text(&json!({"period": "2026-11", "tenants": [v]}));
+        let t = text(&json!({"period": "2026-11", "tenants": [v.clone()]}));
         assert!(t.contains("acme") && t.contains("0.000000005"), "{t}");
+        let mut v = v;
+        add_unmetered(
+            &mut v,
+            &ledger::store::UnmeteredSummary {
+                connections: 1,
+                bytes_out: 10,
+                bytes_in: 20,
+                entries: vec![ledger::store::UnmeteredEntry {
+                    service: "agent".into(),
+                    host: "api.openai.com".into(),
+                    connections: 1,
+                    bytes_out: 10,
+                    bytes_in: 20,
+                    ..Default::default()
+                }],
+            },
+        );
+        assert_eq!(v["unmetered_connections"], 1);
+        assert_eq!(v["unmetered"][0]["host"], "api.openai.com");
+        let t = text(&json!({"period": "2026-11", "tenants": [v]}));
+        assert!(t.contains("UNMETERED agent -> api.openai.com"), "{t}");
     }
 }

@@ -223,6 +223,21 @@ const OPENAI_COMPATIBLE_HOSTS: &[(&str, &str, &[&str])] = &[
     ("api.x.ai", "xai", &["/v1"]),
 ];
 
+/// The built-in public provider hosts with exact names, as (host, provider name): what the
+/// observer's egress accounting resolves (wildcard hosts such as `*.openai.azure.com` need a
+/// `[[providers]]` entry naming the instance).
+#[must_use]
+pub fn builtin_hosts() -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![
+        ("api.openai.com", "openai"),
+        ("api.anthropic.com", "anthropic"),
+        ("generativelanguage.googleapis.com", "gemini"),
+        ("aiplatform.googleapis.com", "vertex-ai"),
+    ];
+    v.extend(OPENAI_COMPATIBLE_HOSTS.iter().map(|(h, n, _)| (*h, *n)));
+    v
+}
+
 fn builtin(host: &str) -> Option<(&'static str, HostRule)> {
     match host {
         "api.openai.com" => return Some(("openai", HostRule::OpenAi(&["/v1"]))),

@@ -17,6 +17,7 @@ mod settle;
 mod signals;
 mod spend;
 mod types;
+mod unmetered;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -39,6 +40,9 @@ pub use types::{
     Budget, BySource, Cap, CapScope, Denial, Hold, RecordOutcome, Reservation, ReserveOutcome,
     ReserveRequest, SessionSpend, SettleOutcome, Settlement, Source, TenantSpend, TokenCounts,
     UsageRecord,
+};
+pub use unmetered::{
+    UnmeteredConn, UnmeteredEntry, UnmeteredOutcome, UnmeteredSummary, unmetered_key,
 };
 
 use batch::Batcher;

@@ -44,6 +44,8 @@ pub const STAT_EVENTS: u32 = 4;
 pub const STAT_BYTES: u32 = 5;
 /// Index: process events the process ring buffer had no room for.
 pub const STAT_PROC_DROPS: u32 = 6;
+/// Index: TCP connection events (egress accounting) the `TCP_EVENTS` ring had no room for.
+pub const STAT_TCP_DROPS: u32 = 7;
 /// Number of entries in the `STATS` array.
 pub const STAT_COUNT: u32 = 8;
 
@@ -152,8 +154,93 @@ pub struct ProcEvent {
     pub comm: [u8; 16],
 }
 
+/// [`TcpEvent::kind`]: a connection to a provider address was opened (`connect`, `SYN_SENT`).
+pub const TCP_OPEN: u32 = 1;
+/// [`TcpEvent::kind`]: a connection to a provider address ended (`TCP_CLOSE`).
+pub const TCP_CLOSE: u32 = 2;
+
+/// [`TcpEvent::flags`]: the connection's open was not seen (it predates the observer or was
+/// opened while the tracepoint was not attached): pid and start are unknown, bytes are whole.
+pub const TCP_FLAG_JOINED: u32 = 1;
+
+/// Key of the `PROVIDER_ADDRS` map: a resolved provider address (IPv4 as v4-mapped IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProviderAddr {
+    /// IPv6 address; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// TCP port, host byte order.
+    pub port: u16,
+    /// Reserved, zero.
+    pub pad: [u8; 6],
+}
+
+/// A connection to a provider address in flight, kept by the kernel from `SYN_SENT` to `TCP_CLOSE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpConn {
+    /// `bpf_ktime_get_ns` at connect.
+    pub start_ns: u64,
+    /// `bpf_get_current_cgroup_id` of the connecting task.
+    pub cgroup: u64,
+    /// Thread group id of the connecting task.
+    pub pid: u32,
+    /// Reserved, zero.
+    pub pad: u32,
+}
+
+/// An event on the `TCP_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpEvent {
+    /// `bpf_ktime_get_ns` of the state change.
+    pub ts_ns: u64,
+    /// The connection's start ([`TcpConn::start_ns`]); 0 when joined.
+    pub start_ns: u64,
+    /// The kernel's `struct sock *`: names the connection while it lives.
+    pub sk: u64,
+    /// Cgroup id of the connecting task (0 when joined).
+    pub cgroup: u64,
+    /// Payload bytes sent and acknowledged by the peer (`tcp_sock.bytes_acked`); close only.
+    pub bytes_out: u64,
+    /// Payload bytes received (`tcp_sock.bytes_received`); close only.
+    pub bytes_in: u64,
+    /// Peer address (IPv4 as v4-mapped IPv6).
+    pub addr: [u8; 16],
+    /// Thread group id of the connecting task (0 when joined).
+    pub pid: u32,
+    /// [`TCP_OPEN`] or [`TCP_CLOSE`].
+    pub kind: u32,
+    /// [`TCP_FLAG_JOINED`].
+    pub flags: u32,
+    /// Peer port, host byte order.
+    pub port: u16,
+    /// Local port, host byte order (with the peer, finds a connection opened before the
+    /// observer in userspace's scan of the host's sockets at start).
+    pub lport: u16,
+}
+
+/// Where the kernel finds the byte counters in `struct tcp_sock` (from the running kernel's BTF,
+/// written by userspace before the program is attached).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOffsets {
+    /// Byte offset of `u64 bytes_acked`.
+    pub bytes_acked: u32,
+    /// Byte offset of `u64 bytes_received`.
+    pub bytes_received: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: #[repr(C)], integers and explicit padding only.
+    unsafe impl aya::Pod for super::ProviderAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TcpConn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TcpEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TcpOffsets {}
     // SAFETY: all these are #[repr(C)], Copy, contain only integers and explicit padding fields, so
     // every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::SslEventHeader {}
@@ -178,5 +265,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<ActiveCall>(), 32);
         assert_eq!(core::mem::size_of::<ConnKey>(), 16);
         assert_eq!(core::mem::size_of::<ProcEvent>(), 8 + 4 + 4 + 16);
+        assert_eq!(core::mem::size_of::<ProviderAddr>(), 24);
+        assert_eq!(core::mem::size_of::<TcpConn>(), 24);
+        assert_eq!(core::mem::size_of::<TcpEvent>(), 6 * 8 + 16 + 4 * 3 + 2 + 2);
     }
 }

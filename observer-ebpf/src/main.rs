@@ -19,6 +19,9 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 
+/// TCP connections to provider addresses, whatever the TLS library (egress accounting).
+mod egress;
+
 /// Go's crypto/tls probes (amd64 registers).
 #[cfg(bpf_target_arch = "x86_64")]
 mod golang;

@@ -16,7 +16,9 @@ use observer_common::{
 use crate::config::AllowLists;
 use crate::elf::SslSymbols;
 
+mod egress;
 mod go;
+pub use egress::EgressMaps;
 pub use go::GoOutcome;
 
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
@@ -68,6 +70,8 @@ pub struct KernelSettings {
     pub wakeup_threshold: u32,
     /// Attach the open tracepoints that report TLS libraries as they are opened.
     pub open_events: bool,
+    /// Attach the egress accounting tracepoint (connections to provider addresses).
+    pub egress: bool,
 }
 
 /// The programs, owned by the discovery thread: attaching never runs on the reader's thread.
@@ -90,6 +94,8 @@ pub struct ReaderMaps {
     pub proc_events: RingBuf<MapData>,
     /// Counters and the connection filter.
     pub kernel: KernelMaps,
+    /// Egress accounting (connections to providers), when the kernel supports it.
+    pub egress: Option<EgressMaps>,
 }
 
 /// The reader's small maps: kernel counters and the per-connection filter.
@@ -218,6 +224,11 @@ impl Probes {
                 false
             }
         };
+        let egress = if settings.egress {
+            egress::load(&mut ebpf)
+        } else {
+            None
+        };
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} already taken"))
@@ -229,6 +240,7 @@ impl Probes {
                 skip_conns: HashMap::try_from(take("SKIP_CONNS")?)?,
                 stats: PerCpuArray::try_from(take("STATS")?)?,
             },
+            egress,
         };
         let skip_pids = HashMap::try_from(take("SKIP_PIDS")?)?;
         Ok((

@@ -71,6 +71,20 @@ pub struct Config {
     pub attribution: Vec<AttributionRule>,
     /// Processes never captured.
     pub exclude: Vec<Matcher>,
+    /// Egress accounting: every TCP connection to a provider address (configured and built-in
+    /// hosts, resolved) is accounted by a `sock/inet_sock_set_state` tracepoint, and one that
+    /// carried no metered call is recorded as unmetered bypass.
+    pub egress_accounting: bool,
+    /// Processes whose provider connections are never reported as unmetered: the enforcer's own
+    /// upstream connections (rustls, never decoded). Default: any executable named `enforcer`;
+    /// in production name its systemd unit or cgroup instead.
+    pub unmetered_ignore: Vec<Matcher>,
+    /// What identifies the provider of a decoded call: `"header"` (the Host / `:authority` the
+    /// process sent, the default) or `"connection"` (also a TCP connection of the same process to
+    /// that provider's resolved addresses, seen by the egress accounting; a call without one is
+    /// refused and counted in `records_refused{reason="no_provider_connection"}`: a local server
+    /// sent a provider's Host header is then not billed as that provider).
+    pub provider_identity: String,
     /// Where records that could not be written to Redis wait (fsync'd) for replay. Default
     /// `/var/lib/llmwarden/spool/observer-<hostname>-<metrics port>/`.
     pub spool_dir: Option<PathBuf>,
@@ -117,6 +131,12 @@ impl Default for Config {
             providers: Vec::new(),
             attribution: Vec::new(),
             exclude: Vec::new(),
+            egress_accounting: true,
+            provider_identity: "header".to_owned(),
+            unmetered_ignore: vec![Matcher {
+                exe: Some("*/enforcer".to_owned()),
+                ..Matcher::default()
+            }],
             spool_dir: None,
             spool_max_bytes: 256 << 20,
         }
@@ -321,6 +341,18 @@ impl Config {
                 }
             }
         }
+        if !matches!(self.provider_identity.as_str(), "header" | "connection") {
+            bail!(
+                "provider_identity: {:?} is not \"header\" or \"connection\"",
+                self.provider_identity
+            );
+        }
+        if self.provider_identity == "connection" && !self.egress_accounting {
+            bail!("provider_identity = \"connection\" needs egress_accounting = true");
+        }
+        for (i, m) in self.unmetered_ignore.iter().enumerate() {
+            m.validate(&format!("unmetered_ignore[{i}]"))?;
+        }
         for (i, m) in self.exclude.iter().enumerate() {
             m.validate(&format!("exclude[{i}]"))?;
         }
@@ -501,6 +533,15 @@ mod tests {
         assert!(err("ring_buffer_bytes = 5000").contains("ring_buffer_bytes"));
         assert!(err("[[attribution]]\ntenant = \"a\"").contains("attribution[0]"));
         assert!(err("[[exclude]]\ncomm = \"[\"").contains("exclude[0].comm"));
+        assert!(err("provider_identity = \"sni\"").contains("provider_identity"));
+        assert!(
+            err("provider_identity = \"connection\"\negress_accounting = false")
+                .contains("egress_accounting")
+        );
+        assert!(err("[[unmetered_ignore]]\nexe = \"[\"").contains("unmetered_ignore[0].exe"));
+        let c = Config::parse("").expect("defaults");
+        assert_eq!(c.provider_identity, "header");
+        assert_eq!(c.unmetered_ignore[0].exe.as_deref(), Some("*/enforcer"));
         assert!(err("metrics_listen = \"nope\"").contains("metrics_listen"));
     }
 }

@@ -18,7 +18,7 @@ use ledger::store::LedgerConfig;
 use observer_common::{
     HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN,
     ProcEvent, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS,
-    STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES, SslEventHeader,
+    STAT_SKIPPED_BYTES, STAT_TCP_DROPS, STAT_TRUNCATED_BYTES, SslEventHeader,
 };
 use prometheus_client::registry::Registry;
 use tokio::io::unix::AsyncFd;
@@ -62,6 +62,11 @@ struct Loop {
     pricing: Arc<Pricing>,
     caps: RecordCaps,
     outcomes: Vec<Outcome>,
+    /// Egress accounting (connections to providers), when the kernel has it.
+    egress: Option<crate::egress::Egress>,
+    /// `provider_identity = "connection"`: a decoded call needs its process's connection to
+    /// the provider.
+    identity_by_connection: bool,
 }
 
 /// Runs until SIGINT/SIGTERM.
@@ -69,6 +74,8 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    let egress_metrics = Arc::new(crate::egress::EgressMetrics::default());
+    egress_metrics.register(&mut registry);
     if mode == Mode::Record && !cfg.metrics_listen.is_empty() {
         let addr = cfg.metrics_listen.parse().context("metrics_listen")?;
         let registry = Arc::new(registry);
@@ -103,6 +110,13 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         .context("connecting to redis_url")?,
         Mode::Sniff => Sink::Stdout,
     };
+    let (unmetered_tx, unmetered_rx) = mpsc::channel(cfg.sink_queue);
+    tokio::spawn(crate::unmetered::run(
+        unmetered_rx,
+        sink.ledger_handle(),
+        Duration::from_secs(cfg.bypass_event_window_secs),
+        egress_metrics.clone(),
+    ));
     let (tx, mut rx) = mpsc::channel::<CallRecord>(cfg.sink_queue);
     let sink_metrics = metrics.clone();
     let sink_task = tokio::spawn(async move {
@@ -129,6 +143,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
             per_call_limit: cfg.per_call_bytes,
             wakeup_threshold: cfg.ring_buffer_bytes / 4,
             open_events: cfg.attach_on_open,
+            egress: cfg.egress_accounting,
         },
         &allow,
     )?;
@@ -138,6 +153,18 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop = Arc::new(AtomicBool::new(false));
 
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let egress = crate::egress::start(
+        maps.egress,
+        &cfg,
+        &stop,
+        unmetered_tx,
+        egress_metrics,
+        &boot_id,
+    )?;
     // The reader starts first: it drains while the discovery thread attaches.
     let lp = Loop {
         kernel: maps.kernel,
@@ -152,10 +179,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         procs: HashMap::new(),
         renamed: HashMap::new(),
         dying: Vec::new(),
-        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
+        boot_id,
         tx,
         notes: note_tx,
         pricing: Arc::new(pricing),
@@ -165,6 +189,8 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
                 .context("max_cost_per_call_usd")?,
         },
         outcomes: Vec::new(),
+        identity_by_connection: cfg.provider_identity == "connection",
+        egress,
     };
     let poll = Duration::from_millis(cfg.poll_interval_ms);
     let (events, proc_events) = (maps.events, maps.proc_events);
@@ -245,6 +271,15 @@ impl Loop {
         let mut events = unsafe { AsyncFd::register_with_interest(events, readable)? };
         // SAFETY: as above.
         let mut proc_events = unsafe { AsyncFd::register_with_interest(proc_events, readable)? };
+        let tcp = self
+            .egress
+            .as_mut()
+            .and_then(crate::egress::Egress::take_ring);
+        // SAFETY: as above.
+        let mut tcp = match tcp {
+            Some(r) => Some(unsafe { AsyncFd::register_with_interest(r, readable)? }),
+            None => None,
+        };
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -252,13 +287,29 @@ impl Loop {
             tokio::select! {
                 // Process events first: a rename committed before a process's TLS call is
                 // applied before that call is attributed.
+                // Provider connections before TLS data: a call is then never seen before the
+                // connection that carried it (`provider_identity = "connection"`).
                 _ = tick.tick() => {
                     self.drain_procs(proc_events.get_mut());
+                    self.egress_tick(tcp.as_mut().map(AsyncFd::get_mut));
                     self.drain(events.get_mut());
+                }
+                // Provider connections wake the reader at once (two events per connection):
+                // the connecting process is read while it surely exists.
+                guard = async {
+                    match tcp.as_mut() {
+                        Some(fd) => fd.readable_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let mut guard = guard?;
+                    self.egress_tick(Some(guard.get_inner_mut()));
+                    guard.clear_ready();
                 }
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
                     self.drain_procs(proc_events.get_mut());
+                    self.egress_tick(tcp.as_mut().map(AsyncFd::get_mut));
                     self.drain(guard.get_inner_mut());
                     guard.clear_ready();
                 }
@@ -389,6 +440,26 @@ impl Loop {
                 "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
             return;
         }
+        if self.identity_by_connection
+            && self
+                .egress
+                .as_ref()
+                .is_none_or(|e| !e.vouches(pid, &call.endpoint.provider, ts_ns))
+        {
+            self.metrics
+                .records_refused
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: "no_provider_connection".to_owned(),
+                })
+                .inc();
+            tracing::warn!(provider = %rec.provider, service = %rec.service, pid = rec.pid,
+                comm = %rec.comm, "call refused: its process has no connection to that provider's \
+                addresses (provider_identity = \"connection\"); a Host header alone is only a claim");
+            return;
+        }
+        if let Some(e) = self.egress.as_mut() {
+            e.note_metered(pid, &call.endpoint.provider, ts_ns);
+        }
         self.metrics
             .exchanges
             .get_or_create(&crate::metrics::ExchangeLabels {
@@ -426,6 +497,18 @@ impl Loop {
         });
         self.procs.insert(pid, p.clone());
         p
+    }
+
+    /// Drains the egress ring and decides connections whose grace has passed (egress.rs).
+    fn egress_tick(&mut self, ring: Option<&mut RingBuf<MapData>>) {
+        let Some(mut e) = self.egress.take() else {
+            return;
+        };
+        if let Some(ring) = ring {
+            e.drain(ring, |pid| self.process(pid));
+        }
+        e.decide(&self.rules);
+        self.egress = Some(e);
     }
 
     /// Process events: forgets a re-exec'd process's old identity and hands the pid to the
@@ -489,6 +572,9 @@ impl Loop {
         for (_, pid) in gone {
             self.procs.remove(&pid);
             self.renamed.remove(&pid);
+            if let Some(e) = self.egress.as_mut() {
+                e.forget(pid);
+            }
         }
         if let Ok(stats) = self.kernel.stats() {
             let m = &self.metrics;
@@ -498,6 +584,11 @@ impl Loop {
             m.truncated_bytes.set(stats[STAT_TRUNCATED_BYTES as usize]);
             m.skipped_bytes.set(stats[STAT_SKIPPED_BYTES as usize]);
             m.proc_event_drops.set(stats[STAT_PROC_DROPS as usize]);
+            if let Some(e) = &self.egress {
+                e.metrics()
+                    .kernel_drops
+                    .set(i64::try_from(stats[STAT_TCP_DROPS as usize]).unwrap_or(i64::MAX));
+            }
         }
         self.metrics
             .connections

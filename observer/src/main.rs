@@ -3,13 +3,16 @@
 
 mod attribution;
 mod bpf;
+mod btf;
 mod connections;
 mod daemon;
 mod discovery;
+mod egress;
 mod elf;
 mod mapped;
 mod metrics;
 mod sink;
+mod unmetered;
 
 // The pure parsers and the config live in the library (src/lib.rs, fuzzable without the eBPF
 // object); imported at the crate root so the daemon's modules keep their `crate::config` paths.

@@ -220,6 +220,14 @@ impl Sink {
         }))
     }
 
+    /// The ledger handle of the daemon's sink (`None` for stdout), for the unmetered writer.
+    pub fn ledger_handle(&self) -> Option<Ledger> {
+        match self {
+            Sink::Stdout => None,
+            Sink::Ledger(s) => Some(s.durable.ledger().clone()),
+        }
+    }
+
     /// Writes one call; what could not be written is spooled, and what could not be spooled is
     /// logged and counted.
     pub async fn write(&mut self, rec: &CallRecord, metrics: &Arc<Metrics>) {

@@ -1,0 +1,209 @@
+//! Egress accounting that does not depend on the TLS library: one program on the
+//! `sock/inet_sock_set_state` tracepoint. A TCP socket entering `SYN_SENT` towards a provider
+//! address (`PROVIDER_ADDRS`, written by userspace from the configured hosts' resolved addresses)
+//! is remembered with the connecting task's pid, cgroup and start; when it reaches `TCP_CLOSE`
+//! its payload byte counters are read from `struct tcp_sock` (offsets from the running kernel's
+//! BTF, `TCP_OFFSETS`) and reported. Nothing runs per packet or per send/receive: the tracepoint
+//! fires on state changes only (about six per connection), and every change that is not a connect
+//! or a close returns after two loads.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    },
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, RingBuf},
+    programs::TracePointContext,
+};
+use observer_common::{
+    ProviderAddr, STAT_TCP_DROPS, TCP_CLOSE, TCP_FLAG_JOINED, TCP_OPEN, TcpConn, TcpEvent,
+    TcpOffsets,
+};
+
+use crate::stat_add;
+
+/// Provider addresses (peer address + port) whose connections are accounted.
+#[map]
+static PROVIDER_ADDRS: HashMap<ProviderAddr, u32> = HashMap::with_max_entries(4096, 0);
+/// Connections to providers in flight, keyed by `struct sock *`.
+#[map]
+static TCP_CONNS: LruHashMap<u64, TcpConn> = LruHashMap::with_max_entries(65536, 0);
+/// Connection opens and closes for userspace.
+#[map]
+static TCP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
+/// Offsets of the byte counters in `struct tcp_sock` (one entry; 0 = unknown, not read).
+#[map]
+static TCP_OFFSETS: Array<TcpOffsets> = Array::with_max_entries(1, 0);
+
+/// Field offsets in `sock/inet_sock_set_state` (its tracefs format on 6.18; userspace checks the
+/// running kernel's format before attaching).
+const SKADDR: usize = 8;
+const OLDSTATE: usize = 16;
+const NEWSTATE: usize = 20;
+const SPORT: usize = 24;
+const DPORT: usize = 26;
+const FAMILY: usize = 28;
+const PROTOCOL: usize = 30;
+const DADDR: usize = 36;
+const DADDR_V6: usize = 56;
+
+const IPPROTO_TCP: u16 = 6;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_STATE_CLOSE: i32 = 7;
+
+/// Reads a field of the tracepoint's record directly (the verifier allows aligned loads from a
+/// tracepoint's context; `read_at` would call `bpf_probe_read` for each field, and this program
+/// runs on every TCP state change of the host).
+///
+/// # Safety
+/// `off` must be a field offset of the record, aligned for `T`.
+#[inline(always)]
+unsafe fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: the caller passes an aligned offset inside the record.
+    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(off).cast::<T>()) }
+}
+
+/// The peer as a [`ProviderAddr`] key.
+#[inline(always)]
+fn peer(ctx: &TracePointContext) -> Option<ProviderAddr> {
+    // SAFETY: offsets from the tracepoint's format, each aligned for its type.
+    unsafe {
+        let family: u16 = field(ctx, FAMILY);
+        let port: u16 = field(ctx, DPORT);
+        let mut addr = [0u8; 16];
+        if family == AF_INET {
+            let v4: u32 = field(ctx, DADDR);
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            addr[12..16].copy_from_slice(&v4.to_ne_bytes());
+        } else if family == AF_INET6 {
+            let hi: u64 = field(ctx, DADDR_V6);
+            let lo: u64 = field(ctx, DADDR_V6 + 8);
+            addr[..8].copy_from_slice(&hi.to_ne_bytes());
+            addr[8..].copy_from_slice(&lo.to_ne_bytes());
+        } else {
+            return None;
+        }
+        Some(ProviderAddr {
+            addr,
+            port,
+            pad: [0; 6],
+        })
+    }
+}
+
+#[inline(always)]
+fn output(ev: &TcpEvent) {
+    // Rare (two per provider connection): wake the reader at once.
+    if TCP_EVENTS.output::<TcpEvent>(ev, 0).is_err() {
+        stat_add(STAT_TCP_DROPS, 1);
+    }
+}
+
+/// `sock/inet_sock_set_state`: connect and close of TCP connections to provider addresses.
+#[tracepoint]
+pub fn tcp_state(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets from the tracepoint's format, each aligned for its type.
+    let newstate: i32 = unsafe { field(&ctx, NEWSTATE) };
+    if newstate != TCP_SYN_SENT && newstate != TCP_STATE_CLOSE {
+        return 0;
+    }
+    // SAFETY: as above.
+    let (protocol, sk, oldstate): (u16, u64, i32) = unsafe {
+        (
+            field(&ctx, PROTOCOL),
+            field(&ctx, SKADDR),
+            field(&ctx, OLDSTATE),
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if newstate == TCP_SYN_SENT {
+        let Some(key) = peer(&ctx) else {
+            return 0;
+        };
+        // SAFETY: a lookup; the value is not kept.
+        if unsafe { PROVIDER_ADDRS.get(&key) }.is_none() {
+            return 0;
+        }
+        // connect(2) runs in the connecting task: its pid and cgroup are the caller's.
+        let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let conn = TcpConn {
+            start_ns: now,
+            // SAFETY: helper without preconditions.
+            cgroup: unsafe { bpf_get_current_cgroup_id() },
+            pid,
+            pad: 0,
+        };
+        let _ = TCP_CONNS.insert(&sk, &conn, 0);
+        output(&TcpEvent {
+            ts_ns: now,
+            start_ns: now,
+            sk,
+            cgroup: conn.cgroup,
+            addr: key.addr,
+            pid,
+            kind: TCP_OPEN,
+            port: key.port,
+            ..TcpEvent::default()
+        });
+        return 0;
+    }
+    // TCP_CLOSE: the close may run in softirq context (the peer's last ACK), so the identity is
+    // the one saved at connect.
+    // SAFETY: the value is copied out before the entry is removed.
+    let known = unsafe { TCP_CONNS.get(&sk) }.copied();
+    if known.is_some() {
+        let _ = TCP_CONNS.remove(&sk);
+    }
+    if oldstate == TCP_SYN_SENT {
+        return 0; // never established: no traffic
+    }
+    let Some(key) = peer(&ctx) else {
+        return 0;
+    };
+    let (conn, flags) = match known {
+        Some(c) => (c, 0),
+        None => {
+            // A connection opened before the observer: reported when it ends, if it is a
+            // provider's (its bytes are whole, its pid unknown).
+            // SAFETY: a lookup; the value is not kept.
+            if unsafe { PROVIDER_ADDRS.get(&key) }.is_none() {
+                return 0;
+            }
+            (TcpConn::default(), TCP_FLAG_JOINED)
+        }
+    };
+    let offsets = TCP_OFFSETS.get(0).copied().unwrap_or_default();
+    let read = |off: u32| -> u64 {
+        if off == 0 {
+            return 0;
+        }
+        // SAFETY: `sk` is the tracepoint's live `struct sock *`, a `tcp_sock` (protocol TCP);
+        // the helper faults safely.
+        unsafe { bpf_probe_read_kernel((sk + u64::from(off)) as *const u64) }.unwrap_or(0)
+    };
+    output(&TcpEvent {
+        ts_ns: now,
+        start_ns: conn.start_ns,
+        sk,
+        cgroup: conn.cgroup,
+        bytes_out: read(offsets.bytes_acked),
+        bytes_in: read(offsets.bytes_received),
+        addr: key.addr,
+        pid: conn.pid,
+        kind: TCP_CLOSE,
+        flags,
+        port: key.port,
+        // SAFETY: as above.
+        lport: unsafe { field(&ctx, SPORT) },
+    });
+    0
+}

@@ -1,0 +1,78 @@
+//! Loading the egress accounting program (`observer-ebpf/src/egress.rs`) on
+//! `sock/inet_sock_set_state`, with the byte-counter offsets of this kernel's `struct tcp_sock`.
+
+use anyhow::{Context as _, Result};
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::programs::TracePoint;
+use observer_common::{ProviderAddr, TcpOffsets};
+
+use super::format_has;
+
+/// The maps the egress accounting needs after loading.
+pub struct EgressMaps {
+    /// Opens and closes of connections to provider addresses (drained by the reader).
+    pub events: RingBuf<MapData>,
+    /// The provider addresses the kernel accounts (written by the resolver thread).
+    pub addrs: HashMap<MapData, ProviderAddr, u32>,
+}
+
+/// Loads and attaches the program when the tracepoint's format is the one it reads and the
+/// kernel's BTF names the counters; `None` (with a WARN saying why) otherwise.
+pub(super) fn load(ebpf: &mut Ebpf) -> Option<EgressMaps> {
+    match try_load(ebpf) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "egress accounting off: connections to providers that no TLS probe decodes are not reported"
+            );
+            None
+        }
+    }
+}
+
+fn try_load(ebpf: &mut Ebpf) -> Result<EgressMaps> {
+    format_has(
+        "sock",
+        "inet_sock_set_state",
+        &[
+            ("const void * skaddr", 8),
+            ("int oldstate", 16),
+            ("int newstate", 20),
+            ("__u16 sport", 24),
+            ("__u16 dport", 26),
+            ("__u16 family", 28),
+            ("__u16 protocol", 30),
+            ("__u8 daddr[4]", 36),
+            ("__u8 daddr_v6[16]", 56),
+        ],
+    )?;
+    let (acked, received) = crate::btf::tcp_byte_offsets()?;
+    let mut offsets: Array<_, TcpOffsets> =
+        Array::try_from(ebpf.map_mut("TCP_OFFSETS").context("map TCP_OFFSETS")?)?;
+    offsets
+        .set(
+            0,
+            TcpOffsets {
+                bytes_acked: acked,
+                bytes_received: received,
+            },
+            0,
+        )
+        .context("writing TCP_OFFSETS")?;
+    let prog: &mut TracePoint = ebpf
+        .program_mut("tcp_state")
+        .context("program tcp_state")?
+        .try_into()?;
+    prog.load().context("verifier rejected tcp_state")?;
+    prog.attach("sock", "inet_sock_set_state")
+        .context("attaching tracepoint sock/inet_sock_set_state")?;
+    Ok(EgressMaps {
+        events: RingBuf::try_from(ebpf.take_map("TCP_EVENTS").context("map TCP_EVENTS")?)?,
+        addrs: HashMap::try_from(
+            ebpf.take_map("PROVIDER_ADDRS")
+                .context("map PROVIDER_ADDRS")?,
+        )?,
+    })
+}
