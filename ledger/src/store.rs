@@ -4,6 +4,8 @@
 //! Lua script touches a single slot. The key layout and the scripts are a stable interface,
 //! documented in docs/redis-schema.md. Money is integer nano-USD, changed only with HINCRBY.
 
+mod audit;
+mod audit_read;
 mod batch;
 mod budget;
 mod conn;
@@ -24,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 
+pub use audit::AUDIT_VERSION;
+pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditRecord};
 pub use batch::{BatchStats, OpBatches};
 pub use budget::{BudgetProblem, resolve_caps};
 pub use conn::LedgerConfig;
@@ -31,9 +35,9 @@ pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, validate_name};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
 pub use signals::{BYPASS_EVENTS_KEPT, BypassEvent, LoopCounts};
 pub use types::{
-    Budget, BySource, Cap, CapScope, Denial, Hold, RecordOutcome, Reservation, ReserveOutcome,
-    ReserveRequest, SessionSpend, SettleOutcome, Settlement, Source, TenantSpend, TokenCounts,
-    UsageRecord,
+    Budget, BySource, CallMeta, Cap, CapScope, Denial, Hold, RecordOutcome, Reservation,
+    ReserveOutcome, ReserveRequest, SessionSpend, SettleOutcome, Settlement, Source, TenantSpend,
+    TokenCounts, UsageRecord,
 };
 
 use batch::Batcher;
@@ -207,6 +211,16 @@ impl Ledger {
         Ok(())
     }
 
+    /// Lists the tenant in `llmw:tenants:<day>` of the day its audit records go to (`now`), so an
+    /// export finds every tenant-day stream from those sets; a no-op (cached) when the call's own
+    /// period already marked it.
+    async fn mark_audit_day(&self, tenant: &str, now: DateTime<Utc>) -> Result<(), Error> {
+        if self.cfg.audit {
+            self.mark_active(tenant, now).await?;
+        }
+        Ok(())
+    }
+
     /// Drops a reservation without spend (the call failed before anything was billed). Releasing
     /// a hold that no longer exists is not an error.
     ///
@@ -256,7 +270,10 @@ impl Ledger {
             .arg(ms(Utc::now()))
             .arg(self.cfg.reclaim_batch)
             .arg(reservation_id);
+        let now = Utc::now();
+        audit::tail(&mut inv, &self.cfg, now);
         self.timed(name, async {
+            self.mark_audit_day(tenant, now).await?;
             let mut c = self.conn.clone();
             let fields: Vec<String> = inv.invoke_async(&mut c).await?;
             Ok(Reply::new(name, fields))
@@ -296,9 +313,15 @@ impl Ledger {
         );
         inv.arg(if r.bypass { "1" } else { "0" })
             .arg(if r.estimated { "1" } else { "0" });
+        for a in audit::record_fields(r) {
+            inv.arg(a);
+        }
+        let now = Utc::now();
+        audit::tail(&mut inv, &self.cfg, now);
         let reply = self
             .timed("record", async {
                 self.mark_active(&r.tenant, at).await?;
+                self.mark_audit_day(&r.tenant, now).await?;
                 let mut c = self.conn.clone();
                 let fields: Vec<String> = inv.invoke_async(&mut c).await?;
                 Ok(Reply::new("record", fields))
@@ -321,11 +344,14 @@ impl Ledger {
     pub async fn reclaim_expired(&self, tenant: &str) -> Result<u64, Error> {
         validate_tenant(tenant)?;
         let mut inv = scripts::RECLAIM.prepare_invoke();
+        let now = Utc::now();
         inv.key(keys::holds(tenant))
             .arg(keys::prefix(tenant))
-            .arg(ms(Utc::now()))
+            .arg(ms(now))
             .arg(self.cfg.reclaim_batch);
+        audit::tail(&mut inv, &self.cfg, now);
         self.timed("reclaim", async {
+            self.mark_audit_day(tenant, now).await?;
             let mut c = self.conn.clone();
             let n: u64 = inv.invoke_async(&mut c).await?;
             Ok(n)

@@ -52,6 +52,7 @@ fn req(tenant: &str, id: &str, amount: i64, caps: Vec<Cap>) -> ReserveRequest {
 
 fn settlement(r: &ReserveRequest, cost: i64) -> Settlement {
     Settlement {
+        meta: Default::default(),
         tenant: r.tenant.clone(),
         request_id: r.request_id.clone(),
         feature: r.feature.clone(),
@@ -71,6 +72,7 @@ fn settlement(r: &ReserveRequest, cost: i64) -> Settlement {
 
 fn record(tenant: &str, event: &str, cost: i64, bypass: bool) -> UsageRecord {
     UsageRecord {
+        meta: Default::default(),
         tenant: tenant.into(),
         event_id: event.into(),
         feature: None,

@@ -80,7 +80,7 @@ pub(crate) struct Item {
     /// Reserve: id, now ms, amount, ttl ms, day, month, day expire-at, month expire-at, feature,
     /// session, model, instance, cap count, caps. Settle: id, day, month, day expire-at,
     /// month expire-at, cost, input, output, cache read, cache write, model, feature, session,
-    /// estimated.
+    /// estimated. Both end with the audit record's value count and its field, value pairs.
     pub(crate) args: Vec<String>,
 }
 
@@ -136,8 +136,12 @@ pub(crate) fn single(
                 inv.arg(a(i));
             }
             inv.arg("0").arg(a(13));
+            for v in item.args.iter().skip(14) {
+                inv.arg(v);
+            }
         }
     }
+    super::audit::tail(&mut inv, cfg, Utc::now());
     inv
 }
 
@@ -373,6 +377,7 @@ impl Batcher {
                 inv.arg(a);
             }
         }
+        super::audit::tail(&mut inv, cfg, Utc::now());
         let res = tokio::time::timeout(
             cfg.operation_timeout,
             inv.invoke_async::<Vec<Vec<String>>>(&mut conn),

@@ -24,6 +24,7 @@ impl Ledger {
         let reply = self
             .timed("reserve", async {
                 self.mark_active(&r.tenant, r.at).await?;
+                self.mark_audit_day(&r.tenant, chrono::Utc::now()).await?;
                 let item = self.reserve_item(r);
                 let fields = if self.cfg.group_commit
                     && r.amount.0 < MAX_BATCHED_VALUE
@@ -65,6 +66,7 @@ impl Ledger {
             let (kind, period, limit) = cap_args(cap);
             args.extend([kind.to_owned(), period.to_owned(), limit]);
         }
+        args.extend(super::audit::deny_fields(r));
         Item {
             now_ms: ms(at),
             args,

@@ -31,6 +31,7 @@ impl Ledger {
         let reply = self
             .timed("settle", async {
                 self.mark_active(&s.tenant, s.started_at).await?;
+                self.mark_audit_day(&s.tenant, Utc::now()).await?;
                 let item = settle_item(s);
                 let fields = if self.cfg.group_commit && batchable(s) {
                     self.batch.submit(Op::Settle, &s.tenant, item).await?
@@ -62,7 +63,7 @@ fn batchable(s: &Settlement) -> bool {
 fn settle_item(s: &Settlement) -> Item {
     let at = s.started_at;
     let t = s.tokens;
-    let args = vec![
+    let mut args = vec![
         s.request_id.clone(),
         Period::Day.id(at),
         Period::Month.id(at),
@@ -78,6 +79,7 @@ fn settle_item(s: &Settlement) -> Item {
         s.session.clone().unwrap_or_default(),
         if s.estimated { "1" } else { "0" }.to_owned(),
     ];
+    args.extend(super::audit::settle_fields(s));
     Item {
         now_ms: ms(Utc::now()),
         args,

@@ -2,6 +2,54 @@
 -- Money is integer nano-USD. Amounts are passed to HINCRBY as the strings the caller sent, so Redis
 -- does the arithmetic in 64-bit integers; Lua numbers (doubles) are only used to compare against caps.
 
+-- Audit trail (docs/audit.md): every script that moves money appends one record per call to the
+-- tenant's stream of the current UTC day, llmw:{T}:audit:<day>, in the same script as the money,
+-- so the ledger and the audit trail never disagree. The LAST three ARGV of every script are the
+-- audit day id ('' = audit off), the stream's absolute expiry (unix s) and its MAXLEN (0 = none;
+-- trimmed with '~', so Redis trims whole nodes cheaply). The stream id (XADD '*', Redis time) is
+-- the record's commit time; scripts are replicated by effects (the default since Redis 5).
+local AUDIT_DAY, AUDIT_EXP, AUDIT_MAXLEN = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
+local audit_expiring = {}
+
+-- The tenant of a key prefix "llmw:{T}:".
+local function prefix_tenant(prefix)
+  return string.sub(prefix, 7, -3)
+end
+
+-- Appends one record (a flat field, value list) to the tenant's audit stream of the day.
+local function audit_add(prefix, fields)
+  if AUDIT_DAY == '' then return end
+  local key = prefix .. 'audit:' .. AUDIT_DAY
+  if AUDIT_MAXLEN ~= '0' then
+    redis.call('XADD', key, 'MAXLEN', '~', AUDIT_MAXLEN, '*', unpack(fields))
+  else
+    redis.call('XADD', key, '*', unpack(fields))
+  end
+  if not audit_expiring[key] then
+    redis.call('EXPIREAT', key, AUDIT_EXP)
+    audit_expiring[key] = true
+  end
+end
+
+-- Appends a record built by the caller: ARGV[i] is the count of values that follow (field, value
+-- pairs), `extra` a list of fields the script adds (may be empty). Returns the index after them.
+local function audit_argv(prefix, i, extra)
+  local n = tonumber(ARGV[i])
+  local f = {}
+  for j = i + 1, i + n do f[#f + 1] = ARGV[j] end
+  for _, v in ipairs(extra) do f[#f + 1] = v end
+  if #f > 0 then audit_add(prefix, f) end
+  return i + n + 1
+end
+
+-- A denial's scope as the audit trail names it: tenant/day, tenant/month, feature/day,
+-- feature/month, session.
+local function cap_scope(kind, period)
+  if kind == 's' then return 'session' end
+  local who = (kind == 'f') and 'feature' or 'tenant'
+  return who .. '/' .. ((period == 'd') and 'day' or 'month')
+end
+
 -- Subtracts `amount` (a decimal string) from a counter (held, or a committed estimate being
 -- replaced), never leaving it negative and never re-creating a hash that has already expired.
 -- Subtracting '0' changes nothing (and Redis refuses the increment '-0').
@@ -131,7 +179,7 @@ end
 local function abandon_hold(prefix, id)
   local hold_key = prefix .. 'hold:' .. id
   local h = redis.call('HMGET', hold_key, 'amount', 'day', 'month', 'feature', 'session', 'model',
-    'day_exp', 'month_exp', 'session_ttl', 'done_ttl')
+    'day_exp', 'month_exp', 'session_ttl', 'done_ttl', 'created', 'instance')
   if not h[1] then
     redis.call('ZREM', prefix .. 'holds', id)
     return false
@@ -146,6 +194,10 @@ local function abandon_hold(prefix, id)
   drop_hold(prefix, id)
   if fresh then
     commit_to(prefix, h[2], h[3], h[7], h[8], h[9], u, 'enforcer')
+    audit_add(prefix, {'v', '1', 'kind', 'estimate', 'path', 'enforcer', 'request_id', id,
+      'tenant', prefix_tenant(prefix), 'feature', u.feature, 'session', u.session, 'model', u.model,
+      'cost_nusd', amount, 'reserved_nusd', amount, 'estimated', '1', 'outcome', 'abandoned',
+      'started_ms', h[11] or '', 'instance', h[12] or ''})
   end
   return amount
 end
