@@ -158,6 +158,8 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     /// Budgets seeded into Redis at start.
     pub budgets: Vec<BudgetConfig>,
+    /// Budget alerts: thresholds and where they are delivered (docs/audit.md).
+    pub alerts: crate::alerting::AlertsConfig,
 }
 
 impl Default for Config {
@@ -205,6 +207,7 @@ impl Default for Config {
             providers: BTreeMap::new(),
             keys: Vec::new(),
             budgets: Vec::new(),
+            alerts: crate::alerting::AlertsConfig::default(),
         }
     }
 }
@@ -290,6 +293,7 @@ impl Config {
             response_timeout: timeout,
             operation_timeout: timeout,
             connection_timeout: timeout,
+            alert_thresholds_pct: self.alerts.thresholds_pct.clone(),
             ..ledger::store::LedgerConfig::default()
         }
         .with_credentials(

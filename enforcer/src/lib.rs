@@ -12,6 +12,7 @@
 pub mod access;
 pub mod admin;
 pub mod admit;
+pub mod alerting;
 pub mod auth;
 pub mod budget;
 pub mod call;

@@ -4,6 +4,7 @@
 //! Lua script touches a single slot. The key layout and the scripts are a stable interface,
 //! documented in docs/redis-schema.md. Money is integer nano-USD, changed only with HINCRBY.
 
+mod alerts;
 mod audit;
 mod audit_read;
 mod batch;
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 
+pub use alerts::{ALERT_CURSOR_KEY, ALERT_LEASE_KEY, Alert, Delivery, alerts_key, delivery_key};
 pub use audit::AUDIT_VERSION;
 pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditRecord};
 pub use batch::{BatchStats, OpBatches};
@@ -59,6 +61,8 @@ pub struct Ledger {
     instance: Option<Arc<str>>,
     /// The per-tenant group commit of reserves and settles (batch.rs).
     batch: Arc<Batcher>,
+    /// The budgets the scripts check alert thresholds against (alerts.rs).
+    budget_cache: Arc<alerts::BudgetCache>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -123,6 +127,7 @@ impl Ledger {
             cfg,
             active_marked: Arc::default(),
             instance: None,
+            budget_cache: Arc::default(),
         }
     }
 
@@ -271,7 +276,8 @@ impl Ledger {
             .arg(self.cfg.reclaim_batch)
             .arg(reservation_id);
         let now = Utc::now();
-        audit::tail(&mut inv, &self.cfg, now);
+        let caps = self.alert_caps(tenant, &[]).await;
+        audit::tail(&mut inv, &self.cfg, now, &caps);
         self.timed(name, async {
             self.mark_audit_day(tenant, now).await?;
             let mut c = self.conn.clone();
@@ -317,7 +323,9 @@ impl Ledger {
             inv.arg(a);
         }
         let now = Utc::now();
-        audit::tail(&mut inv, &self.cfg, now);
+        let features: Vec<&str> = r.feature.as_deref().into_iter().collect();
+        let caps = self.alert_caps(&r.tenant, &features).await;
+        audit::tail(&mut inv, &self.cfg, now, &caps);
         let reply = self
             .timed("record", async {
                 self.mark_active(&r.tenant, at).await?;
@@ -349,7 +357,8 @@ impl Ledger {
             .arg(keys::prefix(tenant))
             .arg(ms(now))
             .arg(self.cfg.reclaim_batch);
-        audit::tail(&mut inv, &self.cfg, now);
+        let caps = self.alert_caps(tenant, &[]).await;
+        audit::tail(&mut inv, &self.cfg, now, &caps);
         self.timed("reclaim", async {
             self.mark_audit_day(tenant, now).await?;
             let mut c = self.conn.clone();

@@ -20,7 +20,8 @@ impl Config {
         self.validate_limits()?;
         self.resolved_providers()?;
         self.validate_keys()?;
-        self.validate_budgets()
+        self.validate_budgets()?;
+        self.alerts.validate()
     }
 
     fn validate_listeners(&self) -> Result<(), ConfigError> {

@@ -9,9 +9,25 @@ use super::{CallMeta, LedgerConfig, Period, ReserveRequest, Settlement, UsageRec
 /// Schema version of the records (field `v`).
 pub const AUDIT_VERSION: &str = "1";
 
-/// Appends the three trailing arguments every script reads last: the audit day id ('' when the
-/// audit is off), the stream's absolute expiry (unix s) and its MAXLEN (0 = none).
-pub(crate) fn tail(inv: &mut redis::ScriptInvocation<'_>, cfg: &LedgerConfig, now: DateTime<Utc>) {
+/// Appends the trailing arguments every script reads from the end of ARGV: the alert budgets
+/// (`caps`, 4 values each, see alerts.rs), their count, the alert thresholds ("50,80,100", ''
+/// when off), then the audit day id ('' when the audit is off), the audit stream's absolute expiry
+/// (unix s) and its MAXLEN (0 = none).
+pub(crate) fn tail(
+    inv: &mut redis::ScriptInvocation<'_>,
+    cfg: &LedgerConfig,
+    now: DateTime<Utc>,
+    caps: &[String],
+) {
+    for c in caps {
+        inv.arg(c);
+    }
+    let mut pcts = cfg.alert_thresholds_pct.clone();
+    pcts.retain(|p| *p > 0);
+    pcts.sort_unstable();
+    pcts.dedup();
+    let pcts: Vec<String> = pcts.iter().map(u32::to_string).collect();
+    inv.arg(caps.len() / 4).arg(pcts.join(","));
     let (day, exp, max) = tail_values(cfg, now);
     inv.arg(day).arg(exp).arg(max);
 }

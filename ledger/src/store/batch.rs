@@ -82,6 +82,8 @@ pub(crate) struct Item {
     /// month expire-at, cost, input, output, cache read, cache write, model, feature, session,
     /// estimated. Both end with the audit record's value count and its field, value pairs.
     pub(crate) args: Vec<String>,
+    /// The budgets the script checks alert thresholds against (kind, period, feature, limit each).
+    pub(crate) alerts: Vec<String>,
 }
 
 /// The single-item script call (lua/reserve.lua or lua/settle.lua) for `item`: used for a batch of
@@ -141,7 +143,7 @@ pub(crate) fn single(
             }
         }
     }
-    super::audit::tail(&mut inv, cfg, Utc::now());
+    super::audit::tail(&mut inv, cfg, Utc::now(), &item.alerts);
     inv
 }
 
@@ -377,7 +379,15 @@ impl Batcher {
                 inv.arg(a);
             }
         }
-        super::audit::tail(&mut inv, cfg, Utc::now());
+        let mut alerts: Vec<String> = Vec::new();
+        for w in &batch {
+            for c in w.item.alerts.chunks(4) {
+                if !alerts.chunks(4).any(|a| a == c) {
+                    alerts.extend_from_slice(c);
+                }
+            }
+        }
+        super::audit::tail(&mut inv, cfg, Utc::now(), &alerts);
         let res = tokio::time::timeout(
             cfg.operation_timeout,
             inv.invoke_async::<Vec<Vec<String>>>(&mut conn),

@@ -51,6 +51,10 @@ pub struct LedgerConfig {
     /// Records kept per tenant-day stream at most (`XADD MAXLEN ~`, so a few more may stay); 0
     /// keeps every record until the stream expires. Default 0.
     pub audit_max_per_day: u64,
+    /// Budget alert thresholds in percent of a budget's limit (docs/audit.md); each is fired once
+    /// per (budget, period, threshold) by the script that crosses it. Empty turns alerts off.
+    /// Default 50, 80, 100.
+    pub alert_thresholds_pct: Vec<u32>,
 }
 
 impl Default for LedgerConfig {
@@ -70,6 +74,7 @@ impl Default for LedgerConfig {
             audit: true,
             audit_retention: Duration::from_secs(90 * 24 * 3600),
             audit_max_per_day: 0,
+            alert_thresholds_pct: vec![50, 80, 100],
         }
     }
 }
@@ -91,6 +96,7 @@ impl std::fmt::Debug for LedgerConfig {
             .field("audit", &self.audit)
             .field("audit_retention", &self.audit_retention)
             .field("audit_max_per_day", &self.audit_max_per_day)
+            .field("alert_thresholds_pct", &self.alert_thresholds_pct)
             .finish()
     }
 }

@@ -25,7 +25,8 @@ impl Ledger {
             .timed("reserve", async {
                 self.mark_active(&r.tenant, r.at).await?;
                 self.mark_audit_day(&r.tenant, chrono::Utc::now()).await?;
-                let item = self.reserve_item(r);
+                let mut item = self.reserve_item(r);
+                item.alerts = self.alert_caps(&r.tenant, &[]).await;
                 let fields = if self.cfg.group_commit
                     && r.amount.0 < MAX_BATCHED_VALUE
                     && batch::live_period(r.at)
@@ -70,6 +71,7 @@ impl Ledger {
         Item {
             now_ms: ms(at),
             args,
+            alerts: Vec::new(),
         }
     }
 }

@@ -32,7 +32,8 @@ impl Ledger {
             .timed("settle", async {
                 self.mark_active(&s.tenant, s.started_at).await?;
                 self.mark_audit_day(&s.tenant, Utc::now()).await?;
-                let item = settle_item(s);
+                let features: Vec<&str> = s.feature.as_deref().into_iter().collect();
+                let item = settle_item(s, self.alert_caps(&s.tenant, &features).await);
                 let fields = if self.cfg.group_commit && batchable(s) {
                     self.batch.submit(Op::Settle, &s.tenant, item).await?
                 } else {
@@ -60,7 +61,7 @@ fn batchable(s: &Settlement) -> bool {
 }
 
 /// The settlement's part of the scripts' arguments (see [`Item::args`]).
-fn settle_item(s: &Settlement) -> Item {
+fn settle_item(s: &Settlement, alerts: Vec<String>) -> Item {
     let at = s.started_at;
     let t = s.tokens;
     let mut args = vec![
@@ -83,6 +84,7 @@ fn settle_item(s: &Settlement) -> Item {
     Item {
         now_ms: ms(Utc::now()),
         args,
+        alerts,
     }
 }
 

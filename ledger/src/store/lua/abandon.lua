@@ -7,5 +7,6 @@
 local prefix = ARGV[1]
 reclaim(prefix, tonumber(ARGV[2]), tonumber(ARGV[3]))
 local amount = abandon_hold(prefix, ARGV[4])
+alert_run(prefix)
 if amount then return {'ESTIMATED', amount} end
 return {'UNKNOWN'}

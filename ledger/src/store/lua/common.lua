@@ -42,6 +42,74 @@ local function audit_argv(prefix, i, extra)
   return i + n + 1
 end
 
+-- Budget alerts (docs/audit.md): after money moves, each budget that applies to the tenant is
+-- compared with its thresholds (percent of the limit, ascending); a threshold crossed for the first
+-- time in a period appends one alert to llmw:{T}:alerts, decided here, in the script that moved
+-- the money, so N enforcers and the observer never double-fire or miss. The once-per-period
+-- marker is the period hash's field `alerted:tenant` / `alerted:feature:<f>` (the highest threshold
+-- fired; it expires with the hash). ARGV, from the end, before the three audit arguments:
+-- the thresholds ("50,80,100"; '' = alerts off), the budget count n, and before it n budgets of
+-- 4 values: kind ('t' tenant / 'f' feature), period ('d' / 'm'), feature ('' for 't'), limit.
+local ALERT_PCTS, ALERT_CAPS = {}, {}
+do
+  for p in string.gmatch(ARGV[#ARGV - 3] or '', '%d+') do ALERT_PCTS[#ALERT_PCTS + 1] = tonumber(p) end
+  local n = tonumber(ARGV[#ARGV - 4]) or 0
+  local base = #ARGV - 4 - 4 * n
+  for i = 0, n - 1 do
+    local b = base + 4 * i
+    ALERT_CAPS[#ALERT_CAPS + 1] = {kind = ARGV[b], period = ARGV[b + 1], feature = ARGV[b + 2],
+      limit = ARGV[b + 3]}
+  end
+end
+local alert_periods, alert_seen = {}, {}
+
+-- Notes that the day and month hashes (by id) received committed spend in this script.
+local function alert_touch(day, month)
+  local k = day .. '\n' .. month
+  if not alert_seen[k] then
+    alert_seen[k] = true
+    alert_periods[#alert_periods + 1] = {day, month}
+  end
+end
+
+-- Fires every threshold crossed in the periods touched since the last call, once per
+-- (budget, period, threshold).
+local function alert_run(prefix)
+  local periods = alert_periods
+  alert_periods, alert_seen = {}, {}
+  if #ALERT_PCTS == 0 then return end
+  for _, pm in ipairs(periods) do
+    for _, c in ipairs(ALERT_CAPS) do
+      local pid = (c.period == 'd') and pm[1] or pm[2]
+      local key = prefix .. 'spend:' .. c.period .. ':' .. pid
+      local field, mark = 'spend', 'alerted:tenant'
+      if c.kind == 'f' then
+        field, mark = 'feature:' .. c.feature .. ':spend', 'alerted:feature:' .. c.feature
+      end
+      local limit = tonumber(c.limit)
+      local spend_s = redis.call('HGET', key, field) or '0'
+      local spend = tonumber(spend_s)
+      if limit > 0 and spend * 100 >= limit * ALERT_PCTS[1] then
+        local prev = tonumber(redis.call('HGET', key, mark) or '0')
+        local top = prev
+        for _, pct in ipairs(ALERT_PCTS) do
+          if pct > prev and spend * 100 >= limit * pct then
+            top = pct
+            local tenant = prefix_tenant(prefix)
+            local period = (c.period == 'd') and 'day' or 'month'
+            redis.call('XADD', prefix .. 'alerts', 'MAXLEN', '~', '10000', '*',
+              'v', '1', 'kind', 'budget_threshold',
+              'id', table.concat({tenant, c.feature, period, pid, tostring(pct)}, '|'),
+              'tenant', tenant, 'feature', c.feature, 'period', period, 'period_id', pid,
+              'threshold_pct', tostring(pct), 'limit_nusd', c.limit, 'spend_nusd', spend_s)
+          end
+        end
+        if top > prev then redis.call('HSET', key, mark, top) end
+      end
+    end
+  end
+end
+
 -- A denial's scope as the audit trail names it: tenant/day, tenant/month, feature/day,
 -- feature/month, session.
 local function cap_scope(kind, period)
@@ -127,6 +195,7 @@ end
 -- `day_exp`/`month_exp` are the period hashes' absolute expiries (unix s); `sess_ttl` the session ttl (s).
 -- A period hash is only created when its expiry is known (never a hash without TTL).
 local function commit_to(prefix, day, month, day_exp, month_exp, sess_ttl, u, source)
+  alert_touch(day, month)
   local dk = prefix .. 'spend:d:' .. day
   local mk = prefix .. 'spend:m:' .. month
   if day_exp or redis.call('EXISTS', dk) == 1 then
@@ -235,5 +304,6 @@ end
 local function reclaim(prefix, now_ms, limit)
   local ids = redis.call('ZRANGEBYSCORE', prefix .. 'holds', '-inf', now_ms, 'LIMIT', 0, limit)
   for _, id in ipairs(ids) do abandon_hold(prefix, id) end
+  if #ids > 0 then alert_run(prefix) end
   return #ids
 end

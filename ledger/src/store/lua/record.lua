@@ -13,4 +13,5 @@ if not redis.call('SET', KEYS[2], u.cost, 'NX', 'PX', ARGV[4]) then
 end
 commit_all(prefix, 5, u, 'observer')
 audit_argv(prefix, 20, {})
+alert_run(prefix)
 return {'RECORDED'}

@@ -20,5 +20,6 @@ end
 redis.call('SET', KEYS[3], u.cost, 'PX', ARGV[5])
 local held = drop_hold(prefix, ARGV[4])
 commit_all(prefix, 6, u, 'enforcer')
+alert_run(prefix)
 if replaced ~= '' then audit_argv(prefix, 21, {'reversed_nusd', replaced}) else audit_argv(prefix, 21, {}) end
 return {'SETTLED', held or '', replaced}

@@ -43,4 +43,5 @@ for i = 1, n do
   end
 end
 b_flush()
+alert_run(prefix)
 return replies
