@@ -1,6 +1,6 @@
 //! The admin API (its own listener, loopback by default): GET /healthz and /readyz without a
 //! token (probes), everything else behind `Authorization: Bearer <admin token>`:
-//! GET /spend, GET/PUT/DELETE /budgets, GET /budgets/check, GET /metrics.
+//! GET /spend, GET/PUT/DELETE /budgets, GET /budgets/check, GET /audit, GET /metrics.
 
 use std::sync::Arc;
 
@@ -136,6 +136,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
             Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, e),
         },
         (Method::PUT, "/budgets") => put_budgets(&app, req).await,
+        (Method::GET, "/audit") => {
+            let (status, v) = crate::audit_export::page(&app.ledger, q).await;
+            json_resp(status, &v)
+        }
         (Method::GET, "/budgets/check") => match app.ledger.check_budgets().await {
             Ok(p) => json_resp(
                 StatusCode::OK,
