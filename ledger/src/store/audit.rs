@@ -74,8 +74,11 @@ impl Fields {
         self.0.push(v.into());
     }
 
+    /// A field only when it has a value (an absent field reads as empty: fewer bytes per record).
     fn opt(&mut self, k: &str, v: Option<&str>) {
-        self.put(k, v.map(clean).unwrap_or_default());
+        if let Some(v) = v.map(clean).filter(|v| !v.is_empty()) {
+            self.put(k, v);
+        }
     }
 
     fn meta(&mut self, m: &CallMeta) {
@@ -142,7 +145,7 @@ pub(crate) fn record_fields(r: &UsageRecord) -> Vec<String> {
     f.put("tenant", r.tenant.clone());
     f.opt("feature", r.feature.as_deref());
     f.opt("session", r.session.as_deref());
-    f.put("provider", clean(&r.provider));
+    f.opt("provider", Some(&r.provider));
     f.opt("model", r.model.as_deref());
     usage(&mut f, r.cost.0, r.tokens, r.estimated, r.bypass);
     f.put("outcome", m.outcome.as_deref().map_or("ok".into(), clean));
@@ -160,7 +163,7 @@ pub(crate) fn deny_fields(r: &ReserveRequest) -> Vec<String> {
     f.put("tenant", r.tenant.clone());
     f.opt("feature", r.feature.as_deref());
     f.opt("session", r.session.as_deref());
-    f.put("provider", clean(&r.provider));
+    f.opt("provider", Some(&r.provider));
     f.opt("model", r.model.as_deref());
     f.put("reserved_nusd", r.amount.0.to_string());
     f.put("started_ms", ms(r.at).to_string());
@@ -170,11 +173,20 @@ pub(crate) fn deny_fields(r: &ReserveRequest) -> Vec<String> {
 fn usage(f: &mut Fields, cost: i64, t: super::TokenCounts, estimated: bool, bypass: bool) {
     f.put("input_tokens", t.input.to_string());
     f.put("output_tokens", t.output.to_string());
-    f.put("cache_read_tokens", t.cache_read.to_string());
-    f.put("cache_write_tokens", t.cache_write.to_string());
+    // Cache tokens and flags only when set (absent reads as 0).
+    if t.cache_read > 0 {
+        f.put("cache_read_tokens", t.cache_read.to_string());
+    }
+    if t.cache_write > 0 {
+        f.put("cache_write_tokens", t.cache_write.to_string());
+    }
     f.put("cost_nusd", cost.to_string());
-    f.put("estimated", if estimated { "1" } else { "0" });
-    f.put("bypass", if bypass { "1" } else { "0" });
+    if estimated {
+        f.put("estimated", "1");
+    }
+    if bypass {
+        f.put("bypass", "1");
+    }
 }
 
 #[cfg(test)]
