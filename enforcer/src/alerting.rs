@@ -35,6 +35,10 @@ pub struct AlertsConfig {
     pub poll_ms: u64,
     /// The dispatcher lease's lifetime (ms); renewed every third of it. Default 10000.
     pub lease_ms: u64,
+    /// Also deliver the observer's bypass events (`llmw:events:bypass`: a (service, provider) pair
+    /// calling a provider directly for the first time in its window) as `first_bypass` alerts.
+    /// Default true.
+    pub bypass: bool,
     /// Where alerts go; none: alerts stay in Redis (`llmw:{T}:alerts`) and nothing is sent.
     pub sinks: Vec<SinkConfig>,
 }
@@ -45,6 +49,7 @@ impl Default for AlertsConfig {
             thresholds_pct: vec![50, 80, 100],
             poll_ms: 500,
             lease_ms: 10_000,
+            bypass: true,
             sinks: Vec::new(),
         }
     }
@@ -221,6 +226,19 @@ fn client() -> HttpsClient {
 /// The JSON a webhook receives (docs/audit.md).
 #[must_use]
 pub fn webhook_body(a: &Alert) -> serde_json::Value {
+    if a.kind == "first_bypass" {
+        return serde_json::json!({
+            "id": a.id,
+            "kind": a.kind,
+            "tenant": a.tenant,
+            "service": a.service,
+            "provider": a.provider,
+            "model": a.model,
+            "pid": a.pid,
+            "comm": a.comm,
+            "at": a.at,
+        });
+    }
     serde_json::json!({
         "id": a.id,
         "kind": a.kind,
@@ -238,6 +256,12 @@ pub fn webhook_body(a: &Alert) -> serde_json::Value {
 /// The text a Slack-compatible webhook receives.
 #[must_use]
 pub fn slack_text(a: &Alert) -> String {
+    if a.kind == "first_bypass" {
+        return format!(
+            "llmwarden: service {} called {} directly, bypassing the enforcer (tenant {}, process {} pid {})",
+            a.service, a.provider, a.tenant, a.comm, a.pid
+        );
+    }
     let what = if a.feature.is_empty() {
         format!("tenant {}", a.tenant)
     } else {
@@ -283,6 +307,7 @@ pub fn spawn(ledger: Ledger, instance: String, cfg: &AlertsConfig) -> Result<(),
         poll: Duration::from_millis(cfg.poll_ms),
         lease: Duration::from_millis(cfg.lease_ms),
         leader: AtomicBool::new(false),
+        bypass: cfg.bypass,
     });
     tokio::spawn(Arc::clone(&d).keep_lease());
     tokio::spawn(d.run());
@@ -298,6 +323,7 @@ struct Dispatcher {
     poll: Duration,
     lease: Duration,
     leader: AtomicBool,
+    bypass: bool,
 }
 
 impl Dispatcher {
@@ -352,7 +378,24 @@ impl Dispatcher {
                 }
             }
         }
-        Ok(())
+        if !self.bypass {
+            return Ok(());
+        }
+        loop {
+            let alerts = self.ledger.pending_bypass_alerts(100).await?;
+            if alerts.is_empty() {
+                return Ok(());
+            }
+            for a in alerts {
+                if !self.leading() {
+                    return Ok(());
+                }
+                self.deliver(&a).await?;
+                self.ledger
+                    .ack_alert(ledger::store::BYPASS_CURSOR, &a.stream_id)
+                    .await?;
+            }
+        }
     }
 
     /// Sends one alert to every sink that does not have it yet, retrying with backoff.
@@ -502,7 +545,7 @@ mod tests {
             threshold_pct: 80,
             limit_nusd: 50_000_000_000,
             spend_nusd: 40_000_000_000,
-            at: String::new(),
+            ..Alert::default()
         };
         assert_eq!(
             slack_text(&a),

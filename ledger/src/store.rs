@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 
-pub use alerts::{ALERT_CURSOR_KEY, ALERT_LEASE_KEY, Alert, Delivery, alerts_key, delivery_key};
+pub use alerts::{
+    ALERT_CURSOR_KEY, ALERT_LEASE_KEY, Alert, BYPASS_CURSOR, Delivery, alerts_key, delivery_key,
+};
 pub use audit::AUDIT_VERSION;
 pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditRecord};
 pub use batch::{BatchStats, OpBatches};

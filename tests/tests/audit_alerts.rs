@@ -417,3 +417,41 @@ async fn a_receiver_that_fails_three_times_gets_the_alert_once() {
         .collect();
     assert_eq!(got, BTreeMap::from([("ops", ("delivered", 4))]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bypass_events_are_delivered_once_each() {
+    let receiver = Receiver::start(0).await;
+    let stack = Stack::start(Opts {
+        extra_toml: alerts_toml(&receiver, "", 50),
+        ..Opts::default()
+    })
+    .await;
+    for service in ["billing", "search"] {
+        stack
+            .ledger
+            .bypass_event(&ledger::store::BypassEvent {
+                service: service.into(),
+                provider: "openai".into(),
+                tenant: "ops".into(),
+                model: "gpt-4o-mini".into(),
+                pid: 42,
+                comm: "python3".into(),
+                at: Utc::now(),
+            })
+            .await
+            .expect("bypass event");
+    }
+    let hooks = receiver.wait_ok("/hook", 2, Duration::from_secs(1)).await;
+    assert_eq!(hooks.len(), 2, "{hooks:#?}");
+    let services: BTreeSet<&str> = hooks
+        .iter()
+        .map(|h| h.body["service"].as_str().expect("service"))
+        .collect();
+    assert_eq!(services, BTreeSet::from(["billing", "search"]));
+    for h in &hooks {
+        verify_signature(h);
+        assert_eq!(h.body["kind"], "first_bypass");
+        assert!(h.idempotency_key.starts_with("bypass|"));
+        assert_eq!(h.body["provider"], "openai");
+    }
+}

@@ -62,15 +62,20 @@ pub(crate) struct BudgetCache {
     loading: AtomicBool,
 }
 
-/// One alert, as the scripts wrote it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The cursor field (in [`ALERT_CURSOR_KEY`]) of the bypass events stream; `*` is in no tenant name.
+pub const BYPASS_CURSOR: &str = "*bypass";
+/// On its first run a dispatcher delivers bypass events of the last hour, not the whole stream.
+const BYPASS_LOOKBACK_MS: i64 = 3_600_000;
+
+/// One alert: a budget threshold the scripts decided, or a first bypass the observer reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alert {
     /// Its entry id in the tenant's alert stream (the dispatcher's cursor).
     pub stream_id: String,
     /// The idempotency key: `tenant|feature|period|period id|threshold`, unique per (budget,
     /// period, threshold).
     pub id: String,
-    /// `budget_threshold`.
+    /// `budget_threshold` or `first_bypass`.
     pub kind: String,
     /// The tenant.
     pub tenant: String,
@@ -88,6 +93,16 @@ pub struct Alert {
     pub spend_nusd: i64,
     /// When (the stream id's time), RFC 3339.
     pub at: String,
+    /// `first_bypass`: the service that called the provider directly.
+    pub service: String,
+    /// `first_bypass`: the provider.
+    pub provider: String,
+    /// `first_bypass`: the model, or "unknown".
+    pub model: String,
+    /// `first_bypass`: the process id.
+    pub pid: String,
+    /// `first_bypass`: the process name.
+    pub comm: String,
 }
 
 /// Where one alert stands with one sink.
@@ -263,6 +278,57 @@ impl Ledger {
         .await
     }
 
+    /// Up to `limit` bypass events (`llmw:events:bypass`, written by the observer when a
+    /// (service, provider) pair first calls a provider directly in its window) after the
+    /// dispatcher's cursor [`BYPASS_CURSOR`], as `first_bypass` alerts; the first time, those of the
+    /// last hour.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when Redis is unavailable.
+    pub async fn pending_bypass_alerts(&self, limit: usize) -> Result<Vec<Alert>, Error> {
+        self.timed("pending_bypass_alerts", async {
+            let mut c = self.conn.clone();
+            let cursor: Option<String> = c.hget(ALERT_CURSOR_KEY, BYPASS_CURSOR).await?;
+            let start = cursor.map_or_else(
+                || (Utc::now().timestamp_millis() - BYPASS_LOOKBACK_MS).to_string(),
+                |id| format!("({id}"),
+            );
+            let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(keys::BYPASS_EVENTS)
+                .arg(start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit)
+                .query_async(&mut c)
+                .await?;
+            Ok(r.ids
+                .into_iter()
+                .map(|e| {
+                    let m: HashMap<String, String> = e
+                        .map
+                        .into_iter()
+                        .filter_map(|(k, v)| redis::from_redis_value(v).ok().map(|v| (k, v)))
+                        .collect();
+                    let s = |k: &str| m.get(k).cloned().unwrap_or_default();
+                    Alert {
+                        id: format!("bypass|{}", e.id),
+                        kind: "first_bypass".into(),
+                        tenant: s("tenant"),
+                        at: s("at"),
+                        service: s("service"),
+                        provider: s("provider"),
+                        model: s("model"),
+                        pid: s("pid"),
+                        comm: s("comm"),
+                        stream_id: e.id,
+                        ..Alert::default()
+                    }
+                })
+                .collect())
+        })
+        .await
+    }
+
     /// Moves the dispatcher's cursor of `tenant` past `stream_id` (that alert is finished).
     ///
     /// # Errors
@@ -360,5 +426,6 @@ fn alert_from(stream_id: String, m: &HashMap<String, String>) -> Alert {
         threshold_pct: s("threshold_pct").parse().unwrap_or(0),
         limit_nusd: s("limit_nusd").parse().unwrap_or(0),
         spend_nusd: s("spend_nusd").parse().unwrap_or(0),
+        ..Alert::default()
     }
 }
