@@ -373,7 +373,9 @@ impl Dispatcher {
                     if !self.leading() {
                         return Ok(());
                     }
-                    self.deliver(&a).await?;
+                    if !self.deliver(&a).await? {
+                        return Ok(());
+                    }
                     self.ledger.ack_alert(&tenant, &a.stream_id).await?;
                 }
             }
@@ -390,7 +392,9 @@ impl Dispatcher {
                 if !self.leading() {
                     return Ok(());
                 }
-                self.deliver(&a).await?;
+                if !self.deliver(&a).await? {
+                    return Ok(());
+                }
                 self.ledger
                     .ack_alert(ledger::store::BYPASS_CURSOR, &a.stream_id)
                     .await?;
@@ -398,8 +402,10 @@ impl Dispatcher {
         }
     }
 
-    /// Sends one alert to every sink that does not have it yet, retrying with backoff.
-    async fn deliver(&self, a: &Alert) -> Result<(), ledger::Error> {
+    /// Sends one alert to every sink that does not have it yet, retrying with backoff. Returns
+    /// false when the lease was lost on the way (the alert is not finished: the next lease holder
+    /// resumes it from its delivery status).
+    async fn deliver(&self, a: &Alert) -> Result<bool, ledger::Error> {
         let done = self.ledger.alert_deliveries(&a.id).await?;
         for sink in &self.sinks {
             let mut status = done.get(&sink.cfg.name).cloned().unwrap_or_default();
@@ -409,7 +415,7 @@ impl Dispatcher {
             let mut backoff = Duration::from_millis(sink.cfg.backoff_ms);
             while status.attempts < sink.cfg.max_attempts {
                 if !self.leading() {
-                    return Ok(());
+                    return Ok(false);
                 }
                 status.attempts += 1;
                 match self.send(sink, a).await {
@@ -444,7 +450,7 @@ impl Dispatcher {
                 tracing::info!(alert = %a.id, sink = %sink.cfg.name, attempts = status.attempts, "alert delivered");
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// One POST; Ok on a 2xx answer. The error names the status or the failure, never the URL.
