@@ -294,7 +294,12 @@ pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
 ///
 /// # Errors
 /// A [`ConfigError`] naming a sink variable that is unset or empty.
-pub fn spawn(ledger: Ledger, instance: String, cfg: &AlertsConfig) -> Result<(), ConfigError> {
+pub fn spawn(
+    ledger: Ledger,
+    instance: String,
+    cfg: &AlertsConfig,
+    metrics: &crate::metrics::Metrics,
+) -> Result<(), ConfigError> {
     let sinks = sinks(cfg)?;
     if sinks.is_empty() {
         return Ok(());
@@ -308,6 +313,8 @@ pub fn spawn(ledger: Ledger, instance: String, cfg: &AlertsConfig) -> Result<(),
         lease: Duration::from_millis(cfg.lease_ms),
         leader: AtomicBool::new(false),
         bypass: cfg.bypass,
+        delivered: metrics.alerts_delivered.clone(),
+        failures: metrics.alert_delivery_failures.clone(),
     });
     tokio::spawn(Arc::clone(&d).keep_lease());
     tokio::spawn(d.run());
@@ -324,6 +331,10 @@ struct Dispatcher {
     lease: Duration,
     leader: AtomicBool,
     bypass: bool,
+    /// `llmwarden_alerts_delivered_total`.
+    delivered: prometheus_client::metrics::counter::Counter,
+    /// `llmwarden_alert_delivery_failures_total`.
+    failures: prometheus_client::metrics::counter::Counter,
 }
 
 impl Dispatcher {
@@ -420,12 +431,14 @@ impl Dispatcher {
                 status.attempts += 1;
                 match self.send(sink, a).await {
                     Ok(()) => {
+                        self.delivered.inc();
                         status.state = "delivered".into();
                         status.delivered_at =
                             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
                         break;
                     }
                     Err(e) => {
+                        self.failures.inc();
                         tracing::warn!(alert = %a.id, sink = %sink.cfg.name, attempt = status.attempts, error = %e, "alert delivery failed");
                         status.state = if status.attempts < sink.cfg.max_attempts {
                             "retrying".into()

@@ -65,7 +65,12 @@ pub async fn run(app: App) -> Result<(), StartError> {
     }
     let _ = app.budgets.cache.refresh().await;
     app.budgets.cache.spawn_refresher(Duration::from_secs(1));
-    crate::alerting::spawn(app.ledger.clone(), app.instance.clone(), &app.cfg.alerts)?;
+    crate::alerting::spawn(
+        app.ledger.clone(),
+        app.instance.clone(),
+        &app.cfg.alerts,
+        &app.metrics,
+    )?;
     let tls = match (&app.cfg.tls_cert_file, &app.cfg.tls_key_file) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
         _ => None,

@@ -416,6 +416,16 @@ async fn a_receiver_that_fails_three_times_gets_the_alert_once() {
         .map(|(k, d)| (k.as_str(), (d.state.as_str(), d.attempts)))
         .collect();
     assert_eq!(got, BTreeMap::from([("ops", ("delivered", 4))]));
+    let m = stack.metrics().await;
+    assert!(
+        m.contains("llmwarden_alert_delivery_failures_total 3")
+            && m.contains("llmwarden_alerts_delivered_total 1"),
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("alert"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
