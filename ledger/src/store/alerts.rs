@@ -60,6 +60,8 @@ return 0",
 pub(crate) struct BudgetCache {
     state: Mutex<Option<(Instant, Arc<Vec<Budget>>)>>,
     loading: AtomicBool,
+    /// Serialises the first load: concurrent first callers wait for one HGETALL.
+    first: tokio::sync::Mutex<()>,
 }
 
 /// The cursor field (in [`ALERT_CURSOR_KEY`]) of the bypass events stream; `*` is in no tenant name.
@@ -163,6 +165,10 @@ impl Ledger {
     /// lives, so no call waits for a reload afterwards.
     async fn cached_budgets(&self) -> Arc<Vec<Budget>> {
         let cache = &self.budget_cache;
+        if let Some((_, b)) = cache.state.lock().ok().and_then(|s| s.clone()) {
+            return b;
+        }
+        let _first = cache.first.lock().await;
         if let Some((_, b)) = cache.state.lock().ok().and_then(|s| s.clone()) {
             return b;
         }
