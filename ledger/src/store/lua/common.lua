@@ -9,6 +9,8 @@
 -- trimmed with '~', so Redis trims whole nodes cheaply). The stream id (XADD '*', Redis time) is
 -- the record's commit time; scripts are replicated by effects (the default since Redis 5).
 local AUDIT_DAY, AUDIT_EXP, AUDIT_MAXLEN = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
+-- A script called without these arguments (a script that moves no money) writes no record.
+if not (AUDIT_DAY and string.match(AUDIT_DAY, '^%d%d%d%d%-%d%d%-%d%d$')) then AUDIT_DAY = '' end
 local audit_expiring = {}
 
 -- The tenant of a key prefix "llmw:{T}:".
@@ -52,9 +54,12 @@ end
 -- 4 values: kind ('t' tenant / 'f' feature), period ('d' / 'm'), feature ('' for 't'), limit.
 local ALERT_PCTS, ALERT_CAPS = {}, {}
 do
-  for p in string.gmatch(ARGV[#ARGV - 3] or '', '%d+') do ALERT_PCTS[#ALERT_PCTS + 1] = tonumber(p) end
-  local n = tonumber(ARGV[#ARGV - 4]) or 0
+  local pcts, n = ARGV[#ARGV - 3] or '', tonumber(ARGV[#ARGV - 4]) or 0
   local base = #ARGV - 4 - 4 * n
+  -- Only a well-formed tail is read (a script called without one checks no thresholds).
+  if AUDIT_DAY == '' and ARGV[#ARGV - 2] ~= '' then n, pcts = 0, '' end
+  if not string.match(pcts, '^[%d,]*$') or n < 0 or n > 256 or base < 1 then n, pcts = 0, '' end
+  for p in string.gmatch(pcts, '%d+') do ALERT_PCTS[#ALERT_PCTS + 1] = tonumber(p) end
   for i = 0, n - 1 do
     local b = base + 4 * i
     ALERT_CAPS[#ALERT_CAPS + 1] = {kind = ARGV[b], period = ARGV[b + 1], feature = ARGV[b + 2],
