@@ -1,7 +1,7 @@
 //! The admin API (its own listener, loopback by default): GET /healthz and /readyz without a
 //! token (probes), everything else behind `Authorization: Bearer <admin token>`:
-//! GET /spend, GET/PUT/DELETE /budgets, GET /budgets/check, GET /metrics, and the runtime keys
-//! ([`crate::admin_keys`]: /keys).
+//! GET /spend, GET/PUT/DELETE /budgets, GET /budgets/check, GET /audit, GET /metrics, and the
+//! runtime keys ([`crate::admin_keys`]: /keys).
 
 use std::sync::Arc;
 
@@ -139,6 +139,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
         (Method::PUT, "/budgets") => put_budgets(&app, req).await,
         (_, p) if p == "/keys" || p.starts_with("/keys/") => {
             crate::admin_keys::handle(&app, req, &path).await
+        }
+        (Method::GET, "/audit") => {
+            let (status, v) = crate::audit_export::page(&app.ledger, q).await;
+            json_resp(status, &v)
         }
         (Method::GET, "/budgets/check") => match app.ledger.check_budgets().await {
             Ok(p) => json_resp(

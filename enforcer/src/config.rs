@@ -165,6 +165,8 @@ pub struct Config {
     pub budgets: Vec<BudgetConfig>,
     /// Budget-aware downgrades: when a cap would deny a model, the next model of a chain.
     pub downgrades: Vec<DowngradeConfig>,
+    /// Budget alerts: thresholds and where they are delivered (docs/audit.md).
+    pub alerts: crate::alerting::AlertsConfig,
 }
 
 /// One downgrade chain: calls of `tenant` (and `feature`) to a model matching `from` that a
@@ -230,6 +232,7 @@ impl Default for Config {
             keys: Vec::new(),
             budgets: Vec::new(),
             downgrades: Vec::new(),
+            alerts: crate::alerting::AlertsConfig::default(),
         }
     }
 }
@@ -315,6 +318,7 @@ impl Config {
             response_timeout: timeout,
             operation_timeout: timeout,
             connection_timeout: timeout,
+            alert_thresholds_pct: self.alerts.thresholds_pct.clone(),
             ..ledger::store::LedgerConfig::default()
         }
         .with_credentials(

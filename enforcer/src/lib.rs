@@ -13,6 +13,8 @@ pub mod access;
 pub mod admin;
 pub mod admin_keys;
 pub mod admit;
+pub mod alerting;
+pub mod audit_export;
 pub mod auth;
 pub mod budget;
 pub mod call;

@@ -1,4 +1,4 @@
-//! `enforcer`: serve, check-config, hash-key, check-budgets, report, keys.
+//! `enforcer`: serve, check-config, hash-key, check-budgets, report, keys, audit.
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -56,6 +56,30 @@ enum Cmd {
         #[command(subcommand)]
         cmd: enforcer::admin_keys::KeysCmd,
     },
+    /// Stream the audit records of a time range in time order (docs/audit.md).
+    Audit {
+        /// First commit time included: RFC 3339, a UTC day (2026-12-04) or unix ms.
+        #[arg(long)]
+        since: String,
+        /// First commit time excluded (same forms).
+        #[arg(long)]
+        until: String,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this path: enforcer, observer or unmetered.
+        #[arg(long)]
+        path: Option<String>,
+        /// jsonl or csv.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: FormatArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Jsonl,
+    Csv,
 }
 
 /// Logs go to stderr from a dedicated thread, so a slow reader (a full pipe to the journal) never
@@ -165,6 +189,45 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     print!("{}", enforcer::report::text(&r));
                 }
+                Ok(())
+            })
+        }
+        Some(Cmd::Audit {
+            since,
+            until,
+            tenant,
+            path,
+            format,
+        }) => {
+            let cfg = Config::load_for_reading(&cli.config)
+                .with_context(|| format!("invalid config {}", cli.config.display()))?;
+            let q = ledger::store::AuditQuery {
+                since: enforcer::audit_export::parse_time(&since)
+                    .map_err(|e| anyhow::anyhow!("--since: {e}"))?,
+                until: enforcer::audit_export::parse_time(&until)
+                    .map_err(|e| anyhow::anyhow!("--until: {e}"))?,
+                tenant,
+                path,
+            };
+            if let Some(p) = &q.path {
+                enforcer::audit_export::check_path(p)
+                    .map_err(|e| anyhow::anyhow!("--path: {e}"))?;
+            }
+            let format = match format {
+                FormatArg::Jsonl => enforcer::audit_export::Format::Jsonl,
+                FormatArg::Csv => enforcer::audit_export::Format::Csv,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let lcfg = cfg.ledger_config(std::time::Duration::from_secs(5))?;
+                let ledger = Ledger::connect_with(&cfg.redis_url, lcfg)
+                    .await
+                    .with_context(|| format!("connecting to {}", cfg.redis_url))?;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                let n = enforcer::audit_export::export(&ledger, q, format, &mut out).await?;
+                eprintln!("{n} audit records");
                 Ok(())
             })
         }

@@ -155,6 +155,10 @@ pub struct Metrics {
     pub spool_refused: Counter<u64, AtomicU64>,
     /// Nano-USD settled above the call's reservation (the worst case was not one).
     pub over_reservation: Counter<u64, AtomicU64>,
+    /// Alerts delivered to a sink by this instance's dispatcher (docs/audit.md).
+    pub alerts_delivered: Counter<u64, AtomicU64>,
+    /// Failed alert delivery attempts (each retried until `max_attempts`).
+    pub alert_delivery_failures: Counter<u64, AtomicU64>,
     /// Client connections open, by listener.
     pub connections_open: Family<Listener, Gauge>,
     /// Times a listener stopped accepting because its connection limit was reached.
@@ -198,6 +202,8 @@ impl Metrics {
             spooled: Counter::default(),
             spool_refused: Counter::default(),
             over_reservation: Counter::default(),
+            alerts_delivered: Counter::default(),
+            alert_delivery_failures: Counter::default(),
             connections_open: Family::default(),
             connection_limit_waits: Family::default(),
             accept_errors: Family::default(),
@@ -317,6 +323,16 @@ impl Metrics {
             "llmwarden_spooled_records",
             "Settles and releases written to the local spool while Redis was unreachable",
             self.spooled.clone(),
+        );
+        r.register(
+            "llmwarden_alerts_delivered",
+            "Alerts delivered to a sink by this instance's dispatcher",
+            self.alerts_delivered.clone(),
+        );
+        r.register(
+            "llmwarden_alert_delivery_failures",
+            "Failed alert delivery attempts (retried with backoff up to max_attempts)",
+            self.alert_delivery_failures.clone(),
         );
         r.register(
             "llmwarden_spool_refused",

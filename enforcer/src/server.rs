@@ -71,6 +71,12 @@ pub async fn run(app: App) -> Result<(), StartError> {
         }
         rk.spawn_refresher(Duration::from_millis(app.cfg.runtime_keys_refresh_ms));
     }
+    crate::alerting::spawn(
+        app.ledger.clone(),
+        app.instance.clone(),
+        &app.cfg.alerts,
+        &app.metrics,
+    )?;
     let tls = match (&app.cfg.tls_cert_file, &app.cfg.tls_key_file) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
         _ => None,

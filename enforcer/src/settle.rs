@@ -290,7 +290,7 @@ impl Settler {
             self.metrics.estimated_settlements.inc();
         }
         self.check_over_reservation(&bill);
-        self.commit(&bill).await;
+        self.commit(&bill, outcome).await;
         self.remember_object().await;
         self.metrics.settled(&SettledCall {
             tenant: &self.call.tenant,
@@ -346,7 +346,15 @@ impl Settler {
         }
     }
 
-    async fn commit(&self, bill: &Bill) {
+    async fn commit(&self, bill: &Bill, outcome: &'static str) {
+        // The audit record (docs/audit.md): "ok" for a complete call, "cut" for one that broke off.
+        let meta = ledger::store::CallMeta {
+            provider: Some(self.call.provider.clone()),
+            api: (!self.call.api.is_empty()).then(|| self.call.api.to_owned()),
+            outcome: Some(if outcome == "complete" { "ok" } else { "cut" }.to_owned()),
+            latency_ms: u64::try_from(self.call.start.elapsed().as_millis()).ok(),
+            ..ledger::store::CallMeta::default()
+        };
         let s = Settlement {
             tenant: self.call.tenant.clone(),
             request_id: self.call.request_id.clone(),
@@ -357,6 +365,7 @@ impl Settler {
             tokens: bill.tokens(),
             estimated: bill.estimated(),
             started_at: self.call.started_at,
+            meta,
         };
         let w = match self.hold {
             Hold::Reserved(_) => self.durable.settle_or_spool(&s).await,

@@ -5,6 +5,9 @@
 //! documented in docs/redis-schema.md. Money is integer nano-USD, changed only with HINCRBY.
 
 mod apikeys;
+mod alerts;
+mod audit;
+mod audit_read;
 mod batch;
 mod budget;
 mod conn;
@@ -30,6 +33,11 @@ pub use apikeys::{
     API_KEYS_KEY, ApiKey, ApiKeySnapshot, KeyStatus, NewApiKey, PreviousSecret, SECRET_PREFIX,
     secret_hash,
 };
+pub use alerts::{
+    ALERT_CURSOR_KEY, ALERT_LEASE_KEY, Alert, BYPASS_CURSOR, Delivery, alerts_key, delivery_key,
+};
+pub use audit::AUDIT_VERSION;
+pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditRecord};
 pub use batch::{BatchStats, OpBatches};
 pub use budget::{BudgetProblem, resolve_caps};
 pub use conn::LedgerConfig;
@@ -37,9 +45,9 @@ pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, validate_name};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
 pub use signals::{BYPASS_EVENTS_KEPT, BypassEvent, LoopCounts};
 pub use types::{
-    Budget, BySource, Cap, CapScope, Denial, Hold, RecordOutcome, Reservation, ReserveOutcome,
-    ReserveRequest, SessionSpend, SettleOutcome, Settlement, Source, TenantSpend, TokenCounts,
-    UsageRecord,
+    Budget, BySource, CallMeta, Cap, CapScope, Denial, Hold, RecordOutcome, Reservation,
+    ReserveOutcome, ReserveRequest, SessionSpend, SettleOutcome, Settlement, Source, TenantSpend,
+    TokenCounts, UsageRecord,
 };
 pub use unmetered::{
     UnmeteredConn, UnmeteredEntry, UnmeteredOutcome, UnmeteredSummary, unmetered_key,
@@ -64,6 +72,8 @@ pub struct Ledger {
     instance: Option<Arc<str>>,
     /// The per-tenant group commit of reserves and settles (batch.rs).
     batch: Arc<Batcher>,
+    /// The budgets the scripts check alert thresholds against (alerts.rs).
+    budget_cache: Arc<alerts::BudgetCache>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -128,6 +138,7 @@ impl Ledger {
             cfg,
             active_marked: Arc::default(),
             instance: None,
+            budget_cache: Arc::default(),
         }
     }
 
@@ -216,6 +227,16 @@ impl Ledger {
         Ok(())
     }
 
+    /// Lists the tenant in `llmw:tenants:<day>` of the day its audit records go to (`now`), so an
+    /// export finds every tenant-day stream from those sets; a no-op (cached) when the call's own
+    /// period already marked it.
+    async fn mark_audit_day(&self, tenant: &str, now: DateTime<Utc>) -> Result<(), Error> {
+        if self.cfg.audit {
+            self.mark_active(tenant, now).await?;
+        }
+        Ok(())
+    }
+
     /// Drops a reservation without spend (the call failed before anything was billed). Releasing
     /// a hold that no longer exists is not an error.
     ///
@@ -265,7 +286,11 @@ impl Ledger {
             .arg(ms(Utc::now()))
             .arg(self.cfg.reclaim_batch)
             .arg(reservation_id);
+        let now = Utc::now();
+        let caps = self.alert_caps(tenant, &[]).await;
+        audit::tail(&mut inv, &self.cfg, now, &caps);
         self.timed(name, async {
+            self.mark_audit_day(tenant, now).await?;
             let mut c = self.conn.clone();
             let fields: Vec<String> = inv.invoke_async(&mut c).await?;
             Ok(Reply::new(name, fields))
@@ -305,9 +330,17 @@ impl Ledger {
         );
         inv.arg(if r.bypass { "1" } else { "0" })
             .arg(if r.estimated { "1" } else { "0" });
+        for a in audit::record_fields(r) {
+            inv.arg(a);
+        }
+        let now = Utc::now();
+        let features: Vec<&str> = r.feature.as_deref().into_iter().collect();
+        let caps = self.alert_caps(&r.tenant, &features).await;
+        audit::tail(&mut inv, &self.cfg, now, &caps);
         let reply = self
             .timed("record", async {
                 self.mark_active(&r.tenant, at).await?;
+                self.mark_audit_day(&r.tenant, now).await?;
                 let mut c = self.conn.clone();
                 let fields: Vec<String> = inv.invoke_async(&mut c).await?;
                 Ok(Reply::new("record", fields))
@@ -330,11 +363,15 @@ impl Ledger {
     pub async fn reclaim_expired(&self, tenant: &str) -> Result<u64, Error> {
         validate_tenant(tenant)?;
         let mut inv = scripts::RECLAIM.prepare_invoke();
+        let now = Utc::now();
         inv.key(keys::holds(tenant))
             .arg(keys::prefix(tenant))
-            .arg(ms(Utc::now()))
+            .arg(ms(now))
             .arg(self.cfg.reclaim_batch);
+        let caps = self.alert_caps(tenant, &[]).await;
+        audit::tail(&mut inv, &self.cfg, now, &caps);
         self.timed("reclaim", async {
+            self.mark_audit_day(tenant, now).await?;
             let mut c = self.conn.clone();
             let n: u64 = inv.invoke_async(&mut c).await?;
             Ok(n)

@@ -39,6 +39,7 @@ fn req(id: &str, amount: i64, ttl_ms: u64) -> ReserveRequest {
 
 fn real(r: &ReserveRequest, cost: i64) -> Settlement {
     Settlement {
+        meta: Default::default(),
         tenant: r.tenant.clone(),
         request_id: r.request_id.clone(),
         feature: r.feature.clone(),

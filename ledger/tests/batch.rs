@@ -60,6 +60,7 @@ fn req(id: &str, amount: i64, at: DateTime<Utc>, caps: Vec<Cap>) -> ReserveReque
 
 fn settlement(r: &ReserveRequest, cost: i64, n: u64) -> Settlement {
     Settlement {
+        meta: Default::default(),
         tenant: r.tenant.clone(),
         request_id: r.request_id.clone(),
         feature: r.feature.clone(),
@@ -109,6 +110,23 @@ async fn dump(server: &RedisServer) -> BTreeMap<String, (String, i64)> {
                 let mut s: Vec<String> = c.smembers(&k).await.expect("SMEMBERS");
                 s.sort();
                 format!("{s:?}")
+            }
+            "stream" => {
+                // The audit records without their ids (the commit times differ), as a multiset
+                // (concurrent callers reach Redis in different orders).
+                let r: redis::streams::StreamRangeReply = c.xrange_all(&k).await.expect("XRANGE");
+                let mut entries: Vec<BTreeMap<String, String>> = r
+                    .ids
+                    .into_iter()
+                    .map(|e| {
+                        e.map
+                            .into_iter()
+                            .map(|(f, v)| (f, redis::from_redis_value(v).expect("text")))
+                            .collect()
+                    })
+                    .collect();
+                entries.sort();
+                format!("{entries:?}")
             }
             other => panic!("unexpected type {other} of {k}"),
         };
@@ -173,6 +191,7 @@ async fn settle_each(l: &Ledger, ss: &[Settlement]) -> Vec<String> {
 /// Prior state both servers get one call at a time: committed observer spend and a live hold.
 async fn prior(l: &Ledger, at: DateTime<Utc>) {
     let rec = UsageRecord {
+        meta: Default::default(),
         tenant: "acme".into(),
         event_id: "ev1".into(),
         feature: Some("bot".into()),

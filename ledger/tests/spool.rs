@@ -33,6 +33,7 @@ async fn ledger(server: &RedisServer) -> Ledger {
 
 fn settle(id: &str, cost: i64) -> Settlement {
     Settlement {
+        meta: Default::default(),
         tenant: "acme".into(),
         request_id: id.into(),
         feature: Some("bot".into()),
@@ -52,6 +53,7 @@ fn settle(id: &str, cost: i64) -> Settlement {
 
 fn record(id: &str, cost: i64) -> UsageRecord {
     UsageRecord {
+        meta: Default::default(),
         tenant: "acme".into(),
         event_id: id.into(),
         feature: None,

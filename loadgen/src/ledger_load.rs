@@ -140,6 +140,7 @@ async fn pair(ledger: &Ledger, tenant: &str, id: &str) -> Result<(), String> {
         ReserveOutcome::Denied(_) => return Err("denied".to_owned()),
     }
     let s = Settlement {
+        meta: Default::default(),
         tenant: tenant.to_owned(),
         request_id: id.to_owned(),
         feature: Some("bench".to_owned()),

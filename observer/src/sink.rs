@@ -154,6 +154,13 @@ impl CallRecord {
             bypass: true,
             estimated: self.estimated,
             at: chrono::Utc::now(),
+            meta: ledger::store::CallMeta {
+                api: Some(self.api.clone()),
+                service: Some(self.service.clone()),
+                pid: Some(self.pid),
+                comm: Some(self.comm.clone()),
+                ..ledger::store::CallMeta::default()
+            },
         }
     }
 }

@@ -101,6 +101,7 @@ async fn report_json_lists_every_active_tenant() {
         ReserveOutcome::Allowed(_)
     ));
     let s = Settlement {
+        meta: Default::default(),
         tenant: "acme".into(),
         request_id: "r1".into(),
         feature: Some("support-bot".into()),
@@ -117,6 +118,7 @@ async fn report_json_lists_every_active_tenant() {
     };
     ledger.settle(&s).await.expect("settle");
     let rec = UsageRecord {
+        meta: Default::default(),
         tenant: "shadow".into(),
         event_id: "e1".into(),
         feature: None,

@@ -21,7 +21,8 @@ impl Config {
         self.resolved_providers()?;
         self.validate_keys()?;
         self.validate_downgrades()?;
-        self.validate_budgets()
+        self.validate_budgets()?;
+        self.alerts.validate()
     }
 
     fn validate_listeners(&self) -> Result<(), ConfigError> {

@@ -16,6 +16,7 @@ fn dir(name: &str) -> PathBuf {
 
 fn settle(id: &str, cost: i64) -> SpoolEntry {
     SpoolEntry::Settle(Settlement {
+        meta: Default::default(),
         tenant: "acme".into(),
         request_id: id.into(),
         feature: None,

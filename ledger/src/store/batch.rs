@@ -80,8 +80,10 @@ pub(crate) struct Item {
     /// Reserve: id, now ms, amount, ttl ms, day, month, day expire-at, month expire-at, feature,
     /// session, model, instance, cap count, caps. Settle: id, day, month, day expire-at,
     /// month expire-at, cost, input, output, cache read, cache write, model, feature, session,
-    /// estimated.
+    /// estimated. Both end with the audit record's value count and its field, value pairs.
     pub(crate) args: Vec<String>,
+    /// The budgets the script checks alert thresholds against (kind, period, feature, limit each).
+    pub(crate) alerts: Vec<String>,
 }
 
 /// The single-item script call (lua/reserve.lua or lua/settle.lua) for `item`: used for a batch of
@@ -136,8 +138,12 @@ pub(crate) fn single(
                 inv.arg(a(i));
             }
             inv.arg("0").arg(a(13));
+            for v in item.args.iter().skip(14) {
+                inv.arg(v);
+            }
         }
     }
+    super::audit::tail(&mut inv, cfg, Utc::now(), &item.alerts);
     inv
 }
 
@@ -373,6 +379,15 @@ impl Batcher {
                 inv.arg(a);
             }
         }
+        let mut alerts: Vec<String> = Vec::new();
+        for w in &batch {
+            for c in w.item.alerts.chunks(4) {
+                if !alerts.chunks(4).any(|a| a == c) {
+                    alerts.extend_from_slice(c);
+                }
+            }
+        }
+        super::audit::tail(&mut inv, cfg, Utc::now(), &alerts);
         let res = tokio::time::timeout(
             cfg.operation_timeout,
             inv.invoke_async::<Vec<Vec<String>>>(&mut conn),

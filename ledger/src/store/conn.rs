@@ -43,6 +43,18 @@ pub struct LedgerConfig {
     /// is in flight go to Redis as one script call (store/batch.rs), several times the throughput
     /// under load; nothing waits at low load. `false` sends one script per call. Default true.
     pub group_commit: bool,
+    /// The audit trail (docs/audit.md): every settle, record, denial, release and abandoned hold
+    /// appends one record to the tenant's stream of the day, in the same script. Default true.
+    pub audit: bool,
+    /// A tenant-day audit stream expires this long after its day ends. Default 90 days.
+    pub audit_retention: Duration,
+    /// Records kept per tenant-day stream at most (`XADD MAXLEN ~`, so a few more may stay); 0
+    /// keeps every record until the stream expires. Default 0.
+    pub audit_max_per_day: u64,
+    /// Budget alert thresholds in percent of a budget's limit (docs/audit.md); each is fired once
+    /// per (budget, period, threshold) by the script that crosses it. Empty turns alerts off.
+    /// Default 50, 80, 100.
+    pub alert_thresholds_pct: Vec<u32>,
 }
 
 impl Default for LedgerConfig {
@@ -59,6 +71,10 @@ impl Default for LedgerConfig {
             hold_grace: Duration::from_secs(7 * 24 * 3600),
             reclaim_batch: 64,
             group_commit: true,
+            audit: true,
+            audit_retention: Duration::from_secs(90 * 24 * 3600),
+            audit_max_per_day: 0,
+            alert_thresholds_pct: vec![50, 80, 100],
         }
     }
 }
@@ -77,6 +93,10 @@ impl std::fmt::Debug for LedgerConfig {
             .field("hold_grace", &self.hold_grace)
             .field("reclaim_batch", &self.reclaim_batch)
             .field("group_commit", &self.group_commit)
+            .field("audit", &self.audit)
+            .field("audit_retention", &self.audit_retention)
+            .field("audit_max_per_day", &self.audit_max_per_day)
+            .field("alert_thresholds_pct", &self.alert_thresholds_pct)
             .finish()
     }
 }

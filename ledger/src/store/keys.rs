@@ -129,6 +129,12 @@ pub fn object(tenant: &str, id: &str) -> String {
     format!("{}obj:{id}", prefix(tenant))
 }
 
+/// "llmw:{T}:audit:<YYYY-MM-DD>" — the tenant's audit stream of one UTC day (docs/audit.md).
+#[must_use]
+pub fn audit(tenant: &str, day: &str) -> String {
+    format!("{}audit:{day}", prefix(tenant))
+}
+
 /// The stream of bypass events (no hash tag: one key in its own slot).
 pub const BYPASS_EVENTS: &str = "llmw:events:bypass";
 

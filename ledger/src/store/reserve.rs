@@ -24,7 +24,9 @@ impl Ledger {
         let reply = self
             .timed("reserve", async {
                 self.mark_active(&r.tenant, r.at).await?;
-                let item = self.reserve_item(r);
+                self.mark_audit_day(&r.tenant, chrono::Utc::now()).await?;
+                let mut item = self.reserve_item(r);
+                item.alerts = self.alert_caps(&r.tenant, &[]).await;
                 let fields = if self.cfg.group_commit
                     && r.amount.0 < MAX_BATCHED_VALUE
                     && batch::live_period(r.at)
@@ -65,9 +67,11 @@ impl Ledger {
             let (kind, period, limit) = cap_args(cap);
             args.extend([kind.to_owned(), period.to_owned(), limit]);
         }
+        args.extend(super::audit::deny_fields(r));
         Item {
             now_ms: ms(at),
             args,
+            alerts: Vec::new(),
         }
     }
 }

@@ -31,7 +31,9 @@ impl Ledger {
         let reply = self
             .timed("settle", async {
                 self.mark_active(&s.tenant, s.started_at).await?;
-                let item = settle_item(s);
+                self.mark_audit_day(&s.tenant, Utc::now()).await?;
+                let features: Vec<&str> = s.feature.as_deref().into_iter().collect();
+                let item = settle_item(s, self.alert_caps(&s.tenant, &features).await);
                 let fields = if self.cfg.group_commit && batchable(s) {
                     self.batch.submit(Op::Settle, &s.tenant, item).await?
                 } else {
@@ -59,10 +61,10 @@ fn batchable(s: &Settlement) -> bool {
 }
 
 /// The settlement's part of the scripts' arguments (see [`Item::args`]).
-fn settle_item(s: &Settlement) -> Item {
+fn settle_item(s: &Settlement, alerts: Vec<String>) -> Item {
     let at = s.started_at;
     let t = s.tokens;
-    let args = vec![
+    let mut args = vec![
         s.request_id.clone(),
         Period::Day.id(at),
         Period::Month.id(at),
@@ -78,9 +80,11 @@ fn settle_item(s: &Settlement) -> Item {
         s.session.clone().unwrap_or_default(),
         if s.estimated { "1" } else { "0" }.to_owned(),
     ];
+    args.extend(super::audit::settle_fields(s));
     Item {
         now_ms: ms(Utc::now()),
         args,
+        alerts,
     }
 }
 

@@ -249,6 +249,9 @@ pub struct Settlement {
     pub estimated: bool,
     /// When the call started (the reserve's `at`): picks the day and month the spend is booked in.
     pub started_at: DateTime<Utc>,
+    /// What the audit trail records beyond the usage (provider, API, outcome, latency).
+    #[serde(default, skip_serializing_if = "CallMeta::is_empty")]
+    pub meta: CallMeta,
 }
 
 /// The result of a settle.
@@ -296,6 +299,51 @@ pub struct UsageRecord {
     pub estimated: bool,
     /// When the call happened: picks the day and month.
     pub at: DateTime<Utc>,
+    /// What the audit trail records beyond the usage (API, process identity, service).
+    #[serde(default, skip_serializing_if = "CallMeta::is_empty")]
+    pub meta: CallMeta,
+}
+
+/// What the audit trail (docs/audit.md) records about a call beyond its usage: where it was seen,
+/// what answered, how it ended. Never prompts, completions or keys. Every field is optional; text
+/// is cleaned of control characters and cut to 128 bytes before it is stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CallMeta {
+    /// `enforcer`, `observer` or `unmetered`; empty means the writer's own (settle: enforcer,
+    /// record: observer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Provider name (settles; records carry theirs in [`UsageRecord::provider`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The API called (`chat_completions`, `messages`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// How the call ended: `ok`, `cut` (client disconnect, upstream reset or stall), or a short
+    /// word of the writer's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// The call's duration as its writer measured it, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// The service the observer attributed the call to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The calling process (observer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The calling process's command name (observer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+}
+
+impl CallMeta {
+    /// True when nothing is set (kept out of spool records then).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        *self == CallMeta::default()
+    }
 }
 
 /// The result of a record.

@@ -239,6 +239,7 @@ end
 -- is summed per group of items with the same hashes, feature, model and flags (b_flush adds each
 -- group's sums once); a group's first item registers its fields, in commit's order.
 local function b_commit_to(prefix, day, month, day_exp, month_exp, sess_ttl, u, source)
+  alert_touch(day, month)
   local dk = name(prefix, 'spend:d:', day)
   local mk = name(prefix, 'spend:m:', month)
   local keys = {}

@@ -2,6 +2,127 @@
 -- Money is integer nano-USD. Amounts are passed to HINCRBY as the strings the caller sent, so Redis
 -- does the arithmetic in 64-bit integers; Lua numbers (doubles) are only used to compare against caps.
 
+-- Audit trail (docs/audit.md): every script that moves money appends one record per call to the
+-- tenant's stream of the current UTC day, llmw:{T}:audit:<day>, in the same script as the money,
+-- so the ledger and the audit trail never disagree. The LAST three ARGV of every script are the
+-- audit day id ('' = audit off), the stream's absolute expiry (unix s) and its MAXLEN (0 = none;
+-- trimmed with '~', so Redis trims whole nodes cheaply). The stream id (XADD '*', Redis time) is
+-- the record's commit time; scripts are replicated by effects (the default since Redis 5).
+local AUDIT_DAY, AUDIT_EXP, AUDIT_MAXLEN = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
+-- A script called without these arguments (a script that moves no money) writes no record.
+if not (AUDIT_DAY and string.match(AUDIT_DAY, '^%d%d%d%d%-%d%d%-%d%d$')) then AUDIT_DAY = '' end
+local audit_expiring = {}
+
+-- The tenant of a key prefix "llmw:{T}:".
+local function prefix_tenant(prefix)
+  return string.sub(prefix, 7, -3)
+end
+
+-- Appends one record (a flat field, value list) to the tenant's audit stream of the day.
+local function audit_add(prefix, fields)
+  if AUDIT_DAY == '' then return end
+  local key = prefix .. 'audit:' .. AUDIT_DAY
+  if AUDIT_MAXLEN ~= '0' then
+    redis.call('XADD', key, 'MAXLEN', '~', AUDIT_MAXLEN, '*', unpack(fields))
+  else
+    redis.call('XADD', key, '*', unpack(fields))
+  end
+  if not audit_expiring[key] then
+    redis.call('EXPIREAT', key, AUDIT_EXP)
+    audit_expiring[key] = true
+  end
+end
+
+-- Appends a record built by the caller: ARGV[i] is the count of values that follow (field, value
+-- pairs), `extra` a list of fields the script adds (may be empty). Returns the index after them.
+local function audit_argv(prefix, i, extra)
+  local n = tonumber(ARGV[i])
+  local f = {}
+  for j = i + 1, i + n do f[#f + 1] = ARGV[j] end
+  for _, v in ipairs(extra) do f[#f + 1] = v end
+  if #f > 0 then audit_add(prefix, f) end
+  return i + n + 1
+end
+
+-- Budget alerts (docs/audit.md): after money moves, each budget that applies to the tenant is
+-- compared with its thresholds (percent of the limit, ascending); a threshold crossed for the first
+-- time in a period appends one alert to llmw:{T}:alerts, decided here, in the script that moved
+-- the money, so N enforcers and the observer never double-fire or miss. The once-per-period
+-- marker is the period hash's field `alerted:tenant` / `alerted:feature:<f>` (the highest threshold
+-- fired; it expires with the hash). ARGV, from the end, before the three audit arguments:
+-- the thresholds ("50,80,100"; '' = alerts off), the budget count n, and before it n budgets of
+-- 4 values: kind ('t' tenant / 'f' feature), period ('d' / 'm'), feature ('' for 't'), limit.
+local ALERT_PCTS, ALERT_CAPS = {}, {}
+do
+  local pcts, n = ARGV[#ARGV - 3] or '', tonumber(ARGV[#ARGV - 4]) or 0
+  local base = #ARGV - 4 - 4 * n
+  -- Only a well-formed tail is read (a script called without one checks no thresholds).
+  if AUDIT_DAY == '' and ARGV[#ARGV - 2] ~= '' then n, pcts = 0, '' end
+  if not string.match(pcts, '^[%d,]*$') or n < 0 or n > 256 or base < 1 then n, pcts = 0, '' end
+  for p in string.gmatch(pcts, '%d+') do ALERT_PCTS[#ALERT_PCTS + 1] = tonumber(p) end
+  for i = 0, n - 1 do
+    local b = base + 4 * i
+    ALERT_CAPS[#ALERT_CAPS + 1] = {kind = ARGV[b], period = ARGV[b + 1], feature = ARGV[b + 2],
+      limit = ARGV[b + 3]}
+  end
+end
+local alert_periods, alert_seen = {}, {}
+
+-- Notes that the day and month hashes (by id) received committed spend in this script.
+local function alert_touch(day, month)
+  local k = day .. '\n' .. month
+  if not alert_seen[k] then
+    alert_seen[k] = true
+    alert_periods[#alert_periods + 1] = {day, month}
+  end
+end
+
+-- Fires every threshold crossed in the periods touched since the last call, once per
+-- (budget, period, threshold).
+local function alert_run(prefix)
+  local periods = alert_periods
+  alert_periods, alert_seen = {}, {}
+  if #ALERT_PCTS == 0 then return end
+  for _, pm in ipairs(periods) do
+    for _, c in ipairs(ALERT_CAPS) do
+      local pid = (c.period == 'd') and pm[1] or pm[2]
+      local key = prefix .. 'spend:' .. c.period .. ':' .. pid
+      local field, mark = 'spend', 'alerted:tenant'
+      if c.kind == 'f' then
+        field, mark = 'feature:' .. c.feature .. ':spend', 'alerted:feature:' .. c.feature
+      end
+      local limit = tonumber(c.limit)
+      local spend_s = redis.call('HGET', key, field) or '0'
+      local spend = tonumber(spend_s)
+      if limit > 0 and spend * 100 >= limit * ALERT_PCTS[1] then
+        local prev = tonumber(redis.call('HGET', key, mark) or '0')
+        local top = prev
+        for _, pct in ipairs(ALERT_PCTS) do
+          if pct > prev and spend * 100 >= limit * pct then
+            top = pct
+            local tenant = prefix_tenant(prefix)
+            local period = (c.period == 'd') and 'day' or 'month'
+            redis.call('XADD', prefix .. 'alerts', 'MAXLEN', '~', '10000', '*',
+              'v', '1', 'kind', 'budget_threshold',
+              'id', table.concat({tenant, c.feature, period, pid, tostring(pct)}, '|'),
+              'tenant', tenant, 'feature', c.feature, 'period', period, 'period_id', pid,
+              'threshold_pct', tostring(pct), 'limit_nusd', c.limit, 'spend_nusd', spend_s)
+          end
+        end
+        if top > prev then redis.call('HSET', key, mark, top) end
+      end
+    end
+  end
+end
+
+-- A denial's scope as the audit trail names it: tenant/day, tenant/month, feature/day,
+-- feature/month, session.
+local function cap_scope(kind, period)
+  if kind == 's' then return 'session' end
+  local who = (kind == 'f') and 'feature' or 'tenant'
+  return who .. '/' .. ((period == 'd') and 'day' or 'month')
+end
+
 -- Subtracts `amount` (a decimal string) from a counter (held, or a committed estimate being
 -- replaced), never leaving it negative and never re-creating a hash that has already expired.
 -- Subtracting '0' changes nothing (and Redis refuses the increment '-0').
@@ -79,6 +200,7 @@ end
 -- `day_exp`/`month_exp` are the period hashes' absolute expiries (unix s); `sess_ttl` the session ttl (s).
 -- A period hash is only created when its expiry is known (never a hash without TTL).
 local function commit_to(prefix, day, month, day_exp, month_exp, sess_ttl, u, source)
+  alert_touch(day, month)
   local dk = prefix .. 'spend:d:' .. day
   local mk = prefix .. 'spend:m:' .. month
   if day_exp or redis.call('EXISTS', dk) == 1 then
@@ -131,7 +253,7 @@ end
 local function abandon_hold(prefix, id)
   local hold_key = prefix .. 'hold:' .. id
   local h = redis.call('HMGET', hold_key, 'amount', 'day', 'month', 'feature', 'session', 'model',
-    'day_exp', 'month_exp', 'session_ttl', 'done_ttl')
+    'day_exp', 'month_exp', 'session_ttl', 'done_ttl', 'created', 'instance')
   if not h[1] then
     redis.call('ZREM', prefix .. 'holds', id)
     return false
@@ -146,6 +268,10 @@ local function abandon_hold(prefix, id)
   drop_hold(prefix, id)
   if fresh then
     commit_to(prefix, h[2], h[3], h[7], h[8], h[9], u, 'enforcer')
+    audit_add(prefix, {'v', '1', 'kind', 'estimate', 'path', 'enforcer', 'request_id', id,
+      'tenant', prefix_tenant(prefix), 'feature', u.feature, 'session', u.session, 'model', u.model,
+      'cost_nusd', amount, 'reserved_nusd', amount, 'estimated', '1', 'outcome', 'abandoned',
+      'started_ms', h[11] or '', 'instance', h[12] or ''})
   end
   return amount
 end
@@ -183,5 +309,6 @@ end
 local function reclaim(prefix, now_ms, limit)
   local ids = redis.call('ZRANGEBYSCORE', prefix .. 'holds', '-inf', now_ms, 'LIMIT', 0, limit)
   for _, id in ipairs(ids) do abandon_hold(prefix, id) end
+  if #ids > 0 then alert_run(prefix) end
   return #ids
 end

@@ -3,7 +3,8 @@
 -- ARGV: 1 prefix, 2 now ms, 3 reclaim limit, 4 reservation id, 5 amount, 6 ttl ms,
 --       7 day id, 8 month id, 9 day expire-at s, 10 month expire-at s, 11 session ttl s,
 --       12 feature ('' = none), 13 session ('' = none), 14 hold safety ttl ms, 15 model ('' = none),
---       16 done ttl ms, 17 instance id ('' = none), 18 cap count, then per cap: kind ('t' tenant, 'f' feature, 's' session), period ('d' / 'm'), limit.
+--       16 done ttl ms, 17 instance id ('' = none), 18 cap count, then per cap: kind ('t' tenant, 'f' feature, 's' session), period ('d' / 'm'), limit;
+--       then the audit value count and field, value pairs of a denial's record; last 3: audit day, expiry, maxlen.
 -- Reply: {'ALLOW', amount, expires_ms, 'new'|'existing'} | {'DENY', cap index (1-based), spend, held}
 --        | {'SETTLED'} when the request id was already settled.
 local prefix = ARGV[1]
@@ -41,6 +42,8 @@ for i = 1, n do
   local v = redis.call('HMGET', key, fs, fh)
   local spend_s, held_s = v[1] or '0', v[2] or '0'
   if tonumber(spend_s) + tonumber(held_s) + amount > limit then
+    audit_argv(prefix, 19 + n * 3, {'v', '1', 'kind', 'deny', 'outcome', 'denied', 'cost_nusd', '0',
+      'scope', cap_scope(kind, period), 'limit_nusd', ARGV[base + 3], 'spent_nusd', spend_s, 'held_nusd', held_s})
     return {'DENY', i, spend_s, held_s}
   end
 end

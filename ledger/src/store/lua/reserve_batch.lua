@@ -7,7 +7,8 @@
 --       3 reclaim limit, 4 session ttl s, 5 hold safety ttl ms, 6 done ttl ms, 7 item count, then per
 --       item: reservation id, now ms, amount, ttl ms, day id, month id, day expire-at s,
 --       month expire-at s, feature ('' = none), session ('' = none), model ('' = none),
---       instance id ('' = none), cap count, then per cap: kind ('t' / 'f' / 's'), period ('d' / 'm'), limit.
+--       instance id ('' = none), cap count, then per cap: kind ('t' / 'f' / 's'), period ('d' / 'm'), limit,
+--       then the audit value count and field, value pairs of a denial's record; last 3: audit day, expiry, maxlen.
 -- Reply: one reserve.lua reply per item, in order.
 local prefix = ARGV[1]
 B.holds = KEYS[1]
@@ -38,7 +39,8 @@ for i = 1, n do
   local feature, session, model, instance = ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11]
   local ncaps = tonumber(ARGV[a + 12])
   local caps = a + 13
-  a = caps + 3 * ncaps
+  local audit_at = caps + 3 * ncaps
+  a = audit_at + 1 + tonumber(ARGV[audit_at])
   local hold_key, done_key = KEYS[2 * i], KEYS[2 * i + 1]
   -- The common case (neither exists) costs one call.
   if redis.call('EXISTS', hold_key, done_key) > 0 then
@@ -67,6 +69,9 @@ for i = 1, n do
       local d = B.delta[key] and B.delta[key][fh] or 0
       if d ~= 0 then held_s = string.format('%d', tonumber(held_s) + d) end
       if tonumber(spend_s) + tonumber(held_s) + amount > limit then
+        audit_argv(prefix, audit_at, {'v', '1', 'kind', 'deny', 'outcome', 'denied', 'cost_nusd', '0',
+          'scope', cap_scope(kind, period), 'limit_nusd', ARGV[base + 2], 'spent_nusd', spend_s,
+          'held_nusd', held_s})
         replies[i] = {'DENY', c, spend_s, held_s}
         break
       end

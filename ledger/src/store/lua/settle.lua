@@ -2,7 +2,8 @@
 -- KEYS[1] holds ZSET; KEYS[2] the hold hash; KEYS[3] the done marker (llmw:{T}:done:<request id>).
 -- ARGV: 1 prefix, 2 now ms, 3 reclaim limit, 4 request id (= reservation id), 5 done ttl ms,
 --       6 day id, 7 month id, 8 day expire-at s, 9 month expire-at s, 10 session ttl s,
---       11.. usage: cost, input, output, cache_read, cache_write, model, feature, session, bypass, estimated.
+--       11.. usage: cost, input, output, cache_read, cache_write, model, feature, session, bypass, estimated,
+--       21 audit value count, then the audit record's field, value pairs; last 3: audit day, expiry, maxlen.
 -- Reply: {'SETTLED', held amount released or '', estimate replaced or ''}
 --        | {'DUPLICATE', the done marker's value}.
 -- A done marker holding an estimate (the hold was abandoned and committed at its reserved amount)
@@ -19,4 +20,6 @@ end
 redis.call('SET', KEYS[3], u.cost, 'PX', ARGV[5])
 local held = drop_hold(prefix, ARGV[4])
 commit_all(prefix, 6, u, 'enforcer')
+alert_run(prefix)
+if replaced ~= '' then audit_argv(prefix, 21, {'reversed_nusd', replaced}) else audit_argv(prefix, 21, {}) end
 return {'SETTLED', held or '', replaced}

@@ -4,17 +4,21 @@
 -- an item that replaces an estimate first flushes, then reverses the estimate directly.
 -- KEYS[1] holds ZSET; then per item i: KEYS[2i] its hold hash, KEYS[2i+1] its done marker.
 -- ARGV: 1 prefix, 2 now ms (expired holds are reclaimed once, first), 3 reclaim limit, 4 done ttl ms,
---       5 session ttl s, 6 item count, then 14 per item: request id, day id, month id,
+--       5 session ttl s, 6 item count, then per item: request id, day id, month id,
 --       day expire-at s, month expire-at s, cost, input, output, cache_read, cache_write, model,
---       feature, session, estimated ('0' / '1').
+--       feature, session, estimated ('0' / '1'), the audit value count and the audit record's
+--       field, value pairs; last 3: audit day, expiry, maxlen.
 -- Reply: one settle.lua reply per item, in order.
 local prefix = ARGV[1]
 B.holds = KEYS[1]
 reclaim(prefix, tonumber(ARGV[2]), tonumber(ARGV[3]))
 local done_ttl, sess_ttl, n = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local replies = {}
+local next_a = 6
 for i = 1, n do
-  local a = 6 + (i - 1) * 14
+  local a = next_a
+  local audit_at = a + 15
+  next_a = audit_at + tonumber(ARGV[audit_at])
   local done_key = KEYS[2 * i + 1]
   local u = {
     cost = ARGV[a + 6], input = ARGV[a + 7], output = ARGV[a + 8], cache_read = ARGV[a + 9],
@@ -33,8 +37,11 @@ for i = 1, n do
     redis.call('SET', done_key, u.cost, 'PX', done_ttl)
     local held = b_drop_hold(prefix, ARGV[a + 1], KEYS[2 * i])
     b_commit_to(prefix, ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], sess_ttl, u, 'enforcer')
+    if replaced ~= '' then audit_argv(prefix, audit_at, {'reversed_nusd', replaced})
+    else audit_argv(prefix, audit_at, {}) end
     replies[i] = {'SETTLED', held or '', replaced}
   end
 end
 b_flush()
+alert_run(prefix)
 return replies

@@ -1,0 +1,220 @@
+//! The audit trail's write side: the arguments every money-moving script takes to append one
+//! record per call to the tenant's stream of the day (`llmw:{T}:audit:<day>`, lua/common.lua
+//! `audit_add`). The record schema is a stable interface, documented in docs/audit.md.
+
+use chrono::{DateTime, Utc};
+
+use super::{CallMeta, LedgerConfig, Period, ReserveRequest, Settlement, UsageRecord, ms};
+
+/// Schema version of the records (field `v`).
+pub const AUDIT_VERSION: &str = "1";
+
+/// Appends the trailing arguments every script reads from the end of ARGV: the alert budgets
+/// (`caps`, 4 values each, see alerts.rs), their count, the alert thresholds ("50,80,100", ''
+/// when off), then the audit day id ('' when the audit is off), the audit stream's absolute expiry
+/// (unix s) and its MAXLEN (0 = none).
+pub(crate) fn tail(
+    inv: &mut redis::ScriptInvocation<'_>,
+    cfg: &LedgerConfig,
+    now: DateTime<Utc>,
+    caps: &[String],
+) {
+    for c in caps {
+        inv.arg(c);
+    }
+    let mut pcts = cfg.alert_thresholds_pct.clone();
+    pcts.retain(|p| *p > 0);
+    pcts.sort_unstable();
+    pcts.dedup();
+    let pcts: Vec<String> = pcts.iter().map(u32::to_string).collect();
+    inv.arg(caps.len() / 4).arg(pcts.join(","));
+    let (day, exp, max) = tail_values(cfg, now);
+    inv.arg(day).arg(exp).arg(max);
+}
+
+/// [`tail`]'s values.
+pub(crate) fn tail_values(cfg: &LedgerConfig, now: DateTime<Utc>) -> (String, i64, u64) {
+    if !cfg.audit {
+        return (String::new(), 0, 0);
+    }
+    let retention = chrono::Duration::from_std(cfg.audit_retention)
+        .unwrap_or_else(|_| chrono::Duration::days(90));
+    let exp = (Period::Day.reset_at(now) + retention).timestamp();
+    (Period::Day.id(now), exp, cfg.audit_max_per_day)
+}
+
+/// Text stored in a record: control characters dropped, at most 128 bytes (on a char boundary).
+fn clean(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(128));
+    for c in s.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > 128 {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A record's field, value list under construction; [`Fields::finish`] prefixes the count the
+/// scripts read first.
+struct Fields(Vec<String>);
+
+impl Fields {
+    fn new(kind: &str) -> Fields {
+        Fields(vec![
+            "v".into(),
+            AUDIT_VERSION.into(),
+            "kind".into(),
+            kind.into(),
+        ])
+    }
+
+    fn put(&mut self, k: &str, v: impl Into<String>) {
+        self.0.push(k.into());
+        self.0.push(v.into());
+    }
+
+    /// A field only when it has a value (an absent field reads as empty: fewer bytes per record).
+    fn opt(&mut self, k: &str, v: Option<&str>) {
+        if let Some(v) = v.map(clean).filter(|v| !v.is_empty()) {
+            self.put(k, v);
+        }
+    }
+
+    fn meta(&mut self, m: &CallMeta) {
+        self.opt("api", m.api.as_deref());
+        if let Some(l) = m.latency_ms {
+            self.put("latency_ms", l.to_string());
+        }
+        if let Some(s) = &m.service {
+            self.put("service", clean(s));
+        }
+        if let Some(p) = m.pid {
+            self.put("pid", p.to_string());
+        }
+        if let Some(c) = &m.comm {
+            self.put("comm", clean(c));
+        }
+    }
+
+    fn finish(self) -> Vec<String> {
+        let mut v = Vec::with_capacity(self.0.len() + 1);
+        v.push(self.0.len().to_string());
+        v.extend(self.0);
+        v
+    }
+}
+
+/// The record of a settle (count first): the script adds `reversed_nusd` when it replaces an
+/// abandoned hold's estimate.
+pub(crate) fn settle_fields(s: &Settlement) -> Vec<String> {
+    let m = &s.meta;
+    let mut f = Fields::new("settle");
+    f.put("path", m.path.as_deref().map_or("enforcer".into(), clean));
+    f.put("request_id", s.request_id.clone());
+    f.put("tenant", s.tenant.clone());
+    f.opt("feature", s.feature.as_deref());
+    f.opt("session", s.session.as_deref());
+    f.opt("provider", m.provider.as_deref());
+    f.opt("model", s.model.as_deref());
+    usage(&mut f, s.cost.0, s.tokens, s.estimated, false);
+    f.put(
+        "outcome",
+        m.outcome.as_deref().map_or_else(
+            || {
+                if s.estimated {
+                    "cut".into()
+                } else {
+                    "ok".into()
+                }
+            },
+            clean,
+        ),
+    );
+    f.put("started_ms", ms(s.started_at).to_string());
+    f.meta(m);
+    f.finish()
+}
+
+/// The record of an observer record (count first).
+pub(crate) fn record_fields(r: &UsageRecord) -> Vec<String> {
+    let m = &r.meta;
+    let mut f = Fields::new("record");
+    f.put("path", m.path.as_deref().map_or("observer".into(), clean));
+    f.put("request_id", r.event_id.clone());
+    f.put("tenant", r.tenant.clone());
+    f.opt("feature", r.feature.as_deref());
+    f.opt("session", r.session.as_deref());
+    f.opt("provider", Some(&r.provider));
+    f.opt("model", r.model.as_deref());
+    usage(&mut f, r.cost.0, r.tokens, r.estimated, r.bypass);
+    f.put("outcome", m.outcome.as_deref().map_or("ok".into(), clean));
+    f.put("started_ms", ms(r.at).to_string());
+    f.meta(m);
+    f.finish()
+}
+
+/// The context of a denial's record (count first); the script adds kind, outcome, cost, scope,
+/// limit, spent and held when a cap refuses the reserve.
+pub(crate) fn deny_fields(r: &ReserveRequest) -> Vec<String> {
+    let mut f = Fields(Vec::new());
+    f.put("path", "enforcer");
+    f.put("request_id", r.request_id.clone());
+    f.put("tenant", r.tenant.clone());
+    f.opt("feature", r.feature.as_deref());
+    f.opt("session", r.session.as_deref());
+    f.opt("provider", Some(&r.provider));
+    f.opt("model", r.model.as_deref());
+    f.put("reserved_nusd", r.amount.0.to_string());
+    f.put("started_ms", ms(r.at).to_string());
+    f.finish()
+}
+
+fn usage(f: &mut Fields, cost: i64, t: super::TokenCounts, estimated: bool, bypass: bool) {
+    f.put("input_tokens", t.input.to_string());
+    f.put("output_tokens", t.output.to_string());
+    // Cache tokens and flags only when set (absent reads as 0).
+    if t.cache_read > 0 {
+        f.put("cache_read_tokens", t.cache_read.to_string());
+    }
+    if t.cache_write > 0 {
+        f.put("cache_write_tokens", t.cache_write.to_string());
+    }
+    f.put("cost_nusd", cost.to_string());
+    if estimated {
+        f.put("estimated", "1");
+    }
+    if bypass {
+        f.put("bypass", "1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_cuts_and_strips() {
+        assert_eq!(clean("a\nb\u{7}c"), "abc");
+        let long = "é".repeat(100);
+        let c = clean(&long);
+        assert!(c.len() <= 128 && c.len().is_multiple_of(2), "{}", c.len());
+    }
+
+    #[test]
+    fn tail_is_empty_when_off() {
+        let cfg = LedgerConfig {
+            audit: false,
+            ..LedgerConfig::default()
+        };
+        assert_eq!(tail_values(&cfg, Utc::now()).0, "");
+        let now = DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let (day, exp, max) = tail_values(&LedgerConfig::default(), now);
+        assert_eq!(day, "2026-11-27");
+        // 2026-11-28T00:00Z + 90 days.
+        assert_eq!(exp, 1_795_824_000 + 90 * 86_400);
+        assert_eq!(max, 0);
+    }
+}
