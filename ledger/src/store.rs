@@ -4,8 +4,8 @@
 //! Lua script touches a single slot. The key layout and the scripts are a stable interface,
 //! documented in docs/redis-schema.md. Money is integer nano-USD, changed only with HINCRBY.
 
-mod apikeys;
 mod alerts;
+mod apikeys;
 mod audit;
 mod audit_read;
 mod batch;
@@ -29,12 +29,12 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 
+pub use alerts::{
+    ALERT_CURSOR_KEY, ALERT_LEASE_KEY, Alert, BYPASS_CURSOR, Delivery, alerts_key, delivery_key,
+};
 pub use apikeys::{
     API_KEYS_KEY, ApiKey, ApiKeySnapshot, KeyStatus, NewApiKey, PreviousSecret, SECRET_PREFIX,
     secret_hash,
-};
-pub use alerts::{
-    ALERT_CURSOR_KEY, ALERT_LEASE_KEY, Alert, BYPASS_CURSOR, Delivery, alerts_key, delivery_key,
 };
 pub use audit::AUDIT_VERSION;
 pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditRecord};
