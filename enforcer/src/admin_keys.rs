@@ -33,6 +33,8 @@ pub fn key_json(k: &ApiKey) -> Value {
         "features": k.features,
         "allowed_models": k.allowed_models,
         "allowed_providers": k.allowed_providers,
+        "rpm": k.rpm,
+        "tpm": k.tpm,
         "metadata": k.metadata,
         "created_at": k.created_at,
         "expires_at": k.expires_at,
@@ -217,6 +219,12 @@ pub enum KeysCmd {
         /// A label, `name=value`; repeat for several.
         #[arg(long = "meta")]
         metadata: Vec<String>,
+        /// Requests per minute through it, per tenant (0: none).
+        #[arg(long, default_value_t = 0)]
+        rpm: u64,
+        /// Tokens per minute through it, per tenant (0: none).
+        #[arg(long, default_value_t = 0)]
+        tpm: u64,
         /// It stops working after this many seconds.
         #[arg(long)]
         expires_in_secs: Option<u64>,
@@ -262,6 +270,8 @@ pub async fn run_cli(ledger: &ledger::store::Ledger, cmd: KeysCmd) -> anyhow::Re
             models,
             providers,
             metadata,
+            rpm,
+            tpm,
             expires_in_secs,
         } => {
             let mut meta = std::collections::BTreeMap::new();
@@ -284,6 +294,8 @@ pub async fn run_cli(ledger: &ledger::store::Ledger, cmd: KeysCmd) -> anyhow::Re
                 features,
                 allowed_models: models,
                 allowed_providers: providers,
+                rpm,
+                tpm,
                 metadata: meta,
                 expires_at,
             };

@@ -38,6 +38,10 @@ pub struct KeyEntry {
     models: Option<GlobSet>,
     /// Provider routes it may use (empty: any).
     providers: Vec<String>,
+    /// Requests per minute through it, per tenant (0: none).
+    pub rpm: u64,
+    /// Tokens per minute through it, per tenant (0: none).
+    pub tpm: u64,
     /// The tenant billed when the request names none.
     pub tenant: String,
     allowed: Allowed,
@@ -85,6 +89,8 @@ impl KeyEntry {
             id: Some(k.id.clone()),
             models: model_set(&k.allowed_models),
             providers: k.allowed_providers.clone(),
+            rpm: k.rpm,
+            tpm: k.tpm,
             tenant: k.tenant.clone(),
             allowed: if k.allowed_tenants.iter().any(|t| t == "*") {
                 Allowed::Any
@@ -95,6 +101,16 @@ impl KeyEntry {
             mint_tenants: false,
             open_paths: crate::access::OpenPaths::default(),
         })
+    }
+
+    /// The scope of its rate limits: `key:<id>` for a runtime key, `key:f<16 hex of its hash>`
+    /// for a file key (never the secret).
+    #[must_use]
+    pub fn rate_scope(&self) -> String {
+        match &self.id {
+            Some(id) => format!("key:{id}"),
+            None => format!("key:f{}", hex::encode(&self.hash[..8])),
+        }
     }
 
     /// The hash this entry matches.
@@ -211,6 +227,8 @@ impl KeyStore {
                     id: None,
                     models: model_set(&k.allowed_models),
                     providers: k.allowed_providers.clone(),
+                    rpm: k.rpm,
+                    tpm: k.tpm,
                     tenant: k.tenant.clone(),
                     allowed,
                     features: k.features.clone(),

@@ -222,6 +222,9 @@ impl Budgets {
         let cause = match res {
             Ok(Ok(ReserveOutcome::Allowed(_))) => return Ok(Hold::Reserved(rr.amount)),
             Ok(Ok(ReserveOutcome::Denied(d))) => return Err(ProxyError::Budget(Box::new(d))),
+            Ok(Ok(ReserveOutcome::RateLimited(d))) => {
+                return Err(ProxyError::RateLimited(Box::new(d)));
+            }
             Ok(Err(e)) if e.is_invalid_input() => return Err(ProxyError::BadBody(e.to_string())),
             Ok(Err(e)) if !e.is_transient() => return Err(ProxyError::LedgerUnavailable(e)),
             Ok(Err(e)) => e,

@@ -165,8 +165,25 @@ pub struct Config {
     pub budgets: Vec<BudgetConfig>,
     /// Budget-aware downgrades: when a cap would deny a model, the next model of a chain.
     pub downgrades: Vec<DowngradeConfig>,
+    /// Request and token rate limits per tenant and per tenant + model.
+    pub rate_limits: Vec<RateLimitConfig>,
     /// Budget alerts: thresholds and where they are delivered (docs/audit.md).
     pub alerts: crate::alerting::AlertsConfig,
+}
+
+/// A rate limit over the last 60 seconds: per tenant, or (with `model`) per tenant and model.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Tenant, or "*" (default): every tenant, each counted on its own.
+    pub tenant: String,
+    /// A model glob: the limit applies per tenant and model (each model its own window).
+    pub model: Option<String>,
+    /// Requests per minute (0: none).
+    pub rpm: u64,
+    /// Tokens per minute (0: none): input estimate + output limit at admission, corrected to
+    /// the real count at settle.
+    pub tpm: u64,
 }
 
 /// One downgrade chain: calls of `tenant` (and `feature`) to a model matching `from` that a
@@ -232,6 +249,7 @@ impl Default for Config {
             keys: Vec::new(),
             budgets: Vec::new(),
             downgrades: Vec::new(),
+            rate_limits: Vec::new(),
             alerts: crate::alerting::AlertsConfig::default(),
         }
     }
@@ -393,6 +411,10 @@ pub struct KeyConfig {
     /// Provider routes the key may use (`["openai"]`); another is refused (403
     /// `provider_forbidden`). Empty: any.
     pub allowed_providers: Vec<String>,
+    /// Requests per minute through this key (per tenant it bills; 0: none).
+    pub rpm: u64,
+    /// Tokens per minute through this key (per tenant it bills; 0: none).
+    pub tpm: u64,
 }
 
 /// One budget seeded from the file.

@@ -12,18 +12,22 @@ use ledger::store::ReserveRequest;
 
 use crate::App;
 use crate::admit::Admission;
+use crate::auth::KeyEntry;
 use crate::budget::Hold;
 use crate::call::Call;
 use crate::config::OnRedisUnavailable;
 use crate::error::ProxyError;
 
 /// What the decision admitted.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Decision {
     /// What the call holds.
     pub hold: Hold,
     /// The input tokens the worst case assumed (margin included): the floor of an estimate.
     pub input_estimate: u64,
+    /// The scopes of the token rate limits the call was counted in, and the tokens counted
+    /// (corrected to the real count at settle).
+    pub token_rates: (Vec<String>, u64),
 }
 
 /// Checks the loop guard, prices the worst case and reserves it.
@@ -38,7 +42,7 @@ pub async fn decide(
     call: &Call,
 ) -> Result<Decision, ProxyError> {
     check_loops(app, adm, call).await?;
-    reserve_worst_case(app, info, call).await
+    reserve_worst_case(app, &adm.key, info, call).await
 }
 
 /// Prices the worst case of `call` (its `model`, the request `info`) and reserves it against
@@ -49,10 +53,13 @@ pub async fn decide(
 /// [`ProxyError::UnknownModel`], [`ProxyError::Budget`], [`ProxyError::LedgerUnavailable`].
 pub async fn reserve_worst_case(
     app: &App,
+    key: &KeyEntry,
     info: &RequestInfo,
     call: &Call,
 ) -> Result<Decision, ProxyError> {
-    let (input_estimate, amount) = worst_case(app, info, &call.model)?;
+    let (input_estimate, output, amount) = worst_case(app, info, &call.model)?;
+    let rates = app.rate_rules.limits(key, &call.tenant, &call.model);
+    let tokens = input_estimate.saturating_add(output);
     let rr = ReserveRequest {
         tenant: call.tenant.clone(),
         feature: call.feature.clone(),
@@ -72,11 +79,20 @@ pub async fn reserve_worst_case(
             )
             .await?,
         at: call.started_at,
+        rates,
+        tokens,
     };
     let hold = app.budgets.reserve(&rr, &app.metrics).await?;
+    let scopes = rr
+        .rates
+        .iter()
+        .filter(|r| r.tpm > 0)
+        .map(|r| r.scope.clone())
+        .collect();
     Ok(Decision {
         hold,
         input_estimate,
+        token_rates: (scopes, tokens),
     })
 }
 
@@ -98,8 +114,8 @@ async fn check_loops(app: &App, adm: &Admission<'_>, call: &Call) -> Result<(), 
 /// The worst case: the input estimate (plus `input_estimate_margin_pct` unless the tokenizer is
 /// exact for the model) and the output, priced by the ledger's policy (which raises the input to
 /// the model's context for unseen context, prices cache writes, and multiplies a default output
-/// limit by the choices). Returns (input tokens, amount).
-fn worst_case(app: &App, info: &RequestInfo, model: &str) -> Result<(u64, Nanos), ProxyError> {
+/// limit by the choices). Returns (input tokens, output tokens, amount).
+fn worst_case(app: &App, info: &RequestInfo, model: &str) -> Result<(u64, u64, Nanos), ProxyError> {
     let margin = if info.input_estimate_exact {
         0
     } else {
@@ -119,5 +135,5 @@ fn worst_case(app: &App, info: &RequestInfo, model: &str) -> Result<(u64, Nanos)
         .pricing
         .worst_case(model, &shape)
         .map_err(|u| ProxyError::UnknownModel { model: u.model })?;
-    Ok((shape.input_tokens, w.amount))
+    Ok((shape.input_tokens, w.output_tokens, w.amount))
 }

@@ -121,7 +121,7 @@ pub async fn try_chain(
             ledger::request::parse_request_cached(endpoint, &body, &app.token_cache, &call.tenant)
                 .map_err(|e| ProxyError::BadBody(e.to_string()))?;
         call.model.clone_from(model);
-        match decide::reserve_worst_case(app, &info, call).await {
+        match decide::reserve_worst_case(app, &adm.key, &info, call).await {
             Ok(d) => {
                 tracing::debug!(from = %original, to = %model, "budget-aware downgrade");
                 adm.body = body;

@@ -152,6 +152,9 @@ pub enum ProxyError {
         /// The provider route.
         provider: String,
     },
+    /// A request or token rate limit of the key, tenant or tenant+model is used up.
+    #[error("{0}")]
+    RateLimited(Box<ledger::store::RateDenial>),
     /// A wildcard key named a tenant that has no budget of its own.
     #[error(
         "tenant {tenant} has no budget of its own; a key with allowed_tenants = [\"*\"] bills only \
@@ -290,7 +293,7 @@ impl ProxyError {
         }
     }
 
-    /// HTTP status: 402 for budgets (SDKs do not retry it), 429 only for loops.
+    /// HTTP status: 402 for budgets (SDKs do not retry it), 429 for loops and rate limits.
     #[must_use]
     pub fn status(&self) -> StatusCode {
         match self {
@@ -312,7 +315,7 @@ impl ProxyError {
             | Self::UnknownModel { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Budget(_) => StatusCode::PAYMENT_REQUIRED,
-            Self::LoopDetected(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::LoopDetected(_) | Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamConnect { .. } | Self::UpstreamBody { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::LedgerUnavailable(_)
@@ -348,6 +351,7 @@ impl ProxyError {
             Self::UnknownModel { .. } => "unknown_model",
             Self::Budget(_) => "budget_exceeded",
             Self::LoopDetected(_) => "loop_detected",
+            Self::RateLimited(_) => "rate_limited",
             Self::UpstreamConnect { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::UpstreamBody { .. } => "upstream_failed",
@@ -402,6 +406,7 @@ impl ProxyError {
             _ => {
                 let ty = match self.origin() {
                     _ if matches!(self, Self::Budget(_) | Self::LoopDetected(_)) => code,
+                    _ if matches!(self, Self::RateLimited(_)) => "rate_limit_error",
                     Origin::Downstream if self.status() == StatusCode::UNAUTHORIZED => {
                         "authentication_error"
                     }
@@ -427,6 +432,12 @@ impl ProxyError {
         );
         if let Ok(v) = HeaderValue::from_str(request_id) {
             h.insert(crate::REQUEST_ID_HEADER, v);
+        }
+        if let Self::RateLimited(d) = &self {
+            h.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(d.retry_after_secs),
+            );
         }
         if let Self::Budget(d) = &self {
             let usd = |n: ledger::Nanos| HeaderValue::from_str(&crate::usd_string(n)).ok();

@@ -156,6 +156,8 @@ mod tests {
             features: vec![],
             allowed_models: vec![],
             allowed_providers: vec![],
+            rpm: 0,
+            tpm: 0,
             metadata: BTreeMap::new(),
             created_at: now,
             expires_at: None,

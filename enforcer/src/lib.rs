@@ -29,6 +29,7 @@ pub mod loop_guard;
 pub mod meter;
 pub mod metrics;
 pub mod proxy;
+pub mod rate;
 pub mod recovery;
 pub mod report;
 pub mod route;
@@ -90,6 +91,8 @@ pub struct App {
     pub keys: KeyStore,
     /// Budget-aware downgrade chains.
     pub downgrades: downgrade::Downgrades,
+    /// Request and token rate limits.
+    pub rate_rules: rate::RateRules,
     /// Proxy keys made at runtime (`None` with `runtime_keys = false`).
     pub runtime_keys: Option<keys::RuntimeKeys>,
     /// Upstream clients.
@@ -168,6 +171,7 @@ impl App {
             metrics,
             keys: KeyStore::new(&cfg.keys),
             downgrades: downgrade::Downgrades::new(&cfg.downgrades),
+            rate_rules: rate::RateRules::new(&cfg.rate_limits),
             runtime_keys: cfg
                 .runtime_keys
                 .then(|| keys::RuntimeKeys::new(ledger.clone())),

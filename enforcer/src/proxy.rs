@@ -85,6 +85,7 @@ async fn run(
         call: call.clone(),
         hold: decision.hold,
         input_estimate: decision.input_estimate,
+        token_rates: decision.token_rates,
         sent: Arc::new(AtomicBool::new(false)),
         pricing: app.pricing.clone(),
         durable: app.durable.clone(),

@@ -69,6 +69,9 @@ pub struct Settler {
     pub hold: Hold,
     /// The input tokens its worst case assumed (the floor of an estimate).
     pub input_estimate: u64,
+    /// The token rate limit scopes it was counted in and the tokens counted there (its worst
+    /// case), replaced with the real count once it ends.
+    pub token_rates: (Vec<String>, u64),
     /// Turns true once the request was handed to the upstream connection.
     pub sent: Arc<AtomicBool>,
     /// The billing policy.
@@ -276,6 +279,7 @@ impl Settler {
         message: Option<String>,
     ) -> Billed {
         if basis == Basis::Release {
+            self.correct_token_rates(0);
             self.release_hold().await;
             let mut log = self.log(decision, outcome, status);
             log.message = message;
@@ -290,6 +294,11 @@ impl Settler {
             self.metrics.estimated_settlements.inc();
         }
         self.check_over_reservation(&bill);
+        self.correct_token_rates(
+            bill.usage
+                .prompt_tokens()
+                .saturating_add(bill.usage.output_tokens),
+        );
         self.commit(&bill, outcome).await;
         self.remember_object().await;
         self.metrics.settled(&SettledCall {
@@ -312,6 +321,30 @@ impl Settler {
             cost: bill.cost,
             usage: bill.usage,
         }
+    }
+
+    /// Puts the call's real token count (`real`) in place of its worst case in the token rate
+    /// windows it was counted in, in a tracked task (a failure only leaves the window at the
+    /// worst case: stricter, never looser).
+    fn correct_token_rates(&self, real: u64) {
+        let (scopes, counted) = &self.token_rates;
+        if scopes.is_empty() || real == *counted {
+            return;
+        }
+        let delta = i64::try_from(real)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(*counted).unwrap_or(i64::MAX));
+        let ledger = self.durable.ledger().clone();
+        let (tenant, scopes, at) = (
+            self.call.tenant.clone(),
+            scopes.clone(),
+            self.call.started_at,
+        );
+        self.tracker.spawn(async move {
+            if let Err(e) = ledger.correct_rate_tokens(&tenant, &scopes, at, delta).await {
+                tracing::warn!(error = %e, "token rate window not corrected; it counts the worst case until it moves on");
+            }
+        });
     }
 
     /// A settle above its reservation means the worst case was not one: counted and logged so

@@ -13,6 +13,7 @@ mod budget;
 mod conn;
 mod keys;
 mod period;
+mod rate;
 mod recovery;
 mod reserve;
 mod scripts;
@@ -45,9 +46,9 @@ pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, validate_name};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
 pub use signals::{BYPASS_EVENTS_KEPT, BypassEvent, LoopCounts};
 pub use types::{
-    Budget, BySource, CallMeta, Cap, CapScope, Denial, Hold, RecordOutcome, Reservation,
-    ReserveOutcome, ReserveRequest, SessionSpend, SettleOutcome, Settlement, Source, TenantSpend,
-    TokenCounts, UsageRecord,
+    Budget, BySource, CallMeta, Cap, CapScope, Denial, Hold, RateDenial, RateLimit, RecordOutcome,
+    Reservation, ReserveOutcome, ReserveRequest, SessionSpend, SettleOutcome, Settlement, Source,
+    TenantSpend, TokenCounts, UsageRecord,
 };
 pub use unmetered::{
     UnmeteredConn, UnmeteredEntry, UnmeteredOutcome, UnmeteredSummary, unmetered_key,

@@ -34,6 +34,8 @@ fn req(id: &str, amount: i64, ttl_ms: u64) -> ReserveRequest {
             limit: Nanos(1_000_000),
         }],
         at: Utc::now(),
+        rates: Vec::new(),
+        tokens: 0,
     }
 }
 
@@ -61,6 +63,7 @@ async fn reserve(l: &Ledger, r: &ReserveRequest) {
     match l.reserve(r).await.expect("reserve") {
         ReserveOutcome::Allowed(_) => {}
         ReserveOutcome::Denied(d) => panic!("reserve {} denied: {d}", r.request_id),
+        ReserveOutcome::RateLimited(d) => panic!("reserve {} rate limited: {d}", r.request_id),
     }
 }
 

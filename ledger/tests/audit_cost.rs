@@ -119,6 +119,8 @@ async fn run(audit: bool, alerts: bool) -> (f64, f64) {
             ttl: Duration::from_secs(60),
             caps: Vec::new(),
             at: Utc::now(),
+            rates: Vec::new(),
+            tokens: 0,
         };
         assert!(matches!(
             l.reserve(&r).await.expect("reserve"),

@@ -55,6 +55,8 @@ fn req(id: &str, amount: i64, at: DateTime<Utc>, caps: Vec<Cap>) -> ReserveReque
         ttl: HOUR,
         caps,
         at,
+        rates: Vec::new(),
+        tokens: 0,
     }
 }
 

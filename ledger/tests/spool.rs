@@ -80,6 +80,8 @@ fn reserve_req(id: &str, amount: i64, ttl: Duration) -> ReserveRequest {
         ttl,
         caps: vec![],
         at: Utc::now(),
+        rates: Vec::new(),
+        tokens: 0,
     }
 }
 
@@ -87,6 +89,7 @@ async fn reserve(l: &Ledger, r: &ReserveRequest) {
     match l.reserve(r).await.expect("reserve") {
         ReserveOutcome::Allowed(_) => {}
         ReserveOutcome::Denied(d) => panic!("denied: {d}"),
+        ReserveOutcome::RateLimited(d) => panic!("rate limited: {d}"),
     }
 }
 

@@ -47,6 +47,8 @@ fn req(tenant: &str, id: &str, amount: i64, caps: Vec<Cap>) -> ReserveRequest {
         ttl: HOUR,
         caps,
         at: Utc::now(),
+        rates: Vec::new(),
+        tokens: 0,
     }
 }
 
@@ -100,6 +102,7 @@ async fn allowed(l: &Ledger, r: &ReserveRequest) -> ledger::store::Reservation {
     {
         ReserveOutcome::Allowed(res) => res,
         ReserveOutcome::Denied(d) => panic!("reserve {} denied: {d}", r.request_id),
+        ReserveOutcome::RateLimited(d) => panic!("reserve {} rate limited: {d}", r.request_id),
     }
 }
 
@@ -114,6 +117,7 @@ async fn denied(l: &Ledger, r: &ReserveRequest) -> ledger::store::Denial {
             "reserve {} allowed, expected a denial: {res:?}",
             r.request_id
         ),
+        ReserveOutcome::RateLimited(d) => panic!("reserve {} rate limited: {d}", r.request_id),
     }
 }
 
@@ -208,6 +212,7 @@ async fn concurrent_varying_amounts_with_settles_never_exceed_the_cap() {
                     );
                     (0, 0, Some(amount))
                 }
+                ReserveOutcome::RateLimited(d) => panic!("rate limited without limits: {d}"),
             }
         }));
     }

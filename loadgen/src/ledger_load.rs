@@ -130,6 +130,8 @@ async fn pair(ledger: &Ledger, tenant: &str, id: &str) -> Result<(), String> {
             },
         ],
         at,
+        rates: Vec::new(),
+        tokens: 0,
     };
     match ledger
         .reserve(&req)
@@ -137,7 +139,9 @@ async fn pair(ledger: &Ledger, tenant: &str, id: &str) -> Result<(), String> {
         .map_err(|e| format!("reserve: {e}"))?
     {
         ReserveOutcome::Allowed(_) => {}
-        ReserveOutcome::Denied(_) => return Err("denied".to_owned()),
+        ReserveOutcome::Denied(_) | ReserveOutcome::RateLimited(_) => {
+            return Err("denied".to_owned());
+        }
     }
     let s = Settlement {
         meta: Default::default(),

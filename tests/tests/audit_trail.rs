@@ -149,6 +149,8 @@ async fn every_call_of_a_mixed_run_with_a_crash_is_one_record_and_they_sum_to_sp
         ttl: Duration::from_millis(50),
         caps: Vec::new(),
         at: Utc::now(),
+        rates: Vec::new(),
+        tokens: 0,
     };
     assert!(matches!(
         stack.ledger.reserve(&reserve).await.expect("reserve"),

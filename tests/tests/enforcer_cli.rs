@@ -95,6 +95,8 @@ async fn report_json_lists_every_active_tenant() {
         ttl: Duration::from_secs(60),
         caps: vec![],
         at: now,
+        rates: Vec::new(),
+        tokens: 0,
     };
     assert!(matches!(
         ledger.reserve(&rr).await.expect("reserve"),

@@ -21,6 +21,7 @@ impl Config {
         self.resolved_providers()?;
         self.validate_keys()?;
         self.validate_downgrades()?;
+        self.validate_rate_limits()?;
         self.validate_budgets()?;
         self.alerts.validate()
     }
@@ -139,6 +140,25 @@ impl Config {
         usd("redis_unavailable_cap_usd", self.redis_unavailable_cap_usd)?;
         if let Some(v) = self.session.limit_usd {
             usd("session.limit_usd", v)?;
+        }
+        Ok(())
+    }
+
+    fn validate_rate_limits(&self) -> Result<(), ConfigError> {
+        for (i, r) in self.rate_limits.iter().enumerate() {
+            let key = |k: &str| format!("rate_limits[{i}].{k}");
+            if r.tenant != "*" && !r.tenant.is_empty() && !is_valid(&r.tenant) {
+                return Err(bad(key("tenant"), format!("\"*\" or a tenant: {RULE}")));
+            }
+            if let Some(m) = &r.model {
+                globset::Glob::new(m).map_err(|e| bad(key("model"), format!("not a glob: {e}")))?;
+            }
+            if r.rpm == 0 && r.tpm == 0 {
+                return Err(bad(
+                    key("rpm"),
+                    "give rpm, tpm or both (per minute, above 0)",
+                ));
+            }
         }
         Ok(())
     }

@@ -56,6 +56,12 @@ pub struct ApiKey {
     /// Provider routes it may use (`openai`, ...). Empty: any.
     #[serde(default)]
     pub allowed_providers: Vec<String>,
+    /// Requests per minute through it, per tenant it bills (0: none).
+    #[serde(default)]
+    pub rpm: u64,
+    /// Tokens per minute through it, per tenant it bills (0: none).
+    #[serde(default)]
+    pub tpm: u64,
     /// Free-form labels (owner, ticket, ...); never secrets.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -96,6 +102,12 @@ pub struct NewApiKey {
     /// Provider routes it may use.
     #[serde(default)]
     pub allowed_providers: Vec<String>,
+    /// Requests per minute (0: none).
+    #[serde(default)]
+    pub rpm: u64,
+    /// Tokens per minute (0: none).
+    #[serde(default)]
+    pub tpm: u64,
     /// Free-form labels.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -369,6 +381,8 @@ impl Ledger {
             features: spec.features,
             allowed_models: spec.allowed_models,
             allowed_providers: spec.allowed_providers,
+            rpm: spec.rpm,
+            tpm: spec.tpm,
             metadata: spec.metadata,
             created_at: now,
             expires_at: spec.expires_at,
@@ -482,6 +496,8 @@ mod tests {
             features: vec![],
             allowed_models: vec!["gpt-4o*".into()],
             allowed_providers: vec![],
+            rpm: 0,
+            tpm: 0,
             metadata: BTreeMap::new(),
             created_at: now,
             expires_at: Some(now + chrono::Duration::seconds(60)),

@@ -6,8 +6,8 @@ use super::batch::{self, Item, MAX_BATCHED_VALUE, Op};
 use super::keys::{validate_name, validate_opt, validate_tenant};
 use super::scripts::Reply;
 use super::{
-    CapScope, Denial, Ledger, Period, Reservation, ReserveOutcome, ReserveRequest, duration_ms,
-    from_ms, ms,
+    CapScope, Denial, Ledger, Period, RateDenial, Reservation, ReserveOutcome, ReserveRequest,
+    duration_ms, from_ms, ms,
 };
 use crate::{Error, Nanos};
 
@@ -67,6 +67,11 @@ impl Ledger {
             let (kind, period, limit) = cap_args(cap);
             args.extend([kind.to_owned(), period.to_owned(), limit]);
         }
+        args.push(r.rates.len().to_string());
+        for rl in &r.rates {
+            args.extend([rl.scope.clone(), rl.rpm.to_string(), rl.tpm.to_string()]);
+        }
+        args.push(r.tokens.to_string());
         args.extend(super::audit::deny_fields(r));
         Item {
             now_ms: ms(at),
@@ -88,6 +93,9 @@ fn validate(r: &ReserveRequest) -> Result<(), Error> {
             what: "reserve amount",
             detail: format!("{} is negative", r.amount),
         });
+    }
+    for rl in &r.rates {
+        validate_name("rate limit scope", &rl.scope)?;
     }
     for cap in &r.caps {
         let ok = match &cap.scope {
@@ -125,6 +133,22 @@ fn outcome(r: &ReserveRequest, reply: &Reply) -> Result<ReserveOutcome, Error> {
             expires_at: from_ms(reply.int(2)?),
             existing: reply.str(3)? == "existing",
         })),
+        "RATE" => {
+            let idx = usize::try_from(reply.int(1)?).map_err(|_| reply.unexpected())?;
+            let rl = r
+                .rates
+                .get(idx.wrapping_sub(1))
+                .ok_or_else(|| reply.unexpected())?;
+            let num = |i| u64::try_from(reply.int(i)?).map_err(|_| reply.unexpected());
+            Ok(ReserveOutcome::RateLimited(RateDenial {
+                tenant: r.tenant.clone(),
+                scope: rl.scope.clone(),
+                tokens: reply.str(2)? == "t",
+                used: num(3)?,
+                limit: num(4)?,
+                retry_after_secs: num(5)?.max(1),
+            }))
+        }
         "DENY" => {
             let idx = usize::try_from(reply.int(1)?).map_err(|_| reply.unexpected())?;
             let cap = r

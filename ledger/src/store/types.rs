@@ -129,6 +129,51 @@ pub struct ReserveRequest {
     pub caps: Vec<Cap>,
     /// The time of the call: picks the day and month the hold (and later its spend) belongs to.
     pub at: DateTime<Utc>,
+    /// Request and token rate limits checked in the same script as the caps (empty: none).
+    pub rates: Vec<RateLimit>,
+    /// The tokens the call may use (input estimate + output limit), counted against `tpm` limits
+    /// until [`Ledger::correct_rate_tokens`](super::Ledger::correct_rate_tokens) puts the real
+    /// count in their place.
+    pub tokens: u64,
+}
+
+/// A rate limit over the last 60 seconds in one scope of a tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// The scope within the tenant: `tenant`, `key:<id>`, `model:<model>` (part of a key name).
+    pub scope: String,
+    /// Requests per minute (0: no limit).
+    pub rpm: u64,
+    /// Tokens per minute (0: no limit).
+    pub tpm: u64,
+}
+
+/// Why a call was refused by a rate limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateDenial {
+    /// The tenant.
+    pub tenant: String,
+    /// The limit's scope.
+    pub scope: String,
+    /// `true`: the token limit; `false`: the request limit.
+    pub tokens: bool,
+    /// Requests or tokens in the last 60 seconds.
+    pub used: u64,
+    /// The limit.
+    pub limit: u64,
+    /// Seconds until the window has room for this call.
+    pub retry_after_secs: u64,
+}
+
+impl fmt::Display for RateDenial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.tokens { "tokens" } else { "requests" };
+        write!(
+            f,
+            "rate limit exceeded for {} of tenant {}: {} {what} in the last minute, limit {} per minute; retry in {} s",
+            self.scope, self.tenant, self.used, self.limit, self.retry_after_secs
+        )
+    }
 }
 
 /// A held amount, to be settled or released.
@@ -226,6 +271,8 @@ pub enum ReserveOutcome {
     Allowed(Reservation),
     /// A cap would be exceeded; nothing was held.
     Denied(Denial),
+    /// A rate limit would be exceeded; nothing was held or counted.
+    RateLimited(RateDenial),
 }
 
 /// The real cost of a call made under a reservation (or, for a spool replay, without one).

@@ -312,3 +312,85 @@ local function reclaim(prefix, now_ms, limit)
   if #ids > 0 then alert_run(prefix) end
   return #ids
 end
+
+-- Rate limits (docs/enforcer.md, "Rate limits"): a sliding window of the last 60 seconds per
+-- scope, kept as a ring of 60 one-second slots in the hash llmw:{T}:rl:<scope>: field s<i> is the
+-- unix second slot i holds, r<i> its requests, t<i> its tokens (i = second mod 60). A block of
+-- ARGV at `at`: the limit count, then per limit its scope, rpm, tpm (0 = none), then the call's
+-- tokens. Only reserve scripts read it.
+local RL_FIELDS = {}
+for i = 0, 59 do
+  RL_FIELDS[#RL_FIELDS + 1] = 's' .. i
+  RL_FIELDS[#RL_FIELDS + 1] = 'r' .. i
+  RL_FIELDS[#RL_FIELDS + 1] = 't' .. i
+end
+
+-- The index after the block at `at`.
+local function rl_end(at)
+  return at + 2 + 3 * tonumber(ARGV[at])
+end
+
+-- Whether one more request of the block's tokens fits every limit at unix second `now_s`: nil,
+-- or {limit index, 'r'|'t', used, limit, seconds until it fits}.
+local function rl_check(prefix, at, now_s)
+  local n = tonumber(ARGV[at])
+  local tokens = tonumber(ARGV[at + 1 + 3 * n])
+  for j = 1, n do
+    local b = at + (j - 1) * 3
+    local rpm, tpm = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    local v = redis.call('HMGET', prefix .. 'rl:' .. ARGV[b + 1], unpack(RL_FIELDS))
+    local slots, req, tok = {}, 0, 0
+    for i = 0, 59 do
+      local s = tonumber(v[3 * i + 1] or '')
+      if s and s > now_s - 60 and s <= now_s then
+        local r, t = tonumber(v[3 * i + 2] or '0'), tonumber(v[3 * i + 3] or '0')
+        req, tok = req + r, tok + t
+        slots[#slots + 1] = {s, r, t}
+      end
+    end
+    local which, used, limit, add, col
+    if rpm > 0 and req + 1 > rpm then
+      which, used, limit, add, col = 'r', req, rpm, 1, 2
+    elseif tpm > 0 and tok + tokens > tpm then
+      which, used, limit, add, col = 't', tok, tpm, tokens, 3
+    end
+    if which then
+      table.sort(slots, function(x, y) return x[1] < y[1] end)
+      local left, retry = used, 60
+      for _, sl in ipairs(slots) do
+        left = left - sl[col]
+        if left + add <= limit then
+          retry = sl[1] + 60 - now_s
+          break
+        end
+      end
+      return {j, which, used, limit, retry}
+    end
+  end
+  return nil
+end
+
+-- Counts one request and its tokens at second `now_s` in every limit of the block.
+local function rl_commit(prefix, at, now_s)
+  local n = tonumber(ARGV[at])
+  local tokens = ARGV[at + 1 + 3 * n]
+  local i = now_s % 60
+  for j = 1, n do
+    local key = prefix .. 'rl:' .. ARGV[at + (j - 1) * 3 + 1]
+    if tonumber(redis.call('HGET', key, 's' .. i) or '-1') ~= now_s then
+      redis.call('HSET', key, 's' .. i, now_s, 'r' .. i, 0, 't' .. i, 0)
+    end
+    redis.call('HINCRBY', key, 'r' .. i, 1)
+    redis.call('HINCRBY', key, 't' .. i, tokens)
+    redis.call('EXPIRE', key, 61)
+  end
+end
+
+-- The audit record of a rate refusal and the script's reply.
+local function rl_refuse(prefix, at, audit_at, d)
+  local scope = ARGV[at + (d[1] - 1) * 3 + 1]
+  audit_argv(prefix, audit_at, {'v', '1', 'kind', 'deny', 'outcome', 'rate_limited', 'cost_nusd', '0',
+    'scope', 'rate/' .. scope .. '/' .. ((d[2] == 'r') and 'rpm' or 'tpm')})
+  return {'RATE', d[1], d[2], string.format('%d', d[3]), string.format('%d', d[4]),
+    string.format('%d', d[5])}
+end

@@ -4,8 +4,10 @@
 --       7 day id, 8 month id, 9 day expire-at s, 10 month expire-at s, 11 session ttl s,
 --       12 feature ('' = none), 13 session ('' = none), 14 hold safety ttl ms, 15 model ('' = none),
 --       16 done ttl ms, 17 instance id ('' = none), 18 cap count, then per cap: kind ('t' tenant, 'f' feature, 's' session), period ('d' / 'm'), limit;
+--       then the rate limit block (common.lua: count, scope/rpm/tpm each, the call's tokens);
 --       then the audit value count and field, value pairs of a denial's record; last 3: audit day, expiry, maxlen.
 -- Reply: {'ALLOW', amount, expires_ms, 'new'|'existing'} | {'DENY', cap index (1-based), spend, held}
+--        | {'RATE', limit index, 'r'|'t', used, limit, retry-after s}
 --        | {'SETTLED'} when the request id was already settled.
 local prefix = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -29,6 +31,8 @@ local session = ARGV[13]
 local sk = prefix .. 'session:' .. session
 
 local n = tonumber(ARGV[18])
+local rl_at = 19 + n * 3
+local audit_at = rl_end(rl_at)
 for i = 1, n do
   local base = 18 + (i - 1) * 3
   local kind, period, limit = ARGV[base + 1], ARGV[base + 2], tonumber(ARGV[base + 3])
@@ -42,11 +46,18 @@ for i = 1, n do
   local v = redis.call('HMGET', key, fs, fh)
   local spend_s, held_s = v[1] or '0', v[2] or '0'
   if tonumber(spend_s) + tonumber(held_s) + amount > limit then
-    audit_argv(prefix, 19 + n * 3, {'v', '1', 'kind', 'deny', 'outcome', 'denied', 'cost_nusd', '0',
+    audit_argv(prefix, audit_at, {'v', '1', 'kind', 'deny', 'outcome', 'denied', 'cost_nusd', '0',
       'scope', cap_scope(kind, period), 'limit_nusd', ARGV[base + 3], 'spent_nusd', spend_s, 'held_nusd', held_s})
     return {'DENY', i, spend_s, held_s}
   end
 end
+
+local now_s = math.floor(now / 1000)
+local limited = rl_check(prefix, rl_at, now_s)
+if limited then
+  return rl_refuse(prefix, rl_at, audit_at, limited)
+end
+rl_commit(prefix, rl_at, now_s)
 
 local expires = now + tonumber(ARGV[6])
 redis.call('HINCRBY', dk, 'held', amount_s)

@@ -8,6 +8,7 @@
 --       item: reservation id, now ms, amount, ttl ms, day id, month id, day expire-at s,
 --       month expire-at s, feature ('' = none), session ('' = none), model ('' = none),
 --       instance id ('' = none), cap count, then per cap: kind ('t' / 'f' / 's'), period ('d' / 'm'), limit,
+--       then the rate limit block (common.lua: count, scope/rpm/tpm each, the call's tokens),
 --       then the audit value count and field, value pairs of a denial's record; last 3: audit day, expiry, maxlen.
 -- Reply: one reserve.lua reply per item, in order.
 local prefix = ARGV[1]
@@ -39,7 +40,8 @@ for i = 1, n do
   local feature, session, model, instance = ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11]
   local ncaps = tonumber(ARGV[a + 12])
   local caps = a + 13
-  local audit_at = caps + 3 * ncaps
+  local rl_at = caps + 3 * ncaps
+  local audit_at = rl_end(rl_at)
   a = audit_at + 1 + tonumber(ARGV[audit_at])
   local hold_key, done_key = KEYS[2 * i], KEYS[2 * i + 1]
   -- The common case (neither exists) costs one call.
@@ -74,6 +76,16 @@ for i = 1, n do
           'held_nusd', held_s})
         replies[i] = {'DENY', c, spend_s, held_s}
         break
+      end
+    end
+    if not replies[i] then
+      -- Rate counters are written at once (not batched): a later item of the batch reads them.
+      local sec = math.floor(tonumber(now_s) / 1000)
+      local limited = rl_check(prefix, rl_at, sec)
+      if limited then
+        replies[i] = rl_refuse(prefix, rl_at, audit_at, limited)
+      else
+        rl_commit(prefix, rl_at, sec)
       end
     end
     if not replies[i] then
