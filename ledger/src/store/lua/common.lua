@@ -318,11 +318,19 @@ end
 -- unix second slot i holds, r<i> its requests, t<i> its tokens (i = second mod 60). A block of
 -- ARGV at `at`: the limit count, then per limit its scope, rpm, tpm (0 = none), then the call's
 -- tokens. Only reserve scripts read it.
-local RL_FIELDS = {}
-for i = 0, 59 do
-  RL_FIELDS[#RL_FIELDS + 1] = 's' .. i
-  RL_FIELDS[#RL_FIELDS + 1] = 'r' .. i
-  RL_FIELDS[#RL_FIELDS + 1] = 't' .. i
+-- The 180 field names, built on first use (this file runs at every script call: a call without
+-- rate limits must not pay for them).
+local RL_FIELDS = nil
+local function rl_fields()
+  if not RL_FIELDS then
+    RL_FIELDS = {}
+    for i = 0, 59 do
+      RL_FIELDS[#RL_FIELDS + 1] = 's' .. i
+      RL_FIELDS[#RL_FIELDS + 1] = 'r' .. i
+      RL_FIELDS[#RL_FIELDS + 1] = 't' .. i
+    end
+  end
+  return RL_FIELDS
 end
 
 -- The index after the block at `at`.
@@ -338,7 +346,7 @@ local function rl_check(prefix, at, now_s)
   for j = 1, n do
     local b = at + (j - 1) * 3
     local rpm, tpm = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-    local v = redis.call('HMGET', prefix .. 'rl:' .. ARGV[b + 1], unpack(RL_FIELDS))
+    local v = redis.call('HMGET', prefix .. 'rl:' .. ARGV[b + 1], unpack(rl_fields()))
     local slots, req, tok = {}, 0, 0
     for i = 0, 59 do
       local s = tonumber(v[3 * i + 1] or '')
