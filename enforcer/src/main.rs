@@ -1,7 +1,8 @@
 //! `enforcer`: serve, check-config, hash-key, check-budgets, report, keys, audit.
 
 use std::io::Read as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -100,6 +101,27 @@ fn init_logs(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
+/// Runs `f` on a one-thread runtime with the ledger the config at `path` names (only
+/// `redis_url` and its credentials are needed): the commands that read or write Redis.
+fn with_ledger<F, Fut>(path: &Path, timeout: Duration, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Ledger) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let cfg = Config::load_for_reading(path)
+        .with_context(|| format!("invalid config {}", path.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let lcfg = cfg.ledger_config(timeout)?;
+        let ledger = Ledger::connect_with(&cfg.redis_url, lcfg)
+            .await
+            .with_context(|| format!("connecting to {}", cfg.redis_url))?;
+        f(ledger).await
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -123,16 +145,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Cmd::CheckBudgets) => {
-            let cfg = Config::load_for_reading(&cli.config)
-                .with_context(|| format!("invalid config {}", cli.config.display()))?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let lcfg = cfg.ledger_config(std::time::Duration::from_secs(2))?;
-                let ledger = Ledger::connect_with(&cfg.redis_url, lcfg)
-                    .await
-                    .with_context(|| format!("connecting to {}", cfg.redis_url))?;
+            with_ledger(&cli.config, Duration::from_secs(2), |ledger| async move {
                 let problems = ledger.check_budgets().await?;
                 if problems.is_empty() {
                     println!("budgets: every entry of llmw:budgets is valid");
@@ -149,16 +162,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Some(Cmd::Keys { cmd }) => {
-            let cfg = Config::load_for_reading(&cli.config)
-                .with_context(|| format!("invalid config {}", cli.config.display()))?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let lcfg = cfg.ledger_config(std::time::Duration::from_secs(2))?;
-                let ledger = Ledger::connect_with(&cfg.redis_url, lcfg)
-                    .await
-                    .with_context(|| format!("connecting to {}", cfg.redis_url))?;
+            with_ledger(&cli.config, Duration::from_secs(2), |ledger| async move {
                 enforcer::admin_keys::run_cli(&ledger, cmd).await
             })
         }
@@ -167,20 +171,11 @@ fn main() -> anyhow::Result<()> {
             period,
             json,
         }) => {
-            let cfg = Config::load_for_reading(&cli.config)
-                .with_context(|| format!("invalid config {}", cli.config.display()))?;
             let period = match period {
                 PeriodArg::Day => Period::Day,
                 PeriodArg::Month => Period::Month,
             };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let lcfg = cfg.ledger_config(std::time::Duration::from_secs(2))?;
-                let ledger = Ledger::connect_with(&cfg.redis_url, lcfg)
-                    .await
-                    .with_context(|| format!("connecting to {}", cfg.redis_url))?;
+            with_ledger(&cli.config, Duration::from_secs(2), |ledger| async move {
                 let r =
                     enforcer::report::build(&ledger, tenant.as_deref(), period, chrono::Utc::now())
                         .await?;
@@ -199,8 +194,6 @@ fn main() -> anyhow::Result<()> {
             path,
             format,
         }) => {
-            let cfg = Config::load_for_reading(&cli.config)
-                .with_context(|| format!("invalid config {}", cli.config.display()))?;
             let q = ledger::store::AuditQuery {
                 since: enforcer::audit_export::parse_time(&since)
                     .map_err(|e| anyhow::anyhow!("--since: {e}"))?,
@@ -217,14 +210,7 @@ fn main() -> anyhow::Result<()> {
                 FormatArg::Jsonl => enforcer::audit_export::Format::Jsonl,
                 FormatArg::Csv => enforcer::audit_export::Format::Csv,
             };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let lcfg = cfg.ledger_config(std::time::Duration::from_secs(5))?;
-                let ledger = Ledger::connect_with(&cfg.redis_url, lcfg)
-                    .await
-                    .with_context(|| format!("connecting to {}", cfg.redis_url))?;
+            with_ledger(&cli.config, Duration::from_secs(5), |ledger| async move {
                 let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                 let n = enforcer::audit_export::export(&ledger, q, format, &mut out).await?;
                 eprintln!("{n} audit records");
