@@ -261,24 +261,10 @@ impl Ledger {
             let mut c = self.conn.clone();
             let cursor: Option<String> = c.hget(ALERT_CURSOR_KEY, tenant).await?;
             let start = cursor.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-            let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(limit)
-                .query_async(&mut c)
-                .await?;
-            Ok(r.ids
+            Ok(super::conn::xrange(&mut c, &key, &start, "+", limit)
+                .await?
                 .into_iter()
-                .map(|e| {
-                    let m: HashMap<String, String> = e
-                        .map
-                        .into_iter()
-                        .filter_map(|(k, v)| redis::from_redis_value(v).ok().map(|v| (k, v)))
-                        .collect();
-                    alert_from(e.id, &m)
-                })
+                .map(|(id, m)| alert_from(id, &m))
                 .collect())
         })
         .await
@@ -299,38 +285,28 @@ impl Ledger {
                 || (Utc::now().timestamp_millis() - BYPASS_LOOKBACK_MS).to_string(),
                 |id| format!("({id}"),
             );
-            let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(keys::BYPASS_EVENTS)
-                .arg(start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(limit)
-                .query_async(&mut c)
-                .await?;
-            Ok(r.ids
-                .into_iter()
-                .map(|e| {
-                    let m: HashMap<String, String> = e
-                        .map
-                        .into_iter()
-                        .filter_map(|(k, v)| redis::from_redis_value(v).ok().map(|v| (k, v)))
-                        .collect();
-                    let s = |k: &str| m.get(k).cloned().unwrap_or_default();
-                    Alert {
-                        id: format!("bypass|{}", e.id),
-                        kind: "first_bypass".into(),
-                        tenant: s("tenant"),
-                        at: s("at"),
-                        service: s("service"),
-                        provider: s("provider"),
-                        model: s("model"),
-                        pid: s("pid"),
-                        comm: s("comm"),
-                        stream_id: e.id,
-                        ..Alert::default()
-                    }
-                })
-                .collect())
+            Ok(
+                super::conn::xrange(&mut c, keys::BYPASS_EVENTS, &start, "+", limit)
+                    .await?
+                    .into_iter()
+                    .map(|(id, m)| {
+                        let s = |k: &str| m.get(k).cloned().unwrap_or_default();
+                        Alert {
+                            id: format!("bypass|{id}"),
+                            kind: "first_bypass".into(),
+                            tenant: s("tenant"),
+                            at: s("at"),
+                            service: s("service"),
+                            provider: s("provider"),
+                            model: s("model"),
+                            pid: s("pid"),
+                            comm: s("comm"),
+                            stream_id: id,
+                            ..Alert::default()
+                        }
+                    })
+                    .collect(),
+            )
         })
         .await
     }

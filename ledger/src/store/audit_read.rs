@@ -380,27 +380,7 @@ impl AuditReader {
         let entries: Vec<(String, HashMap<String, String>)> = self
             .ledger
             .timed("audit read", async move {
-                let v: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(&start)
-                    .arg(&end)
-                    .arg("COUNT")
-                    .arg(chunk)
-                    .query_async(&mut c)
-                    .await?;
-                Ok(v.ids
-                    .into_iter()
-                    .map(|e| {
-                        let map = e
-                            .map
-                            .into_iter()
-                            .filter_map(|(k, v)| {
-                                redis::from_redis_value::<String>(v).ok().map(|v| (k, v))
-                            })
-                            .collect();
-                        (e.id, map)
-                    })
-                    .collect())
+                Ok(super::conn::xrange(&mut c, &key, &start, &end, chunk).await?)
             })
             .await?;
         let lane = &mut self.lanes[i];

@@ -257,6 +257,36 @@ pub(crate) fn cluster_nodes(url: &str) -> Option<Vec<String>> {
 }
 
 /// A timeout as a Redis I/O error, so callers see one "Redis unavailable" kind.
+/// `XRANGE key start end COUNT count`: each entry's id and its fields (a value that is not a
+/// string is left out), in stream order.
+pub(crate) async fn xrange(
+    c: &mut Conn,
+    key: &str,
+    start: &str,
+    end: &str,
+    count: usize,
+) -> Result<Vec<(String, std::collections::HashMap<String, String>)>, redis::RedisError> {
+    let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg(start)
+        .arg(end)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(c)
+        .await?;
+    Ok(r.ids
+        .into_iter()
+        .map(|e| {
+            let fields = e
+                .map
+                .into_iter()
+                .filter_map(|(k, v)| redis::from_redis_value::<String>(v).ok().map(|v| (k, v)))
+                .collect();
+            (e.id, fields)
+        })
+        .collect())
+}
+
 pub(crate) fn timeout_error(op: &'static str, after: Duration) -> Error {
     Error::timed_out(op, after)
 }
