@@ -411,7 +411,7 @@ impl Settler {
     fn count(&self, w: Written, what: &'static str) {
         let rid = &self.call.request_id;
         match w {
-            Written::Committed => {}
+            Written::Committed | Written::Duplicate => {}
             Written::Spooled { cause } => {
                 if let Some(e) = &cause {
                     self.metrics.ledger_errors.inc();

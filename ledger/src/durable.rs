@@ -4,13 +4,16 @@
 
 use crate::Error;
 use crate::spool::{Spool, SpoolEntry};
-use crate::store::{Ledger, Settlement, UsageRecord};
+use crate::store::{Ledger, RecordOutcome, Settlement, UsageRecord};
 
 /// Where a usage write ended.
 #[derive(Debug)]
 pub enum Written {
     /// Redis took it.
     Committed,
+    /// Redis already held this record's id ([`crate::store::RecordOutcome::Duplicate`]): nothing
+    /// changed. Right for a retry; for a fresh record it means two calls were given one id.
+    Duplicate,
     /// The entry is in the spool and is replayed when Redis answers.
     Spooled {
         /// Why Redis did not take it; `None` when Redis was not tried (a call admitted without a
@@ -34,7 +37,10 @@ impl Written {
     /// Whether the usage is safe (in Redis or in the spool).
     #[must_use]
     pub fn is_kept(&self) -> bool {
-        matches!(self, Written::Committed | Written::Spooled { .. })
+        matches!(
+            self,
+            Written::Committed | Written::Duplicate | Written::Spooled { .. }
+        )
     }
 }
 
@@ -89,7 +95,8 @@ impl DurableLedger {
     /// Records spend the observer saw ([`Ledger::record`]), else spools it.
     pub async fn record_or_spool(&self, r: &UsageRecord) -> Written {
         match self.ledger.record(r).await {
-            Ok(_) => Written::Committed,
+            Ok(RecordOutcome::Recorded) => Written::Committed,
+            Ok(RecordOutcome::Duplicate) => Written::Duplicate,
             Err(e) => self.fall_back(e, SpoolEntry::Record(r.clone())).await,
         }
     }

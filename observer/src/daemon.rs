@@ -389,7 +389,10 @@ impl Loop {
     fn finished(&mut self) {
         for f in self.conns.take_finished() {
             match f.outcome {
-                Outcome::Call(call) => self.call(f.pid, f.ssl, f.ts_ns, f.seq, &call),
+                Outcome::Call(call) => {
+                    let id = event_id(&self.boot_id, f.pid, f.ssl, f.ts_ns, 0, f.seq);
+                    self.call(f.pid, f.ts_ns, id, &call);
+                }
                 Outcome::ParseError(reason) => self.metrics.parse_error(reason),
                 Outcome::NotLlm | Outcome::Http2 => {}
             }
@@ -398,7 +401,10 @@ impl Loop {
 
     fn outcome(&mut self, h: &SslEventHeader, o: Outcome, seq: usize) {
         match o {
-            Outcome::Call(call) => self.call(h.pid, h.ssl, h.ts_ns, seq, &call),
+            Outcome::Call(call) => {
+                let id = event_id(&self.boot_id, h.pid, h.ssl, h.ts_ns, h.offset, seq);
+                self.call(h.pid, h.ts_ns, id, &call);
+            }
             Outcome::NotLlm => {
                 self.conns.ignore(h.pid, h.ssl);
                 self.metrics.connections_ignored.inc();
@@ -413,7 +419,7 @@ impl Loop {
         }
     }
 
-    fn call(&mut self, pid: u32, ssl: u64, ts_ns: u64, seq: usize, call: &ObservedCall) {
+    fn call(&mut self, pid: u32, ts_ns: u64, event_id: String, call: &ObservedCall) {
         // The name the process has now: a rename after exec (`task/task_rename`) updated it.
         let proc = self.process(pid);
         let who = self.rules.attribute(
@@ -421,11 +427,6 @@ impl Loop {
             call.tenant_header.as_deref(),
             call.feature_header.as_deref(),
         );
-        let mut event_id = format!("obs:{}:{}:{:x}:{}", self.boot_id, pid, ssl, ts_ns);
-        if seq > 0 {
-            use std::fmt::Write as _;
-            let _ = write!(event_id, ":{seq}");
-        }
         let rec = CallRecord::new(call, event_id, &proc, who, &self.pricing);
         if let Some(reason) = rec.over_caps(&self.caps) {
             self.metrics
@@ -593,5 +594,49 @@ impl Loop {
         self.metrics
             .connections
             .set(i64::try_from(self.conns.len()).unwrap_or(i64::MAX));
+    }
+}
+
+/// The ledger's idempotency key for a call the observer saw: the kernel event that completed it
+/// (`pid`, `SSL*`, return timestamp), the chunk of that event (`offset`: one large `SSL_read` is
+/// split into 4 KiB ring records sharing one timestamp) and the call's place among those the chunk
+/// completed (`seq`: HTTP/2 streams, pipelined responses). Two calls never share one; the same
+/// call always gets the same one, so a retried write is booked once.
+fn event_id(boot_id: &str, pid: u32, ssl: u64, ts_ns: u64, offset: u32, seq: usize) -> String {
+    use std::fmt::Write as _;
+    let mut id = format!("obs:{boot_id}:{pid}:{ssl:x}:{ts_ns}");
+    if offset > 0 {
+        let _ = write!(id, "@{offset}");
+    }
+    if seq > 0 {
+        let _ = write!(id, ":{seq}");
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_id;
+
+    /// Calls completed by different chunks of one `SSL_read` (same pid, SSL*, timestamp), each
+    /// the first its chunk completed, are distinct calls. Before the offset was part of the id,
+    /// the ledger took the second for a retry of the first and booked one of 50 concurrent
+    /// HTTP/2 calls at $0.
+    #[test]
+    fn chunks_of_one_read_give_distinct_ids() {
+        let ids = [
+            event_id("b", 7, 0xab, 100, 0, 0),
+            event_id("b", 7, 0xab, 100, 0, 1),
+            event_id("b", 7, 0xab, 100, 4096, 0),
+            event_id("b", 7, 0xab, 100, 4096, 1),
+            event_id("b", 7, 0xab, 100, 8192, 0),
+            event_id("b", 7, 0xab, 101, 0, 0),
+        ];
+        let set: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(set.len(), ids.len(), "{ids:?}");
+        // The id of a call complete in one chunk keeps its earlier form.
+        assert_eq!(ids[0], "obs:b:7:ab:100");
+        assert_eq!(ids[1], "obs:b:7:ab:100:1");
+        assert_eq!(ids[3], "obs:b:7:ab:100@4096:1");
     }
 }

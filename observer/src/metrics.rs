@@ -106,6 +106,9 @@ pub struct Metrics {
     pub records_refused: Family<ReasonLabels, Counter>,
     /// Ledger writes that failed.
     pub ledger_errors: Counter,
+    /// Calls whose event id the ledger already held: booked once, so a second call given the
+    /// same id would go unbilled. Expected to stay 0.
+    pub ledger_duplicates: Counter,
     /// Calls dropped because the output queue (to Redis or stdout) was full.
     pub sink_queue_drops: Counter,
     /// Distinct files with probes attached.
@@ -138,6 +141,7 @@ impl Default for Metrics {
             price_gaps: Family::default(),
             records_refused: Family::default(),
             ledger_errors: Counter::default(),
+            ledger_duplicates: Counter::default(),
             sink_queue_drops: Counter::default(),
             attached_files: Gauge::default(),
             attaches: Family::default(),
@@ -234,6 +238,11 @@ impl Metrics {
             "ledger_errors",
             "Ledger writes that failed",
             self.ledger_errors.clone(),
+        );
+        r.register(
+            "ledger_duplicates",
+            "Calls whose event id the ledger already held (not booked again); expected 0",
+            self.ledger_duplicates.clone(),
         );
         r.register(
             "sink_queue_drops",

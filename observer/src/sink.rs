@@ -268,6 +268,11 @@ impl LedgerSink {
     async fn record(&self, rec: &CallRecord, metrics: &Metrics) {
         match self.durable.record_or_spool(&rec.usage_record()).await {
             Written::Committed => {}
+            Written::Duplicate => {
+                metrics.ledger_duplicates.inc();
+                tracing::warn!(tenant = %rec.tenant, event_id = %rec.event_id,
+                    "the ledger already held this call's event id: not booked again");
+            }
             Written::Spooled { cause } => {
                 metrics.ledger_errors.inc();
                 tracing::warn!(error = ?cause.map(|e| e.to_string()), tenant = %rec.tenant,

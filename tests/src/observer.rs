@@ -197,8 +197,9 @@ pub fn assert_ledger(redis_url: &str, tenant: &str, want: Billed, obs: &Observer
     assert_eq!(
         (s.requests, s.input_tokens, s.output_tokens, s.spend.0),
         want,
-        "tenant {tenant}: ledger (requests, input, output, nanos) != mock billed; observer log:\n{}",
-        obs.log()
+        "tenant {tenant}: ledger (requests, input, output, nanos) != mock billed; observer log:\n{}\nobserver metrics:\n{}",
+        obs.log(),
+        obs.metrics()
     );
     assert_eq!(s.bypass_spend.0, want.3, "observer spend is bypass spend");
     assert_eq!(s.by_source.observer.0, want.3, "by_source.observer");

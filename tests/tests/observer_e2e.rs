@@ -986,4 +986,10 @@ fn observer_meters_http2_clients_exactly() {
         "{}",
         obs.metrics()
     );
+    assert_eq!(
+        obs.metric("llmwarden_observer_ledger_duplicates_total"),
+        0,
+        "two calls were given one event id: {}",
+        obs.metrics()
+    );
 }
