@@ -1151,3 +1151,69 @@ async fn works_on_a_redis_cluster() {
         tenants.len()
     );
 }
+
+/// Every key the money scripts create carries an expiry, including when the scripts skip the
+/// EXPIREAT of a period hash they saw already existing (reserve, settle, record, release,
+/// reclaim of an expired hold, calls of a second feature, usage with zero counters).
+#[tokio::test]
+async fn every_key_the_money_scripts_write_expires() {
+    use redis::AsyncCommands as _;
+    let server = RedisServer::start();
+    let l = ledger(&server).await;
+    let with = |id: &str, feature: &str, ttl: Duration| {
+        let mut r = req("ttl", id, 1_000, vec![tenant_cap(Period::Day, 1_000_000_000)]);
+        r.feature = Some(feature.into());
+        r.session = Some("s1".into());
+        r.ttl = ttl;
+        r
+    };
+    for (i, feature) in ["a", "a", "b"].iter().enumerate() {
+        let r = with(&format!("r{i}"), feature, HOUR);
+        allowed(&l, &r).await;
+        let mut s = settlement(&r, 700);
+        s.tokens.cache_read = 0;
+        s.tokens.cache_write = 0;
+        l.settle(&s).await.expect("settle");
+    }
+    let free = with("free", "a", HOUR);
+    allowed(&l, &free).await;
+    l.settle(&settlement(&free, 0)).await.expect("settle at $0");
+    let rel = with("rel", "a", HOUR);
+    allowed(&l, &rel).await;
+    l.release("ttl", "rel").await.expect("release");
+    allowed(&l, &with("lost", "b", Duration::from_millis(1))).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    allowed(&l, &with("next", "a", HOUR)).await; // reclaims "lost" as an estimate
+    // A record of its own tenant: its EXPIREAT would mend a key the calls above left without one.
+    let mut rec = record("ttl-obs", "ev1", 300, true);
+    rec.feature = Some("c".into());
+    l.record(&rec).await.expect("record");
+    l.record(&rec).await.expect("record again (duplicate)");
+    let mut rec2 = record("ttl-obs", "ev2", 0, true);
+    rec2.feature = Some("c".into());
+    l.record(&rec2).await.expect("record at $0");
+
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut keys: Vec<String> = c.keys("llmw:{ttl}:*").await.expect("KEYS");
+    keys.extend(c.keys::<_, Vec<String>>("llmw:{ttl-obs}:*").await.expect("KEYS"));
+    let mut without: Vec<String> = Vec::new();
+    for k in &keys {
+        let ttl: i64 = c.ttl(k).await.expect("TTL");
+        if ttl < 0 {
+            without.push(k.clone());
+        }
+    }
+    // The holds index lives as long as the tenant (it is emptied, never expired).
+    without.retain(|k| !k.ends_with(":holds"));
+    assert!(without.is_empty(), "keys without an expiry: {without:?} (of {keys:?})");
+    for kind in ["spend:d:", "spend:m:", "session:s1", "audit:"] {
+        assert!(
+            keys.iter().any(|k| k.contains(kind)),
+            "no {kind} key written: {keys:?}"
+        );
+    }
+}

@@ -47,13 +47,15 @@ local function b_reset()
   B.del = {}      -- keys for one DEL
   B.groups = {}   -- settled usage summed per (day, month, feature, model, estimated), see b_commit_group
   B.group_of = {}
+  B.soft = {}     -- key -> field -> true: a usage counter, not written when its sum is 0 (commit's add)
 end
 b_reset()
 
 -- Applies every pending write: one HINCRBY per (key, field) in first-write order (so new fields are
 -- created in the order the single scripts create them), then the expiries, ZADD, ZREM and DEL.
 -- A field whose net change is 0 is still written unless it is known to exist (HINCRBY by 0 creates
--- it with 0, as the single scripts' writes would have).
+-- it with 0, as the single scripts' writes would have), except a usage counter (B.soft): commit
+-- (common.lua) skips adding '0', so a sum of 0 is not written either.
 local function b_flush()
   for _, g in ipairs(B.groups) do
     for _, key in ipairs(g.keys) do
@@ -80,10 +82,10 @@ local function b_flush()
     end
   end
   for _, key in ipairs(B.keys) do
-    local d, base = B.delta[key], B.base[key] or {}
+    local d, base, soft = B.delta[key], B.base[key] or {}, B.soft[key] or {}
     for _, field in ipairs(B.fields[key]) do
       local n = d[field]
-      if n ~= 0 or not base[field] then
+      if n ~= 0 or not (base[field] or soft[field]) then
         redis.call('HINCRBY', key, field, string.format('%d', n))
       end
     end
@@ -262,7 +264,12 @@ local function b_commit_to(prefix, day, month, day_exp, month_exp, sess_ttl, u, 
     -- The group's first item registers the fields, as its commit would create them.
     local fields = b_commit_fields(u, source)
     for _, key in ipairs(keys) do
-      for _, f in ipairs(fields) do b_slot(key, f) end
+      local soft = B.soft[key] or {}
+      B.soft[key] = soft
+      for _, f in ipairs(fields) do
+        b_slot(key, f)
+        soft[f] = true
+      end
       B.written[key] = true
     end
   end
@@ -277,6 +284,8 @@ local function b_commit_to(prefix, day, month, day_exp, month_exp, sess_ttl, u, 
   if u.session ~= '' then
     local sk = name(prefix, 'session:', u.session)
     b_incr(sk, 'spend', tonumber(u.cost))
+    B.soft[sk] = B.soft[sk] or {}
+    B.soft[sk]['spend'] = true
     b_incr(sk, 'requests', 1)
     b_expiry('EXPIRE', sk, sess_ttl or 86400)
   end

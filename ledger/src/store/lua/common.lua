@@ -11,7 +11,6 @@
 local AUDIT_DAY, AUDIT_EXP, AUDIT_MAXLEN = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
 -- A script called without these arguments (a script that moves no money) writes no record.
 if not (AUDIT_DAY and string.match(AUDIT_DAY, '^%d%d%d%d%-%d%d%-%d%d$')) then AUDIT_DAY = '' end
-local audit_expiring = {}
 
 -- The tenant of a key prefix "llmw:{T}:".
 local function prefix_tenant(prefix)
@@ -22,14 +21,21 @@ end
 local function audit_add(prefix, fields)
   if AUDIT_DAY == '' then return end
   local key = prefix .. 'audit:' .. AUDIT_DAY
+  -- NOMKSTREAM: the day's stream exists (and has its expiry) except for its first record, so
+  -- the common case is one command; the first record creates it and sets the expiry.
+  local added
   if AUDIT_MAXLEN ~= '0' then
-    redis.call('XADD', key, 'MAXLEN', '~', AUDIT_MAXLEN, '*', unpack(fields))
+    added = redis.call('XADD', key, 'NOMKSTREAM', 'MAXLEN', '~', AUDIT_MAXLEN, '*', unpack(fields))
   else
-    redis.call('XADD', key, '*', unpack(fields))
+    added = redis.call('XADD', key, 'NOMKSTREAM', '*', unpack(fields))
   end
-  if not audit_expiring[key] then
+  if not added then
+    if AUDIT_MAXLEN ~= '0' then
+      redis.call('XADD', key, 'MAXLEN', '~', AUDIT_MAXLEN, '*', unpack(fields))
+    else
+      redis.call('XADD', key, '*', unpack(fields))
+    end
     redis.call('EXPIREAT', key, AUDIT_EXP)
-    audit_expiring[key] = true
   end
 end
 
@@ -109,7 +115,7 @@ local function alert_run(prefix)
               'threshold_pct', tostring(pct), 'limit_nusd', c.limit, 'spend_nusd', spend_s)
           end
         end
-        if top > prev then redis.call('HSET', key, mark, top) end
+        if top > prev then redis.call('HSET', key, mark, string.format('%d', top)) end
       end
     end
   end
@@ -123,13 +129,25 @@ local function cap_scope(kind, period)
   return who .. '/' .. ((period == 'd') and 'day' or 'month')
 end
 
+-- Spend and session hashes seen to exist in this script. No script deletes one, and keys do not
+-- expire while a script runs, so a key once seen stays; an absent key is asked again.
+local EXISTING = {}
+local function key_exists(key)
+  if EXISTING[key] then return true end
+  if redis.call('EXISTS', key) == 1 then
+    EXISTING[key] = true
+    return true
+  end
+  return false
+end
+
 -- Subtracts `amount` (a decimal string) from a counter (held, or a committed estimate being
 -- replaced), never leaving it negative and never re-creating a hash that has already expired.
 -- Subtracting '0' changes nothing (and Redis refuses the increment '-0').
 local function unhold(key, field, amount)
-  if amount == '0' or redis.call('EXISTS', key) == 0 then return end
+  if amount == '0' or not key_exists(key) then return end
   local v = redis.call('HINCRBY', key, field, '-' .. amount)
-  if v < 0 then redis.call('HSET', key, field, 0) end
+  if v < 0 then redis.call('HSET', key, field, '0') end
 end
 
 -- Removes hold `id` of the tenant whose key prefix is `prefix` ("llmw:{T}:"): subtracts its amount
@@ -163,26 +181,34 @@ local function expire_at(key, at_s)
   redis.call('EXPIREAT', key, at_s)
 end
 
+-- Adds a decimal string to a counter; adding '0' is skipped (readers take an absent field as 0,
+-- and the batch scripts skip a zero sum the same way), which saves a command for the token kinds
+-- most calls do not use.
+local function add(key, field, v)
+  if v ~= '0' then redis.call('HINCRBY', key, field, v) end
+end
+
 -- Adds committed spend and usage to one period hash. `u` is the table built by read_usage.
 local function commit(key, u, source)
-  redis.call('HINCRBY', key, 'spend', u.cost)
-  redis.call('HINCRBY', key, 'requests', 1)
-  redis.call('HINCRBY', key, 'input_tokens', u.input)
-  redis.call('HINCRBY', key, 'output_tokens', u.output)
-  redis.call('HINCRBY', key, 'cache_read_tokens', u.cache_read)
-  redis.call('HINCRBY', key, 'cache_write_tokens', u.cache_write)
-  redis.call('HINCRBY', key, 'src:' .. source, u.cost)
-  if u.bypass == '1' then redis.call('HINCRBY', key, 'bypass', u.cost) end
-  if u.estimated == '1' then redis.call('HINCRBY', key, 'estimated', u.cost) end
+  EXISTING[key] = true
+  add(key, 'spend', u.cost)
+  redis.call('HINCRBY', key, 'requests', '1')
+  add(key, 'input_tokens', u.input)
+  add(key, 'output_tokens', u.output)
+  add(key, 'cache_read_tokens', u.cache_read)
+  add(key, 'cache_write_tokens', u.cache_write)
+  add(key, 'src:' .. source, u.cost)
+  if u.bypass == '1' then add(key, 'bypass', u.cost) end
+  if u.estimated == '1' then add(key, 'estimated', u.cost) end
   if u.feature ~= '' then
-    redis.call('HINCRBY', key, 'feature:' .. u.feature .. ':spend', u.cost)
-    redis.call('HINCRBY', key, 'feature:' .. u.feature .. ':requests', 1)
+    add(key, 'feature:' .. u.feature .. ':spend', u.cost)
+    redis.call('HINCRBY', key, 'feature:' .. u.feature .. ':requests', '1')
   end
   if u.model ~= '' then
-    redis.call('HINCRBY', key, 'model:' .. u.model .. ':spend', u.cost)
-    redis.call('HINCRBY', key, 'model:' .. u.model .. ':requests', 1)
-    redis.call('HINCRBY', key, 'model:' .. u.model .. ':input_tokens', u.input)
-    redis.call('HINCRBY', key, 'model:' .. u.model .. ':output_tokens', u.output)
+    add(key, 'model:' .. u.model .. ':spend', u.cost)
+    redis.call('HINCRBY', key, 'model:' .. u.model .. ':requests', '1')
+    add(key, 'model:' .. u.model .. ':input_tokens', u.input)
+    add(key, 'model:' .. u.model .. ':output_tokens', u.output)
   end
 end
 
@@ -203,18 +229,22 @@ local function commit_to(prefix, day, month, day_exp, month_exp, sess_ttl, u, so
   alert_touch(day, month)
   local dk = prefix .. 'spend:d:' .. day
   local mk = prefix .. 'spend:m:' .. month
-  if day_exp or redis.call('EXISTS', dk) == 1 then
+  -- A period hash gets its expiry where it is created, and every writer that may create one sets
+  -- it (the expiry is a function of the period id alone), so a hash seen to exist in this script
+  -- already carries it: the EXPIREAT is only sent for a hash this commit may create.
+  local had_d, had_m = EXISTING[dk], EXISTING[mk]
+  if day_exp or key_exists(dk) then
     commit(dk, u, source)
-    if day_exp then expire_at(dk, day_exp) end
+    if day_exp and not had_d then expire_at(dk, day_exp) end
   end
-  if month_exp or redis.call('EXISTS', mk) == 1 then
+  if month_exp or key_exists(mk) then
     commit(mk, u, source)
-    if month_exp then expire_at(mk, month_exp) end
+    if month_exp and not had_m then expire_at(mk, month_exp) end
   end
   if u.session ~= '' then
     local sk = prefix .. 'session:' .. u.session
-    redis.call('HINCRBY', sk, 'spend', u.cost)
-    redis.call('HINCRBY', sk, 'requests', 1)
+    add(sk, 'spend', u.cost)
+    redis.call('HINCRBY', sk, 'requests', '1')
     redis.call('EXPIRE', sk, sess_ttl or 86400)
   end
 end
@@ -307,7 +337,8 @@ end
 -- committed at its reserved amount as estimated spend (abandon_hold), because its owner neither
 -- settled nor released it, so the call may well have been billed. Returns how many were reclaimed.
 local function reclaim(prefix, now_ms, limit)
-  local ids = redis.call('ZRANGEBYSCORE', prefix .. 'holds', '-inf', now_ms, 'LIMIT', 0, limit)
+  local ids = redis.call('ZRANGEBYSCORE', prefix .. 'holds', '-inf', string.format('%d', now_ms),
+    'LIMIT', '0', string.format('%d', limit))
   for _, id in ipairs(ids) do abandon_hold(prefix, id) end
   if #ids > 0 then alert_run(prefix) end
   return #ids
@@ -383,14 +414,15 @@ local function rl_commit(prefix, at, now_s)
   local n = tonumber(ARGV[at])
   local tokens = ARGV[at + 1 + 3 * n]
   local i = now_s % 60
+  local now_str = string.format('%d', now_s)
   for j = 1, n do
     local key = prefix .. 'rl:' .. ARGV[at + (j - 1) * 3 + 1]
-    if tonumber(redis.call('HGET', key, 's' .. i) or '-1') ~= now_s then
-      redis.call('HSET', key, 's' .. i, now_s, 'r' .. i, 0, 't' .. i, 0)
+    if redis.call('HGET', key, 's' .. i) ~= now_str then
+      redis.call('HSET', key, 's' .. i, now_str, 'r' .. i, '0', 't' .. i, '0')
     end
-    redis.call('HINCRBY', key, 'r' .. i, 1)
+    redis.call('HINCRBY', key, 'r' .. i, '1')
     redis.call('HINCRBY', key, 't' .. i, tokens)
-    redis.call('EXPIRE', key, 61)
+    redis.call('EXPIRE', key, '61')
   end
 end
 

@@ -44,6 +44,7 @@ for i = 1, n do
     key = sk
   end
   local v = redis.call('HMGET', key, fs, fh)
+  if v[1] or v[2] then EXISTING[key] = true end
   local spend_s, held_s = v[1] or '0', v[2] or '0'
   if tonumber(spend_s) + tonumber(held_s) + amount > limit then
     audit_argv(prefix, audit_at, {'v', '1', 'kind', 'deny', 'outcome', 'denied', 'cost_nusd', '0',
@@ -59,15 +60,19 @@ if limited then
 end
 rl_commit(prefix, rl_at, now_s)
 
-local expires = now + tonumber(ARGV[6])
+-- Numbers go to Redis as strings formatted with %d: a Lua number passed to redis.call is
+-- formatted as a float (%.17g), which costs more.
+local expires = string.format('%d', now + tonumber(ARGV[6]))
+-- A period hash seen above already carries its expiry (common.lua, commit_to).
+local had_d, had_m = EXISTING[dk], EXISTING[mk]
 redis.call('HINCRBY', dk, 'held', amount_s)
 redis.call('HINCRBY', mk, 'held', amount_s)
 if feature ~= '' then
   redis.call('HINCRBY', dk, 'feature:' .. feature .. ':held', amount_s)
   redis.call('HINCRBY', mk, 'feature:' .. feature .. ':held', amount_s)
 end
-expire_at(dk, ARGV[9])
-expire_at(mk, ARGV[10])
+if not had_d then expire_at(dk, ARGV[9]) end
+if not had_m then expire_at(mk, ARGV[10]) end
 if session ~= '' then
   redis.call('HINCRBY', sk, 'held', amount_s)
   redis.call('EXPIRE', sk, ARGV[11])
@@ -76,6 +81,6 @@ redis.call('HSET', KEYS[2], 'amount', amount_s, 'day', ARGV[7], 'month', ARGV[8]
   'feature', feature, 'session', session, 'created', ARGV[2], 'expires', expires,
   'model', ARGV[15], 'day_exp', ARGV[9], 'month_exp', ARGV[10], 'session_ttl', ARGV[11],
   'done_ttl', ARGV[16], 'instance', ARGV[17])
-redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[6]) + tonumber(ARGV[14]))
+redis.call('PEXPIRE', KEYS[2], string.format('%d', tonumber(ARGV[6]) + tonumber(ARGV[14])))
 redis.call('ZADD', KEYS[1], expires, id)
-return {'ALLOW', amount_s, string.format('%d', expires), 'new'}
+return {'ALLOW', amount_s, expires, 'new'}
