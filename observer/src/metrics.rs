@@ -22,6 +22,23 @@ pub struct CallLabels {
     pub model: String,
 }
 
+/// Labels of `llmwarden_observer_cost_nanousd`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CostLabels {
+    /// Tenant charged (bounded: see [`Metrics::tenant_label`]).
+    pub tenant: String,
+    /// Provider name.
+    pub provider: String,
+    /// Model label (the price table's id, or "unpriced").
+    pub model: String,
+}
+
+/// Distinct tenant labels before new tenants share the label [`OTHER_TENANT_LABEL`]: a trusted
+/// process's X-Tenant-ID is a claim, so the set must stay bounded.
+pub const MAX_TENANT_LABELS: usize = 500;
+/// The label of tenants beyond [`MAX_TENANT_LABELS`].
+pub const OTHER_TENANT_LABEL: &str = "other";
+
 /// Labels of `llmwarden_observer_parse_errors`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -93,6 +110,10 @@ pub struct Metrics {
     pub http2_connections: Counter,
     /// LLM calls by provider and model.
     pub calls: Family<CallLabels, Counter>,
+    /// Cost of the calls recorded, nano-USD, by tenant, provider and model.
+    pub cost: Family<CostLabels, Counter>,
+    /// Tenants with a label of their own (at most [`MAX_TENANT_LABELS`]).
+    tenants: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Calls recorded, by how their exchange ended and what of the response was seen.
     pub exchanges: Family<ExchangeLabels, Counter>,
     /// Parse errors by reason.
@@ -136,6 +157,8 @@ impl Default for Metrics {
             evictions: Counter::default(),
             http2_connections: Counter::default(),
             calls: Family::default(),
+            cost: Family::default(),
+            tenants: std::sync::Mutex::default(),
             exchanges: Family::default(),
             parse_errors: Family::default(),
             price_gaps: Family::default(),
@@ -153,6 +176,23 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The metric label of `tenant`: itself for the first [`MAX_TENANT_LABELS`] tenants seen,
+    /// [`OTHER_TENANT_LABEL`] after that.
+    pub fn tenant_label(&self, tenant: &str) -> String {
+        let mut seen = self
+            .tenants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(tenant) {
+            return tenant.to_owned();
+        }
+        if seen.len() < MAX_TENANT_LABELS {
+            seen.insert(tenant.to_owned());
+            return tenant.to_owned();
+        }
+        OTHER_TENANT_LABEL.to_owned()
+    }
+
     /// Registers everything under `llmwarden_observer_` (the enforcer's families are
     /// `llmwarden_*`: one prefix for both binaries).
     pub fn register(self: &Arc<Self>, registry: &mut Registry) {
@@ -209,6 +249,11 @@ impl Metrics {
             self.http2_connections.clone(),
         );
         r.register("calls", "LLM calls observed", self.calls.clone());
+        r.register(
+            "cost_nanousd",
+            "Cost of the LLM calls recorded (nano-USD), by tenant (bounded), provider and model",
+            self.cost.clone(),
+        );
         r.register(
             "exchanges",
             "Calls recorded, by how the exchange ended (end) and what of the response was seen (response)",
@@ -362,4 +407,22 @@ fn respond(
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tenant labels stay bounded: the first MAX_TENANT_LABELS tenants keep their name, later
+    /// ones share "other", and a tenant seen before keeps its label.
+    #[test]
+    fn tenant_labels_are_bounded() {
+        let m = Metrics::default();
+        for i in 0..MAX_TENANT_LABELS {
+            assert_eq!(m.tenant_label(&format!("t{i}")), format!("t{i}"));
+        }
+        assert_eq!(m.tenant_label("late"), OTHER_TENANT_LABEL);
+        assert_eq!(m.tenant_label("t0"), "t0");
+        assert_eq!(m.tenant_label("late"), OTHER_TENANT_LABEL);
+    }
 }

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::attribution::{Attribution, ProcessInfo};
 use crate::exchange::ObservedCall;
-use crate::metrics::{CallLabels, Metrics};
+use crate::metrics::{CallLabels, CostLabels, Metrics};
 
 /// A call ready to be written: who, what, how much. Metadata only, never bodies.
 #[derive(Debug, Clone, Serialize)]
@@ -243,6 +243,14 @@ impl Sink {
             model: rec.model_label(),
         };
         metrics.calls.get_or_create(&labels).inc();
+        metrics
+            .cost
+            .get_or_create(&CostLabels {
+                tenant: metrics.tenant_label(&rec.tenant),
+                provider: labels.provider.clone(),
+                model: labels.model.clone(),
+            })
+            .inc_by(u64::try_from(rec.cost_nusd).unwrap_or(0));
         if !rec.priced {
             metrics.price_gaps.get_or_create(&labels).inc();
             let model = rec.model.as_deref().unwrap_or("none");
