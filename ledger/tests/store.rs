@@ -1161,7 +1161,12 @@ async fn every_key_the_money_scripts_write_expires() {
     let server = RedisServer::start();
     let l = ledger(&server).await;
     let with = |id: &str, feature: &str, ttl: Duration| {
-        let mut r = req("ttl", id, 1_000, vec![tenant_cap(Period::Day, 1_000_000_000)]);
+        let mut r = req(
+            "ttl",
+            id,
+            1_000,
+            vec![tenant_cap(Period::Day, 1_000_000_000)],
+        );
         r.feature = Some(feature.into());
         r.session = Some("s1".into());
         r.ttl = ttl;
@@ -1199,7 +1204,11 @@ async fn every_key_the_money_scripts_write_expires() {
         .await
         .expect("connect");
     let mut keys: Vec<String> = c.keys("llmw:{ttl}:*").await.expect("KEYS");
-    keys.extend(c.keys::<_, Vec<String>>("llmw:{ttl-obs}:*").await.expect("KEYS"));
+    keys.extend(
+        c.keys::<_, Vec<String>>("llmw:{ttl-obs}:*")
+            .await
+            .expect("KEYS"),
+    );
     let mut without: Vec<String> = Vec::new();
     for k in &keys {
         let ttl: i64 = c.ttl(k).await.expect("TTL");
@@ -1209,7 +1218,10 @@ async fn every_key_the_money_scripts_write_expires() {
     }
     // The holds index lives as long as the tenant (it is emptied, never expired).
     without.retain(|k| !k.ends_with(":holds"));
-    assert!(without.is_empty(), "keys without an expiry: {without:?} (of {keys:?})");
+    assert!(
+        without.is_empty(),
+        "keys without an expiry: {without:?} (of {keys:?})"
+    );
     for kind in ["spend:d:", "spend:m:", "session:s1", "audit:"] {
         assert!(
             keys.iter().any(|k| k.contains(kind)),

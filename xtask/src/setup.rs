@@ -48,13 +48,21 @@ const PYTHON_REQUIREMENTS: &str = "tests/python/requirements.txt";
 pub struct Needs {
     /// cargo-fuzz (`cargo xtask test`'s fuzz smoke, `cargo xtask fuzz`).
     pub fuzz: bool,
+    /// promtool (the tests validate deploy/prometheus with it).
+    pub promtool: bool,
 }
 
 impl Needs {
     /// Everything: `cargo xtask setup` and `cargo xtask test`.
-    pub const ALL: Needs = Needs { fuzz: true };
+    pub const ALL: Needs = Needs {
+        fuzz: true,
+        promtool: true,
+    };
     /// The demo: the build, the eBPF toolchain, redis-server and the SDK venv.
-    pub const DEMO: Needs = Needs { fuzz: false };
+    pub const DEMO: Needs = Needs {
+        fuzz: false,
+        promtool: false,
+    };
 }
 
 /// `cargo xtask setup`: everything any command needs.
@@ -69,6 +77,9 @@ pub fn run_for(needs: Needs) -> Result<()> {
     bpf_linker()?;
     if needs.fuzz {
         cargo_fuzz()?;
+    }
+    if needs.promtool {
+        promtool()?;
     }
     venv()?;
     step("setup complete");
@@ -186,6 +197,61 @@ fn cargo_fuzz() -> Result<()> {
         CARGO_FUZZ_VERSION,
         "--locked",
     ]))
+}
+
+/// Where [`promtool`] installs the binary.
+const PROMTOOL: &str = "/usr/local/bin/promtool";
+
+/// promtool checks and unit-tests deploy/prometheus's rules in `cargo xtask test`. Debian ships it
+/// only inside the `prometheus` package, whose install also creates a server, a user and a
+/// service; so only the one binary is taken from the package (`apt-get download`, `dpkg-deb -x`)
+/// and installed as [`PROMTOOL`].
+fn promtool() -> Result<()> {
+    if succeeds(Command::new("promtool").arg("--version")) {
+        step("promtool: present");
+        return Ok(());
+    }
+    step(
+        "promtool is missing (validates deploy/prometheus); taking it from Debian's prometheus package",
+    );
+    if !is_root() {
+        bail!("installing {PROMTOOL} needs root: run `sudo cargo xtask setup`");
+    }
+    let dir = std::env::temp_dir().join(format!("llmwarden-promtool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let download = || {
+        Command::new("apt-get")
+            .args(["download", "-q", "prometheus"])
+            .current_dir(&dir)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !download() {
+        // A fresh machine may not have the package lists yet.
+        command::run(Command::new("apt-get").args(["update", "-q"]))?;
+        if !download() {
+            bail!("apt-get download prometheus failed in {}", dir.display());
+        }
+    }
+    let deb = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| anyhow::anyhow!("no .deb in {} after apt-get download", dir.display()))?;
+    let unpacked = dir.join("x");
+    command::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let bin = unpacked.join("usr/bin/promtool");
+    if !bin.exists() {
+        bail!("{} has no usr/bin/promtool", deb.display());
+    }
+    std::fs::copy(&bin, PROMTOOL)?;
+    command::run(Command::new("chmod").args(["755", PROMTOOL]))?;
+    std::fs::remove_dir_all(&dir)?;
+    if !succeeds(Command::new(PROMTOOL).arg("--version")) {
+        bail!("{PROMTOOL} does not run after installing it");
+    }
+    Ok(())
 }
 
 fn venv() -> Result<()> {
