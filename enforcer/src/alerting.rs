@@ -39,6 +39,10 @@ pub struct AlertsConfig {
     /// calling a provider directly for the first time in its window) as `first_bypass` alerts.
     /// Default true.
     pub bypass: bool,
+    /// Also deliver price gaps (`llmw:{ops}:events`: a model the price table does not know,
+    /// billed at `unknown_model_price`; once per provider, model and UTC day) as `price_gap`
+    /// alerts. Default true.
+    pub price_gaps: bool,
     /// Where alerts go; none: alerts stay in Redis (`llmw:{T}:alerts`) and nothing is sent.
     pub sinks: Vec<SinkConfig>,
 }
@@ -50,6 +54,7 @@ impl Default for AlertsConfig {
             poll_ms: 500,
             lease_ms: 10_000,
             bypass: true,
+            price_gaps: true,
             sinks: Vec::new(),
         }
     }
@@ -226,6 +231,33 @@ fn client() -> HttpsClient {
 /// The JSON a webhook receives (docs/audit.md).
 #[must_use]
 pub fn webhook_body(a: &Alert) -> serde_json::Value {
+    if a.kind == "first_unmetered" {
+        return serde_json::json!({
+            "id": a.id,
+            "kind": a.kind,
+            "tenant": a.tenant,
+            "service": a.service,
+            "provider": a.provider,
+            "host": a.host,
+            "pid": a.pid,
+            "comm": a.comm,
+            "bytes_out": a.bytes_out,
+            "bytes_in": a.bytes_in,
+            "at": a.at,
+        });
+    }
+    if a.kind == "price_gap" {
+        return serde_json::json!({
+            "id": a.id,
+            "kind": a.kind,
+            "path": a.path,
+            "provider": a.provider,
+            "model": a.model,
+            "tenant": a.tenant,
+            "service": if a.service.is_empty() { None } else { Some(&a.service) },
+            "at": a.at,
+        });
+    }
     if a.kind == "first_bypass" {
         return serde_json::json!({
             "id": a.id,
@@ -256,6 +288,18 @@ pub fn webhook_body(a: &Alert) -> serde_json::Value {
 /// The text a Slack-compatible webhook receives.
 #[must_use]
 pub fn slack_text(a: &Alert) -> String {
+    if a.kind == "first_unmetered" {
+        return format!(
+            "llmwarden: service {} opened a connection to {} ({}) that no probe could meter: its spend is unknown (tenant {}, process {} pid {}, {} bytes out, {} in)",
+            a.service, a.provider, a.host, a.tenant, a.comm, a.pid, a.bytes_out, a.bytes_in
+        );
+    }
+    if a.kind == "price_gap" {
+        return format!(
+            "llmwarden: model {} of {} has no price; the {} billed it at unknown_model_price (tenant {}). Add it to the price table.",
+            a.model, a.provider, a.path, a.tenant
+        );
+    }
     if a.kind == "first_bypass" {
         return format!(
             "llmwarden: service {} called {} directly, bypassing the enforcer (tenant {}, process {} pid {})",
@@ -313,6 +357,7 @@ pub fn spawn(
         lease: Duration::from_millis(cfg.lease_ms),
         leader: AtomicBool::new(false),
         bypass: cfg.bypass,
+        price_gaps: cfg.price_gaps,
         delivered: metrics.alerts_delivered.clone(),
         failures: metrics.alert_delivery_failures.clone(),
     });
@@ -331,6 +376,7 @@ struct Dispatcher {
     lease: Duration,
     leader: AtomicBool,
     bypass: bool,
+    price_gaps: bool,
     /// `llmwarden_alerts_delivered_total`.
     delivered: prometheus_client::metrics::counter::Counter,
     /// `llmwarden_alert_delivery_failures_total`.
@@ -391,24 +437,32 @@ impl Dispatcher {
                 }
             }
         }
-        if !self.bypass {
+        if self.bypass && !self.global(ledger::store::BYPASS_CURSOR).await? {
             return Ok(());
         }
+        if self.price_gaps {
+            self.global(ledger::store::OPS_CURSOR).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers the pending events of a global stream (`cursor`: bypass or ops) while the lease
+    /// is held. Returns false when the lease was lost on the way.
+    async fn global(&self, cursor: &str) -> Result<bool, ledger::Error> {
         loop {
-            let alerts = self.ledger.pending_bypass_alerts(100).await?;
+            let alerts = if cursor == ledger::store::OPS_CURSOR {
+                self.ledger.pending_ops_alerts(100).await?
+            } else {
+                self.ledger.pending_bypass_alerts(100).await?
+            };
             if alerts.is_empty() {
-                return Ok(());
+                return Ok(true);
             }
             for a in alerts {
-                if !self.leading() {
-                    return Ok(());
+                if !self.leading() || !self.deliver(&a).await? {
+                    return Ok(false);
                 }
-                if !self.deliver(&a).await? {
-                    return Ok(());
-                }
-                self.ledger
-                    .ack_alert(ledger::store::BYPASS_CURSOR, &a.stream_id)
-                    .await?;
+                self.ledger.ack_alert(cursor, &a.stream_id).await?;
             }
         }
     }
@@ -570,5 +624,39 @@ mod tests {
             slack_text(&a),
             "llmwarden: tenant acme reached 80% of its month budget for 2026-12 (spent $40.00 of $50.00)"
         );
+    }
+
+    #[test]
+    fn unmetered_and_price_gap_alerts_say_what_happened() {
+        let un = Alert {
+            kind: "first_unmetered".into(),
+            tenant: "acme".into(),
+            service: "agent".into(),
+            provider: "anthropic".into(),
+            host: "api.anthropic.com".into(),
+            pid: "42".into(),
+            comm: "agent".into(),
+            bytes_out: 1200,
+            bytes_in: 9000,
+            ..Alert::default()
+        };
+        assert_eq!(
+            slack_text(&un),
+            "llmwarden: service agent opened a connection to anthropic (api.anthropic.com) that no probe could meter: its spend is unknown (tenant acme, process agent pid 42, 1200 bytes out, 9000 in)"
+        );
+        assert_eq!(webhook_body(&un)["bytes_in"], 9000);
+        let gap = Alert {
+            kind: "price_gap".into(),
+            tenant: "acme".into(),
+            provider: "openai".into(),
+            model: "acme-internal-1".into(),
+            path: "enforcer".into(),
+            ..Alert::default()
+        };
+        assert_eq!(
+            slack_text(&gap),
+            "llmwarden: model acme-internal-1 of openai has no price; the enforcer billed it at unknown_model_price (tenant acme). Add it to the price table."
+        );
+        assert_eq!(webhook_body(&gap)["service"], serde_json::Value::Null);
     }
 }

@@ -293,6 +293,9 @@ impl Settler {
         if basis != Basis::Usage {
             self.metrics.estimated_settlements.inc();
         }
+        if !bill.priced {
+            self.announce_price_gap(&bill.model);
+        }
         self.check_over_reservation(&bill);
         self.correct_token_rates(
             bill.usage
@@ -321,6 +324,25 @@ impl Settler {
             cost: bill.cost,
             usage: bill.usage,
         }
+    }
+
+    /// Announces a model without a price (once per provider, model and day across every
+    /// process: the ledger dedupes), in a tracked task; a failure is retried with the next call.
+    fn announce_price_gap(&self, model: &str) {
+        let ledger = self.durable.ledger().clone();
+        let gap = ledger::store::PriceGap {
+            path: "enforcer".into(),
+            provider: self.call.provider.clone(),
+            model: model.to_owned(),
+            tenant: self.call.tenant.clone(),
+            service: String::new(),
+            at: chrono::Utc::now(),
+        };
+        self.tracker.spawn(async move {
+            if let Err(e) = ledger.price_gap(&gap).await {
+                tracing::debug!(error = %e, "price gap not announced; retried with the next call");
+            }
+        });
     }
 
     /// Puts the call's real token count (`real`) in place of its worst case in the token rate

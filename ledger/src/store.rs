@@ -12,6 +12,7 @@ mod batch;
 mod budget;
 mod conn;
 mod keys;
+mod ops_events;
 mod period;
 mod rate;
 mod recovery;
@@ -42,7 +43,8 @@ pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditR
 pub use batch::{BatchStats, OpBatches};
 pub use budget::{BudgetProblem, resolve_caps};
 pub use conn::LedgerConfig;
-pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, validate_name};
+pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, OPS_EVENTS, validate_name};
+pub use ops_events::{OPS_CURSOR, OPS_EVENTS_KEPT, PriceGap};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
 pub use signals::{BYPASS_EVENTS_KEPT, BypassEvent, LoopCounts};
 pub use types::{
@@ -198,16 +200,29 @@ impl Ledger {
     /// Adds the tenant to `llmw:tenants:<day>` and `llmw:tenants:<month>` (their own slots, so not
     /// inside the scripts). Done before the script, so a crash in between leaves at worst a tenant
     /// listed with zero figures, never an active tenant unlisted.
+    /// Whether this process already wrote the once-per-process `marker`.
+    fn marked(&self, marker: &str) -> bool {
+        self.active_marked
+            .lock()
+            .map(|s| s.contains(marker))
+            .unwrap_or(false)
+    }
+
+    /// Remembers a once-per-process marker as written.
+    fn mark(&self, marker: String) {
+        if let Ok(mut s) = self.active_marked.lock() {
+            if s.len() > 100_000 {
+                s.clear();
+            }
+            s.insert(marker);
+        }
+    }
+
     async fn mark_active(&self, tenant: &str, at: DateTime<Utc>) -> Result<(), Error> {
         for period in Period::ALL {
             let key = keys::tenants(period, at);
             let marker = format!("{key}\n{tenant}");
-            if self
-                .active_marked
-                .lock()
-                .map(|s| s.contains(&marker))
-                .unwrap_or(false)
-            {
+            if self.marked(&marker) {
                 continue;
             }
             let mut c = self.conn.clone();
@@ -218,12 +233,7 @@ impl Ledger {
                 .ignore()
                 .query_async(&mut c)
                 .await?;
-            if let Ok(mut s) = self.active_marked.lock() {
-                if s.len() > 100_000 {
-                    s.clear();
-                }
-                s.insert(marker);
-            }
+            self.mark(marker);
         }
         Ok(())
     }

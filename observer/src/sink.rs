@@ -265,6 +265,9 @@ impl Sink {
             }
             Sink::Ledger(s) => {
                 s.record(rec, metrics).await;
+                if !rec.priced {
+                    s.price_gap(rec).await;
+                }
                 let model = rec.model.clone().unwrap_or_else(|| "unknown".to_owned());
                 s.bypass_event(rec, &model, metrics).await;
             }
@@ -295,6 +298,22 @@ impl LedgerSink {
                 tracing::error!(error = ?cause.map(|e| e.to_string()), spool_error = %spool, tenant = %rec.tenant,
                     "ledger record failed and the spool refused it: call lost");
             }
+        }
+    }
+
+    /// Announces a model without a price (the ledger dedupes per provider, model and day
+    /// across every process; a failure is retried with the next such call).
+    async fn price_gap(&self, rec: &CallRecord) {
+        let gap = ledger::store::PriceGap {
+            path: "observer".into(),
+            provider: rec.provider.clone(),
+            model: rec.model.clone().unwrap_or_else(|| "unknown".to_owned()),
+            tenant: rec.tenant.clone(),
+            service: rec.service.clone(),
+            at: chrono::Utc::now(),
+        };
+        if let Err(e) = self.durable.ledger().price_gap(&gap).await {
+            tracing::debug!(error = %e, "price gap not announced; retried with the next call");
         }
     }
 

@@ -465,3 +465,94 @@ async fn first_bypass_events_are_delivered_once_each() {
         assert_eq!(h.body["provider"], "openai");
     }
 }
+
+/// A model the price table does not know, served by two enforcers six times: one `price_gap`
+/// alert (the ledger dedupes per provider, model and day across processes). An unmetered
+/// connection the observer announced: one `first_unmetered` alert with its host and bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn price_gaps_and_unmetered_connections_are_delivered_once_each() {
+    let receiver = Receiver::start(0).await;
+    let stack = Stack::start(Opts {
+        top_toml: "unknown_model = \"allow\"".into(),
+        extra_toml: alerts_toml(&receiver, "", 50),
+        ..Opts::default()
+    })
+    .await;
+    let (_b, port_b) = second_enforcer(&stack);
+    let urls = [
+        format!("{}/chat/completions", stack.base("openai")),
+        format!("http://127.0.0.1:{port_b}/proxy/openai/chat/completions"),
+    ];
+    for i in 0..6 {
+        let status = http()
+            .post(&urls[i % 2])
+            .bearer_auth(KEY_OPS)
+            .header("x-tenant-id", "gaps")
+            .json(&json!({"model": "acme-internal-1", "max_tokens": 20,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("call")
+            .status();
+        assert_eq!(status.as_u16(), 200, "call {i}");
+    }
+    stack
+        .ledger
+        .unmetered_event(&ledger::store::UnmeteredConn {
+            tenant: "gaps".into(),
+            service: "agent".into(),
+            host: "api.anthropic.com".into(),
+            provider: "anthropic".into(),
+            conn_id: "c1".into(),
+            pid: 4242,
+            comm: "agent".into(),
+            bytes_out: 1200,
+            bytes_in: 9000,
+            started_at: Utc::now(),
+            duration_ms: 800,
+            joined: false,
+        })
+        .await
+        .expect("unmetered event");
+    let hooks = receiver.wait_ok("/hook", 2, Duration::from_secs(2)).await;
+    assert_eq!(hooks.len(), 2, "{hooks:#?}");
+    let by_kind: BTreeMap<&str, &Hit> = hooks
+        .iter()
+        .map(|h| (h.body["kind"].as_str().expect("kind"), h))
+        .collect();
+    let gap = by_kind.get("price_gap").expect("a price_gap alert");
+    verify_signature(gap);
+    assert_eq!(
+        (
+            &gap.body["provider"],
+            &gap.body["model"],
+            &gap.body["path"],
+            &gap.body["tenant"]
+        ),
+        (
+            &json!("openai"),
+            &json!("acme-internal-1"),
+            &json!("enforcer"),
+            &json!("gaps")
+        )
+    );
+    assert!(gap.idempotency_key.starts_with("ops|"));
+    let un = by_kind
+        .get("first_unmetered")
+        .expect("a first_unmetered alert");
+    verify_signature(un);
+    assert_eq!(
+        (
+            &un.body["host"],
+            &un.body["bytes_out"],
+            &un.body["bytes_in"],
+            &un.body["service"]
+        ),
+        (
+            &json!("api.anthropic.com"),
+            &json!(1200),
+            &json!(9000),
+            &json!("agent")
+        )
+    );
+}

@@ -122,4 +122,26 @@ async fn both_paths_bill_the_same_usage_the_same() {
     assert_eq!(unpriced, Nanos(want), "default price of {u:?}");
     assert_eq!(via_enforcer.estimated_spend, unpriced);
     assert_eq!(direct.estimated_spend, unpriced);
+    // Both paths met the price gap; the ledger announced it once (docs/audit.md, price_gap).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let gaps = loop {
+        let gaps = stack
+            .ledger
+            .pending_ops_alerts(100)
+            .await
+            .expect("ops events");
+        if !gaps.is_empty() || Instant::now() > deadline {
+            break gaps;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let got: Vec<(&str, &str)> = gaps
+        .iter()
+        .map(|g| (g.kind.as_str(), g.model.as_str()))
+        .collect();
+    assert_eq!(got, [("price_gap", "acme-internal-1")], "{gaps:?}");
+    assert!(
+        ["enforcer", "observer"].contains(&gaps[0].path.as_str()),
+        "{gaps:?}"
+    );
 }

@@ -77,7 +77,7 @@ pub struct Alert {
     /// The idempotency key: `tenant|feature|period|period id|threshold`, unique per (budget,
     /// period, threshold).
     pub id: String,
-    /// `budget_threshold` or `first_bypass`.
+    /// `budget_threshold`, `first_bypass`, `first_unmetered` or `price_gap`.
     pub kind: String,
     /// The tenant.
     pub tenant: String,
@@ -103,8 +103,16 @@ pub struct Alert {
     pub model: String,
     /// `first_bypass`: the process id.
     pub pid: String,
-    /// `first_bypass`: the process name.
+    /// `first_bypass`, `first_unmetered`: the process name.
     pub comm: String,
+    /// `first_unmetered`: the provider host the connection went to.
+    pub host: String,
+    /// `first_unmetered`: TCP payload bytes sent.
+    pub bytes_out: u64,
+    /// `first_unmetered`: TCP payload bytes received.
+    pub bytes_in: u64,
+    /// `price_gap`: the path that billed the call (`enforcer` or `observer`).
+    pub path: String,
 }
 
 /// Where one alert stands with one sink.
@@ -291,9 +299,17 @@ impl Ledger {
                     .into_iter()
                     .map(|(id, m)| {
                         let s = |k: &str| m.get(k).cloned().unwrap_or_default();
+                        let n = |k: &str| m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+                        // The observer's unmetered connections share the stream (`kind`).
+                        let unmetered = s("kind") == "unmetered";
                         Alert {
                             id: format!("bypass|{id}"),
-                            kind: "first_bypass".into(),
+                            kind: if unmetered {
+                                "first_unmetered"
+                            } else {
+                                "first_bypass"
+                            }
+                            .into(),
                             tenant: s("tenant"),
                             at: s("at"),
                             service: s("service"),
@@ -301,6 +317,9 @@ impl Ledger {
                             model: s("model"),
                             pid: s("pid"),
                             comm: s("comm"),
+                            host: s("host"),
+                            bytes_out: n("bytes_out"),
+                            bytes_in: n("bytes_in"),
                             stream_id: id,
                             ..Alert::default()
                         }

@@ -138,6 +138,15 @@ pub fn audit(tenant: &str, day: &str) -> String {
 /// The stream of bypass events (no hash tag: one key in its own slot).
 pub const BYPASS_EVENTS: &str = "llmw:events:bypass";
 
+/// The stream of operational events (price gaps) the alert dispatcher delivers.
+pub const OPS_EVENTS: &str = "llmw:{ops}:events";
+
+/// "llmw:{ops}:gap:<day>:<provider>|<model>" — set once a price gap was announced that day.
+#[must_use]
+pub fn price_gap(day: &str, provider: &str, model: &str) -> String {
+    format!("llmw:{{ops}}:gap:{day}:{provider}|{model}")
+}
+
 /// "llmw:tenants:<period id>" — tenants with activity in the period (no hash tag: its own slot).
 #[must_use]
 pub fn tenants(period: Period, now: DateTime<Utc>) -> String {
