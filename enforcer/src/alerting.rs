@@ -43,6 +43,11 @@ pub struct AlertsConfig {
     /// billed at `unknown_model_price`; once per provider, model and UTC day) as `price_gap`
     /// alerts. Default true.
     pub price_gaps: bool,
+    /// Send a `spool_filling` alert when this instance's spool reaches this percent of
+    /// `spool_max_bytes` (0 = never). It goes straight to the sinks, not through Redis (a spool
+    /// fills because Redis does not answer); once per crossing, re-armed below half of it.
+    /// Default 80.
+    pub spool_filling_pct: u32,
     /// Where alerts go; none: alerts stay in Redis (`llmw:{T}:alerts`) and nothing is sent.
     pub sinks: Vec<SinkConfig>,
 }
@@ -55,6 +60,7 @@ impl Default for AlertsConfig {
             lease_ms: 10_000,
             bypass: true,
             price_gaps: true,
+            spool_filling_pct: 80,
             sinks: Vec::new(),
         }
     }
@@ -123,6 +129,12 @@ impl AlertsConfig {
                 "each threshold must be 1..=1000 (percent of the budget)",
             ));
         }
+        if self.spool_filling_pct > 100 {
+            return Err(bad(
+                "alerts.spool_filling_pct".into(),
+                "must be 0 (off) to 100 (percent of spool_max_bytes)",
+            ));
+        }
         if self.poll_ms == 0 || self.lease_ms < 3 * self.poll_ms.max(100) {
             return Err(bad(
                 "alerts.lease_ms".into(),
@@ -155,11 +167,11 @@ impl AlertsConfig {
     }
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A sink ready to send: its URL and key read from the environment at start.
-struct Sink {
-    cfg: SinkConfig,
+pub(crate) struct Sink {
+    pub(crate) cfg: SinkConfig,
     url: String,
     secret: Option<Vec<u8>>,
 }
@@ -246,6 +258,17 @@ pub fn webhook_body(a: &Alert) -> serde_json::Value {
             "at": a.at,
         });
     }
+    if a.kind == "spool_filling" {
+        return serde_json::json!({
+            "id": a.id,
+            "kind": a.kind,
+            "instance": a.instance,
+            "spool_bytes": a.spool_bytes,
+            "spool_max_bytes": a.spool_max_bytes,
+            "threshold_pct": a.threshold_pct,
+            "at": a.at,
+        });
+    }
     if a.kind == "price_gap" {
         return serde_json::json!({
             "id": a.id,
@@ -292,6 +315,15 @@ pub fn slack_text(a: &Alert) -> String {
         return format!(
             "llmwarden: service {} opened a connection to {} ({}) that no probe could meter: its spend is unknown (tenant {}, process {} pid {}, {} bytes out, {} in)",
             a.service, a.provider, a.host, a.tenant, a.comm, a.pid, a.bytes_out, a.bytes_in
+        );
+    }
+    if a.kind == "spool_filling" {
+        return format!(
+            "llmwarden: enforcer {} cannot reach Redis and its spool is {}% full ({} of {} bytes); usage beyond it is lost",
+            a.instance,
+            a.spool_bytes.saturating_mul(100) / a.spool_max_bytes.max(1),
+            a.spool_bytes,
+            a.spool_max_bytes
         );
     }
     if a.kind == "price_gap" {
@@ -343,16 +375,27 @@ pub fn spawn(
     instance: String,
     cfg: &AlertsConfig,
     metrics: &crate::metrics::Metrics,
+    spool: &ledger::spool::Spool,
 ) -> Result<(), ConfigError> {
-    let sinks = sinks(cfg)?;
+    let sinks = Arc::new(sinks(cfg)?);
     if sinks.is_empty() {
         return Ok(());
+    }
+    let client = client();
+    if cfg.spool_filling_pct > 0 {
+        crate::spool_alert::spawn(
+            spool.clone(),
+            instance.clone(),
+            cfg.spool_filling_pct,
+            Arc::clone(&sinks),
+            client.clone(),
+        );
     }
     let d = Arc::new(Dispatcher {
         ledger,
         holder: format!("{instance}:{}", uuid::Uuid::new_v4()),
         sinks,
-        client: client(),
+        client,
         poll: Duration::from_millis(cfg.poll_ms),
         lease: Duration::from_millis(cfg.lease_ms),
         leader: AtomicBool::new(false),
@@ -370,7 +413,7 @@ struct Dispatcher {
     ledger: Ledger,
     /// Unique per process: a restarted instance does not inherit its previous run's lease.
     holder: String,
-    sinks: Vec<Sink>,
+    sinks: Arc<Vec<Sink>>,
     client: HttpsClient,
     poll: Duration,
     lease: Duration,
@@ -472,7 +515,7 @@ impl Dispatcher {
     /// resumes it from its delivery status).
     async fn deliver(&self, a: &Alert) -> Result<bool, ledger::Error> {
         let done = self.ledger.alert_deliveries(&a.id).await?;
-        for sink in &self.sinks {
+        for sink in self.sinks.iter() {
             let mut status = done.get(&sink.cfg.name).cloned().unwrap_or_default();
             if status.state == "delivered" || status.state == "failed" {
                 continue;
@@ -520,39 +563,45 @@ impl Dispatcher {
         Ok(true)
     }
 
-    /// One POST; Ok on a 2xx answer. The error names the status or the failure, never the URL.
+    /// One POST ([`post`]).
     async fn send(&self, sink: &Sink, a: &Alert) -> Result<(), String> {
-        let body = match sink.cfg.kind {
-            SinkKind::Webhook => webhook_body(a).to_string(),
-            SinkKind::Slack => serde_json::json!({ "text": slack_text(a) }).to_string(),
-        };
-        let ts = chrono::Utc::now().timestamp();
-        let mut req = http::Request::post(&sink.url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::USER_AGENT, "llmwarden-alerts")
-            .header("idempotency-key", &a.id);
-        if let Some(secret) = &sink.secret {
-            req = req.header("x-llmwarden-timestamp", ts.to_string()).header(
-                "x-llmwarden-signature",
-                signature(secret, ts, body.as_bytes()),
-            );
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("request: {e}"))?;
-        let timeout = Duration::from_millis(sink.cfg.timeout_ms);
-        let resp = tokio::time::timeout(timeout, self.client.request(req))
-            .await
-            .map_err(|_| format!("no answer within {} ms", sink.cfg.timeout_ms))?
-            .map_err(|e| format!("connection: {e}"))?;
-        let status = resp.status();
-        // Read the (small) body so the connection can be reused; its content is not logged.
-        let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("HTTP {status}"))
-        }
+        post(&self.client, sink, a).await
+    }
+}
+
+/// One POST of `a` to `sink`; Ok on a 2xx answer. The error names the status or the failure,
+/// never the URL.
+pub(crate) async fn post(client: &HttpsClient, sink: &Sink, a: &Alert) -> Result<(), String> {
+    let body = match sink.cfg.kind {
+        SinkKind::Webhook => webhook_body(a).to_string(),
+        SinkKind::Slack => serde_json::json!({ "text": slack_text(a) }).to_string(),
+    };
+    let ts = chrono::Utc::now().timestamp();
+    let mut req = http::Request::post(&sink.url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::USER_AGENT, "llmwarden-alerts")
+        .header("idempotency-key", &a.id);
+    if let Some(secret) = &sink.secret {
+        req = req.header("x-llmwarden-timestamp", ts.to_string()).header(
+            "x-llmwarden-signature",
+            signature(secret, ts, body.as_bytes()),
+        );
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| format!("request: {e}"))?;
+    let timeout = Duration::from_millis(sink.cfg.timeout_ms);
+    let resp = tokio::time::timeout(timeout, client.request(req))
+        .await
+        .map_err(|_| format!("no answer within {} ms", sink.cfg.timeout_ms))?
+        .map_err(|e| format!("connection: {e}"))?;
+    let status = resp.status();
+    // Read the (small) body so the connection can be reused; its content is not logged.
+    let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {status}"))
     }
 }
 

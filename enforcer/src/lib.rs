@@ -35,6 +35,7 @@ pub mod report;
 pub mod route;
 pub mod server;
 pub mod settle;
+mod spool_alert;
 pub mod usage_filter;
 pub mod usage_params;
 pub mod usage_view;

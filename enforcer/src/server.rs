@@ -76,6 +76,7 @@ pub async fn run(app: App) -> Result<(), StartError> {
         app.instance.clone(),
         &app.cfg.alerts,
         &app.metrics,
+        app.durable.spool(),
     )?;
     let tls = match (&app.cfg.tls_cert_file, &app.cfg.tls_key_file) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),

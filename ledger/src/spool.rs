@@ -298,6 +298,12 @@ impl Spool {
         }
     }
 
+    /// The bound on [`SpoolStats::bytes`] (`max_bytes`): appends beyond it are refused.
+    #[must_use]
+    pub fn max_bytes(&self) -> u64 {
+        self.shared.cfg.max_bytes
+    }
+
     /// Whether any record is waiting for replay.
     #[must_use]
     pub fn is_empty(&self) -> bool {

@@ -556,3 +556,39 @@ async fn price_gaps_and_unmetered_connections_are_delivered_once_each() {
         )
     );
 }
+
+/// Redis pauses and the enforcer (on_redis_unavailable = "allow") spools its settlements: when
+/// the spool reaches spool_filling_pct of spool_max_bytes, the instance alerts its sinks itself,
+/// while Redis is still down (the dispatcher cannot: its lease is in Redis), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filling_spool_is_alerted_while_redis_is_down() {
+    let receiver = Receiver::start(0).await;
+    let top = "timeouts.redis_ms = 300\non_redis_unavailable = \"allow\"\nredis_unavailable_cap_usd = 1.0\nspool_max_bytes = 65536\n";
+    let stack = Stack::start(Opts {
+        top_toml: top.into(),
+        extra_toml: alerts_toml(&receiver, "", 50)
+            .replace("[alerts]\n", "[alerts]\nspool_filling_pct = 2\n"),
+        ..Opts::default()
+    })
+    .await;
+    stack.redis.pause();
+    let url = format!("{}/chat/completions", stack.base("openai"));
+    // 2 % of 64 KiB is 1311 bytes: a few spooled settlements (bounded).
+    let mut calls = 0;
+    while receiver.hits().is_empty() && calls < 30 {
+        assert_eq!(chat(&url, "outage").await, 200, "call {calls}");
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let hooks = receiver.wait_ok("/hook", 1, Duration::from_secs(2)).await;
+    stack.redis.resume();
+    assert_eq!(hooks.len(), 1, "{hooks:#?}");
+    let h = &hooks[0];
+    verify_signature(h);
+    assert_eq!(h.body["kind"], "spool_filling");
+    assert_eq!(h.body["spool_max_bytes"], 65536);
+    assert_eq!(h.body["threshold_pct"], 2);
+    let bytes = h.body["spool_bytes"].as_u64().expect("spool_bytes");
+    assert!((1311..65536).contains(&bytes), "{}", h.body);
+    assert!(h.idempotency_key.starts_with("spool|"));
+}

@@ -77,7 +77,7 @@ pub struct Alert {
     /// The idempotency key: `tenant|feature|period|period id|threshold`, unique per (budget,
     /// period, threshold).
     pub id: String,
-    /// `budget_threshold`, `first_bypass`, `first_unmetered` or `price_gap`.
+    /// `budget_threshold`, `first_bypass`, `first_unmetered`, `price_gap` or `spool_filling`.
     pub kind: String,
     /// The tenant.
     pub tenant: String,
@@ -113,6 +113,12 @@ pub struct Alert {
     pub bytes_in: u64,
     /// `price_gap`: the path that billed the call (`enforcer` or `observer`).
     pub path: String,
+    /// `spool_filling`: the enforcer instance whose spool fills.
+    pub instance: String,
+    /// `spool_filling`: bytes in the spool when the threshold was reached.
+    pub spool_bytes: u64,
+    /// `spool_filling`: the spool's bound (`spool_max_bytes`).
+    pub spool_max_bytes: u64,
 }
 
 /// Where one alert stands with one sink.
