@@ -95,3 +95,69 @@ async fn unmetered_connections_on_a_cluster() {
     // Six tenants land on several of the three nodes' slots; each script touches one slot.
     exercise(&l, &["acme", "beta", "gamma", "delta", "epsilon", "zeta"]).await;
 }
+
+/// Each booked connection is one audit record (path and kind `unmetered`, $0, its host and
+/// bytes); a duplicate books nothing and writes no record. On one node and on a cluster.
+async fn audited(url: &str) {
+    use ledger::store::AuditQuery;
+    let l = Ledger::connect(url).await.expect("connect");
+    let c = conn("audited", "agent", "a1", 700, 1);
+    l.record_unmetered(&c).await.expect("book");
+    l.record_unmetered(&c).await.expect("duplicate");
+    l.record_unmetered(&conn("audited", "agent", "a2", 50, 1))
+        .await
+        .expect("book 2");
+    let now = Utc::now();
+    let mut r = l
+        .audit_reader(AuditQuery {
+            since: now - Duration::hours(1),
+            until: now + Duration::minutes(1),
+            tenant: Some("audited".into()),
+            path: Some("unmetered".into()),
+        })
+        .expect("reader");
+    let mut got = Vec::new();
+    while let Some(rec) = r.next().await.expect("read") {
+        got.push(rec);
+    }
+    let brief: Vec<_> = got
+        .iter()
+        .map(|x| {
+            (
+                x.kind.as_str(),
+                x.request_id.as_str(),
+                x.host.as_str(),
+                x.bytes_out,
+                x.bytes_in,
+                x.cost_nusd,
+            )
+        })
+        .collect();
+    assert_eq!(
+        brief,
+        [
+            ("unmetered", "a1", "api.openai.com", 700, 7000, 0),
+            ("unmetered", "a2", "api.openai.com", 50, 500, 0)
+        ]
+    );
+    assert_eq!(
+        (
+            got[0].service.as_str(),
+            got[0].pid.as_str(),
+            got[0].outcome.as_str()
+        ),
+        ("agent", "4242", "unmetered")
+    );
+}
+
+#[tokio::test]
+async fn unmetered_connections_are_audited_once() {
+    let server = RedisServer::start();
+    audited(&server.url()).await;
+}
+
+#[tokio::test]
+async fn unmetered_connections_are_audited_on_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    audited(&cluster.url()).await;
+}

@@ -4,7 +4,9 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{CallMeta, LedgerConfig, Period, ReserveRequest, Settlement, UsageRecord, ms};
+use super::{
+    CallMeta, LedgerConfig, Period, ReserveRequest, Settlement, UnmeteredConn, UsageRecord, ms,
+};
 
 /// Schema version of the records (field `v`).
 pub const AUDIT_VERSION: &str = "1";
@@ -151,6 +153,29 @@ pub(crate) fn record_fields(r: &UsageRecord) -> Vec<String> {
     f.put("outcome", m.outcome.as_deref().map_or("ok".into(), clean));
     f.put("started_ms", ms(r.at).to_string());
     f.meta(m);
+    f.finish()
+}
+
+/// The record of an unmetered connection (count first): a provider connection that carried no
+/// call the observer could decode. It adds nothing to spend (`cost_nusd` 0); its bytes are a
+/// rough size of what nobody could price.
+pub(crate) fn unmetered_fields(c: &UnmeteredConn) -> Vec<String> {
+    let mut f = Fields::new("unmetered");
+    f.put("path", "unmetered");
+    f.put("request_id", c.conn_id.clone());
+    f.put("tenant", c.tenant.clone());
+    f.put("service", clean(&c.service));
+    f.put("pid", c.pid.to_string());
+    f.put("comm", clean(&c.comm));
+    f.put("provider", c.provider.clone());
+    f.put("host", clean(&c.host));
+    f.put("bytes_out", c.bytes_out.to_string());
+    f.put("bytes_in", c.bytes_in.to_string());
+    f.put("cost_nusd", "0");
+    f.put("bypass", "1");
+    f.put("outcome", "unmetered");
+    f.put("latency_ms", c.duration_ms.to_string());
+    f.put("started_ms", ms(c.started_at).to_string());
     f.finish()
 }
 

@@ -83,10 +83,16 @@ pub struct AuditRecord {
     pub latency_ms: String,
     /// When the call started (unix ms), or empty.
     pub started_ms: String,
+    /// `unmetered`: the provider host of the connection.
+    pub host: String,
+    /// `unmetered`: TCP payload bytes sent.
+    pub bytes_out: u64,
+    /// `unmetered`: TCP payload bytes received.
+    pub bytes_in: u64,
 }
 
 /// The CSV columns, in order (the [`AuditRecord`] fields).
-pub const AUDIT_COLUMNS: [&str; 32] = [
+pub const AUDIT_COLUMNS: [&str; 35] = [
     "id",
     "at",
     "v",
@@ -119,6 +125,9 @@ pub const AUDIT_COLUMNS: [&str; 32] = [
     "held_nusd",
     "latency_ms",
     "started_ms",
+    "host",
+    "bytes_out",
+    "bytes_in",
 ];
 
 impl AuditRecord {
@@ -165,6 +174,9 @@ impl AuditRecord {
             held_nusd: i("held_nusd"),
             latency_ms: s("latency_ms"),
             started_ms: s("started_ms"),
+            host: s("host"),
+            bytes_out: u("bytes_out"),
+            bytes_in: u("bytes_in"),
         }
     }
 
@@ -205,6 +217,9 @@ impl AuditRecord {
             self.held_nusd.to_string(),
             self.latency_ms.clone(),
             self.started_ms.clone(),
+            self.host.clone(),
+            self.bytes_out.to_string(),
+            self.bytes_in.to_string(),
         ]
     }
 

@@ -15,8 +15,12 @@ use crate::Error;
 use crate::names::{self, NameKind};
 
 /// Books one connection (lua/unmetered.lua).
-static UNMETERED: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/unmetered.lua")));
+static UNMETERED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/common.lua"),
+        include_str!("lua/unmetered.lua")
+    ))
+});
 
 /// One unmetered connection, as the observer reports it. Metadata only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,10 +137,17 @@ impl Ledger {
             .arg(format!("{}|{}", c.service, c.host))
             .arg(c.bytes_out)
             .arg(c.bytes_in)
-            .arg(ms(at));
+            .arg(ms(at))
+            .arg(keys::prefix(&c.tenant));
+        for a in super::audit::unmetered_fields(c) {
+            inv.arg(a);
+        }
+        let now = chrono::Utc::now();
+        super::audit::tail(&mut inv, &self.cfg, now, &[]);
         let reply: String = self
             .timed("record_unmetered", async {
                 self.mark_active(&c.tenant, at).await?;
+                self.mark_audit_day(&c.tenant, now).await?;
                 let mut conn = self.conn.clone();
                 Ok(inv.invoke_async(&mut conn).await?)
             })

@@ -2,8 +2,10 @@
 -- KEYS: marker `llmw:{T}:umc:<conn id>`, day hash `llmw:{T}:unmetered:d:<day>`,
 --       month hash `llmw:{T}:unmetered:m:<month>` (one tenant, one slot).
 -- ARGV: marker ttl ms, day expire-at (s), month expire-at (s), `<service>|<host>`, bytes out,
---       bytes in, seen at (unix ms).
--- Reply: RECORDED or DUPLICATE.
+--       bytes in, seen at (unix ms), the tenant's key prefix, then the audit record (a value
+--       count and field, value pairs; common.lua audit_argv) and the common tail (no alert
+--       budgets; audit day, expiry, maxlen).
+-- Reply: RECORDED or DUPLICATE (a duplicate writes no audit record).
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   return 'DUPLICATE'
 end
@@ -27,4 +29,5 @@ for i = 2, 3 do
   end
   redis.call('EXPIREAT', k, ARGV[i])
 end
+audit_argv(ARGV[8], 9, {})
 return 'RECORDED'
