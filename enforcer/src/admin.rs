@@ -1,7 +1,8 @@
 //! The admin API (its own listener, loopback by default): GET /healthz and /readyz without a
 //! token (probes), everything else behind `Authorization: Bearer <admin token>`:
-//! GET /spend, GET/PUT/DELETE /budgets, GET /budgets/check, GET /audit, GET /metrics, and the
-//! runtime keys ([`crate::admin_keys`]: /keys).
+//! GET /spend, GET/PUT/DELETE /budgets, GET /budgets/check, GET /audit, GET /metrics, the
+//! runtime keys ([`crate::admin_keys`]: /keys) and the routing rules ([`crate::admin_rules`]:
+//! /rules).
 
 use std::sync::Arc;
 
@@ -139,6 +140,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
         (Method::PUT, "/budgets") => put_budgets(&app, req).await,
         (_, p) if p == "/keys" || p.starts_with("/keys/") => {
             crate::admin_keys::handle(&app, req, &path).await
+        }
+        (_, p) if p == "/rules" || p.starts_with("/rules/") => {
+            crate::admin_rules::handle(&app, req, &path).await
         }
         (Method::GET, "/audit") => {
             let (status, v) = crate::audit_export::page(&app.ledger, q).await;

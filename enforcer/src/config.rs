@@ -454,6 +454,7 @@ pub struct Provider {
 }
 
 mod check;
+pub use check::{check_downgrades, check_rate_limits};
 mod validate;
 
 #[cfg(test)]

@@ -58,7 +58,11 @@ pub async fn reserve_worst_case(
     call: &Call,
 ) -> Result<Decision, ProxyError> {
     let (input_estimate, output, amount) = worst_case(app, info, &call.model)?;
-    let rates = app.rate_rules.limits(key, &call.tenant, &call.model);
+    let rates = app
+        .rules
+        .current()
+        .rates
+        .limits(key, &call.tenant, &call.model);
     let tokens = input_estimate.saturating_add(output);
     let rr = ReserveRequest {
         tenant: call.tenant.clone(),

@@ -102,7 +102,8 @@ pub async fn try_chain(
     call: &mut Call,
     denied: ProxyError,
 ) -> Result<(RequestInfo, Decision), ProxyError> {
-    let Some(chain) = app
+    let rules = app.rules.current();
+    let Some(chain) = rules
         .downgrades
         .chain(&call.tenant, call.feature.as_deref(), &call.model)
     else {

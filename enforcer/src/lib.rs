@@ -12,6 +12,7 @@
 pub mod access;
 pub mod admin;
 pub mod admin_keys;
+pub mod admin_rules;
 pub mod admit;
 pub mod alerting;
 pub mod audit_export;
@@ -33,6 +34,7 @@ pub mod rate;
 pub mod recovery;
 pub mod report;
 pub mod route;
+pub mod rules;
 pub mod server;
 pub mod settle;
 mod spool_alert;
@@ -90,10 +92,8 @@ pub struct App {
     upstream_keys: BTreeMap<String, String>,
     /// Proxy keys of the config file.
     pub keys: KeyStore,
-    /// Budget-aware downgrade chains.
-    pub downgrades: downgrade::Downgrades,
-    /// Request and token rate limits.
-    pub rate_rules: rate::RateRules,
+    /// Budget-aware downgrade chains and rate limits, from the file or the admin API.
+    pub rules: Arc<rules::LiveRules>,
     /// Proxy keys made at runtime (`None` with `runtime_keys = false`).
     pub runtime_keys: Option<keys::RuntimeKeys>,
     /// Upstream clients.
@@ -171,8 +171,11 @@ impl App {
             ),
             metrics,
             keys: KeyStore::new(&cfg.keys),
-            downgrades: downgrade::Downgrades::new(&cfg.downgrades),
-            rate_rules: rate::RateRules::new(&cfg.rate_limits),
+            rules: Arc::new(rules::LiveRules::new(
+                ledger.clone(),
+                cfg.downgrades.clone(),
+                cfg.rate_limits.clone(),
+            )),
             runtime_keys: cfg
                 .runtime_keys
                 .then(|| keys::RuntimeKeys::new(ledger.clone())),

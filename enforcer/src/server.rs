@@ -71,6 +71,10 @@ pub async fn run(app: App) -> Result<(), StartError> {
         }
         rk.spawn_refresher(Duration::from_millis(app.cfg.runtime_keys_refresh_ms));
     }
+    if let Err(e) = app.rules.refresh(true).await {
+        tracing::warn!(error = %e, "could not load the stored routing rules (Redis down?); the file's apply until it answers");
+    }
+    app.rules.spawn_refresher(Duration::from_secs(1));
     crate::alerting::spawn(
         app.ledger.clone(),
         app.instance.clone(),

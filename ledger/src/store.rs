@@ -17,6 +17,7 @@ mod period;
 mod rate;
 mod recovery;
 mod reserve;
+mod rules;
 mod scripts;
 mod settle;
 mod signals;
@@ -43,9 +44,10 @@ pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditR
 pub use batch::{BatchStats, OpBatches};
 pub use budget::{BudgetProblem, resolve_caps};
 pub use conn::LedgerConfig;
-pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, OPS_EVENTS, validate_name};
+pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, OPS_EVENTS, RULES_KEY, validate_name};
 pub use ops_events::{OPS_CURSOR, OPS_EVENTS_KEPT, PriceGap};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
+pub use rules::{RULE_SETS, StoredRules};
 pub use signals::{BYPASS_EVENTS_KEPT, BypassEvent, LoopCounts};
 pub use types::{
     Budget, BySource, CallMeta, Cap, CapScope, Denial, Hold, RateDenial, RateLimit, RecordOutcome,

@@ -7,14 +7,13 @@ mod enforcer_common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
-use enforcer_common::{ADMIN_TOKEN, KEY_OPS, Opts, Stack, UPSTREAM_KEY, http};
+use enforcer_common::{KEY_OPS, Opts, Stack, UPSTREAM_KEY, http};
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -23,7 +22,6 @@ use ledger::Nanos;
 use ledger::store::{
     Budget, CallMeta, Ledger, LedgerConfig, Period, TokenCounts, UsageRecord, alerts_key,
 };
-use llmwarden_tests::process::{ChildGuard, free_port, workspace_bin};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -172,52 +170,6 @@ backoff_ms = {backoff_ms}
     )
 }
 
-/// A second enforcer on the stack's Redis and config, with its own ports, instance and spool.
-fn second_enforcer(stack: &Stack) -> (ChildGuard, u16) {
-    let cfg = std::fs::read_to_string(stack.config_path()).expect("config");
-    let port = free_port();
-    let spool = stack.dir.path().join("spool-b");
-    let cfg = cfg
-        .replace(
-            &format!("listen = \"127.0.0.1:{}\"", stack.port),
-            &format!("listen = \"127.0.0.1:{port}\""),
-        )
-        .replace(
-            &format!("admin_listen = \"127.0.0.1:{}\"", stack.admin_port),
-            "admin_listen = \"off\"",
-        );
-    let cfg = cfg
-        .lines()
-        .map(|l| {
-            if l.trim_start().starts_with("spool_dir") {
-                format!("spool_dir = \"{}\"", spool.display())
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let path = stack.dir.path().join("enforcer-b.toml");
-    std::fs::write(&path, cfg).expect("write config b");
-    let log = std::fs::File::create(stack.dir.path().join("enforcer-b.log")).expect("log");
-    let mut cmd = Command::new(workspace_bin("enforcer"));
-    cmd.arg("--config")
-        .arg(&path)
-        .env("TEST_MOCK_KEY", UPSTREAM_KEY)
-        .env("TEST_WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("ENFORCER_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log);
-    let mut child = ChildGuard::spawn("enforcer-b", &mut cmd);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(child.is_running(), "enforcer b exited");
-        assert!(Instant::now() < deadline, "enforcer b does not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, port)
-}
-
 fn verify_signature(h: &Hit) {
     let sig = h
         .signature
@@ -275,7 +227,7 @@ async fn two_enforcers_and_the_observer_deliver_each_threshold_exactly_once() {
         ..Opts::default()
     })
     .await;
-    let (_b, port_b) = second_enforcer(&stack);
+    let (_b, port_b, _) = stack.start_replica("enforcer-b");
     let urls = [
         format!("{}/chat/completions", stack.base("openai")),
         format!("http://127.0.0.1:{port_b}/proxy/openai/chat/completions"),
@@ -478,7 +430,7 @@ async fn price_gaps_and_unmetered_connections_are_delivered_once_each() {
         ..Opts::default()
     })
     .await;
-    let (_b, port_b) = second_enforcer(&stack);
+    let (_b, port_b, _) = stack.start_replica("enforcer-b");
     let urls = [
         format!("{}/chat/completions", stack.base("openai")),
         format!("http://127.0.0.1:{port_b}/proxy/openai/chat/completions"),

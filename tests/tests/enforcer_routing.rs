@@ -277,3 +277,131 @@ async fn budget_aware_downgrade_is_a_normal_answer_and_never_escapes_a_cap() {
     assert_eq!(s.spend, billed(&stack.mock).1);
     assert_eq!(stack.spend("dg-broke").await.requests, 0);
 }
+
+/// GET /rules on one replica's admin API: (downgrades source, rate_limits source).
+async fn rule_sources(admin: &str) -> (String, String) {
+    let v: Value = http()
+        .get(format!("{admin}/rules"))
+        .bearer_auth(enforcer_common::ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("GET /rules")
+        .json()
+        .await
+        .expect("rules JSON");
+    (
+        v["downgrades"]["source"].as_str().unwrap_or("").to_owned(),
+        v["rate_limits"]["source"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// Waits (at most 5 s) until replica `admin` reports `want` as its sources.
+async fn until_sources(admin: &str, want: (&str, &str)) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let got = rule_sources(admin).await;
+        if (got.0.as_str(), got.1.as_str()) == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{admin}: rule sources {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn put_rules(admin: &str, set: &str, body: &Value) -> (u16, Value) {
+    let r = http()
+        .put(format!("{admin}/rules/{set}"))
+        .bearer_auth(enforcer_common::ADMIN_TOKEN)
+        .json(body)
+        .send()
+        .await
+        .expect("PUT /rules");
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A gpt-4o call of `tenant` with 1000 output tokens at most: (status, x-warden-routed-to).
+async fn big_call(base: &str, tenant: &str) -> (u16, Option<String>) {
+    let r = http()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(KEY_OPS)
+        .header("x-tenant-id", tenant)
+        .json(&json!({"model": "gpt-4o", "max_tokens": 1000,
+                      "messages": [{"role": "user", "content": "hello there"}]}))
+        .send()
+        .await
+        .expect("POST");
+    let to = r
+        .headers()
+        .get("x-warden-routed-to")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (r.status().as_u16(), to)
+}
+
+/// Downgrades and rate limits stored through one replica's admin API apply on another replica
+/// within its refresh (about a second), are refused when malformed, and DELETE returns both
+/// replicas to the config file's sets. A routed call is still reserved against the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_edited_through_the_admin_api_apply_on_every_replica() {
+    let stack = Stack::start(Opts {
+        extra_toml: "\n[[budgets]]\ntenant = \"live-dg\"\nperiod = \"month\"\nlimit_usd = 0.005\n"
+            .into(),
+        ..Opts::default()
+    })
+    .await;
+    let (_b, b_port, b_admin_port) = stack.start_replica("replica-b");
+    let a_admin = stack.admin();
+    let b_admin = format!("http://127.0.0.1:{b_admin_port}");
+    let b_base = format!("http://127.0.0.1:{b_port}/proxy/openai");
+    until_sources(&b_admin, ("file", "file")).await;
+    // gpt-4o's worst case (1000 output tokens) is beyond the $0.005 budget: denied.
+    assert_eq!(big_call(&b_base, "live-dg").await, (402, None));
+
+    // Malformed sets are refused, naming the entry and key; nothing is stored.
+    let (st, v) = put_rules(&a_admin, "rate_limits", &json!([{"tenant": "x", "rpm": 0}])).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v.to_string().contains("rate_limits[0].rpm"), "{v}");
+    let (st, v) = put_rules(&a_admin, "downgrades", &json!({"from": "gpt-4o"})).await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(rule_sources(&a_admin).await, ("file".into(), "file".into()));
+
+    // A downgrade chain stored through replica A routes replica B's next denied call.
+    let chain = json!([{"tenant": "live-dg", "from": "gpt-4o", "to": ["gpt-4o-mini"]}]);
+    assert_eq!(put_rules(&a_admin, "downgrades", &chain).await.0, 200);
+    until_sources(&b_admin, ("redis", "file")).await;
+    assert_eq!(
+        big_call(&b_base, "live-dg").await,
+        (200, Some("gpt-4o-mini".into()))
+    );
+    let spent = stack.settled("live-dg", 1).await;
+    assert!(spent.spend.0 > 0 && spent.spend.0 <= 5_000_000, "{spent:?}");
+
+    // A rate limit stored through A: B admits 2 calls a minute, then 429.
+    let limit = json!([{"tenant": "live-rl", "rpm": 2}]);
+    assert_eq!(put_rules(&a_admin, "rate_limits", &limit).await.0, 200);
+    until_sources(&b_admin, ("redis", "redis")).await;
+    let statuses = [
+        call(&stack, "openai", "live-rl", false).await.0,
+        big_call(&b_base, "live-rl").await.0,
+        big_call(&b_base, "live-rl").await.0,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+
+    // DELETE: both sets back to the file's (none) on B; the limit no longer applies.
+    for set in ["rate_limits", "downgrades"] {
+        let r = http()
+            .delete(format!("{a_admin}/rules/{set}"))
+            .bearer_auth(enforcer_common::ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("DELETE");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    until_sources(&b_admin, ("file", "file")).await;
+    assert_eq!(big_call(&b_base, "live-rl").await.0, 200);
+    assert_eq!(big_call(&b_base, "live-dg").await, (402, None));
+}

@@ -20,8 +20,8 @@ impl Config {
         self.validate_limits()?;
         self.resolved_providers()?;
         self.validate_keys()?;
-        self.validate_downgrades()?;
-        self.validate_rate_limits()?;
+        check_downgrades(&self.downgrades)?;
+        check_rate_limits(&self.rate_limits)?;
         self.validate_budgets()?;
         self.alerts.validate()
     }
@@ -144,48 +144,6 @@ impl Config {
         Ok(())
     }
 
-    fn validate_rate_limits(&self) -> Result<(), ConfigError> {
-        for (i, r) in self.rate_limits.iter().enumerate() {
-            let key = |k: &str| format!("rate_limits[{i}].{k}");
-            if r.tenant != "*" && !r.tenant.is_empty() && !is_valid(&r.tenant) {
-                return Err(bad(key("tenant"), format!("\"*\" or a tenant: {RULE}")));
-            }
-            if let Some(m) = &r.model {
-                globset::Glob::new(m).map_err(|e| bad(key("model"), format!("not a glob: {e}")))?;
-            }
-            if r.rpm == 0 && r.tpm == 0 {
-                return Err(bad(
-                    key("rpm"),
-                    "give rpm, tpm or both (per minute, above 0)",
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_downgrades(&self) -> Result<(), ConfigError> {
-        for (i, d) in self.downgrades.iter().enumerate() {
-            let key = |k: &str| format!("downgrades[{i}].{k}");
-            if d.tenant != "*" && !d.tenant.is_empty() && !is_valid(&d.tenant) {
-                return Err(bad(key("tenant"), format!("\"*\" or a tenant: {RULE}")));
-            }
-            if let Some(f) = &d.feature
-                && !is_valid(f)
-            {
-                return Err(bad(key("feature"), format!("a feature name: {RULE}")));
-            }
-            globset::Glob::new(&d.from)
-                .map_err(|e| bad(key("from"), format!("not a glob: {e}")))?;
-            if d.from.is_empty() || d.to.is_empty() || d.to.iter().any(String::is_empty) {
-                return Err(bad(
-                    key("to"),
-                    "give `from` (a model glob) and `to` (models to try, in order)",
-                ));
-            }
-        }
-        Ok(())
-    }
-
     fn validate_keys(&self) -> Result<(), ConfigError> {
         if self.keys.is_empty() && !self.runtime_keys {
             return Err(bad(
@@ -275,4 +233,53 @@ impl Config {
         }
         self.ledger_budgets().map(|_| ())
     }
+}
+
+/// Checks `[[rate_limits]]` entries (from the file or the admin API); the first problem wins.
+///
+/// # Errors
+/// A [`ConfigError`] naming `rate_limits[i].<key>`.
+pub fn check_rate_limits(list: &[super::RateLimitConfig]) -> Result<(), ConfigError> {
+    for (i, r) in list.iter().enumerate() {
+        let key = |k: &str| format!("rate_limits[{i}].{k}");
+        if r.tenant != "*" && !r.tenant.is_empty() && !is_valid(&r.tenant) {
+            return Err(bad(key("tenant"), format!("\"*\" or a tenant: {RULE}")));
+        }
+        if let Some(m) = &r.model {
+            globset::Glob::new(m).map_err(|e| bad(key("model"), format!("not a glob: {e}")))?;
+        }
+        if r.rpm == 0 && r.tpm == 0 {
+            return Err(bad(
+                key("rpm"),
+                "give rpm, tpm or both (per minute, above 0)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks `[[downgrades]]` entries (from the file or the admin API); the first problem wins.
+///
+/// # Errors
+/// A [`ConfigError`] naming `downgrades[i].<key>`.
+pub fn check_downgrades(list: &[super::DowngradeConfig]) -> Result<(), ConfigError> {
+    for (i, d) in list.iter().enumerate() {
+        let key = |k: &str| format!("downgrades[{i}].{k}");
+        if d.tenant != "*" && !d.tenant.is_empty() && !is_valid(&d.tenant) {
+            return Err(bad(key("tenant"), format!("\"*\" or a tenant: {RULE}")));
+        }
+        if let Some(f) = &d.feature
+            && !is_valid(f)
+        {
+            return Err(bad(key("feature"), format!("a feature name: {RULE}")));
+        }
+        globset::Glob::new(&d.from).map_err(|e| bad(key("from"), format!("not a glob: {e}")))?;
+        if d.from.is_empty() || d.to.is_empty() || d.to.iter().any(String::is_empty) {
+            return Err(bad(
+                key("to"),
+                "give `from` (a model glob) and `to` (models to try, in order)",
+            ));
+        }
+    }
+    Ok(())
 }

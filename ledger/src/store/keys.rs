@@ -13,6 +13,9 @@ pub const MAX_NAME_LEN: usize = 128;
 /// The hash holding every budget limit (one slot, read by the enforcer, not by scripts).
 pub const BUDGETS_KEY: &str = "llmw:budgets";
 
+/// The hash of routing rule sets edited at runtime (store/rules.rs; no hash tag: its own slot).
+pub const RULES_KEY: &str = "llmw:rules";
+
 /// The hash holding every runtime proxy key record and its `#version` (see apikeys.rs).
 pub const API_KEYS_KEY: &str = "llmw:apikeys";
 
