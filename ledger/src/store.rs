@@ -10,6 +10,7 @@ mod audit;
 mod audit_read;
 mod batch;
 mod budget;
+mod budget_cache;
 mod conn;
 mod keys;
 mod period;
@@ -41,6 +42,7 @@ pub use audit::AUDIT_VERSION;
 pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditRecord};
 pub use batch::{BatchStats, OpBatches};
 pub use budget::{BudgetProblem, resolve_caps};
+pub use budget_cache::BudgetCache;
 pub use conn::LedgerConfig;
 pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, validate_name};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
@@ -73,8 +75,9 @@ pub struct Ledger {
     instance: Option<Arc<str>>,
     /// The per-tenant group commit of reserves and settles (batch.rs).
     batch: Arc<Batcher>,
-    /// The budgets the scripts check alert thresholds against (alerts.rs).
-    budget_cache: Arc<alerts::BudgetCache>,
+    /// The process's one copy of the budget list: the enforcer's caps and the scripts' alert
+    /// thresholds (budget_cache.rs).
+    budget_cache: Arc<budget_cache::Shared>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -288,7 +291,7 @@ impl Ledger {
             .arg(self.cfg.reclaim_batch)
             .arg(reservation_id);
         let now = Utc::now();
-        let caps = self.alert_caps(tenant, &[]).await;
+        let caps = self.alert_caps(tenant, None).await;
         audit::tail(&mut inv, &self.cfg, now, &caps);
         self.timed(name, async {
             self.mark_audit_day(tenant, now).await?;
@@ -335,8 +338,7 @@ impl Ledger {
             inv.arg(a);
         }
         let now = Utc::now();
-        let features: Vec<&str> = r.feature.as_deref().into_iter().collect();
-        let caps = self.alert_caps(&r.tenant, &features).await;
+        let caps = self.alert_caps(&r.tenant, r.feature.as_deref()).await;
         audit::tail(&mut inv, &self.cfg, now, &caps);
         let reply = self
             .timed("record", async {
@@ -369,7 +371,7 @@ impl Ledger {
             .arg(keys::prefix(tenant))
             .arg(ms(now))
             .arg(self.cfg.reclaim_batch);
-        let caps = self.alert_caps(tenant, &[]).await;
+        let caps = self.alert_caps(tenant, None).await;
         audit::tail(&mut inv, &self.cfg, now, &caps);
         self.timed("reclaim", async {
             self.mark_audit_day(tenant, now).await?;
