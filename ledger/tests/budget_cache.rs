@@ -92,11 +92,12 @@ async fn concurrent_first_users_share_one_read_and_the_refresher_stops_with_the_
     }
     let took = t0.elapsed();
     let reads = mon.stop().await;
+    // One inline read, plus one per second of the refresher if the machine was slow.
+    let ticks = usize::try_from(took.as_secs()).unwrap_or(usize::MAX);
     assert!(
-        took < Duration::from_millis(900),
-        "{took:?}: too slow to tell"
+        (1..=1 + ticks).contains(&reads),
+        "50 first records in {took:?} read the budgets {reads} times"
     );
-    assert_eq!(reads, 1, "50 first records read the budgets once");
 
     // The refresher runs about once a second while a clone lives ...
     let keep = l.clone();
