@@ -253,7 +253,8 @@ impl Shared {
     /// Starts the background refresher unless it runs already. It holds only a weak reference:
     /// it stops once every clone of the ledger is dropped.
     fn start_refresher(self: &Arc<Self>, conn: &Conn, timeout: Duration, every: Duration) {
-        if self.refresher.swap(true, Ordering::AcqRel) {
+        // A plain load first: this runs on every money call, the swap only until it is started.
+        if self.refresher.load(Ordering::Acquire) || self.refresher.swap(true, Ordering::AcqRel) {
             return;
         }
         let weak = Arc::downgrade(self);
