@@ -1,6 +1,7 @@
 //! Budgets on the hot path: the list lives in Redis (`llmw:budgets`, live-editable with PUT
-//! /budgets) and is cached in memory, refreshed about every second and right after an admin edit,
-//! so resolving a call's caps costs no Redis round trip. The reserve itself is one atomic script
+//! /budgets) and is cached in memory by the ledger (one copy per process, which the scripts' alert
+//! thresholds read too), refreshed about every second and right after an admin edit, so resolving
+//! a call's caps costs no Redis round trip. The reserve itself is one atomic script
 //! ([`Budgets::reserve`]), which returns the call's [`Hold`].
 //!
 //! Precedence: at start-up each `[[budgets]]` entry of the file is *seeded* (written only when
@@ -11,38 +12,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ledger::Nanos;
-use ledger::store::{Budget, Cap, Ledger, ReserveOutcome, ReserveRequest, resolve_caps};
-use parking_lot::RwLock;
+use ledger::store::{Budget, Cap, Ledger, ReserveOutcome, ReserveRequest};
 
 use crate::config::{BudgetSeed, Config, OnRedisUnavailable};
 use crate::error::{ProxyError, StartError};
 use crate::metrics::Metrics;
 
-/// The in-memory copy of the budget list.
+/// The enforcer's view of the ledger's budget list cache ([`ledger::store::BudgetCache`], one per
+/// process, also behind the scripts' alert thresholds): config seeding, the session cap, and the
+/// fail-closed refusal as a [`ProxyError`].
 #[derive(Clone)]
 pub struct BudgetCache {
     ledger: Ledger,
-    state: Arc<RwLock<CacheState>>,
+    cache: ledger::store::BudgetCache,
     session_cap: Option<Nanos>,
 }
 
-/// What the cache knows.
-#[derive(Default)]
-struct CacheState {
-    list: Arc<Vec<Budget>>,
-    /// A refresh has succeeded at least once.
-    loaded: bool,
-    /// The last refresh read a malformed entry: calls are refused until it is fixed.
-    broken: Option<Arc<ledger::Error>>,
-}
-
 impl BudgetCache {
-    /// An empty cache; call [`BudgetCache::refresh`] or [`BudgetCache::spawn_refresher`].
+    /// The ledger's cache; call [`BudgetCache::refresh`] or [`BudgetCache::spawn_refresher`].
     #[must_use]
     pub fn new(ledger: Ledger, session_cap: Option<Nanos>) -> BudgetCache {
         BudgetCache {
+            cache: ledger.budget_cache(),
             ledger,
-            state: Arc::default(),
             session_cap,
         }
     }
@@ -71,58 +63,32 @@ impl BudgetCache {
         Ok(())
     }
 
-    /// Reloads the list from Redis. A malformed entry makes the cache refuse calls (fail
-    /// closed) until a refresh reads a clean list; an unreachable Redis keeps the previous list.
+    /// Rereads the list from Redis now (at start, after an admin edit). A malformed entry makes
+    /// the cache refuse calls (fail closed) until a refresh reads a clean list; an unreachable
+    /// Redis keeps the previous list.
     ///
     /// # Errors
     /// The ledger's error (the cache keeps its previous list, or turns broken).
     pub async fn refresh(&self) -> Result<(), ledger::Error> {
-        match self.ledger.budgets().await {
-            Ok(list) => {
-                let mut st = self.state.write();
-                st.list = Arc::new(list);
-                st.loaded = true;
-                st.broken = None;
-                Ok(())
-            }
-            Err(e) if e.is_invalid_input() => {
-                tracing::error!(error = %e, "a stored budget is malformed: calls are refused until it is fixed (enforcer budgets check)");
-                let e = Arc::new(e);
-                self.state.write().broken = Some(e.clone());
-                Err(ledger::Error::Invalid {
-                    what: "llmw:budgets entry",
-                    detail: e.to_string(),
-                })
-            }
-            Err(e) => Err(e),
-        }
+        self.cache.refresh().await
     }
 
-    /// Refreshes every `every` in the background for the life of the process.
+    /// Rereads the list every `every` in the background (once per process; the ledger's alert
+    /// checks share the same task).
     pub fn spawn_refresher(&self, every: Duration) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Err(e) = me.refresh().await {
-                    tracing::debug!(error = %e, "budget refresh failed; keeping the cached list");
-                }
-            }
-        });
+        self.cache.spawn_refresher(every);
     }
 
-    /// The cached list.
+    /// The cached list (the last clean one).
     #[must_use]
     pub fn list(&self) -> Arc<Vec<Budget>> {
-        self.state.read().list.clone()
+        self.cache.list()
     }
 
     /// Whether `tenant` has a budget of its own (not only the "*" default).
     #[must_use]
     pub fn has_own(&self, tenant: &str) -> bool {
-        self.list().iter().any(|b| b.tenant == tenant)
+        self.cache.has_own(tenant)
     }
 
     /// The caps of one call, in check order. Until the list has been read once it is read now,
@@ -136,21 +102,10 @@ impl BudgetCache {
         feature: Option<&str>,
         session: Option<&str>,
     ) -> Result<Vec<Cap>, ProxyError> {
-        if !self.state.read().loaded {
-            // Redis down: the reserve that follows meets the same outage and its policy.
-            let _ = self.refresh().await;
-        }
-        let st = self.state.read();
-        if let Some(e) = &st.broken {
-            return Err(ProxyError::BudgetsInvalid(e.clone()));
-        }
-        Ok(resolve_caps(
-            &st.list,
-            tenant,
-            feature,
-            session,
-            self.session_cap,
-        ))
+        self.cache
+            .caps(tenant, feature, session, self.session_cap)
+            .await
+            .map_err(ProxyError::BudgetsInvalid)
     }
 }
 

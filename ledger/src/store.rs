@@ -10,6 +10,7 @@ mod audit;
 mod audit_read;
 mod batch;
 mod budget;
+mod budget_cache;
 mod conn;
 mod keys;
 mod ops_events;
@@ -43,6 +44,7 @@ pub use audit::AUDIT_VERSION;
 pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditRecord};
 pub use batch::{BatchStats, OpBatches};
 pub use budget::{BudgetProblem, resolve_caps};
+pub use budget_cache::BudgetCache;
 pub use conn::LedgerConfig;
 pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, OPS_EVENTS, RULES_KEY, validate_name};
 pub use ops_events::{OPS_CURSOR, OPS_EVENTS_KEPT, PriceGap};
@@ -77,8 +79,9 @@ pub struct Ledger {
     instance: Option<Arc<str>>,
     /// The per-tenant group commit of reserves and settles (batch.rs).
     batch: Arc<Batcher>,
-    /// The budgets the scripts check alert thresholds against (alerts.rs).
-    budget_cache: Arc<alerts::BudgetCache>,
+    /// The process's one copy of the budget list: the enforcer's caps and the scripts' alert
+    /// thresholds (budget_cache.rs).
+    budget_cache: Arc<budget_cache::Shared>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -300,7 +303,7 @@ impl Ledger {
             .arg(self.cfg.reclaim_batch)
             .arg(reservation_id);
         let now = Utc::now();
-        let caps = self.alert_caps(tenant, &[]).await;
+        let caps = self.alert_caps(tenant, None).await;
         audit::tail(&mut inv, &self.cfg, now, &caps);
         self.timed(name, async {
             self.mark_audit_day(tenant, now).await?;
@@ -347,8 +350,7 @@ impl Ledger {
             inv.arg(a);
         }
         let now = Utc::now();
-        let features: Vec<&str> = r.feature.as_deref().into_iter().collect();
-        let caps = self.alert_caps(&r.tenant, &features).await;
+        let caps = self.alert_caps(&r.tenant, r.feature.as_deref()).await;
         audit::tail(&mut inv, &self.cfg, now, &caps);
         let reply = self
             .timed("record", async {
@@ -381,7 +383,7 @@ impl Ledger {
             .arg(keys::prefix(tenant))
             .arg(ms(now))
             .arg(self.cfg.reclaim_batch);
-        let caps = self.alert_caps(tenant, &[]).await;
+        let caps = self.alert_caps(tenant, None).await;
         audit::tail(&mut inv, &self.cfg, now, &caps);
         self.timed("reclaim", async {
             self.mark_audit_day(tenant, now).await?;

@@ -1,19 +1,18 @@
-//! Budget alerts, ledger side (docs/audit.md): the budgets every script compares with its
-//! thresholds (a per-process cache of `llmw:budgets`, reloaded at most once a second), the alert
-//! streams the scripts append to (`llmw:{T}:alerts`), and what one dispatcher needs to deliver
-//! them: a lease (`llmw:alerts:lease`), a read cursor per tenant (`llmw:alerts:cursor`) and a
-//! delivery status per alert (`llmw:alerts:delivery:<alert id>`).
+//! Budget alerts, ledger side (docs/audit.md): the alert streams the scripts append to
+//! (`llmw:{T}:alerts`), and what one dispatcher needs to deliver them: a lease
+//! (`llmw:alerts:lease`), a read cursor per tenant (`llmw:alerts:cursor`) and a delivery status
+//! per alert (`llmw:alerts:delivery:<alert id>`). The budgets the scripts compare with their
+//! thresholds come from the process's budget cache (budget_cache.rs).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::LazyLock;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use super::{Budget, CapScope, Ledger, Period, from_ms, keys, resolve_caps};
+use super::{Ledger, Period, from_ms, keys};
 use crate::Error;
 
 /// The lease that makes one enforcer the dispatcher.
@@ -22,8 +21,6 @@ pub const ALERT_LEASE_KEY: &str = "llmw:alerts:lease";
 pub const ALERT_CURSOR_KEY: &str = "llmw:alerts:cursor";
 /// How long an alert's delivery status is kept.
 const DELIVERY_TTL_SECS: i64 = 400 * 86_400;
-/// How often a process reloads the budgets the scripts check thresholds against.
-const BUDGETS_REFRESH: Duration = Duration::from_secs(1);
 
 /// "llmw:alerts:delivery:<alert id>" — hash sink → its [`Delivery`] (JSON).
 #[must_use]
@@ -54,15 +51,6 @@ static UNLEASE: LazyLock<redis::Script> = LazyLock::new(|| {
 return 0",
     )
 });
-
-/// The budgets cache behind the scripts' threshold checks.
-#[derive(Default)]
-pub(crate) struct BudgetCache {
-    state: Mutex<Option<(Instant, Arc<Vec<Budget>>)>>,
-    loading: AtomicBool,
-    /// Serialises the first load: concurrent first callers wait for one HGETALL.
-    first: tokio::sync::Mutex<()>,
-}
 
 /// The cursor field (in [`ALERT_CURSOR_KEY`]) of the bypass events stream; `*` is in no tenant name.
 pub const BYPASS_CURSOR: &str = "*bypass";
@@ -135,90 +123,6 @@ pub struct Delivery {
 }
 
 impl Ledger {
-    /// The flat budget arguments (kind, period, feature, limit per budget) the scripts check
-    /// thresholds against for `tenant` and `features`; empty when alerts are off. Reloads the
-    /// budgets at most once a second per process (one caller loads, the others use the last list).
-    pub(crate) async fn alert_caps(&self, tenant: &str, features: &[&str]) -> Vec<String> {
-        if self.cfg.alert_thresholds_pct.is_empty() {
-            return Vec::new();
-        }
-        let budgets = self.cached_budgets().await;
-        let mut out = Vec::new();
-        let mut push = |caps: Vec<super::Cap>| {
-            for c in caps {
-                let (kind, feature) = match &c.scope {
-                    CapScope::Tenant => ("t", String::new()),
-                    CapScope::Feature(f) => ("f", f.clone()),
-                    CapScope::Session(_) => continue,
-                };
-                let v = [
-                    kind.to_owned(),
-                    c.period.letter().to_owned(),
-                    feature,
-                    c.limit.0.to_string(),
-                ];
-                if !out.chunks(4).any(|w: &[String]| w == v) {
-                    out.extend(v);
-                }
-            }
-        };
-        push(resolve_caps(&budgets, tenant, None, None, None));
-        for f in features {
-            push(
-                resolve_caps(&budgets, tenant, Some(f), None, None)
-                    .into_iter()
-                    .filter(|c| matches!(c.scope, CapScope::Feature(_)))
-                    .collect(),
-            );
-        }
-        out
-    }
-
-    /// The budgets as of at most about a second ago. The first use loads them (one round trip)
-    /// and starts a background task that reloads them every second while this ledger (any clone)
-    /// lives, so no call waits for a reload afterwards.
-    async fn cached_budgets(&self) -> Arc<Vec<Budget>> {
-        let cache = &self.budget_cache;
-        if let Some((_, b)) = cache.state.lock().ok().and_then(|s| s.clone()) {
-            return b;
-        }
-        let _first = cache.first.lock().await;
-        if let Some((_, b)) = cache.state.lock().ok().and_then(|s| s.clone()) {
-            return b;
-        }
-        let list = Arc::new(
-            load_budgets(&self.conn, self.cfg.operation_timeout)
-                .await
-                .unwrap_or_default(),
-        );
-        if let Ok(mut s) = cache.state.lock() {
-            *s = Some((Instant::now(), Arc::clone(&list)));
-        }
-        if !cache.loading.swap(true, Ordering::AcqRel) {
-            let weak = Arc::downgrade(cache);
-            let (conn, timeout) = (self.conn.clone(), self.cfg.operation_timeout);
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(BUDGETS_REFRESH).await;
-                    if weak.strong_count() == 0 {
-                        return;
-                    }
-                    // A failed load keeps the last list.
-                    let Some(list) = load_budgets(&conn, timeout).await else {
-                        continue;
-                    };
-                    let Some(cache) = weak.upgrade() else {
-                        return;
-                    };
-                    if let Ok(mut s) = cache.state.lock() {
-                        *s = Some((Instant::now(), Arc::new(list)));
-                    }
-                }
-            });
-        }
-        list
-    }
-
     /// Takes the dispatcher lease for `holder` for `ttl`, or renews it when `holder` has it.
     /// Returns whether `holder` holds it now.
     ///
@@ -393,24 +297,6 @@ impl Ledger {
             Ok(())
         })
         .await
-    }
-}
-
-/// Every parseable budget in `llmw:budgets`, or `None` when Redis does not answer in time.
-async fn load_budgets(conn: &super::conn::Conn, timeout: Duration) -> Option<Vec<Budget>> {
-    let mut c = conn.clone();
-    let got = tokio::time::timeout(timeout, async move {
-        let h: redis::RedisResult<HashMap<String, String>> = c.hgetall(keys::BUDGETS_KEY).await;
-        h
-    })
-    .await;
-    match got {
-        Ok(Ok(h)) => Some(
-            h.iter()
-                .filter_map(|(f, l)| super::budget::parse(f, l).ok())
-                .collect(),
-        ),
-        _ => None,
     }
 }
 

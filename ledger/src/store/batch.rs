@@ -83,7 +83,8 @@ pub(crate) struct Item {
     /// estimated. Both end with the audit record's value count and its field, value pairs.
     pub(crate) args: Vec<String>,
     /// The budgets the script checks alert thresholds against (kind, period, feature, limit each).
-    pub(crate) alerts: Vec<String>,
+    /// Shared: every call of a tenant (and feature) gets the same list while the budgets stay.
+    pub(crate) alerts: Arc<[String]>,
 }
 
 /// The single-item script call (lua/reserve.lua or lua/settle.lua) for `item`: used for a batch of
@@ -379,15 +380,7 @@ impl Batcher {
                 inv.arg(a);
             }
         }
-        let mut alerts: Vec<String> = Vec::new();
-        for w in &batch {
-            for c in w.item.alerts.chunks(4) {
-                if !alerts.chunks(4).any(|a| a == c) {
-                    alerts.extend_from_slice(c);
-                }
-            }
-        }
-        super::audit::tail(&mut inv, cfg, Utc::now(), &alerts);
+        super::audit::tail(&mut inv, cfg, Utc::now(), &merged_alerts(&batch));
         let res = tokio::time::timeout(
             cfg.operation_timeout,
             inv.invoke_async::<Vec<Vec<String>>>(&mut conn),
@@ -421,6 +414,26 @@ impl Batcher {
 }
 
 /// Gives every waiter of a failed batch its own copy of the error.
+/// The alert arguments of a batch: its items' lists without duplicates (usually one shared list,
+/// passed as is).
+fn merged_alerts(batch: &[Waiter]) -> std::borrow::Cow<'_, [String]> {
+    let Some(first) = batch.first().map(|w| &w.item.alerts) else {
+        return std::borrow::Cow::Borrowed(&[]);
+    };
+    if batch.iter().all(|w| Arc::ptr_eq(&w.item.alerts, first)) {
+        return std::borrow::Cow::Borrowed(first);
+    }
+    let mut alerts: Vec<String> = Vec::new();
+    for w in batch {
+        for c in w.item.alerts.chunks(4) {
+            if !alerts.chunks(4).any(|a| a == c) {
+                alerts.extend_from_slice(c);
+            }
+        }
+    }
+    std::borrow::Cow::Owned(alerts)
+}
+
 fn fail(batch: Vec<Waiter>, err: impl Fn() -> Error) {
     for w in batch {
         let _ = w.tx.send(Err(err()));

@@ -26,7 +26,7 @@ impl Ledger {
                 self.mark_active(&r.tenant, r.at).await?;
                 self.mark_audit_day(&r.tenant, chrono::Utc::now()).await?;
                 let mut item = self.reserve_item(r);
-                item.alerts = self.alert_caps(&r.tenant, &[]).await;
+                item.alerts = self.alert_caps(&r.tenant, None).await;
                 let fields = if self.cfg.group_commit
                     && r.amount.0 < MAX_BATCHED_VALUE
                     && batch::live_period(r.at)
@@ -76,7 +76,7 @@ impl Ledger {
         Item {
             now_ms: ms(at),
             args,
-            alerts: Vec::new(),
+            alerts: std::sync::Arc::default(),
         }
     }
 }

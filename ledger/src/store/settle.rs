@@ -3,6 +3,8 @@
 //! its cost or token counts are too large to sum exactly in Lua or its period hashes are already
 //! expiring.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 
 use super::batch::{self, Item, MAX_BATCHED_VALUE, Op};
@@ -32,8 +34,7 @@ impl Ledger {
             .timed("settle", async {
                 self.mark_active(&s.tenant, s.started_at).await?;
                 self.mark_audit_day(&s.tenant, Utc::now()).await?;
-                let features: Vec<&str> = s.feature.as_deref().into_iter().collect();
-                let item = settle_item(s, self.alert_caps(&s.tenant, &features).await);
+                let item = settle_item(s, self.alert_caps(&s.tenant, s.feature.as_deref()).await);
                 let fields = if self.cfg.group_commit && batchable(s) {
                     self.batch.submit(Op::Settle, &s.tenant, item).await?
                 } else {
@@ -61,7 +62,7 @@ fn batchable(s: &Settlement) -> bool {
 }
 
 /// The settlement's part of the scripts' arguments (see [`Item::args`]).
-fn settle_item(s: &Settlement, alerts: Vec<String>) -> Item {
+fn settle_item(s: &Settlement, alerts: Arc<[String]>) -> Item {
     let at = s.started_at;
     let t = s.tokens;
     let mut args = vec![
