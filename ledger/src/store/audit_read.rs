@@ -536,6 +536,6 @@ mod tests {
         assert_eq!(r.cost_nusd, 1500);
         assert!(r.estimated);
         assert_eq!(r.at, "2025-11-24T16:00:00.123Z");
-        assert_eq!(r.csv_row().len(), 32);
+        assert_eq!(r.csv_row().len(), AUDIT_COLUMNS.len());
     }
 }
