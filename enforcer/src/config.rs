@@ -382,6 +382,13 @@ pub struct ProviderConfig {
     /// share first attempts by weight. The call keeps its one reservation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failover: Option<Vec<String>>,
+    /// `azure-openai` only: model → deployment name, for calls this route takes as a failover
+    /// of an OpenAI-family route (the model is in the body there, in the path here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployments: Option<BTreeMap<String, String>>,
+    /// `azure-openai` only: the `api-version` sent with those calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
 }
 
 /// One proxy key.
@@ -451,6 +458,10 @@ pub struct Provider {
     pub weight: u32,
     /// Routes tried after a failure before any response byte, in order.
     pub failover: Vec<String>,
+    /// `azure-openai`: model → deployment, for calls taken as a failover of an OpenAI route.
+    pub deployments: BTreeMap<String, String>,
+    /// `azure-openai`: the `api-version` of those calls.
+    pub api_version: Option<String>,
 }
 
 mod check;

@@ -94,10 +94,10 @@ pub fn upstream_request(
     app: &App,
     adm: &Admission<'_>,
     target: &Provider,
+    uri: http::Uri,
     inject_usage: bool,
     sent: Arc<AtomicBool>,
 ) -> Result<Request<SentBody>, ProxyError> {
-    let uri = route::upstream_uri(target, &adm.rest, adm.parts.uri.query())?;
     let mut headers = adm.parts.headers.clone();
     route::upstream_headers(&mut headers, target.kind, app.upstream_key(target)?);
     let body = if inject_usage {
@@ -114,6 +114,27 @@ pub fn upstream_request(
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     Ok(req)
+}
+
+/// The URI of an admitted call at `target`: the call's own path on its route or a same-kind
+/// failover route, or the model's deployment on an `azure-openai` failover of an OpenAI route.
+///
+/// # Errors
+/// [`ProxyError::NoRoute`] for a path that makes no valid URI, or an Azure route without a
+/// deployment for `model` and `api`.
+pub fn target_uri(
+    adm: &Admission<'_>,
+    target: &Provider,
+    api: Api,
+    model: &str,
+) -> Result<http::Uri, ProxyError> {
+    if route::crosses_kind(adm.provider, target) {
+        route::azure_failover_uri(target, api, model).ok_or_else(|| ProxyError::NoRoute {
+            path: adm.rest.chars().take(200).collect(),
+        })
+    } else {
+        route::upstream_uri(target, &adm.rest, adm.parts.uri.query())
+    }
 }
 
 /// One pooled client.
@@ -327,6 +348,8 @@ mod tests {
             inject_include_usage: true,
             weight,
             failover: failover.iter().map(|s| (*s).to_owned()).collect(),
+            deployments: BTreeMap::new(),
+            api_version: None,
         }
     }
 

@@ -204,13 +204,21 @@ async fn send_with_failover(
     pending: &mut Pending,
 ) -> Result<(Response<Incoming>, bool), ProxyError> {
     let mut order = app.upstreams.order(adm.provider, &app.providers);
-    // A failover route whose key variable was empty at start cannot be tried; the call's own
-    // route was checked at admission.
-    order.retain(|t| t.name == adm.provider.name || app.upstream_key(t).is_ok());
+    let model = pending.settler().call.model.clone();
+    // A failover route whose key variable was empty at start cannot be tried (the call's own
+    // route was checked at admission), nor an azure-openai failover without a deployment for
+    // the call's model and API.
+    order.retain(|t| {
+        t.name == adm.provider.name
+            || (app.upstream_key(t).is_ok()
+                && (!crate::route::crosses_kind(adm.provider, t)
+                    || crate::route::azure_failover_uri(t, endpoint.api, &model).is_some()))
+    });
     let sent = pending.settler().sent.clone();
     for (i, target) in order.iter().enumerate() {
         let inject = forward::injects_usage(target, endpoint, info);
-        let req = forward::upstream_request(app, adm, target, inject, sent.clone())?;
+        let uri = forward::target_uri(adm, target, endpoint.api, &model)?;
+        let req = forward::upstream_request(app, adm, target, uri, inject, sent.clone())?;
         let up_start = Instant::now();
         let result = app.upstreams.send(&target.name, req).await;
         let call = &mut pending.settler_mut().call;
@@ -298,7 +306,8 @@ async fn passthrough(
     adm: &Admission<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     app.metrics.decision(&call.provider, "passthrough");
-    let req = forward::upstream_request(app, adm, adm.provider, false, Arc::default())?;
+    let uri = crate::route::upstream_uri(adm.provider, &adm.rest, adm.parts.uri.query())?;
+    let req = forward::upstream_request(app, adm, adm.provider, uri, false, Arc::default())?;
     let resp = app.upstreams.send(&call.provider, req).await?;
     let (mut parts, body) = resp.into_parts();
     route::downstream_headers(&mut parts.headers);

@@ -76,6 +76,36 @@ pub fn upstream_uri(p: &Provider, rest: &str, query: Option<&str>) -> Result<Uri
     })
 }
 
+/// The URI of a call an OpenAI-family route hands to its `azure-openai` failover route `p`: the
+/// model's deployment, the API's path under it and the route's `api-version`. `None` when the
+/// route has no deployment for the model, no api-version, or the API has no deployment path
+/// (then the route is not tried for this call).
+#[must_use]
+pub fn azure_failover_uri(p: &Provider, api: ledger::provider::Api, model: &str) -> Option<Uri> {
+    use ledger::provider::Api;
+    let path = match api {
+        Api::ChatCompletions => "chat/completions",
+        Api::Completions => "completions",
+        Api::Embeddings => "embeddings",
+        _ => return None,
+    };
+    let dep = p.deployments.get(model)?;
+    let v = p.api_version.as_deref()?;
+    format!(
+        "{}/openai/deployments/{dep}/{path}?api-version={v}",
+        p.base_url
+    )
+    .parse()
+    .ok()
+}
+
+/// Whether `target` speaks another API than the call's route `from` (an `azure-openai` failover
+/// of an OpenAI route): its URI comes from [`azure_failover_uri`].
+#[must_use]
+pub fn crosses_kind(from: &Provider, target: &Provider) -> bool {
+    target.kind == ProviderKind::AzureOpenAi && from.kind != ProviderKind::AzureOpenAi
+}
+
 /// The path and query the ledger classifies (rest + query without the key).
 #[must_use]
 pub fn classify_target(rest: &str, query: Option<&str>) -> String {
@@ -172,7 +202,33 @@ mod tests {
             inject_include_usage: true,
             weight: 1,
             failover: Vec::new(),
+            deployments: std::collections::BTreeMap::new(),
+            api_version: None,
         }
+    }
+
+    #[test]
+    fn azure_failover_uri_names_the_deployment_and_version() {
+        use ledger::provider::Api;
+        let mut az = openai();
+        az.kind = ProviderKind::AzureOpenAi;
+        az.base_url = "https://eu.example.azure.com".into();
+        az.deployments
+            .insert("gpt-4o-mini".into(), "mini-eu".into());
+        az.api_version = Some("2024-10-21".into());
+        assert_eq!(
+            azure_failover_uri(&az, Api::ChatCompletions, "gpt-4o-mini")
+                .map(|u| u.to_string())
+                .as_deref(),
+            Some(
+                "https://eu.example.azure.com/openai/deployments/mini-eu/chat/completions?api-version=2024-10-21"
+            )
+        );
+        assert!(azure_failover_uri(&az, Api::ChatCompletions, "gpt-4o").is_none());
+        assert!(azure_failover_uri(&az, Api::Responses, "gpt-4o-mini").is_none());
+        assert!(crosses_kind(&openai(), &az));
+        assert!(!crosses_kind(&az, &az));
+        assert!(!crosses_kind(&openai(), &openai()));
     }
 
     #[test]

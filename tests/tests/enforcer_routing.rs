@@ -405,3 +405,76 @@ async fn rules_edited_through_the_admin_api_apply_on_every_replica() {
     assert_eq!(big_call(&b_base, "live-rl").await.0, 200);
     assert_eq!(big_call(&b_base, "live-dg").await, (402, None));
 }
+
+/// An OpenAI route whose upstream answers 503 fails over to an Azure OpenAI deployment (another
+/// API shape: the model's deployment in the path, `api-version`, the key in `api-key`), stream
+/// and non-stream; only the Azure upstream is billed, at the price of the deployment's model
+/// (`model_aliases`), with one reservation per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_route_fails_over_to_an_azure_deployment() {
+    let failing = MockProvider::start(mock_cfg(Some(Fault::Status(503)))).await;
+    let azure = MockProvider::start(mock_cfg(None)).await;
+    let extra = format!(
+        "\n[model_aliases]\n\"mini-eu\" = \"gpt-4o-mini\"\n\
+         [providers.oa]\nkind = \"openai\"\nbase_url = \"{}/v1\"\napi_key_env = \"TEST_MOCK_KEY\"\nfailover = [\"az\"]\n\
+         [providers.az]\nkind = \"azure-openai\"\nbase_url = \"{}\"\napi_key_env = \"TEST_MOCK_KEY\"\n\
+         weight = 0\napi_version = \"2024-10-21\"\ndeployments = {{ \"gpt-4o-mini\" = \"mini-eu\" }}\n",
+        failing.http_url(),
+        azure.http_url()
+    );
+    let stack = Stack::start(Opts {
+        extra_toml: extra,
+        ..Opts::default()
+    })
+    .await;
+    for stream in [false, true] {
+        let (st, body) = call(&stack, "oa", "fo-azure", stream).await;
+        assert_eq!(st, 200, "stream={stream}: {body}");
+        if !stream {
+            let v: Value = serde_json::from_str(&body).expect("JSON answer");
+            assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+        }
+    }
+    let served = azure.ledger().calls();
+    assert_eq!(served.len(), 2, "{served:#?}");
+    for c in &served {
+        assert_eq!(
+            c.path_and_query,
+            "/openai/deployments/mini-eu/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(c.header("api-key"), Some(UPSTREAM_KEY));
+        assert_eq!(c.header("authorization"), None, "no OpenAI bearer to Azure");
+    }
+    let spent = stack.settled("fo-azure", 2).await;
+    let t = PriceTable::builtin();
+    let want: i64 = served
+        .iter()
+        .map(|c| t.cost("gpt-4o-mini", &c.usage).nanos().expect("priced").0)
+        .sum();
+    assert_eq!(
+        spent.spend,
+        Nanos(want),
+        "billed the Azure answers at gpt-4o-mini's price"
+    );
+    assert_eq!(
+        spent.estimated_spend,
+        Nanos::ZERO,
+        "usage came with the answers: {spent:?}"
+    );
+    assert_eq!(billed(&failing).1, Nanos::ZERO);
+    let m = stack.metrics().await;
+    let needle = "llmwarden_upstream_failovers_total{from=\"oa\",to=\"az\",reason=\"503\"}";
+    assert_eq!(metric(&m, needle), 2, "{m}");
+    // A model the Azure route has no deployment for is not sent there: the 503 stands.
+    let r = http()
+        .post(format!("{}/chat/completions", stack.base("oa")))
+        .bearer_auth(KEY_OPS)
+        .header("x-tenant-id", "fo-azure-none")
+        .json(&json!({"model": "gpt-4o", "max_tokens": 20,
+                      "messages": [{"role": "user", "content": "hello"}]}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(azure.ledger().calls().len(), 2);
+}

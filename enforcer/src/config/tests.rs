@@ -146,12 +146,39 @@ fn failover_routes_are_checked() {
             "[providers.openai]\nweight = 1001\n",
             "providers.openai.weight",
         ),
+        // An azure-openai failover of an OpenAI route needs deployments and an api-version.
+        (
+            "[providers.openai]\nfailover = [\"az\"]\n[providers.az]\nkind = \"azure-openai\"\nbase_url = \"https://az.example\"\napi_key_env = \"A\"\n",
+            "providers.openai.failover[0]",
+        ),
+        (
+            "[providers.openai]\ndeployments = { \"gpt-4o\" = \"d\" }\n",
+            "providers.openai.deployments",
+        ),
+        (
+            "[providers.az]\nkind = \"azure-openai\"\nbase_url = \"https://az.example\"\napi_key_env = \"A\"\ndeployments = { \"gpt-4o\" = \"a/b\" }\n",
+            "providers.az.deployments",
+        ),
     ] {
         let e = with(toml)
             .and_then(|c| c.resolved_providers().map(|_| c))
             .unwrap_err();
         assert_eq!(e.key, key, "{toml}");
     }
+}
+
+#[test]
+fn an_azure_deployment_route_can_back_up_an_openai_route() {
+    let c = Config::parse(&format!(
+        "[providers.openai]\nfailover = [\"az\"]\n[providers.az]\nkind = \"azure-openai\"\n\
+         base_url = \"https://az.example\"\napi_key_env = \"A\"\napi_version = \"2024-10-21\"\n\
+         deployments = {{ \"gpt-4o-mini\" = \"mini-eu\" }}\n{}",
+        minimal()
+    ))
+    .unwrap();
+    let p = c.resolved_providers().unwrap();
+    assert_eq!(p["az"].deployments["gpt-4o-mini"], "mini-eu");
+    assert_eq!(p["az"].api_version.as_deref(), Some("2024-10-21"));
 }
 
 #[test]

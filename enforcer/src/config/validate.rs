@@ -134,6 +134,8 @@ impl Config {
                 inject_include_usage: true,
                 weight: 1,
                 failover: Vec::new(),
+                deployments: BTreeMap::new(),
+                api_version: None,
             };
             out.insert(name.to_owned(), p);
         }
@@ -193,7 +195,32 @@ impl Config {
                 inject_include_usage: pc.inject_include_usage.unwrap_or(true),
                 weight: pc.weight.unwrap_or(1),
                 failover: pc.failover.clone().unwrap_or_default(),
+                deployments: pc.deployments.clone().unwrap_or_default(),
+                api_version: pc.api_version.clone(),
             };
+            if kind != ProviderKind::AzureOpenAi
+                && (!p.deployments.is_empty() || p.api_version.is_some())
+            {
+                return Err(bad(
+                    key("deployments"),
+                    "deployments and api_version are for azure-openai routes",
+                ));
+            }
+            for (model, dep) in &p.deployments {
+                if model.is_empty() || !is_path_segment(dep) {
+                    return Err(bad(
+                        key("deployments"),
+                        format!(
+                            "{model:?} = {dep:?}: a model and a deployment name (letters, digits, '-', '_', '.')"
+                        ),
+                    ));
+                }
+            }
+            if let Some(v) = &p.api_version
+                && !is_path_segment(v)
+            {
+                return Err(bad(key("api_version"), "e.g. \"2024-10-21\""));
+            }
             out.insert(name.clone(), p);
         }
         check_failover(&out)?;
@@ -245,6 +272,8 @@ impl Config {
                         inject_include_usage: Some(p.inject_include_usage),
                         weight: Some(p.weight),
                         failover: (!p.failover.is_empty()).then_some(p.failover),
+                        deployments: (!p.deployments.is_empty()).then_some(p.deployments),
+                        api_version: p.api_version,
                     };
                     (p.name, pc)
                 })
@@ -280,11 +309,23 @@ fn check_failover(ps: &BTreeMap<String, Provider>) -> Result<(), ConfigError> {
                     format!("{f:?} is the route itself or listed twice"),
                 ));
             }
-            if other.kind != p.kind {
+            let to_azure = matches!(
+                p.kind,
+                ProviderKind::OpenAi | ProviderKind::OpenAiCompatible
+            ) && other.kind == ProviderKind::AzureOpenAi;
+            if to_azure && (other.deployments.is_empty() || other.api_version.is_none()) {
                 return Err(bad(
                     format!("providers.{}.failover[{i}]", p.name),
                     format!(
-                        "{f:?} is a {:?} provider, not {:?}: a failover route must speak the same API",
+                        "{f:?} is an azure-openai route: as a failover of an OpenAI route it needs `deployments` (model -> deployment) and `api_version`"
+                    ),
+                ));
+            }
+            if other.kind != p.kind && !to_azure {
+                return Err(bad(
+                    format!("providers.{}.failover[{i}]", p.name),
+                    format!(
+                        "{f:?} is a {:?} provider, not {:?}: a failover route must speak the same API (or be azure-openai with deployments, for an OpenAI route)",
                         other.kind, p.kind
                     ),
                 ));
@@ -306,4 +347,12 @@ fn check_failover(ps: &BTreeMap<String, Provider>) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// A deployment name or api-version: one URL path segment of letters, digits, '-', '_', '.'.
+fn is_path_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
