@@ -3,7 +3,8 @@
 //! Starts redis-server (or uses REDIS_URL), the simulated provider over TLS, the enforcer and (as root)
 //! the observer, then drives a scripted workload with the official Python SDK:
 //! "checkout-assistant" goes through the enforcer on a small budget (some calls are denied) and
-//! "batch-summarizer" calls the provider directly (bypass, seen only by the observer).
+//! "batch-summarizer" calls the provider directly (bypass, seen only by the observer), and
+//! "code-agent" calls it with a rustls client no probe decodes (an unmetered connection).
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::TcpListener;
@@ -242,8 +243,33 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             .stdout(Stdio::piped()),
     )?;
     let mut workers = vec![checkout, batch];
+    // code-agent: a Rust client whose TLS is rustls, which no probe decodes; the observer can
+    // only report its connection as unmetered (simulated provider only: it trusts the demo CA).
+    let code_agent = upstream.ca.is_some();
+    if let Some(ca) = &upstream.ca {
+        let base = upstream.direct_url.trim_end_matches("/v1");
+        workers.push(spawn(
+            "code-agent",
+            Command::new(bin.join("rustls-client"))
+                .args([
+                    "--url",
+                    base,
+                    "--calls",
+                    "3",
+                    "--prompt-bytes",
+                    "2000",
+                    "--ca",
+                ])
+                .arg(ca)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?);
+    }
+    // The python services print one JSON event per call (code-agent prints none).
     for w in &mut workers {
-        let out = w.0.stdout.take().context("workload stdout")?;
+        let Some(out) = w.0.stdout.take() else {
+            continue;
+        };
         let ev = Arc::clone(&events);
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -268,7 +294,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             &report,
             &events.lock().expect("events lock"),
             started.elapsed(),
-            observer.is_some(),
+            (observer.is_some(), code_agent),
             footer.as_deref(),
         ) {
             print!("{out}");
@@ -301,8 +327,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!("DEMO SUMMARY {summary}");
     drop(workers);
     if args.check {
-        check(&summary, observer.is_some())?;
-        step("demo check passed: denials through the enforcer, bypass spend seen by the observer");
+        check(&summary, observer.is_some(), code_agent)?;
+        step(
+            "demo check passed: denials through the enforcer, bypass spend and an unmetered connection seen by the observer",
+        );
     }
     Ok(())
 }
@@ -310,7 +338,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 /// What a demo run must show (`--check`, run by `cargo xtask test`): the enforcer admitted some
 /// checkout calls and denied others, no hold is left, and (with the observer) the direct calls
 /// appear as bypass spend in the same ledger.
-fn check(summary: &Value, observer_on: bool) -> Result<()> {
+fn check(summary: &Value, observer_on: bool, code_agent: bool) -> Result<()> {
     let n = |k: &str| summary[k].as_i64().unwrap_or(0);
     let mut problems = Vec::new();
     if n("checkout_ok") == 0 {
@@ -332,6 +360,12 @@ fn check(summary: &Value, observer_on: bool) -> Result<()> {
     }
     if observer_on && n("bypass_spend_nusd") <= 0 {
         problems.push("the observer recorded no bypass spend for the direct calls".to_owned());
+    }
+    if observer_on && code_agent && n("unmetered_connections") <= 0 {
+        problems.push(
+            "the observer reported no unmetered connection for code-agent's rustls client"
+                .to_owned(),
+        );
     }
     if problems.is_empty() {
         Ok(())
@@ -498,6 +532,11 @@ metrics_listen = "127.0.0.1:{metrics}"
 comm = "batch-summ*"
 tenant = "acme"
 service = "batch-summarizer"
+
+[[attribution]]
+comm = "rustls-client"
+tenant = "acme"
+service = "code-agent"
 "#,
         spool = spool.display()
     )
@@ -541,7 +580,7 @@ impl Screen {
         report: &Value,
         events: &[Value],
         elapsed: Duration,
-        observer_on: bool,
+        (observer_on, code_agent): (bool, bool),
         footer: Option<&str>,
     ) -> Option<String> {
         let tty = self.tty;
@@ -555,7 +594,14 @@ impl Screen {
             }
             _ => None,
         };
-        Some(render(report, events, elapsed, observer_on, footer, tty))
+        Some(render(
+            report,
+            events,
+            elapsed,
+            (observer_on, code_agent),
+            footer,
+            tty,
+        ))
     }
 }
 
@@ -563,7 +609,7 @@ fn render(
     report: &Value,
     events: &[Value],
     elapsed: Duration,
-    observer_on: bool,
+    (observer_on, code_agent): (bool, bool),
     footer: Option<&str>,
     tty: bool,
 ) -> String {
@@ -638,12 +684,41 @@ fn render(
             mine.len()
         ));
     }
+    if code_agent {
+        out.push_str(&code_agent_line(report, observer_on));
+    }
     if let Some(f) = footer {
         out.push_str("\n\n");
         out.push_str(f);
     }
     out.push('\n');
     out
+}
+
+/// code-agent's line (the rustls client): what the observer saw of it, its unmetered
+/// connections.
+fn code_agent_line(report: &Value, observer_on: bool) -> String {
+    let (mut conns, mut bytes_out, mut bytes_in) = (0, 0, 0);
+    for t in report
+        .get("tenants")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        conns += t["unmetered_connections"].as_i64().unwrap_or(0);
+        bytes_out += t["unmetered_bytes_out"].as_i64().unwrap_or(0);
+        bytes_in += t["unmetered_bytes_in"].as_i64().unwrap_or(0);
+    }
+    let note = match (observer_on, conns) {
+        (false, _) => "rustls, direct to the provider; invisible without the observer".to_owned(),
+        (true, 0) => "rustls, direct to the provider; no connection reported yet".to_owned(),
+        (true, n) => format!(
+            "\x1b[1;31mUNMETERED\x1b[0m: {n} connection(s) no probe could decode, {} KiB out / {} KiB in",
+            bytes_out / 1024,
+            bytes_in / 1024
+        ),
+    };
+    format!("\nservice {:<20} {note}", "code-agent")
 }
 
 fn summarize(report: &Value, events: &[Value]) -> Value {
@@ -658,6 +733,7 @@ fn summarize(report: &Value, events: &[Value]) -> Value {
         "checkout_ok": events.iter().filter(|e| e["service"] == "checkout-assistant" && e["ok"] == true).count(),
         "batch_ok": events.iter().filter(|e| e["service"] == "batch-summarizer" && e["ok"] == true).count(),
         "bypass_spend_nusd": acme["bypass_spend_nusd"],
+        "unmetered_connections": acme["unmetered_connections"],
         "spend_nusd": acme["spend_nusd"],
         "held_nusd": acme["held_nusd"],
     })
@@ -674,7 +750,13 @@ mod tests {
         let mut out = String::new();
         for secs in 0..=40 {
             let footer = (secs >= 12).then_some("Workload finished.");
-            if let Some(f) = log.frame(&report, &[], Duration::from_secs(secs), true, footer) {
+            if let Some(f) = log.frame(
+                &report,
+                &[],
+                Duration::from_secs(secs),
+                (true, false),
+                footer,
+            ) {
                 out.push_str(&f);
             }
         }
@@ -683,7 +765,13 @@ mod tests {
         // A terminal redraws the whole screen, footer included, every second.
         let mut tty = Screen::new(true);
         for secs in 0..3 {
-            let f = tty.frame(&report, &[], Duration::from_secs(secs), true, Some("done"));
+            let f = tty.frame(
+                &report,
+                &[],
+                Duration::from_secs(secs),
+                (true, false),
+                Some("done"),
+            );
             assert!(f.is_some_and(|f| f.contains("done")));
         }
     }
