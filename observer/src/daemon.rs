@@ -392,6 +392,14 @@ impl Threads {
     }
 }
 
+/// The reader's ring buffers, registered with its runtime.
+struct Rings {
+    events: AsyncFd<RingBuf<MapData>>,
+    proc_events: AsyncFd<RingBuf<MapData>>,
+    /// Provider connections (egress accounting), when it runs.
+    tcp: Option<AsyncFd<RingBuf<MapData>>>,
+}
+
 impl Loop {
     /// The reader's state before its first event.
     fn new(
@@ -440,21 +448,11 @@ impl Loop {
         mut infos: mpsc::UnboundedReceiver<ProcessInfo>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<()> {
-        let readable = tokio::io::Interest::READABLE;
-        // SAFETY: each AsyncFd owns its RingBuf, which owns the map fd: the fd stays open for
-        // exactly as long as it is registered.
-        let mut events = unsafe { AsyncFd::register_with_interest(events, readable)? };
-        // SAFETY: as above.
-        let mut proc_events = unsafe { AsyncFd::register_with_interest(proc_events, readable)? };
-        let tcp = self
-            .egress
-            .as_mut()
-            .and_then(crate::egress::Egress::take_ring);
-        // SAFETY: as above.
-        let mut tcp = match tcp {
-            Some(r) => Some(unsafe { AsyncFd::register_with_interest(r, readable)? }),
-            None => None,
-        };
+        let Rings {
+            mut events,
+            mut proc_events,
+            mut tcp,
+        } = self.register(events, proc_events)?;
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -506,6 +504,41 @@ impl Loop {
         }
         self.drain(events.get_mut());
         self.housekeeping();
+        self.log_stopped();
+        Ok(())
+    }
+
+    /// Registers the ring buffers with the reader's runtime, the egress ring (taken from
+    /// `egress`) only when egress accounting runs.
+    fn register(
+        &mut self,
+        events: RingBuf<MapData>,
+        proc_events: RingBuf<MapData>,
+    ) -> Result<Rings> {
+        let readable = tokio::io::Interest::READABLE;
+        // SAFETY: each AsyncFd owns its RingBuf, which owns the map fd: the fd stays open for
+        // exactly as long as it is registered.
+        let events = unsafe { AsyncFd::register_with_interest(events, readable)? };
+        // SAFETY: as above.
+        let proc_events = unsafe { AsyncFd::register_with_interest(proc_events, readable)? };
+        let tcp = self
+            .egress
+            .as_mut()
+            .and_then(crate::egress::Egress::take_ring);
+        // SAFETY: as above.
+        let tcp = match tcp {
+            Some(r) => Some(unsafe { AsyncFd::register_with_interest(r, readable)? }),
+            None => None,
+        };
+        Ok(Rings {
+            events,
+            proc_events,
+            tcp,
+        })
+    }
+
+    /// The run's totals, from the kernel's counters.
+    fn log_stopped(&self) {
         if let Ok(stats) = self.kernel.stats() {
             tracing::info!(
                 events = stats[STAT_EVENTS as usize],
@@ -514,7 +547,6 @@ impl Loop {
                 "observer stopped"
             );
         }
-        Ok(())
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
@@ -603,34 +635,7 @@ impl Loop {
             call.feature_header.as_deref(),
         );
         let rec = CallRecord::new(call, event_id, &proc, who, &self.pricing);
-        if let Some(reason) = rec.over_caps(&self.caps) {
-            self.metrics
-                .records_refused
-                .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: reason.to_owned(),
-                })
-                .inc();
-            tracing::warn!(reason, provider = %rec.provider, tenant = %rec.tenant,
-                service = %rec.service, pid = rec.pid, comm = %rec.comm,
-                tokens_in = rec.input_tokens, tokens_out = rec.output_tokens, cost_nusd = rec.cost_nusd,
-                "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
-            return;
-        }
-        if self.identity_by_connection
-            && self
-                .egress
-                .as_ref()
-                .is_none_or(|e| !e.vouches(pid, &call.endpoint.provider, ts_ns))
-        {
-            self.metrics
-                .records_refused
-                .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: "no_provider_connection".to_owned(),
-                })
-                .inc();
-            tracing::warn!(provider = %rec.provider, service = %rec.service, pid = rec.pid,
-                comm = %rec.comm, "call refused: its process has no connection to that provider's \
-                addresses (provider_identity = \"connection\"); a Host header alone is only a claim");
+        if self.refused(&rec, pid, ts_ns, call) {
             return;
         }
         if let Some(e) = self.egress.as_mut() {
@@ -661,6 +666,43 @@ impl Loop {
                 self.metrics.sink_queue_drops.inc();
             }
         }
+    }
+
+    /// Whether a call is refused before the ledger (counted and logged): usage beyond the
+    /// caps, or (`provider_identity = "connection"`) no connection of its process to the
+    /// provider.
+    fn refused(&self, rec: &CallRecord, pid: u32, ts_ns: u64, call: &ObservedCall) -> bool {
+        if let Some(reason) = rec.over_caps(&self.caps) {
+            self.metrics
+                .records_refused
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc();
+            tracing::warn!(reason, provider = %rec.provider, tenant = %rec.tenant,
+                service = %rec.service, pid = rec.pid, comm = %rec.comm,
+                tokens_in = rec.input_tokens, tokens_out = rec.output_tokens, cost_nusd = rec.cost_nusd,
+                "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
+            return true;
+        }
+        if self.identity_by_connection
+            && self
+                .egress
+                .as_ref()
+                .is_none_or(|e| !e.vouches(pid, &call.endpoint.provider, ts_ns))
+        {
+            self.metrics
+                .records_refused
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: "no_provider_connection".to_owned(),
+                })
+                .inc();
+            tracing::warn!(provider = %rec.provider, service = %rec.service, pid = rec.pid,
+                comm = %rec.comm, "call refused: its process has no connection to that provider's \
+                addresses (provider_identity = \"connection\"); a Host header alone is only a claim");
+            return true;
+        }
+        false
     }
 
     fn process(&mut self, pid: u32) -> ProcessInfo {
