@@ -266,6 +266,33 @@ impl Config {
 
     /// Checks every value; errors name the key and the fix.
     pub fn validate(&self) -> Result<()> {
+        self.validate_redis_url()?;
+        self.validate_call_caps()?;
+        if !self.metrics_listen.is_empty() {
+            SocketAddr::from_str(&self.metrics_listen).with_context(|| {
+                format!("metrics_listen: {:?} is not IP:PORT", self.metrics_listen)
+            })?;
+        }
+        self.validate_capture()?;
+        ledger::billing::Pricing::new(ledger::PriceTable::empty(), &self.pricing())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.validate_providers()?;
+        self.validate_attribution()?;
+        self.validate_provider_identity()?;
+        for (i, m) in self.unmetered_ignore.iter().enumerate() {
+            m.validate(&format!("unmetered_ignore[{i}]"))?;
+        }
+        for (i, m) in self.exclude.iter().enumerate() {
+            m.validate(&format!("exclude[{i}]"))?;
+        }
+        if self.sink_queue == 0 {
+            bail!("sink_queue: must be at least 1");
+        }
+        self.validate_allow_lists()
+    }
+
+    /// `redis_url` names a scheme the ledger speaks.
+    fn validate_redis_url(&self) -> Result<()> {
         if !self.redis_url.starts_with("redis://")
             && !self.redis_url.starts_with("rediss://")
             && !self.redis_url.starts_with("redis+cluster://")
@@ -277,6 +304,11 @@ impl Config {
                  rediss+cluster://"
             );
         }
+        Ok(())
+    }
+
+    /// `max_tokens_per_call` and `max_cost_per_call_usd`: the bounds on one recorded call.
+    fn validate_call_caps(&self) -> Result<()> {
         if self.max_tokens_per_call == 0 {
             bail!("max_tokens_per_call: must be at least 1");
         }
@@ -289,11 +321,11 @@ impl Config {
                     self.max_cost_per_call_usd
                 )
             })?;
-        if !self.metrics_listen.is_empty() {
-            SocketAddr::from_str(&self.metrics_listen).with_context(|| {
-                format!("metrics_listen: {:?} is not IP:PORT", self.metrics_listen)
-            })?;
-        }
+        Ok(())
+    }
+
+    /// The kernel side's sizes and the reader's pace and bounds.
+    fn validate_capture(&self) -> Result<()> {
         if self.per_call_bytes == 0 || self.per_call_bytes > observer_common::MAX_PER_CALL_BYTES {
             bail!(
                 "per_call_bytes: must be 1..={}",
@@ -312,8 +344,11 @@ impl Config {
         if self.max_connections == 0 {
             bail!("max_connections: must be at least 1");
         }
-        ledger::billing::Pricing::new(ledger::PriceTable::empty(), &self.pricing())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    /// Each `[[providers]]` entry has a host and a known kind.
+    fn validate_providers(&self) -> Result<()> {
         for (i, p) in self.providers.iter().enumerate() {
             if p.host.trim().is_empty() {
                 bail!("providers[{i}].host: must not be empty");
@@ -325,6 +360,11 @@ impl Config {
                 )
             })?;
         }
+        Ok(())
+    }
+
+    /// Each `[[attribution]]` rule matches something and names a valid tenant or service.
+    fn validate_attribution(&self) -> Result<()> {
         for (i, r) in self.attribution.iter().enumerate() {
             r.matcher().validate(&format!("attribution[{i}]"))?;
             if r.tenant.is_none() && r.service.is_none() && !r.trust_headers {
@@ -341,6 +381,11 @@ impl Config {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `provider_identity` is known, and `connection` has the egress accounting it needs.
+    fn validate_provider_identity(&self) -> Result<()> {
         if !matches!(self.provider_identity.as_str(), "header" | "connection") {
             bail!(
                 "provider_identity: {:?} is not \"header\" or \"connection\"",
@@ -350,15 +395,11 @@ impl Config {
         if self.provider_identity == "connection" && !self.egress_accounting {
             bail!("provider_identity = \"connection\" needs egress_accounting = true");
         }
-        for (i, m) in self.unmetered_ignore.iter().enumerate() {
-            m.validate(&format!("unmetered_ignore[{i}]"))?;
-        }
-        for (i, m) in self.exclude.iter().enumerate() {
-            m.validate(&format!("exclude[{i}]"))?;
-        }
-        if self.sink_queue == 0 {
-            bail!("sink_queue: must be at least 1");
-        }
+        Ok(())
+    }
+
+    /// `allow_pids` and `allow_cgroups`, when given, fit the kernel's allow-lists.
+    fn validate_allow_lists(&self) -> Result<()> {
         if let Some(pids) = &self.allow_pids {
             if pids.is_empty() || pids.len() > ALLOW_LIST_MAX {
                 bail!(

@@ -25,7 +25,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
 use crate::attribution::{ProcessInfo, Rules};
-use crate::bpf::{KernelMaps, KernelSettings, Probes};
+use crate::bpf::{KernelMaps, KernelSettings, Probes, ReaderMaps};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::discovery::{Discovery, ProcNote};
@@ -71,28 +71,151 @@ struct Loop {
 
 /// Runs until SIGINT/SIGTERM.
 pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
-    let metrics = Arc::new(Metrics::default());
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    let egress_metrics = Arc::new(crate::egress::EgressMetrics::default());
-    egress_metrics.register(&mut registry);
-    if mode == Mode::Record && !cfg.metrics_listen.is_empty() {
-        let addr = cfg.metrics_listen.parse().context("metrics_listen")?;
-        let registry = Arc::new(registry);
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, registry).await {
-                tracing::error!(error = %e, "metrics server stopped");
+    let telemetry = Telemetry::start(&cfg, mode)?;
+    let metering = Metering::from_config(&cfg)?;
+    let output = Output::start(&cfg, mode, &telemetry).await?;
+    let warm = warm_tokenizers()?;
+    let (probes, maps) = load_probes(&cfg)?;
+    let rules = Rules::new(&cfg.attribution, &cfg.exclude)?;
+    let (note_tx, note_rx) = std::sync::mpsc::channel::<ProcNote>();
+    let (info_tx, info_rx) = mpsc::unbounded_channel::<ProcessInfo>();
+    let (stop, stop_rx) = Stop::new();
+
+    let boot_id = read_boot_id();
+    let egress = crate::egress::start(
+        maps.egress,
+        &cfg,
+        &stop.flag,
+        output.unmetered,
+        telemetry.egress,
+        &boot_id,
+    )?;
+    let wiring = Wiring {
+        boot_id,
+        tx: output.calls,
+        notes: note_tx,
+        egress,
+    };
+    let lp = Loop::new(
+        &cfg,
+        maps.kernel,
+        metering,
+        rules.clone(),
+        &telemetry.metrics,
+        wiring,
+    )?;
+    // The reader starts first: it drains while the discovery thread attaches.
+    let poll = Duration::from_millis(cfg.poll_interval_ms);
+    let reader = spawn_reader(lp, maps.events, maps.proc_events, poll, info_rx, stop_rx)?;
+    let discovery = Discovery::new(
+        probes,
+        rules,
+        telemetry.metrics.clone(),
+        info_tx,
+        Duration::from_secs(cfg.rescan_interval_secs.max(1)),
+    );
+    let (discovery, ready_rx) = spawn_discovery(discovery, note_rx, &stop.flag)?;
+    let threads = Threads { reader, discovery };
+    let files = initial_scan(warm, ready_rx).await?;
+    tracing::info!(files, "observer ready");
+    if mode == Mode::Sniff {
+        eprintln!(
+            "observer sniff: watching OpenSSL calls; one JSON line per LLM call (Ctrl-C to stop)"
+        );
+    }
+
+    threads.wait_for_signal().await?;
+    threads.stop(&stop, output.task).await
+}
+
+// === Start-up steps, in the order `run` takes them ===
+
+/// The metrics the reader, the discovery thread and egress accounting update, registered once.
+struct Telemetry {
+    metrics: Arc<Metrics>,
+    egress: Arc<crate::egress::EgressMetrics>,
+}
+
+impl Telemetry {
+    /// Registers every metric and, in record mode with `metrics_listen` set, serves them.
+    fn start(cfg: &Config, mode: Mode) -> Result<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let egress = Arc::new(crate::egress::EgressMetrics::default());
+        egress.register(&mut registry);
+        if mode == Mode::Record && !cfg.metrics_listen.is_empty() {
+            let addr = cfg.metrics_listen.parse().context("metrics_listen")?;
+            let registry = Arc::new(registry);
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(addr, registry).await {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            });
+        }
+        Ok(Self { metrics, egress })
+    }
+}
+
+/// What turns a decoded exchange into a priced call of a named provider.
+struct Metering {
+    pricing: Pricing,
+    detector: ProviderDetector,
+}
+
+impl Metering {
+    /// The price table and the provider hosts the config adds to the built-in ones.
+    fn from_config(cfg: &Config) -> Result<Self> {
+        let pricing = Pricing::load(&cfg.pricing()).context("prices")?;
+        let mut detector = ProviderDetector::new();
+        for p in &cfg.providers {
+            let kind = ProviderKind::from_str(&p.kind)
+                .map_err(|_| anyhow::anyhow!("providers.kind {:?}", p.kind))?;
+            detector =
+                detector.with_host(&p.host, kind, p.name.as_deref().unwrap_or(kind.as_str()));
+        }
+        Ok(Self { pricing, detector })
+    }
+}
+
+/// Where records go: the queues the reader fills and the task that empties the calls' queue.
+struct Output {
+    /// Metered calls, written by the sink task.
+    calls: mpsc::Sender<CallRecord>,
+    /// Unmetered provider connections, written by `unmetered::run`.
+    unmetered: mpsc::Sender<crate::egress::UnmeteredRecord>,
+    /// The sink task: ends once `calls` (and every clone) is dropped and the queue is written.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Output {
+    /// Opens the sink (Redis in record mode, stdout in sniff mode) and starts the writers.
+    async fn start(cfg: &Config, mode: Mode, telemetry: &Telemetry) -> Result<Self> {
+        let mut sink = open_sink(cfg, mode).await?;
+        let (unmetered, unmetered_rx) = mpsc::channel(cfg.sink_queue);
+        tokio::spawn(crate::unmetered::run(
+            unmetered_rx,
+            sink.ledger_handle(),
+            Duration::from_secs(cfg.bypass_event_window_secs),
+            telemetry.egress.clone(),
+        ));
+        let (calls, mut rx) = mpsc::channel::<CallRecord>(cfg.sink_queue);
+        let sink_metrics = telemetry.metrics.clone();
+        let task = tokio::spawn(async move {
+            while let Some(rec) = rx.recv().await {
+                sink.write(&rec, &sink_metrics).await;
             }
         });
+        Ok(Self {
+            calls,
+            unmetered,
+            task,
+        })
     }
-    let pricing = Pricing::load(&cfg.pricing()).context("prices")?;
-    let mut detector = ProviderDetector::new();
-    for p in &cfg.providers {
-        let kind = ProviderKind::from_str(&p.kind)
-            .map_err(|_| anyhow::anyhow!("providers.kind {:?}", p.kind))?;
-        detector = detector.with_host(&p.host, kind, p.name.as_deref().unwrap_or(kind.as_str()));
-    }
-    let mut sink = match mode {
+}
+
+async fn open_sink(cfg: &Config, mode: Mode) -> Result<Sink> {
+    Ok(match mode {
         Mode::Record => Sink::ledger(
             &cfg.redis_url,
             LedgerConfig::default().with_credentials(
@@ -109,35 +232,27 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         .await
         .context("connecting to redis_url")?,
         Mode::Sniff => Sink::Stdout,
-    };
-    let (unmetered_tx, unmetered_rx) = mpsc::channel(cfg.sink_queue);
-    tokio::spawn(crate::unmetered::run(
-        unmetered_rx,
-        sink.ledger_handle(),
-        Duration::from_secs(cfg.bypass_event_window_secs),
-        egress_metrics.clone(),
-    ));
-    let (tx, mut rx) = mpsc::channel::<CallRecord>(cfg.sink_queue);
-    let sink_metrics = metrics.clone();
-    let sink_task = tokio::spawn(async move {
-        while let Some(rec) = rx.recv().await {
-            sink.write(&rec, &sink_metrics).await;
-        }
-    });
+    })
+}
 
-    // The tokenizers the request parser uses are deserialised on first use (slow in a debug
-    // build): load them now, off the reader, so the first captured call does not stall the ring
-    // buffer.
-    let warm = std::thread::Builder::new()
+/// The tokenizers the request parser uses are deserialised on first use (slow in a debug
+/// build): load them now, off the reader, so the first captured call does not stall the ring
+/// buffer.
+fn warm_tokenizers() -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
         .name("observer-warmup".into())
         .spawn(|| {
             for model in ["gpt-4o-mini", "gpt-4"] {
                 let _ = ledger::usage::estimate_tokens_from_text(Some(model), "warm up");
             }
         })
-        .context("spawning the warm-up thread")?;
+        .context("spawning the warm-up thread")
+}
+
+/// Loads the eBPF programs and maps with the config's sizes, filters and optional parts.
+fn load_probes(cfg: &Config) -> Result<(Probes, ReaderMaps)> {
     let allow = cfg.allow_lists()?;
-    let (probes, maps) = Probes::load(
+    Probes::load(
         KernelSettings {
             ring_buffer_bytes: cfg.ring_buffer_bytes,
             per_call_limit: cfg.per_call_bytes,
@@ -146,115 +261,183 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
             egress: cfg.egress_accounting,
         },
         &allow,
-    )?;
-    let rules = Rules::new(&cfg.attribution, &cfg.exclude)?;
-    let (note_tx, note_rx) = std::sync::mpsc::channel::<ProcNote>();
-    let (info_tx, info_rx) = mpsc::unbounded_channel::<ProcessInfo>();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop = Arc::new(AtomicBool::new(false));
+    )
+}
 
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+/// This boot's id: with the kernel's timestamps it makes event ids unique across reboots.
+fn read_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .unwrap_or_default()
         .trim()
-        .to_owned();
-    let egress = crate::egress::start(
-        maps.egress,
-        &cfg,
-        &stop,
-        unmetered_tx,
-        egress_metrics,
-        &boot_id,
-    )?;
-    // The reader starts first: it drains while the discovery thread attaches.
-    let lp = Loop {
-        kernel: maps.kernel,
-        conns: Connections::new(
-            cfg.max_connections,
-            cfg.max_buffered_bytes,
-            Duration::from_secs(cfg.idle_timeout_secs),
-        ),
-        detector,
-        rules: rules.clone(),
-        metrics: metrics.clone(),
-        procs: HashMap::new(),
-        renamed: HashMap::new(),
-        dying: Vec::new(),
-        boot_id,
-        tx,
-        notes: note_tx,
-        pricing: Arc::new(pricing),
-        caps: RecordCaps {
-            max_tokens: cfg.max_tokens_per_call,
-            max_cost: ledger::Nanos::from_usd_f64(cfg.max_cost_per_call_usd)
-                .context("max_cost_per_call_usd")?,
-        },
-        outcomes: Vec::new(),
-        identity_by_connection: cfg.provider_identity == "connection",
-        egress,
-    };
-    let poll = Duration::from_millis(cfg.poll_interval_ms);
-    let (events, proc_events) = (maps.events, maps.proc_events);
-    let reader = std::thread::Builder::new()
+        .to_owned()
+}
+
+/// Tells the reader (async, through `watch`) and the discovery and egress threads (through the
+/// flag) to stop.
+struct Stop {
+    tx: watch::Sender<bool>,
+    flag: Arc<AtomicBool>,
+}
+
+impl Stop {
+    fn new() -> (Self, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        let flag = Arc::new(AtomicBool::new(false));
+        (Self { tx, flag }, rx)
+    }
+
+    fn signal(&self) {
+        let _ = self.tx.send(true);
+        self.flag.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What the reader is connected to, besides its ring buffers.
+struct Wiring {
+    boot_id: String,
+    tx: mpsc::Sender<CallRecord>,
+    notes: std::sync::mpsc::Sender<ProcNote>,
+    egress: Option<crate::egress::Egress>,
+}
+
+/// Starts the reader thread with its own current-thread runtime.
+fn spawn_reader(
+    lp: Loop,
+    events: RingBuf<MapData>,
+    proc_events: RingBuf<MapData>,
+    poll: Duration,
+    infos: mpsc::UnboundedReceiver<ProcessInfo>,
+    stop: watch::Receiver<bool>,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
+    std::thread::Builder::new()
         .name("observer-reader".into())
         .spawn(move || -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(lp.run(events, proc_events, poll, info_rx, stop_rx))
+            rt.block_on(lp.run(events, proc_events, poll, infos, stop))
         })
-        .context("spawning the reader thread")?;
+        .context("spawning the reader thread")
+}
 
+/// Starts the discovery thread; the receiver gets the number of files attached by the initial
+/// scan.
+fn spawn_discovery(
+    discovery: Discovery,
+    notes: std::sync::mpsc::Receiver<ProcNote>,
+    stop: &Arc<AtomicBool>,
+) -> Result<(
+    std::thread::JoinHandle<()>,
+    std::sync::mpsc::Receiver<usize>,
+)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<usize>();
-    let discovery = Discovery::new(
-        probes,
-        rules,
-        metrics.clone(),
-        info_tx,
-        Duration::from_secs(cfg.rescan_interval_secs.max(1)),
-    );
-    let discovery_stop = stop.clone();
-    let discovery = std::thread::Builder::new()
+    let stop = stop.clone();
+    let handle = std::thread::Builder::new()
         .name("observer-discovery".into())
-        .spawn(move || discovery.run(&note_rx, &ready_tx, &discovery_stop))
+        .spawn(move || discovery.run(&notes, &ready_tx, &stop))
         .context("spawning the discovery thread")?;
-    let files = tokio::task::spawn_blocking(move || {
+    Ok((handle, ready_rx))
+}
+
+/// Waits for the tokenizers and the discovery thread's initial scan; returns the files attached.
+async fn initial_scan(
+    warm: std::thread::JoinHandle<()>,
+    ready: std::sync::mpsc::Receiver<usize>,
+) -> Result<usize> {
+    tokio::task::spawn_blocking(move || {
         let _ = warm.join();
-        ready_rx.recv()
+        ready.recv()
     })
     .await?
-    .context("discovery thread ended before the initial scan")?;
-    tracing::info!(files, "observer ready");
-    if mode == Mode::Sniff {
-        eprintln!(
-            "observer sniff: watching OpenSSL calls; one JSON line per LLM call (Ctrl-C to stop)"
-        );
+    .context("discovery thread ended before the initial scan")
+}
+
+/// The two threads `run` started and joins at the end.
+struct Threads {
+    reader: std::thread::JoinHandle<Result<()>>,
+    discovery: std::thread::JoinHandle<()>,
+}
+
+impl Threads {
+    /// Returns on SIGINT, SIGTERM or when the reader thread ended (an error or a panic).
+    async fn wait_for_signal(&self) -> Result<()> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut reader_alive = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = reader_alive.tick() => if self.reader.is_finished() { break },
+            }
+        }
+        Ok(())
     }
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut reader_alive = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            _ = reader_alive.tick() => if reader.is_finished() { break },
+    /// Stops and joins both threads, gives the sink up to 5 s to write what is queued, and
+    /// returns the reader's result.
+    async fn stop(self, stop: &Stop, sink_task: tokio::task::JoinHandle<()>) -> Result<()> {
+        stop.signal();
+        let Self { reader, discovery } = self;
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = reader.join();
+            let _ = discovery.join();
+            r
+        })
+        .await?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), sink_task).await;
+        match joined {
+            Ok(result) => result.context("reader thread"),
+            Err(_) => anyhow::bail!("reader thread panicked"),
         }
-    }
-    let _ = stop_tx.send(true);
-    stop.store(true, Ordering::Relaxed);
-    let joined = tokio::task::spawn_blocking(move || {
-        let r = reader.join();
-        let _ = discovery.join();
-        r
-    })
-    .await?;
-    let _ = tokio::time::timeout(Duration::from_secs(5), sink_task).await;
-    match joined {
-        Ok(result) => result.context("reader thread"),
-        Err(_) => anyhow::bail!("reader thread panicked"),
     }
 }
 
+/// The reader's ring buffers, registered with its runtime.
+struct Rings {
+    events: AsyncFd<RingBuf<MapData>>,
+    proc_events: AsyncFd<RingBuf<MapData>>,
+    /// Provider connections (egress accounting), when it runs.
+    tcp: Option<AsyncFd<RingBuf<MapData>>>,
+}
+
 impl Loop {
+    /// The reader's state before its first event.
+    fn new(
+        cfg: &Config,
+        kernel: KernelMaps,
+        metering: Metering,
+        rules: Rules,
+        metrics: &Arc<Metrics>,
+        wiring: Wiring,
+    ) -> Result<Self> {
+        Ok(Loop {
+            kernel,
+            conns: Connections::new(
+                cfg.max_connections,
+                cfg.max_buffered_bytes,
+                Duration::from_secs(cfg.idle_timeout_secs),
+            ),
+            detector: metering.detector,
+            rules,
+            metrics: metrics.clone(),
+            procs: HashMap::new(),
+            renamed: HashMap::new(),
+            dying: Vec::new(),
+            boot_id: wiring.boot_id,
+            tx: wiring.tx,
+            notes: wiring.notes,
+            pricing: Arc::new(metering.pricing),
+            caps: RecordCaps {
+                max_tokens: cfg.max_tokens_per_call,
+                max_cost: ledger::Nanos::from_usd_f64(cfg.max_cost_per_call_usd)
+                    .context("max_cost_per_call_usd")?,
+            },
+            outcomes: Vec::new(),
+            identity_by_connection: cfg.provider_identity == "connection",
+            egress: wiring.egress,
+        })
+    }
+
     /// The reader: drains on every forced wakeup and every `poll`, and never waits on anything
     /// but its own ring buffers (process notes and the sink queue are non-blocking).
     async fn run(
@@ -265,21 +448,11 @@ impl Loop {
         mut infos: mpsc::UnboundedReceiver<ProcessInfo>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<()> {
-        let readable = tokio::io::Interest::READABLE;
-        // SAFETY: each AsyncFd owns its RingBuf, which owns the map fd: the fd stays open for
-        // exactly as long as it is registered.
-        let mut events = unsafe { AsyncFd::register_with_interest(events, readable)? };
-        // SAFETY: as above.
-        let mut proc_events = unsafe { AsyncFd::register_with_interest(proc_events, readable)? };
-        let tcp = self
-            .egress
-            .as_mut()
-            .and_then(crate::egress::Egress::take_ring);
-        // SAFETY: as above.
-        let mut tcp = match tcp {
-            Some(r) => Some(unsafe { AsyncFd::register_with_interest(r, readable)? }),
-            None => None,
-        };
+        let Rings {
+            mut events,
+            mut proc_events,
+            mut tcp,
+        } = self.register(events, proc_events)?;
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -331,6 +504,41 @@ impl Loop {
         }
         self.drain(events.get_mut());
         self.housekeeping();
+        self.log_stopped();
+        Ok(())
+    }
+
+    /// Registers the ring buffers with the reader's runtime, the egress ring (taken from
+    /// `egress`) only when egress accounting runs.
+    fn register(
+        &mut self,
+        events: RingBuf<MapData>,
+        proc_events: RingBuf<MapData>,
+    ) -> Result<Rings> {
+        let readable = tokio::io::Interest::READABLE;
+        // SAFETY: each AsyncFd owns its RingBuf, which owns the map fd: the fd stays open for
+        // exactly as long as it is registered.
+        let events = unsafe { AsyncFd::register_with_interest(events, readable)? };
+        // SAFETY: as above.
+        let proc_events = unsafe { AsyncFd::register_with_interest(proc_events, readable)? };
+        let tcp = self
+            .egress
+            .as_mut()
+            .and_then(crate::egress::Egress::take_ring);
+        // SAFETY: as above.
+        let tcp = match tcp {
+            Some(r) => Some(unsafe { AsyncFd::register_with_interest(r, readable)? }),
+            None => None,
+        };
+        Ok(Rings {
+            events,
+            proc_events,
+            tcp,
+        })
+    }
+
+    /// The run's totals, from the kernel's counters.
+    fn log_stopped(&self) {
         if let Ok(stats) = self.kernel.stats() {
             tracing::info!(
                 events = stats[STAT_EVENTS as usize],
@@ -339,7 +547,6 @@ impl Loop {
                 "observer stopped"
             );
         }
-        Ok(())
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
@@ -428,34 +635,7 @@ impl Loop {
             call.feature_header.as_deref(),
         );
         let rec = CallRecord::new(call, event_id, &proc, who, &self.pricing);
-        if let Some(reason) = rec.over_caps(&self.caps) {
-            self.metrics
-                .records_refused
-                .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: reason.to_owned(),
-                })
-                .inc();
-            tracing::warn!(reason, provider = %rec.provider, tenant = %rec.tenant,
-                service = %rec.service, pid = rec.pid, comm = %rec.comm,
-                tokens_in = rec.input_tokens, tokens_out = rec.output_tokens, cost_nusd = rec.cost_nusd,
-                "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
-            return;
-        }
-        if self.identity_by_connection
-            && self
-                .egress
-                .as_ref()
-                .is_none_or(|e| !e.vouches(pid, &call.endpoint.provider, ts_ns))
-        {
-            self.metrics
-                .records_refused
-                .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: "no_provider_connection".to_owned(),
-                })
-                .inc();
-            tracing::warn!(provider = %rec.provider, service = %rec.service, pid = rec.pid,
-                comm = %rec.comm, "call refused: its process has no connection to that provider's \
-                addresses (provider_identity = \"connection\"); a Host header alone is only a claim");
+        if self.refused(&rec, pid, ts_ns, call) {
             return;
         }
         if let Some(e) = self.egress.as_mut() {
@@ -486,6 +666,43 @@ impl Loop {
                 self.metrics.sink_queue_drops.inc();
             }
         }
+    }
+
+    /// Whether a call is refused before the ledger (counted and logged): usage beyond the
+    /// caps, or (`provider_identity = "connection"`) no connection of its process to the
+    /// provider.
+    fn refused(&self, rec: &CallRecord, pid: u32, ts_ns: u64, call: &ObservedCall) -> bool {
+        if let Some(reason) = rec.over_caps(&self.caps) {
+            self.metrics
+                .records_refused
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc();
+            tracing::warn!(reason, provider = %rec.provider, tenant = %rec.tenant,
+                service = %rec.service, pid = rec.pid, comm = %rec.comm,
+                tokens_in = rec.input_tokens, tokens_out = rec.output_tokens, cost_nusd = rec.cost_nusd,
+                "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
+            return true;
+        }
+        if self.identity_by_connection
+            && self
+                .egress
+                .as_ref()
+                .is_none_or(|e| !e.vouches(pid, &call.endpoint.provider, ts_ns))
+        {
+            self.metrics
+                .records_refused
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: "no_provider_connection".to_owned(),
+                })
+                .inc();
+            tracing::warn!(provider = %rec.provider, service = %rec.service, pid = rec.pid,
+                comm = %rec.comm, "call refused: its process has no connection to that provider's \
+                addresses (provider_identity = \"connection\"); a Host header alone is only a claim");
+            return true;
+        }
+        false
     }
 
     fn process(&mut self, pid: u32) -> ProcessInfo {

@@ -294,95 +294,139 @@ impl H2Connection {
             Side::Request => (&mut self.req, &mut self.resp),
             Side::Response => (&mut self.resp, &mut self.req),
         };
-        if let Some(block) = dir.block.as_mut() {
-            // Only CONTINUATION of the same stream may follow an open header block.
-            if kind != CONTINUATION || stream != block.stream {
-                return Err("frame inside a header block");
-            }
-            if block.bytes.len() + payload.len() > MAX_HEADER_BLOCK {
-                return Err("header block larger than 256 KiB");
-            }
-            block.bytes.extend_from_slice(payload);
-            if flags & END_HEADERS != 0 {
-                let block = dir.block.take().expect("checked above");
-                decode(side, dir, block, midway, out)?;
-            }
-            return Ok(());
+        let f = Frame {
+            kind,
+            flags,
+            stream,
+            payload,
+        };
+        if dir.block.is_some() {
+            return continue_block(side, dir, &f, midway, out);
         }
         match kind {
-            DATA => {
-                if stream == 0 {
-                    return Err("DATA on stream 0");
-                }
-                let data = unpad(flags, payload)?;
-                if !data.is_empty() {
-                    out.push(H2Event::Body(side, stream, data.to_vec()));
-                }
-                if flags & END_STREAM != 0 {
-                    out.push(H2Event::End(side, stream));
-                }
-            }
-            HEADERS => {
-                if stream == 0 {
-                    return Err("HEADERS on stream 0");
-                }
-                let mut fragment = unpad(flags, payload)?;
-                if flags & PRIORITY != 0 {
-                    fragment = fragment.get(5..).ok_or("HEADERS priority cut short")?;
-                }
-                let block = Block {
-                    stream,
-                    end_stream: flags & END_STREAM != 0,
-                    push: false,
-                    bytes: fragment.to_vec(),
-                };
-                if flags & END_HEADERS != 0 {
-                    decode(side, dir, block, midway, out)?;
-                } else {
-                    dir.block = Some(block);
-                }
-            }
-            PUSH_PROMISE => {
-                let fragment = unpad(flags, payload)?;
-                let fragment = fragment.get(4..).ok_or("PUSH_PROMISE cut short")?;
-                let block = Block {
-                    stream,
-                    end_stream: false,
-                    push: true,
-                    bytes: fragment.to_vec(),
-                };
-                if flags & END_HEADERS != 0 {
-                    decode(side, dir, block, midway, out)?;
-                } else {
-                    dir.block = Some(block);
-                }
-            }
+            DATA => data(side, &f, out)?,
+            HEADERS | PUSH_PROMISE => open_block(side, dir, &f, midway, out)?,
             // Joined mid-way, the frames found may start inside a header block.
             CONTINUATION if midway => {}
             CONTINUATION => return Err("CONTINUATION without a header block"),
             RST_STREAM if stream != 0 => out.push(H2Event::Reset(stream)),
-            SETTINGS if flags & ACK == 0 => {
-                if !payload.len().is_multiple_of(6) {
-                    return Err("SETTINGS length not a multiple of 6");
-                }
-                for s in payload.chunks_exact(6) {
-                    let id = u16::from_be_bytes([s[0], s[1]]);
-                    let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
-                    if id == SETTINGS_HEADER_TABLE_SIZE {
-                        // What this side's decoder allows bounds the other side's encoder.
-                        let allowed = usize::try_from(value).unwrap_or(usize::MAX).min(MAX_TABLE);
-                        other
-                            .hpack
-                            .set_max_allowed_table_size(allowed.max(DEFAULT_TABLE));
-                    }
-                }
-            }
+            SETTINGS if flags & ACK == 0 => settings(other, payload)?,
             // PRIORITY, SETTINGS ACK, PING, GOAWAY, WINDOW_UPDATE and extension frames carry
             // nothing the observer needs.
             _ => {}
         }
         Ok(())
     }
+}
+
+/// One frame: its header's fields and its payload.
+struct Frame<'a> {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: &'a [u8],
+}
+
+/// A frame while a header block is open: only CONTINUATION of the same stream may follow;
+/// the block is decoded at END_HEADERS.
+fn continue_block(
+    side: Side,
+    dir: &mut Direction,
+    f: &Frame<'_>,
+    midway: bool,
+    out: &mut Vec<H2Event>,
+) -> Result<(), &'static str> {
+    let Some(block) = dir.block.as_mut() else {
+        return Ok(());
+    };
+    if f.kind != CONTINUATION || f.stream != block.stream {
+        return Err("frame inside a header block");
+    }
+    if block.bytes.len() + f.payload.len() > MAX_HEADER_BLOCK {
+        return Err("header block larger than 256 KiB");
+    }
+    block.bytes.extend_from_slice(f.payload);
+    if f.flags & END_HEADERS != 0 {
+        let block = dir.block.take().expect("checked above");
+        decode(side, dir, block, midway, out)?;
+    }
+    Ok(())
+}
+
+/// A DATA frame: its body bytes (padding removed) and the stream's end.
+fn data(side: Side, f: &Frame<'_>, out: &mut Vec<H2Event>) -> Result<(), &'static str> {
+    if f.stream == 0 {
+        return Err("DATA on stream 0");
+    }
+    let data = unpad(f.flags, f.payload)?;
+    if !data.is_empty() {
+        out.push(H2Event::Body(side, f.stream, data.to_vec()));
+    }
+    if f.flags & END_STREAM != 0 {
+        out.push(H2Event::End(side, f.stream));
+    }
+    Ok(())
+}
+
+/// A HEADERS or PUSH_PROMISE frame starts a header block: decoded now if it ends here
+/// (END_HEADERS), else kept open for CONTINUATION frames.
+fn open_block(
+    side: Side,
+    dir: &mut Direction,
+    f: &Frame<'_>,
+    midway: bool,
+    out: &mut Vec<H2Event>,
+) -> Result<(), &'static str> {
+    let block = if f.kind == PUSH_PROMISE {
+        let fragment = unpad(f.flags, f.payload)?;
+        let fragment = fragment.get(4..).ok_or("PUSH_PROMISE cut short")?;
+        Block {
+            stream: f.stream,
+            end_stream: false,
+            push: true,
+            bytes: fragment.to_vec(),
+        }
+    } else {
+        if f.stream == 0 {
+            return Err("HEADERS on stream 0");
+        }
+        let mut fragment = unpad(f.flags, f.payload)?;
+        if f.flags & PRIORITY != 0 {
+            fragment = fragment.get(5..).ok_or("HEADERS priority cut short")?;
+        }
+        Block {
+            stream: f.stream,
+            end_stream: f.flags & END_STREAM != 0,
+            push: false,
+            bytes: fragment.to_vec(),
+        }
+    };
+    if f.flags & END_HEADERS != 0 {
+        decode(side, dir, block, midway, out)?;
+    } else {
+        dir.block = Some(block);
+    }
+    Ok(())
+}
+
+/// A SETTINGS frame (not an ACK): the only setting read is the header table size, which bounds
+/// the other direction's HPACK table.
+fn settings(other: &mut Direction, payload: &[u8]) -> Result<(), &'static str> {
+    if !payload.len().is_multiple_of(6) {
+        return Err("SETTINGS length not a multiple of 6");
+    }
+    for s in payload.chunks_exact(6) {
+        let id = u16::from_be_bytes([s[0], s[1]]);
+        let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+        if id == SETTINGS_HEADER_TABLE_SIZE {
+            // What this side's decoder allows bounds the other side's encoder.
+            let allowed = usize::try_from(value).unwrap_or(usize::MAX).min(MAX_TABLE);
+            other
+                .hpack
+                .set_max_allowed_table_size(allowed.max(DEFAULT_TABLE));
+        }
+    }
+    Ok(())
 }
 
 /// A padded frame's content (RFC 9113 §6.1).

@@ -197,6 +197,15 @@ impl Metrics {
     /// `llmwarden_*`: one prefix for both binaries).
     pub fn register(self: &Arc<Self>, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("llmwarden_observer");
+        self.register_kernel(r);
+        self.register_connections(r);
+        self.register_calls(r);
+        self.register_output(r);
+        self.register_discovery(r);
+    }
+
+    /// The kernel side and the ring buffer: what was read, dropped and not copied.
+    fn register_kernel(&self, r: &mut Registry) {
         r.register(
             "events",
             "TLS plaintext events read from the ring buffer",
@@ -228,6 +237,10 @@ impl Metrics {
             "Process exec/exit events lost",
             self.proc_event_drops.clone(),
         );
+    }
+
+    /// The connections the reader tracks.
+    fn register_connections(&self, r: &mut Registry) {
         r.register(
             "connections",
             "TLS connections tracked",
@@ -248,6 +261,10 @@ impl Metrics {
             "HTTP/2 connections seen (parsed per stream)",
             self.http2_connections.clone(),
         );
+    }
+
+    /// The calls decoded from them, and what could not be.
+    fn register_calls(&self, r: &mut Registry) {
         r.register("calls", "LLM calls observed", self.calls.clone());
         r.register(
             "cost_nanousd",
@@ -279,6 +296,10 @@ impl Metrics {
             "Calls whose model has no price (tokens recorded, cost unknown)",
             self.price_gaps.clone(),
         );
+    }
+
+    /// Writes to the ledger (or stdout).
+    fn register_output(&self, r: &mut Registry) {
         r.register(
             "ledger_errors",
             "Ledger writes that failed",
@@ -294,6 +315,10 @@ impl Metrics {
             "Calls dropped because the output queue to Redis/stdout was full (see sink_queue)",
             self.sink_queue_drops.clone(),
         );
+    }
+
+    /// The discovery thread: files attached and how fast.
+    fn register_discovery(&self, r: &mut Registry) {
         r.register(
             "attached_files",
             "Distinct OpenSSL files with probes attached",

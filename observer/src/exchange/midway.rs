@@ -199,22 +199,7 @@ impl Streams {
 
 /// Records a stream whose response ended (`resp.ended`) or was cut (`end` says how).
 fn record(s: Stream, end: End, det: &ProviderDetector, out: &mut Vec<Outcome>) {
-    if s.resp.head.is_none() {
-        if s.resp.body.is_empty() && !s.resp.over {
-            if s.req.head.is_some() && s.req.ended {
-                out.push(Outcome::ParseError(
-                    "http2 midway: request without a response",
-                ));
-            }
-        } else {
-            out.push(Outcome::ParseError(
-                "http2 midway: response joined mid-body",
-            ));
-        }
-        return;
-    }
-    if s.resp.over {
-        out.push(Outcome::ParseError("http2: connection body cap"));
+    if !response_seen(&s, out) {
         return;
     }
     let resp_head = s.resp.head.clone().flatten();
@@ -224,32 +209,14 @@ fn record(s: Stream, end: End, det: &ProviderDetector, out: &mut Vec<Outcome>) {
     {
         return; // not billed by the provider
     }
-    let encoding = match resp_head.as_ref() {
-        Some(h) => h.content_encoding.clone(),
-        None => sniff_encoding(&s.resp.body).map(str::to_owned),
-    };
-    let Ok(mut decoder) = BodyDecoder::new(encoding.as_deref()) else {
-        out.push(Outcome::ParseError("content-encoding"));
-        return;
-    };
-    let Ok(plain) = decoder.feed(&s.resp.body) else {
-        out.push(Outcome::ParseError("content-encoding"));
+    let Some((plain, truncated)) = decode(&s.resp.body, resp_head.as_ref(), out) else {
         return;
     };
     let shape = infer(&plain);
     let req_head = s.req.head.clone().flatten();
-    let (endpoint, mut guessed) = match req_head.as_ref() {
-        Some(h) => match det.detect(h.host.as_deref().unwrap_or_default(), &h.method, &h.path) {
-            Some(ep) => (ep, GUESSED_NOTHING),
-            None => return, // not a metered API
-        },
-        None => match shape.as_ref() {
-            Some((ep, _)) => (ep.clone(), GUESSED_API),
-            None => {
-                out.push(Outcome::ParseError("http2 midway: unknown body shape"));
-                return;
-            }
-        },
+    let Some((endpoint, mut guessed)) = endpoint(req_head.as_ref(), shape.as_ref(), det, out)
+    else {
+        return;
     };
     if endpoint.api.is_free() {
         return;
@@ -262,19 +229,117 @@ fn record(s: Stream, end: End, det: &ProviderDetector, out: &mut Vec<Outcome>) {
         Some(ct) => ct.to_ascii_lowercase().contains("text/event-stream"),
         None => shape.as_ref().is_some_and(|(_, sse)| *sse),
     };
+    let request = rebuilt_request(&s.req, endpoint, req_head.as_ref(), request_seen);
+    let mut response = PendingResponse::new(request, &rebuilt_head(resp_head.as_ref(), sse));
+    let mut recorded = Vec::new();
+    response.body_bytes(&plain, &mut recorded);
+    if truncated {
+        response.complete = false;
+    }
+    if s.resp.ended {
+        response.ended(&mut recorded);
+    } else {
+        response.cut(end, &mut recorded);
+    }
+    out.extend(
+        recorded
+            .into_iter()
+            .map(|o| as_midway(o, request_seen, guessed)),
+    );
+}
+
+/// Whether the response was seen from its head and kept whole; the reason it cannot be billed
+/// goes to `out` when it was not.
+fn response_seen(s: &Stream, out: &mut Vec<Outcome>) -> bool {
+    if s.resp.head.is_none() {
+        if s.resp.body.is_empty() && !s.resp.over {
+            if s.req.head.is_some() && s.req.ended {
+                out.push(Outcome::ParseError(
+                    "http2 midway: request without a response",
+                ));
+            }
+        } else {
+            out.push(Outcome::ParseError(
+                "http2 midway: response joined mid-body",
+            ));
+        }
+        return false;
+    }
+    if s.resp.over {
+        out.push(Outcome::ParseError("http2: connection body cap"));
+        return false;
+    }
+    true
+}
+
+/// The response body decoded by its head's content encoding (by its magic bytes when the head
+/// was hidden), and whether the decoder cut it short.
+fn decode(body: &[u8], head: Option<&Head>, out: &mut Vec<Outcome>) -> Option<(Vec<u8>, bool)> {
+    let encoding = match head {
+        Some(h) => h.content_encoding.clone(),
+        None => sniff_encoding(body).map(str::to_owned),
+    };
+    let Ok(mut decoder) = BodyDecoder::new(encoding.as_deref()) else {
+        out.push(Outcome::ParseError("content-encoding"));
+        return None;
+    };
+    let Ok(plain) = decoder.feed(body) else {
+        out.push(Outcome::ParseError("content-encoding"));
+        return None;
+    };
+    Some((plain, decoder.truncated()))
+}
+
+/// The API called and what of it was guessed: from the request head when it decoded, else
+/// from the response body's `shape`. `None` when the call is not metered (or, with the reason
+/// in `out`, cannot be told).
+fn endpoint(
+    req_head: Option<&Head>,
+    shape: Option<&(Endpoint, bool)>,
+    det: &ProviderDetector,
+    out: &mut Vec<Outcome>,
+) -> Option<(Endpoint, &'static str)> {
+    match req_head {
+        Some(h) => det
+            .detect(h.host.as_deref().unwrap_or_default(), &h.method, &h.path)
+            .map(|ep| (ep, GUESSED_NOTHING)), // None: not a metered API
+        None => match shape {
+            Some((ep, _)) => Some((ep.clone(), GUESSED_API)),
+            None => {
+                out.push(Outcome::ParseError("http2 midway: unknown body shape"));
+                None
+            }
+        },
+    }
+}
+
+/// The stream's request as the HTTP/2 path would have kept it; its body only when it was
+/// seen whole.
+fn rebuilt_request(
+    req: &Half,
+    endpoint: Endpoint,
+    head: Option<&Head>,
+    request_seen: bool,
+) -> PendingRequest {
     let mut request = PendingRequest::new(
         Some(endpoint),
-        req_head.as_ref().and_then(|h| h.tenant.clone()),
-        req_head.as_ref().and_then(|h| h.feature.clone()),
+        head.and_then(|h| h.tenant.clone()),
+        head.and_then(|h| h.feature.clone()),
     );
     if request_seen {
-        request.body_bytes(&s.req.body);
+        request.body_bytes(&req.body);
         request.ended(0);
     } else {
         request.complete = false;
     }
-    let head = Head {
-        status: resp_head.as_ref().map_or(200, |h| h.status),
+    request
+}
+
+/// The response head to meter with: the real status (200 for a hidden head) and the body's
+/// kind (SSE or JSON).
+fn rebuilt_head(head: Option<&Head>, sse: bool) -> Head {
+    Head {
+        status: head.map_or(200, |h| h.status),
         content_type: Some(
             if sse {
                 "text/event-stream"
@@ -284,31 +349,23 @@ fn record(s: Stream, end: End, det: &ProviderDetector, out: &mut Vec<Outcome>) {
             .to_owned(),
         ),
         ..Head::default()
-    };
-    let mut response = PendingResponse::new(request, &head);
-    let mut recorded = Vec::new();
-    response.body_bytes(&plain, &mut recorded);
-    if decoder.truncated() {
-        response.complete = false;
     }
-    if s.resp.ended {
-        response.ended(&mut recorded);
-    } else {
-        response.cut(end, &mut recorded);
-    }
-    for o in recorded {
-        out.push(match o {
-            Outcome::Call(mut call) => {
-                let exact = call.model.is_some() && call.usage.is_some_and(|u| !u.estimated);
-                if !request_seen && !exact {
-                    Outcome::ParseError("http2 midway: response without model and usage")
-                } else {
-                    call.midway = Some(guessed);
-                    Outcome::Call(call)
-                }
+}
+
+/// Marks a call with what was guessed; a call billed from its response alone must carry the
+/// model and the provider's usage, or it is a parse error.
+fn as_midway(o: Outcome, request_seen: bool, guessed: &'static str) -> Outcome {
+    match o {
+        Outcome::Call(mut call) => {
+            let exact = call.model.is_some() && call.usage.is_some_and(|u| !u.estimated);
+            if !request_seen && !exact {
+                Outcome::ParseError("http2 midway: response without model and usage")
+            } else {
+                call.midway = Some(guessed);
+                Outcome::Call(call)
             }
-            other => other,
-        });
+        }
+        other => other,
     }
 }
 
