@@ -221,6 +221,23 @@ async fn every_call_of_a_mixed_run_with_a_crash_is_one_record_and_they_sum_to_sp
         (deny.scope.as_str(), deny.limit_nusd, deny.feature.as_str()),
         ("feature/day", 1_000, "capped")
     );
+    // The context the reserve script adds to its own denial record.
+    assert_eq!(
+        (
+            deny.path.as_str(),
+            deny.tenant.as_str(),
+            deny.provider.as_str(),
+            deny.model.as_str(),
+            deny.outcome.as_str(),
+            deny.cost_nusd
+        ),
+        ("enforcer", TENANT, "openai", "gpt-4o-mini", "denied", 0),
+        "{deny:#?}"
+    );
+    assert!(
+        !deny.request_id.is_empty() && deny.reserved_nusd > 0 && !deny.started_ms.is_empty(),
+        "{deny:#?}"
+    );
     let obs = recs.iter().find(|r| r.kind == "record").expect("record");
     assert_eq!(
         (

@@ -426,11 +426,27 @@ local function rl_commit(prefix, at, now_s)
   end
 end
 
--- The audit record of a rate refusal and the script's reply.
-local function rl_refuse(prefix, at, audit_at, d)
+-- Appends a refused reserve's own context to a denial's record `f`: the caller passes only the
+-- path and provider (ARGV), the rest is in the reserve's arguments already, so a reserve that is
+-- admitted (the common case) sends no record fields it will not use.
+local function deny_context(f, prefix, id, amount, started_ms, feature, session, model)
+  f[#f + 1] = 'request_id'; f[#f + 1] = id
+  f[#f + 1] = 'tenant'; f[#f + 1] = prefix_tenant(prefix)
+  if feature ~= '' then f[#f + 1] = 'feature'; f[#f + 1] = feature end
+  if session ~= '' then f[#f + 1] = 'session'; f[#f + 1] = session end
+  if model ~= '' then f[#f + 1] = 'model'; f[#f + 1] = model end
+  f[#f + 1] = 'reserved_nusd'; f[#f + 1] = amount
+  f[#f + 1] = 'started_ms'; f[#f + 1] = started_ms
+  return f
+end
+
+-- The audit record of a rate refusal (`ctx`: deny_context's fields) and the script's reply.
+local function rl_refuse(prefix, at, audit_at, d, ctx)
   local scope = ARGV[at + (d[1] - 1) * 3 + 1]
-  audit_argv(prefix, audit_at, {'v', '1', 'kind', 'deny', 'outcome', 'rate_limited', 'cost_nusd', '0',
-    'scope', 'rate/' .. scope .. '/' .. ((d[2] == 'r') and 'rpm' or 'tpm')})
+  local f = {'v', '1', 'kind', 'deny', 'outcome', 'rate_limited', 'cost_nusd', '0',
+    'scope', 'rate/' .. scope .. '/' .. ((d[2] == 'r') and 'rpm' or 'tpm')}
+  for _, v in ipairs(ctx) do f[#f + 1] = v end
+  audit_argv(prefix, audit_at, f)
   return {'RATE', d[1], d[2], string.format('%d', d[3]), string.format('%d', d[4]),
     string.format('%d', d[5])}
 end

@@ -5,7 +5,9 @@
 --       12 feature ('' = none), 13 session ('' = none), 14 hold safety ttl ms, 15 model ('' = none),
 --       16 done ttl ms, 17 instance id ('' = none), 18 cap count, then per cap: kind ('t' tenant, 'f' feature, 's' session), period ('d' / 'm'), limit;
 --       then the rate limit block (common.lua: count, scope/rpm/tpm each, the call's tokens);
---       then the audit value count and field, value pairs of a denial's record; last 3: audit day, expiry, maxlen.
+--       then the audit value count and the field, value pairs a denial's record takes from the
+--       caller (path, provider; the script adds the rest, common.lua deny_context); last 3: audit
+--       day, expiry, maxlen.
 -- Reply: {'ALLOW', amount, expires_ms, 'new'|'existing'} | {'DENY', cap index (1-based), spend, held}
 --        | {'RATE', limit index, 'r'|'t', used, limit, retry-after s}
 --        | {'SETTLED'} when the request id was already settled.
@@ -47,8 +49,10 @@ for i = 1, n do
   if v[1] or v[2] then EXISTING[key] = true end
   local spend_s, held_s = v[1] or '0', v[2] or '0'
   if tonumber(spend_s) + tonumber(held_s) + amount > limit then
-    audit_argv(prefix, audit_at, {'v', '1', 'kind', 'deny', 'outcome', 'denied', 'cost_nusd', '0',
-      'scope', cap_scope(kind, period), 'limit_nusd', ARGV[base + 3], 'spent_nusd', spend_s, 'held_nusd', held_s})
+    audit_argv(prefix, audit_at, deny_context({'v', '1', 'kind', 'deny', 'outcome', 'denied',
+      'cost_nusd', '0', 'scope', cap_scope(kind, period), 'limit_nusd', ARGV[base + 3],
+      'spent_nusd', spend_s, 'held_nusd', held_s}, prefix, id, amount_s, ARGV[2], feature, session,
+      ARGV[15]))
     return {'DENY', i, spend_s, held_s}
   end
 end
@@ -56,7 +60,8 @@ end
 local now_s = math.floor(now / 1000)
 local limited = rl_check(prefix, rl_at, now_s)
 if limited then
-  return rl_refuse(prefix, rl_at, audit_at, limited)
+  return rl_refuse(prefix, rl_at, audit_at, limited,
+    deny_context({}, prefix, id, amount_s, ARGV[2], feature, session, ARGV[15]))
 end
 rl_commit(prefix, rl_at, now_s)
 

@@ -9,7 +9,8 @@
 --       month expire-at s, feature ('' = none), session ('' = none), model ('' = none),
 --       instance id ('' = none), cap count, then per cap: kind ('t' / 'f' / 's'), period ('d' / 'm'), limit,
 --       then the rate limit block (common.lua: count, scope/rpm/tpm each, the call's tokens),
---       then the audit value count and field, value pairs of a denial's record; last 3: audit day, expiry, maxlen.
+--       then the audit value count and the field, value pairs a denial's record takes from the
+--       caller (path, provider; common.lua deny_context adds the rest); last 3: audit day, expiry, maxlen.
 -- Reply: one reserve.lua reply per item, in order.
 local prefix = ARGV[1]
 B.holds = KEYS[1]
@@ -71,9 +72,10 @@ for i = 1, n do
       local d = B.delta[key] and B.delta[key][fh] or 0
       if d ~= 0 then held_s = string.format('%d', tonumber(held_s) + d) end
       if tonumber(spend_s) + tonumber(held_s) + amount > limit then
-        audit_argv(prefix, audit_at, {'v', '1', 'kind', 'deny', 'outcome', 'denied', 'cost_nusd', '0',
-          'scope', cap_scope(kind, period), 'limit_nusd', ARGV[base + 2], 'spent_nusd', spend_s,
-          'held_nusd', held_s})
+        audit_argv(prefix, audit_at, deny_context({'v', '1', 'kind', 'deny', 'outcome', 'denied',
+          'cost_nusd', '0', 'scope', cap_scope(kind, period), 'limit_nusd', ARGV[base + 2],
+          'spent_nusd', spend_s, 'held_nusd', held_s}, prefix, id, amount_s, now_s, feature,
+          session, model))
         replies[i] = {'DENY', c, spend_s, held_s}
         break
       end
@@ -83,7 +85,8 @@ for i = 1, n do
       local sec = math.floor(tonumber(now_s) / 1000)
       local limited = rl_check(prefix, rl_at, sec)
       if limited then
-        replies[i] = rl_refuse(prefix, rl_at, audit_at, limited)
+        replies[i] = rl_refuse(prefix, rl_at, audit_at, limited,
+          deny_context({}, prefix, id, amount_s, now_s, feature, session, model))
       else
         rl_commit(prefix, rl_at, sec)
       end
