@@ -197,8 +197,12 @@ pub struct DowngradeConfig {
     pub feature: Option<String>,
     /// A model glob, e.g. "gpt-4o" or "claude-sonnet-*".
     pub from: String,
-    /// Models to try in order, each reserved atomically against every cap.
+    /// Models to try, in order, each reserved atomically against every cap.
     pub to: Vec<String>,
+    /// The provider route the downgraded call goes to (another key, region or host of the same
+    /// API kind; default: the call's own route).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
 }
 
 impl Default for Config {

@@ -29,6 +29,17 @@ struct Rule {
     feature: Option<String>,
     from: GlobMatcher,
     to: Vec<String>,
+    route: Option<String>,
+}
+
+/// The chain a denied call may try: models in order, and the route they run on (`None`: the
+/// call's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chain<'a> {
+    /// Models to try, in order.
+    pub to: &'a [String],
+    /// Another provider route of the same API kind.
+    pub route: Option<&'a str>,
 }
 
 /// The configured chains, in file order (the first that matches a call applies).
@@ -54,6 +65,7 @@ impl Downgrades {
                     feature: d.feature.clone(),
                     from: Glob::new(&d.from).ok()?.compile_matcher(),
                     to: d.to.clone(),
+                    route: d.route.clone(),
                 })
             })
             .collect();
@@ -63,7 +75,7 @@ impl Downgrades {
     /// The chain for a call of `tenant` / `feature` to `model`: a tenant's own rule wins over a
     /// `*` one, then file order.
     #[must_use]
-    pub fn chain(&self, tenant: &str, feature: Option<&str>, model: &str) -> Option<&[String]> {
+    pub fn chain(&self, tenant: &str, feature: Option<&str>, model: &str) -> Option<Chain<'_>> {
         let fits = |r: &&Rule| {
             r.from.is_match(model) && r.feature.as_deref().is_none_or(|f| feature == Some(f))
         };
@@ -72,7 +84,10 @@ impl Downgrades {
             .filter(|r| r.tenant == tenant)
             .find(fits)
             .or_else(|| self.rules.iter().filter(|r| r.tenant == "*").find(fits))
-            .map(|r| r.to.as_slice())
+            .map(|r| Chain {
+                to: &r.to,
+                route: r.route.as_deref(),
+            })
     }
 }
 
@@ -95,9 +110,9 @@ fn with_model(body: &[u8], model: &str) -> Result<Bytes, ProxyError> {
 ///
 /// # Errors
 /// `denied` when no model of the chain fits; any other error of a reserve.
-pub async fn try_chain(
-    app: &App,
-    adm: &mut Admission<'_>,
+pub async fn try_chain<'a>(
+    app: &'a App,
+    adm: &mut Admission<'a>,
     endpoint: &Endpoint,
     call: &mut Call,
     denied: ProxyError,
@@ -112,8 +127,16 @@ pub async fn try_chain(
     if endpoint.model_in_path.is_some() {
         return Err(denied);
     }
-    let original = call.model.clone();
-    for model in chain {
+    let Some(target) = chain_route(app, adm, chain.route) else {
+        return Err(denied);
+    };
+    let (original, original_route) = (call.model.clone(), call.provider.clone());
+    call.provider.clone_from(&target.name);
+    let restore = |call: &mut Call| {
+        call.model.clone_from(&original);
+        call.provider.clone_from(&original_route);
+    };
+    for model in chain.to {
         if *model == original || adm.key.check_model(model).is_err() {
             continue;
         }
@@ -124,20 +147,46 @@ pub async fn try_chain(
         call.model.clone_from(model);
         match decide::reserve_worst_case(app, &adm.key, &info, call).await {
             Ok(d) => {
-                tracing::debug!(from = %original, to = %model, "budget-aware downgrade");
+                tracing::debug!(from = %original, to = %model, route = %target.name, "budget-aware downgrade");
                 adm.body = body;
+                adm.provider = target;
                 call.routed_from = Some(original);
                 return Ok((info, d));
             }
             Err(ProxyError::Budget(_) | ProxyError::UnknownModel { .. }) => {}
             Err(e) => {
-                call.model = original;
+                restore(call);
                 return Err(e);
             }
         }
     }
-    call.model = original;
+    restore(call);
     Err(denied)
+}
+
+/// The route a chain runs on: the call's own, or the chain's `route` when it exists, speaks the
+/// call's API kind, the key may use it and its upstream key is set (else the chain is skipped
+/// and the denial stands).
+fn chain_route<'a>(
+    app: &'a App,
+    adm: &Admission<'a>,
+    route: Option<&str>,
+) -> Option<&'a crate::config::Provider> {
+    let Some(r) = route else {
+        return Some(adm.provider);
+    };
+    let usable = app.providers.get(r).filter(|p| {
+        p.kind == adm.provider.kind
+            && adm.key.check_provider(r).is_ok()
+            && app.upstream_key(p).is_ok()
+    });
+    if usable.is_none() {
+        tracing::warn!(
+            route = r,
+            "downgrade route not usable for this call (unknown, another API kind, not allowed for the key, or no upstream key): the denial stands"
+        );
+    }
+    usable
 }
 
 #[cfg(test)]
@@ -158,14 +207,23 @@ mod tests {
                 feature: Some("bot".into()),
                 from: "gpt-4o*".into(),
                 to: vec!["gpt-4.1-nano".into()],
+                route: Some("openai-eu".into()),
             },
         ]);
+        let bot = d.chain("acme", Some("bot"), "gpt-4o").unwrap();
         assert_eq!(
-            d.chain("acme", Some("bot"), "gpt-4o").unwrap(),
-            ["gpt-4.1-nano"]
+            (bot.to, bot.route),
+            (&["gpt-4.1-nano".to_owned()][..], Some("openai-eu"))
         );
-        assert_eq!(d.chain("acme", None, "gpt-4o").unwrap(), ["gpt-4o-mini"]);
-        assert_eq!(d.chain("other", None, "gpt-4o").unwrap(), ["gpt-4o-mini"]);
+        let star = d.chain("acme", None, "gpt-4o").unwrap();
+        assert_eq!(
+            (star.to, star.route),
+            (&["gpt-4o-mini".to_owned()][..], None)
+        );
+        assert_eq!(
+            d.chain("other", None, "gpt-4o").unwrap().to,
+            ["gpt-4o-mini"]
+        );
         assert!(d.chain("other", None, "gpt-4o-mini").is_none());
         let b = with_model(br#"{"model":"gpt-4o","messages":[]}"#, "gpt-4o-mini").unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();

@@ -478,3 +478,47 @@ async fn an_openai_route_fails_over_to_an_azure_deployment() {
     assert_eq!(r.status().as_u16(), 503);
     assert_eq!(azure.ledger().calls().len(), 2);
 }
+
+/// A downgrade chain may run on another route of the same API kind (another key, region or
+/// host): the denied gpt-4o call is reserved as gpt-4o-mini against the same caps and served by
+/// that route's upstream only, billed once. A chain whose route speaks another API kind is not
+/// used: the denial stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_chain_can_run_on_another_route() {
+    let eu = MockProvider::start(mock_cfg(None)).await;
+    let extra = format!(
+        "\n[providers.eu]\nkind = \"openai\"\nbase_url = \"{}/v1\"\napi_key_env = \"TEST_MOCK_KEY\"\n\
+         [[downgrades]]\ntenant = \"dg-route\"\nfrom = \"gpt-4o\"\nto = [\"gpt-4o-mini\"]\nroute = \"eu\"\n\
+         [[downgrades]]\ntenant = \"dg-kind\"\nfrom = \"gpt-4o\"\nto = [\"gpt-4o-mini\"]\nroute = \"anthropic\"\n\
+         [[budgets]]\ntenant = \"dg-route\"\nperiod = \"month\"\nlimit_usd = 0.005\n\
+         [[budgets]]\ntenant = \"dg-kind\"\nperiod = \"month\"\nlimit_usd = 0.005\n",
+        eu.http_url()
+    );
+    let stack = Stack::start(Opts {
+        extra_toml: extra,
+        ..Opts::default()
+    })
+    .await;
+    let own = stack.base("openai");
+    assert_eq!(
+        big_call(&own, "dg-route").await,
+        (200, Some("gpt-4o-mini".into()))
+    );
+    let served = eu.ledger().calls();
+    assert_eq!(served.len(), 1, "{served:#?}");
+    assert!(served[0].response_model.starts_with("gpt-4o-mini"));
+    assert!(
+        stack.mock.ledger().calls().is_empty(),
+        "the call's own route served nothing"
+    );
+    let spent = stack.settled("dg-route", 1).await;
+    assert_eq!(
+        spent.spend,
+        billed(&eu).1,
+        "billed what the chain's route billed"
+    );
+    assert!(spent.spend.0 <= 5_000_000);
+    // The chain's route is an Anthropic route: not used for an OpenAI call.
+    assert_eq!(big_call(&own, "dg-kind").await, (402, None));
+    assert_eq!(eu.ledger().calls().len(), 1);
+}

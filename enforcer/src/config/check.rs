@@ -21,6 +21,7 @@ impl Config {
         self.resolved_providers()?;
         self.validate_keys()?;
         check_downgrades(&self.downgrades)?;
+        self.validate_downgrade_routes()?;
         check_rate_limits(&self.rate_limits)?;
         self.validate_budgets()?;
         self.alerts.validate()
@@ -140,6 +141,23 @@ impl Config {
         usd("redis_unavailable_cap_usd", self.redis_unavailable_cap_usd)?;
         if let Some(v) = self.session.limit_usd {
             usd("session.limit_usd", v)?;
+        }
+        Ok(())
+    }
+
+    /// A file chain's `route` names a configured route (a chain stored through the admin API is
+    /// checked when a call uses it).
+    fn validate_downgrade_routes(&self) -> Result<(), ConfigError> {
+        let providers = self.resolved_providers()?;
+        for (i, d) in self.downgrades.iter().enumerate() {
+            if let Some(r) = &d.route
+                && !providers.contains_key(r)
+            {
+                return Err(bad(
+                    format!("downgrades[{i}].route"),
+                    format!("{r:?} is not a configured provider route"),
+                ));
+            }
         }
         Ok(())
     }
@@ -274,6 +292,9 @@ pub fn check_downgrades(list: &[super::DowngradeConfig]) -> Result<(), ConfigErr
             return Err(bad(key("feature"), format!("a feature name: {RULE}")));
         }
         globset::Glob::new(&d.from).map_err(|e| bad(key("from"), format!("not a glob: {e}")))?;
+        if d.route.as_deref().is_some_and(str::is_empty) {
+            return Err(bad(key("route"), "a provider route name, or leave it out"));
+        }
         if d.from.is_empty() || d.to.is_empty() || d.to.iter().any(String::is_empty) {
             return Err(bad(
                 key("to"),

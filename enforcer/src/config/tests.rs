@@ -185,6 +185,7 @@ fn an_azure_deployment_route_can_back_up_an_openai_route() {
 fn downgrades_are_checked() {
     let with = |t: &str| Config::parse(&format!("{t}\n{}", minimal()));
     with("[[downgrades]]\nfrom = \"gpt-4o\"\nto = [\"gpt-4o-mini\"]\n").unwrap();
+    with("[[downgrades]]\nfrom = \"gpt-4o\"\nto = [\"gpt-4o-mini\"]\nroute = \"gemini\"\n").unwrap();
     for (toml, key) in [
         (
             "[[downgrades]]\nfrom = \"gpt-4o\"\nto = []\n",
@@ -197,6 +198,10 @@ fn downgrades_are_checked() {
         (
             "[[downgrades]]\ntenant = \"a|b\"\nfrom = \"m\"\nto = [\"n\"]\n",
             "downgrades[0].tenant",
+        ),
+        (
+            "[[downgrades]]\nfrom = \"m\"\nto = [\"n\"]\nroute = \"nowhere\"\n",
+            "downgrades[0].route",
         ),
     ] {
         assert_eq!(with(toml).unwrap_err().key, key, "{toml}");
