@@ -185,7 +185,8 @@ fn an_azure_deployment_route_can_back_up_an_openai_route() {
 fn downgrades_are_checked() {
     let with = |t: &str| Config::parse(&format!("{t}\n{}", minimal()));
     with("[[downgrades]]\nfrom = \"gpt-4o\"\nto = [\"gpt-4o-mini\"]\n").unwrap();
-    with("[[downgrades]]\nfrom = \"gpt-4o\"\nto = [\"gpt-4o-mini\"]\nroute = \"gemini\"\n").unwrap();
+    with("[[downgrades]]\nfrom = \"gpt-4o\"\nto = [\"gpt-4o-mini\"]\nroute = \"gemini\"\n")
+        .unwrap();
     for (toml, key) in [
         (
             "[[downgrades]]\nfrom = \"gpt-4o\"\nto = []\n",

@@ -55,7 +55,7 @@ return 0",
 /// The cursor field (in [`ALERT_CURSOR_KEY`]) of the bypass events stream; `*` is in no tenant name.
 pub const BYPASS_CURSOR: &str = "*bypass";
 /// On its first run a dispatcher delivers bypass events of the last hour, not the whole stream.
-const BYPASS_LOOKBACK_MS: i64 = 3_600_000;
+const FIRST_RUN_LOOKBACK_MS: i64 = 3_600_000;
 
 /// One alert: a budget threshold the scripts decided, or a first bypass the observer reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,48 +196,60 @@ impl Ledger {
     /// # Errors
     /// [`Error::Redis`] when Redis is unavailable.
     pub async fn pending_bypass_alerts(&self, limit: usize) -> Result<Vec<Alert>, Error> {
-        self.timed("pending_bypass_alerts", async {
-            let mut c = self.conn.clone();
-            let cursor: Option<String> = c.hget(ALERT_CURSOR_KEY, BYPASS_CURSOR).await?;
-            let start = cursor.map_or_else(
-                || (Utc::now().timestamp_millis() - BYPASS_LOOKBACK_MS).to_string(),
-                |id| format!("({id}"),
-            );
-            Ok(
-                super::conn::xrange(&mut c, keys::BYPASS_EVENTS, &start, "+", limit)
-                    .await?
-                    .into_iter()
-                    .map(|(id, m)| {
-                        let s = |k: &str| m.get(k).cloned().unwrap_or_default();
-                        let n = |k: &str| m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-                        // The observer's unmetered connections share the stream (`kind`).
-                        let unmetered = s("kind") == "unmetered";
-                        Alert {
-                            id: format!("bypass|{id}"),
-                            kind: if unmetered {
-                                "first_unmetered"
-                            } else {
-                                "first_bypass"
-                            }
-                            .into(),
-                            tenant: s("tenant"),
-                            at: s("at"),
-                            service: s("service"),
-                            provider: s("provider"),
-                            model: s("model"),
-                            pid: s("pid"),
-                            comm: s("comm"),
-                            host: s("host"),
-                            bytes_out: n("bytes_out"),
-                            bytes_in: n("bytes_in"),
-                            stream_id: id,
-                            ..Alert::default()
-                        }
-                    })
-                    .collect(),
-            )
-        })
-        .await
+        let entries = self
+            .timed("pending_bypass_alerts", async {
+                self.after_cursor(keys::BYPASS_EVENTS, BYPASS_CURSOR, limit)
+                    .await
+            })
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(id, m)| {
+                let s = |k: &str| m.get(k).cloned().unwrap_or_default();
+                let n = |k: &str| m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+                // The observer's unmetered connections share the stream (`kind`).
+                let unmetered = s("kind") == "unmetered";
+                Alert {
+                    id: format!("bypass|{id}"),
+                    kind: if unmetered {
+                        "first_unmetered"
+                    } else {
+                        "first_bypass"
+                    }
+                    .into(),
+                    tenant: s("tenant"),
+                    at: s("at"),
+                    service: s("service"),
+                    provider: s("provider"),
+                    model: s("model"),
+                    pid: s("pid"),
+                    comm: s("comm"),
+                    host: s("host"),
+                    bytes_out: n("bytes_out"),
+                    bytes_in: n("bytes_in"),
+                    stream_id: id,
+                    ..Alert::default()
+                }
+            })
+            .collect())
+    }
+
+    /// Up to `limit` entries of the global stream `key` after the dispatcher's cursor field
+    /// `cursor` in [`ALERT_CURSOR_KEY`]; the first time (no cursor yet), those of the last hour
+    /// rather than the whole stream.
+    pub(crate) async fn after_cursor(
+        &self,
+        key: &str,
+        cursor: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, std::collections::HashMap<String, String>)>, Error> {
+        let mut c = self.conn.clone();
+        let at: Option<String> = c.hget(ALERT_CURSOR_KEY, cursor).await?;
+        let start = at.map_or_else(
+            || (Utc::now().timestamp_millis() - FIRST_RUN_LOOKBACK_MS).to_string(),
+            |id| format!("({id}"),
+        );
+        Ok(super::conn::xrange(&mut c, key, &start, "+", limit).await?)
     }
 
     /// Moves the dispatcher's cursor of `tenant` past `stream_id` (that alert is finished).

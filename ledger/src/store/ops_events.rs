@@ -6,20 +6,16 @@
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
-use redis::AsyncCommands as _;
 
-use super::alerts::{ALERT_CURSOR_KEY, Alert};
+use super::alerts::Alert;
 use super::{Ledger, keys};
 use crate::Error;
 
 /// Entries the ops event stream keeps (`MAXLEN ~`).
 pub const OPS_EVENTS_KEPT: u64 = 10_000;
 
-/// The cursor field (in [`ALERT_CURSOR_KEY`]) of the ops event stream; `*` is in no tenant name.
+/// The cursor field (in [`super::ALERT_CURSOR_KEY`]) of the ops event stream; `*` is in no tenant name.
 pub const OPS_CURSOR: &str = "*ops";
-
-/// On its first run a dispatcher delivers ops events of the last hour, not the whole stream.
-const OPS_LOOKBACK_MS: i64 = 3_600_000;
 
 /// A day's marker lives a little longer than the day.
 const MARKER_TTL_S: u64 = 2 * 86_400;
@@ -107,35 +103,28 @@ impl Ledger {
     /// # Errors
     /// [`Error::Redis`] when Redis is unavailable.
     pub async fn pending_ops_alerts(&self, limit: usize) -> Result<Vec<Alert>, Error> {
-        self.timed("pending_ops_alerts", async {
-            let mut c = self.conn.clone();
-            let cursor: Option<String> = c.hget(ALERT_CURSOR_KEY, OPS_CURSOR).await?;
-            let start = cursor.map_or_else(
-                || (Utc::now().timestamp_millis() - OPS_LOOKBACK_MS).to_string(),
-                |id| format!("({id}"),
-            );
-            Ok(
-                super::conn::xrange(&mut c, keys::OPS_EVENTS, &start, "+", limit)
-                    .await?
-                    .into_iter()
-                    .map(|(id, m)| {
-                        let s = |k: &str| m.get(k).cloned().unwrap_or_default();
-                        Alert {
-                            id: format!("ops|{id}"),
-                            kind: s("kind"),
-                            tenant: s("tenant"),
-                            at: s("at"),
-                            service: s("service"),
-                            provider: s("provider"),
-                            model: s("model"),
-                            path: s("path"),
-                            stream_id: id,
-                            ..Alert::default()
-                        }
-                    })
-                    .collect(),
-            )
-        })
-        .await
+        let entries = self
+            .timed("pending_ops_alerts", async {
+                self.after_cursor(keys::OPS_EVENTS, OPS_CURSOR, limit).await
+            })
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(id, m)| {
+                let s = |k: &str| m.get(k).cloned().unwrap_or_default();
+                Alert {
+                    id: format!("ops|{id}"),
+                    kind: s("kind"),
+                    tenant: s("tenant"),
+                    at: s("at"),
+                    service: s("service"),
+                    provider: s("provider"),
+                    model: s("model"),
+                    path: s("path"),
+                    stream_id: id,
+                    ..Alert::default()
+                }
+            })
+            .collect())
     }
 }
