@@ -170,6 +170,7 @@ impl AlertsConfig {
 pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A sink ready to send: its URL and key read from the environment at start.
+#[derive(Clone)]
 pub(crate) struct Sink {
     pub(crate) cfg: SinkConfig,
     url: String,
@@ -243,8 +244,8 @@ fn client() -> HttpsClient {
 /// The JSON a webhook receives (docs/audit.md).
 #[must_use]
 pub fn webhook_body(a: &Alert) -> serde_json::Value {
-    if a.kind == "first_unmetered" {
-        return serde_json::json!({
+    match a.kind.as_str() {
+        "first_unmetered" => serde_json::json!({
             "id": a.id,
             "kind": a.kind,
             "tenant": a.tenant,
@@ -256,10 +257,8 @@ pub fn webhook_body(a: &Alert) -> serde_json::Value {
             "bytes_out": a.bytes_out,
             "bytes_in": a.bytes_in,
             "at": a.at,
-        });
-    }
-    if a.kind == "spool_filling" {
-        return serde_json::json!({
+        }),
+        "spool_filling" => serde_json::json!({
             "id": a.id,
             "kind": a.kind,
             "instance": a.instance,
@@ -267,10 +266,8 @@ pub fn webhook_body(a: &Alert) -> serde_json::Value {
             "spool_max_bytes": a.spool_max_bytes,
             "threshold_pct": a.threshold_pct,
             "at": a.at,
-        });
-    }
-    if a.kind == "price_gap" {
-        return serde_json::json!({
+        }),
+        "price_gap" => serde_json::json!({
             "id": a.id,
             "kind": a.kind,
             "path": a.path,
@@ -279,10 +276,8 @@ pub fn webhook_body(a: &Alert) -> serde_json::Value {
             "tenant": a.tenant,
             "service": if a.service.is_empty() { None } else { Some(&a.service) },
             "at": a.at,
-        });
-    }
-    if a.kind == "first_bypass" {
-        return serde_json::json!({
+        }),
+        "first_bypass" => serde_json::json!({
             "id": a.id,
             "kind": a.kind,
             "tenant": a.tenant,
@@ -292,65 +287,63 @@ pub fn webhook_body(a: &Alert) -> serde_json::Value {
             "pid": a.pid,
             "comm": a.comm,
             "at": a.at,
-        });
+        }),
+        _ => {
+            serde_json::json!({
+                "id": a.id,
+                "kind": a.kind,
+                "tenant": a.tenant,
+                "feature": if a.feature.is_empty() { None } else { Some(&a.feature) },
+                "period": a.period,
+                "period_id": a.period_id,
+                "threshold_pct": a.threshold_pct,
+                "limit_nusd": a.limit_nusd,
+                "spend_nusd": a.spend_nusd,
+                "at": a.at,
+            })
+        }
     }
-    serde_json::json!({
-        "id": a.id,
-        "kind": a.kind,
-        "tenant": a.tenant,
-        "feature": if a.feature.is_empty() { None } else { Some(&a.feature) },
-        "period": a.period,
-        "period_id": a.period_id,
-        "threshold_pct": a.threshold_pct,
-        "limit_nusd": a.limit_nusd,
-        "spend_nusd": a.spend_nusd,
-        "at": a.at,
-    })
 }
 
 /// The text a Slack-compatible webhook receives.
 #[must_use]
 pub fn slack_text(a: &Alert) -> String {
-    if a.kind == "first_unmetered" {
-        return format!(
+    match a.kind.as_str() {
+        "first_unmetered" => format!(
             "llmwarden: service {} opened a connection to {} ({}) that no probe could meter: its spend is unknown (tenant {}, process {} pid {}, {} bytes out, {} in)",
             a.service, a.provider, a.host, a.tenant, a.comm, a.pid, a.bytes_out, a.bytes_in
-        );
-    }
-    if a.kind == "spool_filling" {
-        return format!(
+        ),
+        "spool_filling" => format!(
             "llmwarden: enforcer {} cannot reach Redis and its spool is {}% full ({} of {} bytes); usage beyond it is lost",
             a.instance,
             a.spool_bytes.saturating_mul(100) / a.spool_max_bytes.max(1),
             a.spool_bytes,
             a.spool_max_bytes
-        );
-    }
-    if a.kind == "price_gap" {
-        return format!(
+        ),
+        "price_gap" => format!(
             "llmwarden: model {} of {} has no price; the {} billed it at unknown_model_price (tenant {}). Add it to the price table.",
             a.model, a.provider, a.path, a.tenant
-        );
-    }
-    if a.kind == "first_bypass" {
-        return format!(
+        ),
+        "first_bypass" => format!(
             "llmwarden: service {} called {} directly, bypassing the enforcer (tenant {}, process {} pid {})",
             a.service, a.provider, a.tenant, a.comm, a.pid
-        );
+        ),
+        _ => {
+            let what = if a.feature.is_empty() {
+                format!("tenant {}", a.tenant)
+            } else {
+                format!("feature {} of tenant {}", a.feature, a.tenant)
+            };
+            format!(
+                "llmwarden: {what} reached {}% of its {} budget for {} (spent {} of {})",
+                a.threshold_pct,
+                a.period,
+                a.period_id,
+                Nanos(a.spend_nusd),
+                Nanos(a.limit_nusd)
+            )
+        }
     }
-    let what = if a.feature.is_empty() {
-        format!("tenant {}", a.tenant)
-    } else {
-        format!("feature {} of tenant {}", a.feature, a.tenant)
-    };
-    format!(
-        "llmwarden: {what} reached {}% of its {} budget for {} (spent {} of {})",
-        a.threshold_pct,
-        a.period,
-        a.period_id,
-        Nanos(a.spend_nusd),
-        Nanos(a.limit_nusd)
-    )
 }
 
 /// `sha256=<hex>` of HMAC-SHA256(`secret`, "<timestamp>.<body>").

@@ -63,6 +63,17 @@ pub struct TenantGrant {
     pub by_wildcard: bool,
 }
 
+impl Allowed {
+    /// `allowed_tenants` as given by the file or a runtime key: `["*"]` (among others) is any.
+    fn new(list: &[String]) -> Allowed {
+        if list.iter().any(|t| t == "*") {
+            Allowed::Any
+        } else {
+            Allowed::List(list.to_vec())
+        }
+    }
+}
+
 /// The globs as one set (`None` when there are none: any model). Bad globs were refused by
 /// the config check or the admin API; one that still fails to build refuses every model.
 fn model_set(globs: &[String]) -> Option<GlobSet> {
@@ -92,11 +103,7 @@ impl KeyEntry {
             rpm: k.rpm,
             tpm: k.tpm,
             tenant: k.tenant.clone(),
-            allowed: if k.allowed_tenants.iter().any(|t| t == "*") {
-                Allowed::Any
-            } else {
-                Allowed::List(k.allowed_tenants.clone())
-            },
+            allowed: Allowed::new(&k.allowed_tenants),
             features: k.features.clone(),
             mint_tenants: false,
             open_paths: crate::access::OpenPaths::default(),
@@ -217,11 +224,7 @@ impl KeyStore {
             .filter_map(|k| {
                 let mut hash = [0u8; 32];
                 hex::decode_to_slice(&k.sha256, &mut hash).ok()?;
-                let allowed = if k.allowed_tenants.iter().any(|t| t == "*") {
-                    Allowed::Any
-                } else {
-                    Allowed::List(k.allowed_tenants.clone())
-                };
+                let allowed = Allowed::new(&k.allowed_tenants);
                 Some(Arc::new(KeyEntry {
                     hash,
                     id: None,

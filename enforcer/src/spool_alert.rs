@@ -81,13 +81,8 @@ pub(crate) fn spawn(
                 threshold_pct = pct,
                 "the spool is filling (Redis does not answer): alerting the sinks directly"
             );
-            for i in 0..sinks.len() {
-                tokio::spawn(deliver(
-                    client.clone(),
-                    Arc::clone(&sinks),
-                    i,
-                    alert.clone(),
-                ));
+            for sink in sinks.iter() {
+                tokio::spawn(deliver(client.clone(), sink.clone(), alert.clone()));
             }
         }
     });
@@ -95,11 +90,10 @@ pub(crate) fn spawn(
 
 /// Sends `alert` to one sink with the sink's retries and backoff (no status is kept: Redis is
 /// what is down).
-async fn deliver(client: HttpsClient, sinks: Arc<Vec<Sink>>, i: usize, alert: Alert) {
-    let sink = &sinks[i];
+async fn deliver(client: HttpsClient, sink: Sink, alert: Alert) {
     let mut backoff = Duration::from_millis(sink.cfg.backoff_ms);
     for attempt in 1..=sink.cfg.max_attempts {
-        match post(&client, sink, &alert).await {
+        match post(&client, &sink, &alert).await {
             Ok(()) => {
                 tracing::info!(alert = %alert.id, sink = %sink.cfg.name, attempts = attempt, "alert delivered");
                 return;

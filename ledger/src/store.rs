@@ -202,9 +202,6 @@ impl Ledger {
         .await
     }
 
-    /// Adds the tenant to `llmw:tenants:<day>` and `llmw:tenants:<month>` (their own slots, so not
-    /// inside the scripts). Done before the script, so a crash in between leaves at worst a tenant
-    /// listed with zero figures, never an active tenant unlisted.
     /// Whether this process already wrote the once-per-process `marker`.
     fn marked(&self, marker: &str) -> bool {
         self.active_marked
@@ -223,6 +220,9 @@ impl Ledger {
         }
     }
 
+    /// Adds the tenant to `llmw:tenants:<day>` and `llmw:tenants:<month>` (their own slots, so not
+    /// inside the scripts). Done before the script, so a crash in between leaves at worst a tenant
+    /// listed with zero figures, never an active tenant unlisted.
     async fn mark_active(&self, tenant: &str, at: DateTime<Utc>) -> Result<(), Error> {
         for period in Period::ALL {
             let key = keys::tenants(period, at);
