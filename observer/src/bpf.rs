@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeLinkId};
 use aya::programs::{TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use observer_common::{
@@ -18,8 +18,11 @@ use crate::elf::SslSymbols;
 
 mod egress;
 mod go;
+mod reaper;
+mod scoped;
 pub use egress::EgressMaps;
 pub use go::GoOutcome;
+pub use scoped::{Scope, Sites};
 
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -83,6 +86,8 @@ pub struct Probes {
     open_events: bool,
     /// Distinct Go binaries by outcome.
     go: std::collections::BTreeMap<GoOutcome, u64>,
+    /// Per-process probes (`attach = "on-connect"`) and the probe sites of the files they use.
+    scoped: scoped::Scoped,
 }
 
 /// The maps the ring-buffer reader uses, taken out of the [`Ebpf`] object so the reader never
@@ -127,6 +132,7 @@ impl Probes {
     /// tracepoints, and splits off the maps the reader needs.
     pub fn load(settings: KernelSettings, allow: &AllowLists) -> Result<(Probes, ReaderMaps)> {
         bump_memlock_rlimit();
+        raise_nofile_rlimit();
         ensure_tracefs();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", settings.ring_buffer_bytes)
@@ -250,6 +256,7 @@ impl Probes {
                 skip_pids,
                 open_events,
                 go: std::collections::BTreeMap::new(),
+                scoped: scoped::Scoped::default(),
             },
             maps,
         ))
@@ -261,23 +268,31 @@ impl Probes {
         self.open_events
     }
 
-    /// Whether this file was already handled.
-    pub fn knows(&self, id: FileId) -> bool {
-        self.files.contains_key(&id)
+    /// Whether this file was already handled for `scope`: attached for it, or known to be no
+    /// TLS library at all.
+    pub fn knows(&self, id: FileId, scope: Scope) -> bool {
+        match scope {
+            Scope::All => self.files.contains_key(&id),
+            Scope::Process(pid) => {
+                matches!(self.files.get(&id), Some(AttachOutcome::NotSsl))
+                    || self.scoped.has_file(pid, id)
+            }
+        }
     }
 
     /// Attaches all probes to `path` (a path that reaches file `id`, e.g. through /proc/PID/root)
-    /// at the offsets resolved once for the file: no per-probe symbol lookup.
+    /// at the offsets resolved once for the file, firing in `scope`: no per-probe symbol lookup.
     pub fn attach_file(
         &mut self,
         id: FileId,
         path: &Path,
         symbols: &SslSymbols,
+        scope: Scope,
     ) -> Result<AttachOutcome> {
-        if self.files.contains_key(&id) {
+        if self.knows(id, scope) {
             return Ok(AttachOutcome::Known);
         }
-        let mut attached = 0;
+        let mut links = Vec::new();
         for (i, (prog, symbol)) in PROBES.iter().enumerate() {
             let Some(offset) = symbols.offset(symbol) else {
                 if i == 0 {
@@ -294,12 +309,15 @@ impl Probes {
             match program.attach(
                 UProbeAttachLocation::AbsoluteOffset(offset),
                 path,
-                UProbeScope::AllProcesses,
+                scope.uprobe(),
             ) {
-                Ok(_) => attached += 1,
+                Ok(link) => links.push((*prog, link)),
                 Err(e) if i == 0 => {
-                    // Remember the failure too so a broken file is not retried every scan.
-                    self.files.insert(id, AttachOutcome::NotSsl);
+                    // Remember the failure too so a broken file is not retried every scan (a
+                    // process-scoped failure may be the process's: only that attempt fails).
+                    if scope == Scope::All {
+                        self.files.insert(id, AttachOutcome::NotSsl);
+                    }
                     return Err(e).with_context(|| {
                         format!("attaching {prog} to {symbol} in {}", path.display())
                     });
@@ -310,8 +328,20 @@ impl Probes {
                 }
             }
         }
-        self.files.insert(id, AttachOutcome::Attached(attached));
+        let attached = links.len();
+        self.keep_links(id, scope, links);
         Ok(AttachOutcome::Attached(attached))
+    }
+
+    /// Records what attaching file `id` in `scope` made: a process's links are kept to be
+    /// detached when it execs or exits; host-wide ones live as long as the programs.
+    fn keep_links(&mut self, id: FileId, scope: Scope, links: Vec<(&'static str, UProbeLinkId)>) {
+        match scope {
+            Scope::All => {
+                self.files.insert(id, AttachOutcome::Attached(links.len()));
+            }
+            Scope::Process(pid) => self.scoped.keep(pid, id, links),
+        }
     }
 
     /// Records a file found not to be OpenSSL, so it is never checked again.
@@ -346,6 +376,24 @@ fn bump_memlock_rlimit() {
     };
     // SAFETY: setrlimit with a valid struct; failure is harmless on memcg-accounting kernels.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// Each probe is two descriptors (its perf event and its BPF link), and with
+/// `attach = "on-connect"` every connected process has its own: the soft descriptor limit is
+/// raised to the hard one.
+fn raise_nofile_rlimit() {
+    let mut rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct; failure keeps the current limit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut rlim) == 0 && rlim.rlim_cur < rlim.rlim_max
+        {
+            rlim.rlim_cur = rlim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const rlim);
+        }
+    }
 }
 
 /// Tracepoints are attached through tracefs; minimal hosts (and some CI machines) do not mount it.

@@ -85,6 +85,18 @@ pub struct Config {
     /// refused and counted in `records_refused{reason="no_provider_connection"}`: a local server
     /// sent a provider's Host header is then not billed as that provider).
     pub provider_identity: String,
+    /// Which processes get the TLS probes: `"all"` (the default: every process's OpenSSL and Go
+    /// TLS, from its exec) or `"on-connect"` (only a process the egress accounting sees open a
+    /// TCP connection to a provider address, probes filtered to that process: the kernel puts no
+    /// breakpoint in any other process, so HTTPS that never reaches a provider pays nothing).
+    /// `on-connect` races the process's first TLS write; docs/observer.md has the measurement.
+    pub attach: String,
+    /// With `attach = "on-connect"`: set `/sys/kernel/rcu_expedited` while attaching to a
+    /// process (restored after; left alone when already on). The kernel waits for RCU grace
+    /// periods inside `perf_event_open`; expedited, they take microseconds instead of
+    /// milliseconds, so the probes are live before the process's first request more often
+    /// (docs/observer.md has the measurement). Expedited grace periods interrupt every CPU once.
+    pub expedite_rcu: bool,
     /// Where records that could not be written to Redis wait (fsync'd) for replay. Default
     /// `/var/lib/llmwarden/spool/observer-<hostname>-<metrics port>/`.
     pub spool_dir: Option<PathBuf>,
@@ -133,6 +145,8 @@ impl Default for Config {
             exclude: Vec::new(),
             egress_accounting: true,
             provider_identity: "header".to_owned(),
+            attach: "all".to_owned(),
+            expedite_rcu: true,
             unmetered_ignore: vec![Matcher {
                 exe: Some("*/enforcer".to_owned()),
                 ..Matcher::default()
@@ -384,7 +398,8 @@ impl Config {
         Ok(())
     }
 
-    /// `provider_identity` is known, and `connection` has the egress accounting it needs.
+    /// `provider_identity` and `attach` are known, and the modes that need the egress accounting
+    /// have it.
     fn validate_provider_identity(&self) -> Result<()> {
         if !matches!(self.provider_identity.as_str(), "header" | "connection") {
             bail!(
@@ -394,6 +409,12 @@ impl Config {
         }
         if self.provider_identity == "connection" && !self.egress_accounting {
             bail!("provider_identity = \"connection\" needs egress_accounting = true");
+        }
+        if !matches!(self.attach.as_str(), "all" | "on-connect") {
+            bail!("attach: {:?} is not \"all\" or \"on-connect\"", self.attach);
+        }
+        if self.attach == "on-connect" && !self.egress_accounting {
+            bail!("attach = \"on-connect\" needs egress_accounting = true (it reacts to connects)");
         }
         Ok(())
     }
@@ -580,8 +601,13 @@ mod tests {
                 .contains("egress_accounting")
         );
         assert!(err("[[unmetered_ignore]]\nexe = \"[\"").contains("unmetered_ignore[0].exe"));
+        assert!(err("attach = \"lazy\"").contains("attach"));
+        assert!(
+            err("attach = \"on-connect\"\negress_accounting = false").contains("egress_accounting")
+        );
         let c = Config::parse("").expect("defaults");
         assert_eq!(c.provider_identity, "header");
+        assert_eq!(c.attach, "all");
         assert_eq!(c.unmetered_ignore[0].exe.as_deref(), Some("*/enforcer"));
         assert!(err("metrics_listen = \"nope\"").contains("metrics_listen"));
     }

@@ -28,7 +28,7 @@ use crate::attribution::{ProcessInfo, Rules};
 use crate::bpf::{KernelMaps, KernelSettings, Probes, ReaderMaps};
 use crate::config::Config;
 use crate::connections::Connections;
-use crate::discovery::{Discovery, ProcNote};
+use crate::discovery::{AttachMode, Discovery, ProcNote};
 use crate::exchange::{ObservedCall, Outcome};
 use crate::metrics::Metrics;
 use crate::sink::{CallRecord, RecordCaps, Sink};
@@ -89,6 +89,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         output.unmetered,
         telemetry.egress,
         &boot_id,
+        (cfg.attach == "on-connect").then(|| note_tx.clone()),
     )?;
     let wiring = Wiring {
         boot_id,
@@ -113,6 +114,13 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         telemetry.metrics.clone(),
         info_tx,
         Duration::from_secs(cfg.rescan_interval_secs.max(1)),
+        if cfg.attach == "on-connect" {
+            AttachMode::OnConnect {
+                expedite_rcu: cfg.expedite_rcu,
+            }
+        } else {
+            AttachMode::All
+        },
     );
     let (discovery, ready_rx) = spawn_discovery(discovery, note_rx, &stop.flag)?;
     let threads = Threads { reader, discovery };
@@ -743,7 +751,10 @@ impl Loop {
                 PROC_EXEC => {
                     self.procs.remove(&ev.pid);
                     self.renamed.remove(&ev.pid);
-                    let _ = self.notes.send(ProcNote::Exec(ev.pid));
+                    let _ = self.notes.send(ProcNote::Exec {
+                        pid: ev.pid,
+                        ts_ns: ev.ts_ns,
+                    });
                 }
                 PROC_EXIT => {
                     self.dying.push((now + EXIT_GRACE, ev.pid));

@@ -14,9 +14,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use crate::attribution::{ProcessInfo, Rules};
-use crate::bpf::{AttachOutcome, FileId, Probes};
+use crate::bpf::{AttachOutcome, FileId, Probes, Scope, Sites};
 use crate::metrics::Metrics;
 
+mod connect;
 mod go;
 
 /// Directories where a host's own libssl lives, attached at start so processes started later are
@@ -110,11 +111,12 @@ pub fn all_pids() -> Vec<u32> {
         .collect()
 }
 
-/// Attaches to every new OpenSSL file `pid` uses; returns how many files were newly attached.
-pub fn attach_process(probes: &mut Probes, pid: u32) -> usize {
+/// Attaches to every new TLS file `pid` uses, firing in `scope`; returns how many files were
+/// newly attached.
+pub fn attach_process(probes: &mut Probes, pid: u32, scope: Scope) -> usize {
     let mut attached = 0;
     for c in candidates(pid) {
-        attached += attach_open(probes, &c.file, &c.label);
+        attached += attach_open(probes, &c.file, &c.label, scope);
     }
     attached
 }
@@ -131,8 +133,8 @@ pub struct Opened {
 }
 
 /// Attaches to the TLS libraries process `pid` maps, after the kernel reported it opening one
-/// named `name` (its first 16 bytes).
-pub fn attach_opened(probes: &mut Probes, pid: u32, name: &[u8]) -> Opened {
+/// named `name` (its first 16 bytes), firing in `scope`.
+pub fn attach_opened(probes: &mut Probes, pid: u32, name: &[u8], scope: Scope) -> Opened {
     let mut out = Opened {
         attached: 0,
         found: false,
@@ -140,7 +142,7 @@ pub fn attach_opened(probes: &mut Probes, pid: u32, name: &[u8]) -> Opened {
     for c in candidates(pid) {
         let file_name = c.label.rsplit('/').next().unwrap_or("").as_bytes();
         out.found |= c.library && file_name.starts_with(name);
-        out.attached += attach_open(probes, &c.file, &c.label);
+        out.attached += attach_open(probes, &c.file, &c.label, scope);
     }
     out
 }
@@ -148,38 +150,58 @@ pub fn attach_opened(probes: &mut Probes, pid: u32, name: &[u8]) -> Opened {
 /// Attaches to one file (by path) if it is new and defines the OpenSSL API.
 pub fn attach_path(probes: &mut Probes, path: &Path) -> usize {
     match File::open(path) {
-        Ok(file) => attach_open(probes, &file, &path.display().to_string()),
+        Ok(file) => attach_open(probes, &file, &path.display().to_string(), Scope::All),
         Err(_) => 0,
     }
 }
 
-/// Attaches to an open file if it is new and defines the OpenSSL API. The file is read once
-/// (section headers and dynamic symbols only) and every probe is attached at its resolved offset,
-/// through `/proc/self/fd/N`: the kernel resolves that link to the very inode held open (a
-/// map_files reference, a deleted file, a file under another root), and a short-lived process
+/// Attaches to an open file if it is new (for `scope`) and defines the OpenSSL API or is a Go
+/// binary using crypto/tls. The file is read once (section headers and dynamic symbols only;
+/// the sites are kept for per-process scopes) and every probe is attached at its resolved
+/// offset, through `/proc/self/fd/N`: the kernel resolves that link to the very inode held open
+/// (a map_files reference, a deleted file, a file under another root), and a short-lived process
 /// vanishing mid-attach does not matter.
-pub fn attach_open(probes: &mut Probes, file: &File, label: &str) -> usize {
+pub fn attach_open(probes: &mut Probes, file: &File, label: &str, scope: Scope) -> usize {
     let Some(id) = open_file_id(file) else {
         return 0;
     };
-    if probes.knows(id) {
+    if probes.knows(id, scope) {
         return 0;
     }
     let stable = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    let Some(symbols) = crate::elf::ssl_symbols_of(file, &stable) else {
-        if let Some(n) = go::attach_go_file(probes, id, file, &stable, label) {
-            return n;
-        }
-        probes.remember_not_ssl(id);
-        return 0;
+    let cached = probes.sites(id).cloned();
+    let first = cached.is_none();
+    let sites = match cached {
+        Some(sites) => sites,
+        None => match crate::elf::ssl_symbols_of(file, &stable) {
+            Some(symbols) => Sites::Ssl(symbols),
+            None => match go::inspect_go_file(probes, id, file, label) {
+                go::GoFile::Tls(tls) => Sites::Go(tls),
+                go::GoFile::Unprobed => return 0,
+                go::GoFile::NotGo => {
+                    probes.remember_not_ssl(id);
+                    return 0;
+                }
+            },
+        },
     };
-    match probes.attach_file(id, &stable, &symbols) {
+    if first && scope != Scope::All {
+        probes.remember_sites(id, sites.clone(), file, label);
+    }
+    let symbols = match sites {
+        Sites::Ssl(symbols) => symbols,
+        Sites::Go(tls) => {
+            return go::attach_go_sites(probes, id, &stable, label, &tls, scope, first);
+        }
+    };
+    match probes.attach_file(id, &stable, &symbols, scope) {
         Ok(AttachOutcome::Attached(n)) => {
             tracing::info!(
                 path = label,
                 dev = id.dev,
                 ino = id.ino,
                 probes = n,
+                ?scope,
                 "attached to OpenSSL"
             );
             1
@@ -229,6 +251,9 @@ const EXEC_SCANS_BLIND_MS: [u64; 5] = [0, 25, 150, 600, 2500];
 /// Delays at which a process is looked at again when its TLS library was reported opened but was
 /// neither held open nor mapped yet.
 const OPEN_RETRIES_MS: [u64; 4] = [1, 5, 25, 100];
+/// On connect: a process scanned at a connect is not scanned again at its next connects for
+/// this long (a library opened later is reported by the open tracepoints).
+const CONNECT_RESCAN: Duration = Duration::from_secs(2);
 /// How long an exited process's kernel exclusion is kept (its last events may still be queued).
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -236,7 +261,12 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcNote {
     /// A process called execve.
-    Exec(u32),
+    Exec {
+        /// The process.
+        pid: u32,
+        /// When (kernel monotonic clock, ns).
+        ts_ns: u64,
+    },
     /// A process exited.
     Exit(u32),
     /// A process is opening a file named like a TLS library.
@@ -245,6 +275,14 @@ pub enum ProcNote {
         pid: u32,
         /// The file name (its first 16 bytes, NUL-padded).
         name: [u8; 16],
+        /// When (kernel monotonic clock, ns).
+        ts_ns: u64,
+    },
+    /// A process opened a TCP connection to a provider address (`attach = "on-connect"`), or
+    /// held one when the observer started (`ts_ns` 0).
+    Connect {
+        /// The process.
+        pid: u32,
         /// When (kernel monotonic clock, ns).
         ts_ns: u64,
     },
@@ -257,6 +295,8 @@ enum Trigger {
     Exec,
     /// The kernel reported a TLS library opened at this kernel time (ns).
     Open(u64),
+    /// The process connected to a provider at this kernel time (ns; 0: before the start).
+    Connect(u64),
     /// A timed scan: the safety net.
     Rescan,
 }
@@ -266,6 +306,7 @@ impl Trigger {
         match self {
             Trigger::Exec => "exec",
             Trigger::Open(_) => "open",
+            Trigger::Connect(_) => "connect",
             Trigger::Rescan => "rescan",
         }
     }
@@ -284,6 +325,18 @@ fn monotonic_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// Which processes get probes (`attach` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Every process, from its exec.
+    All,
+    /// Processes that connect to a provider, each with probes of its own.
+    OnConnect {
+        /// Expedite RCU grace periods while attaching (`expedite_rcu`).
+        expedite_rcu: bool,
+    },
+}
+
 /// The discovery thread's state: owns the programs (attaching) and the process exclusions. All
 /// the slow work — ELF reads, aya attaches, /proc scans — happens here, never on the thread that
 /// drains the ring buffer.
@@ -295,6 +348,13 @@ pub struct Discovery {
     scans: BTreeMap<Instant, Vec<(u32, Trigger)>>,
     dying: Vec<(Instant, u32)>,
     rescan: Duration,
+    /// `attach = "on-connect"`: probes only in processes that connect to a provider.
+    on_connect: bool,
+    /// On connect: expedite RCU grace periods while attaching (see `connect.rs`).
+    expedite_rcu: bool,
+    /// When each process with its own probes was last scanned on a connect, and the kernel
+    /// time of that connect.
+    connect_scans: std::collections::HashMap<u32, (Instant, u64)>,
 }
 
 impl Discovery {
@@ -305,6 +365,7 @@ impl Discovery {
         metrics: Arc<Metrics>,
         to_reader: tokio::sync::mpsc::UnboundedSender<ProcessInfo>,
         rescan: Duration,
+        attach: AttachMode,
     ) -> Discovery {
         Discovery {
             probes,
@@ -314,15 +375,22 @@ impl Discovery {
             scans: BTreeMap::new(),
             dying: Vec::new(),
             rescan,
+            on_connect: attach != AttachMode::All,
+            expedite_rcu: attach == (AttachMode::OnConnect { expedite_rcu: true }),
+            connect_scans: std::collections::HashMap::new(),
         }
     }
 
     /// Attaches the host's libraries and every running process's OpenSSL, then sends on `ready`
     /// and serves process notes until `notes` is closed or `stop` is set.
     pub fn run(mut self, notes: &Receiver<ProcNote>, ready: &Sender<usize>, stop: &AtomicBool) {
-        let mut attached = attach_system_libs(&mut self.probes);
-        attached += self.scan_all();
-        self.metrics.attached("startup", attached);
+        // On connect, nothing is attached host-wide: processes get probes as they connect (those
+        // connected before the start are reported by the egress resolver's scan).
+        if !self.on_connect {
+            let mut attached = attach_system_libs(&mut self.probes);
+            attached += self.scan_all();
+            self.metrics.attached("startup", attached);
+        }
         let _ = ready.send(self.probes.attached_files());
         let mut next_rescan = Instant::now() + self.rescan;
         while !stop.load(Ordering::Relaxed) {
@@ -356,7 +424,7 @@ impl Discovery {
     fn note(&mut self, note: ProcNote) {
         let now = Instant::now();
         match note {
-            ProcNote::Exec(pid) => {
+            ProcNote::Exec { pid, ts_ns } => {
                 // The new image's comm/exe/cgroup, read while the process surely exists: handed
                 // to the reader for attribution of short-lived processes.
                 if let Ok(info) = ProcessInfo::read(Path::new("/proc"), pid) {
@@ -364,6 +432,19 @@ impl Discovery {
                         let _ = self.probes.skip_pid(pid, true);
                     }
                     let _ = self.to_reader.send(info);
+                }
+                if self.on_connect {
+                    // The old image's probes go with it; the new one gets its own at its first
+                    // connect. (The rings are drained in turn: a connect of the new image may
+                    // have been handled first, and its probes stay.)
+                    let before_exec = self
+                        .connect_scans
+                        .get(&pid)
+                        .is_some_and(|&(_, connect_ns)| connect_ns < ts_ns);
+                    if before_exec && self.forget_process(pid) {
+                        self.publish();
+                    }
+                    return;
                 }
                 let delays: &[u64] = if self.probes.open_events() {
                     &EXEC_SCANS_MS
@@ -380,10 +461,14 @@ impl Discovery {
                 }
             }
             ProcNote::Exit(pid) => self.dying.push((now + EXIT_GRACE, pid)),
+            ProcNote::Connect { pid, ts_ns } => self.connected(pid, ts_ns, now),
             ProcNote::TlsOpen { pid, name, ts_ns } => {
+                let Some(scope) = self.scope_of(pid) else {
+                    return;
+                };
                 let picked = monotonic_ns();
                 let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-                let opened = attach_opened(&mut self.probes, pid, name);
+                let opened = attach_opened(&mut self.probes, pid, name, scope);
                 tracing::debug!(
                     pid,
                     name = %String::from_utf8_lossy(name),
@@ -400,6 +485,15 @@ impl Discovery {
                 }
             }
         }
+    }
+
+    /// The scope `pid`'s probes fire in: host-wide, or (on connect) its own once it has
+    /// connected to a provider; `None`: not to be attached (yet).
+    fn scope_of(&self, pid: u32) -> Option<Scope> {
+        if !self.on_connect {
+            return Some(Scope::All);
+        }
+        Scope::process(pid).filter(|_| self.probes.has_process(pid))
     }
 
     fn schedule(&mut self, at: Instant, pid: u32, trigger: Trigger) {
@@ -430,8 +524,11 @@ impl Discovery {
         let later = self.scans.split_off(&(now + Duration::from_nanos(1)));
         let due = std::mem::replace(&mut self.scans, later);
         for (pid, trigger) in due.into_values().flatten() {
+            let Some(scope) = self.scope_of(pid) else {
+                continue;
+            };
             let t = Instant::now();
-            let attached = attach_process(&mut self.probes, pid);
+            let attached = attach_process(&mut self.probes, pid, scope);
             tracing::debug!(
                 pid,
                 ?trigger,
@@ -442,12 +539,22 @@ impl Discovery {
         }
     }
 
-    /// Scans every process; returns how many files were newly attached.
+    /// Scans every process (on connect: every process with probes of its own); returns how
+    /// many files were newly attached.
     fn scan_all(&mut self) -> usize {
+        if self.on_connect {
+            let mut attached = 0;
+            for pid in self.probes.processes() {
+                if let Some(scope) = Scope::process(pid) {
+                    attached += attach_process(&mut self.probes, pid, scope);
+                }
+            }
+            return attached;
+        }
         let mut attached = 0;
         let excludes = self.rules.has_excludes();
         for pid in all_pids() {
-            attached += attach_process(&mut self.probes, pid);
+            attached += attach_process(&mut self.probes, pid, Scope::All);
             if excludes
                 && let Ok(info) = ProcessInfo::read(Path::new("/proc"), pid)
                 && self.rules.excluded(&info)
@@ -465,8 +572,13 @@ impl Discovery {
         }
         let (gone, keep): (Vec<_>, Vec<_>) = self.dying.drain(..).partition(|(t, _)| *t <= now);
         self.dying = keep;
+        let mut detached = false;
         for (_, pid) in gone {
             let _ = self.probes.skip_pid(pid, false);
+            detached |= self.forget_process(pid);
+        }
+        if detached {
+            self.publish();
         }
     }
 
@@ -474,6 +586,9 @@ impl Discovery {
         self.metrics
             .attached_files
             .set(i64::try_from(self.probes.attached_files()).unwrap_or(0));
+        self.metrics
+            .attached_processes
+            .set(i64::try_from(self.probes.processes().len()).unwrap_or(0));
         for outcome in crate::bpf::GoOutcome::ALL {
             self.metrics
                 .go_binaries

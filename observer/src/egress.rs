@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use crate::discovery::ProcNote;
 use aya::maps::{MapData, RingBuf};
 use observer_common::{ProviderAddr, TCP_CLOSE, TCP_FLAG_JOINED, TCP_OPEN, TcpEvent};
 use serde::Serialize;
@@ -78,8 +79,15 @@ pub fn start(
     tx: mpsc::Sender<UnmeteredRecord>,
     metrics: Arc<EgressMetrics>,
     boot_id: &str,
+    connect_notes: Option<std::sync::mpsc::Sender<ProcNote>>,
 ) -> anyhow::Result<Option<Egress>> {
     let Some(maps) = maps else {
+        if cfg.attach == "on-connect" {
+            anyhow::bail!(
+                "attach = \"on-connect\" needs the egress accounting tracepoint \
+                 (sock/inet_sock_set_state), which did not load: see the log above"
+            );
+        }
         return Ok(None);
     };
     let ignore = cfg
@@ -109,12 +117,13 @@ pub fn start(
         map: maps.addrs,
         names: names.clone(),
         joined: joined.clone(),
+        connect_notes: connect_notes.clone(),
     };
     let stop = stop.clone();
     std::thread::Builder::new()
         .name("observer-resolver".into())
         .spawn(move || resolver.run(&stop))?;
-    Ok(Some(Egress::new(
+    let mut egress = Egress::new(
         maps.events,
         names,
         joined,
@@ -122,7 +131,9 @@ pub fn start(
         tx,
         metrics,
         boot_id.to_owned(),
-    )))
+    );
+    egress.connect_notes = connect_notes;
+    Ok(Some(egress))
 }
 
 /// A connection seen opening.
@@ -160,6 +171,8 @@ pub struct Egress {
     /// Provider connections per process (provider name, kernel start; closed ones kept
     /// [`CONNECTED_KEEP`]), for `provider_identity = "connection"`.
     connected: HashMap<u32, Vec<Connected>>,
+    /// `attach = "on-connect"`: the discovery thread, told of each provider connect first.
+    connect_notes: Option<std::sync::mpsc::Sender<ProcNote>>,
 }
 
 /// A provider connection of a process, as `provider_identity = "connection"` needs it.
@@ -216,6 +229,7 @@ impl Egress {
             metrics,
             boot_id,
             connected: HashMap::new(),
+            connect_notes: None,
         }
     }
 
@@ -281,6 +295,13 @@ impl Egress {
             drop(item);
             match ev.kind {
                 TCP_OPEN => {
+                    // Before anything slow: the process is about to write its first TLS record.
+                    if let Some(tx) = &self.connect_notes {
+                        let _ = tx.send(ProcNote::Connect {
+                            pid: ev.pid,
+                            ts_ns: ev.start_ns,
+                        });
+                    }
                     if let Some(d) = dest(&self.names, ev.addr, ev.port) {
                         self.connected.entry(ev.pid).or_default().push(Connected {
                             provider: d.provider,

@@ -138,6 +138,11 @@ pub struct Metrics {
     pub attaches: Family<TriggerLabels, Counter>,
     /// From the kernel seeing a TLS library opened to its probes being live.
     pub attach_window: Histogram,
+    /// Processes with probes of their own (`attach = "on-connect"`).
+    pub attached_processes: Gauge,
+    /// From the kernel seeing a process connect to a provider to its probes being live
+    /// (`attach = "on-connect"`).
+    pub connect_attach: Histogram,
     /// Distinct Go binaries seen, by outcome.
     pub go_binaries: Family<OutcomeLabels, Gauge>,
 }
@@ -169,6 +174,8 @@ impl Default for Metrics {
             attached_files: Gauge::default(),
             attaches: Family::default(),
             attach_window: Histogram::new(ATTACH_WINDOW_BUCKETS),
+            attached_processes: Gauge::default(),
+            connect_attach: Histogram::new(ATTACH_WINDOW_BUCKETS),
             midway_calls: Family::default(),
             go_binaries: Family::default(),
         }
@@ -326,13 +333,23 @@ impl Metrics {
         );
         r.register(
             "attaches",
-            "Files newly attached, by what found them (startup, exec, open, rescan; rescan is the safety net and should stay 0)",
+            "Files newly attached, by what found them (startup, exec, open, connect, rescan; rescan is the safety net and should stay 0)",
             self.attaches.clone(),
         );
         r.register(
             "attach_window_seconds",
             "From the kernel seeing a TLS library opened to its probes being live",
             self.attach_window.clone(),
+        );
+        r.register(
+            "attached_processes",
+            "Processes with probes of their own (attach = \"on-connect\")",
+            self.attached_processes.clone(),
+        );
+        r.register(
+            "connect_attach_seconds",
+            "From the kernel seeing a process connect to a provider to its probes being live (attach = \"on-connect\")",
+            self.connect_attach.clone(),
         );
         r.register(
             "go_binaries",

@@ -87,6 +87,9 @@ pub struct MockConfig {
     /// Pause between the last body frame and the body's end, so the end of a chunked body (its
     /// `0\r\n\r\n`) leaves in a TLS record of its own, as real provider edges send it.
     pub end_delay: Duration,
+    /// Wait this long after accepting a TLS connection before answering its ClientHello: a
+    /// provider this far away (the client's first request cannot be written sooner).
+    pub handshake_delay: Duration,
     /// Gzip responses when the client sends `Accept-Encoding: gzip`.
     pub gzip: bool,
     /// Send non-stream bodies with chunked transfer encoding instead of Content-Length.
@@ -119,6 +122,7 @@ impl Default for MockConfig {
             chunk_delay: Duration::ZERO,
             latency: Duration::ZERO,
             end_delay: Duration::ZERO,
+            handshake_delay: Duration::ZERO,
             gzip: false,
             chunked: false,
             fault: None,

@@ -5,10 +5,10 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::programs::UProbe;
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
+use aya::programs::uprobe::UProbeAttachLocation;
 use observer::golang::GoTls;
 
-use super::{AttachOutcome, FileId, Probes};
+use super::{AttachOutcome, FileId, Probes, Scope};
 
 /// The Go programs, loaded with the others when the object has them (amd64 builds).
 pub(super) const GO_PROGRAMS: [&str; 4] = [
@@ -65,16 +65,23 @@ impl Probes {
         self.go.get(&outcome).copied().unwrap_or(0)
     }
 
-    /// Attaches the Go probes to `path` (reaching file `id`) at the sites `tls` gives.
-    pub fn attach_go(&mut self, id: FileId, path: &Path, tls: &GoTls) -> Result<AttachOutcome> {
-        if self.files.contains_key(&id) {
+    /// Attaches the Go probes to `path` (reaching file `id`) at the sites `tls` gives, firing
+    /// in `scope`.
+    pub fn attach_go(
+        &mut self,
+        id: FileId,
+        path: &Path,
+        tls: &GoTls,
+        scope: Scope,
+    ) -> Result<AttachOutcome> {
+        if self.knows(id, scope) {
             return Ok(AttachOutcome::Known);
         }
         let mut sites: Vec<(&str, u64)> =
             vec![("go_tls_write", tls.write), ("go_tls_read", tls.read)];
         sites.extend(tls.read_rets.iter().map(|&o| ("go_tls_read_ret", o)));
         sites.extend(tls.close.map(|o| ("go_tls_close", o)));
-        let mut attached = 0;
+        let mut links = Vec::new();
         for (prog, offset) in sites {
             let program: &mut UProbe = self
                 .ebpf
@@ -85,21 +92,25 @@ impl Probes {
                 .attach(
                     UProbeAttachLocation::AbsoluteOffset(offset),
                     path,
-                    UProbeScope::AllProcesses,
+                    scope.uprobe(),
                 )
                 .with_context(|| format!("attaching {prog} at {offset:#x} in {}", path.display()));
             match result {
-                Ok(_) => attached += 1,
+                Ok(link) => links.push((prog, link)),
                 // Writes without reads (or reads without their returns) would record
                 // nonsense: a failure of any of the data probes fails the file.
                 Err(e) if prog != "go_tls_close" => {
-                    self.files.insert(id, AttachOutcome::NotSsl);
+                    self.drop_links(links);
+                    if scope == Scope::All {
+                        self.files.insert(id, AttachOutcome::NotSsl);
+                    }
                     return Err(e);
                 }
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "Go close probe not attached"),
             }
         }
-        self.files.insert(id, AttachOutcome::Attached(attached));
+        let attached = links.len();
+        self.keep_links(id, scope, links);
         Ok(AttachOutcome::Attached(attached))
     }
 }

@@ -193,6 +193,8 @@ pub struct Resolver {
     pub names: Names,
     /// Connections open before start, found after the first resolution.
     pub joined: Joined,
+    /// `attach = "on-connect"`: the discovery thread, told of the processes holding them.
+    pub connect_notes: Option<std::sync::mpsc::Sender<crate::discovery::ProcNote>>,
 }
 
 impl Resolver {
@@ -207,6 +209,7 @@ impl Resolver {
                 if first {
                     first = false;
                     let open = scan_preexisting(&self.names, &self.joined);
+                    self.attach_preexisting();
                     let addrs = self.names.read().map(|n| n.len()).unwrap_or(0);
                     tracing::info!(
                         provider_addresses = addrs,
@@ -216,6 +219,21 @@ impl Resolver {
                 }
             }
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// On connect: the processes holding provider connections at the start get their probes.
+    fn attach_preexisting(&self) {
+        let Some(tx) = &self.connect_notes else {
+            return;
+        };
+        let pids: std::collections::BTreeSet<u32> = self
+            .joined
+            .lock()
+            .map(|j| j.values().map(|p| p.proc.pid).collect())
+            .unwrap_or_default();
+        for pid in pids {
+            let _ = tx.send(crate::discovery::ProcNote::Connect { pid, ts_ns: 0 });
         }
     }
 

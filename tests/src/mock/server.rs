@@ -80,6 +80,10 @@ async fn serve_conn(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared
     let builder = auto::Builder::new(TokioExecutor::new());
     match (is_tls, tls) {
         (true, Some(acceptor)) => {
+            let delay = shared.config.handshake_delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let Ok(stream) = acceptor.accept(io).await else {
                 return;
             };
