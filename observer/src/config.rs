@@ -585,6 +585,15 @@ mod tests {
         assert!(err("sink_queue = 0").contains("sink_queue"));
     }
 
+    /// The commented example names every key with a valid value.
+    #[test]
+    fn the_example_config_parses() {
+        let c = Config::parse(include_str!("../../examples/observer.toml"))
+            .expect("examples/observer.toml");
+        assert_eq!(c.attach, "all");
+        assert!(c.expedite_rcu);
+    }
+
     #[test]
     fn errors_name_the_key() {
         let err = |t: &str| format!("{:#}", Config::parse(t).expect_err("invalid"));

@@ -89,12 +89,14 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     let mut llm_part = None;
     let mut h2_part = None;
     let mut go_caps = Vec::new();
+    let mut lazy_attached = Vec::new();
+    let mut lazy_ratios: Vec<f64> = Vec::new();
     for cycle in 0..PLAIN_CYCLES {
         step(&format!(
             "observer: attach cycle {} of {PLAIN_CYCLES} (eBPF uprobes on OpenSSL)",
             cycle + 1
         ));
-        let (mut obs, metrics) = start_observer(env, &bin, redis_url, &llm, cycle)?;
+        let (mut obs, metrics) = start_observer(env, &bin, redis_url, &llm, cycle, "")?;
         let cpu_per_1000 = |before: u64, count: u64| {
             (tree_ticks(obs.pid()) - before) as f64 / tps * 1000.0 / count.max(1) as f64 * 1000.0
         };
@@ -189,6 +191,33 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
             cycle_ratios[cycle_ratios.len() - 1]
         );
         unattached.push(u);
+        // attach = "on-connect": curl never connects to a provider, so it gets no probe and the
+        // kernel no breakpoint in it; compared with the unattached runs on either side.
+        step(&format!(
+            "observer: on-connect cycle {} of {PLAIN_CYCLES} (probes only in processes that reach a provider)",
+            cycle + 1
+        ));
+        let (mut lazy_obs, _) = start_observer(
+            env,
+            &bin,
+            redis_url,
+            &llm,
+            cycle + PLAIN_CYCLES,
+            "attach = \"on-connect\"\n",
+        )?;
+        let lazy = curl_plain()?;
+        lazy_attached.push(lazy);
+        lazy_obs.ensure_running()?;
+        drop(lazy_obs);
+        let u2 = curl_plain()?;
+        let lazy_base = f64::midpoint(u, u2);
+        lazy_ratios.push(lazy / lazy_base.max(1e-9));
+        eprintln!(
+            "    observer non-LLM on-connect cycle {}: unattached {u:.0} / on-connect {lazy:.0} / unattached {u2:.0} req/s → {:.3}×",
+            cycle + 1,
+            lazy_ratios[lazy_ratios.len() - 1]
+        );
+        unattached.push(u2);
     }
     let c_llm = curl_llm(n, None)?;
     let c_h2 = curl_h2(n, None)?;
@@ -224,6 +253,15 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
                        "max": cycle_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max) },
             "added_us_per_request": median(&cycle_added_us),
             "observer_cpu_ms_per_1000": median(&plain_cpu),
+        },
+        "non_llm_on_connect": {
+            "requests": n_plain,
+            "attached_rps": median(&lazy_attached), "attached_runs": lazy_attached,
+            "unattached_rps": median(&unattached),
+            "cycle_ratios": lazy_ratios,
+            "ratio": { "median": median(&lazy_ratios),
+                       "min": lazy_ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                       "max": lazy_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max) },
         },
         "llm": {
             "unattached_rps": llm_base, "unattached_runs": [a_llm, c_llm],
@@ -265,13 +303,14 @@ fn start_observer(
     redis_url: &str,
     llm: &Mock,
     cycle: usize,
+    extra: &str,
 ) -> Result<(Proc, u16)> {
     let metrics = stack::free_port()?;
     let cfg = env.work.join(format!("observer-{cycle}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "# Written by `cargo xtask bench`.\nredis_url = \"{redis_url}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\n\
+            "# Written by `cargo xtask bench`.\nredis_url = \"{redis_url}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n{extra}\n\
              [[providers]]\nhost = \"{}\"\nkind = \"openai\"\n\n[[attribution]]\ncomm = \"curl\"\ntenant = \"{TENANT}\"\nservice = \"curl-bench\"\n\n\
              [[attribution]]\ncomm = \"llmclient\"\ntenant = \"{TENANT}\"\nservice = \"go-bench\"\n",
             llm.addr

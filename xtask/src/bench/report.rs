@@ -239,6 +239,18 @@ pub fn targets(r: &Value) -> Value {
         nl.map(|x| x >= 0.95),
         &nl_note,
     ));
+    let lazy = med(&obs["non_llm_on_connect"]["ratio"]);
+    t.push(target(
+        "observer with attach = \"on-connect\": HTTPS non-LLM client throughput",
+        "≥ 0.99× unattached",
+        lazy.map(|x| format!("{x:.3}×")),
+        lazy.map(|x| x >= 0.99),
+        if skipped.is_empty() {
+            "the client never connects to a provider, so it gets no probe: the kernel puts no breakpoint in it"
+        } else {
+            skipped
+        },
+    ));
     for (key, name) in [
         ("capture_500", "observer: capture at 500 LLM calls/s"),
         (
@@ -596,6 +608,10 @@ fn observer_md(s: &mut String, r: &Value) {
     );
     for (k, label) in [
         ("non_llm", "non-LLM (kernel filter)"),
+        (
+            "non_llm_on_connect",
+            "non-LLM, attach = \"on-connect\" (no probe in the client)",
+        ),
         ("llm", "LLM calls"),
         ("llm_h2", "LLM calls over HTTP/2"),
     ] {
