@@ -361,6 +361,32 @@ impl ProviderDetector {
     }
 }
 
+impl ProviderDetector {
+    /// The provider a TLS server name (SNI, no port) belongs to: a configured host of that
+    /// name (whatever its port; `*.` entries match subdomains) or a built-in public host. The
+    /// observer names a decoded call's provider by the name its process sent in the handshake,
+    /// not by the Host header alone.
+    #[must_use]
+    pub fn provider_of_server_name(&self, server_name: &str) -> Option<&str> {
+        let name = normalize_host(server_name);
+        if name.is_empty() || name.contains(':') {
+            return None;
+        }
+        let configured = self.extra.iter().find(|e| {
+            let host = e.host.rsplit_once(':').map_or(e.host.as_str(), |(h, _)| h);
+            if e.suffix {
+                name.ends_with(host)
+            } else {
+                name == host
+            }
+        });
+        match configured {
+            Some(entry) => Some(entry.name.as_str()),
+            None => builtin(&name).map(|(n, _)| n),
+        }
+    }
+}
+
 /// Classifies a call for the enforcer, which knows the provider `kind` from its config.
 ///
 /// `path_and_query` is what follows the configured base URL, so with a base URL of

@@ -13,6 +13,12 @@ pub const MAX_PER_CALL_BYTES: u32 = CHUNK_SIZE as u32 * MAX_CHUNKS;
 pub const KIND_DATA: u8 = 1;
 /// [`SslEventHeader::kind`]: the SSL object was freed (connection ended).
 pub const KIND_CLOSE: u8 = 2;
+/// [`SslEventHeader::kind`]: the process named the server of connection `ssl` for TLS SNI
+/// (`SSL_set_tlsext_host_name`, i.e. `SSL_ctrl(ssl, SSL_CTRL_SET_TLSEXT_HOSTNAME, ..)`); the
+/// data is the name, at most [`SNI_MAX`] bytes.
+pub const KIND_SNI: u8 = 3;
+/// Most bytes of a server name reported ([`KIND_SNI`]); longer names are cut.
+pub const SNI_MAX: usize = 256;
 
 /// [`SslEventHeader::direction`]: the process wrote (request side for a client).
 pub const DIR_WRITE: u8 = 0;

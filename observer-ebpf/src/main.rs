@@ -28,10 +28,10 @@ mod golang;
 
 use observer_common::{
     ActiveCall, CHUNK_SIZE, ConnKey, DIR_READ, DIR_WRITE, FLAG_CGROUP_ALLOWLIST,
-    FLAG_PID_ALLOWLIST, HEADER_SIZE, KIND_CLOSE, KIND_DATA, MAX_CHUNKS, MAX_PER_CALL_BYTES,
-    ObserverConfig, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN, ProcEvent, STAT_BYTES,
-    STAT_COUNT, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS,
-    STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES, SslEventBuf, SslEventHeader,
+    FLAG_PID_ALLOWLIST, HEADER_SIZE, KIND_CLOSE, KIND_DATA, KIND_SNI, MAX_CHUNKS,
+    MAX_PER_CALL_BYTES, ObserverConfig, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN,
+    ProcEvent, SNI_MAX, STAT_BYTES, STAT_COUNT, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS,
+    STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES, SslEventBuf, SslEventHeader,
 };
 
 /// TLS plaintext events; userspace resizes it before load (ring_buffer_bytes).
@@ -314,6 +314,67 @@ pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
     leave(&ctx, &ACTIVE_READ, DIR_READ)
+}
+
+/// `SSL_ctrl`'s command for `SSL_set_tlsext_host_name` (OpenSSL's `ssl.h`).
+const SSL_CTRL_SET_TLSEXT_HOSTNAME: i32 = 55;
+
+/// `SSL_ctrl(ssl, cmd, larg, parg)`: reports the server name a client sets for SNI on `ssl`
+/// before its handshake (`SSL_set_tlsext_host_name` is a macro over `SSL_ctrl`). Userspace
+/// names a decoded call's provider by it, not by the plaintext Host header alone. Every other
+/// command returns after one compare.
+#[uprobe]
+pub fn ssl_ctrl(ctx: ProbeContext) -> u32 {
+    let cmd: i32 = ctx.arg(1).unwrap_or(0);
+    if cmd != SSL_CTRL_SET_TLSEXT_HOSTNAME {
+        return 0;
+    }
+    let ssl: u64 = ctx.arg(0).unwrap_or(0);
+    let name: u64 = ctx.arg(3).unwrap_or(0);
+    if ssl == 0 || name == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let cfg = config();
+    if filtered_out(&cfg, pid, ssl) {
+        return 0;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch value, exclusive for this run.
+    let scratch = unsafe { &mut *scratch };
+    // SAFETY: user pointer read through the helper, which faults safely and stops at the NUL.
+    let Ok(read) =
+        (unsafe { bpf_probe_read_user_str_bytes(name as *const u8, &mut scratch.data[..SNI_MAX]) })
+    else {
+        return 0;
+    };
+    let n = read.len() & (SNI_MAX - 1);
+    scratch.header = SslEventHeader {
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ssl,
+        pid,
+        tid: pid_tgid as u32,
+        kind: KIND_SNI,
+        direction: 0,
+        pad: [0; 2],
+        total_len: n as u32,
+        offset: 0,
+        data_len: n as u32,
+        truncated: 0,
+        pad2: 0,
+    };
+    let len = HEADER_SIZE + n;
+    // SAFETY: `len` <= HEADER_SIZE + SNI_MAX <= size_of::<SslEventBuf>().
+    let bytes =
+        unsafe { core::slice::from_raw_parts((scratch as *const SslEventBuf).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(bytes, wakeup_flags(&cfg)).is_err() {
+        stat_add(STAT_RINGBUF_DROPS, 1);
+    }
+    0
 }
 
 #[uprobe]

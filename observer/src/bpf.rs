@@ -40,6 +40,7 @@ const PROBES: &[(&str, &str)] = &[
     ("ssl_read_ex", "SSL_read_ex"),
     ("ssl_read_ret", "SSL_read_ex"),
     ("ssl_free", "SSL_free"),
+    ("ssl_ctrl", "SSL_ctrl"),
 ];
 
 /// Identity of a file on the host: attach once per (device, inode), whatever path reaches it.
@@ -170,6 +171,7 @@ impl Probes {
             "ssl_read",
             "ssl_read_ex",
             "ssl_free",
+            "ssl_ctrl",
             "ssl_write_ret",
             "ssl_read_ret",
         ] {

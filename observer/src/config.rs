@@ -79,11 +79,13 @@ pub struct Config {
     /// upstream connections (rustls, never decoded). Default: any executable named `enforcer`;
     /// in production name its systemd unit or cgroup instead.
     pub unmetered_ignore: Vec<Matcher>,
-    /// What identifies the provider of a decoded call: `"header"` (the Host / `:authority` the
-    /// process sent, the default) or `"connection"` (also a TCP connection of the same process to
-    /// that provider's resolved addresses, seen by the egress accounting; a call without one is
-    /// refused and counted in `records_refused{reason="no_provider_connection"}`: a local server
-    /// sent a provider's Host header is then not billed as that provider).
+    /// What identifies the provider of a decoded call: `"connection"` (the default: the TLS
+    /// server name the process sent on that connection is a host of the provider, or the process
+    /// has a TCP connection to the provider's resolved addresses, seen by the egress accounting;
+    /// a call with neither is refused and counted in
+    /// `records_refused{reason="no_provider_connection"}`, so a local server sent a provider's
+    /// Host header is not billed as that provider) or `"header"` (the Host / `:authority` the
+    /// process sent, alone: the behaviour before).
     pub provider_identity: String,
     /// Which processes get the TLS probes: `"all"` (the default: every process's OpenSSL and Go
     /// TLS, from its exec) or `"on-connect"` (only a process the egress accounting sees open a
@@ -144,7 +146,7 @@ impl Default for Config {
             attribution: Vec::new(),
             exclude: Vec::new(),
             egress_accounting: true,
-            provider_identity: "header".to_owned(),
+            provider_identity: "connection".to_owned(),
             attach: "all".to_owned(),
             expedite_rcu: true,
             unmetered_ignore: vec![Matcher {
@@ -398,17 +400,14 @@ impl Config {
         Ok(())
     }
 
-    /// `provider_identity` and `attach` are known, and the modes that need the egress accounting
-    /// have it.
+    /// `provider_identity` and `attach` are known, and on-connect has the egress accounting it
+    /// needs (`provider_identity = "connection"` without it trusts TLS server names only).
     fn validate_provider_identity(&self) -> Result<()> {
         if !matches!(self.provider_identity.as_str(), "header" | "connection") {
             bail!(
                 "provider_identity: {:?} is not \"header\" or \"connection\"",
                 self.provider_identity
             );
-        }
-        if self.provider_identity == "connection" && !self.egress_accounting {
-            bail!("provider_identity = \"connection\" needs egress_accounting = true");
         }
         if !matches!(self.attach.as_str(), "all" | "on-connect") {
             bail!("attach: {:?} is not \"all\" or \"on-connect\"", self.attach);
@@ -605,17 +604,13 @@ mod tests {
         assert!(err("[[attribution]]\ntenant = \"a\"").contains("attribution[0]"));
         assert!(err("[[exclude]]\ncomm = \"[\"").contains("exclude[0].comm"));
         assert!(err("provider_identity = \"sni\"").contains("provider_identity"));
-        assert!(
-            err("provider_identity = \"connection\"\negress_accounting = false")
-                .contains("egress_accounting")
-        );
         assert!(err("[[unmetered_ignore]]\nexe = \"[\"").contains("unmetered_ignore[0].exe"));
         assert!(err("attach = \"lazy\"").contains("attach"));
         assert!(
             err("attach = \"on-connect\"\negress_accounting = false").contains("egress_accounting")
         );
         let c = Config::parse("").expect("defaults");
-        assert_eq!(c.provider_identity, "header");
+        assert_eq!(c.provider_identity, "connection");
         assert_eq!(c.attach, "all");
         assert_eq!(c.unmetered_ignore[0].exe.as_deref(), Some("*/enforcer"));
         assert!(err("metrics_listen = \"nope\"").contains("metrics_listen"));

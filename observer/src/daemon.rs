@@ -16,7 +16,7 @@ use ledger::billing::Pricing;
 use ledger::provider::{ProviderDetector, ProviderKind};
 use ledger::store::LedgerConfig;
 use observer_common::{
-    HEADER_SIZE, KIND_CLOSE, KIND_DATA, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN,
+    HEADER_SIZE, KIND_CLOSE, KIND_DATA, KIND_SNI, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN,
     ProcEvent, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS,
     STAT_SKIPPED_BYTES, STAT_TCP_DROPS, STAT_TRUNCATED_BYTES, SslEventHeader,
 };
@@ -64,9 +64,11 @@ struct Loop {
     outcomes: Vec<Outcome>,
     /// Egress accounting (connections to providers), when the kernel has it.
     egress: Option<crate::egress::Egress>,
-    /// `provider_identity = "connection"`: a decoded call needs its process's connection to
-    /// the provider.
-    identity_by_connection: bool,
+    /// What names a decoded call's provider (`provider_identity`), and the server names
+    /// connections sent.
+    identity: crate::identity::Identity,
+    /// Kernel time (ns) just before the egress ring was last drained.
+    tcp_drained_ns: u64,
 }
 
 /// Runs until SIGINT/SIGTERM.
@@ -91,6 +93,13 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         &boot_id,
         (cfg.attach == "on-connect").then(|| note_tx.clone()),
     )?;
+    if cfg.provider_identity == "connection" && egress.is_none() {
+        tracing::warn!(
+            "egress accounting is not running: only the TLS server name a connection sent \
+             vouches for its provider, so calls to IP addresses and from Go clients are refused \
+             (provider_identity = \"connection\")"
+        );
+    }
     let wiring = Wiring {
         boot_id,
         tx: output.calls,
@@ -441,7 +450,8 @@ impl Loop {
                     .context("max_cost_per_call_usd")?,
             },
             outcomes: Vec::new(),
-            identity_by_connection: cfg.provider_identity == "connection",
+            identity: crate::identity::Identity::new(cfg.provider_identity == "connection"),
+            tcp_drained_ns: 0,
             egress: wiring.egress,
         })
     }
@@ -473,7 +483,7 @@ impl Loop {
                 _ = tick.tick() => {
                     self.drain_procs(proc_events.get_mut());
                     self.egress_tick(tcp.as_mut().map(AsyncFd::get_mut));
-                    self.drain(events.get_mut());
+                    self.drain(events.get_mut(), tcp.as_mut().map(AsyncFd::get_mut));
                 }
                 // Provider connections wake the reader at once (two events per connection):
                 // the connecting process is read while it surely exists.
@@ -491,7 +501,7 @@ impl Loop {
                     let mut guard = guard?;
                     self.drain_procs(proc_events.get_mut());
                     self.egress_tick(tcp.as_mut().map(AsyncFd::get_mut));
-                    self.drain(guard.get_inner_mut());
+                    self.drain(guard.get_inner_mut(), tcp.as_mut().map(AsyncFd::get_mut));
                     guard.clear_ready();
                 }
                 guard = proc_events.readable_mut() => {
@@ -510,7 +520,7 @@ impl Loop {
                 _ = stop.changed() => break,
             }
         }
-        self.drain(events.get_mut());
+        self.drain(events.get_mut(), tcp.as_mut().map(AsyncFd::get_mut));
         self.housekeeping();
         self.log_stopped();
         Ok(())
@@ -557,7 +567,10 @@ impl Loop {
         }
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    /// Drains the TLS ring. `tcp` is the egress ring: an event newer than its last drain drains
+    /// it again first, so a call is never judged before the connection that carried it, even
+    /// when the connection opened while this loop ran.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, mut tcp: Option<&mut RingBuf<MapData>>) {
         let now = Instant::now();
         while let Some(item) = ring.next() {
             if item.len() < HEADER_SIZE {
@@ -566,6 +579,11 @@ impl Loop {
             // SAFETY: the kernel wrote a SslEventHeader at the start of every record; read_unaligned
             // copies it out without alignment assumptions.
             let h: SslEventHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if h.ts_ns > self.tcp_drained_ns
+                && let Some(t) = tcp.as_deref_mut()
+            {
+                self.egress_catch_up(t);
+            }
             let data_len = (h.data_len as usize).min(item.len() - HEADER_SIZE);
             let data = &item[HEADER_SIZE..HEADER_SIZE + data_len];
             self.metrics.events.inc();
@@ -584,6 +602,7 @@ impl Loop {
                     self.metrics.evictions.inc_by(evicted as u64);
                 }
                 KIND_CLOSE => self.conns.close(h.pid, h.ssl, h.ts_ns, &self.detector),
+                KIND_SNI => self.identity.server_name(h.pid, h.ssl, data),
                 _ => {}
             }
             drop(item);
@@ -594,6 +613,10 @@ impl Loop {
             }
             self.outcomes = outcomes;
             self.finished();
+            // After the calls the close completed: they are judged by the connection's name.
+            if h.kind == KIND_CLOSE {
+                self.identity.closed(h.pid, h.ssl);
+            }
         }
         self.metrics
             .connections
@@ -606,7 +629,7 @@ impl Loop {
             match f.outcome {
                 Outcome::Call(call) => {
                     let id = event_id(&self.boot_id, f.pid, f.ssl, f.ts_ns, 0, f.seq);
-                    self.call(f.pid, f.ts_ns, id, &call);
+                    self.call(f.pid, f.ssl, f.ts_ns, id, &call);
                 }
                 Outcome::ParseError(reason) => self.metrics.parse_error(reason),
                 Outcome::NotLlm | Outcome::Http2 => {}
@@ -618,7 +641,7 @@ impl Loop {
         match o {
             Outcome::Call(call) => {
                 let id = event_id(&self.boot_id, h.pid, h.ssl, h.ts_ns, h.offset, seq);
-                self.call(h.pid, h.ts_ns, id, &call);
+                self.call(h.pid, h.ssl, h.ts_ns, id, &call);
             }
             Outcome::NotLlm => {
                 self.conns.ignore(h.pid, h.ssl);
@@ -634,7 +657,7 @@ impl Loop {
         }
     }
 
-    fn call(&mut self, pid: u32, ts_ns: u64, event_id: String, call: &ObservedCall) {
+    fn call(&mut self, pid: u32, ssl: u64, ts_ns: u64, event_id: String, call: &ObservedCall) {
         // The name the process has now: a rename after exec (`task/task_rename`) updated it.
         let proc = self.process(pid);
         let who = self.rules.attribute(
@@ -643,7 +666,7 @@ impl Loop {
             call.feature_header.as_deref(),
         );
         let rec = CallRecord::new(call, event_id, &proc, who, &self.pricing);
-        if self.refused(&rec, pid, ts_ns, call) {
+        if self.refused(&rec, pid, ssl, ts_ns, call) {
             return;
         }
         if let Some(e) = self.egress.as_mut() {
@@ -677,9 +700,16 @@ impl Loop {
     }
 
     /// Whether a call is refused before the ledger (counted and logged): usage beyond the
-    /// caps, or (`provider_identity = "connection"`) no connection of its process to the
-    /// provider.
-    fn refused(&self, rec: &CallRecord, pid: u32, ts_ns: u64, call: &ObservedCall) -> bool {
+    /// caps, or (`provider_identity = "connection"`) nothing of its connection names the
+    /// provider (see identity.rs).
+    fn refused(
+        &self,
+        rec: &CallRecord,
+        pid: u32,
+        ssl: u64,
+        ts_ns: u64,
+        call: &ObservedCall,
+    ) -> bool {
         if let Some(reason) = rec.over_caps(&self.caps) {
             self.metrics
                 .records_refused
@@ -693,11 +723,13 @@ impl Loop {
                 "call refused: usage beyond max_tokens_per_call / max_cost_per_call_usd (not booked)");
             return true;
         }
-        if self.identity_by_connection
+        let provider = &call.endpoint.provider;
+        if self.identity.by_connection()
+            && !self.identity.named(&self.detector, pid, ssl, provider)
             && self
                 .egress
                 .as_ref()
-                .is_none_or(|e| !e.vouches(pid, &call.endpoint.provider, ts_ns))
+                .is_none_or(|e| !e.vouches(pid, provider, ts_ns))
         {
             self.metrics
                 .records_refused
@@ -706,8 +738,10 @@ impl Loop {
                 })
                 .inc();
             tracing::warn!(provider = %rec.provider, service = %rec.service, pid = rec.pid,
-                comm = %rec.comm, "call refused: its process has no connection to that provider's \
-                addresses (provider_identity = \"connection\"); a Host header alone is only a claim");
+                comm = %rec.comm, server_name = self.identity.name_of(pid, ssl).unwrap_or(""),
+                "call refused: its connection named no host of that provider (TLS server name) \
+                and its process has no connection to the provider's addresses \
+                (provider_identity = \"connection\"); a Host header alone is only a claim");
             return true;
         }
         false
@@ -727,13 +761,21 @@ impl Loop {
 
     /// Drains the egress ring and decides connections whose grace has passed (egress.rs).
     fn egress_tick(&mut self, ring: Option<&mut RingBuf<MapData>>) {
+        if let Some(ring) = ring {
+            self.egress_catch_up(ring);
+        }
+        if let Some(e) = self.egress.as_mut() {
+            e.decide(&self.rules);
+        }
+    }
+
+    /// Drains the egress ring (connection opens and closes), noting when.
+    fn egress_catch_up(&mut self, ring: &mut RingBuf<MapData>) {
         let Some(mut e) = self.egress.take() else {
             return;
         };
-        if let Some(ring) = ring {
-            e.drain(ring, |pid| self.process(pid));
-        }
-        e.decide(&self.rules);
+        self.tcp_drained_ns = crate::egress::mono_ns();
+        e.drain(ring, |pid| self.process(pid));
         self.egress = Some(e);
     }
 
@@ -801,6 +843,7 @@ impl Loop {
         for (_, pid) in gone {
             self.procs.remove(&pid);
             self.renamed.remove(&pid);
+            self.identity.forget(pid);
             if let Some(e) = self.egress.as_mut() {
                 e.forget(pid);
             }

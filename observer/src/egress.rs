@@ -189,7 +189,7 @@ struct Connected {
 const CONNECTED_KEEP: Duration = Duration::from_secs(30);
 
 /// `CLOCK_MONOTONIC` now, ns (the clock of `bpf_ktime_get_ns`).
-fn mono_ns() -> u64 {
+pub(crate) fn mono_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -346,6 +346,15 @@ impl Egress {
                                 Some(p) => {
                                     ev.pid = p.proc.pid;
                                     seen = Some(p.seen);
+                                    // It still vouches for the calls its close completes
+                                    // (`vouches`), like a connection seen opening.
+                                    if let Some(d) = dest(&self.names, ev.addr, ev.port) {
+                                        self.connected.entry(ev.pid).or_default().push(Connected {
+                                            provider: d.provider,
+                                            start_ns: 0,
+                                            closed: Some(now),
+                                        });
+                                    }
                                     p.proc
                                 }
                                 None => ProcessInfo::default(),

@@ -22,12 +22,13 @@ const SYM_SIZE: usize = 24;
 const MAX_TABLE: u64 = 64 << 20;
 
 /// The symbols the probes hook. `SSL_write` must be defined for a file to count as OpenSSL.
-pub const SSL_SYMBOLS: [&str; 5] = [
+pub const SSL_SYMBOLS: [&str; 6] = [
     "SSL_write",
     "SSL_write_ex",
     "SSL_read",
     "SSL_read_ex",
     "SSL_free",
+    "SSL_ctrl",
 ];
 
 /// File offsets of the OpenSSL functions a file defines (not merely imports).

@@ -9,6 +9,7 @@ mod daemon;
 mod discovery;
 mod egress;
 mod elf;
+mod identity;
 mod mapped;
 mod metrics;
 mod sink;

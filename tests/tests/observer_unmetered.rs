@@ -457,7 +457,7 @@ fn a_host_header_alone_is_no_provider_under_connection_identity() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let redis = RedisServer::start();
     let provider = MockProvider::start_background(MockConfig::default());
-    // A local TLS server that is no provider, sent the provider's Host header: with the default
+    // A local TLS server that is no provider, sent the provider's Host header: under
     // provider_identity = "header" its calls are billed as the provider's.
     let local = MockProvider::start_background(MockConfig::default());
     let host = provider.addr().to_string();
@@ -491,6 +491,84 @@ fn a_host_header_alone_is_no_provider_under_connection_identity() {
         ),
         "{metrics}"
     );
+    assert_eq!(
+        llmwarden_tests::observer::month_spend(&redis.url(), "t-claimed").requests,
+        0
+    );
+}
+
+/// The TLS server name a connection sent names its provider, with no address to go by: egress
+/// accounting off, the provider configured by a name nothing resolves. curl (OpenSSL) sends the
+/// name through `SSL_set_tlsext_host_name`, which the `SSL_ctrl` probe reports. A call to the
+/// same server by address, claiming the provider in its Host header, sends no server name and is
+/// refused.
+#[test]
+fn the_server_name_a_connection_sent_names_its_provider() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let m = MockProvider::start_background(MockConfig::default());
+    let port = m.addr().port();
+    let host = format!("llm.test:{port}");
+    let extra = format!("egress_accounting = false\n{RULES}");
+    let obs = Observer::start(&redis.url(), &[(&host, "openai")], &extra, false);
+    let call = |url: &str, extra_args: &[String]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--http1.1", "--fail", "-o", "/dev/null", "-k"])
+            .args(extra_args)
+            .args(["-H", "content-type: application/json"])
+            .args([
+                "-d",
+                r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]}"#,
+            ])
+            .arg(format!("{url}/v1/chat/completions"))
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // By name (--resolve: no DNS): SNI llm.test.
+    call(
+        &format!("https://{host}"),
+        &[
+            "--resolve".to_owned(),
+            format!("{host}:127.0.0.1"),
+            "-H".to_owned(),
+            "x-tenant-id: t-sni".to_owned(),
+        ],
+    );
+    // By address with the provider's Host header: no SNI.
+    call(
+        &m.https_url(),
+        &[
+            "-H".to_owned(),
+            format!("host: {host}"),
+            "-H".to_owned(),
+            "x-tenant-id: t-claimed".to_owned(),
+        ],
+    );
+    let calls = m.ledger().calls();
+    assert_eq!(calls.len(), 2);
+    llmwarden_tests::observer::assert_ledger(
+        &redis.url(),
+        "t-sni",
+        llmwarden_tests::observer::billed_calls(&calls[..1]),
+        &obs,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while obs.metric("llmwarden_observer_records_refused_total") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the call by address was not refused; log:\n{}",
+            obs.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(
         llmwarden_tests::observer::month_spend(&redis.url(), "t-claimed").requests,
         0

@@ -636,3 +636,25 @@ fn provider_hosts_are_known_whatever_the_path() {
         assert!(!d.is_provider_host(host), "{host}");
     }
 }
+
+#[test]
+fn server_names_name_their_provider() {
+    let d = ProviderDetector::new()
+        .with_host("10.0.0.5:8000", ProviderKind::OpenAiCompatible, "vllm")
+        .with_host("llm.test:8443", ProviderKind::OpenAi, "gateway")
+        .with_host("*.llm.internal", ProviderKind::OpenAiCompatible, "internal");
+    for (name, want) in [
+        ("api.openai.com", Some("openai")),
+        ("API.Anthropic.com.", Some("anthropic")),
+        ("my-res.openai.azure.com", Some("azure-openai")),
+        ("llm.test", Some("gateway")),
+        ("a.llm.internal", Some("internal")),
+        ("10.0.0.5", Some("vllm")),
+        ("example.com", None),
+        ("", None),
+        ("api.openai.com:443", Some("openai")),
+        ("api.openai.com:8443", None),
+    ] {
+        assert_eq!(d.provider_of_server_name(name), want, "{name}");
+    }
+}
