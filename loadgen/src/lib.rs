@@ -6,6 +6,7 @@
 pub mod http_load;
 pub mod latency;
 pub mod ledger_load;
+pub mod passthrough;
 pub mod stream_load;
 pub mod target;
 

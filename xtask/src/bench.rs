@@ -100,7 +100,9 @@ pub struct Env {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let plan = Plan::new(args.quick);
     if !args.no_build {
-        step("building the release binaries (enforcer, observer, mock-provider, loadgen)");
+        step(
+            "building the release binaries (enforcer, observer, mock-provider, loadgen, passthrough)",
+        );
         let mut c = cargo();
         c.args([
             "build",
@@ -113,6 +115,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "mock-provider",
         ]);
         c.args(["--bin", "enforcer", "-p", "loadgen", "--bin", "loadgen"]);
+        c.args(["--bin", "passthrough"]);
         command::run(&mut c)?;
         if !args.skip.iter().any(|s| s == "observer") && command::is_root() {
             // Built separately: the eBPF side needs nightly; a failure here must not stop the rest.

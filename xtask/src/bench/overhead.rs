@@ -1,6 +1,7 @@
 //! Enforcer overhead (and LiteLLM as a peer): the same requests sent straight to the mock provider,
-//! through the enforcer with budgets, through the enforcer without budgets, and through LiteLLM,
-//! interleaved variant by variant and repeated.
+//! through the pass-through proxy (the floor: the enforcer's stack without its work), through the
+//! enforcer with budgets, through the enforcer without budgets, and through LiteLLM, interleaved
+//! variant by variant and repeated.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -23,6 +24,8 @@ const KEY_NO_BUDGETS: &str = "lw-bench-budgets-off";
 pub enum Variant {
     /// Client → mock.
     Direct,
+    /// Client → pass-through proxy (loadgen's `passthrough`: no auth, budgets or metering) → mock.
+    Passthrough,
     /// Client → enforcer (tenant with month and day budgets) → mock.
     Budgets,
     /// Client → enforcer (tenant without budgets: metering only) → mock.
@@ -36,6 +39,7 @@ impl Variant {
     pub fn name(self) -> &'static str {
         match self {
             Variant::Direct => "direct",
+            Variant::Passthrough => "passthrough",
             Variant::Budgets => "enforcer_budgets",
             Variant::NoBudgets => "enforcer_no_budgets",
             Variant::LiteLlm => "litellm",
@@ -53,6 +57,8 @@ pub struct Stack {
     pub enforcer: (Proc, u16),
     /// Enforcer without budgets.
     pub enforcer_nb: (Proc, u16),
+    /// The pass-through proxy (routes `openai` and `openai-stream`, as the enforcers).
+    pub passthrough: (Proc, u16),
     /// A chat-completions request body.
     pub body: PathBuf,
     /// A streaming chat-completions request body.
@@ -76,6 +82,16 @@ impl Stack {
                     &self.mock
                 };
                 (format!("http://{}/v1/chat/completions", m.addr), MOCK_KEY)
+            }
+            Variant::Passthrough => {
+                let route = if stream { "openai-stream" } else { "openai" };
+                (
+                    format!(
+                        "http://127.0.0.1:{}/{route}/chat/completions",
+                        self.passthrough.1
+                    ),
+                    MOCK_KEY,
+                )
             }
             Variant::Budgets | Variant::NoBudgets => {
                 let (port, key) = if variant == Variant::Budgets {
@@ -110,7 +126,18 @@ impl Stack {
         match variant {
             Variant::Budgets => Some(self.enforcer.0.pid()),
             Variant::NoBudgets => Some(self.enforcer_nb.0.pid()),
+            Variant::Passthrough => Some(self.passthrough.0.pid()),
             _ => None,
+        }
+    }
+
+    /// The mock provider's process (`stream`: the streaming one), whose own CPU per call is
+    /// reported next to the proxies'.
+    pub fn mock_pid(&self, stream: bool) -> u32 {
+        if stream {
+            self.stream_mock._proc.pid()
+        } else {
+            self.mock._proc.pid()
         }
     }
 }
@@ -198,11 +225,13 @@ fn start(env: &Env, redis_url: &str) -> Result<Stack> {
     std::fs::write(&stream_body, chat_body(true))?;
     let on = enforcer(env, redis_url, &mock, &stream_mock, true)?;
     let off = enforcer(env, redis_url, &mock, &stream_mock, false)?;
+    let passthrough = passthrough(env, &mock, &stream_mock)?;
     Ok(Stack {
         mock,
         stream_mock,
         enforcer: on,
         enforcer_nb: off,
+        passthrough,
         body,
         stream_body,
     })
@@ -310,6 +339,34 @@ allowed_tenants = ["{tenant}"]
     Ok((p, listen))
 }
 
+/// The pass-through proxy on the same two mocks, over plain HTTP as the enforcers reach them.
+fn passthrough(env: &Env, mock: &Mock, stream_mock: &Mock) -> Result<(Proc, u16)> {
+    let mut p = Proc::spawn(
+        "passthrough",
+        Command::new(env.bin.join("passthrough"))
+            .args(["--route", &format!("openai=http://{}/v1", mock.addr)])
+            .args([
+                "--route",
+                &format!("openai-stream=http://{}/v1", stream_mock.addr),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    )?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(p.stdout().context("passthrough stdout")?),
+        &mut line,
+    )?;
+    let v: Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("passthrough printed {line:?}"))?;
+    let port = v["addr"]
+        .as_str()
+        .and_then(|a| a.rsplit_once(':')?.1.parse::<u16>().ok())
+        .with_context(|| format!("passthrough printed no addr: {line}"))?;
+    p.ensure_running()?;
+    Ok((p, port))
+}
+
 /// The scenarios: open loop at 500 and 2000 req/s, closed loop at 16 and 64.
 const LOADS: [Load; 4] = [
     Load::Rate(500),
@@ -322,7 +379,12 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
     let tps = stack::ticks_per_s();
     // One unrecorded second per variant first: connection pools, budget caches and the allocator
     // warm up before the first measured run, which would otherwise carry the cold start alone.
-    for v in [Variant::Direct, Variant::Budgets, Variant::NoBudgets] {
+    for v in [
+        Variant::Direct,
+        Variant::Passthrough,
+        Variant::Budgets,
+        Variant::NoBudgets,
+    ] {
         let w = Duration::from_secs(1);
         loadgen::http(
             env,
@@ -335,7 +397,13 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
     }
     let mut scenarios = Vec::new();
     for load in LOADS {
-        let mut variants = vec![Variant::Direct, Variant::Budgets, Variant::NoBudgets];
+        // Direct stays first: the ratios are against runs[0].
+        let mut variants = vec![
+            Variant::Direct,
+            Variant::Passthrough,
+            Variant::Budgets,
+            Variant::NoBudgets,
+        ];
         // LiteLLM runs the closed-loop scenarios only: open loop at 2000 req/s just queues it into
         // timeouts.
         let (mut lite_port, mut lite_pid) = (None, None);
@@ -360,6 +428,7 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
                     stack.pid(v)
                 };
                 let before = pid.map(tree_ticks);
+                let mock_before = stack::cpu_ticks(stack.mock_pid(false));
                 // LiteLLM's latency is hundreds of ms under load: a 1 s window would hold too few
                 // completions, so it gets at least 3 s (same concurrency, same request).
                 let (warmup, window) = if v == Variant::LiteLlm {
@@ -383,6 +452,13 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
                     let total = r["sent_total"].as_f64().unwrap_or(0.0).max(1.0);
                     r["cpu_ms_per_1000"] = json!(used / total * 1000.0);
                     r["rss_kib"] = json!(tree_rss(p));
+                }
+                // The mock's own CPU per call: what serving the call costs at the far end, the
+                // same for every variant (it answers each call once).
+                if let (Some(b), Some(a)) = (mock_before, stack::cpu_ticks(stack.mock_pid(false))) {
+                    let used = a.saturating_sub(b) as f64 / tps * 1000.0;
+                    let total = r["sent_total"].as_f64().unwrap_or(0.0).max(1.0);
+                    r["mock_cpu_ms_per_1000"] = json!(used / total * 1000.0);
                 }
                 eprintln!(
                     "    {:<8} {:<20} rep {rep}: p50 {:>6} µs  p99 {:>6} µs  {:>7.0} req/s  errors {}",
@@ -415,11 +491,23 @@ fn scenario(load: Load, variants: &[Variant], runs: &[Vec<Value>]) -> Value {
     for (v, rs) in variants.iter().zip(runs).skip(1) {
         ratios.insert(v.name().into(), report::ratios(&runs[0], rs));
     }
+    // The enforcer's CPU per call against the floor, repeat by repeat.
+    let mut floor = serde_json::Map::new();
+    if let Some(pt) = variants.iter().position(|v| *v == Variant::Passthrough) {
+        for (v, rs) in variants.iter().zip(runs) {
+            if matches!(v, Variant::Budgets | Variant::NoBudgets) {
+                floor.insert(v.name().into(), report::cpu_ratios(&runs[pt], rs));
+            }
+        }
+    }
     let (kind, value) = match load {
         Load::Rate(r) => ("rate", r),
         Load::Concurrency(c) => ("concurrency", c),
     };
-    json!({ "load": load.label(), kind: value, "variants": vs, "vs_direct": ratios })
+    json!({
+        "load": load.label(), kind: value, "variants": vs, "vs_direct": ratios,
+        "vs_passthrough": floor,
+    })
 }
 
 /// Waits (at most 15 s) until `pid` uses less than 10% of a CPU.

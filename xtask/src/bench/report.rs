@@ -1,5 +1,5 @@
-//! Aggregation (medians and spread over repeats), the targets of issue 6 with PASS/MISS, the
-//! machine description, and the BENCHMARKS.md rendering.
+//! Aggregation (medians and spread over repeats), the targets of issues 6 and 20 with PASS/MISS,
+//! the machine description, and the BENCHMARKS.md rendering.
 
 use std::fmt::Write as _;
 use std::process::Command;
@@ -58,6 +58,7 @@ pub fn aggregate_http(runs: &[Value]) -> Value {
         "achieved_rps": spread(runs, |r| at(r, &["achieved_rps"])),
         "cpu_ms_per_1000": spread(runs, |r| at(r, &["cpu_ms_per_1000"])),
         "rss_kib": spread(runs, |r| at(r, &["rss_kib"])),
+        "mock_cpu_ms_per_1000": spread(runs, |r| at(r, &["mock_cpu_ms_per_1000"])),
         "errors": errors,
         "runs": runs,
     })
@@ -85,6 +86,20 @@ pub fn ratios(base: &[Value], runs: &[Value]) -> Value {
         "added_p999_us": per(&|b, r| lat("p999")(b, r).map(|(x, y)| x - y)),
         "throughput_ratio": per(&|b, r| Some(at(r, &["achieved_rps"])? / at(b, &["achieved_rps"])?.max(1e-9))),
     })
+}
+
+/// Per-repeat CPU per call of `runs` as a ratio to `floor`'s (the pass-through run of the same
+/// repeat).
+pub fn cpu_ratios(floor: &[Value], runs: &[Value]) -> Value {
+    let r: Vec<Value> = floor
+        .iter()
+        .zip(runs)
+        .filter_map(|(f, r)| {
+            let (f, r) = (at(f, &["cpu_ms_per_1000"])?, at(r, &["cpu_ms_per_1000"])?);
+            (f > 0.0).then(|| json!({ "x": r / f }))
+        })
+        .collect();
+    json!({ "cpu_ratio": spread(&r, |x| x["x"].as_f64()) })
 }
 
 /// nproc, CPU model, kernel, memory.
@@ -204,6 +219,36 @@ pub fn targets(r: &Value) -> Value {
         gap.map(|x| format!("{x:.0} µs")),
         gap.map(|x| x <= 200.0),
         "",
+    ));
+    // Issue 20: CPU per call against the pass-through floor, and per SSE event beyond it.
+    for (load, label) in [("rate-500", "500 req/s"), ("c64", "concurrency 64")] {
+        let sc = find_scenario(r, load);
+        let x = sc.and_then(|s| med(&s["vs_passthrough"]["enforcer_budgets"]["cpu_ratio"]));
+        let cpu = |v: &str| {
+            sc.and_then(|s| med(&s["variants"][v]["cpu_ms_per_1000"]))
+                .map_or_else(|| "?".into(), |ms| format!("{ms:.0} µs"))
+        };
+        t.push(target(
+            &format!("enforcer CPU per call vs pass-through at {label} (budgets on)"),
+            "≤ 1.5×",
+            x.map(|x| {
+                format!(
+                    "{x:.2}× ({} vs {} per call)",
+                    cpu("enforcer_budgets"),
+                    cpu("passthrough")
+                )
+            }),
+            x.map(|x| x <= 1.5),
+            "CPU ms / 1000 req is µs per call; median of the per-repeat ratios",
+        ));
+    }
+    let ev = med(&r["streaming"]["vs_passthrough"]["enforcer_budgets"]["added_cpu_us_per_event"]);
+    t.push(target(
+        "enforcer CPU per SSE event beyond the pass-through's",
+        "≤ 3 µs",
+        ev.map(|x| format!("{x:.1} µs")),
+        ev.map(|x| x <= 3.0),
+        "each stream's request, reserve and settle spread over its events; median of per-repeat differences",
     ));
     // 3. LiteLLM: its best closed-loop run vs the enforcer's highest throughput among closed-loop
     // runs whose p99 is no worse than LiteLLM's (a lower bound of the ratio at equal p99).
@@ -435,7 +480,7 @@ pub fn markdown(r: &Value) -> String {
     );
     let _ = writeln!(
         s,
-        "## Targets (issue 6)\n\n| target | goal | measured | status | note |\n|---|---|---|---|---|"
+        "## Targets (issues 6 and 20)\n\n| target | goal | measured | status | note |\n|---|---|---|---|---|"
     );
     for t in r["targets"].as_array().into_iter().flatten() {
         let _ = writeln!(
@@ -453,6 +498,7 @@ pub fn markdown(r: &Value) -> String {
         );
     }
     overhead_md(&mut s, r);
+    floor_md(&mut s, r);
     streaming_md(&mut s, r);
     ledger_md(&mut s, r);
     observer_md(&mut s, r);
@@ -511,6 +557,49 @@ fn overhead_md(s: &mut String, r: &Value) {
     }
 }
 
+/// The enforcer's CPU per call against the pass-through's, and the mock's own, per scenario.
+fn floor_md(s: &mut String, r: &Value) {
+    let scenarios = r["overhead"]["scenarios"].as_array();
+    if !scenarios.is_some_and(|v| v.iter().any(|s| !s["variants"]["passthrough"].is_null())) {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n### CPU per call against the floor (issue 20)\n\n\
+         `passthrough`: a proxy on the enforcer's own stack (hyper-util server and pooled \
+         hyper-rustls client, runtime, allocator) doing nothing but forwarding (docs/benchmarks.md). \
+         µs of CPU per call (= CPU ms / 1000 req), median over repeats; the ratios are the median \
+         of the per-repeat ratios. The mock's column is the provider's own cost of answering.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| load | passthrough µs | enforcer_budgets µs | × pass-through | enforcer_no_budgets µs | × pass-through | mock µs |\n\
+         |---|---|---|---|---|---|---|"
+    );
+    for sc in scenarios.into_iter().flatten() {
+        let v = &sc["variants"];
+        let x = |name: &str| {
+            let m = &sc["vs_passthrough"][name]["cpu_ratio"]["median"];
+            if m.is_null() {
+                "–".into()
+            } else {
+                format!("{}×", f(m, 2))
+            }
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            sc["load"].as_str().unwrap_or(""),
+            f(&v["passthrough"]["cpu_ms_per_1000"]["median"], 0),
+            f(&v["enforcer_budgets"]["cpu_ms_per_1000"]["median"], 0),
+            x("enforcer_budgets"),
+            f(&v["enforcer_no_budgets"]["cpu_ms_per_1000"]["median"], 0),
+            x("enforcer_no_budgets"),
+            f(&v["direct"]["mock_cpu_ms_per_1000"]["median"], 0),
+        );
+    }
+}
+
 fn streaming_md(s: &mut String, r: &Value) {
     let st = &r["streaming"];
     let _ = writeln!(s, "\n## 2. Streaming\n");
@@ -553,6 +642,26 @@ fn streaming_md(s: &mut String, r: &Value) {
             1
         )
     );
+    if !st["variants"]["passthrough"].is_null() {
+        let _ = writeln!(
+            s,
+            "\nThe pass-through proxy (the floor, same streams): {} µs of CPU per SSE event, so the \
+             enforcer spends {} µs per event beyond it (median of per-repeat differences). The \
+             streaming mock itself: {} µs per event.",
+            f(
+                &st["variants"]["passthrough"]["cpu_us_per_event"]["median"],
+                1
+            ),
+            f(
+                &st["vs_passthrough"]["enforcer_budgets"]["added_cpu_us_per_event"]["median"],
+                1
+            ),
+            f(
+                &st["variants"]["direct"]["mock_cpu_us_per_event"]["median"],
+                1
+            ),
+        );
+    }
 }
 
 fn ledger_md(s: &mut String, r: &Value) {
@@ -737,5 +846,77 @@ mod tests {
         );
         assert!(md.contains("LiteLLM was not measured: pip failed"), "{md}");
         assert!(md.contains("**Not measured: not root**"), "{md}");
+    }
+
+    #[test]
+    fn cpu_against_the_pass_through_pairs_repeats() {
+        let cpu = |ms: f64, mock: f64| {
+            let mut r = run(20_000.0, 21_000.0, 500.0);
+            r["cpu_ms_per_1000"] = json!(ms);
+            r["mock_cpu_ms_per_1000"] = json!(mock);
+            r
+        };
+        let direct = vec![cpu(0.0, 50.0), cpu(0.0, 52.0)];
+        let floor = vec![cpu(100.0, 50.0), cpu(200.0, 51.0)];
+        let enf = vec![cpu(140.0, 50.0), cpu(400.0, 51.0)];
+        let x = cpu_ratios(&floor, &enf);
+        assert!(
+            (x["cpu_ratio"]["min"].as_f64().unwrap() - 1.4).abs() < 1e-9,
+            "{x}"
+        );
+        assert!(
+            (x["cpu_ratio"]["max"].as_f64().unwrap() - 2.0).abs() < 1e-9,
+            "{x}"
+        );
+        let scenario = |load: &str| {
+            json!({
+                "load": load,
+                "variants": {
+                    "direct": aggregate_http(&direct),
+                    "passthrough": aggregate_http(&floor),
+                    "enforcer_budgets": aggregate_http(&enf),
+                },
+                "vs_passthrough": { "enforcer_budgets": cpu_ratios(&floor[..1], &enf[..1]) },
+            })
+        };
+        let mut r = json!({
+            "mode": "quick", "date": "2026-12-04T14:00:00Z", "machine": machine(),
+            "plan": { "duration_ms": 800, "warmup_ms": 200, "repeats": 2, "streams": 200 },
+            "overhead": { "scenarios": [scenario("rate-500"), scenario("c64")] },
+            "streaming": {
+                "variants": {
+                    "direct": { "mock_cpu_us_per_event": { "median": 2.0 } },
+                    "passthrough": { "cpu_us_per_event": { "median": 6.0 } },
+                },
+                "vs_passthrough": { "enforcer_budgets": { "added_cpu_us_per_event": { "median": 4.5 } } },
+            },
+        });
+        r["targets"] = targets(&r);
+        let row = |name: &str| {
+            r["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["target"] == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("no row {name}: {}", r["targets"]))
+        };
+        let t = row("enforcer CPU per call vs pass-through at 500 req/s (budgets on)");
+        assert_eq!(t["status"], "PASS", "{t}");
+        assert_eq!(t["measured"], "1.40× (270 µs vs 150 µs per call)");
+        let t = row("enforcer CPU per SSE event beyond the pass-through's");
+        assert_eq!(
+            (t["status"].as_str(), t["measured"].as_str()),
+            (Some("MISS"), Some("4.5 µs"))
+        );
+        let md = markdown(&r);
+        assert!(
+            md.contains("| c64 | 150 | 270 | 1.40× | – | – | 51 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("enforcer spends 4.5 µs per event beyond it"),
+            "{md}"
+        );
     }
 }

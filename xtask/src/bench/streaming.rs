@@ -1,5 +1,6 @@
-//! Streaming: 200+ concurrent SSE streams of 64 chunks, direct vs through the enforcer (budgets on),
-//! interleaved and repeated; time to first event and the gaps between events as the client sees them.
+//! Streaming: 200+ concurrent SSE streams of 64 chunks, direct vs through the enforcer (budgets on)
+//! vs through the pass-through proxy (the floor), interleaved and repeated; time to first event and
+//! the gaps between events as the client sees them, and each proxy's CPU per SSE event.
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
@@ -9,24 +10,31 @@ use super::report::spread;
 use super::{Env, loadgen, stack};
 
 pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
-    let variants = [Variant::Direct, Variant::Budgets];
-    let mut runs: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
+    // Direct and the enforcer first: `vs_direct` compares runs[0] and runs[1].
+    let variants = [Variant::Direct, Variant::Budgets, Variant::Passthrough];
+    let mut runs: [Vec<Value>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for rep in 0..env.plan.repeats {
         for k in 0..variants.len() {
             let i = (k + rep) % variants.len();
             let v = variants[i];
             let before = stack.pid(v).map(tree_ticks);
+            let mock_before = stack::cpu_ticks(stack.mock_pid(true));
             let mut r = loadgen::stream(env, &stack.target(v, true, None))
                 .with_context(|| format!("streams {}", v.name()))?;
             // The proxy's CPU per SSE event it forwarded (each stream's request, reserve and
             // settle included): steadier than tail latency on this shared machine.
-            if let (Some(p), Some(b)) = (stack.pid(v), before) {
-                let ms = tree_ticks(p).saturating_sub(b) as f64 / stack::ticks_per_s() * 1000.0;
-                let events = r["events_per_stream"].as_f64().unwrap_or(0.0)
-                    * (env.plan.streams * env.plan.stream_rounds) as f64;
-                if events > 0.0 {
-                    r["cpu_us_per_event"] = json!(ms * 1000.0 / events);
-                }
+            let events = r["events_per_stream"].as_f64().unwrap_or(0.0)
+                * (env.plan.streams * env.plan.stream_rounds) as f64;
+            let per_event = |ticks: u64| ticks as f64 / stack::ticks_per_s() * 1e6 / events;
+            if let (Some(p), Some(b)) = (stack.pid(v), before)
+                && events > 0.0
+            {
+                r["cpu_us_per_event"] = json!(per_event(tree_ticks(p).saturating_sub(b)));
+            }
+            if let (Some(b), Some(a)) = (mock_before, stack::cpu_ticks(stack.mock_pid(true)))
+                && events > 0.0
+            {
+                r["mock_cpu_us_per_event"] = json!(per_event(a.saturating_sub(b)));
             }
             eprintln!(
                 "    streams  {:<20} rep {rep}: TTFT p99 {:>6} µs  gap p50 {:>6} µs  gap p99 {:>6} µs  events/stream {:.1}  errors {}",
@@ -54,6 +62,14 @@ pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
             .collect();
         spread(&d, |x| x["d"].as_f64())
     };
+    // The enforcer's CPU per event beyond the floor's, repeat by repeat.
+    let cpu: Vec<Value> = runs[1]
+        .iter()
+        .zip(&runs[2])
+        .filter_map(|(e, p)| {
+            Some(json!({ "d": e["cpu_us_per_event"].as_f64()? - p["cpu_us_per_event"].as_f64()? }))
+        })
+        .collect();
     Ok(json!({
         "streams": env.plan.streams,
         "chunks": 64,
@@ -65,6 +81,11 @@ pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
             "added_gap_p50_us": diff("p50", "gap_us"),
             "added_gap_p99_us": diff("p99", "gap_us"),
             "added_gap_p999_us": diff("p999", "gap_us"),
+        },
+        "vs_passthrough": {
+            "enforcer_budgets": {
+                "added_cpu_us_per_event": spread(&cpu, |x| x["d"].as_f64()),
+            },
         },
     }))
 }
@@ -84,6 +105,7 @@ fn aggregate(runs: &[Value]) -> Value {
         "gap_p999_us": q("gap_us", "p999"),
         "events_per_stream": spread(runs, |r| r["events_per_stream"].as_f64()),
         "cpu_us_per_event": spread(runs, |r| r["cpu_us_per_event"].as_f64()),
+        "mock_cpu_us_per_event": spread(runs, |r| r["mock_cpu_us_per_event"].as_f64()),
         "errors": errors,
         "runs": runs,
     })
