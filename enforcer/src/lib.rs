@@ -26,6 +26,7 @@ pub mod error;
 pub mod forward;
 pub mod inflight;
 pub mod keys;
+pub mod logs;
 pub mod loop_guard;
 pub mod meter;
 pub mod metrics;

@@ -83,13 +83,14 @@ enum FormatArg {
     Csv,
 }
 
-/// Logs go to stderr from a dedicated thread, so a slow reader (a full pipe to the journal) never
-/// blocks a proxy worker; lines beyond the writer's buffer are dropped rather than stall calls.
-/// The returned guard flushes what is buffered when dropped at exit.
-fn init_logs(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr in batches from a dedicated thread (`enforcer::logs`), so a slow reader (a
+/// full pipe to the journal) never blocks a proxy worker and a line costs no wake-up; lines
+/// beyond the buffer are dropped and counted rather than stall calls. The returned guard writes
+/// what is buffered when dropped at exit.
+fn init_logs(format: &str) -> anyhow::Result<enforcer::logs::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (writer, guard) = enforcer::logs::batched_stderr().context("starting the log writer")?;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
@@ -98,7 +99,7 @@ fn init_logs(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     } else {
         b.json().flatten_event(true).with_current_span(false).init();
     }
-    guard
+    Ok(guard)
 }
 
 /// Runs `f` on a one-thread runtime with the ledger the config at `path` names (only
@@ -220,7 +221,7 @@ fn main() -> anyhow::Result<()> {
         None => {
             let cfg = Config::load(&cli.config)
                 .with_context(|| format!("invalid config {}", cli.config.display()))?;
-            let _logs = init_logs(&cfg.log_format);
+            let _logs = init_logs(&cfg.log_format)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -1,0 +1,262 @@
+//! Log lines to stderr in batches, from a thread of their own.
+//!
+//! The enforcer logs a line per call. `tracing_appender::non_blocking` hands each line to its
+//! writer thread through a channel, so at 500 calls/s that thread woke 1.27 times and made 4.6
+//! syscalls per call (issue 20's profile, docs/benchmarks.md). Here a line is appended to a
+//! shared buffer under a mutex (no wake-up), and the writer thread writes whatever is there
+//! every [`FLUSH_EVERY`], or as soon as [`FLUSH_BYTES`] are waiting: one `write` and one
+//! wake-up per batch.
+//!
+//! A slow reader (a full pipe to the journal) still never blocks a proxy worker. Lines beyond
+//! [`MAX_BUFFERED`] are dropped and counted, and the count is logged with the next batch that
+//! gets through. Lines are at most [`FLUSH_EVERY`] late. Dropping the [`LogGuard`] (at exit)
+//! writes what is left.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How often buffered lines are written.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Waiting bytes that wake the writer before its tick.
+const FLUSH_BYTES: usize = 64 * 1024;
+/// Waiting bytes beyond which lines are dropped.
+const MAX_BUFFERED: usize = 8 * 1024 * 1024;
+
+struct Shared {
+    buf: Mutex<Vec<u8>>,
+    dropped: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// The `MakeWriter` for `tracing_subscriber::fmt`.
+#[derive(Clone)]
+pub struct BatchedStderr {
+    shared: Arc<Shared>,
+    writer: Arc<std::thread::Thread>,
+}
+
+/// Writes what is left when dropped.
+pub struct LogGuard {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// One event's writer: appends to the shared buffer.
+pub struct LineWriter<'a> {
+    shared: &'a Shared,
+    writer: &'a std::thread::Thread,
+}
+
+/// Starts the writer thread.
+///
+/// # Errors
+/// When the thread cannot be spawned.
+pub fn batched_stderr() -> std::io::Result<(BatchedStderr, LogGuard)> {
+    batched(std::io::stderr())
+}
+
+fn batched<W: std::io::Write + Send + 'static>(
+    mut out: W,
+) -> std::io::Result<(BatchedStderr, LogGuard)> {
+    let shared = Arc::new(Shared {
+        buf: Mutex::new(Vec::with_capacity(FLUSH_BYTES)),
+        dropped: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let s = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("enforcer-log".into())
+        .spawn(move || {
+            let mut spare = Vec::with_capacity(FLUSH_BYTES);
+            loop {
+                std::thread::park_timeout(FLUSH_EVERY);
+                let stop = s.stop.load(Ordering::Acquire);
+                if let Ok(mut buf) = s.buf.lock() {
+                    std::mem::swap(&mut *buf, &mut spare);
+                }
+                let dropped = s.dropped.swap(0, Ordering::Relaxed);
+                if dropped > 0 {
+                    spare.extend_from_slice(
+                        format!(
+                            "{dropped} log lines dropped: stderr did not keep up (more than {MAX_BUFFERED} bytes waiting)\n"
+                        )
+                        .as_bytes(),
+                    );
+                }
+                if !spare.is_empty() {
+                    let _ = out.write_all(&spare);
+                    let _ = out.flush();
+                    spare.clear();
+                }
+                if stop {
+                    return;
+                }
+            }
+        })?;
+    let writer = Arc::new(thread.thread().clone());
+    Ok((
+        BatchedStderr {
+            shared: shared.clone(),
+            writer,
+        },
+        LogGuard {
+            shared,
+            thread: Some(thread),
+        },
+    ))
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchedStderr {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> LineWriter<'a> {
+        LineWriter {
+            shared: &self.shared,
+            writer: &self.writer,
+        }
+    }
+}
+
+impl std::io::Write for LineWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let Ok(mut buf) = self.shared.buf.lock() else {
+            return Ok(bytes.len());
+        };
+        if buf.len() + bytes.len() > MAX_BUFFERED {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(bytes.len());
+        }
+        let was_below = buf.len() < FLUSH_BYTES;
+        buf.extend_from_slice(bytes);
+        let now_above = buf.len() >= FLUSH_BYTES;
+        drop(buf);
+        if was_below && now_above {
+            self.writer.unpark();
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use tracing_subscriber::fmt::MakeWriter as _;
+
+    /// A sink the test can read while the writer thread owns its clone.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("sink").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_arrive_whole_in_order_and_the_guard_writes_the_rest() {
+        let sink = Sink::default();
+        let (w, guard) = batched(sink.clone()).expect("writer");
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        let line = format!("thread {t} line {i:04} {}\n", "x".repeat(100));
+                        w.make_writer().write_all(line.as_bytes()).expect("write");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("join");
+        }
+        // Within a tick the first batch is out; the guard writes the rest at once.
+        std::thread::sleep(FLUSH_EVERY * 3);
+        assert!(
+            !sink.0.lock().expect("sink").is_empty(),
+            "nothing written after a tick"
+        );
+        w.make_writer().write_all(b"last\n").expect("write");
+        drop(guard);
+        let text = String::from_utf8(sink.0.lock().expect("sink").clone()).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2001);
+        assert_eq!(lines.last(), Some(&"last"));
+        for t in 0..4 {
+            let mine: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.starts_with(&format!("thread {t} ")))
+                .collect();
+            assert_eq!(mine.len(), 500, "thread {t}");
+            for (i, l) in mine.iter().enumerate() {
+                assert!(l.starts_with(&format!("thread {t} line {i:04} ")), "{l}");
+                assert_eq!(l.len(), format!("thread {t} line {i:04} ").len() + 100);
+            }
+        }
+    }
+
+    #[test]
+    fn a_reader_that_does_not_keep_up_loses_lines_counted_never_blocks() {
+        /// Blocks every write until released.
+        struct Stuck(Arc<std::sync::Barrier>, Sink);
+        impl std::io::Write for Stuck {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.wait();
+                self.1.write(b)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let sink = Sink::default();
+        let (w, guard) = batched(Stuck(gate.clone(), sink.clone())).expect("writer");
+        w.make_writer().write_all(b"first\n").expect("write");
+        std::thread::sleep(FLUSH_EVERY * 3); // the writer is now stuck writing "first"
+        let line = vec![b'y'; 1024 * 1024];
+        let started = std::time::Instant::now();
+        for _ in 0..12 {
+            w.make_writer().write_all(&line).expect("write");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a writer blocked"
+        );
+        assert_eq!(
+            w.shared.dropped.load(Ordering::Relaxed),
+            4,
+            "8 MiB kept, 4 dropped"
+        );
+        gate.wait(); // "first"
+        gate.wait(); // the kept 8 MiB and the drop count
+        drop(guard);
+        let text = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
+        assert!(text.starts_with("first\n"));
+        assert!(
+            text.contains("4 log lines dropped"),
+            "drop count not logged"
+        );
+    }
+}
