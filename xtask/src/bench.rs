@@ -8,6 +8,7 @@
 
 mod litellm;
 mod loadgen;
+mod memory;
 mod observer;
 mod overhead;
 mod report;

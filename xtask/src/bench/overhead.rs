@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use super::loadgen::{self, Load, Target};
+use super::memory;
 use super::stack::{self, MOCK_KEY, Mock, Proc};
 use super::{Env, litellm, report, streaming};
 use crate::command::step;
@@ -164,6 +165,16 @@ pub fn run(
     }
     if http {
         out.insert("overhead".into(), matrix(env, &stack, &mut lite)?);
+        let url = format!(
+            "http://127.0.0.1:{}/proxy/openai/embeddings",
+            stack.enforcer.1
+        );
+        let pid = stack.enforcer.0.pid();
+        out.insert(
+            "memory".into(),
+            memory::run(env, &url, KEY_BUDGETS, pid)
+                .unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
+        );
     }
     if let Some(e) = &lite.error {
         eprintln!("\x1b[1;31mLiteLLM unavailable, peer comparison NOT measured: {e}\x1b[0m");

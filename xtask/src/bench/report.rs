@@ -250,6 +250,21 @@ pub fn targets(r: &Value) -> Value {
         ev.map(|x| x <= 3.0),
         "each stream's request, reserve and settle spread over its events; median of per-repeat differences",
     ));
+    let mem = &r["memory"];
+    let peak = mem["peak_rss_mib"].as_f64();
+    t.push(target(
+        "enforcer peak RSS, 64 concurrent 4 MiB embeddings calls with ~6 MB answers",
+        "< 256 MiB",
+        peak.map(|x| format!("{x:.0} MiB")),
+        peak.map(|x| x < 256.0),
+        &match peak {
+            Some(_) => format!(
+                "VmHWM over the whole bench run; {} calls answered, {} refused by the in-flight body budget (503)",
+                mem["ok"], mem["refused_503"]
+            ),
+            None => mem["error"].as_str().unwrap_or("not measured").to_owned(),
+        },
+    ));
     // 3. LiteLLM: its best closed-loop run vs the enforcer's highest throughput among closed-loop
     // runs whose p99 is no worse than LiteLLM's (a lower bound of the ratio at equal p99).
     t.push(litellm_target(r));
