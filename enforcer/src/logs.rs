@@ -4,12 +4,13 @@
 //! writer thread through a channel, so at 500 calls/s that thread woke 1.27 times and made 4.6
 //! syscalls per call (issue 20's profile, docs/benchmarks.md). Here a line is appended to a
 //! shared buffer under a mutex (no wake-up), and the writer thread writes whatever is there
-//! every [`FLUSH_EVERY`], or as soon as [`FLUSH_BYTES`] are waiting: one `write` and one
-//! wake-up per batch.
+//! every [`FLUSH_EVERY`], or as soon as [`FLUSH_BYTES`] are waiting or a warning or error is
+//! logged: one `write` and one wake-up per batch.
 //!
 //! A slow reader (a full pipe to the journal) still never blocks a proxy worker. Lines beyond
 //! [`MAX_BUFFERED`] are dropped and counted, and the count is logged with the next batch that
-//! gets through. Lines are at most [`FLUSH_EVERY`] late. Dropping the [`LogGuard`] (at exit)
+//! gets through. Info lines (one per call) are at most [`FLUSH_EVERY`] late; warnings and errors
+//! are written at once. Dropping the [`LogGuard`] (at exit)
 //! writes what is left.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,6 +48,8 @@ pub struct LogGuard {
 pub struct LineWriter<'a> {
     shared: &'a Shared,
     writer: &'a std::thread::Thread,
+    /// A warning or an error: the writer thread is woken at once, not at its next tick.
+    urgent: bool,
 }
 
 /// Starts the writer thread.
@@ -125,6 +128,15 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchedStderr {
         LineWriter {
             shared: &self.shared,
             writer: &self.writer,
+            urgent: false,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LineWriter<'a> {
+        LineWriter {
+            shared: &self.shared,
+            writer: &self.writer,
+            urgent: *meta.level() <= tracing::Level::WARN,
         }
     }
 }
@@ -142,7 +154,7 @@ impl std::io::Write for LineWriter<'_> {
         buf.extend_from_slice(bytes);
         let now_above = buf.len() >= FLUSH_BYTES;
         drop(buf);
-        if was_below && now_above {
+        if self.urgent || (was_below && now_above) {
             self.writer.unpark();
         }
         Ok(bytes.len())
@@ -214,6 +226,28 @@ mod tests {
                 assert!(l.starts_with(&format!("thread {t} line {i:04} ")), "{l}");
                 assert_eq!(l.len(), format!("thread {t} line {i:04} ").len() + 100);
             }
+        }
+    }
+
+    #[test]
+    fn a_warning_is_written_at_once() {
+        let sink = Sink::default();
+        let (w, _guard) = batched(sink.clone()).expect("writer");
+        // Let the writer's first tick pass, so the next one is ~50 ms away.
+        std::thread::sleep(FLUSH_EVERY + FLUSH_EVERY / 2);
+        let mut urgent = LineWriter {
+            shared: &w.shared,
+            writer: &w.writer,
+            urgent: true,
+        };
+        let started = std::time::Instant::now();
+        urgent.write_all(b"warn\n").expect("write");
+        while sink.0.lock().expect("sink").is_empty() {
+            assert!(
+                started.elapsed() < FLUSH_EVERY / 2,
+                "the warning waited for the tick"
+            );
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

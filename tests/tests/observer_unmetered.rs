@@ -426,15 +426,12 @@ async fn the_enforcers_own_upstream_connection_is_neither_metered_nor_unmetered(
     assert_eq!((acme, unattributed), (0, 0));
 }
 
-fn curl(url: &str, ca: &Path, headers: &[String]) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--http1.1", "--fail", "-o", "/dev/null", "--cacert"])
-        .arg(ca)
-        .args(["-H", "content-type: application/json"]);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    let out = cmd
+/// curl posting a chat completion to `url` with `args` (TLS options, headers as `-H`, ...).
+fn curl(url: &str, args: &[String]) {
+    let out = Command::new("curl")
+        .args(["-sS", "--http1.1", "--fail", "-o", "/dev/null"])
+        .args(args)
+        .args(["-H", "content-type: application/json"])
         .args([
             "-d",
             r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]}"#,
@@ -464,16 +461,14 @@ fn a_host_header_alone_is_no_provider_under_connection_identity() {
     let extra = format!("provider_identity = \"connection\"\n{RULES}");
     let obs = Observer::start(&redis.url(), &[(&host, "openai")], &extra, false);
 
-    curl(
-        &local.https_url(),
-        local.ca_pem_path(),
-        &[format!("host: {host}"), "x-tenant-id: t-claimed".to_owned()],
-    );
-    curl(
-        &provider.https_url(),
-        provider.ca_pem_path(),
-        &["x-tenant-id: t-real".to_owned()],
-    );
+    let ca = |m: &MockProvider| vec!["--cacert".to_owned(), m.ca_pem_path().display().to_string()];
+    let mut claimed = ca(&local);
+    claimed.extend(["-H".to_owned(), format!("host: {host}")]);
+    claimed.extend(["-H".to_owned(), "x-tenant-id: t-claimed".to_owned()]);
+    curl(&local.https_url(), &claimed);
+    let mut real = ca(&provider);
+    real.extend(["-H".to_owned(), "x-tenant-id: t-real".to_owned()]);
+    curl(&provider.https_url(), &real);
     assert_ledger(&redis.url(), "t-real", billed(&provider), &obs);
     let deadline = Instant::now() + Duration::from_secs(10);
     while obs.metric("llmwarden_observer_records_refused_total") < 1 {
@@ -514,28 +509,11 @@ fn the_server_name_a_connection_sent_names_its_provider() {
     let host = format!("llm.test:{port}");
     let extra = format!("egress_accounting = false\n{RULES}");
     let obs = Observer::start(&redis.url(), &[(&host, "openai")], &extra, false);
-    let call = |url: &str, extra_args: &[String]| {
-        let out = Command::new("curl")
-            .args(["-sS", "--http1.1", "--fail", "-o", "/dev/null", "-k"])
-            .args(extra_args)
-            .args(["-H", "content-type: application/json"])
-            .args([
-                "-d",
-                r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]}"#,
-            ])
-            .arg(format!("{url}/v1/chat/completions"))
-            .output()
-            .expect("run curl");
-        assert!(
-            out.status.success(),
-            "curl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     // By name (--resolve: no DNS): SNI llm.test.
-    call(
+    curl(
         &format!("https://{host}"),
         &[
+            "-k".to_owned(),
             "--resolve".to_owned(),
             format!("{host}:127.0.0.1"),
             "-H".to_owned(),
@@ -543,9 +521,10 @@ fn the_server_name_a_connection_sent_names_its_provider() {
         ],
     );
     // By address with the provider's Host header: no SNI.
-    call(
+    curl(
         &m.https_url(),
         &[
+            "-k".to_owned(),
             "-H".to_owned(),
             format!("host: {host}"),
             "-H".to_owned(),

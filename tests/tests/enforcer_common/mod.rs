@@ -285,8 +285,10 @@ impl Stack {
         self.dir.path().join("enforcer.toml")
     }
 
-    /// The enforcer's log so far.
+    /// The enforcer's log so far. It writes info lines in batches every 50 ms (warnings at once;
+    /// `enforcer/src/logs.rs`), so this waits for the batch in flight first.
     pub fn log(&self) -> String {
+        std::thread::sleep(Duration::from_millis(120));
         std::fs::read_to_string(self.dir.path().join("enforcer.log")).expect("read enforcer log")
     }
 
