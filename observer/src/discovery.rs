@@ -588,7 +588,7 @@ impl Discovery {
             .set(i64::try_from(self.probes.attached_files()).unwrap_or(0));
         self.metrics
             .attached_processes
-            .set(i64::try_from(self.probes.processes().len()).unwrap_or(0));
+            .set(i64::try_from(self.probes.process_count()).unwrap_or(0));
         for outcome in crate::bpf::GoOutcome::ALL {
             self.metrics
                 .go_binaries

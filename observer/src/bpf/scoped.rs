@@ -172,6 +172,11 @@ impl Probes {
         self.scoped.procs.contains_key(&pid)
     }
 
+    /// How many processes have probes of their own.
+    pub fn process_count(&self) -> usize {
+        self.scoped.procs.len()
+    }
+
     /// Processes with probes of their own.
     pub fn processes(&self) -> Vec<u32> {
         self.scoped.procs.keys().copied().collect()
