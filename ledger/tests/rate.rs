@@ -92,3 +92,36 @@ async fn windows_refuse_past_the_limit_in_both_scripts_and_correct_tokens() {
         assert_eq!(ok, 7, "group commit {group_commit}");
     }
 }
+
+/// Replicas stamp a call with their clock before its script runs, so a call stamped a second
+/// earlier can reach Redis after calls stamped later. The window counts those newer seconds too:
+/// a late-stamped call is not admitted past the limit.
+#[tokio::test]
+async fn a_call_stamped_before_the_newest_counted_second_still_sees_it() {
+    let server = RedisServer::start();
+    for group_commit in [false, true] {
+        let cfg = LedgerConfig {
+            group_commit,
+            ..LedgerConfig::default()
+        };
+        let l = Ledger::connect_with(&server.url(), cfg)
+            .await
+            .expect("connect");
+        let _ = server.command(&["DEL", "llmw:{rt}:rl:tenant"]);
+        let tag = if group_commit { "b" } else { "s" };
+        let now = req(&format!("{tag}n"), 3, 0, 10).at;
+        let mut r: Vec<_> = (0..4)
+            .map(|i| {
+                let mut q = req(&format!("{tag}late{i}"), 3, 0, 10);
+                q.at = now;
+                q
+            })
+            .collect();
+        r[3].at = now - chrono::Duration::seconds(1);
+        assert_eq!(
+            outcomes(&l, &r).await,
+            ["ok", "ok", "ok", "r3"],
+            "group commit {group_commit}"
+        );
+    }
+}

@@ -381,7 +381,9 @@ local function rl_check(prefix, at, now_s)
     local slots, req, tok = {}, 0, 0
     for i = 0, 59 do
       local s = tonumber(v[3 * i + 1] or '')
-      if s and s > now_s - 60 and s <= now_s then
+      -- Seconds newer than `now_s` count too: replicas stamp a call before its script runs,
+      -- so a call stamped earlier can arrive after later-stamped ones were counted.
+      if s and s > now_s - 60 then
         local r, t = tonumber(v[3 * i + 2] or '0'), tonumber(v[3 * i + 3] or '0')
         req, tok = req + r, tok + t
         slots[#slots + 1] = {s, r, t}
@@ -399,7 +401,7 @@ local function rl_check(prefix, at, now_s)
       for _, sl in ipairs(slots) do
         left = left - sl[col]
         if left + add <= limit then
-          retry = sl[1] + 60 - now_s
+          retry = math.min(60, sl[1] + 60 - now_s)
           break
         end
       end
