@@ -31,7 +31,7 @@ pub struct BenchArgs {
     /// About a minute: shorter runs, fewer repeats (LiteLLM's one-time install not counted).
     #[arg(long)]
     quick: bool,
-    /// Sections to skip: overhead, streaming, ledger, litellm, observer (repeatable).
+    /// Sections to skip: overhead, memory, streaming, ledger, litellm, observer (repeatable).
     #[arg(long)]
     skip: Vec<String>,
     /// Do not build (use the release binaries already in the target dir).
@@ -161,7 +161,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (_redis, redis_port) = stack::redis(&env.work)?;
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
 
-    if !skip("overhead") || !skip("streaming") || !skip("litellm") {
+    if !skip("overhead") || !skip("memory") || !skip("streaming") || !skip("litellm") {
         let with_litellm = !skip("litellm");
         section(&mut results, "overhead", || {
             overhead::run(
@@ -169,6 +169,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 &redis_url,
                 with_litellm,
                 !skip("overhead"),
+                !skip("memory"),
                 !skip("streaming"),
             )
         });

@@ -148,6 +148,7 @@ pub fn run(
     redis_url: &str,
     with_litellm: bool,
     http: bool,
+    memory: bool,
     streams: bool,
 ) -> Result<Value> {
     let stack = start(env, redis_url)?;
@@ -165,6 +166,8 @@ pub fn run(
     }
     if http {
         out.insert("overhead".into(), matrix(env, &stack, &mut lite)?);
+    }
+    if memory {
         let url = format!(
             "http://127.0.0.1:{}/proxy/openai/embeddings",
             stack.enforcer.1
