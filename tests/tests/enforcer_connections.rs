@@ -249,3 +249,38 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
     );
     stack.settled("acme", 2).await;
 }
+
+/// An HTTP/1.1 connection reads ahead at most 64 KiB (so 64 clients sending large bodies do not
+/// each hold ~400 KiB buffers, hyper's default): a request head must fit in that. One that does
+/// gets through; one that does not gets 431 at once, not a hang or a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_heads_up_to_the_read_buffer_pass_larger_ones_get_431() {
+    let stack = Stack::start(Opts::default()).await;
+    let fits = "a".repeat(40 << 10);
+    let r = http()
+        .post(format!("{}/v1/chat/completions", stack.base("openai")))
+        .bearer_auth(KEY_ACME)
+        .header("x-padding", &fits)
+        .json(&chat())
+        .send()
+        .await
+        .expect("a call with a 40 KiB header");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    stack.settled("acme", 1).await;
+
+    let too_big = "a".repeat(70 << 10);
+    let mut s = TcpStream::connect(("127.0.0.1", stack.port)).expect("connect");
+    let head = format!(
+        "POST /proxy/openai/v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-padding: {too_big}\r\n\
+         content-length: 2\r\n\r\n{{}}"
+    );
+    // The enforcer may answer and close before the whole head is written.
+    let _ = s.write_all(head.as_bytes());
+    let (bytes, closed) = read_to_close(&mut s, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "a 70 KiB request head got {text:?}"
+    );
+    assert!(closed.is_some(), "the connection stayed open after the 431");
+}
