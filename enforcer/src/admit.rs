@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::Request;
 use http::header::CONTENT_LENGTH;
 use http_body_util::{BodyExt, Limited};
@@ -209,23 +209,38 @@ async fn read_body(
     let mut fits = permit.try_grow(upfront.saturating_mul(REQUEST_COST_FACTOR));
     let wait = Duration::from_millis(app.cfg.timeouts.client_ms);
     let mut body = Limited::new(body, limit);
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
+    // Each frame is copied into one buffer as it arrives and then freed: a frame is a slice of
+    // the connection's read buffer, so holding frames until the end would keep up to a whole
+    // read buffer per frame alive, then need a second copy of the body to join them. A declared
+    // length sizes the buffer once; a chunked body grows it by doubling.
+    let mut buf = BytesMut::new();
+    // A body that came whole in its first frame (most calls) is kept as is, without a copy.
+    let mut whole: Option<Bytes> = None;
     let read = async {
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else {
                 continue; // trailers
             };
-            len += data.len();
-            let cost = len.saturating_mul(REQUEST_COST_FACTOR);
+            let cost = (buf.len() + data.len()).saturating_mul(REQUEST_COST_FACTOR);
             if fits && cost > permit.bytes() && !permit.try_grow(cost - permit.bytes()) {
                 fits = false;
+                buf = BytesMut::new();
+                whole = None;
             }
-            if fits {
-                chunks.push(data);
-            } else {
-                chunks.clear();
+            if !fits {
+                continue;
             }
+            if buf.is_empty() && whole.is_none() && data.len() == upfront {
+                whole = Some(data);
+                continue;
+            }
+            if let Some(first) = whole.take() {
+                buf.reserve(first.len() + data.len());
+                buf.extend_from_slice(&first);
+            } else if buf.is_empty() {
+                buf.reserve(upfront.min(limit).max(data.len()));
+            }
+            buf.extend_from_slice(&data);
         }
         Ok::<bool, Box<dyn std::error::Error + Send + Sync>>(fits)
     };
@@ -234,25 +249,13 @@ async fn read_body(
             "the request body did not arrive within {} ms (timeouts.client_ms)",
             wait.as_millis()
         ))),
-        Ok(Ok(true)) => Ok((concat(chunks, len), permit)),
+        Ok(Ok(true)) => Ok((whole.unwrap_or_else(|| buf.freeze()), permit)),
         Ok(Ok(false)) => Err(overloaded()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ProxyError::BodyTooLarge { limit })
         }
         Ok(Err(e)) => Err(ProxyError::BodyRead(e.to_string())),
     }
-}
-
-/// The chunks of a body as one buffer (no copy for a body that came in one chunk).
-fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.pop().unwrap_or_default();
-    }
-    let mut out = bytes::BytesMut::with_capacity(len);
-    for c in chunks {
-        out.extend_from_slice(&c);
-    }
-    out.freeze()
 }
 
 /// Parses the body of a metered call: model, stream, output limit, input estimate.
