@@ -6,7 +6,7 @@
 
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, Once, PoisonError};
 
 /// An OpenAI tokenizer (pre-tokenisation regex plus byte-pair encoding).
 pub(crate) type Bpe = bpe_openai::Tokenizer;
@@ -74,10 +74,52 @@ pub(crate) fn encoding_for_model(model: &str) -> Option<Encoding> {
 /// The tokenizer of an encoding, deserialised from the vocabulary compiled into the binary on
 /// first use. Always `Some`; callers keep the byte heuristic for the models without one.
 pub(crate) fn bpe(encoding: Encoding) -> Option<&'static Bpe> {
-    Some(match encoding {
-        Encoding::O200k => bpe_openai::o200k_base(),
-        Encoding::Cl100k => bpe_openai::cl100k_base(),
-    })
+    static LOADED: [Once; 2] = [Once::new(), Once::new()];
+    let (bpe, i) = match encoding {
+        Encoding::O200k => (bpe_openai::o200k_base(), 0),
+        Encoding::Cl100k => (bpe_openai::cl100k_base(), 1),
+    };
+    LOADED[i].call_once(release_read_only_pages);
+    Some(bpe)
+}
+
+/// Hands back to the kernel the pages of this executable's read-only data that are resident now.
+///
+/// The vocabularies are compiled into the binary (`include_bytes!`) and read once, whole, to build
+/// the tokenizer: o200k_base's is about 30 MiB, cl100k_base's about 15 MiB. Those pages would
+/// otherwise stay in the process's RSS (file-backed, clean) for its whole life although nothing
+/// reads them again. Measured on a small program: RssFile 35 MiB after loading o200k_base, 6 MiB
+/// after this; 21 MiB after cl100k_base, 6 MiB after this. `MADV_PAGEOUT` is only a hint: the
+/// other read-only data (strings, tables) that is still used faults back in from the page cache.
+fn release_read_only_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+            return;
+        };
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+            return;
+        };
+        for line in maps.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(range), Some(perms), Some(path)) = (f.next(), f.next(), f.nth(3)) else {
+                continue;
+            };
+            if !perms.starts_with("r--") || std::path::Path::new(path) != exe {
+                continue;
+            }
+            let Some((a, b)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            else {
+                continue;
+            };
+            // SAFETY: `[a, b)` is a whole mapping of this process, read-only and file-backed;
+            // MADV_PAGEOUT changes no content, it only lets the kernel reclaim its pages.
+            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_PAGEOUT) };
+        }
+    }
 }
 
 /// Tokens of `text` under `bpe`; special-token text is encoded as ordinary text (more tokens).
