@@ -15,6 +15,7 @@ pub mod admin_keys;
 pub mod admin_rules;
 pub mod admit;
 pub mod alerting;
+pub mod alloc;
 pub mod audit_export;
 pub mod auth;
 pub mod budget;
