@@ -10,16 +10,16 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user_buf,
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
-    macros::{map, tracepoint},
+    macros::{fentry, map, tracepoint},
     maps::{Array, HashMap, LruHashMap, RingBuf},
-    programs::TracePointContext,
+    programs::{FEntryContext, TracePointContext},
 };
 use observer_common::{
-    ProviderAddr, STAT_TCP_DROPS, TCP_CLOSE, TCP_FLAG_JOINED, TCP_OPEN, TcpConn, TcpEvent,
-    TcpOffsets,
+    CONN_FLAG_SENT, HELLO_MAX, ProviderAddr, STAT_TCP_DROPS, SendOffsets, TCP_CLOSE,
+    TCP_FLAG_JOINED, TCP_OPEN, TcpConn, TcpEvent, TcpHello, TcpOffsets,
 };
 
 use crate::stat_add;
@@ -32,10 +32,17 @@ static PROVIDER_ADDRS: HashMap<ProviderAddr, u32> = HashMap::with_max_entries(40
 static TCP_CONNS: LruHashMap<u64, TcpConn> = LruHashMap::with_max_entries(65536, 0);
 /// Connection opens and closes for userspace.
 #[map]
-static TCP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
+static TCP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Offsets of the byte counters in `struct tcp_sock` (one entry; 0 = unknown, not read).
 #[map]
 static TCP_OFFSETS: Array<TcpOffsets> = Array::with_max_entries(1, 0);
+/// Where a send's user buffer is in `struct msghdr` (one entry, from BTF; the `tcp_send` program
+/// is attached only once it is written).
+#[map]
+static SEND_OFFSETS: Array<SendOffsets> = Array::with_max_entries(1, 0);
+
+/// `BPF_RB_NO_WAKEUP`: the connection's close (or the next open) wakes the reader.
+const RB_NO_WAKEUP: u64 = 1;
 
 /// Field offsets in `sock/inet_sock_set_state` (its tracefs format on 6.18; userspace checks the
 /// running kernel's format before attaching).
@@ -140,7 +147,7 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
             // SAFETY: helper without preconditions.
             cgroup: unsafe { bpf_get_current_cgroup_id() },
             pid,
-            pad: 0,
+            flags: 0,
         };
         let _ = TCP_CONNS.insert(&sk, &conn, 0);
         output(&TcpEvent {
@@ -206,4 +213,83 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
         lport: unsafe { field(&ctx, SPORT) },
     });
     0
+}
+
+/// Reads a kernel `T` at `addr` (0 on a fault).
+#[inline(always)]
+fn kread<T: Copy + Default>(addr: u64) -> T {
+    // SAFETY: the helper faults safely.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.unwrap_or_default()
+}
+
+/// `fentry/tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`: the first send of a
+/// connection to a provider address carries the TLS ClientHello, whatever library built it; its
+/// first bytes go to userspace, which reads the server name (SNI) from them. Every other send of
+/// the host costs one map lookup.
+#[fentry(function = "tcp_sendmsg")]
+pub fn tcp_send(ctx: FEntryContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let Some(conn) = TCP_CONNS.get_ptr_mut(&sk) else {
+        return 0;
+    };
+    // SAFETY: the map's value for `sk`, valid for this run.
+    let conn = unsafe { &mut *conn };
+    if conn.flags & CONN_FLAG_SENT != 0 {
+        return 0;
+    }
+    conn.flags |= CONN_FLAG_SENT;
+    let start_ns = conn.start_ns;
+    first_send(&ctx, sk, start_ns);
+    0
+}
+
+#[inline(always)]
+fn first_send(ctx: &FEntryContext, sk: u64, start_ns: u64) {
+    let Some(o) = SEND_OFFSETS.get(0) else {
+        return;
+    };
+    let msg: u64 = ctx.arg(1);
+    let iter = msg + u64::from(o.msg_iter);
+    let ty: u8 = kread(iter + u64::from(o.iter_type));
+    let (base, len): (u64, u64) = if u32::from(ty) == o.iter_ubuf {
+        (
+            kread(iter + u64::from(o.ubuf)),
+            kread(iter + u64::from(o.count)),
+        )
+    } else if u32::from(ty) == o.iter_iovec {
+        // writev/sendmsg: the first iovec (a ClientHello is written as one record).
+        let iov: u64 = kread(iter + u64::from(o.ubuf));
+        (
+            kread(iov + u64::from(o.iov_base)),
+            kread(iov + u64::from(o.iov_len)),
+        )
+    } else {
+        return; // splice, kernel buffers: no user bytes to read
+    };
+    if base == 0 || len == 0 {
+        return;
+    }
+    let Some(mut entry) = TCP_EVENTS.reserve::<TcpHello>(0) else {
+        stat_add(STAT_TCP_DROPS, 1);
+        return;
+    };
+    let hello = entry.as_mut_ptr();
+    let n = if len > HELLO_MAX as u64 {
+        HELLO_MAX
+    } else {
+        len as usize
+    };
+    // SAFETY: the reserved record, ours until submitted; `n` <= HELLO_MAX.
+    let ok = unsafe {
+        (*hello).sk = sk;
+        (*hello).start_ns = start_ns;
+        (*hello).len = n as u32;
+        (*hello).total = len.min(u64::from(u32::MAX)) as u32;
+        bpf_probe_read_user_buf(base as *const u8, &mut (&mut (*hello).data)[..n]).is_ok()
+    };
+    if ok {
+        entry.submit(RB_NO_WAKEUP);
+    } else {
+        entry.discard(0);
+    }
 }

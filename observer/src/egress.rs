@@ -7,6 +7,7 @@
 //! The kernel side is `observer-ebpf/src/egress.rs`; the addresses it accounts are the configured
 //! and built-in provider hosts, resolved by a thread of their own (`Resolver`).
 
+mod hello;
 mod metrics;
 mod resolve;
 

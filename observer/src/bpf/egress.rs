@@ -4,8 +4,8 @@
 use anyhow::{Context as _, Result};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, RingBuf};
-use aya::programs::TracePoint;
-use observer_common::{ProviderAddr, TcpOffsets};
+use aya::programs::{FEntry, TracePoint};
+use observer_common::{ProviderAddr, SendOffsets, TcpOffsets};
 
 use super::format_has;
 
@@ -15,6 +15,9 @@ pub struct EgressMaps {
     pub events: RingBuf<MapData>,
     /// The provider addresses the kernel accounts (written by the resolver thread).
     pub addrs: HashMap<MapData, ProviderAddr, u32>,
+    /// Whether the first send of each provider connection (its TLS ClientHello) is reported,
+    /// so that the destination is named by its SNI.
+    pub hello: bool,
 }
 
 /// Loads and attaches the program when the tracepoint's format is the one it reads and the
@@ -68,11 +71,41 @@ fn try_load(ebpf: &mut Ebpf) -> Result<EgressMaps> {
     prog.load().context("verifier rejected tcp_state")?;
     prog.attach("sock", "inet_sock_set_state")
         .context("attaching tracepoint sock/inet_sock_set_state")?;
+    let hello = match attach_send(ebpf) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "TLS server names of provider connections not read (fentry tcp_sendmsg): \
+                 unmetered connections are named by address only"
+            );
+            false
+        }
+    };
     Ok(EgressMaps {
+        hello,
         events: RingBuf::try_from(ebpf.take_map("TCP_EVENTS").context("map TCP_EVENTS")?)?,
         addrs: HashMap::try_from(
             ebpf.take_map("PROVIDER_ADDRS")
                 .context("map PROVIDER_ADDRS")?,
         )?,
     })
+}
+
+/// Attaches `tcp_send` (fentry on `tcp_sendmsg`) once the `struct msghdr` offsets of this kernel
+/// are written.
+fn attach_send(ebpf: &mut Ebpf) -> Result<()> {
+    let o = crate::btf::send_offsets()?;
+    let mut offsets: Array<_, SendOffsets> =
+        Array::try_from(ebpf.map_mut("SEND_OFFSETS").context("map SEND_OFFSETS")?)?;
+    offsets.set(0, o, 0).context("writing SEND_OFFSETS")?;
+    let btf = aya::Btf::from_sys_fs().context("kernel BTF")?;
+    let prog: &mut FEntry = ebpf
+        .program_mut("tcp_send")
+        .context("program tcp_send")?
+        .try_into()?;
+    prog.load("tcp_sendmsg", &btf)
+        .context("verifier rejected tcp_send")?;
+    prog.attach().context("attaching fentry tcp_sendmsg")?;
+    Ok(())
 }
