@@ -220,29 +220,6 @@ pub struct TcpHello {
     pub data: [u8; HELLO_MAX],
 }
 
-/// Where the kernel finds a send's first user buffer (`tcp_sendmsg`'s `struct msghdr`), from the
-/// running kernel's BTF; written by userspace before the program is attached.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SendOffsets {
-    /// `msghdr.msg_iter`.
-    pub msg_iter: u32,
-    /// `iov_iter.iter_type` (u8).
-    pub iter_type: u32,
-    /// `iov_iter.ubuf` (union with `__iov`).
-    pub ubuf: u32,
-    /// `iov_iter.count`.
-    pub count: u32,
-    /// `iovec.iov_base`.
-    pub iov_base: u32,
-    /// `iovec.iov_len`.
-    pub iov_len: u32,
-    /// Value of `ITER_UBUF` in `enum iter_type`.
-    pub iter_ubuf: u32,
-    /// Value of `ITER_IOVEC`.
-    pub iter_iovec: u32,
-}
-
 /// An event on the `TCP_EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -295,8 +272,6 @@ mod pod {
     unsafe impl aya::Pod for super::TcpEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TcpOffsets {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::SendOffsets {}
     // SAFETY: all these are #[repr(C)], Copy, contain only integers and explicit padding fields, so
     // every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::SslEventHeader {}

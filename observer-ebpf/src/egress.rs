@@ -10,16 +10,17 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user_buf,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
-    macros::{fentry, map, tracepoint},
+    macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, RingBuf},
-    programs::{FEntryContext, TracePointContext},
+    programs::TracePointContext,
 };
 use observer_common::{
-    CONN_FLAG_SENT, HELLO_MAX, ProviderAddr, STAT_TCP_DROPS, SendOffsets, TCP_CLOSE,
-    TCP_FLAG_JOINED, TCP_OPEN, TcpConn, TcpEvent, TcpHello, TcpOffsets,
+    CONN_FLAG_SENT, HELLO_MAX, ProviderAddr, STAT_TCP_DROPS, TCP_CLOSE, TCP_FLAG_JOINED, TCP_OPEN,
+    TcpConn, TcpEvent, TcpHello, TcpOffsets,
 };
 
 use crate::stat_add;
@@ -36,10 +37,13 @@ static TCP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Offsets of the byte counters in `struct tcp_sock` (one entry; 0 = unknown, not read).
 #[map]
 static TCP_OFFSETS: Array<TcpOffsets> = Array::with_max_entries(1, 0);
-/// Where a send's user buffer is in `struct msghdr` (one entry, from BTF; the `tcp_send` program
-/// is attached only once it is written).
+/// The fd of each thread's latest `connect(2)` (`syscalls/sys_enter_connect`): `SYN_SENT` runs
+/// inside that call, so it finds the fd of the socket it accounts here.
 #[map]
-static SEND_OFFSETS: Array<SendOffsets> = Array::with_max_entries(1, 0);
+static CONNECT_FD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+/// Provider connections whose first send is awaited, by `tgid << 32 | fd`: the `struct sock *`.
+#[map]
+static FIRST_SEND: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// `BPF_RB_NO_WAKEUP`: the connection's close (or the next open) wakes the reader.
 const RB_NO_WAKEUP: u64 = 1;
@@ -141,7 +145,13 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
             return 0;
         }
         // connect(2) runs in the connecting task: its pid and cgroup are the caller's.
-        let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let pid = (pid_tgid >> 32) as u32;
+        // SAFETY: a lookup; the value is copied.
+        if let Some(&fd) = unsafe { CONNECT_FD.get(&pid_tgid) } {
+            let _ = FIRST_SEND.insert(&((pid_tgid & !0xffff_ffff) | u64::from(fd)), &sk, 0);
+            let _ = CONNECT_FD.remove(&pid_tgid);
+        }
         let conn = TcpConn {
             start_ns: now,
             // SAFETY: helper without preconditions.
@@ -215,56 +225,103 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Reads a kernel `T` at `addr` (0 on a fault).
-#[inline(always)]
-fn kread<T: Copy + Default>(addr: u64) -> T {
-    // SAFETY: the helper faults safely.
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.unwrap_or_default()
+/// Offsets in the `syscalls/sys_enter_*` records (the same for connect, write, sendto, writev and
+/// sendmsg on 6.18; checked in tracefs by userspace): the fd, then the buffer (or iovec array,
+/// or `struct user_msghdr *`), then its length.
+const SYS_FD: usize = 16;
+const SYS_BUF: usize = 24;
+const SYS_LEN: usize = 32;
+
+/// `syscalls/sys_enter_connect`: remembers the fd the thread connects (one map update).
+#[tracepoint]
+pub fn sys_connect(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the tracepoint's format, aligned.
+    let fd: u64 = unsafe { field(&ctx, SYS_FD) };
+    let _ = CONNECT_FD.insert(&bpf_get_current_pid_tgid(), &(fd as u32), 0);
+    0
 }
 
-/// `fentry/tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`: the first send of a
-/// connection to a provider address carries the TLS ClientHello, whatever library built it; its
-/// first bytes go to userspace, which reads the server name (SNI) from them. Every other send of
+/// How a write-like syscall passes its bytes.
+#[derive(Clone, Copy)]
+enum Buf {
+    /// `write`, `sendto`: a buffer and its length.
+    Plain,
+    /// `writev`: an iovec array (the first is read).
+    Iovec,
+    /// `sendmsg`: a `struct user_msghdr *` (its first iovec is read).
+    Msghdr,
+}
+
+/// `sys_enter_write`.
+#[tracepoint]
+pub fn sys_write(ctx: TracePointContext) -> u32 {
+    first_send(&ctx, Buf::Plain);
+    0
+}
+
+/// `sys_enter_sendto`.
+#[tracepoint]
+pub fn sys_sendto(ctx: TracePointContext) -> u32 {
+    first_send(&ctx, Buf::Plain);
+    0
+}
+
+/// `sys_enter_writev`.
+#[tracepoint]
+pub fn sys_writev(ctx: TracePointContext) -> u32 {
+    first_send(&ctx, Buf::Iovec);
+    0
+}
+
+/// `sys_enter_sendmsg`.
+#[tracepoint]
+pub fn sys_sendmsg(ctx: TracePointContext) -> u32 {
+    first_send(&ctx, Buf::Msghdr);
+    0
+}
+
+/// The first send on a provider connection carries the TLS ClientHello, whatever library built
+/// it: its first bytes go to userspace, which reads the server name (SNI). Every other write of
 /// the host costs one map lookup.
-#[fentry(function = "tcp_sendmsg")]
-pub fn tcp_send(ctx: FEntryContext) -> u32 {
-    let sk: u64 = ctx.arg(0);
+#[inline(always)]
+fn first_send(ctx: &TracePointContext, how: Buf) {
+    // SAFETY: offset from the tracepoint's format, aligned.
+    let fd: u64 = unsafe { field(ctx, SYS_FD) };
+    let key = (bpf_get_current_pid_tgid() & !0xffff_ffff) | (fd & 0xffff_ffff);
+    // SAFETY: a lookup; the value is copied.
+    let Some(&sk) = (unsafe { FIRST_SEND.get(&key) }) else {
+        return;
+    };
+    let _ = FIRST_SEND.remove(&key);
     let Some(conn) = TCP_CONNS.get_ptr_mut(&sk) else {
-        return 0;
+        return; // closed (and the fd number reused) before any send
     };
     // SAFETY: the map's value for `sk`, valid for this run.
     let conn = unsafe { &mut *conn };
     if conn.flags & CONN_FLAG_SENT != 0 {
-        return 0;
+        return;
     }
     conn.flags |= CONN_FLAG_SENT;
     let start_ns = conn.start_ns;
-    first_send(&ctx, sk, start_ns);
-    0
-}
-
-#[inline(always)]
-fn first_send(ctx: &FEntryContext, sk: u64, start_ns: u64) {
-    let Some(o) = SEND_OFFSETS.get(0) else {
-        return;
-    };
-    let msg: u64 = ctx.arg(1);
-    let iter = msg + u64::from(o.msg_iter);
-    let ty: u8 = kread(iter + u64::from(o.iter_type));
-    let (base, len): (u64, u64) = if u32::from(ty) == o.iter_ubuf {
-        (
-            kread(iter + u64::from(o.ubuf)),
-            kread(iter + u64::from(o.count)),
-        )
-    } else if u32::from(ty) == o.iter_iovec {
-        // writev/sendmsg: the first iovec (a ClientHello is written as one record).
-        let iov: u64 = kread(iter + u64::from(o.ubuf));
-        (
-            kread(iov + u64::from(o.iov_base)),
-            kread(iov + u64::from(o.iov_len)),
-        )
-    } else {
-        return; // splice, kernel buffers: no user bytes to read
+    // SAFETY: as above.
+    let (arg, len): (u64, u64) = unsafe { (field(ctx, SYS_BUF), field(ctx, SYS_LEN)) };
+    // SAFETY: user pointers read through the helper, which faults safely; the layouts are the
+    // x86-64 user ABI (`struct iovec` {base, len}; `struct user_msghdr`'s `msg_iov` at 16).
+    let (base, len): (u64, u64) = unsafe {
+        match how {
+            Buf::Plain => (arg, len),
+            Buf::Iovec => (
+                bpf_probe_read_user(arg as *const u64).unwrap_or(0),
+                bpf_probe_read_user((arg + 8) as *const u64).unwrap_or(0),
+            ),
+            Buf::Msghdr => {
+                let iov: u64 = bpf_probe_read_user((arg + 16) as *const u64).unwrap_or(0);
+                (
+                    bpf_probe_read_user(iov as *const u64).unwrap_or(0),
+                    bpf_probe_read_user((iov + 8) as *const u64).unwrap_or(0),
+                )
+            }
+        }
     };
     if base == 0 || len == 0 {
         return;

@@ -8,7 +8,6 @@ use anyhow::{Context as _, Result, bail};
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
-const KIND_ENUM: u32 = 6;
 
 /// One type's header and where its trailing data starts.
 struct Type {
@@ -131,19 +130,6 @@ impl<'a> Btf<'a> {
         None
     }
 
-    /// The value of enumerator `name` in enum `enum_name`.
-    pub fn enum_value(&self, enum_name: &str, name: &str) -> Option<u32> {
-        let ty = self
-            .types
-            .iter()
-            .find(|t| t.kind == KIND_ENUM && self.name(t.name_off) == enum_name)?;
-        (0..ty.vlen).find_map(|i| {
-            let at = ty.data + 8 * i;
-            let n = u32_at(self.type_sec, at).ok()?;
-            (self.name(n) == name).then(|| u32_at(self.type_sec, at + 4).ok())?
-        })
-    }
-
     /// Type `id`, through typedefs and qualifiers.
     fn resolve(&self, mut id: u32) -> Option<&Type> {
         for _ in 0..16 {
@@ -174,41 +160,6 @@ pub fn tcp_byte_offsets() -> Result<(u32, u32)> {
     Ok((acked, received))
 }
 
-/// Where `tcp_sendmsg` finds a send's first user buffer in the running kernel: `msghdr.msg_iter`,
-/// `iov_iter`'s type and buffer (`ubuf` for `write`/`send`, `__iov` for `writev`/`sendmsg`, one
-/// anonymous union) and `iovec`'s members, with `enum iter_type`'s values.
-///
-/// # Errors
-/// When the kernel has no BTF or lacks one of them (an older `iov_iter` layout).
-pub fn send_offsets() -> Result<observer_common::SendOffsets> {
-    let raw =
-        std::fs::read("/sys/kernel/btf/vmlinux").context("reading /sys/kernel/btf/vmlinux")?;
-    let btf = Btf::parse(&raw)?;
-    let member = |s: &str, m: &str| {
-        btf.member_offset(s, m)
-            .with_context(|| format!("struct {s} has no {m}"))
-    };
-    let value = |v: &str| {
-        btf.enum_value("iter_type", v)
-            .with_context(|| format!("enum iter_type has no {v}"))
-    };
-    let ubuf = member("iov_iter", "ubuf")?;
-    let iov = member("iov_iter", "__iov")?;
-    if ubuf != iov {
-        bail!("iov_iter.ubuf ({ubuf}) and iov_iter.__iov ({iov}) are not one union");
-    }
-    Ok(observer_common::SendOffsets {
-        msg_iter: member("msghdr", "msg_iter")?,
-        iter_type: member("iov_iter", "iter_type")?,
-        ubuf,
-        count: member("iov_iter", "count")?,
-        iov_base: member("iovec", "iov_base")?,
-        iov_len: member("iovec", "iov_len")?,
-        iter_ubuf: value("ITER_UBUF")?,
-        iter_iovec: value("ITER_IOVEC")?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,16 +172,6 @@ mod tests {
         assert_eq!(acked % 8, 0);
         assert_eq!(received % 8, 0);
         assert_ne!(acked, received);
-    }
-
-    #[test]
-    fn finds_the_send_buffer_in_this_kernel() {
-        let o = send_offsets().expect("BTF of the running kernel");
-        eprintln!("{o:?}");
-        assert_ne!(o.iter_ubuf, o.iter_iovec);
-        assert_eq!(o.iov_base, 0, "iovec starts with iov_base");
-        assert_eq!(o.iov_len, 8);
-        assert!(o.count > o.ubuf || o.count < o.ubuf);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use anyhow::{Context as _, Result};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, RingBuf};
-use aya::programs::{FEntry, TracePoint};
-use observer_common::{ProviderAddr, SendOffsets, TcpOffsets};
+use aya::programs::TracePoint;
+use observer_common::{ProviderAddr, TcpOffsets};
 
 use super::format_has;
 
@@ -76,7 +76,7 @@ fn try_load(ebpf: &mut Ebpf) -> Result<EgressMaps> {
         Err(e) => {
             tracing::warn!(
                 error = format!("{e:#}"),
-                "TLS server names of provider connections not read (fentry tcp_sendmsg): \
+                "TLS server names of provider connections not read (syscall tracepoints): \
                  unmetered connections are named by address only"
             );
             false
@@ -92,20 +92,33 @@ fn try_load(ebpf: &mut Ebpf) -> Result<EgressMaps> {
     })
 }
 
-/// Attaches `tcp_send` (fentry on `tcp_sendmsg`) once the `struct msghdr` offsets of this kernel
-/// are written.
+/// Attaches the first-send programs (`syscalls/sys_enter_{connect,write,sendto,writev,sendmsg}`)
+/// when their records have the layout they read.
 fn attach_send(ebpf: &mut Ebpf) -> Result<()> {
-    let o = crate::btf::send_offsets()?;
-    let mut offsets: Array<_, SendOffsets> =
-        Array::try_from(ebpf.map_mut("SEND_OFFSETS").context("map SEND_OFFSETS")?)?;
-    offsets.set(0, o, 0).context("writing SEND_OFFSETS")?;
-    let btf = aya::Btf::from_sys_fs().context("kernel BTF")?;
-    let prog: &mut FEntry = ebpf
-        .program_mut("tcp_send")
-        .context("program tcp_send")?
-        .try_into()?;
-    prog.load("tcp_sendmsg", &btf)
-        .context("verifier rejected tcp_send")?;
-    prog.attach().context("attaching fentry tcp_sendmsg")?;
+    for (prog, call, second) in [
+        ("sys_connect", "connect", "struct sockaddr * uservaddr"),
+        ("sys_write", "write", "const char * buf"),
+        ("sys_sendto", "sendto", "void * buff"),
+        ("sys_writev", "writev", "const struct iovec * vec"),
+        ("sys_sendmsg", "sendmsg", "struct user_msghdr * msg"),
+    ] {
+        let event = format!("sys_enter_{call}");
+        let fd = if call == "write" {
+            "unsigned int fd"
+        } else if call == "writev" {
+            "unsigned long fd"
+        } else {
+            "int fd"
+        };
+        format_has("syscalls", &event, &[(fd, 16), (second, 24)])?;
+        let p: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog}"))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("verifier rejected {prog}"))?;
+        p.attach("syscalls", &event)
+            .with_context(|| format!("attaching tracepoint syscalls/{event}"))?;
+    }
     Ok(())
 }
