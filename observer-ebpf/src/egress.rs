@@ -3,9 +3,13 @@
 //! address (`PROVIDER_ADDRS`, written by userspace from the configured hosts' resolved addresses)
 //! is remembered with the connecting task's pid, cgroup and start; when it reaches `TCP_CLOSE`
 //! its payload byte counters are read from `struct tcp_sock` (offsets from the running kernel's
-//! BTF, `TCP_OFFSETS`) and reported. Nothing runs per packet or per send/receive: the tracepoint
-//! fires on state changes only (about six per connection), and every change that is not a connect
-//! or a close returns after two loads.
+//! BTF, `TCP_OFFSETS`) and reported. The state tracepoint fires on state changes only (about six
+//! per connection), and every change that is not a connect or a close returns after two loads.
+//!
+//! The destination's name: the first bytes a process writes on a provider connection (its TLS
+//! ClientHello, whatever library built it) are copied once, so userspace reads the SNI. The
+//! connect's fd is kept by `sys_enter_connect`; `SYN_SENT` keys the socket by `(tgid, fd)`; the
+//! write-like syscall tracepoints cost one map lookup for every other write of the host.
 
 use aya_ebpf::{
     EbpfContext as _,
