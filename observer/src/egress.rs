@@ -159,6 +159,8 @@ pub fn start(
 /// A connection seen opening.
 struct Open {
     start_ns: u64,
+    /// The connecting process (as the kernel saw it).
+    pid: u32,
     proc: ProcessInfo,
     /// The server name its ClientHello carried.
     sni: Option<String>,
@@ -348,6 +350,7 @@ impl Egress {
                         ev.sk,
                         Open {
                             start_ns: ev.start_ns,
+                            pid: ev.pid,
                             proc,
                             sni: None,
                         },
@@ -432,11 +435,27 @@ impl Egress {
                 result: result.to_owned(),
             })
             .inc();
-        if let Some(o) = self.open.get_mut(&h.sk)
-            && o.start_ns == h.start_ns
+        let Some(o) = self
+            .open
+            .get_mut(&h.sk)
+            .filter(|o| o.start_ns == h.start_ns)
+        else {
+            return;
+        };
+        // The name, not the address, says which provider (if any) this connection vouches for
+        // under `provider_identity = "connection"`.
+        if let Some(name) = &sni
+            && let Some(v) = self.connected.get_mut(&o.pid)
         {
-            o.sni = sni;
+            match self.detector.provider_of_server_name(name) {
+                Some(p) => v
+                    .iter_mut()
+                    .filter(|c| c.start_ns == h.start_ns)
+                    .for_each(|c| p.clone_into(&mut c.provider)),
+                None => v.retain(|c| c.start_ns != h.start_ns),
+            }
         }
+        o.sni = sni;
     }
 
     /// Decides the connections whose grace has passed.
