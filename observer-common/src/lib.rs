@@ -191,8 +191,33 @@ pub struct TcpConn {
     pub cgroup: u64,
     /// Thread group id of the connecting task.
     pub pid: u32,
-    /// Reserved, zero.
-    pub pad: u32,
+    /// [`CONN_FLAG_SENT`].
+    pub flags: u32,
+}
+
+/// [`TcpConn::flags`]: the connection's first send was seen (its first bytes, the TLS
+/// ClientHello, were reported as a [`TcpHello`] when readable).
+pub const CONN_FLAG_SENT: u32 = 1;
+
+/// Most bytes of a connection's first send reported ([`TcpHello`]): a ClientHello with a
+/// post-quantum key share is ~1.5-1.9 KB, so this holds it whole.
+pub const HELLO_MAX: usize = 4096;
+
+/// The first bytes a process sent on a connection to a provider address (the TLS ClientHello),
+/// on the `TCP_EVENTS` ring; told from a [`TcpEvent`] by its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpHello {
+    /// The kernel's `struct sock *` (as [`TcpEvent::sk`]).
+    pub sk: u64,
+    /// The connection's start ([`TcpConn::start_ns`]).
+    pub start_ns: u64,
+    /// Bytes of `data` read.
+    pub len: u32,
+    /// Bytes the send carried in its first buffer (more than `len` when cut).
+    pub total: u32,
+    /// The bytes.
+    pub data: [u8; HELLO_MAX],
 }
 
 /// An event on the `TCP_EVENTS` ring buffer.
@@ -274,5 +299,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<ProviderAddr>(), 24);
         assert_eq!(core::mem::size_of::<TcpConn>(), 24);
         assert_eq!(core::mem::size_of::<TcpEvent>(), 6 * 8 + 16 + 4 * 3 + 2 + 2);
+        assert_eq!(core::mem::size_of::<TcpHello>(), 8 + 8 + 4 + 4 + HELLO_MAX);
+        assert_ne!(
+            core::mem::size_of::<TcpHello>(),
+            core::mem::size_of::<TcpEvent>()
+        );
     }
 }

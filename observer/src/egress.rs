@@ -7,6 +7,7 @@
 //! The kernel side is `observer-ebpf/src/egress.rs`; the addresses it accounts are the configured
 //! and built-in provider hosts, resolved by a thread of their own (`Resolver`).
 
+mod hello;
 mod metrics;
 mod resolve;
 
@@ -17,11 +18,14 @@ use std::time::{Duration, Instant};
 
 use crate::discovery::ProcNote;
 use aya::maps::{MapData, RingBuf};
-use observer_common::{ProviderAddr, TCP_CLOSE, TCP_FLAG_JOINED, TCP_OPEN, TcpEvent};
+use ledger::provider::ProviderDetector;
+use observer_common::{
+    HELLO_MAX, ProviderAddr, TCP_CLOSE, TCP_FLAG_JOINED, TCP_OPEN, TcpEvent, TcpHello,
+};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use metrics::{EgressMetrics, ProviderLabels, VerdictLabels};
+pub use metrics::{EgressMetrics, HelloLabels, ProviderLabels, VerdictLabels};
 use resolve::{Dest, Joined, Names, Resolver, dest, socket_addr};
 
 use crate::attribution::{CompiledMatcher, ProcessInfo, Rules};
@@ -41,8 +45,12 @@ pub struct UnmeteredRecord {
     pub conn_id: String,
     /// Provider name.
     pub provider: String,
-    /// Provider host as configured.
+    /// Destination host: the TLS server name (SNI) the process sent when seen, else the
+    /// configured host whose resolved address the peer is.
     pub host: String,
+    /// The TLS server name (SNI) of the connection's ClientHello; `None` when it sent none or the
+    /// kernel did not see it (joined connections, hello cut before the name).
+    pub sni: Option<String>,
     /// Peer address.
     pub addr: String,
     /// Process id (0 when the connection predates the observer).
@@ -110,6 +118,17 @@ pub fn start(
             .into_iter()
             .map(|(h, n)| (h.to_owned(), n.to_owned())),
     );
+    let mut detector = ProviderDetector::new();
+    for p in &cfg.providers {
+        let kind = p
+            .kind
+            .parse()
+            .map_err(|_| anyhow::anyhow!("providers.kind {:?}", p.kind))?;
+        detector = detector.with_host(&p.host, kind, p.name.as_deref().unwrap_or(&p.kind));
+    }
+    if !maps.hello {
+        tracing::info!("unmetered connections are named by address (no ClientHello capture)");
+    }
     let names: Names = Arc::default();
     let joined: Joined = Arc::default();
     let resolver = Resolver {
@@ -133,13 +152,18 @@ pub fn start(
         boot_id.to_owned(),
     );
     egress.connect_notes = connect_notes;
+    egress.detector = detector;
     Ok(Some(egress))
 }
 
 /// A connection seen opening.
 struct Open {
     start_ns: u64,
+    /// The connecting process (as the kernel saw it).
+    pid: u32,
     proc: ProcessInfo,
+    /// The server name its ClientHello carried.
+    sni: Option<String>,
 }
 
 /// A connection that ended, waiting for its verdict.
@@ -149,6 +173,8 @@ struct Closed {
     proc: ProcessInfo,
     /// For a connection that predates the observer: when the scan at start saw it.
     seen: Option<chrono::DateTime<chrono::Utc>>,
+    /// The server name its ClientHello carried.
+    sni: Option<String>,
 }
 
 /// The reader's side: pairs opens and closes, remembers metered calls, decides.
@@ -173,6 +199,8 @@ pub struct Egress {
     connected: HashMap<u32, Vec<Connected>>,
     /// `attach = "on-connect"`: the discovery thread, told of each provider connect first.
     connect_notes: Option<std::sync::mpsc::Sender<ProcNote>>,
+    /// Which server names are provider hosts (configured and built-in).
+    detector: ProviderDetector,
 }
 
 /// A provider connection of a process, as `provider_identity = "connection"` needs it.
@@ -230,6 +258,7 @@ impl Egress {
             boot_id,
             connected: HashMap::new(),
             connect_notes: None,
+            detector: ProviderDetector::new(),
         }
     }
 
@@ -287,6 +316,13 @@ impl Egress {
     ) {
         let now = Instant::now();
         while let Some(item) = ring.next() {
+            if item.len() == std::mem::size_of::<TcpHello>() {
+                // SAFETY: the kernel writes whole TcpHello records (told apart by size).
+                let h: TcpHello = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                drop(item);
+                self.hello(&h);
+                continue;
+            }
             if item.len() < std::mem::size_of::<TcpEvent>() {
                 continue;
             }
@@ -314,7 +350,9 @@ impl Egress {
                         ev.sk,
                         Open {
                             start_ns: ev.start_ns,
+                            pid: ev.pid,
                             proc,
+                            sni: None,
                         },
                     );
                 }
@@ -328,8 +366,12 @@ impl Egress {
                     }
                     let mut ev = ev;
                     let mut seen = None;
+                    let mut sni = None;
                     let proc = match self.open.remove(&ev.sk) {
-                        Some(o) if o.start_ns == ev.start_ns => o.proc,
+                        Some(o) if o.start_ns == ev.start_ns => {
+                            sni = o.sni;
+                            o.proc
+                        }
                         _ if ev.pid != 0 => process(ev.pid),
                         _ => {
                             let key = ProviderAddr {
@@ -366,6 +408,7 @@ impl Egress {
                         ev,
                         proc,
                         seen,
+                        sni,
                     });
                 }
                 _ => {}
@@ -375,6 +418,44 @@ impl Egress {
         if self.open.len() > 65_536 {
             self.open.clear();
         }
+    }
+
+    /// The first bytes of an open connection: its server name, if a ClientHello names one.
+    fn hello(&mut self, h: &TcpHello) {
+        let data = &h.data[..(h.len as usize).min(HELLO_MAX)];
+        let (result, sni) = match hello::parse(data) {
+            hello::Hello::Sni(n) => ("sni", Some(n)),
+            hello::Hello::NoSni => ("no_sni", None),
+            hello::Hello::Truncated => ("truncated", None),
+            hello::Hello::NotTls => ("not_tls", None),
+        };
+        self.metrics
+            .hellos
+            .get_or_create(&HelloLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+        let Some(o) = self
+            .open
+            .get_mut(&h.sk)
+            .filter(|o| o.start_ns == h.start_ns)
+        else {
+            return;
+        };
+        // The name, not the address, says which provider (if any) this connection vouches for
+        // under `provider_identity = "connection"`.
+        if let Some(name) = &sni
+            && let Some(v) = self.connected.get_mut(&o.pid)
+        {
+            match self.detector.provider_of_server_name(name) {
+                Some(p) => v
+                    .iter_mut()
+                    .filter(|c| c.start_ns == h.start_ns)
+                    .for_each(|c| p.clone_into(&mut c.provider)),
+                None => v.retain(|c| c.start_ns != h.start_ns),
+            }
+        }
+        o.sni = sni;
     }
 
     /// Decides the connections whose grace has passed.
@@ -413,6 +494,23 @@ impl Egress {
                 host: addr.to_string(),
                 provider: "unknown".to_owned(),
             });
+        // A server name that is no provider host: the address was a coincidence (a CDN address
+        // shared with other sites), not a provider connection at all.
+        let named = c
+            .sni
+            .as_deref()
+            .map(|n| (n, self.detector.provider_of_server_name(n)));
+        if let Some((name, None)) = named {
+            tracing::debug!(server_name = name, addr = %addr, pid = ev.pid,
+                "connection to a provider address names another host: not a provider connection");
+            self.metrics
+                .verdicts
+                .get_or_create(&VerdictLabels {
+                    verdict: "not_provider".to_owned(),
+                })
+                .inc();
+            return;
+        }
         let until = ev.ts_ns + u64::try_from(VERDICT_GRACE.as_nanos()).unwrap_or(u64::MAX);
         let metered = if joined && ev.pid == 0 {
             // No pid: any call metered to this provider up to its close counts for it.
@@ -464,8 +562,12 @@ impl Egress {
         let rec = UnmeteredRecord {
             kind: "unmetered",
             conn_id: format!("tcp:{}:{:x}:{}", self.boot_id, ev.sk, ev.ts_ns),
-            provider: dest.provider,
-            host: dest.host,
+            provider: match named {
+                Some((_, Some(p))) => p.to_owned(),
+                _ => dest.provider,
+            },
+            host: c.sni.clone().unwrap_or(dest.host),
+            sni: c.sni.clone(),
             addr: addr.to_string(),
             pid: ev.pid,
             comm: c.proc.comm.clone(),

@@ -77,17 +77,24 @@ fn unmetered_events(redis_url: &str) -> Vec<std::collections::HashMap<String, St
 
 /// Runs the rustls client against `m` and returns its JSON line.
 fn rustls_client(m: &MockProvider, calls: usize) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_rustls-client"))
-        .args([
-            "--url",
-            &m.https_url(),
-            "--calls",
-            &calls.to_string(),
-            "--ca",
-        ])
-        .arg(m.ca_pem_path())
-        .output()
-        .expect("run rustls-client");
+    rustls_client_named(m, calls, None)
+}
+
+/// Runs the rustls client against `m`'s address, sending `server_name` as SNI when given.
+fn rustls_client_named(m: &MockProvider, calls: usize, server_name: Option<&str>) -> Value {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rustls-client"));
+    cmd.args([
+        "--url",
+        &m.https_url(),
+        "--calls",
+        &calls.to_string(),
+        "--ca",
+    ])
+    .arg(m.ca_pem_path());
+    if let Some(name) = server_name {
+        cmd.args(["--server-name", name]);
+    }
+    let out = cmd.output().expect("run rustls-client");
     assert!(
         out.status.success(),
         "rustls-client failed: {}",
@@ -551,5 +558,93 @@ fn the_server_name_a_connection_sent_names_its_provider() {
     assert_eq!(
         llmwarden_tests::observer::month_spend(&redis.url(), "t-claimed").requests,
         0
+    );
+}
+
+/// The ClientHello the rustls client sent (read by the `tcp_sendmsg` fentry, any TLS library)
+/// names the destination: the unmetered record's host is the server name, not the address.
+#[test]
+fn the_unmetered_record_names_the_server_name_the_client_sent() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let m = MockProvider::start_background(MockConfig::default());
+    let addr = m.addr().to_string();
+    let named = format!("llm.test:{}", m.addr().port());
+    // The address is accounted; the name is a provider host (configured, not resolvable).
+    let obs = Observer::start(
+        &redis.url(),
+        &[(&addr, "openai"), (&named, "openai")],
+        RULES,
+        false,
+    );
+    let out = rustls_client_named(&m, 1, Some("llm.test"));
+    let pid = out["pid"].as_u64().expect("pid");
+    let u = wait_unmetered(&redis.url(), "t-rustls", 1, &obs);
+    assert_eq!(u.connections, 1, "{u:?}");
+    assert_eq!(
+        u.entries[0].host,
+        "llm.test",
+        "{u:?}\n{}\n{}",
+        obs.metrics(),
+        obs.log()
+    );
+    let events = unmetered_events(&redis.url());
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["host"], "llm.test");
+    assert_eq!(events[0]["pid"], pid.to_string());
+    assert_eq!(
+        obs.metric("llmwarden_observer_provider_hellos_total{result=\"sni\"}"),
+        1,
+        "{}",
+        obs.metrics()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = report(&redis.url(), dir.path());
+    let t = v["tenants"]
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["tenant"] == "t-rustls"))
+        .unwrap_or_else(|| panic!("t-rustls missing from the report: {v}"));
+    assert_eq!(t["unmetered"][0]["host"], "llm.test");
+}
+
+/// A connection to a provider address whose ClientHello names a host that is no provider's (a
+/// CDN address shared with other sites): the address match was a coincidence, so it is no
+/// unmetered bypass; it is counted under `verdict="not_provider"`.
+#[test]
+fn a_server_name_that_is_no_provider_host_is_not_unmetered() {
+    require_root();
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let redis = RedisServer::start();
+    let m = MockProvider::start_background(MockConfig::default());
+    let addr = m.addr().to_string();
+    let obs = Observer::start(&redis.url(), &[(&addr, "openai")], RULES, false);
+    rustls_client_named(&m, 1, Some("static.other-site.test"));
+    assert_eq!(m.ledger().calls().len(), 1, "the mock served the call");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while obs.metric("llmwarden_observer_provider_connections_total{verdict=\"not_provider\"}") < 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no not_provider verdict; metrics:\n{}\nlog:\n{}",
+            obs.metrics(),
+            obs.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(SETTLE);
+    assert_eq!(unmetered(&redis.url(), "t-rustls").connections, 0);
+    assert!(unmetered_events(&redis.url()).is_empty());
+    assert_eq!(
+        obs.metric("llmwarden_observer_provider_connections_total{verdict=\"unmetered\"}"),
+        0
+    );
+    assert_eq!(
+        obs.metric("llmwarden_observer_provider_hellos_total{result=\"sni\"}"),
+        1
     );
 }

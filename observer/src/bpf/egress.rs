@@ -15,6 +15,9 @@ pub struct EgressMaps {
     pub events: RingBuf<MapData>,
     /// The provider addresses the kernel accounts (written by the resolver thread).
     pub addrs: HashMap<MapData, ProviderAddr, u32>,
+    /// Whether the first send of each provider connection (its TLS ClientHello) is reported,
+    /// so that the destination is named by its SNI.
+    pub hello: bool,
 }
 
 /// Loads and attaches the program when the tracepoint's format is the one it reads and the
@@ -68,11 +71,54 @@ fn try_load(ebpf: &mut Ebpf) -> Result<EgressMaps> {
     prog.load().context("verifier rejected tcp_state")?;
     prog.attach("sock", "inet_sock_set_state")
         .context("attaching tracepoint sock/inet_sock_set_state")?;
+    let hello = match attach_send(ebpf) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "TLS server names of provider connections not read (syscall tracepoints): \
+                 unmetered connections are named by address only"
+            );
+            false
+        }
+    };
     Ok(EgressMaps {
+        hello,
         events: RingBuf::try_from(ebpf.take_map("TCP_EVENTS").context("map TCP_EVENTS")?)?,
         addrs: HashMap::try_from(
             ebpf.take_map("PROVIDER_ADDRS")
                 .context("map PROVIDER_ADDRS")?,
         )?,
     })
+}
+
+/// Attaches the first-send programs (`syscalls/sys_enter_{connect,write,sendto,writev,sendmsg}`)
+/// when their records have the layout they read.
+fn attach_send(ebpf: &mut Ebpf) -> Result<()> {
+    for (prog, call, second) in [
+        ("sys_connect", "connect", "struct sockaddr * uservaddr"),
+        ("sys_write", "write", "const char * buf"),
+        ("sys_sendto", "sendto", "void * buff"),
+        ("sys_writev", "writev", "const struct iovec * vec"),
+        ("sys_sendmsg", "sendmsg", "struct user_msghdr * msg"),
+    ] {
+        let event = format!("sys_enter_{call}");
+        let fd = if call == "write" {
+            "unsigned int fd"
+        } else if call == "writev" {
+            "unsigned long fd"
+        } else {
+            "int fd"
+        };
+        format_has("syscalls", &event, &[(fd, 16), (second, 24)])?;
+        let p: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog}"))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("verifier rejected {prog}"))?;
+        p.attach("syscalls", &event)
+            .with_context(|| format!("attaching tracepoint syscalls/{event}"))?;
+    }
+    Ok(())
 }

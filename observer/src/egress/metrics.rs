@@ -19,8 +19,16 @@ pub struct ProviderLabels {
 /// Labels of `llmwarden_observer_provider_connections`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerdictLabels {
-    /// `metered`, `unmetered`, `ignored`.
+    /// `metered`, `unmetered`, `ignored`, `not_provider` (its SNI names no provider host).
     pub verdict: String,
+}
+
+/// Labels of `llmwarden_observer_provider_hellos`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HelloLabels {
+    /// `sni` (a server name read), `no_sni` (a whole ClientHello without one), `truncated` (cut
+    /// before the name), `not_tls`.
+    pub result: String,
 }
 
 /// The egress metrics (documented in docs/observer.md).
@@ -40,6 +48,9 @@ pub struct EgressMetrics {
     pub kernel_drops: Gauge,
     /// `llmwarden_observer_provider_connections_total{verdict}`.
     pub verdicts: Family<VerdictLabels, Counter>,
+    /// `llmwarden_observer_provider_hellos_total{result}`: first sends of provider connections
+    /// seen by the kernel, by what they named.
+    pub hellos: Family<HelloLabels, Counter>,
 }
 
 impl EgressMetrics {
@@ -80,6 +91,11 @@ impl EgressMetrics {
             "provider_connections",
             "ended connections to provider addresses, by verdict",
             self.verdicts.clone(),
+        );
+        r.register(
+            "provider_hellos",
+            "first sends (TLS ClientHellos) of provider connections, by what their server name read gave",
+            self.hellos.clone(),
         );
     }
 }

@@ -30,18 +30,36 @@ struct Args {
     /// After the first call, wait (keeping the connection open) until this file exists.
     #[arg(long)]
     wait_file: Option<PathBuf>,
+    /// Call the URL's address by this name instead (sent as the TLS server name, SNI, like
+    /// curl's `--resolve`); the mock's certificate does not name it, so it is not verified.
+    #[arg(long)]
+    server_name: Option<String>,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&args.ca).context("reading --ca")?)?;
-    let client = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
         .add_root_certificate(ca)
-        .http1_only()
-        .build()?;
+        .http1_only();
+    let mut url = args.url.clone();
+    if let Some(name) = &args.server_name {
+        let parsed = reqwest::Url::parse(&args.url).context("--url")?;
+        let addr = parsed
+            .socket_addrs(|| None)
+            .context("--url address")?
+            .into_iter()
+            .next()
+            .context("--url has no address")?;
+        builder = builder
+            .resolve(name, addr)
+            .danger_accept_invalid_certs(true);
+        url = format!("https://{name}:{}", addr.port());
+    }
+    let client = builder.build()?;
     let body = serde_json::json!({
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": "word ".repeat(args.prompt_bytes / 5)}],
@@ -61,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let resp = client
-            .post(format!("{}/v1/chat/completions", args.url))
+            .post(format!("{url}/v1/chat/completions"))
             .header("content-type", "application/json")
             .header("authorization", "Bearer sk-test")
             .body(body.clone())
