@@ -76,6 +76,9 @@ pub struct KernelSettings {
     pub open_events: bool,
     /// Attach the egress accounting tracepoint (connections to provider addresses).
     pub egress: bool,
+    /// With `egress`: attach the first-send programs that read each provider connection's TLS
+    /// server name (`egress_server_names`).
+    pub server_names: bool,
 }
 
 /// The programs, owned by the discovery thread: attaching never runs on the reader's thread.
@@ -233,7 +236,7 @@ impl Probes {
             }
         };
         let egress = if settings.egress {
-            egress::load(&mut ebpf)
+            egress::load(&mut ebpf, settings.server_names)
         } else {
             None
         };

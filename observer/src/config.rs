@@ -75,6 +75,14 @@ pub struct Config {
     /// hosts, resolved) is accounted by a `sock/inet_sock_set_state` tracepoint, and one that
     /// carried no metered call is recorded as unmetered bypass.
     pub egress_accounting: bool,
+    /// Read the TLS server name (SNI) of each provider connection from its first write, so that
+    /// an unmetered connection is named by it (and one naming another site is not reported):
+    /// programs on the `write`, `sendto`, `writev`, `sendmsg` and `connect` syscall tracepoints,
+    /// which cost every write of every process on the host one map lookup. Default: on with
+    /// `attach = "all"`, off with `attach = "on-connect"` (whose point is that processes that never
+    /// call a provider pay nothing); without it, connections are named by address.
+    /// docs/observer.md has the measurements.
+    pub egress_server_names: Option<bool>,
     /// Processes whose provider connections are never reported as unmetered: the enforcer's own
     /// upstream connections (rustls, never decoded). Default: any executable named `enforcer`;
     /// in production name its systemd unit or cgroup instead.
@@ -146,6 +154,7 @@ impl Default for Config {
             attribution: Vec::new(),
             exclude: Vec::new(),
             egress_accounting: true,
+            egress_server_names: None,
             provider_identity: "connection".to_owned(),
             attach: "all".to_owned(),
             expedite_rcu: true,
@@ -252,6 +261,13 @@ impl Matcher {
 }
 
 impl Config {
+    /// Whether the egress programs read the TLS server names (`egress_server_names`, its default
+    /// from `attach`).
+    #[must_use]
+    pub fn server_names(&self) -> bool {
+        self.egress_server_names.unwrap_or(self.attach == "all")
+    }
+
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| {

@@ -276,6 +276,7 @@ fn load_probes(cfg: &Config) -> Result<(Probes, ReaderMaps)> {
             wakeup_threshold: cfg.ring_buffer_bytes / 4,
             open_events: cfg.attach_on_open,
             egress: cfg.egress_accounting,
+            server_names: cfg.server_names(),
         },
         &allow,
     )

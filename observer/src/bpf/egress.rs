@@ -22,8 +22,8 @@ pub struct EgressMaps {
 
 /// Loads and attaches the program when the tracepoint's format is the one it reads and the
 /// kernel's BTF names the counters; `None` (with a WARN saying why) otherwise.
-pub(super) fn load(ebpf: &mut Ebpf) -> Option<EgressMaps> {
-    match try_load(ebpf) {
+pub(super) fn load(ebpf: &mut Ebpf, server_names: bool) -> Option<EgressMaps> {
+    match try_load(ebpf, server_names) {
         Ok(m) => Some(m),
         Err(e) => {
             tracing::warn!(
@@ -35,7 +35,7 @@ pub(super) fn load(ebpf: &mut Ebpf) -> Option<EgressMaps> {
     }
 }
 
-fn try_load(ebpf: &mut Ebpf) -> Result<EgressMaps> {
+fn try_load(ebpf: &mut Ebpf, server_names: bool) -> Result<EgressMaps> {
     format_has(
         "sock",
         "inet_sock_set_state",
@@ -71,9 +71,10 @@ fn try_load(ebpf: &mut Ebpf) -> Result<EgressMaps> {
     prog.load().context("verifier rejected tcp_state")?;
     prog.attach("sock", "inet_sock_set_state")
         .context("attaching tracepoint sock/inet_sock_set_state")?;
-    let hello = match attach_send(ebpf) {
-        Ok(()) => true,
-        Err(e) => {
+    let hello = match server_names.then(|| attach_send(ebpf)) {
+        None => false,
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
             tracing::warn!(
                 error = format!("{e:#}"),
                 "TLS server names of provider connections not read (syscall tracepoints): \
