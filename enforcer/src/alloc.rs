@@ -4,11 +4,15 @@
 //! second (`purge_delay` = 1000 ms in its options.c; v2 used 10 ms) before it returns them to the
 //! kernel, so that later allocations can reuse them. Large calls defeat that: under 64 concurrent
 //! 4 MB embeddings calls every body and answer is a multi-MiB block, freed and allocated again
-//! within that delay, often on another thread, and the retained pages added 20–40 MiB to the peak RSS (bench memory row: 185–214 MiB with the default,
-//! 163–174 MiB with purging at once). The CPU per small call did not move measurably (quick bench:
-//! 480 vs 560 µs per call at 500 req/s, 194 vs 237 µs at c64, both within this machine's noise).
-//! The big calls may pay instead, as their pages are faulted in again: the memory row answered
-//! 17–35 calls in 3 s against 26–40 before (single runs; too noisy to say more).
+//! within that delay, often on another thread, and the retained pages added 20–40 MiB to the peak
+//! RSS (bench memory row: 185–214 MiB with the default, 163–174 MiB with purging at once).
+//!
+//! Purging at once (0 ms) cost latency, though: the enforcer's added p99 at 500 req/s was
+//! 1.062×, 1.101× and 1.355× of direct in three runs with it, against 1.037× and 1.002× without
+//! (freed pages of small calls are returned and faulted in again on the next call). So the delay
+//! is v2's 10 ms: long enough for the pages of small calls to be reused, short enough that a
+//! large call's pages go back before the next large call needs new ones. docs/benchmarks.md has
+//! the runs.
 
 use std::ffi::{c_int, c_long};
 
@@ -26,11 +30,14 @@ unsafe extern "C" {
 /// default); pinned by the test below.
 const MI_OPTION_PURGE_DELAY: c_int = 15;
 
-/// Makes mimalloc return wholly free pages to the kernel at once instead of a second later. Call
-/// before serving.
-pub fn purge_freed_pages_at_once() {
+/// How long freed pages stay committed before mimalloc returns them (ms).
+pub const PURGE_DELAY_MS: c_long = 10;
+
+/// Makes mimalloc return wholly free pages to the kernel after [`PURGE_DELAY_MS`] instead of a
+/// second. Call before serving.
+pub fn purge_freed_pages_sooner() {
     // SAFETY: sets a documented runtime option; mimalloc reads options atomically.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
 }
 
 /// The current purge delay in ms (for the start-up log and tests).
@@ -56,7 +63,7 @@ mod tests {
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
             assert_eq!(purge_delay_ms(), 1000, "purge_delay's default");
         }
-        purge_freed_pages_at_once();
-        assert_eq!(purge_delay_ms(), 0);
+        purge_freed_pages_sooner();
+        assert_eq!(purge_delay_ms(), PURGE_DELAY_MS);
     }
 }
