@@ -23,7 +23,6 @@ extern crate mimalloc as _;
 // mimalloc's C API (libmimalloc-sys links it for the global allocator). `mi_option_t` is a C enum.
 unsafe extern "C" {
     fn mi_option_set(option: c_int, value: c_long);
-    fn mi_option_get(option: c_int) -> c_long;
 }
 
 /// `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (the version libmimalloc-sys builds by
@@ -40,16 +39,19 @@ pub fn purge_freed_pages_sooner() {
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
 }
 
-/// The current purge delay in ms (for the start-up log and tests).
-#[must_use]
-pub fn purge_delay_ms() -> c_long {
-    // SAFETY: reads a runtime option.
-    unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    unsafe extern "C" {
+        fn mi_option_get(option: c_int) -> c_long;
+    }
+
+    /// The current purge delay in ms.
+    fn purge_delay_ms() -> c_long {
+        // SAFETY: reads a runtime option.
+        unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }
+    }
 
     #[test]
     fn the_option_numbers_are_mimallocs() {

@@ -44,19 +44,25 @@ async fn outcomes(l: &Ledger, reqs: &[ReserveRequest]) -> Vec<String> {
     v
 }
 
+/// A ledger on `server` (one script per call, or group commit) with the tenant's rate window
+/// emptied, and the id prefix that keeps its calls apart from the other mode's.
+async fn fresh(server: &RedisServer, group_commit: bool) -> (Ledger, &'static str) {
+    let cfg = LedgerConfig {
+        group_commit,
+        ..LedgerConfig::default()
+    };
+    let l = Ledger::connect_with(&server.url(), cfg)
+        .await
+        .expect("connect");
+    let _ = server.command(&["DEL", "llmw:{rt}:rl:tenant"]);
+    (l, if group_commit { "b" } else { "s" })
+}
+
 #[tokio::test]
 async fn windows_refuse_past_the_limit_in_both_scripts_and_correct_tokens() {
     let server = RedisServer::start();
     for group_commit in [false, true] {
-        let cfg = LedgerConfig {
-            group_commit,
-            ..LedgerConfig::default()
-        };
-        let l = Ledger::connect_with(&server.url(), cfg)
-            .await
-            .expect("connect");
-        let _ = server.command(&["DEL", "llmw:{rt}:rl:tenant"]);
-        let tag = if group_commit { "b" } else { "s" };
+        let (l, tag) = fresh(&server, group_commit).await;
         // Tokens: 1,000 each under 2,500 per minute.
         let t: Vec<_> = (0..3)
             .map(|i| req(&format!("{tag}t{i}"), 0, 2_500, 1_000))
@@ -100,15 +106,7 @@ async fn windows_refuse_past_the_limit_in_both_scripts_and_correct_tokens() {
 async fn a_call_stamped_before_the_newest_counted_second_still_sees_it() {
     let server = RedisServer::start();
     for group_commit in [false, true] {
-        let cfg = LedgerConfig {
-            group_commit,
-            ..LedgerConfig::default()
-        };
-        let l = Ledger::connect_with(&server.url(), cfg)
-            .await
-            .expect("connect");
-        let _ = server.command(&["DEL", "llmw:{rt}:rl:tenant"]);
-        let tag = if group_commit { "b" } else { "s" };
+        let (l, tag) = fresh(&server, group_commit).await;
         let now = req(&format!("{tag}n"), 3, 0, 10).at;
         let mut r: Vec<_> = (0..4)
             .map(|i| {

@@ -261,6 +261,22 @@ impl Matcher {
 }
 
 impl Config {
+    /// The provider hosts the config adds (`[[providers]]`) on top of the built-in ones: what
+    /// names the provider of a decoded call and of a connection's TLS server name.
+    ///
+    /// # Errors
+    /// A `kind` that is no provider kind.
+    pub fn provider_detector(&self) -> Result<ledger::provider::ProviderDetector> {
+        let mut detector = ledger::provider::ProviderDetector::new();
+        for p in &self.providers {
+            let kind = ProviderKind::from_str(&p.kind)
+                .map_err(|_| anyhow::anyhow!("providers.kind {:?}", p.kind))?;
+            detector =
+                detector.with_host(&p.host, kind, p.name.as_deref().unwrap_or(kind.as_str()));
+        }
+        Ok(detector)
+    }
+
     /// Whether the egress programs read the TLS server names (`egress_server_names`, its default
     /// from `attach`).
     #[must_use]

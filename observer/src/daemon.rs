@@ -5,7 +5,6 @@
 //! the metrics endpoint and signals.
 
 use std::collections::HashMap;
-use std::str::FromStr as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use ledger::billing::Pricing;
-use ledger::provider::{ProviderDetector, ProviderKind};
+use ledger::provider::ProviderDetector;
 use ledger::store::LedgerConfig;
 use observer_common::{
     HEADER_SIZE, KIND_CLOSE, KIND_DATA, KIND_SNI, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN,
@@ -184,14 +183,10 @@ impl Metering {
     /// The price table and the provider hosts the config adds to the built-in ones.
     fn from_config(cfg: &Config) -> Result<Self> {
         let pricing = Pricing::load(&cfg.pricing()).context("prices")?;
-        let mut detector = ProviderDetector::new();
-        for p in &cfg.providers {
-            let kind = ProviderKind::from_str(&p.kind)
-                .map_err(|_| anyhow::anyhow!("providers.kind {:?}", p.kind))?;
-            detector =
-                detector.with_host(&p.host, kind, p.name.as_deref().unwrap_or(kind.as_str()));
-        }
-        Ok(Self { pricing, detector })
+        Ok(Self {
+            pricing,
+            detector: cfg.provider_detector()?,
+        })
     }
 }
 

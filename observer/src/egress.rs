@@ -118,14 +118,7 @@ pub fn start(
             .into_iter()
             .map(|(h, n)| (h.to_owned(), n.to_owned())),
     );
-    let mut detector = ProviderDetector::new();
-    for p in &cfg.providers {
-        let kind = p
-            .kind
-            .parse()
-            .map_err(|_| anyhow::anyhow!("providers.kind {:?}", p.kind))?;
-        detector = detector.with_host(&p.host, kind, p.name.as_deref().unwrap_or(&p.kind));
-    }
+    let detector = cfg.provider_detector()?;
     if !maps.hello {
         tracing::info!("unmetered connections are named by address (no ClientHello capture)");
     }
