@@ -234,7 +234,9 @@ async fn a_batch_of_reserves_equals_the_same_reserves_one_by_one() {
     let tenant_day = cap(CapScope::Tenant, Period::Day, 1_000);
     let feature_month = cap(CapScope::Feature("bot".into()), Period::Month, 700);
     let session = cap(CapScope::Session("s1".into()), Period::Month, 500);
-    let mut rs = Vec::new();
+    // The first item finds the tenant's lane idle and goes alone, sent by its caller; the others
+    // queue behind it and go as one batch.
+    let mut rs = vec![req("lead", 0, at, vec![])];
     for (i, amount) in [120, 300, 90, 400, 0, 250, 60, 1, 700, 30]
         .into_iter()
         .enumerate()
@@ -264,9 +266,13 @@ async fn a_batch_of_reserves_equals_the_same_reserves_one_by_one() {
     let want = reserve_each(&b, &rs).await;
     let after = a.batch_stats().reserve;
     assert_eq!(
-        (after.batches - before.batches, after.items - before.items),
-        (1, rs.len() as u64),
-        "all reserves in one batch"
+        (
+            after.batches - before.batches,
+            after.items - before.items,
+            after.largest
+        ),
+        (2, rs.len() as u64, rs.len() as u64 - 1),
+        "the first reserve alone, all others in one batch"
     );
     assert_eq!(got, want);
     assert!(
@@ -286,12 +292,13 @@ async fn a_denied_item_does_not_change_later_items_of_its_batch() {
     let at = Utc::now();
     let caps = vec![cap(CapScope::Tenant, Period::Month, 100)];
     for l in [&a, &b] {
-        // Marks the tenant active, so the batch below is queued in order.
+        // Warms the connection and the script cache.
         l.reserve(&req("warm", 0, at, caps.clone()))
             .await
             .expect("warm");
     }
-    let rs: Vec<_> = [60, 50, 40, 1, 0]
+    // The first (0) goes alone, sent by its caller; the five after it go as one batch.
+    let rs: Vec<_> = [0, 60, 50, 40, 1, 0]
         .into_iter()
         .enumerate()
         .map(|(i, amount)| req(&format!("d{i}"), amount, at, caps.clone()))
@@ -299,11 +306,11 @@ async fn a_denied_item_does_not_change_later_items_of_its_batch() {
     let got = reserve_all(&a, &rs).await;
     assert_eq!(got, reserve_each(&b, &rs).await);
     let verdicts: Vec<bool> = got.iter().map(|o| o.contains("Allowed")).collect();
-    assert_eq!(verdicts, [true, false, true, false, true], "{got:#?}");
+    assert_eq!(verdicts, [true, true, false, true, false, true], "{got:#?}");
     assert!(
-        got[3].contains("held: Nanos(100)"),
+        got[4].contains("held: Nanos(100)"),
         "the 1 is denied against 60 + 40 held: {}",
-        got[3]
+        got[4]
     );
     assert_eq!(a.batch_stats().reserve.largest, 5);
     let s = a
@@ -351,17 +358,24 @@ async fn a_batch_of_settles_equals_the_same_settles_one_by_one() {
     dup.cost = Nanos(9_999);
     ss.push(dup); // same id, other cost: still a duplicate
     ss.push(settlement(&req("replayed", 0, at, vec![]), 777, 5)); // no hold at all
+    // The first settle finds the tenant's lane idle and goes alone, sent by its caller; the
+    // others queue behind it and go as one batch.
+    ss.insert(0, settlement(&req("lead", 0, at, vec![]), 0, 0));
     let before = a.batch_stats().settle;
     let got = settle_all(&a, &ss).await;
     let want = settle_each(&b, &ss).await;
     let after = a.batch_stats().settle;
     assert_eq!(
-        (after.batches - before.batches, after.items - before.items),
-        (1, ss.len() as u64),
-        "all settles in one batch"
+        (
+            after.batches - before.batches,
+            after.items - before.items,
+            after.largest
+        ),
+        (2, ss.len() as u64, ss.len() as u64 - 1),
+        "the first settle alone, all others in one batch"
     );
     assert_eq!(got, want);
-    assert!(got[7].contains("ReplacedEstimate"), "{}", got[7]);
+    assert!(got[8].contains("ReplacedEstimate"), "{}", got[8]);
     assert_eq!(
         got.iter().filter(|o| o.contains("AlreadySettled")).count(),
         2

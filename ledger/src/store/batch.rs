@@ -3,7 +3,9 @@
 //! (lua/settle_batch.lua) that processes them in order and replies once per item.
 //!
 //! Nothing waits at low load: the first item of an idle tenant is sent at once, as a batch of one
-//! (which runs the single-item script: cheaper for Redis than the batch script's set-up).
+//! (which runs the single-item script: cheaper for Redis than the batch script's set-up), by its
+//! caller on its own task; worker tasks start only for items that arrive while the tenant has
+//! something in flight.
 //! Under load each tenant has at most [`MAX_IN_FLIGHT`] settle batches and
 //! [`MAX_RESERVES_IN_FLIGHT`] reserve batches in flight, and the
 //! items arriving meanwhile queue and leave together, [`MAX_BATCH`] at most. A Redis script runs
@@ -218,6 +220,11 @@ impl Batcher {
         tenant: &str,
         item: Item,
     ) -> Result<Vec<String>, Error> {
+        let limit = match op {
+            Op::Reserve => MAX_RESERVES_IN_FLIGHT,
+            Op::Settle => MAX_IN_FLIGHT,
+        };
+        let mut waiter = Some(item);
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut lanes = self.lanes();
@@ -225,17 +232,32 @@ impl Batcher {
                 Some(l) => &mut l[op.index()],
                 None => &mut lanes.entry(tenant.to_owned()).or_default()[op.index()],
             };
-            lane.queue.push_back(Waiter { item, tx });
-            let limit = match op {
-                Op::Reserve => MAX_RESERVES_IN_FLIGHT,
-                Op::Settle => MAX_IN_FLIGHT,
-            };
+            let idle = lane.in_flight == 0 && lane.queue.is_empty();
             let start = lane.in_flight < limit;
             if start {
                 lane.in_flight += 1;
             }
+            if !idle && let Some(item) = waiter.take() {
+                lane.queue.push_back(Waiter { item, tx });
+            }
             start
         };
+        if let Some(item) = waiter {
+            // The tenant's lane is idle: this caller sends its item itself, as a batch of one,
+            // on its own task. Handing it to a worker task costs two task wake-ups per operation
+            // (measured in docs/benchmarks.md). Items that arrive meanwhile queue and start
+            // workers as before (group commit under load is unchanged); when this slot is given
+            // back, also when this future is dropped half way, `Slot::drop` starts a worker for
+            // whatever still waits.
+            let _slot = Slot {
+                batcher: Arc::clone(self),
+                op,
+                tenant: tenant.to_owned(),
+                held: true,
+            };
+            self.count(op, 1);
+            return self.run_single(op, tenant, &item).await;
+        }
         if start {
             tokio::spawn(Arc::clone(self).drain(op, tenant.to_owned()));
         }
@@ -334,16 +356,7 @@ impl Batcher {
         if batch.len() == 1
             && let Some(w) = batch.pop()
         {
-            let inv = single(op, tenant, &w.item, cfg);
-            let res = tokio::time::timeout(
-                cfg.operation_timeout,
-                inv.invoke_async::<Vec<String>>(&mut conn),
-            )
-            .await;
-            let _ = w.tx.send(match res {
-                Ok(r) => r.map_err(Error::Redis),
-                Err(_) => Err(timeout_error(op.name(), cfg.operation_timeout)),
-            });
+            let _ = w.tx.send(self.run_single(op, tenant, &w.item).await);
             return;
         }
         let session_ttl = cfg.session_ttl.as_secs().max(1);
@@ -404,6 +417,22 @@ impl Batcher {
         }
     }
 
+    /// Sends one item with the single-item script and returns its reply fields.
+    async fn run_single(&self, op: Op, tenant: &str, item: &Item) -> Result<Vec<String>, Error> {
+        let cfg = &self.cfg;
+        let mut conn = self.conn.clone();
+        let inv = single(op, tenant, item, cfg);
+        match tokio::time::timeout(
+            cfg.operation_timeout,
+            inv.invoke_async::<Vec<String>>(&mut conn),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(Error::Redis),
+            Err(_) => Err(timeout_error(op.name(), cfg.operation_timeout)),
+        }
+    }
+
     fn count(&self, op: Op, n: usize) {
         let c = &self.counters[op.index()];
         let n = u64::try_from(n).unwrap_or(u64::MAX);
@@ -449,7 +478,8 @@ fn ended_error(op: Op) -> Error {
     )))
 }
 
-/// A worker's in-flight slot; given back on drop unless `take` already did.
+/// An in-flight slot (a worker's, or a caller's sending its own item); given back on drop unless
+/// `take` already did, which starts a worker for items that queued meanwhile.
 struct Slot {
     batcher: Arc<Batcher>,
     op: Op,
@@ -471,4 +501,96 @@ impl Drop for Slot {
 pub(crate) fn live_period(at: DateTime<Utc>) -> bool {
     // The month hash outlives the day hash (400 vs 40 days after the period), so the day decides.
     Period::Day.expire_at(at) > Utc::now() + chrono::Duration::hours(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use llmwarden_tests::redis::RedisServer;
+
+    use super::*;
+
+    fn item(id: &str) -> Item {
+        Item {
+            now_ms: Utc::now().timestamp_millis(),
+            args: vec![id.to_owned()],
+            alerts: Arc::from(Vec::new()),
+        }
+    }
+
+    fn lane_state(b: &Batcher, tenant: &str, op: Op) -> Option<(usize, usize)> {
+        b.lanes()
+            .get(tenant)
+            .map(|l| (l[op.index()].in_flight, l[op.index()].queue.len()))
+    }
+
+    /// A caller that finds its tenant's lane idle sends its own item on its own task, holding
+    /// the lane's slot meanwhile; items arriving then queue behind it. When it gives up (its
+    /// task is aborted while Redis is frozen) the slot comes back and a worker takes the queue;
+    /// once that is done the lane is idle again (removed), so the next caller sends its own item
+    /// again. A slot kept would make every later item of the tenant queue, and with both settle
+    /// slots kept, wait for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_sending_its_own_item_gives_its_slot_back_when_it_gives_up() {
+        let server = RedisServer::start();
+        let cfg = Arc::new(LedgerConfig {
+            operation_timeout: Duration::from_secs(30),
+            ..LedgerConfig::default()
+        });
+        let conn = Conn::open(&server.url(), &cfg, false)
+            .await
+            .expect("connect");
+        let b = Arc::new(Batcher::new(conn, cfg));
+        // The single-item settle of an id with no hold: commits nothing (its arguments are
+        // empty) but answers, whatever the reply; only the lane's bookkeeping is looked at.
+        let _ = b.submit(Op::Settle, "acme", item("warm")).await;
+        assert_eq!(
+            lane_state(&b, "acme", Op::Settle),
+            None,
+            "idle after a call"
+        );
+
+        server.pause();
+        let own = {
+            let b = Arc::clone(&b);
+            tokio::spawn(async move { b.submit(Op::Settle, "acme", item("own")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            lane_state(&b, "acme", Op::Settle),
+            Some((1, 0)),
+            "the caller holds the slot itself, no worker"
+        );
+        let queued = {
+            let b = Arc::clone(&b);
+            tokio::spawn(async move { b.submit(Op::Settle, "acme", item("queued")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            lane_state(&b, "acme", Op::Settle).map(|s| s.0),
+            Some(2),
+            "the second item started a worker"
+        );
+        own.abort();
+        assert!(own.await.expect_err("aborted").is_cancelled());
+        server.resume();
+        tokio::time::timeout(Duration::from_secs(5), queued)
+            .await
+            .expect("the queued item is answered")
+            .expect("task")
+            .ok();
+        // The worker frees its slot after answering.
+        for _ in 0..100 {
+            if lane_state(&b, "acme", Op::Settle).is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            lane_state(&b, "acme", Op::Settle),
+            None,
+            "the lane is idle again: no slot kept by the caller that gave up"
+        );
+    }
 }
