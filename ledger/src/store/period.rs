@@ -30,10 +30,23 @@ impl Period {
     /// The id of the period containing `now`, as used in key names: "2026-11-27" or "2026-11".
     #[must_use]
     pub fn id(self, now: DateTime<Utc>) -> String {
-        match self {
-            Period::Day => now.format("%Y-%m-%d").to_string(),
-            Period::Month => now.format("%Y-%m").to_string(),
+        use std::fmt::Write as _;
+        let (y, m, d) = (now.year(), now.month(), now.day());
+        if !(0..=9999).contains(&y) {
+            // chrono's `%Y` signs years outside 0..=9999; kept for exactness (never in practice).
+            return match self {
+                Period::Day => now.format("%Y-%m-%d").to_string(),
+                Period::Month => now.format("%Y-%m").to_string(),
+            };
         }
+        // Written directly: `format("%Y-%m-%d")` parses its pattern on every call, which the
+        // enforcer's profile showed at ~1.5% of its CPU (four ids per call).
+        let mut id = String::with_capacity(10);
+        let _ = match self {
+            Period::Day => write!(id, "{y:04}-{m:02}-{d:02}"),
+            Period::Month => write!(id, "{y:04}-{m:02}"),
+        };
+        id
     }
 
     /// The first instant of the period containing `now`.
@@ -138,6 +151,24 @@ mod tests {
             .with_timezone(&Utc);
         assert_eq!(Period::Day.id(east), "2026-11-30");
         assert_eq!(Period::Month.id(east), "2026-11");
+    }
+
+    /// The ids are chrono's `%Y-%m-%d` / `%Y-%m` for any instant, in and beyond years 0..=9999.
+    #[test]
+    fn ids_equal_chronos_format() {
+        let mut at = Utc.with_ymd_and_hms(-3, 1, 1, 0, 0, 0).unwrap();
+        let mut check = |at: DateTime<Utc>| {
+            assert_eq!(Period::Day.id(at), at.format("%Y-%m-%d").to_string());
+            assert_eq!(Period::Month.id(at), at.format("%Y-%m").to_string());
+        };
+        while at.year() < 12_000 {
+            check(at);
+            at += Duration::hours(24 * 37 + 5);
+        }
+        for s in ["0000-01-01T00:00:00Z", "0999-12-31T23:59:59Z", "9999-12-31T23:59:59Z"] {
+            check(t(s));
+        }
+        check(Utc.with_ymd_and_hms(10_000, 1, 1, 0, 0, 0).unwrap());
     }
 
     #[test]
