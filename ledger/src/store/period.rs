@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn ids_equal_chronos_format() {
         let mut at = Utc.with_ymd_and_hms(-3, 1, 1, 0, 0, 0).unwrap();
-        let mut check = |at: DateTime<Utc>| {
+        let check = |at: DateTime<Utc>| {
             assert_eq!(Period::Day.id(at), at.format("%Y-%m-%d").to_string());
             assert_eq!(Period::Month.id(at), at.format("%Y-%m").to_string());
         };
@@ -165,7 +165,11 @@ mod tests {
             check(at);
             at += Duration::hours(24 * 37 + 5);
         }
-        for s in ["0000-01-01T00:00:00Z", "0999-12-31T23:59:59Z", "9999-12-31T23:59:59Z"] {
+        for s in [
+            "0000-01-01T00:00:00Z",
+            "0999-12-31T23:59:59Z",
+            "9999-12-31T23:59:59Z",
+        ] {
             check(t(s));
         }
         check(Utc.with_ymd_and_hms(10_000, 1, 1, 0, 0, 0).unwrap());
