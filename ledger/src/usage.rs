@@ -19,6 +19,7 @@ mod body_scan;
 mod gemini;
 mod json_array;
 mod openai;
+mod pretokenize;
 mod stream;
 pub(crate) mod tokens;
 

@@ -5,8 +5,10 @@
 //! times faster, which matters because the enforcer counts every prompt on its hot path.
 
 use std::hash::{BuildHasher, Hasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once, PoisonError};
+
+use super::pretokenize::{Pattern, split_ascii};
 
 /// An OpenAI tokenizer (pre-tokenisation regex plus byte-pair encoding).
 pub(crate) type Bpe = bpe_openai::Tokenizer;
@@ -79,8 +81,27 @@ pub(crate) fn bpe(encoding: Encoding) -> Option<&'static Bpe> {
         Encoding::O200k => (bpe_openai::o200k_base(), 0),
         Encoding::Cl100k => (bpe_openai::cl100k_base(), 1),
     };
-    LOADED[i].call_once(release_read_only_pages);
+    LOADED[i].call_once(|| {
+        ADDRESSES[i].store(std::ptr::from_ref(bpe) as usize, Ordering::Relaxed);
+        release_read_only_pages();
+    });
     Some(bpe)
+}
+
+/// The addresses of the tokenizers [`bpe`] handed out (0 until then), so [`count_bpe`] can tell
+/// which pre-tokeniser a tokenizer uses without loading the other encoding.
+static ADDRESSES: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// The pre-tokeniser of `bpe`, when it is one of the two [`bpe`] handed out.
+fn pattern_of(bpe: &Bpe) -> Option<Pattern> {
+    let at = std::ptr::from_ref(bpe) as usize;
+    if at == ADDRESSES[0].load(Ordering::Relaxed) {
+        Some(Pattern::O200k)
+    } else if at == ADDRESSES[1].load(Ordering::Relaxed) {
+        Some(Pattern::Cl100k)
+    } else {
+        None
+    }
 }
 
 /// Hands back to the kernel the pages of this executable's read-only data that are resident now.
@@ -125,13 +146,23 @@ fn release_read_only_pages() {
 /// Tokens of `text` under `bpe`; special-token text is encoded as ordinary text (more tokens).
 ///
 /// The same count as `bpe.count(text)`: the text is normalised and cut into pieces by the
-/// encoding's pre-tokenising regex, and the pieces' byte-pair encodings are counted and summed.
+/// encoding's pre-tokenising regex (for ASCII text, by [`split_ascii`]), and the pieces'
+/// byte-pair encodings are counted and summed.
 /// Short pieces (words, numbers, punctuation: nearly all of them) are counted once per thread
 /// and then read from [`PIECES`], which saves the encoder's set-up (two allocations) and its
 /// search for each.
 pub(crate) fn count_bpe(bpe: &Bpe, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
+    }
+    // ASCII text is its own normal form, and is cut into pieces without the regex (the same
+    // pieces: `pretokenize.rs`).
+    if text.is_ascii()
+        && let Some(pattern) = pattern_of(bpe)
+    {
+        return split_ascii(pattern, text)
+            .map(|piece| piece_tokens(bpe, piece.as_bytes()))
+            .sum();
     }
     let text = bpe.normalize(text);
     bpe.split(text.as_str())
