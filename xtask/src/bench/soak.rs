@@ -1,14 +1,14 @@
-//! Enforcer memory per connection, per call in flight, and over a soak (issue 20 item 4), on a
+//! Enforcer memory over a soak, per connection and per call in flight (issue 20 item 4), on a
 //! budgets enforcer of its own, started as the overhead section's (same config, same chat call),
-//! in front of a mock with the same 20 ms latency, all on loopback:
+//! in front of a mock with the same 20 ms latency, all on loopback, in this order:
 //!
+//! - 500 req/s open loop for 10 minutes (`--quick`: 60 s), `VmRSS` sampled every 5 s (2 s): the
+//!   median of the last third of the samples after the warm-up minus the median of the first
+//!   third, and the least-squares slope;
 //! - 1000 keep-alive connections that each made one call and sit idle (HTTP/1.1, then h2c):
 //!   (`VmRSS` held − before) / connections;
 //! - 1000 calls in flight at once (the mock answers after 5 s, `x-mock-latency-ms`):
-//!   (`VmRSS` during − before) / calls;
-//! - 500 req/s open loop for 10 minutes (`--quick`: 60 s), `VmRSS` sampled every 5 s (2 s): the
-//!   median of the last third of the samples after the warm-up minus the median of the first
-//!   third, and the least-squares slope.
+//!   (`VmRSS` during − before) / calls.
 
 use std::time::{Duration, Instant};
 
@@ -67,12 +67,6 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         Duration::from_secs(1),
     )
     .context("warming up")?;
-    let idle_h1 = idle(env, pid, &target, false).context("idle HTTP/1.1 connections")?;
-    let idle_h2 = idle(env, pid, &target, true).context("idle h2c connections")?;
-    let mut slow = target.clone();
-    slow.headers.push(format!("x-mock-latency-ms: {SLOW_MS}"));
-    slow.timeout = Duration::from_millis(SLOW_MS) * 4;
-    let in_flight = in_flight(env, pid, &slow).context("calls in flight")?;
     let plan = if env.plan.quick {
         Soak {
             duration: Duration::from_secs(60),
@@ -86,13 +80,21 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
             every: Duration::from_secs(5),
         }
     };
+    // The soak first: the calls held in flight below leave 1000 upstream connections in the
+    // enforcer's pool until its 90 s idle timeout, whose release would show in the soak's samples.
     let soak = soak(env, pid, &target, &plan).context("soak")?;
+    let idle_h1 = idle(env, pid, &target, false).context("idle HTTP/1.1 connections")?;
+    let idle_h2 = idle(env, pid, &target, true).context("idle h2c connections")?;
+    let mut slow = target.clone();
+    slow.headers.push(format!("x-mock-latency-ms: {SLOW_MS}"));
+    slow.timeout = Duration::from_millis(SLOW_MS) * 4;
+    let in_flight = in_flight(env, pid, &slow).context("calls in flight")?;
     Ok(json!({ "soak": {
         "idle_http1": idle_h1, "idle_h2c": idle_h2, "in_flight": in_flight, "soak": soak,
     }}))
 }
 
-/// `VmRSS` once the enforcer is quiet: 1 s after the last change (mimalloc purges freed pages
+/// `VmRSS` once the enforcer is quiet: after 1 s (the enforcer has mimalloc purge freed pages
 /// after 10 ms), the median of 5 readings 100 ms apart, in KiB.
 fn settled_rss(pid: u32) -> Result<f64> {
     std::thread::sleep(Duration::from_secs(1));
@@ -178,6 +180,9 @@ fn in_flight(env: &Env, pid: u32, target: &Target) -> Result<Value> {
 
 fn soak(env: &Env, pid: u32, target: &Target, plan: &Soak) -> Result<Value> {
     let mut samples: Vec<(f64, f64)> = Vec::new();
+    // Beside VmRSS: its anonymous part and the thread count, which tell a heap that grows from
+    // the allocator's per-thread pages (a new blocking thread) or file pages.
+    let mut detail: Vec<(u64, u64)> = Vec::new();
     let t0 = Instant::now();
     let report = std::thread::scope(|s| {
         let load =
@@ -187,6 +192,10 @@ fn soak(env: &Env, pid: u32, target: &Target, plan: &Soak) -> Result<Value> {
         while !load.is_finished() && t0.elapsed() < give_up {
             if let Some(k) = stack::rss_kib(pid) {
                 samples.push((t0.elapsed().as_secs_f64(), k as f64));
+                detail.push((
+                    stack::status_field(pid, "RssAnon:").unwrap_or(0),
+                    stack::status_field(pid, "Threads:").unwrap_or(0),
+                ));
             }
             let next = plan.every * u32::try_from(samples.len()).unwrap_or(u32::MAX);
             std::thread::sleep(
@@ -220,6 +229,7 @@ fn soak(env: &Env, pid: u32, target: &Target, plan: &Soak) -> Result<Value> {
     g["achieved_rps"] = report["achieved_rps"].clone();
     g["latency_us"] = report["latency_us"].clone();
     g["rss_after_load_mib"] = json!(after / 1024.0);
+    g["samples_format"] = json!("[s, VmRSS MiB, RssAnon MiB, threads]");
     // What a steady growth would be per call (the calls after the warm-up).
     if let Some(gm) = g["growth_mib"].as_f64() {
         let measured = calls * (1.0 - plan.warmup.as_secs_f64() / plan.duration.as_secs_f64());
@@ -228,9 +238,12 @@ fn soak(env: &Env, pid: u32, target: &Target, plan: &Soak) -> Result<Value> {
     g["samples"] = json!(
         samples
             .iter()
-            .map(|(t, k)| json!([
+            .zip(&detail)
+            .map(|((t, k), (anon, threads))| json!([
                 (t * 10.0).round() / 10.0,
-                (k / 1024.0 * 100.0).round() / 100.0
+                (k / 1024.0 * 100.0).round() / 100.0,
+                (*anon as f64 / 1024.0 * 100.0).round() / 100.0,
+                threads
             ]))
             .collect::<Vec<_>>()
     );
