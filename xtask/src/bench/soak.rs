@@ -157,7 +157,7 @@ fn in_flight(env: &Env, pid: u32, target: &Target) -> Result<Value> {
     let done = h.line()?;
     drop(h);
     let after = settled_rss(pid)?;
-    let pending = at["pending"].as_f64().unwrap_or(0.0);
+    let pending = at["pending"].as_u64().unwrap_or(0) as f64;
     let per = (pending > 0.0).then(|| (during - before) / pending);
     eprintln!(
         "    {pending} calls in flight (of {} connections; {} answered after, errors {}): RSS {:.1} → {:.1} MiB, {:.1} KiB per call; {:.1} MiB after",
@@ -170,7 +170,7 @@ fn in_flight(env: &Env, pid: u32, target: &Target) -> Result<Value> {
         after / 1024.0
     );
     Ok(json!({
-        "calls": pending, "connections": at["connections"], "provider_latency_ms": SLOW_MS,
+        "calls": at["pending"], "connections": at["connections"], "provider_latency_ms": SLOW_MS,
         "sampled_after_ms": sampled_at.as_millis() as u64,
         "ok": done["ok"], "errors": done["errors"], "latency_us": done["latency_us"],
         "rss_before_kib": before, "rss_during_kib": during, "rss_after_kib": after,
