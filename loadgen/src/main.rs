@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
+use loadgen::hold::{self, HoldReport, HoldRun, Protocol};
 use loadgen::http_load::{self, HttpRun, Mode};
 use loadgen::ledger_load::{self, LedgerRun};
 use loadgen::stream_load::{self, StreamRun};
@@ -30,6 +31,9 @@ enum Cmd {
     Stream(StreamArgs),
     /// reserve + settle pairs per second through ledger::store.
     Ledger(LedgerArgs),
+    /// N connections held open, idle after one call each or all with a call in flight; prints one
+    /// JSON line per phase.
+    Hold(HoldArgs),
 }
 
 #[derive(Args)]
@@ -115,6 +119,77 @@ struct LedgerArgs {
     warmup_ms: u64,
 }
 
+#[derive(Args)]
+struct HoldArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Connections to hold, each its own TCP connection.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// HTTP/2 with prior knowledge instead of HTTP/1.1.
+    #[arg(long)]
+    h2c: bool,
+    /// Connections opened (idle: and calls made) at once while opening.
+    #[arg(long, default_value_t = 32)]
+    open_concurrency: usize,
+    /// Open every connection, then send one call on each at once; print the `in_flight` line
+    /// after --settle-ms and the `done` line when all are answered. Without it: each connection
+    /// makes one call, the `idle` line is printed, and the connections stay open until a line (or
+    /// EOF) on stdin or --hold-ms.
+    #[arg(long)]
+    in_flight: bool,
+    /// In flight: milliseconds from sending the calls to the `in_flight` line.
+    #[arg(long, default_value_t = 1000)]
+    settle_ms: u64,
+    /// Idle: hold the connections this long at most.
+    #[arg(long, default_value_t = 120_000)]
+    hold_ms: u64,
+}
+
+/// Prints one JSON line and flushes it (the bench reads the lines as they come).
+fn print_line(r: &HoldReport) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", serde_json::to_string(r).unwrap_or_default());
+    let _ = out.flush();
+}
+
+async fn hold_cmd(a: HoldArgs) -> Result<String> {
+    if a.connections == 0 {
+        bail!("--connections must be > 0");
+    }
+    let run = HoldRun {
+        target: a.target.target()?,
+        connections: a.connections,
+        protocol: if a.h2c {
+            Protocol::H2c
+        } else {
+            Protocol::Http1
+        },
+        open_concurrency: a.open_concurrency,
+        timeout: Duration::from_millis(a.target.timeout_ms),
+    };
+    let done = if a.in_flight {
+        hold::in_flight(&run, Duration::from_millis(a.settle_ms), print_line).await
+    } else {
+        let (held, mut r) = hold::idle(&run).await;
+        print_line(&r);
+        // A plain thread: it may stay blocked on stdin after the hold times out, and the process
+        // exits without waiting for it.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = std::io::stdin().read_line(&mut String::new());
+            let _ = tx.send(());
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(a.hold_ms), rx).await;
+        drop(held);
+        r.phase = "done".to_owned();
+        r.connections = 0;
+        r
+    };
+    Ok(serde_json::to_string(&done)?)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -163,6 +238,7 @@ fn main() -> Result<()> {
                 };
                 Ok(serde_json::to_string(&ledger_load::run(&run).await?)?)
             }
+            Cmd::Hold(a) => hold_cmd(a).await,
         }
     })?;
     println!("{json}");

@@ -3,6 +3,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +17,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::hold::{self, HoldRun, Protocol};
 use crate::http_load::{self, HttpRun, Mode};
 use crate::stream_load::{self, StreamRun};
 use crate::target::{self, Target};
@@ -27,6 +30,10 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     Ok(match path.as_str() {
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(5)).await;
+            Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed())
+        }
+        "/hold" => {
+            tokio::time::sleep(Duration::from_millis(400)).await;
             Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed())
         }
         "/sse" => {
@@ -51,13 +58,21 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
 }
 
 async fn server() -> SocketAddr {
+    counting_server().await.0
+}
+
+/// The server and the number of connections it accepted.
+async fn counting_server() -> (SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback");
     let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), service_fn(handle))
@@ -65,7 +80,7 @@ async fn server() -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 fn target(addr: SocketAddr, path: &str, body: &'static [u8]) -> Target {
@@ -196,4 +211,78 @@ async fn a_seq_placeholder_numbers_each_body() {
         .await
         .expect("full body");
     assert_eq!(b.to_bytes(), Bytes::from_static(b"{}"));
+}
+
+fn hold_run(addr: SocketAddr, path: &str, protocol: Protocol) -> HoldRun {
+    HoldRun {
+        target: target(addr, path, b"{}"),
+        connections: 40,
+        protocol,
+        open_concurrency: 8,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_distinct_and_each_made_one_call() {
+    for protocol in [Protocol::Http1, Protocol::H2c] {
+        let (addr, accepted) = counting_server().await;
+        let (held, r) = hold::idle(&hold_run(addr, "/slow", protocol)).await;
+        assert_eq!(
+            (r.phase.as_str(), r.connections, r.ok),
+            ("idle", 40, 40),
+            "{protocol:?} {r:?}"
+        );
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(r.latency_us.count, 40, "{r:?}");
+        // One TCP connection each, all still open: a second call on each reuses it.
+        assert_eq!(accepted.load(Ordering::SeqCst), 40, "{protocol:?}");
+        let mut held = held;
+        let t = target(addr, "/slow", b"{}");
+        for c in &mut held.conns {
+            assert_eq!(c.call(&t, Duration::from_secs(5)).await, Ok(200));
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            40,
+            "{protocol:?}: a connection was reopened"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_are_pending_at_settle_and_answered_after() {
+    let (addr, accepted) = counting_server().await;
+    let mut at_settle = None;
+    let t0 = std::time::Instant::now();
+    let done = hold::in_flight(
+        &hold_run(addr, "/hold", Protocol::Http1),
+        Duration::from_millis(150),
+        |r| at_settle = Some(r.clone()),
+    )
+    .await;
+    let s = at_settle.expect("the in_flight report");
+    // The server answers after 400 ms: 150 ms after sending, every call is still in flight.
+    assert_eq!(
+        (s.phase.as_str(), s.connections, s.pending, s.ok),
+        ("in_flight", 40, 40, 0),
+        "{s:?}"
+    );
+    assert_eq!((done.phase.as_str(), done.ok), ("done", 40), "{done:?}");
+    assert!(done.errors.is_empty(), "{done:?}");
+    assert!(done.latency_us.min >= 400_000, "{done:?}");
+    // All at once, not one after another (40 × 400 ms).
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    assert_eq!(accepted.load(Ordering::SeqCst), 40);
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_counted() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    let (held, r) = hold::idle(&hold_run(addr, "/slow", Protocol::Http1)).await;
+    assert!(held.conns.is_empty());
+    assert_eq!((r.connections, r.ok), (0, 0));
+    assert_eq!(r.errors.get("connect"), Some(&40), "{r:?}");
 }

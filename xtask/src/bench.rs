@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--quick]`: enforcer overhead, streaming, ledger throughput, LiteLLM as a peer and
-//! observer cost, measured as ratios within one run, written to BENCHMARKS.md and bench/results.json.
+//! `cargo xtask bench [--quick]`: enforcer overhead, streaming, memory per connection and over a soak,
+//! ledger throughput, LiteLLM as a peer and observer cost, measured as ratios within one run,
+//! written to BENCHMARKS.md and bench/results.json.
 //!
 //! Method (docs/benchmarks.md): every server is on loopback; variants of one scenario are interleaved
 //! and repeated, so slow drift on this shared 2-core machine hits them alike; the load generator
@@ -12,6 +13,7 @@ mod memory;
 mod observer;
 mod overhead;
 mod report;
+mod soak;
 mod stack;
 mod streaming;
 mod throughput;
@@ -31,7 +33,7 @@ pub struct BenchArgs {
     /// About a minute: shorter runs, fewer repeats (LiteLLM's one-time install not counted).
     #[arg(long)]
     quick: bool,
-    /// Sections to skip: overhead, memory, streaming, ledger, litellm, observer (repeatable).
+    /// Sections to skip: overhead, memory, streaming, soak, ledger, litellm, observer (repeatable).
     #[arg(long)]
     skip: Vec<String>,
     /// Do not build (use the release binaries already in the target dir).
@@ -173,6 +175,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 !skip("streaming"),
             )
         });
+    }
+    if !skip("soak") {
+        section(&mut results, "soak", || soak::run(&env, &redis_url));
     }
     if !skip("ledger") {
         section(&mut results, "ledger", || {

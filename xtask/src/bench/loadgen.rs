@@ -1,6 +1,7 @@
 //! Runs the `loadgen` binary (release build) and parses the JSON report it prints.
 
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Lines, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -101,6 +102,82 @@ pub fn ledger(env: &Env, redis_url: &str, tasks: usize) -> Result<Value> {
     c.args(["--duration-ms", &env.plan.duration.as_millis().to_string()]);
     c.args(["--warmup-ms", &env.plan.warmup.as_millis().to_string()]);
     run(c)
+}
+
+/// A running `loadgen hold`, whose JSON lines (one per phase) are read as they come; killed on drop.
+pub struct Hold {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Hold {
+    /// The next phase line (`idle`, `in_flight`, `done`).
+    pub fn line(&mut self) -> Result<Value> {
+        let line = self
+            .lines
+            .next()
+            .context("loadgen hold ended without its next line")??;
+        serde_json::from_str(line.trim()).with_context(|| format!("loadgen hold printed {line:?}"))
+    }
+
+    /// Idle connections: closes them (a line on loadgen's stdin) and returns the `done` line.
+    pub fn release(mut self) -> Result<Value> {
+        if let Some(mut i) = self.child.stdin.take() {
+            let _ = i.write_all(b"release\n");
+        }
+        let done = self.line()?;
+        let st = self.child.wait()?;
+        if !st.success() {
+            bail!("loadgen hold failed with {st}");
+        }
+        Ok(done)
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How `loadgen hold` holds its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Each makes one call (32 at a time), then all sit idle until released (at most 120 s).
+    Idle,
+    /// All open first, then one call on each at once; the `in_flight` line comes after `settle`.
+    InFlight { settle: Duration },
+}
+
+/// Starts `loadgen hold` with `connections` connections to `target` (`h2c`: HTTP/2 prior
+/// knowledge, else HTTP/1.1).
+pub fn hold(env: &Env, target: &Target, connections: u32, h2c: bool, how: Held) -> Result<Hold> {
+    let mut c = Command::new(env.bin.join("loadgen"));
+    c.arg("hold");
+    target.args(&mut c);
+    c.args(["--connections", &connections.to_string()]);
+    if h2c {
+        c.arg("--h2c");
+    }
+    if let Held::InFlight { settle } = how {
+        c.args([
+            "--in-flight",
+            "--settle-ms",
+            &settle.as_millis().to_string(),
+        ]);
+    }
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("running loadgen hold")?;
+    let out = child.stdout.take().context("loadgen stdout")?;
+    Ok(Hold {
+        child,
+        lines: BufReader::new(out).lines(),
+    })
 }
 
 fn run(mut c: Command) -> Result<Value> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::{Value, json};
 
-use super::Env;
 use super::loadgen::{self, Load, Target};
+use super::{Env, stack};
 
 /// Concurrent worst-case calls.
 pub const CLIENTS: u32 = 64;
@@ -47,8 +47,8 @@ pub fn run(env: &Env, url: &str, key: &str, pid: u32) -> Result<Value> {
         Duration::ZERO,
         window,
     )?;
-    let peak_kib = status_kib(pid, "VmHWM:");
-    let now_kib = status_kib(pid, "VmRSS:");
+    let peak_kib = stack::status_field(pid, "VmHWM:");
+    let now_kib = stack::status_field(pid, "VmRSS:");
     let refused = r["errors"]["status_503"].as_u64().unwrap_or(0);
     eprintln!(
         "    memory: {CLIENTS} clients × {:.1} MB embeddings: {} ok, {refused} refused (503); enforcer peak RSS {} MiB",
@@ -65,15 +65,4 @@ pub fn run(env: &Env, url: &str, key: &str, pid: u32) -> Result<Value> {
         "peak_rss_mib": peak_kib.map(|k| k as f64 / 1024.0),
         "rss_after_mib": now_kib.map(|k| k as f64 / 1024.0),
     }))
-}
-
-/// A `kB` field of `/proc/PID/status`.
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }

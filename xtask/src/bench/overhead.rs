@@ -17,7 +17,7 @@ use super::{Env, litellm, report, streaming};
 use crate::command::step;
 
 /// The proxy keys the bench's clients use (not secrets: they exist only in the bench).
-const KEY_BUDGETS: &str = "lw-bench-budgets-on";
+pub(super) const KEY_BUDGETS: &str = "lw-bench-budgets-on";
 const KEY_NO_BUDGETS: &str = "lw-bench-budgets-off";
 
 /// A variant of the request path.
@@ -237,8 +237,22 @@ fn start(env: &Env, redis_url: &str) -> Result<Stack> {
     std::fs::write(&body, chat_body(false))?;
     let stream_body = env.work.join("chat-stream.json");
     std::fs::write(&stream_body, chat_body(true))?;
-    let on = enforcer(env, redis_url, &mock, &stream_mock, true)?;
-    let off = enforcer(env, redis_url, &mock, &stream_mock, false)?;
+    let on = enforcer(
+        env,
+        redis_url,
+        &mock,
+        &stream_mock,
+        true,
+        "enforcer-budgets",
+    )?;
+    let off = enforcer(
+        env,
+        redis_url,
+        &mock,
+        &stream_mock,
+        false,
+        "enforcer-no-budgets",
+    )?;
     let passthrough = passthrough(env, &mock, &stream_mock)?;
     Ok(Stack {
         mock,
@@ -254,7 +268,7 @@ fn start(env: &Env, redis_url: &str) -> Result<Stack> {
 /// A realistic chat-completions request: a system prompt, a short conversation, max_tokens. The
 /// last message differs on every request (the load generator numbers it, see `loadgen::target::SEQ`),
 /// as in real traffic, so the enforcer's token-count cache hits only the repeated turns.
-fn chat_body(stream: bool) -> String {
+pub(super) fn chat_body(stream: bool) -> String {
     let system =
         "You are a support assistant for an online store. Answer in at most three sentences, \
                   cite the order number when the customer gives one, and never promise refunds. "
@@ -282,12 +296,15 @@ fn chat_body(stream: bool) -> String {
     v.to_string()
 }
 
-fn enforcer(
+/// An enforcer named `name` (its config and log file names) on the two mocks, with the budgets
+/// key and tenant or the key and tenant without budgets.
+pub(super) fn enforcer(
     env: &Env,
     redis_url: &str,
     mock: &Mock,
     stream_mock: &Mock,
     budgets: bool,
+    name: &str,
 ) -> Result<(Proc, u16)> {
     let (listen, admin) = (stack::free_port()?, stack::free_port()?);
     let (key, tenant) = if budgets {
@@ -328,11 +345,6 @@ allowed_tenants = ["{tenant}"]
              [[budgets]]\ntenant = \"{tenant}\"\nperiod = \"day\"\nlimit_usd = 100000.0\n"
         ));
     }
-    let name = if budgets {
-        "enforcer-budgets"
-    } else {
-        "enforcer-no-budgets"
-    };
     let path = env.work.join(format!("{name}.toml"));
     std::fs::write(&path, cfg)?;
     let log = std::fs::File::create(env.work.join(format!("{name}.log")))?;

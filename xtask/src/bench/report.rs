@@ -140,7 +140,7 @@ fn find_scenario<'a>(results: &'a Value, load: &str) -> Option<&'a Value> {
 }
 
 /// One target: what the issue asks, what was measured, PASS / MISS / NOT MEASURED.
-fn target(
+pub(super) fn target(
     name: &str,
     goal: &str,
     measured: Option<String>,
@@ -265,6 +265,7 @@ pub fn targets(r: &Value) -> Value {
             None => mem["error"].as_str().unwrap_or("not measured").to_owned(),
         },
     ));
+    t.extend(super::soak::targets(r));
     // 3. LiteLLM: its best closed-loop run vs the enforcer's highest throughput among closed-loop
     // runs whose p99 is no worse than LiteLLM's (a lower bound of the ratio at equal p99).
     t.push(litellm_target(r));
@@ -515,6 +516,7 @@ pub fn markdown(r: &Value) -> String {
     overhead_md(&mut s, r);
     floor_md(&mut s, r);
     streaming_md(&mut s, r);
+    super::soak::markdown(&mut s, r);
     ledger_md(&mut s, r);
     observer_md(&mut s, r);
     s

@@ -193,6 +193,17 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// A numeric field of `/proc/PID/status` (`VmHWM:`, `RssAnon:` in KiB, `Threads:`).
+pub fn status_field(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +213,7 @@ mod tests {
         let me = std::process::id();
         assert!(cpu_ticks(me).is_some());
         assert!(rss_kib(me).is_some_and(|k| k > 0));
+        assert!(status_field(me, "Threads:").is_some_and(|n| n >= 1));
+        assert!(status_field(me, "RssAnon:").is_some());
     }
 }
