@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
@@ -120,9 +120,9 @@ impl Conn {
 
     /// Sends one call on this connection and reads its whole answer; `Ok(status)` or an error label.
     pub async fn call(&mut self, target: &Target, timeout: Duration) -> Result<u16, String> {
-        let fut = async {
+        let response = async {
             let req = target.request();
-            let resp = match &mut self.sender {
+            match &mut self.sender {
                 Sender::Http1(s) => {
                     s.ready().await.map_err(|_| "closed".to_owned())?;
                     s.send_request(req).await
@@ -132,17 +132,9 @@ impl Conn {
                     s.send_request(req).await
                 }
             }
-            .map_err(|_| "request".to_owned())?;
-            let status = resp.status().as_u16();
-            resp.into_body()
-                .collect()
-                .await
-                .map_err(|_| "body".to_owned())?;
-            Ok(status)
+            .map_err(|_| "request".to_owned())
         };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .unwrap_or_else(|_| Err("timeout".to_owned()))
+        crate::target::read_whole(response, timeout).await
     }
 }
 

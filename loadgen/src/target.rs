@@ -145,11 +145,26 @@ pub async fn send_full(
     target: &Target,
     timeout: Duration,
 ) -> Result<u16, String> {
+    read_whole(
+        async {
+            client
+                .request(target.request())
+                .await
+                .map_err(|e| error_label(&e))
+        },
+        timeout,
+    )
+    .await
+}
+
+/// Awaits `response` and reads its whole body, within `timeout`: `Ok(status)` or an error label
+/// (the response's own, "body" or "timeout").
+pub async fn read_whole(
+    response: impl Future<Output = Result<hyper::Response<hyper::body::Incoming>, String>>,
+    timeout: Duration,
+) -> Result<u16, String> {
     let fut = async {
-        let resp = client
-            .request(target.request())
-            .await
-            .map_err(|e| error_label(&e))?;
+        let resp = response.await?;
         let status = resp.status().as_u16();
         resp.into_body()
             .collect()

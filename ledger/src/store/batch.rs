@@ -224,40 +224,45 @@ impl Batcher {
             Op::Reserve => MAX_RESERVES_IN_FLIGHT,
             Op::Settle => MAX_IN_FLIGHT,
         };
-        let mut waiter = Some(item);
-        let (tx, rx) = oneshot::channel();
-        let start = {
+        // `Ok`: queued (whether to start a worker, and the answer's receiver); `Err`: the lane was
+        // idle and its slot is this caller's, with the item back.
+        let queued = {
             let mut lanes = self.lanes();
             let lane = match lanes.get_mut(tenant) {
                 Some(l) => &mut l[op.index()],
                 None => &mut lanes.entry(tenant.to_owned()).or_default()[op.index()],
             };
-            let idle = lane.in_flight == 0 && lane.queue.is_empty();
-            let start = lane.in_flight < limit;
-            if start {
-                lane.in_flight += 1;
-            }
-            if !idle && let Some(item) = waiter.take() {
+            if lane.in_flight == 0 && lane.queue.is_empty() {
+                lane.in_flight = 1;
+                Err(item)
+            } else {
+                let start = lane.in_flight < limit;
+                if start {
+                    lane.in_flight += 1;
+                }
+                let (tx, rx) = oneshot::channel();
                 lane.queue.push_back(Waiter { item, tx });
+                Ok((start, rx))
             }
-            start
         };
-        if let Some(item) = waiter {
-            // The tenant's lane is idle: this caller sends its item itself, as a batch of one,
-            // on its own task. Handing it to a worker task costs two task wake-ups per operation
-            // (measured in docs/benchmarks.md). Items that arrive meanwhile queue and start
-            // workers as before (group commit under load is unchanged); when this slot is given
-            // back, also when this future is dropped half way, `Slot::drop` starts a worker for
-            // whatever still waits.
-            let _slot = Slot {
-                batcher: Arc::clone(self),
-                op,
-                tenant: tenant.to_owned(),
-                held: true,
-            };
-            self.count(op, 1);
-            return self.run_single(op, tenant, &item).await;
-        }
+        let (start, rx) = match queued {
+            Ok(q) => q,
+            Err(item) => {
+                // The lane was idle: this caller sends its item itself, as a batch of one, on
+                // its own task (a worker task costs two task wake-ups per operation, measured in
+                // docs/benchmarks.md). Items arriving meanwhile queue and start workers as before;
+                // when this slot is given back, also when this future is dropped half way,
+                // `Slot::drop` starts a worker for whatever still waits.
+                let _slot = Slot {
+                    batcher: Arc::clone(self),
+                    op,
+                    tenant: tenant.to_owned(),
+                    held: true,
+                };
+                self.count(op, 1);
+                return self.run_single(op, tenant, &item).await;
+            }
+        };
         if start {
             tokio::spawn(Arc::clone(self).drain(op, tenant.to_owned()));
         }

@@ -208,9 +208,10 @@ thread_local! {
 
 /// Tokens of one pre-tokenised piece, from [`PIECES`] when this thread counted it recently.
 fn piece_tokens(bpe: &Bpe, piece: &[u8]) -> u64 {
-    let (Ok(len), true) = (u8::try_from(piece.len()), piece.len() <= PIECE_MAX) else {
+    if piece.len() > PIECE_MAX {
         return bpe.bpe.count(piece) as u64;
-    };
+    }
+    let len = piece.len() as u8; // at most PIECE_MAX
     let encoding = std::ptr::from_ref(bpe) as usize;
     let mut bytes = [0u8; PIECE_MAX];
     bytes[..piece.len()].copy_from_slice(piece);
