@@ -268,15 +268,22 @@ pub async fn parse(
     endpoint: &Endpoint,
     call: &mut Call,
 ) -> Result<RequestInfo, ProxyError> {
-    // A large body waits (without blocking a worker) for one of the CPU-count parse slots.
-    let _slot = if adm.body.len() >= BLOCKING_PARSE_BYTES {
-        app.parse_slots.acquire().await.ok()
+    let info = if adm.body.len() >= BLOCKING_PARSE_BYTES {
+        // A large body waits (without blocking a worker) for one of the CPU-count parse slots,
+        // then is parsed on the blocking pool.
+        let _slot = app.parse_slots.acquire().await.ok();
+        let (e, body, cache, tenant) = (
+            endpoint.clone(),
+            adm.body.clone(),
+            app.token_cache.clone(),
+            call.tenant.clone(),
+        );
+        on_blocking_pool(move || ledger::request::parse_request_cached(&e, &body, &cache, &tenant))
+            .await
+            .ok_or_else(|| ProxyError::BodyRead("the enforcer is shutting down".into()))?
     } else {
-        None
-    };
-    let info = off_worker(adm.body.len(), || {
         ledger::request::parse_request_cached(endpoint, &adm.body, &app.token_cache, &call.tenant)
-    })
+    }
     .map_err(|e| ProxyError::BadBody(e.to_string()))?;
     // The model in the path is the one the provider runs and bills (Gemini
     // `models/{m}:generateContent`, an Azure deployment): it wins over a model named in the body.
@@ -300,16 +307,15 @@ pub async fn parse(
 /// Bodies from this size are parsed and tokenised off the async workers.
 pub const BLOCKING_PARSE_BYTES: usize = 64 << 10;
 
-/// Runs `f`, CPU-heavy work over a body of `len` bytes (parsing, tokenising megabytes of prompt),
-/// so that it does not stall the other calls on this async worker: for a large body, on a thread
-/// where blocking is allowed (`block_in_place`; only the multi-threaded runtime the server runs
-/// has one).
-pub fn off_worker<T>(len: usize, f: impl FnOnce() -> T) -> T {
-    let multi = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if len >= BLOCKING_PARSE_BYTES && multi {
-        tokio::task::block_in_place(f)
-    } else {
-        f()
+/// Runs `f`, CPU-heavy work over a large body (parsing, tokenising megabytes of prompt), on
+/// tokio's blocking pool, so that it does not stall the other calls of this proxy thread. `None`
+/// when the runtime is shutting down; a panic in `f` goes on in the caller.
+pub async fn on_blocking_pool<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => Some(v),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
     }
 }

@@ -125,6 +125,9 @@ pub struct Config {
     /// Client connections the proxy listener serves at once; past it, new connections wait in the
     /// kernel's accept queue until one closes.
     pub max_connections: usize,
+    /// Proxy runtime threads, each serving its connections start to end with its own Redis
+    /// connection and upstream pools; 0 (the default) is one per CPU.
+    pub proxy_threads: usize,
     /// Concurrent requests (streams) one h2 connection may carry.
     pub max_streams_per_connection: u32,
     /// Largest request body accepted (bytes); larger gets 413.
@@ -232,6 +235,7 @@ impl Default for Config {
             unseen_context_tokens: None,
             input_estimate_margin_pct: 10,
             max_connections: 4096,
+            proxy_threads: 0,
             max_streams_per_connection: 100,
             // 32 MiB: large enough for base64 images in a prompt.
             max_request_body_bytes: 32 << 20,
@@ -347,6 +351,15 @@ impl Config {
             self.redis_password_env.as_deref(),
             self.redis_ca_file.as_deref(),
         )
+    }
+
+    /// The number of proxy runtime threads: `proxy_threads`, or one per CPU.
+    #[must_use]
+    pub fn proxy_threads(&self) -> usize {
+        match self.proxy_threads {
+            0 => std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            n => n,
+        }
     }
 
     /// The billing policy's part of the config.

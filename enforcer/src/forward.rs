@@ -138,13 +138,31 @@ pub fn target_uri(
 }
 
 /// One pooled client.
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, SentBody>;
+pub type HttpsClient = Client<Connector, SentBody>;
 
-/// Clients per provider (a provider with its own CA file gets its own pool).
-#[derive(Clone)]
-pub struct Upstreams {
+/// One set of pools: the default client and one per provider with its own CA file.
+struct Pools {
     default: HttpsClient,
     by_provider: HashMap<String, HttpsClient>,
+}
+
+thread_local! {
+    /// This thread's pools among [`Upstreams`]'s ([`pin_thread_pool`]).
+    static THREAD_POOL: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sends this thread's upstream calls through pool set `index + 1` (set 0 serves unpinned
+/// threads). A pooled connection's I/O task runs on the runtime that opened it, so a proxy
+/// runtime thread that only uses its own pools wakes no other thread per call.
+pub fn pin_thread_pool(index: usize) {
+    THREAD_POOL.with(|c| c.set(Some(index)));
+}
+
+/// Clients per provider (a provider with its own CA file gets its own pool), one set per proxy
+/// thread plus a shared one; the TLS configs are shared by every set.
+#[derive(Clone)]
+pub struct Upstreams {
+    pools: Arc<[Pools]>,
     first_byte: Duration,
     /// Calls so far per route with failover routes: picks the first attempt by weight.
     turns: Arc<HashMap<String, AtomicU64>>,
@@ -194,26 +212,38 @@ impl Upstreams {
     ///
     /// # Errors
     /// [`StartError::UpstreamTls`] when a CA file cannot be read or holds no certificate.
-    pub fn new(providers: &[&Provider], t: &Timeouts) -> Result<Upstreams, StartError> {
-        let default = client(None, t).map_err(|e| e.under("upstream TLS client".into()))?;
-        let mut by_provider = HashMap::new();
+    pub fn new(
+        providers: &[&Provider],
+        t: &Timeouts,
+        threads: usize,
+    ) -> Result<Upstreams, StartError> {
+        let default = connector(None, t).map_err(|e| e.under("upstream TLS client".into()))?;
+        let mut by_provider = Vec::new();
         for p in providers {
             if let Some(ca) = &p.ca_file {
-                by_provider.insert(
+                by_provider.push((
                     p.name.clone(),
-                    client(Some(ca), t)
+                    connector(Some(ca), t)
                         .map_err(|e| e.under(format!("providers.{}.ca_file", p.name)))?,
-                );
+                ));
             }
         }
+        let pools = (0..=threads)
+            .map(|_| Pools {
+                default: pool(default.clone()),
+                by_provider: by_provider
+                    .iter()
+                    .map(|(n, c)| (n.clone(), pool(c.clone())))
+                    .collect(),
+            })
+            .collect();
         let turns = providers
             .iter()
             .filter(|p| !p.failover.is_empty())
             .map(|p| (p.name.clone(), AtomicU64::new(0)))
             .collect();
         Ok(Upstreams {
-            default,
-            by_provider,
+            pools,
             first_byte: Duration::from_millis(t.first_byte_ms),
             turns: Arc::new(turns),
         })
@@ -243,7 +273,11 @@ impl Upstreams {
         provider: &str,
         req: Request<SentBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let c = self.by_provider.get(provider).unwrap_or(&self.default);
+        let set = THREAD_POOL
+            .with(std::cell::Cell::get)
+            .and_then(|i| self.pools.get(i + 1))
+            .unwrap_or(&self.pools[0]);
+        let c = set.by_provider.get(provider).unwrap_or(&set.default);
         match tokio::time::timeout(self.first_byte, c.request(req)).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => {
@@ -290,7 +324,15 @@ impl ClientError {
     }
 }
 
-fn client(ca_file: Option<&Path>, t: &Timeouts) -> Result<HttpsClient, ClientError> {
+type Connector = HttpsConnector<HttpConnector>;
+
+fn pool(c: Connector) -> HttpsClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(c)
+}
+
+fn connector(ca_file: Option<&Path>, t: &Timeouts) -> Result<Connector, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -319,15 +361,12 @@ fn client(ca_file: Option<&Path>, t: &Timeouts) -> Result<HttpsClient, ClientErr
     http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_millis(t.connect_ms)));
     http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(https))
+        .wrap_connector(http))
 }
 
 #[cfg(test)]

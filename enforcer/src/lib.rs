@@ -126,7 +126,7 @@ pub struct App {
     /// neither stall the async workers nor hold their parse trees all at the same time.
     pub parse_slots: tokio::sync::Semaphore,
     /// Token counts of prompt texts seen recently (per tenant), for the input estimate.
-    pub token_cache: ledger::request::TokenCache,
+    pub token_cache: Arc<ledger::request::TokenCache>,
 }
 
 impl App {
@@ -151,11 +151,15 @@ impl App {
             };
         let pricing = Arc::new(Pricing::load(&cfg.pricing()).map_err(StartError::Pricing)?);
         let refs: Vec<&Provider> = providers.values().collect();
-        let upstreams = Upstreams::new(&refs, &cfg.timeouts)?;
+        let threads = cfg.proxy_threads();
+        let upstreams = Upstreams::new(&refs, &cfg.timeouts, threads)?;
         let redis_timeout = Duration::from_millis(cfg.timeouts.redis_ms);
-        let lcfg = cfg
-            .ledger_config(redis_timeout)
-            .map_err(StartError::Redis)?;
+        let lcfg = ledger::store::LedgerConfig {
+            thread_connections: threads,
+            ..cfg
+                .ledger_config(redis_timeout)
+                .map_err(StartError::Redis)?
+        };
         let instance = recovery::instance_id(&cfg);
         let ledger = Ledger::connect_lazy(&cfg.redis_url, lcfg)
             .await
@@ -195,7 +199,7 @@ impl App {
             parse_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
-            token_cache: ledger::request::TokenCache::new(),
+            token_cache: Arc::new(ledger::request::TokenCache::new()),
         })
     }
 

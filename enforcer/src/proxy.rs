@@ -254,6 +254,24 @@ async fn send_with_failover(
     })
 }
 
+/// The model and usage a whole non-stream response reports (SSE-framed bodies too); none found
+/// leaves the settle to bill its estimate.
+fn response_usage(
+    endpoint: &Endpoint,
+    bytes: &[u8],
+) -> (Option<String>, Option<ledger::usage::Usage>) {
+    let view = crate::usage_view::usage_view(endpoint.api, bytes);
+    match ledger::usage::parse_response(endpoint, view.as_deref().unwrap_or(bytes)) {
+        Ok(m) if m.usage.is_some() => (m.model, m.usage),
+        _ => {
+            let mut m = StreamMeter::new(endpoint);
+            m.feed(bytes);
+            let meta = m.finish();
+            (meta.model, meta.usage)
+        }
+    }
+}
+
 /// Phase 4 for a non-stream response: read it whole (bounded), read its usage, settle in the
 /// background and answer with the cost header.
 async fn meter_whole(
@@ -278,18 +296,14 @@ async fn meter_whole(
     };
     let mut settler = pending.take();
     settler.note_object(&bytes);
-    let (model, usage) = admit::off_worker(bytes.len(), || {
-        let view = crate::usage_view::usage_view(endpoint.api, &bytes);
-        match ledger::usage::parse_response(endpoint, view.as_deref().unwrap_or(&bytes)) {
-            Ok(m) if m.usage.is_some() => (m.model, m.usage),
-            _ => {
-                let mut m = StreamMeter::new(endpoint);
-                m.feed(&bytes);
-                let meta = m.finish();
-                (meta.model, meta.usage)
-            }
-        }
-    });
+    let (model, usage) = if bytes.len() >= admit::BLOCKING_PARSE_BYTES {
+        let (e, b) = (endpoint.clone(), bytes.clone());
+        admit::on_blocking_pool(move || response_usage(&e, &b))
+            .await
+            .unwrap_or_default()
+    } else {
+        response_usage(endpoint, &bytes)
+    };
     // The cost is known now; committing it to Redis need not delay the response.
     let billed = settler.settle_in_background(model, usage);
     if let Ok(v) = HeaderValue::from_str(&usd_string(billed.cost)) {

@@ -13,8 +13,10 @@ use crate::App;
 use crate::error::StartError;
 
 mod conn;
+mod threads;
 
 use conn::{Connections, Kind};
+use threads::ProxyThreads;
 
 fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, StartError> {
     let bad = |key: &'static str, detail: String| StartError::ListenerTls { key, detail };
@@ -89,6 +91,13 @@ pub async fn run(app: App) -> Result<(), StartError> {
     let (listener, admin) = bind(&app).await?;
     tracing::info!(listen = %app.cfg.listen, admin = app.cfg.admin_addr().unwrap_or("off"), tls = tls.is_some(), max_connections = app.cfg.max_connections, "enforcer listening");
     let conns = Connections::default();
+    let threads = Arc::new(
+        ProxyThreads::start(app.cfg.proxy_threads()).map_err(|source| StartError::Bind {
+            key: "proxy_threads",
+            addr: app.cfg.listen.clone(),
+            source,
+        })?,
+    );
     let mut loops = vec![tokio::spawn(conn::accept_loop(
         app.clone(),
         listener,
@@ -96,6 +105,7 @@ pub async fn run(app: App) -> Result<(), StartError> {
         app.cfg.max_connections,
         tls,
         conns.clone(),
+        Some(threads.clone()),
     ))];
     if let Some(admin) = admin {
         loops.push(tokio::spawn(conn::accept_loop(
@@ -105,10 +115,12 @@ pub async fn run(app: App) -> Result<(), StartError> {
             conn::ADMIN_MAX_CONNECTIONS,
             None,
             conns.clone(),
+            None,
         )));
     }
     shutdown_signal().await;
     drain(&app, &conns, loops).await;
+    threads.stop().await;
     Ok(())
 }
 

@@ -45,7 +45,7 @@ pub use audit_read::{AUDIT_COLUMNS, AuditCursor, AuditQuery, AuditReader, AuditR
 pub use batch::{BatchStats, OpBatches};
 pub use budget::{BudgetProblem, resolve_caps};
 pub use budget_cache::BudgetCache;
-pub use conn::LedgerConfig;
+pub use conn::{LedgerConfig, pin_thread_connection};
 pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, OPS_EVENTS, RULES_KEY, validate_name};
 pub use ops_events::{OPS_CURSOR, OPS_EVENTS_KEPT, PriceGap};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
@@ -125,7 +125,8 @@ impl Ledger {
     /// [`Error::Redis`] when the URL is invalid or Redis is unreachable within the timeouts.
     pub async fn connect_with(url: &str, cfg: LedgerConfig) -> Result<Ledger, Error> {
         let conn = Conn::open(url, &cfg, false).await?;
-        Ok(Ledger::from_conn(conn, cfg))
+        let locals = Conn::open_thread_locals(url, &cfg).await?;
+        Ok(Ledger::from_conn(conn, locals, cfg))
     }
 
     /// Like [`Ledger::connect_with`] but a single-node connection is opened on first use, so a
@@ -135,13 +136,14 @@ impl Ledger {
     /// [`Error::Redis`] when the URL is invalid (or a cluster is unreachable).
     pub async fn connect_lazy(url: &str, cfg: LedgerConfig) -> Result<Ledger, Error> {
         let conn = Conn::open(url, &cfg, true).await?;
-        Ok(Ledger::from_conn(conn, cfg))
+        let locals = Conn::open_thread_locals(url, &cfg).await?;
+        Ok(Ledger::from_conn(conn, locals, cfg))
     }
 
-    fn from_conn(conn: Conn, cfg: LedgerConfig) -> Ledger {
+    fn from_conn(conn: Conn, locals: Vec<Conn>, cfg: LedgerConfig) -> Ledger {
         let cfg = Arc::new(cfg);
         Ledger {
-            batch: Arc::new(Batcher::new(conn.clone(), Arc::clone(&cfg))),
+            batch: Arc::new(Batcher::new(conn.clone(), locals, Arc::clone(&cfg))),
             conn,
             cfg,
             active_marked: Arc::default(),

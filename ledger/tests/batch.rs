@@ -651,3 +651,106 @@ async fn a_paused_redis_fails_every_waiter_within_the_timeout() {
     }
     assert!(ok, "the ledger must work again after Redis resumes");
 }
+
+/// Connections the server has accepted since it started.
+async fn accepted(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(c)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_connections_received")
+}
+
+/// The calls of one pinned thread: reserve then settle each, one by one, on a current-thread
+/// runtime of its own that is gone when this returns. (The ledger's other commands, such as the
+/// once-per-tenant active mark, use the shared connection, whose task runs on the caller's
+/// runtime: that runtime keeps running meanwhile.)
+async fn on_pinned_thread(l: &Ledger, index: usize, calls: Vec<ReserveRequest>) -> Vec<String> {
+    let l = l.clone();
+    let t = std::thread::spawn(move || {
+        ledger::store::pin_thread_connection(index);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut out = reserve_each(&l, &calls).await;
+            let ss: Vec<_> = calls
+                .iter()
+                .zip(0..)
+                .map(|(r, n)| settlement(r, 7 + n as i64, n))
+                .collect();
+            out.extend(settle_each(&l, &ss).await);
+            out
+        })
+    });
+    tokio::task::spawn_blocking(move || t.join().expect("pinned thread"))
+        .await
+        .expect("join")
+}
+
+/// A thread-per-core server pins each runtime thread to a connection of its own
+/// (`thread_connections`): two threads, one after the other, each on its own runtime, commit
+/// exactly what the same calls commit over one shared connection, and each opened its own
+/// connection (a thread sent to the shared one, or to the first thread's, whose I/O task died
+/// with that thread's runtime, would show fewer connections or fail).
+#[tokio::test]
+async fn pinned_threads_on_their_own_connections_commit_what_one_connection_does() {
+    let (sa, sb) = (RedisServer::start(), RedisServer::start());
+    let client = redis::Client::open(sa.url()).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let before = accepted(&mut c).await;
+    let threaded = Ledger::connect_with(
+        &sa.url(),
+        LedgerConfig {
+            thread_connections: 2,
+            ..LedgerConfig::default()
+        },
+    )
+    .await
+    .expect("connect a");
+    let shared = Ledger::connect(&sb.url()).await.expect("connect b");
+    let at = Utc::now();
+    let tenant_day = cap(CapScope::Tenant, Period::Day, 10_000);
+    let calls = |from: usize| -> Vec<ReserveRequest> {
+        (from..from + 10)
+            .map(|i| {
+                req(
+                    &format!("t{i}"),
+                    50 + i as i64,
+                    at,
+                    vec![tenant_day.clone()],
+                )
+            })
+            .collect()
+    };
+    let mut got = on_pinned_thread(&threaded, 0, calls(0)).await;
+    got.extend(on_pinned_thread(&threaded, 1, calls(10)).await);
+    let mut want = Vec::new();
+    for from in [0, 10] {
+        let cs = calls(from);
+        want.extend(reserve_each(&shared, &cs).await);
+        let ss: Vec<_> = cs
+            .iter()
+            .zip(0..)
+            .map(|(r, n)| settlement(r, 7 + n as i64, n))
+            .collect();
+        want.extend(settle_each(&shared, &ss).await);
+    }
+    assert_eq!(got, want, "replies differ");
+    assert!(
+        got.iter().all(|r| r.starts_with("Ok(")),
+        "every call answered: {got:?}"
+    );
+    // The shared connection and one per pinned thread, each opened by its thread.
+    let opened = accepted(&mut c).await - before;
+    assert_eq!(opened, 3, "connections opened by the threaded ledger");
+    assert_same(&dump(&sa).await, &dump(&sb).await);
+}

@@ -184,8 +184,8 @@ pub async fn bind(listen: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding {listen}"))
 }
 
-/// Serves connections on `listener` until the task is dropped: one task per connection, as the
-/// enforcer's accept loop.
+/// Serves connections on `listener` until the task is dropped: one task per connection on this
+/// runtime.
 pub async fn serve(listener: TcpListener, p: Arc<Passthrough>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -193,15 +193,64 @@ pub async fn serve(listener: TcpListener, p: Arc<Passthrough>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_one(stream, p.clone()));
+    }
+}
+
+async fn serve_one(stream: tokio::net::TcpStream, p: Arc<Passthrough>) {
+    let svc = service_fn(move |req| {
         let p = p.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let p = p.clone();
-                async move { Ok::<_, Infallible>(p.forward(req).await) }
-            });
-            let _ = builder()
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
+        async move { Ok::<_, Infallible>(p.forward(req).await) }
+    });
+    let _ = builder()
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .await;
+}
+
+/// The enforcer's threading (enforcer/src/server/threads.rs): `threads` current-thread runtimes,
+/// each with its own upstream pool (`make` builds one per thread); the accept loop here places
+/// each connection on the thread with the fewest open ones. Runs until the task is dropped.
+///
+/// # Errors
+/// When a runtime, a thread or a pool cannot be made.
+pub async fn serve_threads(
+    listener: TcpListener,
+    threads: usize,
+    make: impl Fn() -> Result<Passthrough>,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut places = Vec::new();
+    for i in 0..threads.max(1) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        places.push((
+            rt.handle().clone(),
+            Arc::new(make()?),
+            Arc::new(AtomicUsize::new(0)),
+        ));
+        std::thread::Builder::new()
+            .name(format!("passthrough-{i}"))
+            .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    }
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(std) = stream.into_std() else { continue };
+        let Some((handle, p, open)) = places.iter().min_by_key(|t| t.2.load(Ordering::Relaxed))
+        else {
+            bail!("no thread");
+        };
+        open.fetch_add(1, Ordering::Relaxed);
+        let (p, open) = (p.clone(), open.clone());
+        handle.spawn(async move {
+            if let Ok(s) = tokio::net::TcpStream::from_std(std) {
+                serve_one(s, p).await;
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

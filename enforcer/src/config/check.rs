@@ -47,6 +47,9 @@ impl Config {
         if self.max_connections == 0 {
             return Err(bad("max_connections", "at least 1"));
         }
+        if self.proxy_threads > 1024 {
+            return Err(bad("proxy_threads", "at most 1024 (0: one per CPU)"));
+        }
         let factor = crate::inflight::REQUEST_COST_FACTOR;
         if self.max_inflight_body_bytes / factor < self.max_request_body_bytes {
             return Err(bad(

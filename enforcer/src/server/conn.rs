@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::ProxyThreads;
 use crate::meter::BoxError;
 use crate::metrics::Listener;
 use crate::{App, ProxyBody, admin, proxy};
@@ -87,7 +88,8 @@ impl Kind {
     }
 }
 
-/// Accepts on `tcp` until the stop signal, serving each connection in its own task.
+/// Accepts on `tcp` until the stop signal, serving each connection in its own task: on the
+/// proxy thread with the fewest connections when `threads` is given, else on this runtime.
 pub async fn accept_loop(
     app: Arc<App>,
     tcp: TcpListener,
@@ -95,6 +97,7 @@ pub async fn accept_loop(
     max: usize,
     tls: Option<tokio_rustls::TlsAcceptor>,
     conns: Connections,
+    threads: Option<Arc<ProxyThreads>>,
 ) {
     let slots = Arc::new(Semaphore::new(max));
     let label = kind.label();
@@ -121,8 +124,18 @@ pub async fn accept_loop(
             Ok((stream, _)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
                 let _ = stream.set_nodelay(true);
-                let task = serve(app.clone(), stream, kind, tls.clone(), conns.clone(), slot);
-                conns.tasks.spawn(task);
+                let (app, tls, c) = (app.clone(), tls.clone(), conns.clone());
+                match &threads {
+                    None => {
+                        conns.tasks.spawn(serve(app, stream, kind, tls, c, slot));
+                    }
+                    Some(t) => place(
+                        t,
+                        stream,
+                        move |s| serve(app, s, kind, tls, c, slot),
+                        &conns,
+                    ),
+                }
             }
             Err(e) => {
                 app.metrics.accept_errors.get_or_create(&label).inc();
@@ -136,6 +149,33 @@ pub async fn accept_loop(
             }
         }
     }
+}
+
+/// Moves an accepted connection to the proxy thread with the fewest and serves it there with
+/// `serve` (its socket leaves this runtime's reactor for that thread's).
+fn place<F, Fut>(threads: &ProxyThreads, stream: TcpStream, serve: F, conns: &Connections)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let std = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not hand an accepted connection to a proxy thread; closing it");
+            return;
+        }
+    };
+    let (handle, placed) = threads.least_loaded();
+    let task = async move {
+        let _placed = placed;
+        match TcpStream::from_std(std) {
+            Ok(s) => serve(s).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "a proxy thread could not take an accepted connection; closing it");
+            }
+        }
+    };
+    conns.tasks.spawn_on(task, &handle);
 }
 
 /// One connection: the TLS handshake if any, then HTTP until it ends, goes idle or the stop

@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use redis::RedisError;
 use tokio::sync::oneshot;
 
-use super::conn::{Conn, timeout_error};
+use super::conn::{Conn, thread_conn, timeout_error};
 use super::{LedgerConfig, Period, duration_ms, keys, scripts};
 use crate::Error;
 
@@ -192,6 +192,8 @@ struct Lane {
 /// The per-tenant queues, shared by every clone of a [`super::Ledger`].
 pub(crate) struct Batcher {
     conn: Conn,
+    /// Per-thread connections (`LedgerConfig::thread_connections`), used by the pinned threads.
+    locals: Vec<Conn>,
     cfg: Arc<LedgerConfig>,
     /// Tenant → its reserve and settle lanes; a tenant with nothing queued or in flight is removed.
     lanes: Mutex<HashMap<String, [Lane; 2]>>,
@@ -199,13 +201,19 @@ pub(crate) struct Batcher {
 }
 
 impl Batcher {
-    pub(crate) fn new(conn: Conn, cfg: Arc<LedgerConfig>) -> Batcher {
+    pub(crate) fn new(conn: Conn, locals: Vec<Conn>, cfg: Arc<LedgerConfig>) -> Batcher {
         Batcher {
             conn,
+            locals,
             cfg,
             lanes: Mutex::default(),
             counters: Default::default(),
         }
+    }
+
+    /// The connection of this thread (its pinned one, else the shared one).
+    pub(crate) fn thread_conn(&self) -> Conn {
+        thread_conn(&self.conn, &self.locals).clone()
     }
 
     fn lanes(&self) -> MutexGuard<'_, HashMap<String, [Lane; 2]>> {
@@ -357,7 +365,7 @@ impl Batcher {
     async fn run(&self, op: Op, tenant: &str, mut batch: Vec<Waiter>) {
         self.count(op, batch.len());
         let cfg = &self.cfg;
-        let mut conn = self.conn.clone();
+        let mut conn = self.thread_conn();
         if batch.len() == 1
             && let Some(w) = batch.pop()
         {
@@ -425,7 +433,7 @@ impl Batcher {
     /// Sends one item with the single-item script and returns its reply fields.
     async fn run_single(&self, op: Op, tenant: &str, item: &Item) -> Result<Vec<String>, Error> {
         let cfg = &self.cfg;
-        let mut conn = self.conn.clone();
+        let mut conn = self.thread_conn();
         let inv = single(op, tenant, item, cfg);
         match tokio::time::timeout(
             cfg.operation_timeout,
@@ -546,7 +554,7 @@ mod tests {
         let conn = Conn::open(&server.url(), &cfg, false)
             .await
             .expect("connect");
-        let b = Arc::new(Batcher::new(conn, cfg));
+        let b = Arc::new(Batcher::new(conn, Vec::new(), cfg));
         // The single-item settle of an id with no hold: commits nothing (its arguments are
         // empty) but answers, whatever the reply; only the lane's bookkeeping is looked at.
         let _ = b.submit(Op::Settle, "acme", item("warm")).await;

@@ -55,6 +55,12 @@ pub struct LedgerConfig {
     /// per (budget, period, threshold) by the script that crosses it. Empty turns alerts off.
     /// Default 50, 80, 100.
     pub alert_thresholds_pct: Vec<u32>,
+    /// Extra single-node connections for reserves and settles, one per thread that calls
+    /// [`super::pin_thread_connection`] with its index: a thread-per-core server gives each of its
+    /// runtimes a connection whose I/O task runs on that runtime, so a reserve wakes no other
+    /// thread. 0 (the default) sends everything over the one shared connection; a cluster URL
+    /// always does.
+    pub thread_connections: usize,
 }
 
 impl Default for LedgerConfig {
@@ -75,6 +81,7 @@ impl Default for LedgerConfig {
             audit_retention: Duration::from_secs(90 * 24 * 3600),
             audit_max_per_day: 0,
             alert_thresholds_pct: vec![50, 80, 100],
+            thread_connections: 0,
         }
     }
 }
@@ -97,6 +104,7 @@ impl std::fmt::Debug for LedgerConfig {
             .field("audit_retention", &self.audit_retention)
             .field("audit_max_per_day", &self.audit_max_per_day)
             .field("alert_thresholds_pct", &self.alert_thresholds_pct)
+            .field("thread_connections", &self.thread_connections)
             .finish()
     }
 }
@@ -149,6 +157,27 @@ fn tls(cfg: &LedgerConfig) -> TlsCertificates {
     }
 }
 
+thread_local! {
+    /// This thread's index into the ledger's thread connections ([`pin_thread_connection`]).
+    static THREAD_CONN: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sends this thread's reserves and settles over the ledger's thread connection `index` (see
+/// [`LedgerConfig::thread_connections`]); an index past their number uses the shared one. Call it
+/// once, first thing on each of a thread-per-core server's runtime threads, so that connection's
+/// I/O task is spawned on (and its replies wake) that thread only.
+pub fn pin_thread_connection(index: usize) {
+    THREAD_CONN.with(|c| c.set(Some(index)));
+}
+
+/// The connection this thread uses among `locals`, else `shared`.
+pub(crate) fn thread_conn<'a>(shared: &'a Conn, locals: &'a [Conn]) -> &'a Conn {
+    THREAD_CONN
+        .with(std::cell::Cell::get)
+        .and_then(|i| locals.get(i))
+        .unwrap_or(shared)
+}
+
 /// A single-node or cluster connection; both are cheap to clone and multiplexed.
 #[derive(Clone)]
 pub(crate) enum Conn {
@@ -161,6 +190,23 @@ pub(crate) enum Conn {
 impl Conn {
     /// Connects per `url` (see [`cluster_nodes`]). With `lazy`, a single-node connection is made on
     /// first use, so a process can start while Redis is down.
+    /// The [`LedgerConfig::thread_connections`] for `url`: lazy single-node connections, made on
+    /// first use by the thread pinned to each, so their I/O tasks run there. None for a cluster
+    /// (its connection manages a connection per node already).
+    pub(crate) async fn open_thread_locals(
+        url: &str,
+        cfg: &LedgerConfig,
+    ) -> Result<Vec<Conn>, Error> {
+        if cluster_nodes(url).is_some() {
+            return Ok(Vec::new());
+        }
+        let mut v = Vec::with_capacity(cfg.thread_connections);
+        for _ in 0..cfg.thread_connections {
+            v.push(Conn::open(url, cfg, true).await?);
+        }
+        Ok(v)
+    }
+
     pub(crate) async fn open(url: &str, cfg: &LedgerConfig, lazy: bool) -> Result<Conn, Error> {
         if let Some(nodes) = cluster_nodes(url) {
             let tls_nodes = nodes.iter().any(|n| n.starts_with("rediss://"));

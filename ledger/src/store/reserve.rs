@@ -33,7 +33,7 @@ impl Ledger {
                 {
                     self.batch.submit(Op::Reserve, &r.tenant, item).await?
                 } else {
-                    let mut c = self.conn.clone();
+                    let mut c = self.batch.thread_conn();
                     batch::single(Op::Reserve, &r.tenant, &item, &self.cfg)
                         .invoke_async(&mut c)
                         .await?

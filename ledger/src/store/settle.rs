@@ -38,7 +38,7 @@ impl Ledger {
                 let fields = if self.cfg.group_commit && batchable(s) {
                     self.batch.submit(Op::Settle, &s.tenant, item).await?
                 } else {
-                    let mut c = self.conn.clone();
+                    let mut c = self.batch.thread_conn();
                     batch::single(Op::Settle, &s.tenant, &item, &self.cfg)
                         .invoke_async(&mut c)
                         .await?

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Parser;
@@ -30,18 +29,23 @@ struct Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let p = Arc::new(Passthrough::new(&cli.routes, cli.ca_file.as_deref())?);
-    // The enforcer's runtime: multi-thread, one worker per CPU.
+    // Fail on a bad route before listening.
+    Passthrough::new(&cli.routes, cli.ca_file.as_deref())?;
+    // The enforcer's runtimes: the accept loop on a multi-thread one, the connections on one
+    // current-thread runtime per CPU (its `proxy_threads` default).
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let threads = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     rt.block_on(async {
         let l = passthrough::bind(cli.listen).await?;
         println!(
             "{}",
             serde_json::json!({ "addr": l.local_addr()?.to_string() })
         );
-        passthrough::serve(l, p).await;
-        Ok(())
+        passthrough::serve_threads(l, threads, || {
+            Passthrough::new(&cli.routes, cli.ca_file.as_deref())
+        })
+        .await
     })
 }
