@@ -42,7 +42,6 @@ pub mod settle;
 mod spool_alert;
 pub mod usage_filter;
 pub mod usage_params;
-pub mod usage_view;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

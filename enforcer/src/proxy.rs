@@ -260,8 +260,8 @@ fn response_usage(
     endpoint: &Endpoint,
     bytes: &[u8],
 ) -> (Option<String>, Option<ledger::usage::Usage>) {
-    let view = crate::usage_view::usage_view(endpoint.api, bytes);
-    match ledger::usage::parse_response(endpoint, view.as_deref().unwrap_or(bytes)) {
+    // The ledger builds only the members it reads: a large answer costs no tree.
+    match ledger::usage::parse_response(endpoint, bytes) {
         Ok(m) if m.usage.is_some() => (m.model, m.usage),
         _ => {
             let mut m = StreamMeter::new(endpoint);

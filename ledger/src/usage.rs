@@ -20,6 +20,7 @@ mod gemini;
 mod json_array;
 mod openai;
 mod pretokenize;
+mod sparse;
 mod stream;
 pub(crate) mod tokens;
 
@@ -96,8 +97,13 @@ pub fn estimate_tokens_from_text(model: Option<&str>, text: &str) -> u64 {
 /// usage field has the wrong type.
 pub fn parse_response(endpoint: &Endpoint, body: &[u8]) -> Result<ResponseMeta, Error> {
     let what = response_what(endpoint.api);
-    let value: Value =
-        serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?;
+    let value: Value = if is_gemini(endpoint.api) {
+        serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?
+    } else {
+        // Only the members the parsers read are built into a tree; the answer's text, vectors
+        // and tool output are scanned past without allocating.
+        sparse::object(body, &USAGE_KEYS).map_err(|source| Error::Json { what, source })?
+    };
     let mut meta = match (&value, endpoint.api) {
         (Value::Array(items), Api::GeminiGenerateContent | Api::GeminiStreamGenerateContent) => {
             let mut state = gemini::Accumulated::default();
@@ -129,7 +135,7 @@ pub fn object_id(api: Api, text: &[u8]) -> Option<String> {
     }
     let trimmed = text.trim_ascii_start();
     let v: Value = if trimmed.starts_with(b"{") {
-        serde_json::from_slice(trimmed).ok()?
+        sparse::object(trimmed, &ID_KEYS).ok()?
     } else {
         // An event stream: the first event whose data is a JSON object.
         let mut p = crate::sse::SseParser::new();
@@ -148,6 +154,20 @@ pub fn object_id(api: Api, text: &[u8]) -> Option<String> {
         .filter(|id| !id.is_empty() && id.len() <= 128)
         .map(str::to_owned)
 }
+
+fn is_gemini(api: Api) -> bool {
+    matches!(
+        api,
+        Api::GeminiGenerateContent | Api::GeminiStreamGenerateContent | Api::GeminiCountTokens
+    )
+}
+
+/// The top-level members [`parse_object`] reads of a response that is not Gemini's (Gemini's
+/// parser reads its candidates too, so its bodies are parsed whole).
+const USAGE_KEYS: [&str; 3] = ["model", "usage", "x_groq"];
+
+/// The members [`object_id`] reads of a JSON body.
+const ID_KEYS: [&str; 2] = ["id", "response"];
 
 fn parse_object(api: Api, obj: &serde_json::Map<String, Value>) -> Result<ResponseMeta, String> {
     let model = str_field(obj, "model");

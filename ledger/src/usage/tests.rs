@@ -6,6 +6,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::provider::ProviderDetector;
 
+mod sparse;
 mod streams;
 
 const OPENAI_CHAT: &str = include_str!("../../tests/fixtures/openai-chat.json");

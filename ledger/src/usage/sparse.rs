@@ -1,0 +1,90 @@
+//! A response body parsed only as far as usage extraction reads it. Building a whole answer into
+//! a `serde_json::Value` allocates every string and array of it (the answer's text, an embeddings
+//! answer's vectors: over 20 MiB of tree for 7 MiB of JSON) when the parsers of every API but
+//! Gemini's read three top-level members. Here every other member is checked for syntax by
+//! serde's `IgnoredAny` and dropped as it is read.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// `body` as JSON where, if it is an object, only the members named in `keys` are built (the
+/// last of repeated names wins, as in a [`Value`]); every other member is checked for syntax
+/// but not built. Anything but an object comes back as [`Value::Null`], so callers still tell
+/// "not an object" apart.
+pub(super) fn object(body: &[u8], keys: &[&str]) -> Result<Value, serde_json::Error> {
+    use serde::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let kept = (&mut de).deserialize_any(SparseVisitor(keys))?;
+    de.end()?;
+    Ok(kept.map_or(Value::Null, Value::Object))
+}
+
+/// An object member's name, borrowed from the input unless it has escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Deserializes the members named in its keys (see [`object`]).
+struct SparseVisitor<'k>(&'k [&'k str]);
+
+impl<'de> serde::de::Visitor<'de> for SparseVisitor<'_> {
+    type Value = Option<serde_json::Map<String, Value>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut kept = serde_json::Map::new();
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            if self.0.contains(&k.as_ref()) {
+                let v: Value = map.next_value()?;
+                kept.insert(k.into_owned(), v);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Some(kept))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}

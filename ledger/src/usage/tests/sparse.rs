@@ -1,0 +1,152 @@
+//! The sparse parse of whole responses against the whole-tree parse it replaced: the same model,
+//! usage and errors for every non-Gemini fixture and for bodies built to trip it (repeated and
+//! escaped member names, usage after a large member, broken JSON in a skipped member, trailing
+//! bytes, non-objects), and the same object ids.
+
+use proptest::prelude::*;
+use serde_json::Value;
+
+use super::*;
+use crate::error::Error;
+use crate::usage::{object_id, parse_object, response_what};
+
+/// What `parse_response` did before: the whole body as a tree, then the same object parser.
+fn whole(endpoint: &Endpoint, body: &[u8]) -> Result<ResponseMeta, Error> {
+    let what = response_what(endpoint.api);
+    let value: Value =
+        serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?;
+    let Value::Object(obj) = &value else {
+        return Err(Error::Shape {
+            what,
+            detail: "body is not a JSON object".into(),
+        });
+    };
+    let mut meta =
+        parse_object(endpoint.api, obj).map_err(|detail| Error::Shape { what, detail })?;
+    if meta.model.is_none() {
+        meta.model.clone_from(&endpoint.model_in_path);
+    }
+    Ok(meta)
+}
+
+/// Both give the same meta, or both fail with the same kind of error.
+fn same(endpoint: &Endpoint, body: &str) {
+    let got = parse_response(endpoint, body.as_bytes());
+    let want = whole(endpoint, body.as_bytes());
+    match (&got, &want) {
+        (Ok(g), Ok(w)) => assert_eq!(g, w, "{body}"),
+        // The same kind of JSON error at the same place (a skipped member's message may name
+        // what was being read differently: "an object" for "a value").
+        (Err(Error::Json { source: g, .. }), Err(Error::Json { source: w, .. })) => {
+            assert_eq!(
+                (g.classify(), g.line(), g.column()),
+                (w.classify(), w.line(), w.column()),
+                "{g} vs {w} for {body}"
+            );
+        }
+        (Err(Error::Shape { .. }), Err(Error::Shape { .. })) => {
+            assert_eq!(
+                got.unwrap_err().to_string(),
+                want.unwrap_err().to_string(),
+                "{body}"
+            );
+        }
+        _ => panic!("sparse {got:?} vs whole {want:?} for {body}"),
+    }
+}
+
+fn embeddings() -> Endpoint {
+    ep("api.openai.com", "/v1/embeddings")
+}
+
+#[test]
+fn fixtures_parse_as_the_whole_tree_did() {
+    same(&chat(), OPENAI_CHAT);
+    same(&responses(), OPENAI_RESPONSES);
+    same(&embeddings(), OPENAI_EMBEDDINGS);
+    same(&messages(), ANTHROPIC);
+    assert_eq!(
+        object_id(Api::ChatCompletions, OPENAI_CHAT.as_bytes()),
+        serde_json::from_str::<Value>(OPENAI_CHAT).expect("json")["id"]
+            .as_str()
+            .map(str::to_owned)
+    );
+}
+
+#[test]
+fn bodies_built_to_trip_the_sparse_parse() {
+    let usage = r#"{"prompt_tokens":11,"completion_tokens":7}"#;
+    let big = "x".repeat(300_000);
+    for body in [
+        // The last of repeated members wins, as in a tree.
+        format!(r#"{{"model":"a","usage":{usage},"model":"b"}}"#),
+        format!(r#"{{"usage":{{"prompt_tokens":1}},"usage":{usage}}}"#),
+        // Escaped member names are the same names.
+        format!(r#"{{"mod\u0065l":"gpt-4o","us\u0061ge":{usage}}}"#),
+        // Usage after a large member; skipped members of every JSON type.
+        format!(
+            r#"{{"choices":[{{"message":{{"content":"{big}"}}}}],"n":[1,2.5,-3e2,true,null,{{}}],"usage":{usage}}}"#
+        ),
+        // Groq's usage inside x_groq.
+        format!(r#"{{"model":"llama","x_groq":{{"usage":{usage}}}}}"#),
+        // Broken JSON in a skipped member, and after the object.
+        format!(r#"{{"choices":[{{"a":tru}}],"usage":{usage}}}"#),
+        format!(r#"{{"usage":{usage}}} trailing"#),
+        format!(r#"{{"choices":"unterminated,"usage":{usage}}}"#),
+        // Not objects.
+        format!("[{usage}]"),
+        "\"text\"".to_owned(),
+        "12".to_owned(),
+        "null".to_owned(),
+        String::new(),
+        // A wrong usage shape still fails the same way.
+        r#"{"usage":{"prompt_tokens":"many"}}"#.to_owned(),
+    ] {
+        same(&chat(), &body);
+        same(&messages(), &body);
+    }
+    assert_eq!(
+        object_id(
+            Api::Responses,
+            br#"{"output":[{"id":"x"}],"\u0069d":"resp_1"}"#
+        ),
+        Some("resp_1".into())
+    );
+    assert_eq!(
+        object_id(Api::Responses, br#"{"id":"a","id":"b"}"#),
+        Some("b".into())
+    );
+}
+
+proptest! {
+    /// Arbitrary JSON objects (and their prefixes, which are broken JSON) with usage members
+    /// mixed in: the sparse parse agrees with the tree.
+    #[test]
+    fn arbitrary_objects_parse_as_the_whole_tree_did(
+        members in prop::collection::vec(
+            (
+                prop::sample::select(vec!["model", "usage", "x_groq", "choices", "id", "u"]),
+                prop::sample::select(vec![
+                    r#"{"prompt_tokens":3,"completion_tokens":4}"#,
+                    r#"{"input_tokens":5,"output_tokens":6}"#,
+                    r#""m""#, "[1,{\"a\":[]}]", "null", "7", r#"{"usage":{"prompt_tokens":9}}"#,
+                ]),
+            ),
+            0..6,
+        ),
+        cut in 0usize..200,
+    ) {
+        let body = format!(
+            "{{{}}}",
+            members
+                .iter()
+                .map(|(k, v)| format!("\"{k}\":{v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        same(&chat(), &body);
+        same(&messages(), &body);
+        let cut = &body[..cut.min(body.len())];
+        same(&chat(), cut);
+    }
+}
