@@ -103,19 +103,31 @@ fn is_usage_only(event: &[u8]) -> bool {
     if !text.contains("\"usage\"") {
         return false;
     }
-    // Lines end with CR, LF or CRLF; the empty piece a CRLF leaves is not a data line.
-    let data: String = text
+    // Lines end with CR, LF or CRLF; the empty piece a CRLF leaves is not a data line. The
+    // usual event has one data line, read in place; several are joined as SSE says.
+    let mut lines = text
         .split(['\r', '\n'])
         .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.strip_prefix(' ').unwrap_or(d))
-        .collect::<Vec<_>>()
-        .join("\n");
+        .map(|d| d.strip_prefix(' ').unwrap_or(d));
+    let first = lines.next().unwrap_or("");
+    let joined: String;
+    let data = match lines.next() {
+        None => first,
+        Some(second) => {
+            joined = [first, second]
+                .into_iter()
+                .chain(lines)
+                .collect::<Vec<_>>()
+                .join("\n");
+            &joined
+        }
+    };
     // With include_usage every chunk carries `"usage": null`; only a chunk with an empty
     // `choices` array can be the usage-only one, so the others skip the JSON parse.
-    if !has_empty_choices(&data) {
+    if !has_empty_choices(data) {
         return false;
     }
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&data) else {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
         return false;
     };
     v.get("choices")
@@ -231,6 +243,16 @@ mod tests {
         let mut f = UsageChunkFilter::default();
         let crlf = "data: {\"choices\":[],\"usage\":{}}\r\n\r\ndata: x\r\n\r\n";
         assert_eq!(&f.push(crlf.as_bytes())[..], b"data: x\r\n\r\n");
+        // A usage-only chunk over several data lines (joined with LF) is cut too; a content
+        // chunk over several lines, and one whose empty choices only appear once joined, pass
+        // or are cut by the joined text alike.
+        let mut f = UsageChunkFilter::default();
+        let multi = "data: {\"choices\":\ndata: [],\"usage\":{}}\n\n\
+                     data: {\"choices\":[{\"text\":\"a\"}],\ndata: \"usage\":null}\n\n";
+        assert_eq!(
+            &f.push(multi.as_bytes())[..],
+            b"data: {\"choices\":[{\"text\":\"a\"}],\ndata: \"usage\":null}\n\n"
+        );
     }
 
     /// What the client sees of `stream` pushed in `size`-byte chunks.

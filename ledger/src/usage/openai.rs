@@ -98,6 +98,9 @@ fn object(usage: Option<&Value>) -> Result<Option<&Value>, String> {
     }
 }
 
+/// The top-level members [`on_chat_chunk`] reads (through [`chat_usage_of`] too).
+pub(super) const CHUNK_KEYS: [&str; 4] = ["model", "usage", "x_groq", "choices"];
+
 /// One chat/completions stream chunk: the usage record (last wins, never added) and the
 /// delivered text of content, reasoning, refusal and tool-call argument deltas.
 pub(super) fn on_chat_chunk(state: &mut StreamState, value: &Value) {

@@ -18,6 +18,22 @@ use crate::sse::{DEFAULT_MAX_LINE_BYTES, SseEvent, SseParser};
 const BODY_MAX: usize = 8 * 1024 * 1024;
 const BODY_EDGE: usize = 256 * 1024;
 
+#[cfg(test)]
+thread_local! {
+    /// Tests compare the sparse chat chunk parse with the whole tree it replaced.
+    pub(super) static WHOLE_CHUNKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+fn whole_chunks() -> bool {
+    WHOLE_CHUNKS.with(std::cell::Cell::get)
+}
+
+#[cfg(not(test))]
+fn whole_chunks() -> bool {
+    false
+}
+
 /// What the meter knows so far, shared with the per-provider event handlers.
 #[derive(Debug)]
 pub(super) struct StreamState {
@@ -263,7 +279,14 @@ impl StreamMeter {
         if data.is_empty() {
             return;
         }
-        match serde_json::from_str::<Value>(data) {
+        let parsed = match self.endpoint.api {
+            // A chat chunk's id, object, created and fingerprint are never read: not built.
+            Api::ChatCompletions | Api::Completions if !whole_chunks() => {
+                super::sparse::object(data.as_bytes(), &super::openai::CHUNK_KEYS)
+            }
+            _ => serde_json::from_str::<Value>(data),
+        };
+        match parsed {
             Ok(value) => self.on_value(&value),
             Err(_) => self.state.errors += 1,
         }

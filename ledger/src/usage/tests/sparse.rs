@@ -150,3 +150,57 @@ proptest! {
         same(&chat(), cut);
     }
 }
+
+/// One chat stream chunk built from generated parts (some malformed).
+fn chunk(part: (usize, usize, usize, bool)) -> String {
+    let (content, usage, extra, broken) = part;
+    let content = [
+        r#"{"delta":{"content":"Hello there"}}"#,
+        r#"{"delta":{"reasoning_content":"think","refusal":null}}"#,
+        r#"{"text":"plain completion text"}"#,
+        r#"{"delta":{"content":[{"type":"text","text":"parts"}]}}"#,
+        r#"{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":1}"}}]}}"#,
+        r#"{"delta":{}}"#,
+    ][content % 6];
+    let usage = [
+        "null",
+        r#"{"prompt_tokens":12,"completion_tokens":30}"#,
+        r#"{"prompt_tokens":"x"}"#,
+    ][usage % 3];
+    let extra = [
+        r#""id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"#,
+        r#""x_groq":{"usage":{"prompt_tokens":3,"completion_tokens":4}},"#,
+        r#""model":"gpt-4o-mini","system_fingerprint":"fp","#,
+        "",
+    ][extra % 4];
+    let body = format!(r#"{{{extra}"choices":[{content}],"usage":{usage}}}"#);
+    if broken {
+        body[..body.len() / 2].to_owned()
+    } else {
+        body
+    }
+}
+
+proptest! {
+    /// A chat stream metered with the sparse chunk parse ends with the same model, usage and
+    /// text estimate as with the whole tree.
+    #[test]
+    fn chat_streams_meter_as_with_the_whole_tree(
+        parts in prop::collection::vec((0usize..6, 0usize..3, 0usize..4, prop::bool::weighted(0.1)), 0..12),
+        done in any::<bool>(),
+    ) {
+        let mut sse: String = parts.iter().map(|p| format!("data: {}\n\n", chunk(*p))).collect();
+        if done {
+            sse.push_str("data: [DONE]\n\n");
+        }
+        let meter = |whole: bool| {
+            crate::usage::stream::WHOLE_CHUNKS.with(|w| w.set(whole));
+            let mut m = StreamMeter::new(&chat());
+            m.feed(sse.as_bytes());
+            let meta = m.finish();
+            crate::usage::stream::WHOLE_CHUNKS.with(|w| w.set(false));
+            meta
+        };
+        prop_assert_eq!(meter(false), meter(true));
+    }
+}
