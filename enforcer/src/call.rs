@@ -146,8 +146,65 @@ impl<'a> CallLog<'a> {
         }
     }
 
-    /// Writes the line.
+    /// Writes the line: straight to the log writer in the JSON format (the same line tracing's
+    /// JSON formatter writes, without its per-field dispatch), through tracing otherwise.
     pub fn write(&self) {
+        if !tracing::enabled!(target: "llmwarden::request", tracing::Level::INFO) {
+            return;
+        }
+        if !crate::logs::write_line(|b| self.json_line(b)) {
+            self.trace();
+        }
+    }
+
+    /// The line as tracing's JSON formatter (`flatten_event`, no spans) writes it: timestamp,
+    /// level, the fields in [`CallLog::trace`]'s order, target.
+    pub fn json_line(&self, b: &mut Vec<u8>) {
+        use std::io::Write as _;
+        let c = self.call;
+        let s = |b: &mut Vec<u8>, k: &str, v: &str| {
+            let _ = write!(b, ",\"{k}\":");
+            let _ = serde_json::to_writer(&mut *b, v);
+        };
+        let n = |b: &mut Vec<u8>, k: &str, v: u64| {
+            let _ = write!(b, ",\"{k}\":{v}");
+        };
+        b.extend_from_slice(b"{\"timestamp\":\"");
+        let _ = write!(
+            b,
+            "{}",
+            Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        );
+        b.extend_from_slice(b"\",\"level\":\"INFO\"");
+        s(b, "request_id", &c.request_id);
+        s(b, "tenant", &c.tenant);
+        s(b, "feature", c.feature.as_deref().unwrap_or(""));
+        s(b, "session", c.session.as_deref().unwrap_or(""));
+        s(b, "provider", &c.provider);
+        s(b, "upstream", &c.upstream);
+        n(b, "attempts", u64::from(c.attempts));
+        s(b, "routed_from", c.routed_from.as_deref().unwrap_or(""));
+        s(b, "api", c.api);
+        s(b, "model", self.model.unwrap_or(&c.model));
+        n(b, "input_tokens", self.usage.prompt_tokens());
+        n(b, "output_tokens", self.usage.output_tokens);
+        let _ = write!(b, ",\"estimated\":{}", self.usage.estimated);
+        s(b, "cost_usd", &usd_string(self.cost));
+        s(b, "reserved_usd", &usd_string(self.reserved));
+        n(b, "latency_ms", self.latency_ms());
+        s(b, "decision", self.decision.as_str());
+        s(b, "outcome", self.outcome);
+        n(b, "status", u64::from(self.status));
+        s(b, "message", self.message.as_deref().unwrap_or(""));
+        b.extend_from_slice(b",\"target\":\"llmwarden::request\"}");
+    }
+
+    fn latency_ms(&self) -> u64 {
+        u64::try_from(self.call.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The line through tracing (the text format, or before the log writer is set up).
+    pub fn trace(&self) {
         let c = self.call;
         tracing::info!(
             target: "llmwarden::request",
@@ -166,7 +223,7 @@ impl<'a> CallLog<'a> {
             estimated = self.usage.estimated,
             cost_usd = %usd_string(self.cost),
             reserved_usd = %usd_string(self.reserved),
-            latency_ms = u64::try_from(c.start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            latency_ms = self.latency_ms(),
             decision = self.decision.as_str(),
             outcome = self.outcome,
             status = self.status,
@@ -213,5 +270,87 @@ impl Drop for Admitting {
             )
             .write();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buf").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The line without its timestamp's value, and that value.
+    fn split_timestamp(line: &str) -> (String, String) {
+        let key = "\"timestamp\":\"";
+        let at = line.find(key).expect("timestamp") + key.len();
+        let end = at + line[at..].find('"').expect("end");
+        (
+            format!("{}{}", &line[..at], &line[end..]),
+            line[at..end].to_owned(),
+        )
+    }
+
+    /// The line written directly is byte for byte the one tracing's JSON formatter writes (as
+    /// main.rs sets it up), timestamps aside, with values that need escaping.
+    #[test]
+    fn the_direct_line_is_the_json_formatters_line() {
+        let mut call = Call::new();
+        call.tenant = "acme \"quoted\" \\ back".into();
+        call.feature = Some("bot\nline".into());
+        call.provider = "openai".into();
+        call.upstream = "openai-eu".into();
+        call.attempts = 2;
+        call.routed_from = Some("gpt-4o".into());
+        call.api = "chat.completions";
+        call.model = "gpt-4o-mini".into();
+        let mut log = CallLog::new(&call, Decision::Settled, "complete", 200);
+        log.model = Some("modèle \u{1}");
+        log.usage = Usage {
+            input_tokens: 300,
+            cache_read_tokens: 8,
+            output_tokens: 120,
+            estimated: true,
+            ..Usage::default()
+        };
+        log.cost = Nanos(118_200);
+        log.reserved = Nanos(-5);
+        log.message = Some("tab\there \u{2028} done".into());
+
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || log.trace());
+        let traced = String::from_utf8(buf.0.lock().expect("buf").clone()).expect("utf8");
+
+        let mut direct = Vec::new();
+        log.json_line(&mut direct);
+        let direct = String::from_utf8(direct).expect("utf8");
+
+        let (t, t_ts) = split_timestamp(traced.trim_end());
+        let (d, d_ts) = split_timestamp(&direct);
+        assert_eq!(d, t);
+        assert_eq!(d_ts.len(), t_ts.len(), "{d_ts} vs {t_ts}");
+        assert!(d_ts.ends_with('Z') && d_ts.as_bytes()[10] == b'T', "{d_ts}");
+        let v: serde_json::Value = serde_json::from_str(&direct).expect("json");
+        assert_eq!(v["tenant"], "acme \"quoted\" \\ back");
+        assert_eq!(v["input_tokens"], 308);
     }
 }

@@ -31,6 +31,41 @@ struct Shared {
     stop: AtomicBool,
 }
 
+/// The writer that [`write_line`] appends to, once JSON logs are on ([`enable_direct`]).
+static DIRECT: std::sync::OnceLock<BatchedStderr> = std::sync::OnceLock::new();
+
+/// Lets lines written with [`write_line`] skip tracing's formatter and go straight to `w` (for
+/// the JSON log format: their writer builds the same line).
+pub fn enable_direct(w: &BatchedStderr) {
+    let _ = DIRECT.set(w.clone());
+}
+
+/// Appends the line `fill` writes (without its newline) to the batch, as tracing's writer
+/// would; `false` (and nothing written) when direct lines are off.
+pub fn write_line(fill: impl FnOnce(&mut Vec<u8>)) -> bool {
+    thread_local! {
+        static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let Some(w) = DIRECT.get() else {
+        return false;
+    };
+    LINE.with(|l| {
+        let Ok(mut line) = l.try_borrow_mut() else {
+            return false;
+        };
+        line.clear();
+        fill(&mut line);
+        line.push(b'\n');
+        let mut out = LineWriter {
+            shared: &w.shared,
+            writer: &w.writer,
+            urgent: false,
+        };
+        let _ = std::io::Write::write(&mut out, &line);
+        true
+    })
+}
+
 /// The `MakeWriter` for `tracing_subscriber::fmt`.
 #[derive(Clone)]
 pub struct BatchedStderr {

@@ -91,6 +91,7 @@ fn init_logs(format: &str) -> anyhow::Result<enforcer::logs::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = enforcer::logs::batched_stderr().context("starting the log writer")?;
+    let direct = writer.clone();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
@@ -98,6 +99,8 @@ fn init_logs(format: &str) -> anyhow::Result<enforcer::logs::LogGuard> {
         b.init();
     } else {
         b.json().flatten_event(true).with_current_span(false).init();
+        // The per-call line builds the formatter's JSON itself (enforcer::call::CallLog).
+        enforcer::logs::enable_direct(&direct);
     }
     Ok(guard)
 }
