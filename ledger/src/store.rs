@@ -75,6 +75,9 @@ pub struct Ledger {
     /// `llmw:tenants:<id>` entries this process has already written, so the extra SADD happens once
     /// per tenant and period per process.
     active_marked: Arc<Mutex<HashSet<String>>>,
+    /// Tenant → the last UTC day (days since 1970) whose day and month sets it is known to be
+    /// in: the check every reserve and settle makes before [`Ledger::active_marked`]'s.
+    active_days: Arc<Mutex<std::collections::HashMap<String, i64>>>,
     /// This process's instance id, stored in every hold it creates (crash recovery finds its holds).
     instance: Option<Arc<str>>,
     /// The per-tenant group commit of reserves and settles (batch.rs).
@@ -147,6 +150,7 @@ impl Ledger {
             conn,
             cfg,
             active_marked: Arc::default(),
+            active_days: Arc::default(),
             instance: None,
             budget_cache: Arc::default(),
         }
@@ -226,6 +230,16 @@ impl Ledger {
     /// inside the scripts). Done before the script, so a crash in between leaves at worst a tenant
     /// listed with zero figures, never an active tenant unlisted.
     async fn mark_active(&self, tenant: &str, at: DateTime<Utc>) -> Result<(), Error> {
+        // The UTC day picks both periods' sets: a tenant whose day was marked needs no key
+        // built (four times per call otherwise, each formatting two keys).
+        let day = at.timestamp().div_euclid(86_400);
+        if self
+            .active_days
+            .lock()
+            .is_ok_and(|m| m.get(tenant) == Some(&day))
+        {
+            return Ok(());
+        }
         for period in Period::ALL {
             let key = keys::tenants(period, at);
             let marker = format!("{key}\n{tenant}");
@@ -241,6 +255,12 @@ impl Ledger {
                 .query_async(&mut c)
                 .await?;
             self.mark(marker);
+        }
+        if let Ok(mut m) = self.active_days.lock() {
+            if m.len() > 100_000 {
+                m.clear();
+            }
+            m.insert(tenant.to_owned(), day);
         }
         Ok(())
     }

@@ -878,6 +878,66 @@ async fn active_tenants_include_observer_only_tenants() {
     );
 }
 
+/// A tenant is listed in the sets of every day and month it was active in, whatever the order
+/// of the calls' days (a late settle of yesterday's call between today's): the per-day shortcut
+/// skips only what was written.
+#[tokio::test]
+async fn active_tenants_over_days_and_months_in_any_order() {
+    let server = RedisServer::start();
+    // Without the audit trail, which also marks today's day for every call.
+    let l = Ledger::connect_with(
+        &server.url(),
+        LedgerConfig {
+            audit: false,
+            ..LedgerConfig::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let days = [
+        "2031-01-31T23:59:59Z",
+        "2031-02-01T00:00:00Z",
+        "2031-01-31T10:00:00Z",
+        "2031-02-02T12:00:00Z",
+        "2031-02-01T08:00:00Z",
+    ];
+    for (i, d) in days.iter().enumerate() {
+        let mut r = req("acme", &format!("d{i}"), 5, vec![]);
+        r.at = at(d);
+        allowed(&l, &r).await;
+        let mut r = req("beta", &format!("d{i}"), 5, vec![]);
+        r.at = at(d);
+        if i % 2 == 0 {
+            allowed(&l, &r).await;
+        }
+    }
+    let listed = |p, d| {
+        let l = l.clone();
+        async move { l.active_tenants(p, at(d)).await.expect("active") }
+    };
+    assert_eq!(
+        listed(Period::Day, "2031-01-31T00:00:00Z").await,
+        vec!["acme", "beta"]
+    );
+    assert_eq!(
+        listed(Period::Day, "2031-02-01T00:00:00Z").await,
+        vec!["acme", "beta"]
+    );
+    assert_eq!(
+        listed(Period::Day, "2031-02-02T00:00:00Z").await,
+        vec!["acme"]
+    );
+    assert_eq!(
+        listed(Period::Month, "2031-01-05T00:00:00Z").await,
+        vec!["acme", "beta"]
+    );
+    assert_eq!(
+        listed(Period::Month, "2031-02-05T00:00:00Z").await,
+        vec!["acme", "beta"]
+    );
+    assert!(listed(Period::Day, "2031-02-03T00:00:00Z").await.is_empty());
+}
+
 #[tokio::test]
 async fn invalid_names_are_rejected() {
     let server = RedisServer::start();
