@@ -357,7 +357,7 @@ impl Config {
     #[must_use]
     pub fn proxy_threads(&self) -> usize {
         match self.proxy_threads {
-            0 => std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            0 => cpus(),
             n => n,
         }
     }
@@ -479,6 +479,12 @@ pub struct Provider {
     pub deployments: BTreeMap<String, String>,
     /// `azure-openai`: the `api-version` of those calls.
     pub api_version: Option<String>,
+}
+
+/// The CPUs this process may use (2 when the system does not say).
+#[must_use]
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
 }
 
 mod check;

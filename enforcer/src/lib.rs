@@ -195,9 +195,7 @@ impl App {
             instance,
             replayer,
             settles: tokio_util::task::TaskTracker::new(),
-            parse_slots: tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
-            ),
+            parse_slots: tokio::sync::Semaphore::new(config::cpus()),
             token_cache: Arc::new(ledger::request::TokenCache::new()),
         })
     }

@@ -188,8 +188,6 @@ pub(crate) enum Conn {
 }
 
 impl Conn {
-    /// Connects per `url` (see [`cluster_nodes`]). With `lazy`, a single-node connection is made on
-    /// first use, so a process can start while Redis is down.
     /// The [`LedgerConfig::thread_connections`] for `url`: lazy single-node connections, made on
     /// first use by the thread pinned to each, so their I/O tasks run there. None for a cluster
     /// (its connection manages a connection per node already).
@@ -207,6 +205,8 @@ impl Conn {
         Ok(v)
     }
 
+    /// Connects per `url` (see [`cluster_nodes`]). With `lazy`, a single-node connection is made on
+    /// first use, so a process can start while Redis is down.
     pub(crate) async fn open(url: &str, cfg: &LedgerConfig, lazy: bool) -> Result<Conn, Error> {
         if let Some(nodes) = cluster_nodes(url) {
             let tls_nodes = nodes.iter().any(|n| n.starts_with("rediss://"));

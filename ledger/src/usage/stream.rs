@@ -24,13 +24,11 @@ thread_local! {
     pub(super) static WHOLE_CHUNKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-#[cfg(test)]
+/// Whether chat chunks are built whole (only ever in tests).
 fn whole_chunks() -> bool {
-    WHOLE_CHUNKS.with(std::cell::Cell::get)
-}
-
-#[cfg(not(test))]
-fn whole_chunks() -> bool {
+    #[cfg(test)]
+    return WHOLE_CHUNKS.with(std::cell::Cell::get);
+    #[cfg(not(test))]
     false
 }
 
