@@ -128,6 +128,9 @@ pub struct Config {
     /// Proxy runtime threads, each serving its connections start to end with its own Redis
     /// connection and upstream pools; 0 (the default) is one per CPU.
     pub proxy_threads: usize,
+    /// Milliseconds a settle waits for others of its tenant to share one Redis script, when none
+    /// is in flight (`ledger::store::LedgerConfig::settle_window`); 0 sends each at once.
+    pub settle_window_ms: u64,
     /// Concurrent requests (streams) one h2 connection may carry.
     pub max_streams_per_connection: u32,
     /// Largest request body accepted (bytes); larger gets 413.
@@ -236,6 +239,7 @@ impl Default for Config {
             input_estimate_margin_pct: 10,
             max_connections: 4096,
             proxy_threads: 0,
+            settle_window_ms: 2,
             max_streams_per_connection: 100,
             // 32 MiB: large enough for base64 images in a prompt.
             max_request_body_bytes: 32 << 20,
@@ -345,6 +349,7 @@ impl Config {
             operation_timeout: timeout,
             connection_timeout: timeout,
             alert_thresholds_pct: self.alerts.thresholds_pct.clone(),
+            settle_window: std::time::Duration::from_millis(self.settle_window_ms),
             ..ledger::store::LedgerConfig::default()
         }
         .with_credentials(

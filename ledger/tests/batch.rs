@@ -754,3 +754,86 @@ async fn pinned_threads_on_their_own_connections_commit_what_one_connection_does
     assert_eq!(opened, 3, "connections opened by the threaded ledger");
     assert_same(&dump(&sa).await, &dump(&sb).await);
 }
+
+/// With a settle window, the first settle of an idle tenant waits it out and the settles arriving
+/// meanwhile (one every few milliseconds, none of them concurrent with another's script) leave
+/// with it in one script, which leaves what one-by-one settles leave; the next settle after the
+/// lane went idle opens a new window. Without the window each would go alone (five scripts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settles_within_the_window_share_one_script() {
+    let (sa, sb) = (RedisServer::start(), RedisServer::start());
+    let window = Duration::from_millis(300);
+    let a = Ledger::connect_with(
+        &sa.url(),
+        LedgerConfig {
+            settle_window: window,
+            ..LedgerConfig::default()
+        },
+    )
+    .await
+    .expect("connect a");
+    let b = Ledger::connect_with(
+        &sb.url(),
+        LedgerConfig {
+            group_commit: false,
+            ..LedgerConfig::default()
+        },
+    )
+    .await
+    .expect("connect b");
+    let at = Utc::now();
+    let rs: Vec<_> = (0..6u64)
+        .map(|i| {
+            let mut r = req(&format!("w{i}"), 2_000 + i as i64, at, vec![]);
+            r.feature = (i % 2 == 0).then(|| "bot".to_owned());
+            r
+        })
+        .collect();
+    for l in [&a, &b] {
+        prior(l, at).await;
+        for r in &rs {
+            l.reserve(r).await.expect("reserve");
+        }
+    }
+    let ss: Vec<Settlement> = rs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| settlement(r, 900 + i as i64, i as u64))
+        .collect();
+    let before = a.batch_stats().settle;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for s in &ss[..5] {
+        let (a, s) = (a.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            let out = a.settle(&s).await;
+            (format!("{out:?}"), start.elapsed())
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        let (out, took) = t.await.expect("join");
+        assert!(
+            took >= window,
+            "a settle was answered after {took:?}, before the window closed"
+        );
+        got.push(out);
+    }
+    let mid = a.batch_stats().settle;
+    assert_eq!(
+        (mid.batches - before.batches, mid.items - before.items),
+        (1, 5),
+        "five settles arriving within the window go as one script"
+    );
+    // The lane is idle again: the next settle opens a new window, alone.
+    got.push(settle_all(&a, &ss[5..]).await.remove(0));
+    let after = a.batch_stats().settle;
+    assert_eq!(
+        (after.batches - mid.batches, after.items - mid.items),
+        (1, 1)
+    );
+    let want = settle_each(&b, &ss).await;
+    assert_eq!(got, want);
+    assert_same(&dump(&sa).await, &dump(&sb).await);
+}

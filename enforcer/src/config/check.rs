@@ -50,6 +50,12 @@ impl Config {
         if self.proxy_threads > 1024 {
             return Err(bad("proxy_threads", "at most 1024 (0: one per CPU)"));
         }
+        if self.settle_window_ms > 1000 {
+            return Err(bad(
+                "settle_window_ms",
+                "at most 1000 (spend shows this much later; 0: settle at once)",
+            ));
+        }
         let factor = crate::inflight::REQUEST_COST_FACTOR;
         if self.max_inflight_body_bytes / factor < self.max_request_body_bytes {
             return Err(bad(

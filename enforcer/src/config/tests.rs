@@ -97,6 +97,18 @@ fn errors_name_the_key() {
     let e = Config::parse(&format!("max_output_tokens_cap = 4096\n{}", minimal())).unwrap_err();
     assert_eq!(e.key, "max_output_tokens_cap");
     assert!(e.reason.contains("output_token_limits"), "{e}");
+    let e = Config::parse(&format!("settle_window_ms = 1001\n{}", minimal())).unwrap_err();
+    assert_eq!(e.key, "settle_window_ms");
+    let c = Config::parse(&format!("settle_window_ms = 0\n{}", minimal())).expect("0 is valid");
+    let l = c
+        .ledger_config(std::time::Duration::from_secs(1))
+        .expect("ledger config");
+    assert_eq!(l.settle_window, std::time::Duration::ZERO);
+    let c = Config::parse(&minimal()).expect("default");
+    let l = c
+        .ledger_config(std::time::Duration::from_secs(1))
+        .expect("ledger config");
+    assert_eq!(l.settle_window, std::time::Duration::from_millis(2));
 }
 
 #[test]

@@ -5,7 +5,9 @@
 //! Nothing waits at low load: the first item of an idle tenant is sent at once, as a batch of one
 //! (which runs the single-item script: cheaper for Redis than the batch script's set-up), by its
 //! caller on its own task; worker tasks start only for items that arrive while the tenant has
-//! something in flight.
+//! something in flight. The one exception is opt-in: with [`LedgerConfig::settle_window`], the first
+//! settle of an idle tenant starts a worker that waits the window, and the settles arriving
+//! meanwhile join its batch (see [`Batcher::drain`]).
 //! Under load each tenant has at most [`MAX_IN_FLIGHT`] settle batches and
 //! [`MAX_RESERVES_IN_FLIGHT`] reserve batches in flight, and the
 //! items arriving meanwhile queue and leave together, [`MAX_BATCH`] at most. A Redis script runs
@@ -187,6 +189,8 @@ struct Waiter {
 struct Lane {
     queue: VecDeque<Waiter>,
     in_flight: usize,
+    /// A worker is waiting out the settle window: arrivals queue for it.
+    window_open: bool,
 }
 
 /// The per-tenant queues, shared by every clone of a [`super::Ledger`].
@@ -228,6 +232,7 @@ impl Batcher {
         tenant: &str,
         item: Item,
     ) -> Result<Vec<String>, Error> {
+        let window = self.window(op);
         let limit = match op {
             Op::Reserve => MAX_RESERVES_IN_FLIGHT,
             Op::Settle => MAX_IN_FLIGHT,
@@ -240,13 +245,16 @@ impl Batcher {
                 Some(l) => &mut l[op.index()],
                 None => &mut lanes.entry(tenant.to_owned()).or_default()[op.index()],
             };
-            if lane.in_flight == 0 && lane.queue.is_empty() {
+            if lane.in_flight == 0 && lane.queue.is_empty() && window.is_zero() {
                 lane.in_flight = 1;
                 Err(item)
             } else {
-                let start = lane.in_flight < limit;
+                // While a window is open its worker will take this item too: no other starts.
+                let start = !lane.window_open && lane.in_flight < limit;
                 if start {
                     lane.in_flight += 1;
+                    // The first worker of an idle lane opens the window.
+                    lane.window_open = lane.in_flight == 1 && !window.is_zero();
                 }
                 let (tx, rx) = oneshot::channel();
                 lane.queue.push_back(Waiter { item, tx });
@@ -293,7 +301,19 @@ impl Batcher {
         }
     }
 
+    /// How long the first item of an idle lane waits for company ([`LedgerConfig::settle_window`]
+    /// for settles; reserves never wait).
+    fn window(&self, op: Op) -> std::time::Duration {
+        match op {
+            Op::Reserve => std::time::Duration::ZERO,
+            Op::Settle => self.cfg.settle_window,
+        }
+    }
+
     /// A worker: one of the lane's in-flight slots, sending batches until the queue is empty.
+    /// The worker that opened a window first waits it out (unless a whole batch is queued already),
+    /// so the items arriving meanwhile leave with the first; after that, items arriving while a
+    /// batch is in flight start a second worker as without a window.
     async fn drain(self: Arc<Self>, op: Op, tenant: String) {
         let mut slot = Slot {
             batcher: Arc::clone(&self),
@@ -301,6 +321,9 @@ impl Batcher {
             tenant,
             held: true,
         };
+        if let Some(window) = self.opened_window(op, &slot.tenant) {
+            tokio::time::sleep(window).await;
+        }
         loop {
             let batch = self.take(op, &slot.tenant);
             if batch.is_empty() {
@@ -312,6 +335,14 @@ impl Batcher {
         }
     }
 
+    /// The wait of a worker that opened its lane's window (`None`: no window is open, or a whole
+    /// batch is already queued).
+    fn opened_window(&self, op: Op, tenant: &str) -> Option<std::time::Duration> {
+        let lanes = self.lanes();
+        let lane = &lanes.get(tenant)?[op.index()];
+        (lane.window_open && lane.queue.len() < MAX_BATCH).then(|| self.window(op))
+    }
+
     /// The next batch of the lane (callers that gave up are dropped); when there is none, frees
     /// the worker's slot in the same critical section, so an item queued meanwhile starts a worker.
     fn take(&self, op: Op, tenant: &str) -> Vec<Waiter> {
@@ -320,6 +351,7 @@ impl Batcher {
             return Vec::new();
         };
         let lane = &mut pair[op.index()];
+        lane.window_open = false;
         let mut batch = Vec::new();
         while batch.len() < MAX_BATCH {
             let Some(w) = lane.queue.pop_front() else {
@@ -348,6 +380,7 @@ impl Batcher {
             };
             let lane = &mut pair[op.index()];
             lane.in_flight = lane.in_flight.saturating_sub(1);
+            lane.window_open = false;
             let restart = !lane.queue.is_empty() && tokio::runtime::Handle::try_current().is_ok();
             if restart {
                 lane.in_flight += 1;

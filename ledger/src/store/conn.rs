@@ -43,6 +43,14 @@ pub struct LedgerConfig {
     /// is in flight go to Redis as one script call (store/batch.rs), several times the throughput
     /// under load; nothing waits at low load. `false` sends one script per call. Default true.
     pub group_commit: bool,
+    /// With group commit, a settle that finds its tenant's settle lane idle waits this long for
+    /// others to join it, instead of going to Redis alone; settles arriving while a batch is in
+    /// flight wait for it as before. A settle runs after its response is complete, so the wait
+    /// delays only when the spend shows (holds keep the worst case counted meanwhile), and saves
+    /// Redis a script run and the enforcer a round trip per settle that joins. Zero (the default)
+    /// sends at once: a caller that waits for its settle before its next call (a closed loop) would
+    /// wait the window each time. The enforcer, whose settles run off the call's path, sets it.
+    pub settle_window: Duration,
     /// The audit trail (docs/audit.md): every settle, record, denial, release and abandoned hold
     /// appends one record to the tenant's stream of the day, in the same script. Default true.
     pub audit: bool,
@@ -77,6 +85,7 @@ impl Default for LedgerConfig {
             hold_grace: Duration::from_secs(7 * 24 * 3600),
             reclaim_batch: 64,
             group_commit: true,
+            settle_window: Duration::ZERO,
             audit: true,
             audit_retention: Duration::from_secs(90 * 24 * 3600),
             audit_max_per_day: 0,
@@ -100,6 +109,7 @@ impl std::fmt::Debug for LedgerConfig {
             .field("hold_grace", &self.hold_grace)
             .field("reclaim_batch", &self.reclaim_batch)
             .field("group_commit", &self.group_commit)
+            .field("settle_window", &self.settle_window)
             .field("audit", &self.audit)
             .field("audit_retention", &self.audit_retention)
             .field("audit_max_per_day", &self.audit_max_per_day)
