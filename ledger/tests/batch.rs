@@ -837,3 +837,80 @@ async fn settles_within_the_window_share_one_script() {
     assert_eq!(got, want);
     assert_same(&dump(&sa).await, &dump(&sb).await);
 }
+
+/// On a pinned thread, a reserve of the tenant ends the tenant's open settle window on that
+/// thread: the waiting settle goes to Redis with the reserve (one write, one wake-up for both
+/// replies) instead of waiting the window out, and both commit what one-by-one calls without
+/// group commit commit. The window here is 30 s: only the reserve can answer the settle in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserve_on_the_same_thread_ends_the_settle_window() {
+    let (sa, sb) = (RedisServer::start(), RedisServer::start());
+    let a = Ledger::connect_with(
+        &sa.url(),
+        LedgerConfig {
+            settle_window: Duration::from_secs(30),
+            thread_connections: 1,
+            ..LedgerConfig::default()
+        },
+    )
+    .await
+    .expect("connect a");
+    let b = Ledger::connect_with(
+        &sb.url(),
+        LedgerConfig {
+            group_commit: false,
+            ..LedgerConfig::default()
+        },
+    )
+    .await
+    .expect("connect b");
+    let at = Utc::now();
+    let rs: Vec<_> = (0..3)
+        .map(|i| req(&format!("f{i}"), 3_000 + i, at, vec![]))
+        .collect();
+    let ss: Vec<_> = rs
+        .iter()
+        .zip(0..)
+        .map(|(r, n)| settlement(r, 1_100 + n as i64, n))
+        .collect();
+    prior(&a, at).await;
+    prior(&b, at).await;
+    let mut want = reserve_each(&b, &rs[..2]).await;
+    want.extend(settle_each(&b, &ss[..1]).await);
+    want.extend(reserve_each(&b, &rs[2..]).await);
+
+    let (l, rs2, ss2) = (a.clone(), rs.clone(), ss.clone());
+    let t = std::thread::spawn(move || {
+        ledger::store::pin_thread_connection(0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut out = reserve_each(&l, &rs2[..2]).await;
+            let settle = {
+                let (l, s) = (l.clone(), ss2[0].clone());
+                tokio::spawn(async move { format!("{:?}", l.settle(&s).await) })
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(!settle.is_finished(), "the settle waits in its window");
+            let reserved = reserve_each(&l, &rs2[2..]).await;
+            let settled = tokio::time::timeout(Duration::from_secs(5), settle)
+                .await
+                .expect("the reserve on the same thread sent the waiting settle")
+                .expect("join");
+            out.push(settled);
+            out.extend(reserved);
+            out
+        })
+    });
+    let got = tokio::task::spawn_blocking(move || t.join().expect("pinned thread"))
+        .await
+        .expect("join");
+    assert_eq!(got, want, "replies differ");
+    assert!(
+        got.iter().all(|r| r.starts_with("Ok(")),
+        "every call answered: {got:?}"
+    );
+    assert_same(&dump(&sa).await, &dump(&sb).await);
+}

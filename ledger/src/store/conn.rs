@@ -180,6 +180,11 @@ pub fn pin_thread_connection(index: usize) {
     THREAD_CONN.with(|c| c.set(Some(index)));
 }
 
+/// This thread's pinned index ([`pin_thread_connection`]), if any.
+pub(crate) fn current_thread() -> Option<usize> {
+    THREAD_CONN.with(std::cell::Cell::get)
+}
+
 /// The connection this thread uses among `locals`, else `shared`.
 pub(crate) fn thread_conn<'a>(shared: &'a Conn, locals: &'a [Conn]) -> &'a Conn {
     THREAD_CONN
