@@ -755,23 +755,13 @@ async fn pinned_threads_on_their_own_connections_commit_what_one_connection_does
     assert_same(&dump(&sa).await, &dump(&sb).await);
 }
 
-/// With a settle window, the first settle of an idle tenant waits it out and the settles arriving
-/// meanwhile (one every few milliseconds, none of them concurrent with another's script) leave
-/// with it in one script, which leaves what one-by-one settles leave; the next settle after the
-/// lane went idle opens a new window. Without the window each would go alone (five scripts).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settles_within_the_window_share_one_script() {
+/// Two servers: a ledger with `cfg` on the first, and one without group commit (each call its own
+/// script, one by one) on the second, whose keys the first's must equal.
+async fn windowed_and_one_by_one(cfg: LedgerConfig) -> (RedisServer, RedisServer, Ledger, Ledger) {
     let (sa, sb) = (RedisServer::start(), RedisServer::start());
-    let window = Duration::from_millis(300);
-    let a = Ledger::connect_with(
-        &sa.url(),
-        LedgerConfig {
-            settle_window: window,
-            ..LedgerConfig::default()
-        },
-    )
-    .await
-    .expect("connect a");
+    let a = Ledger::connect_with(&sa.url(), cfg)
+        .await
+        .expect("connect a");
     let b = Ledger::connect_with(
         &sb.url(),
         LedgerConfig {
@@ -781,6 +771,21 @@ async fn settles_within_the_window_share_one_script() {
     )
     .await
     .expect("connect b");
+    (sa, sb, a, b)
+}
+
+/// With a settle window, the first settle of an idle tenant waits it out and the settles arriving
+/// meanwhile (one every few milliseconds, none of them concurrent with another's script) leave
+/// with it in one script, which leaves what one-by-one settles leave; the next settle after the
+/// lane went idle opens a new window. Without the window each would go alone (five scripts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settles_within_the_window_share_one_script() {
+    let window = Duration::from_millis(300);
+    let (sa, sb, a, b) = windowed_and_one_by_one(LedgerConfig {
+        settle_window: window,
+        ..LedgerConfig::default()
+    })
+    .await;
     let at = Utc::now();
     let rs: Vec<_> = (0..6u64)
         .map(|i| {
@@ -844,26 +849,12 @@ async fn settles_within_the_window_share_one_script() {
 /// group commit commit. The window here is 30 s: only the reserve can answer the settle in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reserve_on_the_same_thread_ends_the_settle_window() {
-    let (sa, sb) = (RedisServer::start(), RedisServer::start());
-    let a = Ledger::connect_with(
-        &sa.url(),
-        LedgerConfig {
-            settle_window: Duration::from_secs(30),
-            thread_connections: 1,
-            ..LedgerConfig::default()
-        },
-    )
-    .await
-    .expect("connect a");
-    let b = Ledger::connect_with(
-        &sb.url(),
-        LedgerConfig {
-            group_commit: false,
-            ..LedgerConfig::default()
-        },
-    )
-    .await
-    .expect("connect b");
+    let (sa, sb, a, b) = windowed_and_one_by_one(LedgerConfig {
+        settle_window: Duration::from_secs(30),
+        thread_connections: 1,
+        ..LedgerConfig::default()
+    })
+    .await;
     let at = Utc::now();
     let rs: Vec<_> = (0..3)
         .map(|i| req(&format!("f{i}"), 3_000 + i, at, vec![]))

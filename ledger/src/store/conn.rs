@@ -187,8 +187,7 @@ pub(crate) fn current_thread() -> Option<usize> {
 
 /// The connection this thread uses among `locals`, else `shared`.
 pub(crate) fn thread_conn<'a>(shared: &'a Conn, locals: &'a [Conn]) -> &'a Conn {
-    THREAD_CONN
-        .with(std::cell::Cell::get)
+    current_thread()
         .and_then(|i| locals.get(i))
         .unwrap_or(shared)
 }
