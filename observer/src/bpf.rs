@@ -18,10 +18,13 @@ use crate::elf::SslSymbols;
 
 mod egress;
 mod go;
+mod rcu;
 mod reaper;
 mod scoped;
+
 pub use egress::EgressMaps;
 pub use go::GoOutcome;
+pub use rcu::ExpeditedRcu;
 pub use scoped::{Scope, Sites};
 
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
@@ -92,6 +95,8 @@ pub struct Probes {
     go: std::collections::BTreeMap<GoOutcome, u64>,
     /// Per-process probes (`attach = "on-connect"`) and the probe sites of the files they use.
     scoped: scoped::Scoped,
+    /// Expedite RCU grace periods while attaching (`expedite_rcu`; see `bpf/rcu.rs`).
+    expedite_rcu: bool,
 }
 
 /// The maps the ring-buffer reader uses, taken out of the [`Ebpf`] object so the reader never
@@ -262,9 +267,21 @@ impl Probes {
                 open_events,
                 go: std::collections::BTreeMap::new(),
                 scoped: scoped::Scoped::default(),
+                expedite_rcu: false,
             },
             maps,
         ))
+    }
+
+    /// Expedite RCU grace periods while probes are attached (`expedite_rcu`).
+    pub fn set_expedite_rcu(&mut self, on: bool) {
+        self.expedite_rcu = on;
+    }
+
+    /// `rcu_expedited` on until the guard drops, if `expedite_rcu` is set: held around a batch
+    /// of attaches so the knob is written once for all of them.
+    pub fn expedited(&self) -> Option<ExpeditedRcu> {
+        self.expedite_rcu.then(ExpeditedRcu::begin)
     }
 
     /// Whether the kernel reports TLS libraries as they are opened (else only timed scans find
@@ -297,6 +314,7 @@ impl Probes {
         if self.knows(id, scope) {
             return Ok(AttachOutcome::Known);
         }
+        let _rcu = self.expedited();
         let mut links = Vec::new();
         for (i, (prog, symbol)) in PROBES.iter().enumerate() {
             let Some(offset) = symbols.offset(symbol) else {

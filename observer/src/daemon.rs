@@ -76,7 +76,8 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     let metering = Metering::from_config(&cfg)?;
     let output = Output::start(&cfg, mode, &telemetry).await?;
     let warm = warm_tokenizers()?;
-    let (probes, maps) = load_probes(&cfg)?;
+    let (mut probes, maps) = load_probes(&cfg)?;
+    probes.set_expedite_rcu(cfg.expedite_rcu);
     let rules = Rules::new(&cfg.attribution, &cfg.exclude)?;
     let (note_tx, note_rx) = std::sync::mpsc::channel::<ProcNote>();
     let (info_tx, info_rx) = mpsc::unbounded_channel::<ProcessInfo>();
@@ -123,9 +124,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         info_tx,
         Duration::from_secs(cfg.rescan_interval_secs.max(1)),
         if cfg.attach == "on-connect" {
-            AttachMode::OnConnect {
-                expedite_rcu: cfg.expedite_rcu,
-            }
+            AttachMode::OnConnect
         } else {
             AttachMode::All
         },

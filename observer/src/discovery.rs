@@ -331,10 +331,7 @@ pub enum AttachMode {
     /// Every process, from its exec.
     All,
     /// Processes that connect to a provider, each with probes of its own.
-    OnConnect {
-        /// Expedite RCU grace periods while attaching (`expedite_rcu`).
-        expedite_rcu: bool,
-    },
+    OnConnect,
 }
 
 /// The discovery thread's state: owns the programs (attaching) and the process exclusions. All
@@ -350,8 +347,6 @@ pub struct Discovery {
     rescan: Duration,
     /// `attach = "on-connect"`: probes only in processes that connect to a provider.
     on_connect: bool,
-    /// On connect: expedite RCU grace periods while attaching (see `connect.rs`).
-    expedite_rcu: bool,
     /// When each process with its own probes was last scanned on a connect, and the kernel
     /// time of that connect.
     connect_scans: std::collections::HashMap<u32, (Instant, u64)>,
@@ -376,7 +371,6 @@ impl Discovery {
             dying: Vec::new(),
             rescan,
             on_connect: attach != AttachMode::All,
-            expedite_rcu: attach == (AttachMode::OnConnect { expedite_rcu: true }),
             connect_scans: std::collections::HashMap::new(),
         }
     }

@@ -81,6 +81,7 @@ impl Probes {
             vec![("go_tls_write", tls.write), ("go_tls_read", tls.read)];
         sites.extend(tls.read_rets.iter().map(|&o| ("go_tls_read_ret", o)));
         sites.extend(tls.close.map(|o| ("go_tls_close", o)));
+        let _rcu = self.expedited();
         let mut links = Vec::new();
         for (prog, offset) in sites {
             let program: &mut UProbe = self

@@ -9,7 +9,7 @@
 //! - the TLS files a process of the same executable used are attached first, from handles the
 //!   observer holds, before the process's mappings are read;
 //! - while attaching, `/sys/kernel/rcu_expedited` is set (and restored), so those grace periods
-//!   are expedited: 4–8 ms. `expedite_rcu = false` turns that off.
+//!   are expedited: 4–8 ms (`bpf/rcu.rs`; `expedite_rcu = false` turns that off).
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -18,33 +18,6 @@ use std::time::Instant;
 use super::{Discovery, Trigger, attach_process, go, monotonic_ns};
 use crate::attribution::ProcessInfo;
 use crate::bpf::{AttachOutcome, FileId, Probes, Scope, Sites};
-
-/// `rcu_expedited` switched on for as long as it lives, then back to what it was.
-struct ExpeditedRcu {
-    restore: bool,
-}
-
-const RCU_EXPEDITED: &str = "/sys/kernel/rcu_expedited";
-
-impl ExpeditedRcu {
-    fn begin() -> ExpeditedRcu {
-        let was = std::fs::read_to_string(RCU_EXPEDITED).unwrap_or_default();
-        if was.trim() != "0" {
-            // Already on (an operator's choice), or no such knob: nothing to do or undo.
-            return ExpeditedRcu { restore: false };
-        }
-        let restore = std::fs::write(RCU_EXPEDITED, "1").is_ok();
-        ExpeditedRcu { restore }
-    }
-}
-
-impl Drop for ExpeditedRcu {
-    fn drop(&mut self) {
-        if self.restore && std::fs::write(RCU_EXPEDITED, "0").is_err() {
-            tracing::warn!("could not restore {RCU_EXPEDITED} to 0");
-        }
-    }
-}
 
 /// Identity of the executable process `pid` runs.
 fn exe_id(pid: u32) -> Option<FileId> {
@@ -104,7 +77,7 @@ impl Discovery {
             return;
         }
         self.probes.connecting();
-        let rcu = self.expedite_rcu.then(ExpeditedRcu::begin);
+        let rcu = self.probes.expedited();
         let picked = monotonic_ns();
         let exe = exe_id(pid);
         let mut files = 0;
