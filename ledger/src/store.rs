@@ -64,6 +64,7 @@ use batch::Batcher;
 use conn::{Conn, timeout_error};
 use keys::{validate_opt, validate_tenant};
 use scripts::Reply;
+use scripts::ScriptCall;
 
 use crate::{Error, Nanos};
 
@@ -309,14 +310,14 @@ impl Ledger {
     /// and arguments.
     pub(crate) async fn hold_script(
         &self,
-        script: &redis::Script,
+        script: &'static redis::Script,
         name: &'static str,
         tenant: &str,
         reservation_id: &str,
     ) -> Result<Reply, Error> {
         validate_tenant(tenant)?;
         validate_name("reservation id", reservation_id)?;
-        let mut inv = script.prepare_invoke();
+        let mut inv = ScriptCall::new(script);
         inv.key(keys::holds(tenant))
             .key(keys::hold(tenant, reservation_id))
             .key(keys::done(tenant, reservation_id))
@@ -350,7 +351,7 @@ impl Ledger {
         validate_opt("model", r.model.as_deref())?;
         check_usage(r.cost, &r.tokens)?;
         let at = r.at;
-        let mut inv = scripts::RECORD.prepare_invoke();
+        let mut inv = ScriptCall::new(&scripts::RECORD);
         inv.key(keys::holds(&r.tenant))
             .key(keys::event(&r.tenant, &r.event_id))
             .arg(keys::prefix(&r.tenant))
@@ -399,7 +400,7 @@ impl Ledger {
     /// [`Error::Invalid`] for a bad tenant; [`Error::Redis`] when Redis is unavailable.
     pub async fn reclaim_expired(&self, tenant: &str) -> Result<u64, Error> {
         validate_tenant(tenant)?;
-        let mut inv = scripts::RECLAIM.prepare_invoke();
+        let mut inv = ScriptCall::new(&scripts::RECLAIM);
         let now = Utc::now();
         inv.key(keys::holds(tenant))
             .arg(keys::prefix(tenant))
@@ -525,7 +526,7 @@ fn check_usage(cost: Nanos, tokens: &TokenCounts) -> Result<(), Error> {
 }
 
 /// Day id, month id, their expire-at (unix s), session ttl (s): the `commit_all` layout in common.lua.
-fn period_args(inv: &mut redis::ScriptInvocation<'_>, at: DateTime<Utc>, cfg: &LedgerConfig) {
+fn period_args(inv: &mut ScriptCall, at: DateTime<Utc>, cfg: &LedgerConfig) {
     inv.arg(Period::Day.id(at))
         .arg(Period::Month.id(at))
         .arg(Period::Day.expire_at(at).timestamp())
@@ -536,7 +537,7 @@ fn period_args(inv: &mut redis::ScriptInvocation<'_>, at: DateTime<Utc>, cfg: &L
 /// cost, input, output, cache_read, cache_write, model, feature, session: the `read_usage` layout
 /// in common.lua (bypass and estimated follow, added by the caller).
 fn usage_args(
-    inv: &mut redis::ScriptInvocation<'_>,
+    inv: &mut ScriptCall,
     cost: Nanos,
     t: TokenCounts,
     model: Option<&str>,

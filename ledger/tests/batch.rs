@@ -284,6 +284,47 @@ async fn a_batch_of_reserves_equals_the_same_reserves_one_by_one() {
     assert_same(&dump(&sa).await, &dump(&sb).await);
 }
 
+/// A Redis that lost its scripts (restarted without persistence, `SCRIPT FLUSH`, a new replica)
+/// answers EVALSHA with NOSCRIPT: the single and the batch scripts are loaded again and run, and
+/// the calls bill exactly what they bill on a Redis that kept them.
+#[tokio::test]
+async fn scripts_flushed_from_redis_are_loaded_again() {
+    let (sa, sb) = (RedisServer::start(), RedisServer::start());
+    let (a, b) = pair(&sa, &sb).await;
+    let at = Utc::now();
+    for l in [&a, &b] {
+        prior(l, at).await;
+    }
+    for s in [&sa, &sb] {
+        let mut c = redis::Client::open(s.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut c)
+            .await
+            .expect("SCRIPT FLUSH");
+    }
+    let tenant_day = cap(CapScope::Tenant, Period::Day, 10_000);
+    let rs: Vec<ReserveRequest> = (0..6)
+        .map(|i| req(&format!("f{i}"), 100 + i, at, vec![tenant_day.clone()]))
+        .collect();
+    let got = reserve_all(&a, &rs).await;
+    assert_eq!(got, reserve_each(&b, &rs).await);
+    assert!(got.iter().all(|o| o.contains("Allowed")), "{got:#?}");
+    let ss: Vec<Settlement> = rs
+        .iter()
+        .zip(0u64..)
+        .map(|(r, n)| settlement(r, 90 + n as i64, n))
+        .collect();
+    let got = settle_all(&a, &ss).await;
+    assert_eq!(got, settle_each(&b, &ss).await);
+    assert!(got.iter().all(|o| o.starts_with("Ok(")), "{got:#?}");
+    assert_same(&dump(&sa).await, &dump(&sb).await);
+}
+
 /// Denied items inside a batch hold nothing: the items after them see only what was admitted.
 #[tokio::test]
 async fn a_denied_item_does_not_change_later_items_of_its_batch() {

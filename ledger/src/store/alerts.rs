@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
+use super::scripts::ScriptCall;
 use super::{Ledger, Period, from_ms, keys};
 use crate::Error;
 
@@ -129,7 +130,7 @@ impl Ledger {
     /// # Errors
     /// [`Error::Redis`] when Redis is unavailable.
     pub async fn alert_lease(&self, holder: &str, ttl: Duration) -> Result<bool, Error> {
-        let mut inv = LEASE.prepare_invoke();
+        let mut inv = ScriptCall::new(&LEASE);
         inv.key(ALERT_LEASE_KEY)
             .arg(holder)
             .arg(super::duration_ms(ttl));
@@ -146,7 +147,7 @@ impl Ledger {
     /// # Errors
     /// [`Error::Redis`] when Redis is unavailable.
     pub async fn alert_unlease(&self, holder: &str) -> Result<(), Error> {
-        let mut inv = UNLEASE.prepare_invoke();
+        let mut inv = ScriptCall::new(&UNLEASE);
         inv.key(ALERT_LEASE_KEY).arg(holder);
         self.timed("alert_unlease", async {
             let mut c = self.conn.clone();

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::scripts::ScriptCall;
 use super::{
     CallMeta, LedgerConfig, Period, ReserveRequest, Settlement, UnmeteredConn, UsageRecord, ms,
 };
@@ -15,12 +16,7 @@ pub const AUDIT_VERSION: &str = "1";
 /// (`caps`, 4 values each, see alerts.rs), their count, the alert thresholds ("50,80,100", ''
 /// when off), then the audit day id ('' when the audit is off), the audit stream's absolute expiry
 /// (unix s) and its MAXLEN (0 = none).
-pub(crate) fn tail(
-    inv: &mut redis::ScriptInvocation<'_>,
-    cfg: &LedgerConfig,
-    now: DateTime<Utc>,
-    caps: &[String],
-) {
+pub(crate) fn tail(inv: &mut ScriptCall, cfg: &LedgerConfig, now: DateTime<Utc>, caps: &[String]) {
     for c in caps {
         inv.arg(c);
     }

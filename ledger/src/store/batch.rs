@@ -28,7 +28,8 @@ use redis::RedisError;
 use tokio::sync::{Notify, oneshot};
 
 use super::conn::{Conn, current_thread, thread_conn, timeout_error};
-use super::{LedgerConfig, Period, duration_ms, keys, scripts};
+use super::scripts::{self, ScriptCall};
+use super::{LedgerConfig, Period, duration_ms, keys};
 use crate::Error;
 
 /// Items per script call at most: bounds a script's run time, and keeps the sums the batch scripts
@@ -95,12 +96,7 @@ pub(crate) struct Item {
 /// The single-item script call (lua/reserve.lua or lua/settle.lua) for `item`: used for a batch of
 /// one (cheaper for Redis than the batch script's set-up), and when group commit is off or a value
 /// is too large to sum exactly in Lua.
-pub(crate) fn single(
-    op: Op,
-    tenant: &str,
-    item: &Item,
-    cfg: &LedgerConfig,
-) -> redis::ScriptInvocation<'static> {
+pub(crate) fn single(op: Op, tenant: &str, item: &Item, cfg: &LedgerConfig) -> ScriptCall {
     let a = |i: usize| item.args.get(i).map_or("", String::as_str);
     let id = a(0);
     let session_ttl = cfg.session_ttl.as_secs().max(1);
@@ -109,7 +105,7 @@ pub(crate) fn single(
         Op::Reserve => &scripts::RESERVE,
         Op::Settle => &scripts::SETTLE,
     };
-    let mut inv = script.prepare_invoke();
+    let mut inv = ScriptCall::new(script);
     inv.key(keys::holds(tenant))
         .key(keys::hold(tenant, id))
         .key(keys::done(tenant, id))
@@ -446,7 +442,7 @@ impl Batcher {
                 vec![duration_ms(cfg.idempotency_ttl), session_ttl],
             ),
         };
-        let mut inv = script.prepare_invoke();
+        let mut inv = ScriptCall::new(script);
         inv.key(keys::holds(tenant));
         for w in &batch {
             let id = w.item.args.first().map_or("", String::as_str);

@@ -8,6 +8,7 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Utc};
 
 use super::alerts::Alert;
+use super::scripts::ScriptCall;
 use super::{Ledger, keys};
 use crate::Error;
 
@@ -77,7 +78,7 @@ impl Ledger {
             ("service", g.service.as_str()),
         ];
         let at = g.at.to_rfc3339();
-        let mut inv = ANNOUNCE.prepare_invoke();
+        let mut inv = ScriptCall::new(&ANNOUNCE);
         inv.key(&marker)
             .key(keys::OPS_EVENTS)
             .arg(MARKER_TTL_S)

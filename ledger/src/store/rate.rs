@@ -11,6 +11,7 @@ use redis::Script;
 
 use super::Ledger;
 use super::keys::{prefix, validate_name, validate_tenant};
+use super::scripts::ScriptCall;
 use crate::Error;
 
 static CORRECT: LazyLock<Script> =
@@ -34,7 +35,7 @@ impl Ledger {
             return Ok(());
         }
         validate_tenant(tenant)?;
-        let mut inv = CORRECT.prepare_invoke();
+        let mut inv = ScriptCall::new(&CORRECT);
         for s in scopes {
             validate_name("rate limit scope", s)?;
             inv.key(format!("{}rl:{s}", prefix(tenant)));

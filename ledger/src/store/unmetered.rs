@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use redis::{AsyncCommands, Script};
 
 use super::keys::{self, validate_tenant};
+use super::scripts::ScriptCall;
 use super::{Ledger, Period, duration_ms, ms};
 use crate::Error;
 use crate::names::{self, NameKind};
@@ -127,7 +128,7 @@ impl Ledger {
         validate_host(&c.host)?;
         keys::validate_name("conn_id", &c.conn_id)?;
         let at = c.started_at;
-        let mut inv = UNMETERED.prepare_invoke();
+        let mut inv = ScriptCall::new(&UNMETERED);
         inv.key(format!("{}umc:{}", keys::prefix(&c.tenant), c.conn_id))
             .key(unmetered_key(&c.tenant, Period::Day, at))
             .key(unmetered_key(&c.tenant, Period::Month, at))
