@@ -4,7 +4,9 @@
 
 use chrono::{DateTime, Utc};
 
-use super::scripts::ScriptCall;
+use redis::ToRedisArgs;
+
+use super::scripts::{Args, ScriptCall};
 use super::{
     CallMeta, LedgerConfig, Period, ReserveRequest, Settlement, UnmeteredConn, UsageRecord, ms,
 };
@@ -55,21 +57,19 @@ fn clean(s: &str) -> String {
 
 /// A record's field, value list under construction; [`Fields::finish`] prefixes the count the
 /// scripts read first.
-struct Fields(Vec<String>);
+struct Fields(Args);
 
 impl Fields {
     fn new(kind: &str) -> Fields {
-        Fields(vec![
-            "v".into(),
-            AUDIT_VERSION.into(),
-            "kind".into(),
-            kind.into(),
-        ])
+        let mut f = Fields(Args::with_capacity(384, 40));
+        f.put("v", AUDIT_VERSION);
+        f.put("kind", kind);
+        f
     }
 
-    fn put(&mut self, k: &str, v: impl Into<String>) {
-        self.0.push(k.into());
-        self.0.push(v.into());
+    /// A field and its value (integers in decimal).
+    fn put(&mut self, k: &str, v: impl ToRedisArgs) {
+        self.0.push(k).push(v);
     }
 
     /// A field only when it has a value (an absent field reads as empty: fewer bytes per record).
@@ -82,35 +82,38 @@ impl Fields {
     fn meta(&mut self, m: &CallMeta) {
         self.opt("api", m.api.as_deref());
         if let Some(l) = m.latency_ms {
-            self.put("latency_ms", l.to_string());
+            self.put("latency_ms", l);
         }
         if let Some(s) = &m.service {
             self.put("service", clean(s));
         }
         if let Some(p) = m.pid {
-            self.put("pid", p.to_string());
+            self.put("pid", p);
         }
         if let Some(c) = &m.comm {
             self.put("comm", clean(c));
         }
     }
 
-    fn finish(self) -> Vec<String> {
-        let mut v = Vec::with_capacity(self.0.len() + 1);
-        v.push(self.0.len().to_string());
-        v.extend(self.0);
+    fn finish(self) -> Args {
+        let mut v = Args::with_capacity(
+            8 + self.0.iter().map(<[u8]>::len).sum::<usize>(),
+            self.0.len() + 1,
+        );
+        v.push(self.0.len());
+        v.append(&self.0);
         v
     }
 }
 
 /// The record of a settle (count first): the script adds `reversed_nusd` when it replaces an
 /// abandoned hold's estimate.
-pub(crate) fn settle_fields(s: &Settlement) -> Vec<String> {
+pub(crate) fn settle_fields(s: &Settlement) -> Args {
     let m = &s.meta;
     let mut f = Fields::new("settle");
     f.put("path", m.path.as_deref().map_or("enforcer".into(), clean));
-    f.put("request_id", s.request_id.clone());
-    f.put("tenant", s.tenant.clone());
+    f.put("request_id", &s.request_id);
+    f.put("tenant", &s.tenant);
     f.opt("feature", s.feature.as_deref());
     f.opt("session", s.session.as_deref());
     f.opt("provider", m.provider.as_deref());
@@ -129,25 +132,25 @@ pub(crate) fn settle_fields(s: &Settlement) -> Vec<String> {
             clean,
         ),
     );
-    f.put("started_ms", ms(s.started_at).to_string());
+    f.put("started_ms", ms(s.started_at));
     f.meta(m);
     f.finish()
 }
 
 /// The record of an observer record (count first).
-pub(crate) fn record_fields(r: &UsageRecord) -> Vec<String> {
+pub(crate) fn record_fields(r: &UsageRecord) -> Args {
     let m = &r.meta;
     let mut f = Fields::new("record");
     f.put("path", m.path.as_deref().map_or("observer".into(), clean));
-    f.put("request_id", r.event_id.clone());
-    f.put("tenant", r.tenant.clone());
+    f.put("request_id", &r.event_id);
+    f.put("tenant", &r.tenant);
     f.opt("feature", r.feature.as_deref());
     f.opt("session", r.session.as_deref());
     f.opt("provider", Some(&r.provider));
     f.opt("model", r.model.as_deref());
     usage(&mut f, r.cost.0, r.tokens, r.estimated, r.bypass);
     f.put("outcome", m.outcome.as_deref().map_or("ok".into(), clean));
-    f.put("started_ms", ms(r.at).to_string());
+    f.put("started_ms", ms(r.at));
     f.meta(m);
     f.finish()
 }
@@ -155,23 +158,23 @@ pub(crate) fn record_fields(r: &UsageRecord) -> Vec<String> {
 /// The record of an unmetered connection (count first): a provider connection that carried no
 /// call the observer could decode. It adds nothing to spend (`cost_nusd` 0); its bytes are a
 /// rough size of what nobody could price.
-pub(crate) fn unmetered_fields(c: &UnmeteredConn) -> Vec<String> {
+pub(crate) fn unmetered_fields(c: &UnmeteredConn) -> Args {
     let mut f = Fields::new("unmetered");
     f.put("path", "unmetered");
-    f.put("request_id", c.conn_id.clone());
-    f.put("tenant", c.tenant.clone());
+    f.put("request_id", &c.conn_id);
+    f.put("tenant", &c.tenant);
     f.put("service", clean(&c.service));
-    f.put("pid", c.pid.to_string());
+    f.put("pid", c.pid);
     f.put("comm", clean(&c.comm));
-    f.put("provider", c.provider.clone());
+    f.put("provider", &c.provider);
     f.put("host", clean(&c.host));
-    f.put("bytes_out", c.bytes_out.to_string());
-    f.put("bytes_in", c.bytes_in.to_string());
+    f.put("bytes_out", c.bytes_out);
+    f.put("bytes_in", c.bytes_in);
     f.put("cost_nusd", "0");
     f.put("bypass", "1");
     f.put("outcome", "unmetered");
-    f.put("latency_ms", c.duration_ms.to_string());
-    f.put("started_ms", ms(c.started_at).to_string());
+    f.put("latency_ms", c.duration_ms);
+    f.put("started_ms", ms(c.started_at));
     f.finish()
 }
 
@@ -180,24 +183,24 @@ pub(crate) fn unmetered_fields(c: &UnmeteredConn) -> Vec<String> {
 /// id, tenant, feature, session, model, reserved amount, start) and, when a cap or a rate limit
 /// refuses, the kind, outcome, cost, scope, limit, spent and held. A reserve that is admitted,
 /// the common case, so sends 5 values it does not use instead of about 20.
-pub(crate) fn deny_fields(r: &ReserveRequest) -> Vec<String> {
-    let mut f = Fields(Vec::new());
+pub(crate) fn deny_fields(r: &ReserveRequest) -> Args {
+    let mut f = Fields(Args::with_capacity(64, 4));
     f.put("path", "enforcer");
     f.opt("provider", Some(&r.provider));
     f.finish()
 }
 
 fn usage(f: &mut Fields, cost: i64, t: super::TokenCounts, estimated: bool, bypass: bool) {
-    f.put("input_tokens", t.input.to_string());
-    f.put("output_tokens", t.output.to_string());
+    f.put("input_tokens", t.input);
+    f.put("output_tokens", t.output);
     // Cache tokens and flags only when set (absent reads as 0).
     if t.cache_read > 0 {
-        f.put("cache_read_tokens", t.cache_read.to_string());
+        f.put("cache_read_tokens", t.cache_read);
     }
     if t.cache_write > 0 {
-        f.put("cache_write_tokens", t.cache_write.to_string());
+        f.put("cache_write_tokens", t.cache_write);
     }
-    f.put("cost_nusd", cost.to_string());
+    f.put("cost_nusd", cost);
     if estimated {
         f.put("estimated", "1");
     }

@@ -28,7 +28,7 @@ use redis::RedisError;
 use tokio::sync::{Notify, oneshot};
 
 use super::conn::{Conn, current_thread, thread_conn, timeout_error};
-use super::scripts::{self, ScriptCall};
+use super::scripts::{self, Args, ScriptCall};
 use super::{LedgerConfig, Period, duration_ms, keys};
 use crate::Error;
 
@@ -87,7 +87,7 @@ pub(crate) struct Item {
     /// session, model, instance, cap count, caps. Settle: id, day, month, day expire-at,
     /// month expire-at, cost, input, output, cache read, cache write, model, feature, session,
     /// estimated. Both end with the audit record's value count and its field, value pairs.
-    pub(crate) args: Vec<String>,
+    pub(crate) args: Args,
     /// The budgets the script checks alert thresholds against (kind, period, feature, limit each).
     /// Shared: every call of a tenant (and feature) gets the same list while the budgets stay.
     pub(crate) alerts: Arc<[String]>,
@@ -97,8 +97,8 @@ pub(crate) struct Item {
 /// one (cheaper for Redis than the batch script's set-up), and when group commit is off or a value
 /// is too large to sum exactly in Lua.
 pub(crate) fn single(op: Op, tenant: &str, item: &Item, cfg: &LedgerConfig) -> ScriptCall {
-    let a = |i: usize| item.args.get(i).map_or("", String::as_str);
-    let id = a(0);
+    let a = |i: usize| item.args.get(i);
+    let id = item.args.str(0);
     let session_ttl = cfg.session_ttl.as_secs().max(1);
     let done_ttl = duration_ms(cfg.idempotency_ttl);
     let script: &'static redis::Script = match op {
@@ -445,7 +445,7 @@ impl Batcher {
         let mut inv = ScriptCall::new(script);
         inv.key(keys::holds(tenant));
         for w in &batch {
-            let id = w.item.args.first().map_or("", String::as_str);
+            let id = w.item.args.str(0);
             inv.key(keys::hold(tenant, id)).key(keys::done(tenant, id));
         }
         let now = batch.iter().map(|w| w.item.now_ms).max().unwrap_or(0);
@@ -457,9 +457,7 @@ impl Batcher {
         }
         inv.arg(batch.len());
         for w in &batch {
-            for a in &w.item.args {
-                inv.arg(a);
-            }
+            inv.args(&w.item.args);
         }
         super::audit::tail(&mut inv, cfg, Utc::now(), &merged_alerts(&batch));
         let res = tokio::time::timeout(
@@ -596,7 +594,11 @@ mod tests {
     fn item(id: &str) -> Item {
         Item {
             now_ms: Utc::now().timestamp_millis(),
-            args: vec![id.to_owned()],
+            args: {
+                let mut a = Args::default();
+                a.push(id);
+                a
+            },
             alerts: Arc::from(Vec::new()),
         }
     }

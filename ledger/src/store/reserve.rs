@@ -4,7 +4,7 @@
 
 use super::batch::{self, Item, MAX_BATCHED_VALUE, Op};
 use super::keys::{validate_name, validate_opt, validate_tenant};
-use super::scripts::Reply;
+use super::scripts::{Args, Reply};
 use super::{
     CapScope, Denial, Ledger, Period, RateDenial, Reservation, ReserveOutcome, ReserveRequest,
     duration_ms, from_ms, ms,
@@ -47,32 +47,33 @@ impl Ledger {
     /// The request's part of lua/reserve_batch.lua's arguments.
     fn reserve_item(&self, r: &ReserveRequest) -> Item {
         let at = r.at;
-        let mut args = Vec::with_capacity(13 + 3 * r.caps.len());
-        args.extend([
-            r.request_id.clone(),
-            ms(at).to_string(),
-            r.amount.0.to_string(),
-            duration_ms(r.ttl).to_string(),
-            Period::Day.id(at),
-            Period::Month.id(at),
-            Period::Day.expire_at(at).timestamp().to_string(),
-            Period::Month.expire_at(at).timestamp().to_string(),
-            r.feature.clone().unwrap_or_default(),
-            r.session.clone().unwrap_or_default(),
-            r.model.clone().unwrap_or_default(),
-            self.instance.as_deref().unwrap_or("").to_owned(),
-            r.caps.len().to_string(),
-        ]);
+        let mut args = Args::with_capacity(
+            256 + 48 * (r.caps.len() + r.rates.len()),
+            24 + 3 * (r.caps.len() + r.rates.len()),
+        );
+        args.push(&r.request_id)
+            .push(ms(at))
+            .push(r.amount.0)
+            .push(duration_ms(r.ttl))
+            .push(Period::Day.id(at))
+            .push(Period::Month.id(at))
+            .push(Period::Day.expire_at(at).timestamp())
+            .push(Period::Month.expire_at(at).timestamp())
+            .push(r.feature.as_deref().unwrap_or(""))
+            .push(r.session.as_deref().unwrap_or(""))
+            .push(r.model.as_deref().unwrap_or(""))
+            .push(self.instance.as_deref().unwrap_or(""))
+            .push(r.caps.len());
         for cap in &r.caps {
             let (kind, period, limit) = cap_args(cap);
-            args.extend([kind.to_owned(), period.to_owned(), limit]);
+            args.push(kind).push(period).push(limit);
         }
-        args.push(r.rates.len().to_string());
+        args.push(r.rates.len());
         for rl in &r.rates {
-            args.extend([rl.scope.clone(), rl.rpm.to_string(), rl.tpm.to_string()]);
+            args.push(&rl.scope).push(rl.rpm).push(rl.tpm);
         }
-        args.push(r.tokens.to_string());
-        args.extend(super::audit::deny_fields(r));
+        args.push(r.tokens);
+        args.append(&super::audit::deny_fields(r));
         Item {
             now_ms: ms(at),
             args,

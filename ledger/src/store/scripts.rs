@@ -56,21 +56,57 @@ pub(crate) struct ScriptCall {
     args: Args,
 }
 
-/// Arguments written back to back, with where each ends.
-struct Args {
+/// Script arguments written back to back, with where each ends: what a call queues for a batch
+/// ([`super::batch::Item`]) and what a [`ScriptCall`] sends, without a `String` per argument.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Args {
     data: Vec<u8>,
     ends: Vec<usize>,
 }
 
 impl Args {
-    fn with_capacity(bytes: usize, args: usize) -> Args {
+    /// Room for `args` arguments of `bytes` bytes in all.
+    pub(crate) fn with_capacity(bytes: usize, args: usize) -> Args {
         Args {
             data: Vec::with_capacity(bytes),
             ends: Vec::with_capacity(args),
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+    /// Appends `v` as Redis writes it (an integer in decimal, a string as is).
+    pub(crate) fn push<T: ToRedisArgs>(&mut self, v: T) -> &mut Args {
+        v.write_redis_args(self);
+        self
+    }
+
+    /// Appends every argument of `other`.
+    pub(crate) fn append(&mut self, other: &Args) {
+        let base = self.data.len();
+        self.data.extend_from_slice(&other.data);
+        self.ends.extend(other.ends.iter().map(|e| base + e));
+    }
+
+    /// How many arguments.
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Argument `i` (empty past the end).
+    pub(crate) fn get(&self, i: usize) -> &[u8] {
+        match self.ends.get(i) {
+            Some(&end) => &self.data[i.checked_sub(1).map_or(0, |p| self.ends[p])..end],
+            None => &[],
+        }
+    }
+
+    /// Argument `i` as text (empty past the end, or when it is not UTF-8: never for the names
+    /// the ledger validated before writing them).
+    pub(crate) fn str(&self, i: usize) -> &str {
+        std::str::from_utf8(self.get(i)).unwrap_or("")
+    }
+
+    /// The arguments in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
         starts
             .zip(self.ends.iter().copied())
@@ -132,6 +168,12 @@ impl ScriptCall {
     /// Adds an argument (ARGV[n]).
     pub(crate) fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut ScriptCall {
         arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// Adds every argument of `args`, in order.
+    pub(crate) fn args(&mut self, args: &Args) -> &mut ScriptCall {
+        self.args.append(args);
         self
     }
 
@@ -207,6 +249,39 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Arguments keep their bounds through `append`; reading past the end gives nothing.
+    #[test]
+    fn args_keep_their_bounds() {
+        let mut a = Args::default();
+        a.push("id-1").push(-5i64).push("");
+        let mut b = Args::with_capacity(4, 1);
+        b.push(12u64).push("x");
+        a.append(&b);
+        assert_eq!(a.len(), 5);
+        let all: Vec<&[u8]> = a.iter().collect();
+        assert_eq!(all, [&b"id-1"[..], b"-5", b"", b"12", b"x"]);
+        assert_eq!(
+            (a.get(0), a.get(2), a.get(4), a.get(5)),
+            (&b"id-1"[..], &b""[..], &b"x"[..], &b""[..])
+        );
+        assert_eq!((a.str(0), a.str(9)), ("id-1", ""));
+        let mut call = ScriptCall::new(&SETTLE);
+        call.arg("first").args(&a);
+        let mut want = redis::cmd("EVALSHA");
+        want.arg(SETTLE.get_hash())
+            .arg(0)
+            .arg("first")
+            .arg("id-1")
+            .arg(-5)
+            .arg("")
+            .arg(12)
+            .arg("x");
+        assert_eq!(
+            call.command().get_packed_command(),
+            want.get_packed_command()
+        );
+    }
 
     /// The command carries the script's hash, the key count, the keys and the arguments, each
     /// exactly as `redis::Cmd` writes it (integers, empty strings and bytes included).

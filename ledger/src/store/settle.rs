@@ -9,7 +9,7 @@ use chrono::Utc;
 
 use super::batch::{self, Item, MAX_BATCHED_VALUE, Op};
 use super::keys::{validate_name, validate_opt, validate_tenant};
-use super::scripts::Reply;
+use super::scripts::{Args, Reply};
 use super::{Ledger, Period, SettleOutcome, Settlement, check_usage, ms};
 use crate::{Error, Nanos};
 
@@ -65,23 +65,22 @@ fn batchable(s: &Settlement) -> bool {
 fn settle_item(s: &Settlement, alerts: Arc<[String]>) -> Item {
     let at = s.started_at;
     let t = s.tokens;
-    let mut args = vec![
-        s.request_id.clone(),
-        Period::Day.id(at),
-        Period::Month.id(at),
-        Period::Day.expire_at(at).timestamp().to_string(),
-        Period::Month.expire_at(at).timestamp().to_string(),
-        s.cost.0.to_string(),
-        t.input.to_string(),
-        t.output.to_string(),
-        t.cache_read.to_string(),
-        t.cache_write.to_string(),
-        s.model.clone().unwrap_or_default(),
-        s.feature.clone().unwrap_or_default(),
-        s.session.clone().unwrap_or_default(),
-        if s.estimated { "1" } else { "0" }.to_owned(),
-    ];
-    args.extend(super::audit::settle_fields(s));
+    let mut args = Args::with_capacity(640, 48);
+    args.push(&s.request_id)
+        .push(Period::Day.id(at))
+        .push(Period::Month.id(at))
+        .push(Period::Day.expire_at(at).timestamp())
+        .push(Period::Month.expire_at(at).timestamp())
+        .push(s.cost.0)
+        .push(t.input)
+        .push(t.output)
+        .push(t.cache_read)
+        .push(t.cache_write)
+        .push(s.model.as_deref().unwrap_or(""))
+        .push(s.feature.as_deref().unwrap_or(""))
+        .push(s.session.as_deref().unwrap_or(""))
+        .push(if s.estimated { "1" } else { "0" });
+    args.append(&super::audit::settle_fields(s));
     Item {
         now_ms: ms(Utc::now()),
         args,

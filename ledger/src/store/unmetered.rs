@@ -140,9 +140,7 @@ impl Ledger {
             .arg(c.bytes_in)
             .arg(ms(at))
             .arg(keys::prefix(&c.tenant));
-        for a in super::audit::unmetered_fields(c) {
-            inv.arg(a);
-        }
+        inv.args(&super::audit::unmetered_fields(c));
         let now = chrono::Utc::now();
         super::audit::tail(&mut inv, &self.cfg, now, &[]);
         let reply: String = self
