@@ -22,14 +22,30 @@ pub(crate) fn tail(inv: &mut ScriptCall, cfg: &LedgerConfig, now: DateTime<Utc>,
     for c in caps {
         inv.arg(c);
     }
-    let mut pcts = cfg.alert_thresholds_pct.clone();
-    pcts.retain(|p| *p > 0);
-    pcts.sort_unstable();
-    pcts.dedup();
-    let pcts: Vec<String> = pcts.iter().map(u32::to_string).collect();
-    inv.arg(caps.len() / 4).arg(pcts.join(","));
+    inv.arg(caps.len() / 4)
+        .arg_fmt(Thresholds(&cfg.alert_thresholds_pct));
     let (day, exp, max) = tail_values(cfg, now);
     inv.arg(day).arg(exp).arg(max);
+}
+
+/// The alert thresholds as the scripts read them: positive ones, ascending, each once, joined by
+/// commas ("50,80,100"; "" when none). Written straight into the call's buffer.
+struct Thresholds<'a>(&'a [u32]);
+
+impl std::fmt::Display for Thresholds<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The next larger threshold each time: sorted and without repeats, no allocation (the
+        // list is a handful of numbers).
+        let mut last = 0;
+        while let Some(p) = self.0.iter().copied().filter(|&p| p > last).min() {
+            if last > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{p}")?;
+            last = p;
+        }
+        Ok(())
+    }
 }
 
 /// [`tail`]'s values.
@@ -219,6 +235,15 @@ mod tests {
         let long = "é".repeat(100);
         let c = clean(&long);
         assert!(c.len() <= 128 && c.len().is_multiple_of(2), "{}", c.len());
+    }
+
+    #[test]
+    fn thresholds_are_positive_sorted_and_unique() {
+        let t = |v: &[u32]| Thresholds(v).to_string();
+        assert_eq!(t(&[100, 50, 0, 80, 50]), "50,80,100");
+        assert_eq!(t(&[]), "");
+        assert_eq!(t(&[0]), "");
+        assert_eq!(t(&[7]), "7");
     }
 
     #[test]

@@ -171,6 +171,12 @@ impl ScriptCall {
         self
     }
 
+    /// Adds an argument written by its `Display` (no intermediate `String`).
+    pub(crate) fn arg_fmt(&mut self, arg: impl std::fmt::Display) -> &mut ScriptCall {
+        self.args.write_arg_fmt(arg);
+        self
+    }
+
     /// Adds every argument of `args`, in order.
     pub(crate) fn args(&mut self, args: &Args) -> &mut ScriptCall {
         self.args.append(args);
