@@ -24,8 +24,12 @@ pub(crate) fn tail(inv: &mut ScriptCall, cfg: &LedgerConfig, now: DateTime<Utc>,
     }
     inv.arg(caps.len() / 4)
         .arg_fmt(Thresholds(&cfg.alert_thresholds_pct));
-    let (day, exp, max) = tail_values(cfg, now);
-    inv.arg(day).arg(exp).arg(max);
+    if cfg.audit {
+        let (exp, max) = audit_expiry(cfg, now);
+        inv.arg_fmt(Period::Day.id_of(now)).arg(exp).arg(max);
+    } else {
+        inv.arg("").arg(0).arg(0);
+    }
 }
 
 /// The alert thresholds as the scripts read them: positive ones, ascending, each once, joined by
@@ -48,15 +52,15 @@ impl std::fmt::Display for Thresholds<'_> {
     }
 }
 
-/// [`tail`]'s values.
-pub(crate) fn tail_values(cfg: &LedgerConfig, now: DateTime<Utc>) -> (String, i64, u64) {
-    if !cfg.audit {
-        return (String::new(), 0, 0);
-    }
+/// The audit stream's absolute expiry (unix s: the end of `now`'s day plus the retention) and
+/// its MAXLEN (0 = none).
+fn audit_expiry(cfg: &LedgerConfig, now: DateTime<Utc>) -> (i64, u64) {
     let retention = chrono::Duration::from_std(cfg.audit_retention)
         .unwrap_or_else(|_| chrono::Duration::days(90));
-    let exp = (Period::Day.reset_at(now) + retention).timestamp();
-    (Period::Day.id(now), exp, cfg.audit_max_per_day)
+    (
+        (Period::Day.reset_at(now) + retention).timestamp(),
+        cfg.audit_max_per_day,
+    )
 }
 
 /// Text stored in a record: control characters dropped, at most 128 bytes (on a char boundary).
@@ -248,18 +252,36 @@ mod tests {
 
     #[test]
     fn tail_is_empty_when_off() {
-        let cfg = LedgerConfig {
-            audit: false,
-            ..LedgerConfig::default()
-        };
-        assert_eq!(tail_values(&cfg, Utc::now()).0, "");
         let now = DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        let (day, exp, max) = tail_values(&LedgerConfig::default(), now);
-        assert_eq!(day, "2026-11-27");
+        let caps: Vec<String> = ["t", "d", "", "1000"].map(String::from).to_vec();
+        let packed = |cfg: &LedgerConfig| {
+            let mut call = ScriptCall::new(&super::super::scripts::RECLAIM);
+            tail(&mut call, cfg, now, &caps);
+            call.command().get_packed_command()
+        };
+        let want = |day: &str, exp: i64| {
+            redis::cmd("EVALSHA")
+                .arg(super::super::scripts::RECLAIM.get_hash())
+                .arg(0)
+                .arg(&caps)
+                .arg(1)
+                .arg("50,80,100")
+                .arg(day)
+                .arg(exp)
+                .arg(0)
+                .get_packed_command()
+        };
+        let off = LedgerConfig {
+            audit: false,
+            ..LedgerConfig::default()
+        };
+        assert_eq!(packed(&off), want("", 0));
         // 2026-11-28T00:00Z + 90 days.
-        assert_eq!(exp, 1_795_824_000 + 90 * 86_400);
-        assert_eq!(max, 0);
+        assert_eq!(
+            packed(&LedgerConfig::default()),
+            want("2026-11-27", 1_795_824_000 + 90 * 86_400)
+        );
     }
 }

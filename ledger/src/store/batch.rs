@@ -106,10 +106,10 @@ pub(crate) fn single(op: Op, tenant: &str, item: &Item, cfg: &LedgerConfig) -> S
         Op::Settle => &scripts::SETTLE,
     };
     let mut inv = ScriptCall::new(script);
-    inv.key(keys::holds(tenant))
-        .key(keys::hold(tenant, id))
-        .key(keys::done(tenant, id))
-        .arg(keys::prefix(tenant))
+    inv.key_fmt(keys::holds_of(tenant))
+        .key_fmt(keys::hold_of(tenant, id))
+        .key_fmt(keys::done_of(tenant, id))
+        .arg_fmt(keys::prefix_of(tenant))
         .arg(item.now_ms)
         .arg(cfg.reclaim_batch)
         .arg(id);
@@ -443,13 +443,14 @@ impl Batcher {
             ),
         };
         let mut inv = ScriptCall::new(script);
-        inv.key(keys::holds(tenant));
+        inv.key_fmt(keys::holds_of(tenant));
         for w in &batch {
             let id = w.item.args.str(0);
-            inv.key(keys::hold(tenant, id)).key(keys::done(tenant, id));
+            inv.key_fmt(keys::hold_of(tenant, id))
+                .key_fmt(keys::done_of(tenant, id));
         }
         let now = batch.iter().map(|w| w.item.now_ms).max().unwrap_or(0);
-        inv.arg(keys::prefix(tenant))
+        inv.arg_fmt(keys::prefix_of(tenant))
             .arg(now)
             .arg(cfg.reclaim_batch);
         for h in header {

@@ -68,7 +68,7 @@ pub fn validate_opt(what: &'static str, s: Option<&str>) -> Result<(), Error> {
 /// "llmw:{T}:" — the prefix of every key of tenant `T`; `{T}` is the Redis Cluster hash tag.
 #[must_use]
 pub fn prefix(tenant: &str) -> String {
-    format!("llmw:{{{tenant}}}:")
+    prefix_of(tenant).to_string()
 }
 
 /// The tenant's per-period hash: "llmw:{T}:spend:d:2026-11-27" / "llmw:{T}:spend:m:2026-11".
@@ -91,19 +91,69 @@ pub fn session(tenant: &str, session: &str) -> String {
 /// "llmw:{T}:holds" — ZSET of reservation ids scored by expiry (unix ms).
 #[must_use]
 pub fn holds(tenant: &str) -> String {
-    format!("{}holds", prefix(tenant))
+    holds_of(tenant).to_string()
 }
 
 /// "llmw:{T}:hold:<id>".
 #[must_use]
 pub fn hold(tenant: &str, id: &str) -> String {
-    format!("{}hold:{id}", prefix(tenant))
+    hold_of(tenant, id).to_string()
 }
 
 /// "llmw:{T}:done:<request id>" — settle's idempotency marker.
 #[must_use]
 pub fn done(tenant: &str, request_id: &str) -> String {
-    format!("{}done:{request_id}", prefix(tenant))
+    done_of(tenant, request_id).to_string()
+}
+
+/// A key of tenant `T` written by `Display` where it goes (a script's keys), not into a `String`
+/// of its own: "llmw:{T}:" then `kind` then `id`.
+pub(crate) struct TenantKey<'a> {
+    tenant: &'a str,
+    kind: &'static str,
+    id: &'a str,
+}
+
+impl std::fmt::Display for TenantKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "llmw:{{{}}}:{}{}", self.tenant, self.kind, self.id)
+    }
+}
+
+/// [`prefix`] as a [`TenantKey`].
+pub(crate) fn prefix_of(tenant: &str) -> TenantKey<'_> {
+    TenantKey {
+        tenant,
+        kind: "",
+        id: "",
+    }
+}
+
+/// [`holds`] as a [`TenantKey`].
+pub(crate) fn holds_of(tenant: &str) -> TenantKey<'_> {
+    TenantKey {
+        tenant,
+        kind: "holds",
+        id: "",
+    }
+}
+
+/// [`hold`] as a [`TenantKey`].
+pub(crate) fn hold_of<'a>(tenant: &'a str, id: &'a str) -> TenantKey<'a> {
+    TenantKey {
+        tenant,
+        kind: "hold:",
+        id,
+    }
+}
+
+/// [`done`] as a [`TenantKey`].
+pub(crate) fn done_of<'a>(tenant: &'a str, request_id: &'a str) -> TenantKey<'a> {
+    TenantKey {
+        tenant,
+        kind: "done:",
+        id: request_id,
+    }
 }
 
 /// "llmw:{T}:ev:<event id>" — record's idempotency marker.

@@ -79,6 +79,12 @@ impl Args {
         self
     }
 
+    /// Appends `v` as its `Display` writes it (no intermediate `String`).
+    pub(crate) fn push_fmt(&mut self, v: impl std::fmt::Display) -> &mut Args {
+        self.write_arg_fmt(v);
+        self
+    }
+
     /// Appends every argument of `other`.
     pub(crate) fn append(&mut self, other: &Args) {
         let base = self.data.len();
@@ -171,6 +177,12 @@ impl ScriptCall {
         self
     }
 
+    /// Adds a key written by its `Display` (no intermediate `String`).
+    pub(crate) fn key_fmt(&mut self, key: impl std::fmt::Display) -> &mut ScriptCall {
+        self.keys.write_arg_fmt(key);
+        self
+    }
+
     /// Adds an argument written by its `Display` (no intermediate `String`).
     pub(crate) fn arg_fmt(&mut self, arg: impl std::fmt::Display) -> &mut ScriptCall {
         self.args.write_arg_fmt(arg);
@@ -184,7 +196,7 @@ impl ScriptCall {
     }
 
     /// The EVALSHA command.
-    fn command(&self) -> Cmd {
+    pub(crate) fn command(&self) -> Cmd {
         let n = self.keys.ends.len();
         let mut cmd = Cmd::with_capacity(
             3 + n + self.args.ends.len(),

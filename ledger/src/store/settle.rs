@@ -67,8 +67,8 @@ fn settle_item(s: &Settlement, alerts: Arc<[String]>) -> Item {
     let t = s.tokens;
     let mut args = Args::with_capacity(640, 48);
     args.push(&s.request_id)
-        .push(Period::Day.id(at))
-        .push(Period::Month.id(at))
+        .push_fmt(Period::Day.id_of(at))
+        .push_fmt(Period::Month.id_of(at))
         .push(Period::Day.expire_at(at).timestamp())
         .push(Period::Month.expire_at(at).timestamp())
         .push(s.cost.0)
