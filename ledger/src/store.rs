@@ -369,7 +369,7 @@ impl Ledger {
         );
         inv.arg(if r.bypass { "1" } else { "0" })
             .arg(if r.estimated { "1" } else { "0" });
-        inv.args(&audit::record_fields(r));
+        audit::record_fields(r, inv.args_mut());
         let now = Utc::now();
         let caps = self.alert_caps(&r.tenant, r.feature.as_deref()).await;
         audit::tail(&mut inv, &self.cfg, now, &caps);

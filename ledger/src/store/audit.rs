@@ -75,8 +75,8 @@ fn clean(s: &str) -> String {
     out
 }
 
-/// A record's field, value list under construction; [`Fields::finish`] prefixes the count the
-/// scripts read first.
+/// A record's field, value list under construction; [`Fields::finish`] writes it after the count
+/// the scripts read first.
 struct Fields(Args);
 
 impl Fields {
@@ -115,20 +115,16 @@ impl Fields {
         }
     }
 
-    fn finish(self) -> Args {
-        let mut v = Args::with_capacity(
-            8 + self.0.iter().map(<[u8]>::len).sum::<usize>(),
-            self.0.len() + 1,
-        );
-        v.push(self.0.len());
-        v.append(&self.0);
-        v
+    /// Appends the value count, then the fields, to `out`.
+    fn finish(self, out: &mut Args) {
+        out.push(self.0.len());
+        out.append(&self.0);
     }
 }
 
-/// The record of a settle (count first): the script adds `reversed_nusd` when it replaces an
+/// Appends the record of a settle (count first): the script adds `reversed_nusd` when it replaces an
 /// abandoned hold's estimate.
-pub(crate) fn settle_fields(s: &Settlement) -> Args {
+pub(crate) fn settle_fields(s: &Settlement, out: &mut Args) {
     let m = &s.meta;
     let mut f = Fields::new("settle");
     f.put("path", m.path.as_deref().map_or("enforcer".into(), clean));
@@ -154,11 +150,11 @@ pub(crate) fn settle_fields(s: &Settlement) -> Args {
     );
     f.put("started_ms", ms(s.started_at));
     f.meta(m);
-    f.finish()
+    f.finish(out);
 }
 
-/// The record of an observer record (count first).
-pub(crate) fn record_fields(r: &UsageRecord) -> Args {
+/// Appends the record of an observer record (count first).
+pub(crate) fn record_fields(r: &UsageRecord, out: &mut Args) {
     let m = &r.meta;
     let mut f = Fields::new("record");
     f.put("path", m.path.as_deref().map_or("observer".into(), clean));
@@ -172,13 +168,13 @@ pub(crate) fn record_fields(r: &UsageRecord) -> Args {
     f.put("outcome", m.outcome.as_deref().map_or("ok".into(), clean));
     f.put("started_ms", ms(r.at));
     f.meta(m);
-    f.finish()
+    f.finish(out);
 }
 
-/// The record of an unmetered connection (count first): a provider connection that carried no
+/// Appends the record of an unmetered connection (count first): a provider connection that carried no
 /// call the observer could decode. It adds nothing to spend (`cost_nusd` 0); its bytes are a
 /// rough size of what nobody could price.
-pub(crate) fn unmetered_fields(c: &UnmeteredConn) -> Args {
+pub(crate) fn unmetered_fields(c: &UnmeteredConn, out: &mut Args) {
     let mut f = Fields::new("unmetered");
     f.put("path", "unmetered");
     f.put("request_id", &c.conn_id);
@@ -195,19 +191,19 @@ pub(crate) fn unmetered_fields(c: &UnmeteredConn) -> Args {
     f.put("outcome", "unmetered");
     f.put("latency_ms", c.duration_ms);
     f.put("started_ms", ms(c.started_at));
-    f.finish()
+    f.finish(out);
 }
 
-/// What a denial's record takes from the caller (count first): the path and the provider. The
+/// Appends what a denial's record takes from the caller (count first): the path and the provider. The
 /// scripts add the rest from the reserve's own arguments (lua/common.lua `deny_context`: request
 /// id, tenant, feature, session, model, reserved amount, start) and, when a cap or a rate limit
 /// refuses, the kind, outcome, cost, scope, limit, spent and held. A reserve that is admitted,
 /// the common case, so sends 5 values it does not use instead of about 20.
-pub(crate) fn deny_fields(r: &ReserveRequest) -> Args {
+pub(crate) fn deny_fields(r: &ReserveRequest, out: &mut Args) {
     let mut f = Fields(Args::with_capacity(64, 4));
     f.put("path", "enforcer");
     f.opt("provider", Some(&r.provider));
-    f.finish()
+    f.finish(out);
 }
 
 fn usage(f: &mut Fields, cost: i64, t: super::TokenCounts, estimated: bool, bypass: bool) {

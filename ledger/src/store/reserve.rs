@@ -73,7 +73,7 @@ impl Ledger {
             args.push(&rl.scope).push(rl.rpm).push(rl.tpm);
         }
         args.push(r.tokens);
-        args.append(&super::audit::deny_fields(r));
+        super::audit::deny_fields(r, &mut args);
         Item {
             now_ms: ms(at),
             args,

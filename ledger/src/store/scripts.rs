@@ -189,6 +189,11 @@ impl ScriptCall {
         self
     }
 
+    /// The arguments so far, to append to.
+    pub(crate) fn args_mut(&mut self) -> &mut Args {
+        &mut self.args
+    }
+
     /// Adds every argument of `args`, in order.
     pub(crate) fn args(&mut self, args: &Args) -> &mut ScriptCall {
         self.args.append(args);

@@ -80,7 +80,7 @@ fn settle_item(s: &Settlement, alerts: Arc<[String]>) -> Item {
         .push(s.feature.as_deref().unwrap_or(""))
         .push(s.session.as_deref().unwrap_or(""))
         .push(if s.estimated { "1" } else { "0" });
-    args.append(&super::audit::settle_fields(s));
+    super::audit::settle_fields(s, &mut args);
     Item {
         now_ms: ms(Utc::now()),
         args,

@@ -140,7 +140,7 @@ impl Ledger {
             .arg(c.bytes_in)
             .arg(ms(at))
             .arg(keys::prefix(&c.tenant));
-        inv.args(&super::audit::unmetered_fields(c));
+        super::audit::unmetered_fields(c, inv.args_mut());
         let now = chrono::Utc::now();
         super::audit::tail(&mut inv, &self.cfg, now, &[]);
         let reply: String = self
