@@ -97,28 +97,21 @@ impl EventScan {
 
 /// Whether one SSE event is a usage-only chat chunk.
 fn is_usage_only(event: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(event) else {
-        return false;
-    };
-    if !text.contains("\"usage\"") {
-        return false;
-    }
-    // Lines end with CR, LF or CRLF; the empty piece a CRLF leaves is not a data line. The
-    // usual event has one data line, read in place; several are joined as SSE says.
-    let mut lines = text
-        .split(['\r', '\n'])
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.strip_prefix(' ').unwrap_or(d));
-    let first = lines.next().unwrap_or("");
-    let joined: String;
-    let data = match lines.next() {
-        None => first,
-        Some(second) => {
-            joined = [first, second]
-                .into_iter()
-                .chain(lines)
+    let joined: Vec<u8>;
+    let data = match single_data_line(event) {
+        Some(data) => data,
+        None => {
+            // Lines end with CR, LF or CRLF; the empty piece a CRLF leaves is not a data line.
+            // Several data lines are joined as SSE says.
+            if std::str::from_utf8(event).is_err() {
+                return false;
+            }
+            joined = event
+                .split(|&b| b == b'\r' || b == b'\n')
+                .filter_map(|l| l.strip_prefix(b"data:"))
+                .map(|d| d.strip_prefix(b" ").unwrap_or(d))
                 .collect::<Vec<_>>()
-                .join("\n");
+                .join(&b'\n');
             &joined
         }
     };
@@ -127,7 +120,7 @@ fn is_usage_only(event: &[u8]) -> bool {
     if !has_empty_choices(data) {
         return false;
     }
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
         return false;
     };
     v.get("choices")
@@ -136,26 +129,48 @@ fn is_usage_only(event: &[u8]) -> bool {
         && v.get("usage").is_some_and(serde_json::Value::is_object)
 }
 
-/// Whether `json` has a `"choices"` member whose value is an empty array (JSON whitespace
+/// The data of an event that is one `data:` line and its line ends (the usual event), read in
+/// place; `None` for any other event.
+fn single_data_line(event: &[u8]) -> Option<&[u8]> {
+    let end = memchr::memchr2(b'\n', b'\r', event).unwrap_or(event.len());
+    if !event[end..].iter().all(|&b| b == b'\n' || b == b'\r') {
+        return None;
+    }
+    let data = event[..end].strip_prefix(b"data:")?;
+    Some(data.strip_prefix(b" ").unwrap_or(data))
+}
+
+/// Whether `event` has a `"choices"` member whose value is an empty array (JSON whitespace
 /// allowed around the colon and inside the brackets). A cheap necessary condition for
 /// [`is_usage_only`]; the parse that follows decides.
-fn has_empty_choices(json: &str) -> bool {
-    let ws = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r');
-    json.match_indices("\"choices\"").any(|(i, key)| {
-        json[i + key.len()..]
-            .trim_start_matches(ws)
-            .strip_prefix(':')
-            .map(|v| v.trim_start_matches(ws))
-            .and_then(|v| v.strip_prefix('['))
-            .is_some_and(|v| v.trim_start_matches(ws).starts_with(']'))
+fn has_empty_choices(json: &[u8]) -> bool {
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let skip_ws = |s: &[u8]| -> usize { s.iter().position(|b| !ws(b)).unwrap_or(s.len()) };
+    memchr::memmem::find_iter(json, b"\"choices\"").any(|i| {
+        let mut rest = &json[i + b"\"choices\"".len()..];
+        rest = &rest[skip_ws(rest)..];
+        let Some(rest) = rest.strip_prefix(b":") else {
+            return false;
+        };
+        let rest = &rest[skip_ws(rest)..];
+        let Some(rest) = rest.strip_prefix(b"[") else {
+            return false;
+        };
+        rest[skip_ws(rest)..].starts_with(b"]")
     })
 }
 
 impl UsageChunkFilter {
     /// Takes a chunk; returns the bytes of every complete event except usage-only ones.
-    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+    ///
+    /// A chunk that starts at an event boundary and holds no usage-only event comes back as a
+    /// slice of itself (no copy): the usual case, where the upstream writes one event per frame.
+    pub fn push(&mut self, chunk: &Bytes) -> Bytes {
         if self.passthrough {
-            return Bytes::copy_from_slice(chunk);
+            return chunk.clone();
+        }
+        if self.pending.is_empty() {
+            return self.push_at_boundary(chunk);
         }
         self.pending.extend_from_slice(chunk);
         let mut out = BytesMut::new();
@@ -170,18 +185,63 @@ impl UsageChunkFilter {
                 }
                 ScanResult::NeedMore => return out.freeze(),
                 ScanResult::TooLong => {
-                    tracing::debug!(
-                        limit = MAX_EVENT_BYTES,
-                        "SSE event without a blank line past the limit: the rest of the stream \
-                         passes unfiltered"
-                    );
-                    self.passthrough = true;
+                    self.too_long();
                     out.extend_from_slice(&self.pending.split());
                     self.pending = BytesMut::new();
                     return out.freeze();
                 }
             }
         }
+    }
+
+    /// [`Self::push`] when no event is pending: events are scanned in `chunk` itself, and only
+    /// a cut (or an unterminated tail, which is kept) copies bytes.
+    fn push_at_boundary(&mut self, chunk: &Bytes) -> Bytes {
+        // The chunk's bytes before `start` are complete events; `cut` holds those kept once an
+        // event was cut out.
+        let mut start = 0;
+        let mut cut: Option<BytesMut> = None;
+        loop {
+            let rest = &chunk[start..];
+            match self.scan.advance(rest) {
+                ScanResult::End(len) => {
+                    self.scan = EventScan::default();
+                    let event = &rest[..len];
+                    if is_usage_only(event) {
+                        cut.get_or_insert_with(|| BytesMut::from(&chunk[..start]));
+                    } else if let Some(kept) = cut.as_mut() {
+                        kept.extend_from_slice(event);
+                    }
+                    start += len;
+                }
+                ScanResult::NeedMore => {
+                    self.pending.extend_from_slice(rest);
+                    break;
+                }
+                ScanResult::TooLong => {
+                    self.too_long();
+                    if let Some(kept) = cut.as_mut() {
+                        kept.extend_from_slice(rest);
+                    }
+                    start = chunk.len();
+                    break;
+                }
+            }
+        }
+        match cut {
+            Some(kept) => kept.freeze(),
+            None => chunk.slice(..start),
+        }
+    }
+
+    /// An event outgrew [`MAX_EVENT_BYTES`]: the filter passes everything from now on.
+    fn too_long(&mut self) {
+        tracing::debug!(
+            limit = MAX_EVENT_BYTES,
+            "SSE event without a blank line past the limit: the rest of the stream passes \
+             unfiltered"
+        );
+        self.passthrough = true;
     }
 
     /// The unterminated tail at end of stream, unchanged.
@@ -223,6 +283,11 @@ pub fn inject_include_usage(body: &[u8]) -> Result<Bytes, ProxyError> {
 mod tests {
     use super::*;
 
+    /// Pushes `chunk` as the meter does: as a frame of its own.
+    fn push(f: &mut UsageChunkFilter, chunk: &[u8]) -> Bytes {
+        f.push(&Bytes::copy_from_slice(chunk))
+    }
+
     #[test]
     fn cuts_only_the_usage_chunk() {
         let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
@@ -231,8 +296,8 @@ mod tests {
         for split in 1..stream.len() {
             let mut f = UsageChunkFilter::default();
             let mut out = Vec::new();
-            out.extend_from_slice(&f.push(&stream.as_bytes()[..split]));
-            out.extend_from_slice(&f.push(&stream.as_bytes()[split..]));
+            out.extend_from_slice(&push(&mut f, &stream.as_bytes()[..split]));
+            out.extend_from_slice(&push(&mut f, &stream.as_bytes()[split..]));
             out.extend_from_slice(&f.finish());
             assert_eq!(
                 String::from_utf8(out).unwrap(),
@@ -242,7 +307,7 @@ mod tests {
         }
         let mut f = UsageChunkFilter::default();
         let crlf = "data: {\"choices\":[],\"usage\":{}}\r\n\r\ndata: x\r\n\r\n";
-        assert_eq!(&f.push(crlf.as_bytes())[..], b"data: x\r\n\r\n");
+        assert_eq!(&push(&mut f, crlf.as_bytes())[..], b"data: x\r\n\r\n");
         // A usage-only chunk over several data lines (joined with LF) is cut too; a content
         // chunk over several lines, and one whose empty choices only appear once joined, pass
         // or are cut by the joined text alike.
@@ -250,7 +315,7 @@ mod tests {
         let multi = "data: {\"choices\":\ndata: [],\"usage\":{}}\n\n\
                      data: {\"choices\":[{\"text\":\"a\"}],\ndata: \"usage\":null}\n\n";
         assert_eq!(
-            &f.push(multi.as_bytes())[..],
+            &push(&mut f, multi.as_bytes())[..],
             b"data: {\"choices\":[{\"text\":\"a\"}],\ndata: \"usage\":null}\n\n"
         );
     }
@@ -264,7 +329,7 @@ mod tests {
             "{\"choices\":\n[\r\n]}",
             r#"{"a":{"choices":[1]},"choices":[]}"#,
         ] {
-            assert!(has_empty_choices(yes), "{yes}");
+            assert!(has_empty_choices(yes.as_bytes()), "{yes}");
         }
         for no in [
             r#"{"choices":[{"delta":{}}],"usage":null}"#,
@@ -272,21 +337,47 @@ mod tests {
             r#"{"choices":null}"#,
             r#"{"x":"\"choices\"","choices":[0]}"#,
         ] {
-            assert!(!has_empty_choices(no), "{no}");
+            assert!(!has_empty_choices(no.as_bytes()), "{no}");
         }
         // Every chunk of an include_usage stream names "usage"; only the last one is cut.
         let mut f = UsageChunkFilter::default();
         let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
-        assert_eq!(&f.push(chunk.as_bytes())[..], chunk.as_bytes());
+        assert_eq!(&push(&mut f, chunk.as_bytes())[..], chunk.as_bytes());
         let usage = "data: {\"choices\": [ ],\"usage\":{\"prompt_tokens\":1}}\n\n";
-        assert!(f.push(usage.as_bytes()).is_empty());
+        assert!(push(&mut f, usage.as_bytes()).is_empty());
+    }
+
+    #[test]
+    fn whole_events_pass_without_a_copy() {
+        let mut f = UsageChunkFilter::default();
+        let events = Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: [DONE]\n\n",
+        );
+        let out = f.push(&events);
+        assert_eq!((out.as_ptr(), out.len()), (events.as_ptr(), events.len()));
+        // An unterminated tail is kept back; the events before it still pass in place.
+        let two = Bytes::from_static(b"data: a\n\ndata: b");
+        let out = f.push(&two);
+        assert_eq!(out.as_ptr(), two.as_ptr());
+        assert_eq!(&out[..], b"data: a\n\n");
+        assert_eq!(&f.finish()[..], b"data: b");
+        // A usage-only event between others is cut from a chunk that holds all three.
+        let three = Bytes::from_static(
+            b"data: a\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n",
+        );
+        assert_eq!(&f.push(&three)[..], b"data: a\n\ndata: [DONE]\n\n");
+        // Data split over two lines is joined before the check.
+        let split = Bytes::from_static(
+            b"data: {\"choices\":\ndata: [],\"usage\":{\"prompt_tokens\":1}}\n\ndata: b\n\n",
+        );
+        assert_eq!(&f.push(&split)[..], b"data: b\n\n");
     }
 
     fn filtered(stream: &[u8], size: usize) -> Vec<u8> {
         let mut f = UsageChunkFilter::default();
         let mut out = Vec::new();
         for chunk in stream.chunks(size) {
-            out.extend_from_slice(&f.push(chunk));
+            out.extend_from_slice(&push(&mut f, chunk));
         }
         out.extend_from_slice(&f.finish());
         out
@@ -301,7 +392,7 @@ mod tests {
         stream.resize(128 * 1024, b'a');
         let mut f = UsageChunkFilter::default();
         for &b in &stream {
-            assert!(f.push(&[b]).is_empty(), "no event is complete yet");
+            assert!(push(&mut f, &[b]).is_empty(), "no event is complete yet");
         }
         assert_eq!(f.scan.pos, stream.len(), "the scan kept up with the input");
         assert!(f.scan.in_line);
@@ -312,7 +403,7 @@ mod tests {
         let mut f = UsageChunkFilter::default();
         let mut out = Vec::new();
         for &b in stream.iter().chain(b"\n\n").chain(usage) {
-            out.extend_from_slice(&f.push(&[b]));
+            out.extend_from_slice(&push(&mut f, &[b]));
         }
         assert_eq!(out.len(), stream.len() + 2);
         assert!(f.finish().is_empty());
@@ -330,7 +421,7 @@ mod tests {
             let mut f = UsageChunkFilter::default();
             let mut out = Vec::new();
             for chunk in stream.as_bytes().chunks(size) {
-                out.extend_from_slice(&f.push(chunk));
+                out.extend_from_slice(&push(&mut f, chunk));
                 assert!(
                     f.pending.len() <= MAX_EVENT_BYTES + size,
                     "held bytes are bounded"
@@ -392,8 +483,8 @@ mod tests {
             for split in 0..=stream.len() {
                 let mut f = UsageChunkFilter::default();
                 let mut out = Vec::new();
-                out.extend_from_slice(&f.push(&stream.as_bytes()[..split]));
-                out.extend_from_slice(&f.push(&stream.as_bytes()[split..]));
+                out.extend_from_slice(&push(&mut f, &stream.as_bytes()[..split]));
+                out.extend_from_slice(&push(&mut f, &stream.as_bytes()[split..]));
                 out.extend_from_slice(&f.finish());
                 assert_eq!(
                     String::from_utf8(out).unwrap(),

@@ -13,7 +13,7 @@ fn filter(chunks: &[&[u8]]) -> Vec<u8> {
     let mut f = UsageChunkFilter::default();
     let mut out = Vec::new();
     for chunk in chunks {
-        out.extend_from_slice(&f.push(chunk));
+        out.extend_from_slice(&f.push(&bytes::Bytes::copy_from_slice(chunk)));
     }
     out.extend_from_slice(&f.finish());
     out
