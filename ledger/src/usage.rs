@@ -16,6 +16,7 @@ use crate::provider::{Api, Endpoint};
 
 mod anthropic;
 mod body_scan;
+mod chat_chunk;
 mod gemini;
 mod json_array;
 mod openai;

@@ -8,11 +8,17 @@ use super::{Usage, count, type_name};
 
 /// The usage of a chat/completions body or chunk: `usage`, or Groq's `x_groq.usage`.
 pub(super) fn chat_usage_of(obj: &Map<String, Value>) -> Result<Option<Usage>, String> {
-    let usage = obj.get("usage").filter(|v| !v.is_null()).or_else(|| {
-        obj.get("x_groq")
-            .and_then(|x| x.get("usage"))
-            .filter(|v| !v.is_null())
-    });
+    chat_usage_in(obj.get("usage"), obj.get("x_groq"))
+}
+
+/// [`chat_usage_of`] from a chunk's `usage` and `x_groq` members.
+pub(super) fn chat_usage_in(
+    usage: Option<&Value>,
+    x_groq: Option<&Value>,
+) -> Result<Option<Usage>, String> {
+    let usage = usage
+        .filter(|v| !v.is_null())
+        .or_else(|| x_groq.and_then(|x| x.get("usage")).filter(|v| !v.is_null()));
     chat_usage(usage)
 }
 
@@ -98,10 +104,8 @@ fn object(usage: Option<&Value>) -> Result<Option<&Value>, String> {
     }
 }
 
-/// The top-level members [`on_chat_chunk`] reads (through [`chat_usage_of`] too).
-pub(super) const CHUNK_KEYS: [&str; 4] = ["model", "usage", "x_groq", "choices"];
-
-/// One chat/completions stream chunk: the usage record (last wins, never added) and the
+/// One chat/completions stream chunk, built whole (tests compare [`super::chat_chunk`], which
+/// meters streams, with it): the usage record (last wins, never added) and the
 /// delivered text of content, reasoning, refusal and tool-call argument deltas.
 pub(super) fn on_chat_chunk(state: &mut StreamState, value: &Value) {
     let Some(obj) = value.as_object() else {

@@ -277,13 +277,15 @@ impl StreamMeter {
         if data.is_empty() {
             return;
         }
-        let parsed = match self.endpoint.api {
-            // A chat chunk's id, object, created and fingerprint are never read: not built.
-            Api::ChatCompletions | Api::Completions if !whole_chunks() => {
-                super::sparse::object(data.as_bytes(), &super::openai::CHUNK_KEYS)
+        if matches!(self.endpoint.api, Api::ChatCompletions | Api::Completions) && !whole_chunks() {
+            // Only what metering reads is taken, its texts borrowed from `data`.
+            match super::chat_chunk::parse(data.as_bytes()) {
+                Ok(Some(chunk)) => super::chat_chunk::apply(&mut self.state, &chunk),
+                Ok(None) | Err(_) => self.state.errors += 1,
             }
-            _ => serde_json::from_str::<Value>(data),
-        };
+            return;
+        }
+        let parsed = serde_json::from_str::<Value>(data);
         match parsed {
             Ok(value) => self.on_value(&value),
             Err(_) => self.state.errors += 1,

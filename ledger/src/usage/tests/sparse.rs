@@ -161,7 +161,14 @@ fn chunk(part: (usize, usize, usize, bool)) -> String {
         r#"{"delta":{"content":[{"type":"text","text":"parts"}]}}"#,
         r#"{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":1}"}}]}}"#,
         r#"{"delta":{}}"#,
-    ][content % 6];
+        // Wrong types read as absent; the last of repeated names wins.
+        r#"{"delta":{"content":7,"refusal":["x",{"text":5},{"text":"ok"}],"tool_calls":{"a":1}}}"#,
+        r#"{"delta":"text","text":["no"]}"#,
+        r#"{"delta":{"content":"first","content":"second"},"delta":{"content":"third"}}"#,
+        r#"{"delta":{"tool_calls":[7,{"function":"f"},{"function":{"name":"n","arguments":"{}"}}],"function_call":{"name":"g","arguments":null}}}"#,
+        r#"{"delta":{"content":"esc\u00e9\n\"q\""},"text":"t"}"#,
+        "7",
+    ][content % 12];
     let usage = [
         "null",
         r#"{"prompt_tokens":12,"completion_tokens":30}"#,
@@ -172,7 +179,10 @@ fn chunk(part: (usize, usize, usize, bool)) -> String {
         r#""x_groq":{"usage":{"prompt_tokens":3,"completion_tokens":4}},"#,
         r#""model":"gpt-4o-mini","system_fingerprint":"fp","#,
         "",
-    ][extra % 4];
+        r#""model":5,"choices":{"not":"an array"},"#,
+        r#""model":"gpt-4o","model":"gpt-4o-mini","usage":{"prompt_tokens":1},"#,
+        r#""x_groq":"odd","model":null,"#,
+    ][extra % 7];
     let body = format!(r#"{{{extra}"choices":[{content}],"usage":{usage}}}"#);
     if broken {
         body[..body.len() / 2].to_owned()
@@ -186,21 +196,53 @@ proptest! {
     /// text estimate as with the whole tree.
     #[test]
     fn chat_streams_meter_as_with_the_whole_tree(
-        parts in prop::collection::vec((0usize..6, 0usize..3, 0usize..4, prop::bool::weighted(0.1)), 0..12),
+        parts in prop::collection::vec((0usize..12, 0usize..3, 0usize..7, prop::bool::weighted(0.1)), 0..12),
         done in any::<bool>(),
     ) {
         let mut sse: String = parts.iter().map(|p| format!("data: {}\n\n", chunk(*p))).collect();
         if done {
             sse.push_str("data: [DONE]\n\n");
         }
-        let meter = |whole: bool| {
-            crate::usage::stream::WHOLE_CHUNKS.with(|w| w.set(whole));
-            let mut m = StreamMeter::new(&chat());
-            m.feed(sse.as_bytes());
-            let meta = m.finish();
-            crate::usage::stream::WHOLE_CHUNKS.with(|w| w.set(false));
-            meta
-        };
-        prop_assert_eq!(meter(false), meter(true));
+        prop_assert_eq!(meter_chat(&sse, false), meter_chat(&sse, true));
     }
+}
+
+/// A chat stream's model, usage and parse errors, its chunks read lean or (`whole`) as trees.
+fn meter_chat(sse: &str, whole: bool) -> (ResponseMeta, u64) {
+    crate::usage::stream::WHOLE_CHUNKS.with(|w| w.set(whole));
+    let mut m = StreamMeter::new(&chat());
+    m.feed(sse.as_bytes());
+    let errors = m.parse_errors();
+    let meta = m.finish();
+    crate::usage::stream::WHOLE_CHUNKS.with(|w| w.set(false));
+    (meta, errors)
+}
+
+/// Chunks that are not objects, whose last `choices` is no array, or that end in trailing
+/// bytes count as errors or read as empty the same way both ways.
+#[test]
+fn odd_chat_chunks_meter_as_with_the_whole_tree() {
+    for event in [
+        "[1,2]",
+        "\"text\"",
+        "null",
+        r#"{"choices":[{"delta":{"content":"a"}}],"choices":{"0":{"delta":{"content":"b"}}}}"#,
+        r#"{"choices":[{"delta":{"content":"a"}}]} x"#,
+        r#"{"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":-1}}"#,
+        r#"{"choices":[{"delta":{"content":"caf\u00e9 \ud83d\ude00"}}],"model":"gpt-4o"}"#,
+        r#"{"choices":[{"delta":{"content":"a"}}],"x":[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]}"#,
+    ] {
+        let sse = format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"hello\"}}}}]}}\n\ndata: {event}\n\n"
+        );
+        let (lean, whole) = (meter_chat(&sse, false), meter_chat(&sse, true));
+        assert_eq!(lean, whole, "{event}");
+    }
+    // Counted as errors: the three non-objects and the trailing bytes, both ways.
+    let sse: String = ["[1,2]", "\"text\"", "null", "{} x"]
+        .iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect();
+    assert_eq!(meter_chat(&sse, false).1, 4);
+    assert_eq!(meter_chat(&sse, true).1, 4);
 }
