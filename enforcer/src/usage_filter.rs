@@ -259,9 +259,35 @@ impl UsageChunkFilter {
 /// Adds `stream_options.include_usage = true` to an OpenAI chat request (the enforcer then
 /// strips the extra usage event with [`UsageChunkFilter`]).
 ///
+/// A body without a top-level `stream_options` (the usual case: the enforcer injects only where
+/// the client did not ask for usage) keeps its bytes: the member is written before the closing
+/// brace, with no parse into a tree and no re-serialisation. A body that has one is rewritten
+/// whole, keeping that object's other members.
+///
 /// # Errors
 /// [`ProxyError::BadBody`] when the body is not a JSON object.
 pub fn inject_include_usage(body: &[u8]) -> Result<Bytes, ProxyError> {
+    if !has_stream_options(body)? {
+        // A valid object ends with its closing brace, then only whitespace.
+        let end = body
+            .iter()
+            .rposition(|&b| b == b'}')
+            .ok_or_else(|| ProxyError::BadBody("the body is not a JSON object".into()))?;
+        let empty = body[..end]
+            .iter()
+            .rev()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b == b'{');
+        let member: &[u8] = br#""stream_options":{"include_usage":true}"#;
+        let mut out = Vec::with_capacity(body.len() + member.len() + 1);
+        out.extend_from_slice(&body[..end]);
+        if !empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(member);
+        out.extend_from_slice(&body[end..]);
+        return Ok(Bytes::from(out));
+    }
     let mut v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| ProxyError::BadBody(e.to_string()))?;
     let obj = v
@@ -277,6 +303,81 @@ pub fn inject_include_usage(body: &[u8]) -> Result<Bytes, ProxyError> {
     Ok(Bytes::from(
         serde_json::to_vec(&v).map_err(|e| ProxyError::BadBody(e.to_string()))?,
     ))
+}
+
+/// Whether `body`, a JSON object, has a top-level `stream_options` member. Every value is
+/// checked for syntax and skipped without being built.
+///
+/// # Errors
+/// [`ProxyError::BadBody`] when the body is not JSON or not an object.
+fn has_stream_options(body: &[u8]) -> Result<bool, ProxyError> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+    /// Whether a member name is `stream_options` (escapes resolved).
+    struct IsStreamOptions(bool);
+    impl<'de> serde::Deserialize<'de> for IsStreamOptions {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = IsStreamOptions;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a member name")
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IsStreamOptions, E> {
+                    Ok(IsStreamOptions(v == "stream_options"))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    /// `Some(found)` for an object, `None` for any other value.
+    struct Top;
+    impl<'de> Visitor<'de> for Top {
+        type Value = Option<bool>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<bool>, A::Error> {
+            let mut found = false;
+            while let Some(IsStreamOptions(is)) = map.next_key()? {
+                map.next_value::<IgnoredAny>()?;
+                found |= is;
+            }
+            Ok(Some(found))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Option<bool>, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Option<bool>, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Option<bool>, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Option<bool>, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Option<bool>, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Option<bool>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Option<bool>, E> {
+            Ok(None)
+        }
+    }
+
+    let bad = |e: serde_json::Error| ProxyError::BadBody(e.to_string());
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let found = (&mut de).deserialize_any(Top).map_err(bad)?;
+    de.end().map_err(bad)?;
+    found.ok_or_else(|| ProxyError::BadBody("the body is not a JSON object".into()))
 }
 
 #[cfg(test)]
@@ -506,5 +607,49 @@ mod tests {
         let b = inject_include_usage(br#"{"model":"m","stream":true}"#).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
+        // Present but not an object, or with include_usage false: set to true.
+        for body in [
+            r#"{"stream":true,"stream_options":null}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+            r#"{"stream":true,"stream\u005foptions":{"include_usage":false}}"#,
+        ] {
+            let v: serde_json::Value =
+                serde_json::from_slice(&inject_include_usage(body.as_bytes()).unwrap()).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], true, "{body}");
+        }
+    }
+
+    #[test]
+    fn injection_keeps_the_client_bytes() {
+        for (body, want) in [
+            (
+                "{\"stream\":true, \"b\":1.50,\"a\":[1, 2]}\n",
+                "{\"stream\":true, \"b\":1.50,\"a\":[1, 2],\"stream_options\":{\"include_usage\":true}}\n",
+            ),
+            ("{ }", "{ \"stream_options\":{\"include_usage\":true}}"),
+            (
+                "{\"s\":\"}\" }  ",
+                "{\"s\":\"}\" ,\"stream_options\":{\"include_usage\":true}}  ",
+            ),
+            // A brace inside a string value is not the object's end.
+            (
+                "{\"x\":{\"stream_options\":1}}",
+                "{\"x\":{\"stream_options\":1},\"stream_options\":{\"include_usage\":true}}",
+            ),
+        ] {
+            let out = inject_include_usage(body.as_bytes()).unwrap();
+            assert_eq!(std::str::from_utf8(&out).unwrap(), want);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], true);
+        }
+        for bad in ["[1]", "\"s\"", "{\"a\":1", "{\"a\":1} x", "", "{\"a\":1}}"] {
+            assert!(
+                matches!(
+                    inject_include_usage(bad.as_bytes()),
+                    Err(ProxyError::BadBody(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }
