@@ -21,7 +21,7 @@ pub use money::Nanos;
 pub use price::{Cost, LoadReport, ModelPrice, PriceTable, TierPrice};
 pub use provider::{Api, Endpoint, ProviderDetector, ProviderKind, classify};
 pub use request::{RequestInfo, parse_request};
-pub use sse::{SseEvent, SseParser};
+pub use sse::{SseEvent, SseEventRef, SseParser};
 pub use store::{
     Budget, Cap, CapScope, Denial, Ledger, LedgerConfig, Period, RecordOutcome, Reservation,
     ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, Source, TenantSpend, TokenCounts,

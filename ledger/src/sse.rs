@@ -19,6 +19,30 @@ pub struct SseEvent {
     pub id: Option<String>,
 }
 
+/// An event lent by [`SseParser::feed_each`], valid while the callback runs: the parser keeps its
+/// buffers for the next event instead of handing them over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseEventRef<'a> {
+    /// The `event:` field, `None` for the default type ("message").
+    pub event: Option<&'a str>,
+    /// The `data:` lines joined with `"\n"`.
+    pub data: &'a str,
+    /// The last event id seen on the stream.
+    pub id: Option<&'a str>,
+}
+
+impl SseEventRef<'_> {
+    /// An owned copy.
+    #[must_use]
+    pub fn to_event(&self) -> SseEvent {
+        SseEvent {
+            event: self.event.map(str::to_owned),
+            data: self.data.to_owned(),
+            id: self.id.map(str::to_owned),
+        }
+    }
+}
+
 /// WHATWG event-stream parser: LF / CR / CRLF line ends, comments, multi-line data, split anywhere.
 #[derive(Debug, Clone)]
 pub struct SseParser {
@@ -93,6 +117,12 @@ impl SseParser {
 
     /// Feeds a chunk; every event completed by it is appended to `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
+        self.feed_each(chunk, |e| out.push(e.to_event()));
+    }
+
+    /// Feeds a chunk; every event completed by it is lent to `on_event`, in order, without a
+    /// copy of its data.
+    pub fn feed_each(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEventRef<'_>)) {
         let mut rest = chunk;
         // An empty chunk must not forget a pending CR.
         if self.after_cr && !rest.is_empty() {
@@ -105,7 +135,7 @@ impl SseParser {
             match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
                 Some(pos) => {
                     self.push_bytes(&rest[..pos]);
-                    self.end_line(out);
+                    self.end_line(&mut on_event);
                     if rest[pos] == b'\r' {
                         match rest.get(pos + 1) {
                             Some(b'\n') => rest = &rest[pos + 2..],
@@ -167,7 +197,7 @@ impl SseParser {
         self.line.extend_from_slice(bytes);
     }
 
-    fn end_line(&mut self, out: &mut Vec<SseEvent>) {
+    fn end_line(&mut self, on_event: &mut impl FnMut(SseEventRef<'_>)) {
         if self.discarding {
             // The oversized line is gone; the event it belonged to is incomplete, drop it too.
             self.discarding = false;
@@ -178,10 +208,18 @@ impl SseParser {
         let line = std::mem::take(&mut self.line);
         if line.is_empty() {
             self.at_start = false;
-            if let Some(event) = self.build_event() {
-                out.push(event);
+            if self.has_data && !self.data_overflow {
+                on_event(SseEventRef {
+                    event: (!self.event_type.is_empty()).then_some(self.event_type.as_str()),
+                    data: &self.data,
+                    id: self.last_id.as_deref(),
+                });
             }
             self.reset_event();
+            // Reuse the data buffer unless it grew large.
+            if self.data.capacity() > 64 * 1024 {
+                self.data = String::new();
+            }
         } else {
             self.process_line(&line);
         }

@@ -194,3 +194,29 @@ fn byte_at_a_time_equals_whole() {
     let bytes: Vec<&[u8]> = MIXED.chunks(1).collect();
     assert_eq!(parse_all(&bytes), whole);
 }
+
+/// Events lent one by one carry what the owned events carry, whatever the chunking, while the
+/// parser reuses its data buffer between them.
+#[test]
+fn lent_events_equal_owned_ones() {
+    let stream: &[u8] = b"id: 7\nevent: delta\ndata: {\"a\":\ndata: 1}\n\n: comment\ndata: two\n\n\
+        event: stop\ndata: \xFF\r\n\r\ndata: last\r\r";
+    let owned = parse_all(&[stream]);
+    assert_eq!(
+        owned,
+        [
+            ev(Some("delta"), "{\"a\":\n1}", Some("7")),
+            ev(None, "two", Some("7")),
+            ev(Some("stop"), "\u{FFFD}", Some("7")),
+            ev(None, "last", Some("7")),
+        ]
+    );
+    for split in 0..=stream.len() {
+        let mut parser = SseParser::new();
+        let mut lent = Vec::new();
+        for chunk in [&stream[..split], &stream[split..]] {
+            parser.feed_each(chunk, |e| lent.push(e.to_event()));
+        }
+        assert_eq!(lent, owned, "split at {split}");
+    }
+}

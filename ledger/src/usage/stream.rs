@@ -11,7 +11,7 @@ use super::json_array::JsonArraySplitter;
 use super::tokens::{self, Encoding, TextCounter};
 use super::{ResponseMeta, Usage, gemini, openai, parse_response};
 use crate::provider::{Api, Endpoint, ProviderKind};
-use crate::sse::{DEFAULT_MAX_LINE_BYTES, SseEvent, SseParser};
+use crate::sse::{DEFAULT_MAX_LINE_BYTES, SseParser};
 
 /// A plain JSON body is buffered up to this size; beyond it only [`BODY_EDGE`] bytes at each end
 /// are kept, and usage and model are searched there (OpenAI and Gemini put usage at the end).
@@ -150,7 +150,7 @@ impl Preamble {
 #[derive(Debug)]
 enum Framing {
     Undecided(Preamble),
-    Sse(SseParser, Vec<SseEvent>),
+    Sse(SseParser),
     Array(JsonArraySplitter),
     Body {
         head: Vec<u8>,
@@ -210,9 +210,9 @@ impl StreamMeter {
                     overflow: false,
                 },
                 b'[' => Framing::Array(JsonArraySplitter::new(DEFAULT_MAX_LINE_BYTES)),
-                _ => Framing::Sse(SseParser::new(), Vec::new()),
+                _ => Framing::Sse(SseParser::new()),
             };
-            if let Framing::Sse(..) = self.framing {
+            if let Framing::Sse(_) = self.framing {
                 self.feed_framed(replay);
             }
             chunk = &chunk[first..];
@@ -223,15 +223,15 @@ impl StreamMeter {
     fn feed_framed(&mut self, chunk: &[u8]) {
         match &mut self.framing {
             Framing::Undecided(_) => {}
-            Framing::Sse(parser, events) => {
-                parser.feed(chunk, events);
-                let mut batch = std::mem::take(events);
-                for event in batch.drain(..) {
-                    self.on_data(&event.data);
+            Framing::Sse(_) => {
+                // The parser lends each event while the meter reads it: taken out of `self`
+                // for the call, then put back.
+                let mut framing =
+                    std::mem::replace(&mut self.framing, Framing::Undecided(Preamble::default()));
+                if let Framing::Sse(parser) = &mut framing {
+                    parser.feed_each(chunk, |event| self.on_data(event.data));
                 }
-                if let Framing::Sse(_, events) = &mut self.framing {
-                    *events = batch;
-                }
+                self.framing = framing;
             }
             Framing::Array(splitter) => {
                 let mut elements = Vec::new();
@@ -348,7 +348,7 @@ impl StreamMeter {
     #[must_use]
     pub fn parse_errors(&self) -> u64 {
         let framing = match &self.framing {
-            Framing::Sse(parser, _) => parser.dropped() + parser.invalid_utf8_lines(),
+            Framing::Sse(parser) => parser.dropped() + parser.invalid_utf8_lines(),
             Framing::Array(splitter) => splitter.errors(),
             Framing::Undecided(_) | Framing::Body { .. } => 0,
         };
@@ -364,7 +364,7 @@ impl StreamMeter {
     #[must_use]
     pub fn finish(mut self) -> ResponseMeta {
         match std::mem::replace(&mut self.framing, Framing::Undecided(Preamble::default())) {
-            Framing::Sse(mut parser, _) => {
+            Framing::Sse(mut parser) => {
                 if let Some(event) = parser.take_unterminated() {
                     self.on_data(&event.data);
                 }
