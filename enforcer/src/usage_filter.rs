@@ -305,79 +305,17 @@ pub fn inject_include_usage(body: &[u8]) -> Result<Bytes, ProxyError> {
     ))
 }
 
-/// Whether `body`, a JSON object, has a top-level `stream_options` member. Every value is
-/// checked for syntax and skipped without being built.
+/// Whether `body`, a JSON object, has a top-level `stream_options` member. Every other member
+/// is checked for syntax and skipped without being built.
 ///
 /// # Errors
 /// [`ProxyError::BadBody`] when the body is not JSON or not an object.
 fn has_stream_options(body: &[u8]) -> Result<bool, ProxyError> {
-    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
-
-    /// Whether a member name is `stream_options` (escapes resolved).
-    struct IsStreamOptions(bool);
-    impl<'de> serde::Deserialize<'de> for IsStreamOptions {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl Visitor<'_> for V {
-                type Value = IsStreamOptions;
-                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                    f.write_str("a member name")
-                }
-                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IsStreamOptions, E> {
-                    Ok(IsStreamOptions(v == "stream_options"))
-                }
-            }
-            d.deserialize_str(V)
-        }
+    match ledger::request::top_level_members(body, &["stream_options"]) {
+        Ok(serde_json::Value::Object(kept)) => Ok(kept.contains_key("stream_options")),
+        Ok(_) => Err(ProxyError::BadBody("the body is not a JSON object".into())),
+        Err(e) => Err(ProxyError::BadBody(e.to_string())),
     }
-
-    /// `Some(found)` for an object, `None` for any other value.
-    struct Top;
-    impl<'de> Visitor<'de> for Top {
-        type Value = Option<bool>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<bool>, A::Error> {
-            let mut found = false;
-            while let Some(IsStreamOptions(is)) = map.next_key()? {
-                map.next_value::<IgnoredAny>()?;
-                found |= is;
-            }
-            Ok(Some(found))
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut seq: A,
-        ) -> Result<Option<bool>, A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Option<bool>, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Option<bool>, E> {
-            Ok(None)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Option<bool>, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Option<bool>, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Option<bool>, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Option<bool>, E> {
-            Ok(None)
-        }
-    }
-
-    let bad = |e: serde_json::Error| ProxyError::BadBody(e.to_string());
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let found = (&mut de).deserialize_any(Top).map_err(bad)?;
-    de.end().map_err(bad)?;
-    found.ok_or_else(|| ProxyError::BadBody("the body is not a JSON object".into()))
 }
 
 #[cfg(test)]

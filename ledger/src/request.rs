@@ -89,6 +89,17 @@ fn parse(
     parse_object(endpoint, &obj, cache).map_err(|detail| Error::Shape { what, detail })
 }
 
+/// `body` as JSON where, if it is an object, only the top-level members named in `keys` are built
+/// (the last of repeated names wins); every other member is checked for syntax and skipped
+/// without being built. Anything but an object comes back as [`Value::Null`]. For callers that
+/// edit a request by one member without rebuilding it (the enforcer's `include_usage`).
+///
+/// # Errors
+/// When `body` is not JSON.
+pub fn top_level_members(body: &[u8], keys: &[&str]) -> Result<Value, serde_json::Error> {
+    crate::usage::sparse::object(body, keys)
+}
+
 /// The model a request names (else the path's model or Azure deployment), the same as
 /// [`parse_request`]'s `model`, without walking the prompt or estimating tokens: for callers that
 /// only attribute a call, such as the observer.

@@ -178,7 +178,7 @@ impl SseParser {
         }
         self.line.clear();
         self.discarding = false;
-        let event = self.build_event();
+        let event = self.event_ref().map(|e| e.to_event());
         self.reset_event();
         event
     }
@@ -208,12 +208,8 @@ impl SseParser {
         let line = std::mem::take(&mut self.line);
         if line.is_empty() {
             self.at_start = false;
-            if self.has_data && !self.data_overflow {
-                on_event(SseEventRef {
-                    event: (!self.event_type.is_empty()).then_some(self.event_type.as_str()),
-                    data: &self.data,
-                    id: self.last_id.as_deref(),
-                });
+            if let Some(event) = self.event_ref() {
+                on_event(event);
             }
             self.reset_event();
             // Reuse the data buffer unless it grew large.
@@ -280,14 +276,15 @@ impl SseParser {
         }
     }
 
-    fn build_event(&mut self) -> Option<SseEvent> {
+    /// The current event, if it has data to dispatch.
+    fn event_ref(&self) -> Option<SseEventRef<'_>> {
         if !self.has_data || self.data_overflow {
             return None;
         }
-        Some(SseEvent {
-            event: (!self.event_type.is_empty()).then(|| self.event_type.clone()),
-            data: std::mem::take(&mut self.data),
-            id: self.last_id.clone(),
+        Some(SseEventRef {
+            event: (!self.event_type.is_empty()).then_some(self.event_type.as_str()),
+            data: &self.data,
+            id: self.last_id.as_deref(),
         })
     }
 

@@ -21,7 +21,7 @@ mod gemini;
 mod json_array;
 mod openai;
 mod pretokenize;
-mod sparse;
+pub(crate) mod sparse;
 mod stream;
 pub(crate) mod tokens;
 

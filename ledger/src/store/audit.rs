@@ -122,8 +122,8 @@ impl Fields {
     }
 }
 
-/// Appends the record of a settle (count first): the script adds `reversed_nusd` when it replaces an
-/// abandoned hold's estimate.
+/// Appends the record of a settle (count first): the script adds `reversed_nusd` when it
+/// replaces an abandoned hold's estimate.
 pub(crate) fn settle_fields(s: &Settlement, out: &mut Args) {
     let m = &s.meta;
     let mut f = Fields::new("settle");
@@ -171,9 +171,9 @@ pub(crate) fn record_fields(r: &UsageRecord, out: &mut Args) {
     f.finish(out);
 }
 
-/// Appends the record of an unmetered connection (count first): a provider connection that carried no
-/// call the observer could decode. It adds nothing to spend (`cost_nusd` 0); its bytes are a
-/// rough size of what nobody could price.
+/// Appends the record of an unmetered connection (count first): a provider connection that
+/// carried no call the observer could decode. It adds nothing to spend (`cost_nusd` 0); its
+/// bytes are a rough size of what nobody could price.
 pub(crate) fn unmetered_fields(c: &UnmeteredConn, out: &mut Args) {
     let mut f = Fields::new("unmetered");
     f.put("path", "unmetered");
@@ -194,11 +194,12 @@ pub(crate) fn unmetered_fields(c: &UnmeteredConn, out: &mut Args) {
     f.finish(out);
 }
 
-/// Appends what a denial's record takes from the caller (count first): the path and the provider. The
-/// scripts add the rest from the reserve's own arguments (lua/common.lua `deny_context`: request
-/// id, tenant, feature, session, model, reserved amount, start) and, when a cap or a rate limit
-/// refuses, the kind, outcome, cost, scope, limit, spent and held. A reserve that is admitted,
-/// the common case, so sends 5 values it does not use instead of about 20.
+/// Appends what a denial's record takes from the caller (count first): the path and the
+/// provider. The scripts add the rest from the reserve's own arguments (lua/common.lua
+/// `deny_context`: request id, tenant, feature, session, model, reserved amount, start) and, when
+/// a cap or a rate limit refuses, the kind, outcome, cost, scope, limit, spent and held. A
+/// reserve that is admitted, the common case, so sends 5 values it does not use instead of
+/// about 20.
 pub(crate) fn deny_fields(r: &ReserveRequest, out: &mut Args) {
     let mut f = Fields(Args::with_capacity(64, 4));
     f.put("path", "enforcer");

@@ -11,7 +11,7 @@ use serde_json::Value;
 /// last of repeated names wins, as in a [`Value`]); every other member is checked for syntax
 /// but not built. Anything but an object comes back as [`Value::Null`], so callers still tell
 /// "not an object" apart.
-pub(super) fn object(body: &[u8], keys: &[&str]) -> Result<Value, serde_json::Error> {
+pub(crate) fn object(body: &[u8], keys: &[&str]) -> Result<Value, serde_json::Error> {
     use serde::Deserializer as _;
     let mut de = serde_json::Deserializer::from_slice(body);
     let kept = (&mut de).deserialize_any(SparseVisitor(keys))?;
