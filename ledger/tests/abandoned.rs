@@ -126,6 +126,61 @@ async fn an_expired_hold_is_committed_once_as_an_estimate() {
     assert!(l.holds("acme", 10).await.expect("holds").is_empty());
 }
 
+/// Every audit record of the last hour, oldest first.
+async fn audit(l: &Ledger) -> Vec<ledger::store::AuditRecord> {
+    let q = ledger::store::AuditQuery {
+        since: Utc::now() - chrono::Duration::hours(1),
+        until: Utc::now() + chrono::Duration::minutes(1),
+        tenant: None,
+        path: None,
+    };
+    l.audit_page(q, None, 1000).await.expect("audit page").0
+}
+
+/// A denial's record joins the fields the caller sent (path, provider) and the ones the script
+/// adds (scope, amounts, the reserve's own context).
+#[tokio::test]
+async fn a_denial_record_has_the_callers_and_the_scripts_fields() {
+    let server = RedisServer::start();
+    let l = ledger(&server).await;
+    let mut r = req("big", 2_000_000, 60_000);
+    r.caps[0].limit = Nanos(1_000);
+    assert!(matches!(
+        l.reserve(&r).await.expect("reserve"),
+        ReserveOutcome::Denied(_)
+    ));
+    let all = audit(&l).await;
+    let deny = all
+        .iter()
+        .find(|r| r.kind == "deny")
+        .expect("a deny record");
+    assert_eq!(
+        (
+            deny.v.as_str(),
+            deny.path.as_str(),
+            deny.provider.as_str(),
+            deny.request_id.as_str(),
+            deny.tenant.as_str(),
+            deny.outcome.as_str(),
+            deny.scope.as_str(),
+            deny.reserved_nusd,
+            deny.limit_nusd
+        ),
+        (
+            "1",
+            "enforcer",
+            "openai",
+            "big",
+            "acme",
+            "denied",
+            "tenant/month",
+            2_000_000,
+            1_000
+        ),
+        "{deny:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_late_real_settle_replaces_the_estimate_exactly_once() {
     let server = RedisServer::start();
@@ -157,6 +212,24 @@ async fn a_late_real_settle_replaces_the_estimate_exactly_once() {
     }
     let sess = l.session_spend("acme", "s1").await.expect("session");
     assert_eq!((sess.spend, sess.requests), (Nanos(260), 1));
+    // Its audit record carries the caller's fields and the script's reversal, side by side.
+    let settle = audit(&l)
+        .await
+        .into_iter()
+        .find(|r| r.kind == "settle")
+        .expect("a settle record");
+    assert_eq!(
+        (
+            settle.v.as_str(),
+            settle.request_id.as_str(),
+            settle.tenant.as_str(),
+            settle.model.as_str(),
+            settle.cost_nusd,
+            settle.reversed_nusd
+        ),
+        ("1", "late", "acme", "gpt-4o-mini", 260, 700),
+        "{settle:?}"
+    );
     // A late release after the real settle changes nothing.
     assert_eq!(l.release_hold("acme", "late").await.expect("release"), None);
     assert_eq!(key_figures(&figures(&l).await[1]).0, 260);

@@ -43,9 +43,8 @@ end
 -- pairs), `extra` a list of fields the script adds (may be empty). Returns the index after them.
 local function audit_argv(prefix, i, extra)
   local n = tonumber(ARGV[i])
-  local f = {}
-  for j = i + 1, i + n do f[#f + 1] = ARGV[j] end
-  for _, v in ipairs(extra) do f[#f + 1] = v end
+  local f = {unpack(ARGV, i + 1, i + n)}
+  for k, v in ipairs(extra) do f[n + k] = v end
   if #f > 0 then audit_add(prefix, f) end
   return i + n + 1
 end
