@@ -160,7 +160,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     });
     let skip = |s: &str| args.skip.iter().any(|x| x == s);
 
-    let (_redis, redis_port) = stack::redis(&env.work)?;
+    let (redis, redis_port) = stack::redis(&env.work)?;
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
 
     if !skip("overhead") || !skip("memory") || !skip("streaming") || !skip("litellm") {
@@ -169,6 +169,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             overhead::run(
                 &env,
                 &redis_url,
+                redis.pid(),
                 with_litellm,
                 !skip("overhead"),
                 !skip("memory"),

@@ -64,6 +64,8 @@ pub struct Stack {
     pub body: PathBuf,
     /// A streaming chat-completions request body.
     pub stream_body: PathBuf,
+    /// The redis-server both enforcers use, for its CPU per call.
+    pub redis_pid: u32,
 }
 
 impl Stack {
@@ -146,12 +148,13 @@ impl Stack {
 pub fn run(
     env: &Env,
     redis_url: &str,
+    redis_pid: u32,
     with_litellm: bool,
     http: bool,
     memory: bool,
     streams: bool,
 ) -> Result<Value> {
-    let stack = start(env, redis_url)?;
+    let stack = start(env, redis_url, redis_pid)?;
     let mut out = serde_json::Map::new();
     // LiteLLM starts slowly: spawn it now, wait for it only before the first scenario that uses it.
     let mut lite = Lite {
@@ -216,7 +219,7 @@ impl Lite {
     }
 }
 
-fn start(env: &Env, redis_url: &str) -> Result<Stack> {
+fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
     step("starting the mock providers (20 ms latency; streaming: 64 chunks 10 ms apart)");
     let mock = stack::mock(&env.bin, &env.work, "mock", 20, &["--output-tokens", "120"])?;
     let stream_mock = stack::mock(
@@ -255,6 +258,7 @@ fn start(env: &Env, redis_url: &str) -> Result<Stack> {
     )?;
     let passthrough = passthrough(env, &mock, &stream_mock)?;
     Ok(Stack {
+        redis_pid,
         mock,
         stream_mock,
         enforcer: on,
@@ -455,6 +459,7 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
                 };
                 let before = pid.map(tree_ticks);
                 let mock_before = stack::cpu_ticks(stack.mock_pid(false));
+                let redis_before = stack::cpu_ticks(stack.redis_pid);
                 // LiteLLM's latency is hundreds of ms under load: a 1 s window would hold too few
                 // completions, so it gets at least 3 s (same concurrency, same request).
                 let (warmup, window) = if v == Variant::LiteLlm {
@@ -485,6 +490,15 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
                     let used = a.saturating_sub(b) as f64 / tps * 1000.0;
                     let total = r["sent_total"].as_f64().unwrap_or(0.0).max(1.0);
                     r["mock_cpu_ms_per_1000"] = json!(used / total * 1000.0);
+                }
+                // Redis's CPU per call: the reserve and settle scripts of an enforcer's calls (the
+                // other variants do not use it), what a fleet's shared Redis pays for each call.
+                if matches!(v, Variant::Budgets | Variant::NoBudgets)
+                    && let (Some(b), Some(a)) = (redis_before, stack::cpu_ticks(stack.redis_pid))
+                {
+                    let used = a.saturating_sub(b) as f64 / tps * 1000.0;
+                    let total = r["sent_total"].as_f64().unwrap_or(0.0).max(1.0);
+                    r["redis_cpu_ms_per_1000"] = json!(used / total * 1000.0);
                 }
                 eprintln!(
                     "    {:<8} {:<20} rep {rep}: p50 {:>6} µs  p99 {:>6} µs  {:>7.0} req/s  errors {}",

@@ -59,6 +59,7 @@ pub fn aggregate_http(runs: &[Value]) -> Value {
         "cpu_ms_per_1000": spread(runs, |r| at(r, &["cpu_ms_per_1000"])),
         "rss_kib": spread(runs, |r| at(r, &["rss_kib"])),
         "mock_cpu_ms_per_1000": spread(runs, |r| at(r, &["mock_cpu_ms_per_1000"])),
+        "redis_cpu_ms_per_1000": spread(runs, |r| at(r, &["redis_cpu_ms_per_1000"])),
         "errors": errors,
         "runs": runs,
     })
@@ -586,12 +587,14 @@ fn floor_md(s: &mut String, r: &Value) {
          `passthrough`: a proxy on the enforcer's own stack (hyper-util server and pooled \
          hyper-rustls client, runtime, allocator) doing nothing but forwarding (docs/benchmarks.md). \
          µs of CPU per call (= CPU ms / 1000 req), median over repeats; the ratios are the median \
-         of the per-repeat ratios. The mock's column is the provider's own cost of answering.\n"
+         of the per-repeat ratios. The mock's column is the provider's own cost of answering; Redis's is \
+         what the budgets-on enforcer's reserve and settle scripts cost the shared redis-server per \
+         call (the no-budgets enforcer's in brackets: it still settles).\n"
     );
     let _ = writeln!(
         s,
-        "| load | passthrough µs | enforcer_budgets µs | × pass-through | enforcer_no_budgets µs | × pass-through | mock µs |\n\
-         |---|---|---|---|---|---|---|"
+        "| load | passthrough µs | enforcer_budgets µs | × pass-through | enforcer_no_budgets µs | × pass-through | mock µs | Redis µs |\n\
+         |---|---|---|---|---|---|---|---|"
     );
     for sc in scenarios.into_iter().flatten() {
         let v = &sc["variants"];
@@ -605,7 +608,7 @@ fn floor_md(s: &mut String, r: &Value) {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} ({}) |",
             sc["load"].as_str().unwrap_or(""),
             f(&v["passthrough"]["cpu_ms_per_1000"]["median"], 0),
             f(&v["enforcer_budgets"]["cpu_ms_per_1000"]["median"], 0),
@@ -613,6 +616,11 @@ fn floor_md(s: &mut String, r: &Value) {
             f(&v["enforcer_no_budgets"]["cpu_ms_per_1000"]["median"], 0),
             x("enforcer_no_budgets"),
             f(&v["direct"]["mock_cpu_ms_per_1000"]["median"], 0),
+            f(&v["enforcer_budgets"]["redis_cpu_ms_per_1000"]["median"], 0),
+            f(
+                &v["enforcer_no_budgets"]["redis_cpu_ms_per_1000"]["median"],
+                0
+            ),
         );
     }
 }
@@ -875,7 +883,9 @@ mod tests {
         };
         let direct = vec![cpu(0.0, 50.0), cpu(0.0, 52.0)];
         let floor = vec![cpu(100.0, 50.0), cpu(200.0, 51.0)];
-        let enf = vec![cpu(140.0, 50.0), cpu(400.0, 51.0)];
+        let mut enf = vec![cpu(140.0, 50.0), cpu(400.0, 51.0)];
+        enf[0]["redis_cpu_ms_per_1000"] = json!(70.0);
+        enf[1]["redis_cpu_ms_per_1000"] = json!(90.0);
         let x = cpu_ratios(&floor, &enf);
         assert!(
             (x["cpu_ratio"]["min"].as_f64().unwrap() - 1.4).abs() < 1e-9,
@@ -928,7 +938,7 @@ mod tests {
         );
         let md = markdown(&r);
         assert!(
-            md.contains("| c64 | 150 | 270 | 1.40× | – | – | 51 |"),
+            md.contains("| c64 | 150 | 270 | 1.40× | – | – | 51 | 80 (–) |"),
             "{md}"
         );
         assert!(
