@@ -144,9 +144,12 @@ fn single_data_line(event: &[u8]) -> Option<&[u8]> {
 /// allowed around the colon and inside the brackets). A cheap necessary condition for
 /// [`is_usage_only`]; the parse that follows decides.
 fn has_empty_choices(json: &[u8]) -> bool {
+    // Built once: `memmem::find_iter` would build its searcher again for every event.
+    static CHOICES: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"choices\""));
     let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
     let skip_ws = |s: &[u8]| -> usize { s.iter().position(|b| !ws(b)).unwrap_or(s.len()) };
-    memchr::memmem::find_iter(json, b"\"choices\"").any(|i| {
+    CHOICES.find_iter(json).any(|i| {
         let mut rest = &json[i + b"\"choices\"".len()..];
         rest = &rest[skip_ws(rest)..];
         let Some(rest) = rest.strip_prefix(b":") else {
