@@ -66,6 +66,8 @@ pub struct Stack {
     pub stream_body: PathBuf,
     /// The redis-server both enforcers use, for its CPU per call.
     pub redis_pid: u32,
+    /// The admin ports of the enforcer with budgets and of the one without.
+    pub admin: (u16, u16),
 }
 
 impl Stack {
@@ -121,6 +123,15 @@ impl Stack {
             headers: vec![format!("authorization: Bearer {key}")],
             body,
             timeout,
+        }
+    }
+
+    /// The admin port of the enforcer serving `variant`.
+    fn admin_port(&self, variant: Variant) -> Option<u16> {
+        match variant {
+            Variant::Budgets => Some(self.admin.0),
+            Variant::NoBudgets => Some(self.admin.1),
+            _ => None,
         }
     }
 
@@ -240,7 +251,7 @@ fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
     std::fs::write(&body, chat_body(false))?;
     let stream_body = env.work.join("chat-stream.json");
     std::fs::write(&stream_body, chat_body(true))?;
-    let on = enforcer(
+    let (on, admin_on) = enforcer_with_admin(
         env,
         redis_url,
         &mock,
@@ -248,7 +259,7 @@ fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
         true,
         "enforcer-budgets",
     )?;
-    let off = enforcer(
+    let (off, admin_off) = enforcer_with_admin(
         env,
         redis_url,
         &mock,
@@ -259,6 +270,7 @@ fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
     let passthrough = passthrough(env, &mock, &stream_mock)?;
     Ok(Stack {
         redis_pid,
+        admin: (admin_on, admin_off),
         mock,
         stream_mock,
         enforcer: on,
@@ -300,6 +312,30 @@ pub(super) fn chat_body(stream: bool) -> String {
     v.to_string()
 }
 
+/// The sum (seconds) and count of the enforcer's `llmwarden_overhead_seconds` (its time before
+/// forwarding), read from its admin endpoint on `port`; `None` when it cannot be read.
+fn before_forwarding(port: u16) -> Option<(f64, f64)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+          Authorization: Bearer bench-admin-token\r\nConnection: close\r\n\r\n",
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    Some((
+        value("llmwarden_overhead_seconds_sum")?,
+        value("llmwarden_overhead_seconds_count")?,
+    ))
+}
+
 /// An enforcer named `name` (its config and log file names) on the two mocks, with the budgets
 /// key and tenant or the key and tenant without budgets.
 pub(super) fn enforcer(
@@ -310,6 +346,18 @@ pub(super) fn enforcer(
     budgets: bool,
     name: &str,
 ) -> Result<(Proc, u16)> {
+    enforcer_with_admin(env, redis_url, mock, stream_mock, budgets, name).map(|(p, _)| p)
+}
+
+/// [`enforcer`] and its admin port.
+fn enforcer_with_admin(
+    env: &Env,
+    redis_url: &str,
+    mock: &Mock,
+    stream_mock: &Mock,
+    budgets: bool,
+    name: &str,
+) -> Result<((Proc, u16), u16)> {
     let (listen, admin) = (stack::free_port()?, stack::free_port()?);
     let (key, tenant) = if budgets {
         (KEY_BUDGETS, "bench-on")
@@ -366,7 +414,7 @@ allowed_tenants = ["{tenant}"]
     stack::wait_port(listen, name, Duration::from_secs(20))
         .with_context(|| format!("see {}", env.work.join(format!("{name}.log")).display()))?;
     p.ensure_running()?;
-    Ok((p, listen))
+    Ok(((p, listen), admin))
 }
 
 /// The pass-through proxy on the same two mocks, over plain HTTP as the enforcers reach them.
@@ -460,6 +508,8 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
                 let before = pid.map(tree_ticks);
                 let mock_before = stack::cpu_ticks(stack.mock_pid(false));
                 let redis_before = stack::cpu_ticks(stack.redis_pid);
+                let admin = stack.admin_port(v);
+                let fwd_before = admin.and_then(before_forwarding);
                 // LiteLLM's latency is hundreds of ms under load: a 1 s window would hold too few
                 // completions, so it gets at least 3 s (same concurrency, same request).
                 let (warmup, window) = if v == Variant::LiteLlm {
@@ -499,6 +549,14 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
                     let used = a.saturating_sub(b) as f64 / tps * 1000.0;
                     let total = r["sent_total"].as_f64().unwrap_or(0.0).max(1.0);
                     r["redis_cpu_ms_per_1000"] = json!(used / total * 1000.0);
+                }
+                // The enforcer's own time before forwarding (auth, parse, reserve), from its
+                // metrics: at c64 nearly all of it is the reserve queueing behind Redis's scripts.
+                if let (Some((s0, n0)), Some((s1, n1))) =
+                    (fwd_before, admin.and_then(before_forwarding))
+                    && n1 > n0
+                {
+                    r["before_forwarding_us"] = json!((s1 - s0) / (n1 - n0) * 1e6);
                 }
                 eprintln!(
                     "    {:<8} {:<20} rep {rep}: p50 {:>6} µs  p99 {:>6} µs  {:>7.0} req/s  errors {}",

@@ -60,6 +60,7 @@ pub fn aggregate_http(runs: &[Value]) -> Value {
         "rss_kib": spread(runs, |r| at(r, &["rss_kib"])),
         "mock_cpu_ms_per_1000": spread(runs, |r| at(r, &["mock_cpu_ms_per_1000"])),
         "redis_cpu_ms_per_1000": spread(runs, |r| at(r, &["redis_cpu_ms_per_1000"])),
+        "before_forwarding_us": spread(runs, |r| at(r, &["before_forwarding_us"])),
         "errors": errors,
         "runs": runs,
     })
@@ -589,12 +590,14 @@ fn floor_md(s: &mut String, r: &Value) {
          µs of CPU per call (= CPU ms / 1000 req), median over repeats; the ratios are the median \
          of the per-repeat ratios. The mock's column is the provider's own cost of answering; Redis's is \
          what the budgets-on enforcer's reserve and settle scripts cost the shared redis-server per \
-         call (the no-budgets enforcer's in brackets: it still settles).\n"
+         call (the no-budgets enforcer's in brackets: it still settles). Before forwarding: the budgets-on \
+         enforcer's mean time from a request's arrival to its forwarding (auth, parse, reserve), \
+         from its own `llmwarden_overhead_seconds`.\n"
     );
     let _ = writeln!(
         s,
-        "| load | passthrough µs | enforcer_budgets µs | × pass-through | enforcer_no_budgets µs | × pass-through | mock µs | Redis µs |\n\
-         |---|---|---|---|---|---|---|---|"
+        "| load | passthrough µs | enforcer_budgets µs | × pass-through | enforcer_no_budgets µs | × pass-through | mock µs | Redis µs | before forwarding µs |\n\
+         |---|---|---|---|---|---|---|---|---|"
     );
     for sc in scenarios.into_iter().flatten() {
         let v = &sc["variants"];
@@ -608,7 +611,7 @@ fn floor_md(s: &mut String, r: &Value) {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} ({}) |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} |",
             sc["load"].as_str().unwrap_or(""),
             f(&v["passthrough"]["cpu_ms_per_1000"]["median"], 0),
             f(&v["enforcer_budgets"]["cpu_ms_per_1000"]["median"], 0),
@@ -621,6 +624,7 @@ fn floor_md(s: &mut String, r: &Value) {
                 &v["enforcer_no_budgets"]["redis_cpu_ms_per_1000"]["median"],
                 0
             ),
+            f(&v["enforcer_budgets"]["before_forwarding_us"]["median"], 0),
         );
     }
 }
@@ -886,6 +890,8 @@ mod tests {
         let mut enf = vec![cpu(140.0, 50.0), cpu(400.0, 51.0)];
         enf[0]["redis_cpu_ms_per_1000"] = json!(70.0);
         enf[1]["redis_cpu_ms_per_1000"] = json!(90.0);
+        enf[0]["before_forwarding_us"] = json!(900.0);
+        enf[1]["before_forwarding_us"] = json!(1100.0);
         let x = cpu_ratios(&floor, &enf);
         assert!(
             (x["cpu_ratio"]["min"].as_f64().unwrap() - 1.4).abs() < 1e-9,
@@ -938,7 +944,7 @@ mod tests {
         );
         let md = markdown(&r);
         assert!(
-            md.contains("| c64 | 150 | 270 | 1.40× | – | – | 51 | 80 (–) |"),
+            md.contains("| c64 | 150 | 270 | 1.40× | – | – | 51 | 80 (–) | 1000 |"),
             "{md}"
         );
         assert!(
