@@ -181,6 +181,40 @@ async fn a_denial_record_has_the_callers_and_the_scripts_fields() {
     );
 }
 
+/// A reserve whose reclaim commits an abandoned hold checks the alert thresholds too: the
+/// estimate crosses 50% of the month budget, and the reserve's script fires that alert once.
+#[tokio::test]
+async fn a_reclaim_in_a_reserve_fires_the_threshold_it_crosses() {
+    let server = RedisServer::start();
+    let cfg = ledger::store::LedgerConfig {
+        alert_thresholds_pct: vec![50, 100],
+        group_commit: false,
+        ..ledger::store::LedgerConfig::default()
+    };
+    let l = Ledger::connect_with(&server.url(), cfg)
+        .await
+        .expect("connect");
+    l.set_budget(&ledger::store::Budget {
+        tenant: "acme".into(),
+        feature: None,
+        period: Period::Month,
+        limit: Nanos(1_000),
+    })
+    .await
+    .expect("budget");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    reserve(&l, &req("gone", 600, 50)).await;
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    // The next reserve reclaims the expired hold (600 of 1000 committed as an estimate).
+    reserve(&l, &req("next", 100, 60_000)).await;
+    let alerts = l.pending_alerts("acme", 10).await.expect("alerts");
+    let fired: Vec<(String, u32)> = alerts
+        .iter()
+        .map(|a| (a.period.clone(), a.threshold_pct))
+        .collect();
+    assert_eq!(fired, vec![("month".to_owned(), 50)], "{alerts:?}");
+}
+
 #[tokio::test]
 async fn a_late_real_settle_replaces_the_estimate_exactly_once() {
     let server = RedisServer::start();

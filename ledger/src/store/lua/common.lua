@@ -57,8 +57,11 @@ end
 -- fired; it expires with the hash). ARGV, from the end, before the three audit arguments:
 -- the thresholds ("50,80,100"; '' = alerts off), the budget count n, and before it n budgets of
 -- 4 values: kind ('t' tenant / 'f' feature), period ('d' / 'm'), feature ('' for 't'), limit.
-local ALERT_PCTS, ALERT_CAPS = {}, {}
-do
+-- The tail is parsed on the first alert_run that has periods to check: a script that commits
+-- nothing (most reserves) does not pay for it.
+local ALERT_PCTS, ALERT_CAPS = nil, nil
+local function alert_setup()
+  ALERT_PCTS, ALERT_CAPS = {}, {}
   local pcts, n = ARGV[#ARGV - 3] or '', tonumber(ARGV[#ARGV - 4]) or 0
   local base = #ARGV - 4 - 4 * n
   -- Only a well-formed tail is read (a script called without one checks no thresholds).
@@ -87,6 +90,8 @@ end
 local function alert_run(prefix)
   local periods = alert_periods
   alert_periods, alert_seen = {}, {}
+  if #periods == 0 then return end
+  if not ALERT_PCTS then alert_setup() end
   if #ALERT_PCTS == 0 then return end
   for _, pm in ipairs(periods) do
     for _, c in ipairs(ALERT_CAPS) do

@@ -16,12 +16,15 @@ local now = tonumber(ARGV[2])
 reclaim(prefix, now, tonumber(ARGV[3]))
 
 local id = ARGV[4]
-local existing = redis.call('HMGET', KEYS[2], 'amount', 'expires')
-if existing[1] then
-  return {'ALLOW', existing[1], existing[2], 'existing'}
-end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {'SETTLED'}
+-- The common case (neither the hold nor the done marker exists) costs one call.
+if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then
+  local existing = redis.call('HMGET', KEYS[2], 'amount', 'expires')
+  if existing[1] then
+    return {'ALLOW', existing[1], existing[2], 'existing'}
+  end
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    return {'SETTLED'}
+  end
 end
 
 local amount_s = ARGV[5]
