@@ -445,8 +445,10 @@ fn passthrough(env: &Env, mock: &Mock, stream_mock: &Mock) -> Result<(Proc, u16)
     Ok((p, port))
 }
 
-/// The scenarios: open loop at 500 and 2000 req/s, closed loop at 16 and 64.
-const LOADS: [Load; 4] = [
+/// The scenarios: one sequential keep-alive client (what a single caller waits for each call),
+/// open loop at 500 and 2000 req/s, closed loop at 16 and 64.
+const LOADS: [Load; 5] = [
+    Load::Concurrency(1),
     Load::Rate(500),
     Load::Rate(2000),
     Load::Concurrency(16),
@@ -486,7 +488,8 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
         // timeouts.
         let (mut lite_port, mut lite_pid) = (None, None);
         // --quick keeps the minute: LiteLLM at concurrency 16 only (the published peer comparison).
-        let lite_here = matches!(load, Load::Concurrency(c) if !env.plan.quick || c == 16);
+        let lite_here =
+            matches!(load, Load::Concurrency(c) if c > 1 && (!env.plan.quick || c == 16));
         if lite_here
             && let Some((port, pid)) =
                 lite.ready(env, &stack.target(Variant::LiteLlm, false, lite.port()))

@@ -188,6 +188,22 @@ pub fn targets(r: &Value) -> Value {
         added.map(|x| x <= 1000.0),
         noise_note,
     ));
+    // One sequential keep-alive client: what each call of a single caller waits for.
+    let c1 = find_scenario(r, "c1").map(|s| &s["vs_direct"]["enforcer_budgets"]["added_p50_us"]);
+    let added_p50 = c1.and_then(med);
+    t.push(target(
+        "enforcer added p50, one sequential keep-alive client (budgets on)",
+        "≤ 0.3 ms",
+        added_p50.map(|x| format!("{x:.0} µs")),
+        added_p50.map(|x| x <= 300.0),
+        if c1.is_some_and(|d| {
+            d["min"].as_f64().unwrap_or(0.0) < 0.0 && d["max"].as_f64().unwrap_or(0.0) > 0.0
+        }) {
+            NOISE
+        } else {
+            ""
+        },
+    ));
     let c64 = find_scenario(r, "c64")
         .and_then(|s| med(&s["vs_direct"]["enforcer_budgets"]["throughput_ratio"]));
     t.push(target(
@@ -856,6 +872,10 @@ mod tests {
                 "load": "rate-500",
                 "variants": { "direct": aggregate_http(&direct), "enforcer_budgets": aggregate_http(&proxy) },
                 "vs_direct": { "enforcer_budgets": ratios(&direct, &proxy) },
+            }, {
+                "load": "c1",
+                "variants": { "direct": aggregate_http(&direct), "enforcer_budgets": aggregate_http(&proxy) },
+                "vs_direct": { "enforcer_budgets": ratios(&direct, &proxy) },
             }]},
             "observer": { "skipped": "not root" },
             "litellm": { "error": "pip failed" },
@@ -865,7 +885,17 @@ mod tests {
         let t = r["targets"].as_array().unwrap();
         assert_eq!(t[0]["status"], "PASS", "{}", t[0]);
         assert_eq!(t[1]["status"], "PASS");
-        assert_eq!(t[2]["status"], "NOT MEASURED");
+        assert_eq!(
+            (t[2]["target"].as_str(), t[2]["measured"].as_str()),
+            (
+                Some("enforcer added p50, one sequential keep-alive client (budgets on)"),
+                Some("100 µs")
+            ),
+            "{}",
+            t[2]
+        );
+        assert_eq!(t[2]["status"], "PASS");
+        assert_eq!(t[3]["status"], "NOT MEASURED");
         let md = markdown(&r);
         assert!(
             md.contains(
