@@ -251,7 +251,7 @@ fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
     std::fs::write(&body, chat_body(false))?;
     let stream_body = env.work.join("chat-stream.json");
     std::fs::write(&stream_body, chat_body(true))?;
-    let (on, admin_on) = enforcer_with_admin(
+    let (on, admin_on) = enforcer(
         env,
         redis_url,
         &mock,
@@ -259,7 +259,7 @@ fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
         true,
         "enforcer-budgets",
     )?;
-    let (off, admin_off) = enforcer_with_admin(
+    let (off, admin_off) = enforcer(
         env,
         redis_url,
         &mock,
@@ -337,20 +337,8 @@ fn before_forwarding(port: u16) -> Option<(f64, f64)> {
 }
 
 /// An enforcer named `name` (its config and log file names) on the two mocks, with the budgets
-/// key and tenant or the key and tenant without budgets.
+/// key and tenant or the key and tenant without budgets: its process and port, and its admin port.
 pub(super) fn enforcer(
-    env: &Env,
-    redis_url: &str,
-    mock: &Mock,
-    stream_mock: &Mock,
-    budgets: bool,
-    name: &str,
-) -> Result<(Proc, u16)> {
-    enforcer_with_admin(env, redis_url, mock, stream_mock, budgets, name).map(|(p, _)| p)
-}
-
-/// [`enforcer`] and its admin port.
-fn enforcer_with_admin(
     env: &Env,
     redis_url: &str,
     mock: &Mock,
