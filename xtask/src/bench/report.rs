@@ -161,6 +161,11 @@ pub(super) fn target(
 const NOISE: &str = "repeats disagree in sign (min–max of the per-repeat differences spans 0): noise \
                      on this shared machine exceeds the overhead; see the spread in the table";
 
+/// Whether a per-repeat difference's repeats disagree in sign (its min–max spans 0).
+fn spans_zero(d: &Value) -> bool {
+    d["min"].as_f64().unwrap_or(0.0) < 0.0 && d["max"].as_f64().unwrap_or(0.0) > 0.0
+}
+
 /// Every target of issue 6 checked against the results.
 pub fn targets(r: &Value) -> Value {
     let mut t = Vec::new();
@@ -169,10 +174,7 @@ pub fn targets(r: &Value) -> Value {
     let ratio = s500.and_then(|s| med(&s["p99_ratio"]));
     let added = s500.and_then(|s| med(&s["added_p99_us"]));
     // Repeats that disagree in sign mean the noise of this shared machine exceeds the overhead.
-    let noisy = s500.is_some_and(|s| {
-        let d = &s["added_p99_us"];
-        d["min"].as_f64().unwrap_or(0.0) < 0.0 && d["max"].as_f64().unwrap_or(0.0) > 0.0
-    });
+    let noisy = s500.is_some_and(|s| spans_zero(&s["added_p99_us"]));
     let noise_note = if noisy { NOISE } else { "" };
     t.push(target(
         "enforcer p99 vs direct at 500 req/s (budgets on)",
@@ -196,9 +198,7 @@ pub fn targets(r: &Value) -> Value {
         "≤ 0.3 ms",
         added_p50.map(|x| format!("{x:.0} µs")),
         added_p50.map(|x| x <= 300.0),
-        if c1.is_some_and(|d| {
-            d["min"].as_f64().unwrap_or(0.0) < 0.0 && d["max"].as_f64().unwrap_or(0.0) > 0.0
-        }) {
+        if c1.is_some_and(spans_zero) {
             NOISE
         } else {
             ""
@@ -216,9 +216,6 @@ pub fn targets(r: &Value) -> Value {
     // 2. Streaming.
     let st = &r["streaming"]["vs_direct"];
     let ttft = med(&st["added_ttft_p99_us"]);
-    let spans_zero = |d: &Value| {
-        d["min"].as_f64().unwrap_or(0.0) < 0.0 && d["max"].as_f64().unwrap_or(0.0) > 0.0
-    };
     let gap = med(&st["added_gap_p99_us"]);
     t.push(target(
         "streaming added TTFT p99",
