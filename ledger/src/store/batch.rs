@@ -7,8 +7,8 @@
 //! caller on its own task; worker tasks start only for items that arrive while the tenant has
 //! something in flight. The one exception is opt-in: with [`LedgerConfig::settle_window`], the first
 //! settle of an idle tenant starts a worker that waits the window, and the settles arriving
-//! meanwhile join its batch (see [`Batcher::drain`]); a reserve of the tenant on the worker's
-//! pinned thread ends the wait, so the settles leave in the same write as the reserve.
+//! meanwhile join its batch (see [`Batcher::drain`]). Nothing ends the wait early: a settle batch
+//! sent with a reserve would run before it in Redis and delay the call (docs/benchmarks.md).
 //! Under load each tenant has at most [`MAX_IN_FLIGHT`] settle batches and
 //! [`MAX_RESERVES_IN_FLIGHT`] reserve batches in flight, and the
 //! items arriving meanwhile queue and leave together, [`MAX_BATCH`] at most. A Redis script runs
@@ -25,9 +25,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use chrono::{DateTime, Utc};
 use redis::RedisError;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
-use super::conn::{Conn, current_thread, thread_conn, timeout_error};
+use super::conn::{Conn, thread_conn, timeout_error};
 use super::scripts::{self, Args, ScriptCall};
 use super::{LedgerConfig, Period, duration_ms, keys};
 use crate::Error;
@@ -187,16 +187,7 @@ struct Lane {
     queue: VecDeque<Waiter>,
     in_flight: usize,
     /// A worker is waiting out the settle window: arrivals queue for it.
-    window: Option<Window>,
-}
-
-/// An open settle window: the thread its worker runs on, and what ends the wait early.
-struct Window {
-    /// The pinned thread index ([`super::conn::pin_thread_connection`]) of the worker; `None`
-    /// off the pinned threads, where no reserve ends the window early.
-    thread: Option<usize>,
-    /// Notified by a reserve of the tenant on the same thread (see [`Batcher::submit`]).
-    flush: Arc<Notify>,
+    window_open: bool,
 }
 
 /// The per-tenant queues, shared by every clone of a [`super::Ledger`].
@@ -251,24 +242,18 @@ impl Batcher {
                 Some(l) => l,
                 None => lanes.entry(tenant.to_owned()).or_default(),
             };
-            if op == Op::Reserve {
-                flush_window(&pair[Op::Settle.index()]);
-            }
             let lane = &mut pair[op.index()];
             if lane.in_flight == 0 && lane.queue.is_empty() && window.is_zero() {
                 lane.in_flight = 1;
                 Err(item)
             } else {
                 // While a window is open its worker will take this item too: no other starts.
-                let start = lane.window.is_none() && lane.in_flight < limit;
+                let start = !lane.window_open && lane.in_flight < limit;
                 if start {
                     lane.in_flight += 1;
                     // The first worker of an idle lane opens the window.
                     if lane.in_flight == 1 && !window.is_zero() {
-                        lane.window = Some(Window {
-                            thread: current_thread(),
-                            flush: Arc::new(Notify::new()),
-                        });
+                        lane.window_open = true;
                     }
                 }
                 let (tx, rx) = oneshot::channel();
@@ -336,14 +321,8 @@ impl Batcher {
             tenant,
             held: true,
         };
-        if let Some((window, flush)) = self.opened_window(op, &slot.tenant) {
-            // Whichever comes first: the window's end, or a reserve of the tenant on this thread
-            // (its script and this batch then go to Redis in the same write, and their replies
-            // come back together: one wake-up of this thread instead of two).
-            tokio::select! {
-                () = tokio::time::sleep(window) => {}
-                () = flush.notified() => {}
-            }
+        if let Some(window) = self.opened_window(op, &slot.tenant) {
+            tokio::time::sleep(window).await;
         }
         loop {
             let batch = self.take(op, &slot.tenant);
@@ -356,13 +335,12 @@ impl Batcher {
         }
     }
 
-    /// The wait of a worker that opened its lane's window and what ends it early (`None`: no
-    /// window is open, or a whole batch is already queued).
-    fn opened_window(&self, op: Op, tenant: &str) -> Option<(std::time::Duration, Arc<Notify>)> {
+    /// The wait of a worker that opened its lane's window (`None`: no window is open, or a whole
+    /// batch is already queued).
+    fn opened_window(&self, op: Op, tenant: &str) -> Option<std::time::Duration> {
         let lanes = self.lanes();
         let lane = &lanes.get(tenant)?[op.index()];
-        let open = lane.window.as_ref()?;
-        (lane.queue.len() < MAX_BATCH).then(|| (self.window(op), Arc::clone(&open.flush)))
+        (lane.window_open && lane.queue.len() < MAX_BATCH).then(|| self.window(op))
     }
 
     /// The next batch of the lane (callers that gave up are dropped); when there is none, frees
@@ -373,7 +351,7 @@ impl Batcher {
             return Vec::new();
         };
         let lane = &mut pair[op.index()];
-        lane.window = None;
+        lane.window_open = false;
         let mut batch = Vec::new();
         while batch.len() < MAX_BATCH {
             let Some(w) = lane.queue.pop_front() else {
@@ -402,7 +380,7 @@ impl Batcher {
             };
             let lane = &mut pair[op.index()];
             lane.in_flight = lane.in_flight.saturating_sub(1);
-            lane.window = None;
+            lane.window_open = false;
             let restart = !lane.queue.is_empty() && tokio::runtime::Handle::try_current().is_ok();
             if restart {
                 lane.in_flight += 1;
@@ -506,20 +484,6 @@ impl Batcher {
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.items.fetch_add(n, Ordering::Relaxed);
         c.largest.fetch_max(n, Ordering::Relaxed);
-    }
-}
-
-/// Ends the tenant's settle window early when its worker runs on this thread, so a reserve about
-/// to go out carries the waiting settles with it: the worker, woken on this thread's run queue,
-/// sends its batch before the connection's I/O task next writes, which writes both scripts at
-/// once. A window on another thread is left to run out (waking that thread would cost what the
-/// early send saves).
-fn flush_window(settles: &Lane) {
-    if let Some(w) = &settles.window
-        && w.thread.is_some()
-        && w.thread == current_thread()
-    {
-        w.flush.notify_one();
     }
 }
 
