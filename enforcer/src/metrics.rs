@@ -2,7 +2,9 @@
 //! (`gen_ai_client_token_usage`, `gen_ai_client_operation_duration`); the rest are `llmwarden_*`.
 //! Tenant and model labels are bounded: past the configured count new values fold into "other".
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use parking_lot::Mutex;
@@ -175,6 +177,47 @@ pub struct Metrics {
     pub failovers: Family<FailoverLabels, Counter>,
     tenants: Bounded,
     models: Bounded,
+    /// The series a settled call updates, by (tenant, provider, model, api) as the caller names
+    /// them (see [`Metrics::settled`]).
+    settled_series: Mutex<SeriesMap>,
+}
+
+/// Settled calls' series by the hash of their names; a hash's few names are compared in turn.
+type SeriesMap = HashMap<u64, Vec<(SeriesKey, Arc<SettledSeries>)>>;
+
+/// Distinct (tenant, provider, model, api) whose series [`Metrics::settled`] keeps; past it the
+/// map starts again (the series themselves stay in their families).
+const SETTLED_SERIES_MAX: usize = 4096;
+
+/// A settled call's names, as the caller gave them (before label bounding).
+#[derive(Debug, PartialEq, Eq)]
+struct SeriesKey {
+    tenant: String,
+    provider: String,
+    model: String,
+    api: String,
+}
+
+impl SeriesKey {
+    fn is(&self, c: &SettledCall<'_>) -> bool {
+        self.tenant == c.tenant
+            && self.provider == c.provider
+            && self.model == c.model
+            && self.api == c.api
+    }
+}
+
+/// The six series one settled call updates. Each is a handle on the family's own series (the
+/// metric types share their value between clones), so updating it is what `get_or_create` and
+/// an update would do, without building the labels and hashing them six times.
+#[derive(Debug)]
+struct SettledSeries {
+    cost_nanos: Counter,
+    input_tokens: Counter,
+    output_tokens: Counter,
+    input_usage: Histogram,
+    output_usage: Histogram,
+    duration: Histogram,
 }
 
 impl Metrics {
@@ -219,6 +262,7 @@ impl Metrics {
                 max: cfg.max_models,
                 seen: Mutex::default(),
             },
+            settled_series: Mutex::default(),
         };
         m.register_calls();
         m.register_health();
@@ -394,42 +438,81 @@ impl Metrics {
 
     /// Records a settled call.
     pub fn settled(&self, c: &SettledCall<'_>) {
-        let SettledCall {
-            tenant,
-            provider,
-            model,
-            api,
-            input,
-            output,
-            nanos,
-            secs,
-        } = *c;
+        let series = self.settled_series(c);
+        series
+            .cost_nanos
+            .inc_by(u64::try_from(c.nanos).unwrap_or(0));
+        series.input_tokens.inc_by(c.input);
+        series.output_tokens.inc_by(c.output);
+        #[expect(clippy::cast_precision_loss, reason = "histogram observation")]
+        {
+            series.input_usage.observe(c.input as f64);
+            series.output_usage.observe(c.output as f64);
+        }
+        series.duration.observe(c.secs);
+    }
+
+    /// The series of `c`'s tenant, provider, model and api: found again by those names, or looked
+    /// up in the families (labels bounded) the first time.
+    fn settled_series(&self, c: &SettledCall<'_>) -> Arc<SettledSeries> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (c.tenant, c.provider, c.model, c.api).hash(&mut h);
+        let hash = h.finish();
+        if let Some(found) = self
+            .settled_series
+            .lock()
+            .get(&hash)
+            .and_then(|v| v.iter().find(|(k, _)| k.is(c)))
+        {
+            return Arc::clone(&found.1);
+        }
         let l = CallLabels {
-            tenant: self.tenants.label(tenant),
-            provider: provider.to_owned(),
-            model: self.models.label(model),
+            tenant: self.tenants.label(c.tenant),
+            provider: c.provider.to_owned(),
+            model: self.models.label(c.model),
         };
-        self.cost_nanos
-            .get_or_create(&l)
-            .inc_by(u64::try_from(nanos).unwrap_or(0));
-        self.input_tokens.get_or_create(&l).inc_by(input);
-        self.output_tokens.get_or_create(&l).inc_by(output);
-        for (ty, n) in [("input", input), ("output", output)] {
-            #[expect(clippy::cast_precision_loss, reason = "histogram observation")]
+        let usage = |ty: &str| {
             self.token_usage
                 .get_or_create(&TokenLabels {
-                    gen_ai_system: provider.to_owned(),
+                    gen_ai_system: c.provider.to_owned(),
                     gen_ai_request_model: l.model.clone(),
                     gen_ai_token_type: ty.to_owned(),
                 })
-                .observe(n as f64);
+                .clone()
+        };
+        let series = Arc::new(SettledSeries {
+            cost_nanos: self.cost_nanos.get_or_create(&l).clone(),
+            input_tokens: self.input_tokens.get_or_create(&l).clone(),
+            output_tokens: self.output_tokens.get_or_create(&l).clone(),
+            input_usage: usage("input"),
+            output_usage: usage("output"),
+            duration: self
+                .operation_duration
+                .get_or_create(&OperationLabels {
+                    gen_ai_system: c.provider.to_owned(),
+                    gen_ai_operation_name: c.api.to_owned(),
+                })
+                .clone(),
+        });
+        let mut map = self.settled_series.lock();
+        if map.len() >= SETTLED_SERIES_MAX {
+            map.clear();
         }
-        self.operation_duration
-            .get_or_create(&OperationLabels {
-                gen_ai_system: provider.to_owned(),
-                gen_ai_operation_name: api.to_owned(),
-            })
-            .observe(secs);
+        let same = map.entry(hash).or_default();
+        // Another thread may have added the names meanwhile: its handles are the same series.
+        if same.iter().any(|(k, _)| k.is(c)) {
+            return series;
+        }
+        same.push((
+            SeriesKey {
+                tenant: c.tenant.to_owned(),
+                provider: c.provider.to_owned(),
+                model: c.model.to_owned(),
+                api: c.api.to_owned(),
+            },
+            Arc::clone(&series),
+        ));
+        series
     }
 
     /// The text exposition.
@@ -446,6 +529,55 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A settled call's series are found again by name, and they are the families' own: the
+    /// exposition after calls of two tenants (the second one twice, and a third tenant past the
+    /// bound) holds each series' sum, whether a call was the first of its names or a repeat.
+    #[test]
+    fn repeated_calls_update_the_families_series() {
+        let m = Metrics::new(&MetricsConfig {
+            max_tenants: 2,
+            max_models: 10,
+        });
+        let call = |tenant, nanos, input| SettledCall {
+            tenant,
+            provider: "openai",
+            model: "gpt-4o-mini",
+            api: "chat_completions",
+            input,
+            output: 2,
+            nanos,
+            secs: 0.1,
+        };
+        m.settled(&call("a", 5, 10));
+        m.settled(&call("b", 7, 20));
+        m.settled(&call("b", 11, 30));
+        m.settled(&call("c", 13, 40));
+        m.settled(&call("d", 17, 50));
+        let s = m.encode();
+        let line = |series: &str| {
+            s.lines()
+                .find(|l| l.starts_with(series))
+                .unwrap_or_else(|| panic!("no {series} in {s}"))
+                .to_owned()
+        };
+        let cost = |t: &str| {
+            line(&format!(
+                "llmwarden_cost_nanousd_total{{tenant=\"{t}\",provider=\"openai\",model=\"gpt-4o-mini\"}}"
+            ))
+        };
+        assert!(cost("a").ends_with(" 5"), "{s}");
+        assert!(cost("b").ends_with(" 18"), "{s}");
+        assert!(cost("other").ends_with(" 30"), "c and d share other: {s}");
+        let input_count = line(
+            "gen_ai_client_token_usage_count{gen_ai_system=\"openai\",gen_ai_request_model=\"gpt-4o-mini\",gen_ai_token_type=\"input\"}",
+        );
+        assert!(input_count.ends_with(" 5"), "{s}");
+        let input_sum = line(
+            "gen_ai_client_token_usage_sum{gen_ai_system=\"openai\",gen_ai_request_model=\"gpt-4o-mini\",gen_ai_token_type=\"input\"}",
+        );
+        assert!(input_sum.ends_with(" 150.0"), "{s}");
+    }
 
     #[test]
     fn labels_are_bounded() {
