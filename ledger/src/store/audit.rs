@@ -64,7 +64,11 @@ fn audit_expiry(cfg: &LedgerConfig, now: DateTime<Utc>) -> (i64, u64) {
 }
 
 /// Text stored in a record: control characters dropped, at most 128 bytes (on a char boundary).
-fn clean(s: &str) -> String {
+/// Borrowed when `s` is already that (the usual case: service and host names).
+fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= 128 && !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
     let mut out = String::with_capacity(s.len().min(128));
     for c in s.chars().filter(|c| !c.is_control()) {
         if out.len() + c.len_utf8() > 128 {
@@ -72,7 +76,7 @@ fn clean(s: &str) -> String {
         }
         out.push(c);
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// A record's field, value list under construction; [`Fields::finish`] writes it after the count
@@ -233,6 +237,13 @@ mod tests {
     #[test]
     fn clean_cuts_and_strips() {
         assert_eq!(clean("a\nb\u{7}c"), "abc");
+        assert!(matches!(
+            clean("svc-a"),
+            std::borrow::Cow::Borrowed("svc-a")
+        ));
+        let exact = "x".repeat(128);
+        assert_eq!(clean(&exact), exact.as_str());
+        assert_eq!(clean(&"x".repeat(129)).len(), 128);
         let long = "é".repeat(100);
         let c = clean(&long);
         assert!(c.len() <= 128 && c.len().is_multiple_of(2), "{}", c.len());
