@@ -3,7 +3,7 @@
 //! Tenant and model labels are bounded: past the configured count new values fold into "other".
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -180,6 +180,9 @@ pub struct Metrics {
     /// The series a settled call updates, by (tenant, provider, model, api) as the caller names
     /// them (see [`Metrics::settled`]).
     settled_series: Mutex<SeriesMap>,
+    /// Hashes the names of [`Self::settled_series`] (keyed per process, so names that collide
+    /// cannot be chosen).
+    series_hasher: RandomState,
 }
 
 /// Settled calls' series by the hash of their names; a hash's few names are compared in turn.
@@ -263,6 +266,7 @@ impl Metrics {
                 seen: Mutex::default(),
             },
             settled_series: Mutex::default(),
+            series_hasher: RandomState::new(),
         };
         m.register_calls();
         m.register_health();
@@ -455,9 +459,9 @@ impl Metrics {
     /// The series of `c`'s tenant, provider, model and api: found again by those names, or looked
     /// up in the families (labels bounded) the first time.
     fn settled_series(&self, c: &SettledCall<'_>) -> Arc<SettledSeries> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (c.tenant, c.provider, c.model, c.api).hash(&mut h);
-        let hash = h.finish();
+        let hash = self
+            .series_hasher
+            .hash_one((c.tenant, c.provider, c.model, c.api));
         if let Some(found) = self
             .settled_series
             .lock()
