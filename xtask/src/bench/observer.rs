@@ -463,12 +463,7 @@ fn recorded(redis_port: &str) -> u64 {
 
 /// The observer's kernel drop counter (events lost because the ring buffer was full), from /metrics.
 fn kernel_drops(port: u16) -> Option<f64> {
-    let text = command::output(Command::new("curl").args([
-        "-s",
-        "--max-time",
-        "5",
-        &format!("http://127.0.0.1:{port}/metrics"),
-    ]))?;
+    let text = stack::metrics_text(port, None)?;
     let mut sum = None;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let name = line.split(['{', ' ']).next().unwrap_or("");

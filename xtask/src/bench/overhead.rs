@@ -312,19 +312,13 @@ pub(super) fn chat_body(stream: bool) -> String {
     v.to_string()
 }
 
+/// The bench enforcers' admin token (`admin_token_env`).
+const ADMIN_TOKEN: &str = "bench-admin-token";
+
 /// The sum (seconds) and count of the enforcer's `llmwarden_overhead_seconds` (its time before
 /// forwarding), read from its admin endpoint on `port`; `None` when it cannot be read.
 fn before_forwarding(port: u16) -> Option<(f64, f64)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(
-        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\
-          Authorization: Bearer bench-admin-token\r\nConnection: close\r\n\r\n",
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
+    let text = stack::metrics_text(port, Some(ADMIN_TOKEN))?;
     let value = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
@@ -393,7 +387,7 @@ allowed_tenants = ["{tenant}"]
         Command::new(env.bin.join("enforcer"))
             .arg("--config")
             .arg(&path)
-            .env("WARDEN_ADMIN_TOKEN", "bench-admin-token")
+            .env("WARDEN_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("BENCH_PROVIDER_KEY", MOCK_KEY)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

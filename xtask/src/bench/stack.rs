@@ -168,6 +168,18 @@ pub fn hash_key(bin: &Path, key: &str) -> Result<String> {
     Ok(h)
 }
 
+/// The Prometheus text of `http://127.0.0.1:{port}/metrics` (curl, 5 s at most), sent with
+/// `bearer` when the endpoint wants a token; `None` when it cannot be read.
+pub fn metrics_text(port: u16, bearer: Option<&str>) -> Option<String> {
+    let mut c = Command::new("curl");
+    c.args(["-s", "--fail", "--max-time", "5"]);
+    if let Some(token) = bearer {
+        c.arg("-H").arg(format!("Authorization: Bearer {token}"));
+    }
+    c.arg(format!("http://127.0.0.1:{port}/metrics"));
+    crate::command::output(&mut c)
+}
+
 /// CPU time (user + system) a process used so far, in clock ticks (`/proc/PID/stat`).
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
