@@ -13,6 +13,7 @@ mod budget;
 mod budget_cache;
 mod conn;
 mod keys;
+mod lease;
 mod ops_events;
 mod period;
 mod rate;
@@ -47,6 +48,7 @@ pub use budget::{BudgetProblem, resolve_caps};
 pub use budget_cache::BudgetCache;
 pub use conn::{LedgerConfig, pin_thread_connection};
 pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, OPS_EVENTS, RULES_KEY, validate_name};
+pub use lease::{Lease, LeaseRequest, lease_room};
 pub use ops_events::{OPS_CURSOR, OPS_EVENTS_KEPT, PriceGap};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
 pub use rules::{RULE_SETS, StoredRules};
@@ -297,7 +299,7 @@ impl Ledger {
         reservation_id: &str,
     ) -> Result<Option<Nanos>, Error> {
         let reply = self
-            .hold_script(&scripts::RELEASE, "release", tenant, reservation_id)
+            .hold_script(&scripts::RELEASE, "release", tenant, reservation_id, true)
             .await?;
         match reply.status() {
             "RELEASED" | "UNESTIMATED" => Ok(Some(Nanos(reply.int(1)?))),
@@ -307,13 +309,15 @@ impl Ledger {
     }
 
     /// Runs one of the scripts that end a single hold (release, abandon) with their shared keys
-    /// and arguments.
+    /// and arguments; `audited`: whether it writes its audit record (a lease pool's spare hold
+    /// released unused is no call's, lease.rs).
     pub(crate) async fn hold_script(
         &self,
         script: &'static redis::Script,
         name: &'static str,
         tenant: &str,
         reservation_id: &str,
+        audited: bool,
     ) -> Result<Reply, Error> {
         validate_tenant(tenant)?;
         validate_name("reservation id", reservation_id)?;
@@ -326,8 +330,12 @@ impl Ledger {
             .arg(self.cfg.reclaim_batch)
             .arg(reservation_id);
         let now = Utc::now();
-        let caps = self.alert_caps(tenant, None).await;
-        audit::tail(&mut inv, &self.cfg, now, &caps);
+        if audited {
+            let caps = self.alert_caps(tenant, None).await;
+            audit::tail(&mut inv, &self.cfg, now, &caps);
+        } else {
+            audit::tail_off(&mut inv);
+        }
         self.timed(name, async {
             self.mark_audit_day(tenant, now).await?;
             let mut c = self.conn.clone();

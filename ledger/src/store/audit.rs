@@ -32,6 +32,12 @@ pub(crate) fn tail(inv: &mut ScriptCall, cfg: &LedgerConfig, now: DateTime<Utc>,
     }
 }
 
+/// The same tail for a script that writes no audit record and checks no alert: the spare holds
+/// of a lease pool (lease.rs) are no call's, and a call's own settle records what it spent.
+pub(crate) fn tail_off(inv: &mut ScriptCall) {
+    inv.arg(0).arg("").arg("").arg(0).arg(0);
+}
+
 /// The alert thresholds as the scripts read them: positive ones, ascending, each once, joined by
 /// commas ("50,80,100"; "" when none). Written straight into the call's buffer.
 struct Thresholds<'a>(&'a [u32]);

@@ -149,6 +149,54 @@ pub(crate) fn single(op: Op, tenant: &str, item: &Item, cfg: &LedgerConfig) -> S
     inv
 }
 
+/// The batch script call (lua/reserve_batch.lua or lua/settle_batch.lua) for `items`, in order,
+/// without the audit and alert tail the caller adds (`audit::tail`, or `audit::tail_off` for
+/// spare holds, which no call's record names).
+pub(crate) fn batch_call<'a>(
+    op: Op,
+    tenant: &str,
+    items: impl Iterator<Item = &'a Item> + Clone,
+    cfg: &LedgerConfig,
+) -> ScriptCall {
+    let session_ttl = cfg.session_ttl.as_secs().max(1);
+    let (script, header): (&redis::Script, &[u64]) = match op {
+        Op::Reserve => (
+            &scripts::RESERVE_BATCH,
+            &[
+                session_ttl,
+                duration_ms(cfg.hold_grace),
+                duration_ms(cfg.idempotency_ttl),
+            ],
+        ),
+        Op::Settle => (
+            &scripts::SETTLE_BATCH,
+            &[duration_ms(cfg.idempotency_ttl), session_ttl],
+        ),
+    };
+    let mut inv = ScriptCall::new(script);
+    inv.key_fmt(keys::holds_of(tenant));
+    let mut n = 0usize;
+    let mut now = 0;
+    for item in items.clone() {
+        let id = item.args.str(0);
+        inv.key_fmt(keys::hold_of(tenant, id))
+            .key_fmt(keys::done_of(tenant, id));
+        n += 1;
+        now = now.max(item.now_ms);
+    }
+    inv.arg_fmt(keys::prefix_of(tenant))
+        .arg(now)
+        .arg(cfg.reclaim_batch);
+    for h in header {
+        inv.arg(*h);
+    }
+    inv.arg(n);
+    for item in items {
+        inv.args(&item.args);
+    }
+    inv
+}
+
 /// How many batches and items went through the group commit, per operation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpBatches {
@@ -405,39 +453,7 @@ impl Batcher {
             let _ = w.tx.send(self.run_single(op, tenant, &w.item).await);
             return;
         }
-        let session_ttl = cfg.session_ttl.as_secs().max(1);
-        let (script, header): (&redis::Script, Vec<u64>) = match op {
-            Op::Reserve => (
-                &scripts::RESERVE_BATCH,
-                vec![
-                    session_ttl,
-                    duration_ms(cfg.hold_grace),
-                    duration_ms(cfg.idempotency_ttl),
-                ],
-            ),
-            Op::Settle => (
-                &scripts::SETTLE_BATCH,
-                vec![duration_ms(cfg.idempotency_ttl), session_ttl],
-            ),
-        };
-        let mut inv = ScriptCall::new(script);
-        inv.key_fmt(keys::holds_of(tenant));
-        for w in &batch {
-            let id = w.item.args.str(0);
-            inv.key_fmt(keys::hold_of(tenant, id))
-                .key_fmt(keys::done_of(tenant, id));
-        }
-        let now = batch.iter().map(|w| w.item.now_ms).max().unwrap_or(0);
-        inv.arg_fmt(keys::prefix_of(tenant))
-            .arg(now)
-            .arg(cfg.reclaim_batch);
-        for h in header {
-            inv.arg(h);
-        }
-        inv.arg(batch.len());
-        for w in &batch {
-            inv.args(&w.item.args);
-        }
+        let mut inv = batch_call(op, tenant, batch.iter().map(|w| &w.item), cfg);
         super::audit::tail(&mut inv, cfg, Utc::now(), &merged_alerts(&batch));
         let res = tokio::time::timeout(
             cfg.operation_timeout,

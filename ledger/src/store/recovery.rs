@@ -31,7 +31,7 @@ impl Ledger {
         reservation_id: &str,
     ) -> Result<Option<Nanos>, Error> {
         let reply = self
-            .hold_script(&scripts::ABANDON, "abandon", tenant, reservation_id)
+            .hold_script(&scripts::ABANDON, "abandon", tenant, reservation_id, true)
             .await?;
         match reply.status() {
             "ESTIMATED" => Ok(Some(Nanos(reply.int(1)?))),

@@ -45,7 +45,7 @@ impl Ledger {
     }
 
     /// The request's part of lua/reserve_batch.lua's arguments.
-    fn reserve_item(&self, r: &ReserveRequest) -> Item {
+    pub(super) fn reserve_item(&self, r: &ReserveRequest) -> Item {
         let at = r.at;
         let mut args = Args::with_capacity(
             256 + 48 * (r.caps.len() + r.rates.len()),
