@@ -16,6 +16,7 @@ use ledger::store::{Budget, Cap, Ledger, ReserveOutcome, ReserveRequest};
 
 use crate::config::{BudgetSeed, Config, OnRedisUnavailable};
 use crate::error::{ProxyError, StartError};
+use crate::lease::{LeaseCounters, LeasePool, LeaseSettings};
 use crate::metrics::Metrics;
 
 /// The enforcer's view of the ledger's budget list cache ([`ledger::store::BudgetCache`], one per
@@ -135,6 +136,8 @@ impl Hold {
 pub struct Budgets {
     /// The cached budget list.
     pub cache: BudgetCache,
+    /// Spare holds handed to calls without a round trip (`lease_pool`; off when 0).
+    pub leases: Arc<LeasePool>,
     ledger: Ledger,
     emergency: EmergencyCap,
     on_unavailable: OnRedisUnavailable,
@@ -144,9 +147,19 @@ pub struct Budgets {
 impl Budgets {
     /// The budget check of `cfg` over `ledger`.
     #[must_use]
-    pub fn new(ledger: Ledger, cfg: &Config) -> Budgets {
+    pub fn new(ledger: Ledger, cfg: &Config, lease_counters: LeaseCounters) -> Budgets {
         Budgets {
             cache: BudgetCache::new(ledger.clone(), cfg.session_cap()),
+            leases: LeasePool::new(
+                ledger.clone(),
+                LeaseSettings {
+                    size: cfg.lease_pool,
+                    max_amount: Nanos::from_usd_f64(cfg.lease_max_usd).unwrap_or(Nanos::ZERO),
+                    call_ttl: Duration::from_secs(cfg.reserve_ttl_secs),
+                    idle: Duration::from_secs(cfg.lease_idle_secs),
+                },
+                lease_counters,
+            ),
             emergency: EmergencyCap::new(
                 Nanos::from_usd_f64(cfg.redis_unavailable_cap_usd).unwrap_or(Nanos::ZERO),
             ),

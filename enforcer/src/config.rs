@@ -131,6 +131,13 @@ pub struct Config {
     /// Milliseconds a settle waits for others of its tenant to share one Redis script, when none
     /// is in flight (`ledger::store::LedgerConfig::settle_window`); 0 sends each at once.
     pub settle_window_ms: u64,
+    /// Spare holds kept per tenant so most calls are forwarded without a Redis round trip first
+    /// (enforcer/src/lease.rs, docs/enforcer.md "Lease pool"); 0 (the default) is off.
+    pub lease_pool: usize,
+    /// Seconds a spare hold may wait for a call before it is released.
+    pub lease_idle_secs: u64,
+    /// The largest spare hold (USD): calls whose worst case is above it reserve their own.
+    pub lease_max_usd: f64,
     /// Concurrent requests (streams) one h2 connection may carry.
     pub max_streams_per_connection: u32,
     /// Largest request body accepted (bytes); larger gets 413.
@@ -240,6 +247,9 @@ impl Default for Config {
             max_connections: 4096,
             proxy_threads: 0,
             settle_window_ms: 2,
+            lease_pool: 0,
+            lease_idle_secs: 10,
+            lease_max_usd: 1.0,
             max_streams_per_connection: 100,
             // 32 MiB: large enough for base64 images in a prompt.
             max_request_body_bytes: 32 << 20,

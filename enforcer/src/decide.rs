@@ -28,6 +28,9 @@ pub struct Decision {
     /// The scopes of the token rate limits the call was counted in, and the tokens counted
     /// (corrected to the real count at settle).
     pub token_rates: (Vec<String>, u64),
+    /// The spare hold the call took from the lease pool (crate::lease): its id becomes the
+    /// call's request id, under which the call is settled or released.
+    pub lease: Option<String>,
 }
 
 /// Checks the loop guard, prices the worst case and reserves it.
@@ -86,7 +89,10 @@ pub async fn reserve_worst_case(
         rates,
         tokens,
     };
-    let hold = app.budgets.reserve(&rr, &app.metrics).await?;
+    let (hold, lease) = match app.budgets.leases.take(&rr) {
+        Some(l) => (Hold::Reserved(l.amount), Some(l.id)),
+        None => (app.budgets.reserve(&rr, &app.metrics).await?, None),
+    };
     let scopes = rr
         .rates
         .iter()
@@ -97,6 +103,7 @@ pub async fn reserve_worst_case(
         hold,
         input_estimate,
         token_rates: (scopes, tokens),
+        lease,
     })
 }
 

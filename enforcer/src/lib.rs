@@ -27,6 +27,7 @@ pub mod error;
 pub mod forward;
 pub mod inflight;
 pub mod keys;
+pub mod lease;
 pub mod logs;
 pub mod loop_guard;
 pub mod meter;
@@ -168,7 +169,7 @@ impl App {
         let replayer = recovery::start(&spool, &ledger, instance.clone(), chrono::Utc::now());
         let metrics = Arc::new(Metrics::new(&cfg.metrics));
         Ok(App {
-            budgets: Budgets::new(ledger.clone(), &cfg),
+            budgets: Budgets::new(ledger.clone(), &cfg, metrics.leases.clone()),
             loops: LoopGuard::new(ledger.clone(), &cfg.session),
             inflight: inflight::InflightBudget::new(
                 cfg.max_inflight_body_bytes,

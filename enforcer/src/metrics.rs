@@ -147,6 +147,8 @@ pub struct Metrics {
     pub overhead: Histogram,
     /// Calls admitted without a reservation because Redis was unreachable.
     pub redis_unavailable_admissions: Counter<u64, AtomicU64>,
+    /// The lease pool's counters (shared with [`crate::lease::LeasePool`]).
+    pub leases: crate::lease::LeaseCounters,
     /// Calls settled from an estimate (disconnects, missing usage).
     pub estimated_settlements: Counter<u64, AtomicU64>,
     /// Settles or releases that failed (the hold expires by TTL).
@@ -243,6 +245,7 @@ impl Metrics {
             upstream_latency: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             overhead: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             redis_unavailable_admissions: Counter::default(),
+            leases: crate::lease::LeaseCounters::default(),
             estimated_settlements: Counter::default(),
             ledger_errors: Counter::default(),
             spooled: Counter::default(),
@@ -351,6 +354,26 @@ impl Metrics {
             "llmwarden_overhead_seconds",
             "Enforcer time before forwarding",
             self.overhead.clone(),
+        );
+        r.register(
+            "llmwarden_lease_taken",
+            "Calls forwarded on a spare hold of the lease pool, without a reserve of their own",
+            self.leases.taken.clone(),
+        );
+        r.register(
+            "llmwarden_lease_reserved",
+            "Spare holds the lease pool reserved",
+            self.leases.reserved.clone(),
+        );
+        r.register(
+            "llmwarden_lease_released",
+            "Spare holds the lease pool released unused",
+            self.leases.released.clone(),
+        );
+        r.register(
+            "llmwarden_lease_refused",
+            "Lease pool refills refused near a limit, or failed",
+            self.leases.refused.clone(),
         );
         r.register(
             "llmwarden_redis_unavailable_admissions",

@@ -70,13 +70,18 @@ async fn run(
         return r;
     };
     let info = admit::parse(app, &adm, &endpoint, call).await?;
-    let (info, decision) = match decide::decide(app, &adm, &info, call).await {
+    let (info, mut decision) = match decide::decide(app, &adm, &info, call).await {
         Ok(d) => (info, d),
         Err(e @ ProxyError::Budget(_)) => {
             downgrade::try_chain(app, &mut adm, &endpoint, call, e).await?
         }
         Err(e) => return Err(e),
     };
+    // A call on a spare hold is that hold's from here: settled or released under its id (no
+    // await between taking it and this, so a dropped request cannot lose it).
+    if let Some(id) = decision.lease.take() {
+        call.request_id = id;
+    }
     app.metrics
         .overhead
         .observe(call.start.elapsed().as_secs_f64());

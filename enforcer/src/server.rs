@@ -67,6 +67,7 @@ pub async fn run(app: App) -> Result<(), StartError> {
     }
     let _ = app.budgets.cache.refresh().await;
     app.budgets.cache.spawn_refresher(Duration::from_secs(1));
+    app.budgets.leases.spawn_sweeper();
     if let Some(rk) = &app.runtime_keys {
         if let Err(e) = rk.refresh(true).await {
             tracing::warn!(error = %e, "could not load runtime keys (Redis down?); they work once it answers");
@@ -149,7 +150,8 @@ async fn bind(app: &App) -> Result<(TcpListener, Option<TcpListener>), StartErro
 }
 
 /// Stops accepting, lets calls in flight finish (30 s at most), then waits for their settles
-/// (10 s at most: each ends within the ledger's operation timeout, then spools).
+/// (10 s at most: each ends within the ledger's operation timeout, then spools), then releases
+/// the lease pool's spare holds (10 s at most).
 async fn drain(app: &App, conns: &Connections, loops: Vec<tokio::task::JoinHandle<()>>) {
     tracing::info!("shutting down: waiting up to 30 s for calls in flight");
     if !conns.drain(Duration::from_secs(30)).await {
@@ -166,6 +168,16 @@ async fn drain(app: &App, conns: &Connections, loops: Vec<tokio::task::JoinHandl
         tracing::warn!(
             pending = app.settles.len(),
             "settles still running after 10 s; their holds expire by reserve_ttl_secs"
+        );
+    }
+    if app.budgets.leases.enabled()
+        && tokio::time::timeout(Duration::from_secs(10), app.budgets.leases.close())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            left = app.budgets.leases.free(),
+            "spare holds not all released after 10 s; each left is charged at its amount when it expires"
         );
     }
 }

@@ -31,7 +31,9 @@ fn lease_req(amount: i64, count: usize, limit: i64, room: i64, ttl: Duration) ->
     LeaseRequest {
         tenant: "acme".into(),
         amount: Nanos(amount),
-        count,
+        ids: (0..count)
+            .map(|_| uuid::Uuid::now_v7().to_string())
+            .collect(),
         ttl,
         caps: vec![
             month_cap(limit),
@@ -119,6 +121,11 @@ async fn a_call_settles_under_a_spare_hold_as_under_its_own() {
     let mut ids: Vec<_> = got.iter().map(|g| g.id.clone()).collect();
     ids.dedup();
     assert_eq!(ids.len(), 4, "distinct ids");
+    // The same ids again are taken already: nothing new is held.
+    let mut again = lease_req(1_000, 1, 1_000_000, 4_000, Duration::from_secs(60));
+    again.ids = ids.clone();
+    let twice = lease(&l, &again).await;
+    assert_eq!(twice, got, "a repeated id returns its existing spare hold");
     assert_eq!(figures(&l).await, vec![(0, 4_000, 0, 0, 0); 2]);
     assert_eq!(l.holds("acme", 10).await.expect("holds").len(), 4);
 
@@ -254,6 +261,13 @@ async fn a_bad_lease_request_is_refused_by_name() {
         (lease_req(1_000, 0, 10_000, 0, ttl), "lease count"),
         (lease_req(1_000, 65, 10_000, 0, ttl), "lease count"),
         (lease_req(1_000, 1, 10_000, -1, ttl), "lease room"),
+        (
+            LeaseRequest {
+                ids: vec!["bad{id}".into()],
+                ..lease_req(1_000, 1, 10_000, 0, ttl)
+            },
+            "lease id",
+        ),
         (feature, "lease cap"),
     ] {
         match l.lease(&r).await {

@@ -148,6 +148,25 @@ impl Config {
                 .map_err(|_| bad(k, "must be a non-negative USD figure"))
         };
         usd("redis_unavailable_cap_usd", self.redis_unavailable_cap_usd)?;
+        if self.lease_pool > 64 {
+            return Err(bad(
+                "lease_pool",
+                "at most 64 spare holds per tenant (0: off)",
+            ));
+        }
+        if self.lease_idle_secs == 0 || self.lease_idle_secs > 3600 {
+            return Err(bad("lease_idle_secs", "between 1 and 3600"));
+        }
+        match Nanos::from_usd_f64(self.lease_max_usd) {
+            // 70,000 USD keeps a pool's sums exact in the ledger's batch script (below 2^46 nano-USD).
+            Ok(n) if n > Nanos::ZERO && n.0 <= 70_000_000_000_000 => {}
+            _ => {
+                return Err(bad(
+                    "lease_max_usd",
+                    "must be above 0 and at most 70000 USD",
+                ));
+            }
+        }
         if let Some(v) = self.session.limit_usd {
             usd("session.limit_usd", v)?;
         }

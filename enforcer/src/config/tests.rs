@@ -112,6 +112,34 @@ fn errors_name_the_key() {
 }
 
 #[test]
+fn lease_pool_settings_are_bounded_by_name() {
+    let c = Config::parse(&minimal()).expect("default");
+    assert_eq!(
+        (c.lease_pool, c.lease_idle_secs, c.lease_max_usd),
+        (0, 10, 1.0),
+        "off by default"
+    );
+    let c = Config::parse(&format!(
+        "lease_pool = 64
+{}",
+        minimal()
+    ))
+    .expect("64 is valid");
+    assert_eq!(c.lease_pool, 64);
+    for (line, key) in [
+        ("lease_pool = 65", "lease_pool"),
+        ("lease_idle_secs = 0", "lease_idle_secs"),
+        ("lease_idle_secs = 3601", "lease_idle_secs"),
+        ("lease_max_usd = 0.0", "lease_max_usd"),
+        ("lease_max_usd = -1.0", "lease_max_usd"),
+        ("lease_max_usd = 70000.01", "lease_max_usd"),
+    ] {
+        let e = Config::parse(&format!("{line}\n{}", minimal())).unwrap_err();
+        assert_eq!(e.key, key, "{line}: {e}");
+    }
+}
+
+#[test]
 fn inflight_budget_must_hold_the_largest_request() {
     let c = Config::parse(&minimal()).unwrap();
     assert_eq!(c.max_inflight_body_bytes, 96 << 20);

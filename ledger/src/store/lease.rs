@@ -20,7 +20,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::batch::{self, MAX_BATCH, MAX_BATCHED_VALUE, Op};
-use super::keys::validate_tenant;
+use super::keys::{validate_name, validate_tenant};
 use super::scripts::{self, Reply};
 use super::{Cap, CapScope, Ledger, ReserveRequest, from_ms};
 use crate::{Error, Nanos};
@@ -32,8 +32,9 @@ pub struct LeaseRequest {
     pub tenant: String,
     /// The amount of each spare hold.
     pub amount: Nanos,
-    /// How many to reserve (1 to 64).
-    pub count: usize,
+    /// The ids of the spare holds to reserve (1 to 64, each new): chosen by the caller, so that
+    /// after a timeout it can release whichever of them Redis did create.
+    pub ids: Vec<String>,
     /// How long each lives if never settled or released (then it is committed at `amount` as
     /// estimated spend): the longest call plus the time it may wait in the pool.
     pub ttl: Duration,
@@ -72,12 +73,12 @@ pub fn lease_room(pool: usize, amount: Nanos) -> Nanos {
 }
 
 impl Ledger {
-    /// Reserves up to `r.count` spare holds in one script call. Returns those granted, in order:
+    /// Reserves spare holds under `r.ids` in one script call. Returns those granted, in order:
     /// fewer than asked (maybe none) when a cap has less than `amount + room` left.
     ///
     /// # Errors
     /// [`Error::Invalid`] for a bad tenant, an amount that is not positive or too large to sum
-    /// exactly in a batch, a count outside 1–64, or a cap that is not the tenant's;
+    /// exactly in a batch, 0 or more than 64 ids or a bad one, or a cap that is not the tenant's;
     /// [`Error::Redis`] when Redis is unavailable.
     pub async fn lease(&self, r: &LeaseRequest) -> Result<Vec<Lease>, Error> {
         validate(r)?;
@@ -95,13 +96,15 @@ impl Ledger {
             });
         }
         let day_end = super::Period::Day.reset_at(r.at);
-        let items: Vec<_> = (0..r.count)
-            .map(|_| {
+        let items: Vec<_> = r
+            .ids
+            .iter()
+            .map(|id| {
                 self.reserve_item(&ReserveRequest {
                     tenant: r.tenant.clone(),
                     feature: None,
                     session: None,
-                    request_id: uuid::Uuid::now_v7().to_string(),
+                    request_id: id.clone(),
                     provider: String::new(),
                     model: None,
                     amount: r.amount,
@@ -176,11 +179,14 @@ fn validate(r: &LeaseRequest) -> Result<(), Error> {
             ),
         );
     }
-    if r.count == 0 || r.count > MAX_BATCH {
+    if r.ids.is_empty() || r.ids.len() > MAX_BATCH {
         return bad(
             "lease count",
-            format!("{} is not between 1 and {MAX_BATCH}", r.count),
+            format!("{} ids is not between 1 and {MAX_BATCH}", r.ids.len()),
         );
+    }
+    for id in &r.ids {
+        validate_name("lease id", id)?;
     }
     if r.room.0 < 0 {
         return bad("lease room", format!("{} is negative", r.room));

@@ -1,0 +1,228 @@
+//! The lease pool (`lease_pool`, enforcer/src/lease.rs): calls forwarded on spare holds are
+//! charged exactly as calls that reserve their own, a pool never lets a tenant overspend, and a
+//! graceful shutdown gives every spare hold back.
+
+mod enforcer_common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use enforcer_common::{KEY_ACME, KEY_OPS, Opts, Stack, http};
+use ledger::Nanos;
+use ledger::price::PriceTable;
+use ledger::store::{AuditQuery, AuditRecord, TenantSpend};
+use serde_json::json;
+
+/// A counter's value in the enforcer's exposition.
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the exposition:\n{text}"))
+}
+
+async fn audit(stack: &Stack) -> Vec<AuditRecord> {
+    let q = AuditQuery {
+        since: chrono::Utc::now() - chrono::Duration::hours(1),
+        until: chrono::Utc::now() + chrono::Duration::minutes(1),
+        tenant: None,
+        path: None,
+    };
+    stack
+        .ledger
+        .audit_page(q, None, 1000)
+        .await
+        .expect("audit")
+        .0
+}
+
+/// Stops the enforcer the way an orchestrator does and waits for it.
+fn terminate(stack: &mut Stack) {
+    stack.enforcer.signal(libc::SIGTERM);
+    let st = stack.enforcer.wait_exit(Duration::from_secs(40));
+    assert!(st.success(), "enforcer exit: {st:?}\n{}", stack.log());
+}
+
+/// Runs the same calls (half streaming, some with a feature) through a stack and returns the
+/// request ids the enforcer answered with.
+async fn calls(stack: &Stack, n: usize) -> Vec<String> {
+    let url = format!("{}/chat/completions", stack.base("openai"));
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let stream = i % 2 == 1;
+        let mut body = json!({
+            "model": "gpt-4o-mini", "max_tokens": 100, "stream": stream,
+            "messages": [{"role": "user", "content": format!("question {i}: how many words is this?")}],
+        });
+        if stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let mut req = http().post(&url).bearer_auth(KEY_ACME).json(&body);
+        if i % 3 == 0 {
+            req = req.header("x-feature-name", "triage");
+        }
+        let r = req.send().await.unwrap_or_else(|e| panic!("call {i}: {e}"));
+        assert_eq!(r.status(), 200, "call {i}");
+        ids.push(
+            r.headers()
+                .get("x-warden-request-id")
+                .and_then(|v| v.to_str().ok())
+                .expect("request id")
+                .to_owned(),
+        );
+        let _ = r.bytes().await.expect("body");
+    }
+    ids
+}
+
+fn charged(s: &TenantSpend) -> (Nanos, Nanos, u64, u64, u64, Option<Nanos>) {
+    (
+        s.spend,
+        s.estimated_spend,
+        s.requests,
+        s.input_tokens,
+        s.output_tokens,
+        s.by_feature.get("triage").copied(),
+    )
+}
+
+const BUDGET: &str = "[[budgets]]\ntenant = \"acme\"\nperiod = \"month\"\nlimit_usd = 100\n\n[[budgets]]\ntenant = \"acme\"\nperiod = \"day\"\nlimit_usd = 50\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_on_spare_holds_are_charged_exactly_as_calls_that_reserve() {
+    const N: usize = 24;
+    let mut on = Stack::start(Opts {
+        top_toml: "lease_pool = 8\n".into(),
+        extra_toml: BUDGET.into(),
+        ..Opts::default()
+    })
+    .await;
+    let off = Stack::start(Opts {
+        extra_toml: BUDGET.into(),
+        ..Opts::default()
+    })
+    .await;
+    let on_ids = calls(&on, N).await;
+    let _ = calls(&off, N).await;
+    let want = charged(&off.settled("acme", N as u64).await);
+
+    // While it serves, the pool's spare holds are held; the calls themselves are all committed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let live = loop {
+        let s = on.spend("acme").await;
+        if s.requests >= N as u64 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "calls not settled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(charged(&live), want, "{live:?}");
+    assert!(live.held > Nanos::ZERO, "no spare hold is held: {live:?}");
+    let m = on.metrics().await;
+    let taken = counter(&m, "llmwarden_lease_taken_total");
+    assert!(
+        taken + 3 >= N as u64,
+        "only {taken} of {N} sequential calls took a spare hold"
+    );
+    assert!(counter(&m, "llmwarden_lease_reserved_total") >= taken);
+
+    // Every call is recorded once, under the id it was answered with.
+    let settled: BTreeSet<String> = audit(&on)
+        .await
+        .into_iter()
+        .filter(|r| r.kind == "settle")
+        .map(|r| r.request_id)
+        .collect();
+    assert_eq!(settled, on_ids.iter().cloned().collect::<BTreeSet<_>>());
+
+    // A graceful stop gives the spare holds back: nothing held, nothing more charged, and the
+    // trail holds the calls' settles only.
+    terminate(&mut on);
+    let after = on.spend("acme").await;
+    assert_eq!(after.held, Nanos::ZERO, "{after:?}");
+    assert_eq!(charged(&after), want);
+    let kinds: Vec<String> = audit(&on).await.into_iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, vec!["settle".to_owned(); N], "{kinds:?}");
+    let log = on.log();
+    assert!(!log.contains("spare holds not all released"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pool_never_lets_concurrent_calls_overspend() {
+    // Worst case of one call: gpt-4o-mini, ~20 input tokens (+10%), 200 output tokens.
+    let one = PriceTable::builtin()
+        .max_cost("gpt-4o-mini", 22, 200)
+        .nanos()
+        .expect("priced");
+    let cap = Nanos(one.0 * 50);
+    let usd = enforcer_common::usd(cap);
+    let mut stack = Stack::start(Opts {
+        top_toml: "lease_pool = 8\ntimeouts.redis_ms = 10000\n".into(),
+        extra_toml: format!(
+            "[[budgets]]\ntenant = \"crowd\"\nperiod = \"month\"\nlimit_usd = {usd}\n"
+        ),
+        mock_output_tokens: Some(200),
+        ..Opts::default()
+    })
+    .await;
+    let url = format!("{}/chat/completions", stack.base("openai"));
+    // Six clients, each calling back to back: the pool is refilled and drawn on while the budget
+    // runs out, then refused near the limit, where calls reserve one by one until denied.
+    let mut tasks = Vec::new();
+    for c in 0..6u32 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut denied) = (0u64, 0u64);
+            for i in 0..25u32 {
+                let body = json!({
+                    "model": "gpt-4o-mini", "max_tokens": 200,
+                    "messages": [{"role": "user", "content": format!("call {i} of client {c}")}],
+                });
+                let r = http()
+                    .post(&url)
+                    .bearer_auth(KEY_OPS)
+                    .header("x-tenant-id", "crowd")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("call {i} of {c}: {e}"));
+                match r.status().as_u16() {
+                    200 => ok += 1,
+                    402 => denied += 1,
+                    other => panic!("call {i} of {c}: status {other}"),
+                }
+                let _ = r.bytes().await;
+            }
+            (ok, denied)
+        }));
+    }
+    let (mut ok, mut denied) = (0u64, 0u64);
+    for t in tasks {
+        let (o, d) = t.await.expect("task");
+        ok += o;
+        denied += d;
+    }
+    let m = stack.metrics().await;
+    let taken = counter(&m, "llmwarden_lease_taken_total");
+    let refused = counter(&m, "llmwarden_lease_refused_total");
+    terminate(&mut stack);
+    let s = stack.spend("crowd").await;
+    println!(
+        "150 calls: {ok} allowed ({taken} on spare holds), {denied} denied, {refused} refills refused; committed {} of cap {cap}",
+        s.spend
+    );
+    assert!(taken > 0, "no call took a spare hold:\n{}", stack.log());
+    assert!(refused > 0, "the pool was never refused near the limit");
+    assert!(denied > 0, "no call was denied under a cap worth 50 calls");
+    assert!(
+        ok >= 40,
+        "far fewer calls allowed ({ok}) than the cap admits"
+    );
+    assert!(
+        s.spend <= cap,
+        "overspend: committed {} > cap {cap}",
+        s.spend
+    );
+    assert_eq!(s.held, Nanos::ZERO, "{s:?}");
+    assert_eq!(s.requests, ok, "{s:?}");
+    assert_eq!(s.estimated_spend, Nanos::ZERO, "{s:?}");
+}
