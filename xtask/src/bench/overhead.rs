@@ -27,8 +27,10 @@ pub enum Variant {
     Direct,
     /// Client → pass-through proxy (loadgen's `passthrough`: no auth, budgets or metering) → mock.
     Passthrough,
-    /// Client → enforcer (tenant with month and day budgets) → mock.
+    /// Client → enforcer (tenant with month and day budgets, lease pool on: `LEASE_POOL`) → mock.
     Budgets,
+    /// Client → enforcer (the same tenant and budgets, no lease pool: every call reserves) → mock.
+    Reserving,
     /// Client → enforcer (tenant without budgets: metering only) → mock.
     NoBudgets,
     /// Client → LiteLLM proxy → mock.
@@ -42,6 +44,7 @@ impl Variant {
             Variant::Direct => "direct",
             Variant::Passthrough => "passthrough",
             Variant::Budgets => "enforcer_budgets",
+            Variant::Reserving => "enforcer_budgets_reserving",
             Variant::NoBudgets => "enforcer_no_budgets",
             Variant::LiteLlm => "litellm",
         }
@@ -58,6 +61,8 @@ pub struct Stack {
     pub enforcer: (Proc, u16),
     /// Enforcer without budgets.
     pub enforcer_nb: (Proc, u16),
+    /// Enforcer with budgets and no lease pool, and its admin port.
+    pub enforcer_rs: ((Proc, u16), u16),
     /// The pass-through proxy (routes `openai` and `openai-stream`, as the enforcers).
     pub passthrough: (Proc, u16),
     /// A chat-completions request body.
@@ -98,11 +103,11 @@ impl Stack {
                     MOCK_KEY,
                 )
             }
-            Variant::Budgets | Variant::NoBudgets => {
-                let (port, key) = if variant == Variant::Budgets {
-                    (self.enforcer.1, KEY_BUDGETS)
-                } else {
-                    (self.enforcer_nb.1, KEY_NO_BUDGETS)
+            Variant::Budgets | Variant::Reserving | Variant::NoBudgets => {
+                let (port, key) = match variant {
+                    Variant::Budgets => (self.enforcer.1, KEY_BUDGETS),
+                    Variant::Reserving => (self.enforcer_rs.0.1, KEY_BUDGETS),
+                    _ => (self.enforcer_nb.1, KEY_NO_BUDGETS),
                 };
                 let provider = if stream { "openai-stream" } else { "openai" };
                 (
@@ -130,6 +135,7 @@ impl Stack {
     fn admin_port(&self, variant: Variant) -> Option<u16> {
         match variant {
             Variant::Budgets => Some(self.admin.0),
+            Variant::Reserving => Some(self.enforcer_rs.1),
             Variant::NoBudgets => Some(self.admin.1),
             _ => None,
         }
@@ -139,6 +145,7 @@ impl Stack {
     pub fn pid(&self, variant: Variant) -> Option<u32> {
         match variant {
             Variant::Budgets => Some(self.enforcer.0.pid()),
+            Variant::Reserving => Some(self.enforcer_rs.0.0.pid()),
             Variant::NoBudgets => Some(self.enforcer_nb.0.pid()),
             Variant::Passthrough => Some(self.passthrough.0.pid()),
             _ => None,
@@ -257,7 +264,17 @@ fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
         &mock,
         &stream_mock,
         true,
+        LEASE_POOL,
         "enforcer-budgets",
+    )?;
+    let reserving = enforcer(
+        env,
+        redis_url,
+        &mock,
+        &stream_mock,
+        true,
+        0,
+        "enforcer-budgets-reserving",
     )?;
     let (off, admin_off) = enforcer(
         env,
@@ -265,6 +282,7 @@ fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
         &mock,
         &stream_mock,
         false,
+        0,
         "enforcer-no-budgets",
     )?;
     let passthrough = passthrough(env, &mock, &stream_mock)?;
@@ -275,6 +293,7 @@ fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
         stream_mock,
         enforcer: on,
         enforcer_nb: off,
+        enforcer_rs: reserving,
         passthrough,
         body,
         stream_body,
@@ -330,14 +349,20 @@ fn before_forwarding(port: u16) -> Option<(f64, f64)> {
     ))
 }
 
+/// The bench's lease pool (`lease_pool`) for the enforcers that use one: the setting
+/// docs/enforcer.md recommends where latency matters.
+pub(super) const LEASE_POOL: usize = 16;
+
 /// An enforcer named `name` (its config and log file names) on the two mocks, with the budgets
-/// key and tenant or the key and tenant without budgets: its process and port, and its admin port.
+/// key and tenant or the key and tenant without budgets, and `lease_pool` spare holds per tenant
+/// (0: none): its process and port, and its admin port.
 pub(super) fn enforcer(
     env: &Env,
     redis_url: &str,
     mock: &Mock,
     stream_mock: &Mock,
     budgets: bool,
+    lease_pool: usize,
     name: &str,
 ) -> Result<((Proc, u16), u16)> {
     let (listen, admin) = (stack::free_port()?, stack::free_port()?);
@@ -353,6 +378,7 @@ listen = "127.0.0.1:{listen}"
 admin_listen = "127.0.0.1:{admin}"
 admin_token_env = "WARDEN_ADMIN_TOKEN"
 redis_url = "{redis_url}"
+lease_pool = {lease_pool}
 
 [providers.openai]
 kind = "openai"
@@ -445,6 +471,7 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
         Variant::Direct,
         Variant::Passthrough,
         Variant::Budgets,
+        Variant::Reserving,
         Variant::NoBudgets,
     ] {
         let w = Duration::from_secs(1);
@@ -464,6 +491,7 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
             Variant::Direct,
             Variant::Passthrough,
             Variant::Budgets,
+            Variant::Reserving,
             Variant::NoBudgets,
         ];
         // LiteLLM runs the closed-loop scenarios only: open loop at 2000 req/s just queues it into
@@ -528,8 +556,10 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
                 }
                 // Redis's CPU per call: the reserve and settle scripts of an enforcer's calls (the
                 // other variants do not use it), what a fleet's shared Redis pays for each call.
-                if matches!(v, Variant::Budgets | Variant::NoBudgets)
-                    && let (Some(b), Some(a)) = (redis_before, stack::cpu_ticks(stack.redis_pid))
+                if matches!(
+                    v,
+                    Variant::Budgets | Variant::Reserving | Variant::NoBudgets
+                ) && let (Some(b), Some(a)) = (redis_before, stack::cpu_ticks(stack.redis_pid))
                 {
                     let used = a.saturating_sub(b) as f64 / tps * 1000.0;
                     let total = r["sent_total"].as_f64().unwrap_or(0.0).max(1.0);
@@ -578,7 +608,10 @@ fn scenario(load: Load, variants: &[Variant], runs: &[Vec<Value>]) -> Value {
     let mut floor = serde_json::Map::new();
     if let Some(pt) = variants.iter().position(|v| *v == Variant::Passthrough) {
         for (v, rs) in variants.iter().zip(runs) {
-            if matches!(v, Variant::Budgets | Variant::NoBudgets) {
+            if matches!(
+                v,
+                Variant::Budgets | Variant::Reserving | Variant::NoBudgets
+            ) {
                 floor.insert(v.name().into(), report::cpu_ratios(&runs[pt], rs));
             }
         }

@@ -177,14 +177,14 @@ pub fn targets(r: &Value) -> Value {
     let noisy = s500.is_some_and(|s| spans_zero(&s["added_p99_us"]));
     let noise_note = if noisy { NOISE } else { "" };
     t.push(target(
-        "enforcer p99 vs direct at 500 req/s (budgets on)",
+        "enforcer p99 vs direct at 500 req/s (budgets, lease pool)",
         "≤ 1.05×",
         ratio.map(|x| format!("{x:.3}×")),
         ratio.map(|x| x <= 1.05),
         noise_note,
     ));
     t.push(target(
-        "enforcer added p99 at 500 req/s (budgets on)",
+        "enforcer added p99 at 500 req/s (budgets, lease pool)",
         "≤ 1 ms",
         added.map(|x| format!("{:.0} µs", x)),
         added.map(|x| x <= 1000.0),
@@ -194,7 +194,7 @@ pub fn targets(r: &Value) -> Value {
     let c1 = find_scenario(r, "c1").map(|s| &s["vs_direct"]["enforcer_budgets"]["added_p50_us"]);
     let added_p50 = c1.and_then(med);
     t.push(target(
-        "enforcer added p50, one sequential keep-alive client (budgets on)",
+        "enforcer added p50, one sequential keep-alive client (budgets, lease pool)",
         "≤ 0.3 ms",
         added_p50.map(|x| format!("{x:.0} µs")),
         added_p50.map(|x| x <= 300.0),
@@ -207,7 +207,7 @@ pub fn targets(r: &Value) -> Value {
     let c64 = find_scenario(r, "c64")
         .and_then(|s| med(&s["vs_direct"]["enforcer_budgets"]["throughput_ratio"]));
     t.push(target(
-        "enforcer throughput at concurrency 64 (budgets on)",
+        "enforcer throughput at concurrency 64 (budgets, lease pool)",
         "≥ 0.97× direct",
         c64.map(|x| format!("{x:.3}×")),
         c64.map(|x| x >= 0.97),
@@ -244,7 +244,7 @@ pub fn targets(r: &Value) -> Value {
                 .map_or_else(|| "?".into(), |ms| format!("{ms:.0} µs"))
         };
         t.push(target(
-            &format!("enforcer CPU per call vs pass-through at {label} (budgets on)"),
+            &format!("enforcer CPU per call vs pass-through at {label} (budgets, lease pool)"),
             "≤ 1.5×",
             x.map(|x| {
                 format!(
@@ -602,15 +602,17 @@ fn floor_md(s: &mut String, r: &Value) {
          hyper-rustls client, runtime, allocator) doing nothing but forwarding (docs/benchmarks.md). \
          µs of CPU per call (= CPU ms / 1000 req), median over repeats; the ratios are the median \
          of the per-repeat ratios. The mock's column is the provider's own cost of answering; Redis's is \
-         what the budgets-on enforcer's reserve and settle scripts cost the shared redis-server per \
-         call (the no-budgets enforcer's in brackets: it still settles). Before forwarding: the budgets-on \
-         enforcer's mean time from a request's arrival to its forwarding (auth, parse, reserve), \
-         from its own `llmwarden_overhead_seconds`.\n"
+         what the budgets-on enforcer's scripts cost the shared redis-server per call (the \
+         reserving and the no-budgets enforcers' in brackets). Before forwarding: the mean time from \
+         a request's arrival to its forwarding (auth, parse, reserve or spare hold), from each \
+         enforcer's own `llmwarden_overhead_seconds`. `enforcer_budgets` runs with a lease pool of \
+         16 spare holds per tenant (`lease_pool`, docs/enforcer.md); `enforcer_budgets_reserving` \
+         is the same enforcer without one, every call reserving its own hold.\n"
     );
     let _ = writeln!(
         s,
-        "| load | passthrough µs | enforcer_budgets µs | × pass-through | enforcer_no_budgets µs | × pass-through | mock µs | Redis µs | before forwarding µs |\n\
-         |---|---|---|---|---|---|---|---|---|"
+        "| load | passthrough µs | enforcer_budgets µs | × pass-through | enforcer_budgets_reserving µs | × pass-through | enforcer_no_budgets µs | × pass-through | mock µs | Redis µs | before forwarding µs (reserving) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
     );
     for sc in scenarios.into_iter().flatten() {
         let v = &sc["variants"];
@@ -624,20 +626,33 @@ fn floor_md(s: &mut String, r: &Value) {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}, {}) | {} ({}) |",
             sc["load"].as_str().unwrap_or(""),
             f(&v["passthrough"]["cpu_ms_per_1000"]["median"], 0),
             f(&v["enforcer_budgets"]["cpu_ms_per_1000"]["median"], 0),
             x("enforcer_budgets"),
+            f(
+                &v["enforcer_budgets_reserving"]["cpu_ms_per_1000"]["median"],
+                0
+            ),
+            x("enforcer_budgets_reserving"),
             f(&v["enforcer_no_budgets"]["cpu_ms_per_1000"]["median"], 0),
             x("enforcer_no_budgets"),
             f(&v["direct"]["mock_cpu_ms_per_1000"]["median"], 0),
             f(&v["enforcer_budgets"]["redis_cpu_ms_per_1000"]["median"], 0),
             f(
+                &v["enforcer_budgets_reserving"]["redis_cpu_ms_per_1000"]["median"],
+                0
+            ),
+            f(
                 &v["enforcer_no_budgets"]["redis_cpu_ms_per_1000"]["median"],
                 0
             ),
             f(&v["enforcer_budgets"]["before_forwarding_us"]["median"], 0),
+            f(
+                &v["enforcer_budgets_reserving"]["before_forwarding_us"]["median"],
+                0
+            ),
         );
     }
 }
@@ -885,7 +900,7 @@ mod tests {
         assert_eq!(
             (t[2]["target"].as_str(), t[2]["measured"].as_str()),
             (
-                Some("enforcer added p50, one sequential keep-alive client (budgets on)"),
+                Some("enforcer added p50, one sequential keep-alive client (budgets, lease pool)"),
                 Some("100 µs")
             ),
             "{}",
@@ -896,7 +911,7 @@ mod tests {
         let md = markdown(&r);
         assert!(
             md.contains(
-                "| enforcer added p99 at 500 req/s (budgets on) | ≤ 1 ms | 500 µs | **PASS** |"
+                "| enforcer added p99 at 500 req/s (budgets, lease pool) | ≤ 1 ms | 500 µs | **PASS** |"
             ),
             "{md}"
         );
@@ -961,7 +976,7 @@ mod tests {
                 .cloned()
                 .unwrap_or_else(|| panic!("no row {name}: {}", r["targets"]))
         };
-        let t = row("enforcer CPU per call vs pass-through at 500 req/s (budgets on)");
+        let t = row("enforcer CPU per call vs pass-through at 500 req/s (budgets, lease pool)");
         assert_eq!(t["status"], "PASS", "{t}");
         assert_eq!(t["measured"], "1.40× (270 µs vs 150 µs per call)");
         let t = row("enforcer CPU per SSE event beyond the pass-through's");
@@ -971,7 +986,7 @@ mod tests {
         );
         let md = markdown(&r);
         assert!(
-            md.contains("| c64 | 150 | 270 | 1.40× | – | – | 51 | 80 (–) | 1000 |"),
+            md.contains("| c64 | 150 | 270 | 1.40× | – | – | – | – | 51 | 80 (–, –) | 1000 (–) |"),
             "{md}"
         );
         assert!(

@@ -53,8 +53,15 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     )?;
     let body = env.work.join("soak-chat.json");
     std::fs::write(&body, overhead::chat_body(false))?;
-    let ((enforcer, port), _admin) =
-        overhead::enforcer(env, redis_url, &mock, &mock, true, "enforcer-soak")?;
+    let ((enforcer, port), _admin) = overhead::enforcer(
+        env,
+        redis_url,
+        &mock,
+        &mock,
+        true,
+        overhead::LEASE_POOL,
+        "enforcer-soak",
+    )?;
     let pid = enforcer.pid();
     let target = Target {
         url: format!("http://127.0.0.1:{port}/proxy/openai/chat/completions"),

@@ -55,7 +55,7 @@ pub fn targets(r: &Value) -> Vec<Value> {
     let tol = g["tolerance_mib"].as_f64().unwrap_or(TOLERANCE_MIB);
     let minutes = g["duration_s"].as_f64().unwrap_or(0.0) / 60.0;
     t.push(super::super::report::target(
-        "enforcer RSS growth over a 10-minute soak at 500 req/s (budgets on)",
+        "enforcer RSS growth over a 10-minute soak at 500 req/s (budgets, lease pool)",
         &format!("none (≤ {TOLERANCE_MIB:.0} MiB or {TOLERANCE_PCT:.0}%, allocator noise)"),
         growth.map(|x| {
             format!(
