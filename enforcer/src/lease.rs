@@ -2,7 +2,9 @@
 //! whose worst case fits one is forwarded without a Redis round trip before it.
 //!
 //! Per tenant the pool keeps up to `lease_pool` spare holds ([`ledger::store::Lease`]), all
-//! reserved in one script call by a background refill when half are gone. A call takes one when:
+//! reserved in one script call by a background refill when half are gone. A refill aims at twice
+//! the calls that came in since the one before (2 at least), so a tenant that calls now and then
+//! gets a small pool and a busy one the whole `lease_pool`. A call takes one when:
 //! - its caps are all the tenant's (a feature or session cap, or a rate limit, needs the call's
 //!   own reserve, which checks them);
 //! - its worst case is at most the spare hold's amount, and at most `lease_max_usd`;
@@ -14,7 +16,8 @@
 //! The call then adopts the spare hold's id as its request id and holds its amount: it is
 //! settled, released or spooled under that id exactly as under its own reservation. Any other call
 //! reserves as before. The amount a refill reserves is the next power of two (in nano-USD) of the
-//! largest worst case the tenant's calls asked for, so one spare hold fits most calls of a model.
+//! largest worst case the tenant's calls asked for since the last refill, so one spare hold fits
+//! most calls of a model and one large call does not inflate every later pool.
 //!
 //! A spare hold nobody takes within `lease_idle_secs` is released, and so is the whole pool at a
 //! graceful shutdown. After a crash the spare holds are committed at their amount as estimated
@@ -63,8 +66,15 @@ pub struct LeaseSettings {
 
 /// One tenant's spare holds.
 struct Pool {
-    /// The amount of the next refill.
-    target: Nanos,
+    /// The largest worst case asked for since the last refill started: the next refill's spare
+    /// holds are its [`LeasePool::amount_for`], so one large call does not inflate every later pool.
+    peak: Nanos,
+    /// Calls that asked since the last refill started.
+    demand: usize,
+    /// How many spare holds the last refill aimed at: twice the calls that came in since the one
+    /// before (at least 2, at most `lease_pool`), so a tenant with a call now and then gets a
+    /// small pool, and few spare holds are given back unused.
+    want: usize,
     /// The caps the spare holds were checked against.
     caps: Vec<Cap>,
     free: VecDeque<Lease>,
@@ -125,7 +135,9 @@ impl LeasePool {
             let pool = match tenants.get_mut(&rr.tenant) {
                 Some(p) => p,
                 None => tenants.entry(rr.tenant.clone()).or_insert_with(|| Pool {
-                    target: Nanos::ZERO,
+                    peak: Nanos::ZERO,
+                    demand: 0,
+                    want: 2,
                     caps: rr.caps.clone(),
                     free: VecDeque::new(),
                     refilling: false,
@@ -140,7 +152,8 @@ impl LeasePool {
                 pool.caps.clone_from(&rr.caps);
                 pool.retry_at = None;
             }
-            pool.target = pool.target.max(self.amount_for(rr.amount));
+            pool.peak = pool.peak.max(rr.amount);
+            pool.demand += 1;
             let mut got = None;
             let mut i = 0;
             while i < pool.free.len() {
@@ -155,15 +168,17 @@ impl LeasePool {
                 }
             }
             let refill = (!pool.refilling
-                && pool.free.len() <= self.settings.size / 2
+                && pool.free.len() <= pool.want / 2
                 && pool.retry_at.is_none_or(|t| now >= t))
             .then(|| {
+                pool.want = (2 * pool.demand).max(2).min(self.settings.size);
+                // free ≤ want / 2 < want: at least one.
+                let count = pool.want - pool.free.len();
+                let amount = self.amount_for(pool.peak);
                 pool.refilling = true;
-                (
-                    pool.target,
-                    self.settings.size - pool.free.len(),
-                    pool.caps.clone(),
-                )
+                pool.demand = 0;
+                pool.peak = Nanos::ZERO;
+                (amount, count, pool.caps.clone())
             });
             (got, refill)
         };
@@ -377,5 +392,243 @@ impl LeasePool {
     #[must_use]
     pub fn free(&self) -> usize {
         self.tenants.lock().values().map(|p| p.free.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What a call may take, without Redis: pools are seeded by hand and marked as refilling, so
+    //! nothing is sent (tests/tests/enforcer_leases.rs runs the pool against a real one).
+
+    use super::*;
+    use ledger::store::Period;
+
+    const TTL: Duration = Duration::from_secs(900);
+
+    async fn pool(size: usize) -> Arc<LeasePool> {
+        // Nothing listens on port 1: the ledger connects lazily and is never asked here.
+        let ledger = Ledger::connect_lazy(
+            "redis://127.0.0.1:1",
+            ledger::store::LedgerConfig::default(),
+        )
+        .await
+        .expect("lazy ledger");
+        LeasePool::new(
+            ledger,
+            LeaseSettings {
+                size,
+                max_amount: Nanos(1_000_000_000),
+                call_ttl: TTL,
+                idle: Duration::from_secs(10),
+            },
+            LeaseCounters::default(),
+        )
+    }
+
+    fn caps() -> Vec<Cap> {
+        vec![Cap {
+            scope: CapScope::Tenant,
+            period: Period::Month,
+            limit: Nanos(1_000_000_000_000),
+        }]
+    }
+
+    fn call(amount: i64, at: DateTime<Utc>) -> ReserveRequest {
+        ReserveRequest {
+            tenant: "acme".into(),
+            feature: Some("bot".into()),
+            session: None,
+            request_id: "r".into(),
+            provider: "openai".into(),
+            model: Some("gpt-4o-mini".into()),
+            amount: Nanos(amount),
+            ttl: TTL,
+            caps: caps(),
+            at,
+            rates: Vec::new(),
+            tokens: 0,
+        }
+    }
+
+    fn spare(id: &str, amount: i64, at: DateTime<Utc>, left: Duration) -> Lease {
+        Lease {
+            id: id.into(),
+            amount: Nanos(amount),
+            expires_at: at + chrono::Duration::from_std(left).expect("duration"),
+            day_end: Period::Day.reset_at(at),
+        }
+    }
+
+    /// Seeds the tenant's pool with `free`, as if a refill were under way (so none starts).
+    fn seed(p: &LeasePool, free: Vec<Lease>) {
+        p.tenants.lock().insert(
+            "acme".into(),
+            Pool {
+                peak: Nanos::ZERO,
+                demand: 0,
+                want: 16,
+                caps: caps(),
+                free: free.into(),
+                refilling: true,
+                retry_at: None,
+                last_use: Instant::now(),
+            },
+        );
+    }
+
+    fn ids(p: &LeasePool) -> Vec<String> {
+        p.tenants.lock()["acme"]
+            .free
+            .iter()
+            .map(|l| l.id.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_call_takes_only_a_spare_hold_that_covers_it_today_for_a_whole_call() {
+        let p = pool(16).await;
+        let now = Utc::now();
+        let yesterday = now - chrono::Duration::days(1);
+        seed(
+            &p,
+            vec![
+                // Checked against yesterday's day cap: never today's.
+                spare(
+                    "old-day",
+                    4_096,
+                    yesterday,
+                    TTL + Duration::from_secs(86_400 * 2),
+                ),
+                // Less than a call's lifetime left: the call could outlive it.
+                spare("short", 4_096, now, TTL - Duration::from_secs(1)),
+                // Too small for the call.
+                spare("small", 1_024, now, TTL + Duration::from_secs(5)),
+                spare("fits", 4_096, now, TTL + Duration::from_secs(5)),
+                spare("next", 4_096, now, TTL + Duration::from_secs(5)),
+            ],
+        );
+        let got = p.take(&call(3_000, now)).expect("a spare hold");
+        assert_eq!((got.id.as_str(), got.amount), ("fits", Nanos(4_096)));
+        // The unusable ones left the pool (to be released); the small one waits for a small call.
+        assert_eq!(ids(&p), vec!["small", "next"]);
+        let got = p.take(&call(1_000, now)).expect("a small call");
+        assert_eq!(got.id, "small");
+        assert_eq!(p.counters.taken.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn calls_with_their_own_limits_never_take_a_spare_hold() {
+        let p = pool(16).await;
+        let now = Utc::now();
+        seed(
+            &p,
+            vec![spare("s", 1 << 20, now, TTL + Duration::from_secs(5))],
+        );
+        let mut feature = call(100, now);
+        feature.caps.push(Cap {
+            scope: CapScope::Feature("bot".into()),
+            period: Period::Day,
+            limit: Nanos(1 << 30),
+        });
+        let mut rated = call(100, now);
+        rated.rates.push(ledger::store::RateLimit {
+            scope: "tenant".into(),
+            rpm: 10,
+            tpm: 0,
+        });
+        let big = call(1_000_000_001, now);
+        for (what, r) in [
+            ("feature cap", feature),
+            ("rate limit", rated),
+            ("above lease_max_usd", big),
+        ] {
+            assert!(p.take(&r).is_none(), "{what}");
+        }
+        assert_eq!(ids(&p), vec!["s"]);
+        // Off: nothing at all.
+        let off = pool(0).await;
+        assert!(off.take(&call(100, now)).is_none());
+        assert!(off.tenants.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_budget_edit_empties_the_pool() {
+        let p = pool(16).await;
+        let now = Utc::now();
+        seed(
+            &p,
+            vec![spare("s", 4_096, now, TTL + Duration::from_secs(5))],
+        );
+        let mut r = call(100, now);
+        r.caps[0].limit = Nanos(5_000);
+        assert!(p.take(&r).is_none(), "checked against the old limit");
+        assert!(ids(&p).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refill_aims_at_twice_the_recent_calls_within_the_pool() {
+        let p = pool(16).await;
+        let now = Utc::now();
+        seed(&p, Vec::new());
+        {
+            let mut t = p.tenants.lock();
+            let pool = t.get_mut("acme").expect("pool");
+            pool.want = 2;
+        }
+        // Three calls while a refill is under way, the largest 5,000.
+        for a in [1_000, 5_000, 3_000] {
+            assert!(p.take(&call(a, now)).is_none());
+        }
+        {
+            let mut t = p.tenants.lock();
+            let pool = t.get_mut("acme").expect("pool");
+            assert_eq!((pool.demand, pool.peak), (3, Nanos(5_000)));
+            pool.refilling = false;
+            pool.retry_at = Some(Instant::now() + Duration::from_secs(60));
+        }
+        // The refill that starts now asks for 2 × 4 calls, of the next power of two of 5,000.
+        let t = p.tenants.lock();
+        let pool = &t["acme"];
+        assert_eq!(p.amount_for(pool.peak), Nanos(8_192));
+        drop(t);
+        assert_eq!(p.amount_for(Nanos(2_000_000_000)), Nanos(1_000_000_000));
+        p.tenants.lock().get_mut("acme").expect("pool").retry_at = None;
+        assert!(p.take(&call(10, now)).is_none());
+        let t = p.tenants.lock();
+        let pool = &t["acme"];
+        assert!(pool.refilling, "a refill started");
+        assert_eq!((pool.want, pool.demand, pool.peak), (8, 0, Nanos::ZERO));
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_gives_back_what_no_call_can_take() {
+        let p = pool(16).await;
+        let now = Utc::now();
+        seed(
+            &p,
+            vec![
+                spare("stale", 4_096, now, TTL - Duration::from_secs(1)),
+                spare("fresh", 4_096, now, TTL + Duration::from_secs(5)),
+            ],
+        );
+        let out = p.sweep(now, Instant::now());
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].1.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
+            ["stale"]
+        );
+        assert_eq!(ids(&p), vec!["fresh"]);
+        // Idle for lease_idle_secs: everything goes, and the tenant is forgotten once no refill
+        // is under way.
+        let later = Instant::now() + Duration::from_secs(11);
+        let out = p.sweep(now, later);
+        assert_eq!(out[0].1.len(), 1);
+        assert!(
+            p.tenants.lock().contains_key("acme"),
+            "a refill is still under way"
+        );
+        p.tenants.lock().get_mut("acme").expect("pool").refilling = false;
+        let _ = p.sweep(now, later);
+        assert!(p.tenants.lock().is_empty());
     }
 }
