@@ -298,8 +298,25 @@ impl Ledger {
         tenant: &str,
         reservation_id: &str,
     ) -> Result<Option<Nanos>, Error> {
+        self.release_audited(tenant, reservation_id, true).await
+    }
+
+    /// lua/release.lua on one hold; `audited`: whether it writes its `release` record (a lease
+    /// pool's spare hold given back unused is no call's, lease.rs).
+    pub(crate) async fn release_audited(
+        &self,
+        tenant: &str,
+        reservation_id: &str,
+        audited: bool,
+    ) -> Result<Option<Nanos>, Error> {
         let reply = self
-            .hold_script(&scripts::RELEASE, "release", tenant, reservation_id, true)
+            .hold_script(
+                &scripts::RELEASE,
+                "release",
+                tenant,
+                reservation_id,
+                audited,
+            )
             .await?;
         match reply.status() {
             "RELEASED" | "UNESTIMATED" => Ok(Some(Nanos(reply.int(1)?))),

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 
 use super::batch::{self, MAX_BATCH, MAX_BATCHED_VALUE, Op};
 use super::keys::{validate_name, validate_tenant};
-use super::scripts::{self, Reply};
+use super::scripts::Reply;
 use super::{Cap, CapScope, Ledger, ReserveRequest, from_ms};
 use crate::{Error, Nanos};
 
@@ -155,14 +155,7 @@ impl Ledger {
     /// # Errors
     /// [`Error::Invalid`] for bad names; [`Error::Redis`] when Redis is unavailable.
     pub async fn release_lease(&self, tenant: &str, id: &str) -> Result<Option<Nanos>, Error> {
-        let reply = self
-            .hold_script(&scripts::RELEASE, "release", tenant, id, false)
-            .await?;
-        match reply.status() {
-            "RELEASED" | "UNESTIMATED" => Ok(Some(Nanos(reply.int(1)?))),
-            "UNKNOWN" => Ok(None),
-            _ => Err(reply.unexpected()),
-        }
+        self.release_audited(tenant, id, false).await
     }
 }
 
