@@ -1,8 +1,10 @@
 //! The lease pool (`lease_pool`, enforcer/src/lease.rs): calls forwarded on spare holds are
-//! charged exactly as calls that reserve their own, a pool never lets a tenant overspend, and a
-//! graceful shutdown gives every spare hold back.
+//! charged exactly as calls that reserve their own, a pool never lets a tenant overspend, a
+//! graceful shutdown gives every spare hold back, and after kill -9 the unused ones are charged at
+//! their amount (over, never under).
 
 mod enforcer_common;
+mod reliability_common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -225,4 +227,86 @@ async fn a_pool_never_lets_concurrent_calls_overspend() {
     assert_eq!(s.held, Nanos::ZERO, "{s:?}");
     assert_eq!(s.requests, ok, "{s:?}");
     assert_eq!(s.estimated_spend, Nanos::ZERO, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_the_unused_spare_holds_are_charged_at_their_amount() {
+    const N: usize = 6;
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut stack = Stack::start(Opts {
+        top_toml: format!(
+            "lease_pool = 8\n{}",
+            reliability_common::spool_toml("lease-a", spool.path())
+        ),
+        extra_toml: BUDGET.into(),
+        ..Opts::default()
+    })
+    .await;
+    let _ = calls(&stack, N).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.spend("acme").await.requests < N as u64 {
+        assert!(Instant::now() < deadline, "calls not settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // What the pool held when the process died: spare holds of this instance, one amount each.
+    // A refill the last call started may still land: wait until the holds stay put.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let spares = loop {
+        let a = stack.ledger.holds("acme", 100).await.expect("holds");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = stack.ledger.holds("acme", 100).await.expect("holds");
+        if a.len() == b.len() {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "the pool never settled: {b:?}");
+    };
+    let before = stack.spend("acme").await;
+    assert!(!spares.is_empty(), "no spare hold to lose");
+    assert!(spares.len() <= 8, "{spares:?}");
+    let held: i64 = spares.iter().map(|h| h.amount.0).sum();
+    assert!(
+        spares
+            .iter()
+            .all(|h| h.instance.as_deref() == Some("lease-a") && h.amount == spares[0].amount),
+        "{spares:?}"
+    );
+    assert_eq!(before.held, Nanos(held));
+
+    reliability_common::kill_9(&mut stack);
+    reliability_common::restart(&mut stack);
+    // The restart's recovery commits them as estimates: the calls' own spend is untouched, and
+    // the over-charge is exactly the unused pool.
+    let l = stack.ledger.clone();
+    reliability_common::wait_until(15, "the spare holds committed", || {
+        let l = l.clone();
+        async move { l.holds("acme", 100).await.expect("holds").is_empty() }
+    })
+    .await;
+    let after = stack.spend("acme").await;
+    assert_eq!(
+        (
+            after.spend,
+            after.estimated_spend,
+            after.held,
+            after.requests
+        ),
+        (
+            Nanos(before.spend.0 + held),
+            Nanos(held),
+            Nanos::ZERO,
+            (N + spares.len()) as u64
+        ),
+        "{after:?}"
+    );
+    let estimates: BTreeSet<String> = audit(&stack)
+        .await
+        .into_iter()
+        .filter(|r| r.kind == "estimate")
+        .map(|r| r.request_id)
+        .collect();
+    assert_eq!(
+        estimates,
+        spares.iter().map(|h| h.id.clone()).collect::<BTreeSet<_>>(),
+        "the trail names each spare hold charged"
+    );
 }
