@@ -167,19 +167,23 @@ impl LeasePool {
                     i += 1;
                 }
             }
-            let refill = (!pool.refilling
+            let mut refill = None;
+            if !pool.refilling
                 && pool.free.len() <= pool.want / 2
-                && pool.retry_at.is_none_or(|t| now >= t))
-            .then(|| {
-                pool.want = (2 * pool.demand).max(2).min(self.settings.size);
-                // free ≤ want / 2 < want: at least one.
-                let count = pool.want - pool.free.len();
-                let amount = self.amount_for(pool.peak);
-                pool.refilling = true;
-                pool.demand = 0;
-                pool.peak = Nanos::ZERO;
-                (amount, count, pool.caps.clone())
-            });
+                && pool.retry_at.is_none_or(|t| now >= t)
+            {
+                // The new aim can be below what is left when calls slowed down: then nothing
+                // is asked, and the calls since keep counting.
+                let want = (2 * pool.demand).max(2).min(self.settings.size);
+                let count = want.saturating_sub(pool.free.len());
+                pool.want = want;
+                if count > 0 {
+                    refill = Some((self.amount_for(pool.peak), count, pool.caps.clone()));
+                    pool.refilling = true;
+                    pool.demand = 0;
+                    pool.peak = Nanos::ZERO;
+                }
+            }
             (got, refill)
         };
         if let Some((amount, count, caps)) = refill {
@@ -598,6 +602,31 @@ mod tests {
         let pool = &t["acme"];
         assert!(pool.refilling, "a refill started");
         assert_eq!((pool.want, pool.demand, pool.peak), (8, 0, Nanos::ZERO));
+    }
+
+    #[tokio::test]
+    async fn a_refill_never_asks_for_less_than_nothing() {
+        let p = pool(16).await;
+        let now = Utc::now();
+        // Eight spare holds left of a pool that aimed at 16, and calls have slowed to one: the
+        // new aim (2) is below what is left, so nothing is asked and no refill starts.
+        seed(
+            &p,
+            (0..8)
+                .map(|i| spare(&format!("s{i}"), 4_096, now, TTL + Duration::from_secs(5)))
+                .collect(),
+        );
+        {
+            let mut t = p.tenants.lock();
+            let pool = t.get_mut("acme").expect("pool");
+            pool.refilling = false;
+        }
+        let got = p.take(&call(1_000, now)).expect("a spare hold");
+        assert_eq!(got.id, "s0");
+        let t = p.tenants.lock();
+        let pool = &t["acme"];
+        assert!(!pool.refilling, "no refill for a pool above its aim");
+        assert_eq!((pool.want, pool.free.len(), pool.demand), (2, 7, 1));
     }
 
     #[tokio::test]
