@@ -37,6 +37,29 @@ async fn audit(stack: &Stack) -> Vec<AuditRecord> {
         .0
 }
 
+/// The request ids of the trail's records of `kind`.
+async fn record_ids(stack: &Stack, kind: &str) -> BTreeSet<String> {
+    audit(stack)
+        .await
+        .into_iter()
+        .filter(|r| r.kind == kind)
+        .map(|r| r.request_id)
+        .collect()
+}
+
+/// Waits until `n` calls of acme are committed (whatever stays held) and returns its figures.
+async fn committed(stack: &Stack, n: usize) -> TenantSpend {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stack.spend("acme").await;
+        if s.requests >= n as u64 {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "calls not settled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Stops the enforcer the way an orchestrator does and waits for it.
 fn terminate(stack: &mut Stack) {
     stack.enforcer.signal(libc::SIGTERM);
@@ -108,15 +131,7 @@ async fn calls_on_spare_holds_are_charged_exactly_as_calls_that_reserve() {
     let want = charged(&off.settled("acme", N as u64).await);
 
     // While it serves, the pool's spare holds are held; the calls themselves are all committed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let live = loop {
-        let s = on.spend("acme").await;
-        if s.requests >= N as u64 {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "calls not settled: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let live = committed(&on, N).await;
     assert_eq!(charged(&live), want, "{live:?}");
     assert!(live.held > Nanos::ZERO, "no spare hold is held: {live:?}");
     let m = on.metrics().await;
@@ -128,13 +143,10 @@ async fn calls_on_spare_holds_are_charged_exactly_as_calls_that_reserve() {
     assert!(counter(&m, "llmwarden_lease_reserved_total") >= taken);
 
     // Every call is recorded once, under the id it was answered with.
-    let settled: BTreeSet<String> = audit(&on)
-        .await
-        .into_iter()
-        .filter(|r| r.kind == "settle")
-        .map(|r| r.request_id)
-        .collect();
-    assert_eq!(settled, on_ids.iter().cloned().collect::<BTreeSet<_>>());
+    assert_eq!(
+        record_ids(&on, "settle").await,
+        on_ids.iter().cloned().collect::<BTreeSet<_>>()
+    );
 
     // A graceful stop gives the spare holds back: nothing held, nothing more charged, and the
     // trail holds the calls' settles only.
@@ -243,11 +255,7 @@ async fn after_kill_9_the_unused_spare_holds_are_charged_at_their_amount() {
     })
     .await;
     let _ = calls(&stack, N).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stack.spend("acme").await.requests < N as u64 {
-        assert!(Instant::now() < deadline, "calls not settled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    committed(&stack, N).await;
     // What the pool held when the process died: spare holds of this instance, one amount each.
     // A refill the last call started may still land: wait until the holds stay put.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -298,14 +306,8 @@ async fn after_kill_9_the_unused_spare_holds_are_charged_at_their_amount() {
         ),
         "{after:?}"
     );
-    let estimates: BTreeSet<String> = audit(&stack)
-        .await
-        .into_iter()
-        .filter(|r| r.kind == "estimate")
-        .map(|r| r.request_id)
-        .collect();
     assert_eq!(
-        estimates,
+        record_ids(&stack, "estimate").await,
         spares.iter().map(|h| h.id.clone()).collect::<BTreeSet<_>>(),
         "the trail names each spare hold charged"
     );
