@@ -50,7 +50,7 @@ impl Config {
         if self.proxy_threads > 1024 {
             return Err(bad("proxy_threads", "at most 1024 (0: one per CPU)"));
         }
-        if self.settle_window_ms > 1000 {
+        if self.settle_window_ms.is_some_and(|ms| ms > 1000) {
             return Err(bad(
                 "settle_window_ms",
                 "at most 1000 (spend shows this much later; 0: settle at once)",

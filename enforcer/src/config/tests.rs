@@ -109,6 +109,15 @@ fn errors_name_the_key() {
         .ledger_config(std::time::Duration::from_secs(1))
         .expect("ledger config");
     assert_eq!(l.settle_window, std::time::Duration::from_millis(2));
+    // Unset, a lease pool picks the longer window; set, the value wins either way.
+    let c = Config::parse(&format!("lease_pool = 16\n{}", minimal())).expect("pool");
+    assert_eq!(c.settle_window(), std::time::Duration::from_millis(10));
+    let c = Config::parse(&format!(
+        "lease_pool = 16\nsettle_window_ms = 2\n{}",
+        minimal()
+    ))
+    .expect("pool and window");
+    assert_eq!(c.settle_window(), std::time::Duration::from_millis(2));
 }
 
 #[test]
