@@ -1,12 +1,15 @@
 //! The lease pool (`lease_pool`, off by default): spare holds of a tenant reserved ahead, so a call
 //! whose worst case fits one is forwarded without a Redis round trip before it.
 //!
-//! Per tenant the pool keeps up to `lease_pool` spare holds ([`ledger::store::Lease`]), all
+//! Per tenant, and per feature of a tenant that a feature budget caps, the pool keeps up to
+//! `lease_pool` spare holds ([`ledger::store::Lease`]), all
 //! reserved in one script call by a background refill when half are gone. A refill aims at twice
 //! the calls that came in since the one before (2 at least), so a tenant that calls now and then
 //! gets a small pool and a busy one the whole `lease_pool`. A call takes one when:
-//! - its caps are all the tenant's (a feature or session cap, or a rate limit, needs the call's
-//!   own reserve, which checks them);
+//! - it has no session cap and no rate limit (those need the call's own reserve, which checks
+//!   them). A call with a feature cap draws from its feature's pool, whose spare holds were
+//!   checked against that feature's caps and count in its `held`; any other call from its
+//!   tenant's;
 //! - its worst case is at most the spare hold's amount, and at most `lease_max_usd`;
 //! - the spare hold belongs to the call's UTC day (its caps were checked against that day and its
 //!   month) and has at least `reserve_ttl_secs` left, as a call's own hold would;
@@ -88,6 +91,7 @@ pub struct LeasePool {
     ledger: Ledger,
     settings: LeaseSettings,
     counters: LeaseCounters,
+    /// By pool: the tenant's name, or `tenant|feature` for a feature's (no tenant name holds a `|`).
     tenants: parking_lot::Mutex<HashMap<String, Pool>>,
     closed: std::sync::atomic::AtomicBool,
     /// Refills and releases under way: a graceful shutdown waits for them.
@@ -129,21 +133,28 @@ impl LeasePool {
             return None;
         }
         let now = Instant::now();
+        let feature = pool_feature(rr);
+        let key = match feature {
+            None => std::borrow::Cow::Borrowed(rr.tenant.as_str()),
+            Some(f) => std::borrow::Cow::Owned(format!("{}|{f}", rr.tenant)),
+        };
         let mut stale = Vec::new();
         let (got, refill) = {
             let mut tenants = self.tenants.lock();
-            let pool = match tenants.get_mut(&rr.tenant) {
+            let pool = match tenants.get_mut(key.as_ref()) {
                 Some(p) => p,
-                None => tenants.entry(rr.tenant.clone()).or_insert_with(|| Pool {
-                    peak: Nanos::ZERO,
-                    demand: 0,
-                    want: 2,
-                    caps: rr.caps.clone(),
-                    free: VecDeque::new(),
-                    refilling: false,
-                    retry_at: None,
-                    last_use: now,
-                }),
+                None => tenants
+                    .entry(key.clone().into_owned())
+                    .or_insert_with(|| Pool {
+                        peak: Nanos::ZERO,
+                        demand: 0,
+                        want: 2,
+                        caps: rr.caps.clone(),
+                        free: VecDeque::new(),
+                        refilling: false,
+                        retry_at: None,
+                        last_use: now,
+                    }),
             };
             pool.last_use = now;
             if pool.caps != rr.caps {
@@ -187,8 +198,9 @@ impl LeasePool {
             (got, refill)
         };
         if let Some((amount, count, caps)) = refill {
+            let req = self.lease_request(rr, feature, amount, count, caps);
             self.tasks
-                .spawn(Arc::clone(self).refill(rr.tenant.clone(), amount, count, caps));
+                .spawn(Arc::clone(self).refill(key.into_owned(), req));
         }
         if !stale.is_empty() {
             self.tasks
@@ -200,15 +212,42 @@ impl LeasePool {
         got
     }
 
-    /// Whether a call may take a spare hold at all: no feature or session cap and no rate limit
-    /// (those need the call's own reserve), a worst case within the largest spare hold.
+    /// Whether a call may take a spare hold at all: no session cap and no rate limit (those need
+    /// the call's own reserve), a worst case within the largest spare hold.
     fn eligible(&self, rr: &ReserveRequest) -> bool {
         self.enabled()
             && !self.closed()
             && rr.rates.is_empty()
             && rr.amount > Nanos::ZERO
             && rr.amount <= self.settings.max_amount
-            && rr.caps.iter().all(|c| c.scope == CapScope::Tenant)
+            && rr
+                .caps
+                .iter()
+                .all(|c| !matches!(c.scope, CapScope::Session(_)))
+    }
+
+    /// The refill of a pool for calls like `rr`: `count` spare holds of `amount`, checked
+    /// against `caps` (the pool's) with a pool's worth of room.
+    fn lease_request(
+        &self,
+        rr: &ReserveRequest,
+        feature: Option<&str>,
+        amount: Nanos,
+        count: usize,
+        caps: Vec<Cap>,
+    ) -> LeaseRequest {
+        LeaseRequest {
+            tenant: rr.tenant.clone(),
+            feature: feature.map(str::to_owned),
+            amount,
+            ids: (0..count)
+                .map(|_| uuid::Uuid::now_v7().to_string())
+                .collect(),
+            ttl: self.settings.call_ttl + self.settings.idle,
+            room: lease_room(self.settings.size, amount),
+            caps,
+            at: Utc::now(),
+        }
     }
 
     /// The spare hold amount for a worst case: the next power of two, within `lease_max_usd`.
@@ -227,27 +266,17 @@ impl LeasePool {
         at < l.day_end && left.is_ok_and(|d| d >= self.settings.call_ttl)
     }
 
-    /// Reserves `count` spare holds of `amount` for `tenant` and adds those granted to its pool.
-    async fn refill(self: Arc<Self>, tenant: String, amount: Nanos, count: usize, caps: Vec<Cap>) {
-        let req = LeaseRequest {
-            tenant: tenant.clone(),
-            amount,
-            ids: (0..count)
-                .map(|_| uuid::Uuid::now_v7().to_string())
-                .collect(),
-            ttl: self.settings.call_ttl + self.settings.idle,
-            room: lease_room(self.settings.size, amount),
-            caps,
-            at: Utc::now(),
-        };
+    /// Reserves the spare holds `req` asks for and adds those granted to the pool `key`.
+    async fn refill(self: Arc<Self>, key: String, req: LeaseRequest) {
+        let (tenant, count) = (req.tenant.clone(), req.ids.len());
         let res = self.ledger.lease(&req).await;
         if let Ok(granted) = &res {
-            tracing::debug!(tenant = %tenant, amount = %amount, asked = count, granted = granted.len(), "lease pool refill");
+            tracing::debug!(tenant = %tenant, feature = req.feature.as_deref().unwrap_or(""), amount = %req.amount, asked = count, granted = granted.len(), "lease pool refill");
         }
         let mut back = Vec::new();
         {
             let mut tenants = self.tenants.lock();
-            let pool = tenants.get_mut(&tenant);
+            let pool = tenants.get_mut(&key);
             match (&res, pool) {
                 (Ok(granted), Some(pool)) if !self.closed() && pool.caps == req.caps => {
                     pool.refilling = false;
@@ -348,7 +377,7 @@ impl LeasePool {
     fn sweep(&self, at: DateTime<Utc>, now: Instant) -> Vec<(String, Vec<Lease>)> {
         let mut out = Vec::new();
         let mut tenants = self.tenants.lock();
-        tenants.retain(|tenant, pool| {
+        tenants.retain(|key, pool| {
             let idle = now.duration_since(pool.last_use) >= self.settings.idle;
             let stale: Vec<Lease> = if idle {
                 pool.free.drain(..).collect()
@@ -364,7 +393,7 @@ impl LeasePool {
                 stale
             };
             if !stale.is_empty() {
-                out.push((tenant.clone(), stale));
+                out.push((tenant_of(key).to_owned(), stale));
             }
             !idle || pool.refilling
         });
@@ -381,7 +410,7 @@ impl LeasePool {
             .tenants
             .lock()
             .iter_mut()
-            .map(|(t, p)| (t.clone(), p.free.drain(..).collect()))
+            .map(|(k, p)| (tenant_of(k).to_owned(), p.free.drain(..).collect()))
             .collect();
         for (tenant, leases) in all {
             if !leases.is_empty() {
@@ -397,6 +426,20 @@ impl LeasePool {
     pub fn free(&self) -> usize {
         self.tenants.lock().values().map(|p| p.free.len()).sum()
     }
+}
+
+/// The feature whose pool a call draws from: its own when one of its caps is its feature's,
+/// none (the tenant's pool) otherwise.
+fn pool_feature(rr: &ReserveRequest) -> Option<&str> {
+    rr.caps.iter().find_map(|c| match &c.scope {
+        CapScope::Feature(f) => Some(f.as_str()),
+        _ => None,
+    })
+}
+
+/// The tenant of a pool key (`tenant` or `tenant|feature`).
+fn tenant_of(key: &str) -> &str {
+    key.split_once('|').map_or(key, |(t, _)| t)
 }
 
 #[cfg(test)]
@@ -465,13 +508,18 @@ mod tests {
 
     /// Seeds the tenant's pool with `free`, as if a refill were under way (so none starts).
     fn seed(p: &LeasePool, free: Vec<Lease>) {
+        seed_pool(p, "acme", caps(), free);
+    }
+
+    /// Seeds the pool `key` (checked against `caps`) with `free`, a refill under way.
+    fn seed_pool(p: &LeasePool, key: &str, caps: Vec<Cap>, free: Vec<Lease>) {
         p.tenants.lock().insert(
-            "acme".into(),
+            key.into(),
             Pool {
                 peak: Nanos::ZERO,
                 demand: 0,
                 want: 16,
-                caps: caps(),
+                caps,
                 free: free.into(),
                 refilling: true,
                 retry_at: None,
@@ -528,9 +576,10 @@ mod tests {
             &p,
             vec![spare("s", 1 << 20, now, TTL + Duration::from_secs(5))],
         );
-        let mut feature = call(100, now);
-        feature.caps.push(Cap {
-            scope: CapScope::Feature("bot".into()),
+        let mut session = call(100, now);
+        session.session = Some("s1".into());
+        session.caps.push(Cap {
+            scope: CapScope::Session("s1".into()),
             period: Period::Day,
             limit: Nanos(1 << 30),
         });
@@ -542,7 +591,7 @@ mod tests {
         });
         let big = call(1_000_000_001, now);
         for (what, r) in [
-            ("feature cap", feature),
+            ("session cap", session),
             ("rate limit", rated),
             ("above lease_max_usd", big),
         ] {
@@ -553,6 +602,46 @@ mod tests {
         let off = pool(0).await;
         assert!(off.take(&call(100, now)).is_none());
         assert!(off.tenants.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_call_with_a_feature_cap_draws_from_its_features_pool() {
+        let p = pool(16).await;
+        let now = Utc::now();
+        let mut bot_caps = caps();
+        bot_caps.push(Cap {
+            scope: CapScope::Feature("bot".into()),
+            period: Period::Day,
+            limit: Nanos(1 << 30),
+        });
+        let fresh = TTL + Duration::from_secs(5);
+        seed(&p, vec![spare("tenant", 4_096, now, fresh)]);
+        seed_pool(
+            &p,
+            "acme|bot",
+            bot_caps.clone(),
+            vec![spare("bot", 4_096, now, fresh)],
+        );
+        // Capped by feature bot: only the spare hold checked against (and held for) bot's cap.
+        let mut capped = call(100, now);
+        capped.caps = bot_caps;
+        assert_eq!(p.take(&capped).expect("bot's spare hold").id, "bot");
+        assert!(p.take(&capped).is_none(), "never the tenant's");
+        // Feature bot without a cap of its own (`call` names it): the tenant's pool.
+        assert_eq!(p.take(&call(100, now)).expect("the tenant's").id, "tenant");
+        // The sweeper gives a feature's spare holds back under its tenant.
+        seed_pool(
+            &p,
+            "acme|bot",
+            Vec::new(),
+            vec![spare("left", 4_096, now, fresh)],
+        );
+        let out = p.sweep(now, Instant::now() + Duration::from_secs(11));
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].0.as_str(), out[0].1[0].id.as_str()),
+            ("acme", "left")
+        );
     }
 
     #[tokio::test]

@@ -30,6 +30,7 @@ fn month_cap(limit: i64) -> Cap {
 fn lease_req(amount: i64, count: usize, limit: i64, room: i64, ttl: Duration) -> LeaseRequest {
     LeaseRequest {
         tenant: "acme".into(),
+        feature: None,
         amount: Nanos(amount),
         ids: (0..count)
             .map(|_| uuid::Uuid::now_v7().to_string())
@@ -244,6 +245,60 @@ async fn an_unused_spare_hold_past_its_ttl_is_charged_at_its_amount() {
     assert_eq!(figures(&l).await, vec![(800, 0, 700, 2, 100); 2]);
 }
 
+/// (held, spend) of feature bot in both periods.
+async fn bot(l: &Ledger) -> Vec<(i64, i64)> {
+    spend(l)
+        .await
+        .iter()
+        .map(|s| {
+            let get =
+                |m: &std::collections::BTreeMap<String, Nanos>| m.get("bot").map_or(0, |n| n.0);
+            (get(&s.held_by_feature), get(&s.by_feature))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_features_spare_holds_count_in_its_held_and_keep_room_under_its_cap() {
+    let server = RedisServer::start();
+    let l = ledger(&server).await;
+    // The tenant has room for plenty; feature bot's day cap of 10,000 with room 4,000 admits 6.
+    let mut r = lease_req(1_000, 8, 1_000_000, 4_000, Duration::from_millis(300));
+    r.feature = Some("bot".into());
+    r.caps.push(Cap {
+        scope: CapScope::Feature("bot".into()),
+        period: Period::Day,
+        limit: Nanos(10_000),
+    });
+    let got = lease(&l, &r).await;
+    assert_eq!(
+        got.len(),
+        6,
+        "the feature's cap, less the room, bounds the pool"
+    );
+    assert_eq!(bot(&l).await, vec![(6_000, 0); 2]);
+    assert_eq!(figures(&l).await, vec![(0, 6_000, 0, 0, 0); 2]);
+    // A call of the feature settles under one: its held becomes spend, as under its own reserve.
+    l.settle(&settlement(&got[0].id, 400))
+        .await
+        .expect("settle");
+    assert_eq!(bot(&l).await, vec![(5_000, 400); 2]);
+    // A failed call is released; three go back unused; the last one expires and is charged, to
+    // the feature, as an estimate.
+    l.release("acme", &got[1].id).await.expect("release");
+    for g in &got[2..5] {
+        assert_eq!(
+            l.release_lease("acme", &g.id).await.expect("release lease"),
+            Some(Nanos(1_000))
+        );
+    }
+    assert_eq!(bot(&l).await, vec![(1_000, 400); 2]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(l.reclaim_expired("acme").await.expect("reclaim"), 1);
+    assert_eq!(bot(&l).await, vec![(0, 1_400); 2]);
+    assert_eq!(figures(&l).await, vec![(1_400, 0, 1_000, 2, 1_400); 2]);
+}
+
 #[tokio::test]
 async fn a_bad_lease_request_is_refused_by_name() {
     let server = RedisServer::start();
@@ -269,6 +324,36 @@ async fn a_bad_lease_request_is_refused_by_name() {
             "lease id",
         ),
         (feature, "lease cap"),
+        (
+            LeaseRequest {
+                feature: Some("bot".into()),
+                caps: vec![Cap {
+                    scope: CapScope::Feature("other".into()),
+                    period: Period::Day,
+                    limit: Nanos(10_000),
+                }],
+                ..lease_req(1_000, 1, 10_000, 0, ttl)
+            },
+            "lease cap",
+        ),
+        (
+            LeaseRequest {
+                caps: vec![Cap {
+                    scope: CapScope::Session("s1".into()),
+                    period: Period::Day,
+                    limit: Nanos(10_000),
+                }],
+                ..lease_req(1_000, 1, 10_000, 0, ttl)
+            },
+            "lease cap",
+        ),
+        (
+            LeaseRequest {
+                feature: Some("a b".into()),
+                ..lease_req(1_000, 1, 10_000, 0, ttl)
+            },
+            "feature",
+        ),
     ] {
         match l.lease(&r).await {
             Err(ledger::Error::Invalid { what: w, .. }) => assert_eq!(w, what),

@@ -110,7 +110,8 @@ fn charged(s: &TenantSpend) -> (Nanos, Nanos, u64, u64, u64, Option<Nanos>) {
     )
 }
 
-const BUDGET: &str = "[[budgets]]\ntenant = \"acme\"\nperiod = \"month\"\nlimit_usd = 100\n\n[[budgets]]\ntenant = \"acme\"\nperiod = \"day\"\nlimit_usd = 50\n";
+/// The tenant's caps, and a cap of feature triage: its calls draw from a pool of their own.
+const BUDGET: &str = "[[budgets]]\ntenant = \"acme\"\nperiod = \"month\"\nlimit_usd = 100\n\n[[budgets]]\ntenant = \"acme\"\nperiod = \"day\"\nlimit_usd = 50\n\n[[budgets]]\ntenant = \"acme\"\nfeature = \"triage\"\nperiod = \"day\"\nlimit_usd = 20\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_on_spare_holds_are_charged_exactly_as_calls_that_reserve() {
@@ -134,10 +135,15 @@ async fn calls_on_spare_holds_are_charged_exactly_as_calls_that_reserve() {
     let live = committed(&on, N).await;
     assert_eq!(charged(&live), want, "{live:?}");
     assert!(live.held > Nanos::ZERO, "no spare hold is held: {live:?}");
+    assert!(
+        live.held_by_feature.get("triage") > Some(&Nanos::ZERO),
+        "feature triage's pool holds nothing: {live:?}"
+    );
     let m = on.metrics().await;
     let taken = counter(&m, "llmwarden_lease_taken_total");
+    // Each of the two pools (the tenant's, triage's) misses a call or two while it first fills.
     assert!(
-        taken + 3 >= N as u64,
+        taken + 5 >= N as u64,
         "only {taken} of {N} sequential calls took a spare hold"
     );
     assert!(counter(&m, "llmwarden_lease_reserved_total") >= taken);
@@ -162,6 +168,17 @@ async fn calls_on_spare_holds_are_charged_exactly_as_calls_that_reserve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pool_never_lets_concurrent_calls_overspend() {
+    crowd(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_features_pool_never_lets_concurrent_calls_overspend_its_cap() {
+    crowd(Some("triage")).await;
+}
+
+/// Six clients of tenant crowd calling back to back against a cap worth 50 calls: the tenant's,
+/// or `feature`'s (the tenant then has a cap far above it, so both pools' rules apply).
+async fn crowd(feature: Option<&str>) {
     // Worst case of one call: gpt-4o-mini, ~20 input tokens (+10%), 200 output tokens.
     let one = PriceTable::builtin()
         .max_cost("gpt-4o-mini", 22, 200)
@@ -171,9 +188,15 @@ async fn a_pool_never_lets_concurrent_calls_overspend() {
     let usd = enforcer_common::usd(cap);
     let mut stack = Stack::start(Opts {
         top_toml: "lease_pool = 8\ntimeouts.redis_ms = 10000\n".into(),
-        extra_toml: format!(
-            "[[budgets]]\ntenant = \"crowd\"\nperiod = \"month\"\nlimit_usd = {usd}\n"
-        ),
+        extra_toml: match feature {
+            None => format!(
+                "[[budgets]]\ntenant = \"crowd\"\nperiod = \"month\"\nlimit_usd = {usd}\n"
+            ),
+            Some(f) => format!(
+                "[[budgets]]\ntenant = \"crowd\"\nperiod = \"month\"\nlimit_usd = 1000\n\n\
+                 [[budgets]]\ntenant = \"crowd\"\nfeature = \"{f}\"\nperiod = \"day\"\nlimit_usd = {usd}\n"
+            ),
+        },
         mock_output_tokens: Some(200),
         ..Opts::default()
     })
@@ -184,6 +207,7 @@ async fn a_pool_never_lets_concurrent_calls_overspend() {
     let mut tasks = Vec::new();
     for c in 0..6u32 {
         let url = url.clone();
+        let feature = feature.map(str::to_owned);
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut denied) = (0u64, 0u64);
             for i in 0..25u32 {
@@ -191,10 +215,14 @@ async fn a_pool_never_lets_concurrent_calls_overspend() {
                     "model": "gpt-4o-mini", "max_tokens": 200,
                     "messages": [{"role": "user", "content": format!("call {i} of client {c}")}],
                 });
-                let r = http()
+                let mut req = http()
                     .post(&url)
                     .bearer_auth(KEY_OPS)
-                    .header("x-tenant-id", "crowd")
+                    .header("x-tenant-id", "crowd");
+                if let Some(f) = &feature {
+                    req = req.header("x-feature-name", f);
+                }
+                let r = req
                     .json(&body)
                     .send()
                     .await
@@ -236,6 +264,13 @@ async fn a_pool_never_lets_concurrent_calls_overspend() {
         "overspend: committed {} > cap {cap}",
         s.spend
     );
+    if let Some(f) = feature {
+        assert_eq!(s.by_feature.get(f), Some(&s.spend), "{s:?}");
+        assert_eq!(
+            s.held_by_feature.get(f).copied().unwrap_or_default(),
+            Nanos::ZERO
+        );
+    }
     assert_eq!(s.held, Nanos::ZERO, "{s:?}");
     assert_eq!(s.requests, ok, "{s:?}");
     assert_eq!(s.estimated_spend, Nanos::ZERO, "{s:?}");

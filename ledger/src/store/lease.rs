@@ -7,6 +7,8 @@
 //! or release ends it, and one left unused past its ttl is reclaimed and committed at its amount as
 //! estimated spend, like a call's abandoned hold. So a crashed enforcer over-charges its tenants by
 //! the spare holds it had not handed out, never under-charges (docs/enforcer.md, "Lease pool").
+//! Spare holds may be a feature's: reserved with the feature's caps beside the tenant's, they count
+//! in the feature's `held` too, and a call of that feature settles under one as under its own.
 //! What differs:
 //! - Its caps are checked with room to spare: a spare hold is granted only while each cap keeps
 //!   [`LeaseRequest::room`] free after it, so a pool never takes the last of a tenant's budget from
@@ -20,7 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::batch::{self, MAX_BATCH, MAX_BATCHED_VALUE, Op};
-use super::keys::{validate_name, validate_tenant};
+use super::keys::{validate_name, validate_opt, validate_tenant};
 use super::scripts::Reply;
 use super::{Cap, CapScope, Ledger, ReserveRequest, from_ms};
 use crate::{Error, Nanos};
@@ -30,6 +32,9 @@ use crate::{Error, Nanos};
 pub struct LeaseRequest {
     /// The tenant paying.
     pub tenant: String,
+    /// The feature the spare holds are for (`None`: the tenant's). A feature's count in its
+    /// `held` as a reservation of that feature does; its calls may take them, no other call.
+    pub feature: Option<String>,
     /// The amount of each spare hold.
     pub amount: Nanos,
     /// The ids of the spare holds to reserve (1 to 64, each new): chosen by the caller, so that
@@ -38,7 +43,8 @@ pub struct LeaseRequest {
     /// How long each lives if never settled or released (then it is committed at `amount` as
     /// estimated spend): the longest call plus the time it may wait in the pool.
     pub ttl: Duration,
-    /// The tenant's caps (tenant scope only: a spare hold carries no feature or session).
+    /// The caps: the tenant's, and the feature's when [`LeaseRequest::feature`] names one (a
+    /// spare hold carries no session).
     pub caps: Vec<Cap>,
     /// What each cap must keep free after a spare hold ([`lease_room`]).
     pub room: Nanos,
@@ -77,8 +83,9 @@ impl Ledger {
     /// fewer than asked (maybe none) when a cap has less than `amount + room` left.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a bad tenant, an amount that is not positive or too large to sum
-    /// exactly in a batch, 0 or more than 64 ids or a bad one, or a cap that is not the tenant's;
+    /// [`Error::Invalid`] for a bad tenant or feature, an amount that is not positive or too large
+    /// to sum exactly in a batch, 0 or more than 64 ids or a bad one, or a cap that is neither the
+    /// tenant's nor the request's feature's;
     /// [`Error::Redis`] when Redis is unavailable.
     pub async fn lease(&self, r: &LeaseRequest) -> Result<Vec<Lease>, Error> {
         validate(r)?;
@@ -102,7 +109,7 @@ impl Ledger {
             .map(|id| {
                 self.reserve_item(&ReserveRequest {
                     tenant: r.tenant.clone(),
-                    feature: None,
+                    feature: r.feature.clone(),
                     session: None,
                     request_id: id.clone(),
                     provider: String::new(),
@@ -161,6 +168,7 @@ impl Ledger {
 
 fn validate(r: &LeaseRequest) -> Result<(), Error> {
     validate_tenant(&r.tenant)?;
+    validate_opt("feature", r.feature.as_deref())?;
     let bad = |what: &'static str, detail: String| Err(Error::Invalid { what, detail });
     if r.amount.0 <= 0 || r.amount.0 >= MAX_BATCHED_VALUE {
         return bad(
@@ -184,10 +192,18 @@ fn validate(r: &LeaseRequest) -> Result<(), Error> {
     if r.room.0 < 0 {
         return bad("lease room", format!("{} is negative", r.room));
     }
-    if let Some(cap) = r.caps.iter().find(|c| c.scope != CapScope::Tenant) {
+    let fits = |c: &Cap| match &c.scope {
+        CapScope::Tenant => true,
+        CapScope::Feature(f) => r.feature.as_deref() == Some(f.as_str()),
+        CapScope::Session(_) => false,
+    };
+    if let Some(cap) = r.caps.iter().find(|c| !fits(c)) {
         return bad(
             "lease cap",
-            format!("{cap:?} is not a tenant cap: spare holds carry no feature or session"),
+            format!(
+                "{cap:?} is neither the tenant's nor the feature's ({:?}): spare holds carry no session",
+                r.feature
+            ),
         );
     }
     Ok(())
