@@ -90,7 +90,9 @@ pub async fn reserve_worst_case(
         tokens,
     };
     let (hold, lease) = match app.budgets.leases.take(&rr) {
-        Some(l) => (Hold::Reserved(l.amount), Some(l.id)),
+        // The call holds its own worst case, as if it had reserved it: a call billed at its
+        // reservation (no usage record) pays that, not the larger spare hold around it.
+        Some(l) => (Hold::Reserved(rr.amount), Some(l.id)),
         None => (app.budgets.reserve(&rr, &app.metrics).await?, None),
     };
     let scopes = rr

@@ -67,8 +67,9 @@ fn terminate(stack: &mut Stack) {
     assert!(st.success(), "enforcer exit: {st:?}\n{}", stack.log());
 }
 
-/// Runs the same calls (half streaming, some with a feature) through a stack and returns the
-/// request ids the enforcer answered with.
+/// Runs the same calls (half streaming, some with a feature, some answered without a usage record
+/// and so billed at their worst case) through a stack and returns the request ids the enforcer
+/// answered with.
 async fn calls(stack: &Stack, n: usize) -> Vec<String> {
     let url = format!("{}/chat/completions", stack.base("openai"));
     let mut ids = Vec::new();
@@ -84,6 +85,9 @@ async fn calls(stack: &Stack, n: usize) -> Vec<String> {
         let mut req = http().post(&url).bearer_auth(KEY_ACME).json(&body);
         if i % 3 == 0 {
             req = req.header("x-feature-name", "triage");
+        }
+        if i % 6 == 2 || i % 6 == 5 {
+            req = req.header("x-mock-fault", "no-usage");
         }
         let r = req.send().await.unwrap_or_else(|e| panic!("call {i}: {e}"));
         assert_eq!(r.status(), 200, "call {i}");
@@ -335,7 +339,7 @@ async fn after_kill_9_the_unused_spare_holds_are_charged_at_their_amount() {
         ),
         (
             Nanos(before.spend.0 + held),
-            Nanos(held),
+            Nanos(before.estimated_spend.0 + held),
             Nanos::ZERO,
             (N + spares.len()) as u64
         ),
