@@ -30,13 +30,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use ledger::Nanos;
 use ledger::store::{Cap, CapScope, Lease, LeaseRequest, Ledger, ReserveRequest, lease_room};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// How long a refused or failed refill waits before the tenant's pool asks again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -52,6 +53,21 @@ pub struct LeaseCounters {
     pub released: Counter<u64, AtomicU64>,
     /// Refills refused (a cap without a pool's room) or failed (Redis).
     pub refused: Counter<u64, AtomicU64>,
+    /// Spare holds waiting in the pools for a call.
+    pub spare: Gauge<i64, AtomicI64>,
+    /// What those spare holds hold (nano-USD): what a crash of this process now would charge as
+    /// estimates at most.
+    pub spare_nanousd: Gauge<i64, AtomicI64>,
+}
+
+impl LeaseCounters {
+    /// Spare holds entered (`sign` 1) or left (-1) the pools.
+    fn pooled<'a>(&self, leases: impl IntoIterator<Item = &'a Lease>, sign: i64) {
+        for l in leases {
+            self.spare.inc_by(sign);
+            self.spare_nanousd.inc_by(sign.saturating_mul(l.amount.0));
+        }
+    }
 }
 
 /// Settings, from the config.
@@ -202,6 +218,7 @@ impl LeasePool {
             self.tasks
                 .spawn(Arc::clone(self).refill(key.into_owned(), req));
         }
+        self.counters.pooled(stale.iter().chain(&got), -1);
         if !stale.is_empty() {
             self.tasks
                 .spawn(Arc::clone(self).release(rr.tenant.clone(), stale));
@@ -286,6 +303,7 @@ impl LeasePool {
                         pool.retry_at = Some(Instant::now() + RETRY);
                     }
                     pool.free.extend(granted.iter().cloned());
+                    self.counters.pooled(granted, 1);
                 }
                 (Ok(granted), pool) => {
                     // Closed, swept, or the budgets changed meanwhile: give them back.
@@ -393,6 +411,7 @@ impl LeasePool {
                 stale
             };
             if !stale.is_empty() {
+                self.counters.pooled(&stale, -1);
                 out.push((tenant_of(key).to_owned(), stale));
             }
             !idle || pool.refilling
@@ -413,6 +432,7 @@ impl LeasePool {
             .map(|(k, p)| (tenant_of(k).to_owned(), p.free.drain(..).collect()))
             .collect();
         for (tenant, leases) in all {
+            self.counters.pooled(&leases, -1);
             if !leases.is_empty() {
                 self.tasks.spawn(Arc::clone(self).release(tenant, leases));
             }

@@ -371,6 +371,16 @@ impl Metrics {
             self.leases.released.clone(),
         );
         r.register(
+            "llmwarden_lease_spare_holds",
+            "Spare holds waiting in the lease pools for a call",
+            self.leases.spare.clone(),
+        );
+        r.register(
+            "llmwarden_lease_spare_nanousd",
+            "What the spare holds waiting in the lease pools hold: a crash now would charge at most this as estimates",
+            self.leases.spare_nanousd.clone(),
+        );
+        r.register(
             "llmwarden_lease_refused",
             "Lease pool refills refused near a limit, or failed",
             self.leases.refused.clone(),

@@ -143,6 +143,26 @@ async fn calls_on_spare_holds_are_charged_exactly_as_calls_that_reserve() {
         live.held_by_feature.get("triage") > Some(&Nanos::ZERO),
         "feature triage's pool holds nothing: {live:?}"
     );
+    // The gauges name exactly what the pools hold once no refill is under way: every hold in
+    // Redis is a waiting spare hold, and what a crash now would charge is their sum.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = on.metrics().await;
+        let held = on.spend("acme").await.held;
+        let holds = on.ledger.holds("acme", 100).await.expect("holds").len() as u64;
+        let gauges = (
+            counter(&m, "llmwarden_lease_spare_holds"),
+            counter(&m, "llmwarden_lease_spare_nanousd"),
+        );
+        if gauges == (holds, u64::try_from(held.0).expect("held")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gauges {gauges:?} against {holds} holds of {held} in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let m = on.metrics().await;
     let taken = counter(&m, "llmwarden_lease_taken_total");
     // Each of the two pools (the tenant's, triage's) misses a call or two while it first fills.
