@@ -4,8 +4,9 @@
 //! Per tenant, and per feature of a tenant that a feature budget caps, the pool keeps up to
 //! `lease_pool` spare holds ([`ledger::store::Lease`]), all
 //! reserved in one script call by a background refill when half are gone. A refill aims at twice
-//! the calls that came in since the one before (2 at least), so a tenant that calls now and then
-//! gets a small pool and a busy one the whole `lease_pool`. A call takes one when:
+//! the calls that came in since the one before, counted over a second at least (2 at least), so
+//! a tenant that calls now and then gets a small pool and a busy one the whole `lease_pool`. A
+//! call takes one when:
 //! - it has no session cap and no rate limit (those need the call's own reserve, which checks
 //!   them). A call with a feature cap draws from its feature's pool, whose spare holds were
 //!   checked against that feature's caps and count in its `held`; any other call from its
@@ -90,9 +91,12 @@ struct Pool {
     peak: Nanos,
     /// Calls that asked since the last refill started.
     demand: usize,
-    /// How many spare holds the last refill aimed at: twice the calls that came in since the one
-    /// before (at least 2, at most `lease_pool`), so a tenant with a call now and then gets a
-    /// small pool, and few spare holds are given back unused.
+    /// When the last refill started (or the pool was made).
+    since: Instant,
+    /// How many spare holds the last refill aimed at ([`aim`]): twice the calls that came in
+    /// since the one before, over a second at least (at least 2, at most `lease_pool`), so a
+    /// tenant with a call now and then gets a small pool, and few spare holds are given back
+    /// unused.
     want: usize,
     /// The caps the spare holds were checked against.
     caps: Vec<Cap>,
@@ -164,6 +168,7 @@ impl LeasePool {
                     .or_insert_with(|| Pool {
                         peak: Nanos::ZERO,
                         demand: 0,
+                        since: now,
                         want: 2,
                         caps: rr.caps.clone(),
                         free: VecDeque::new(),
@@ -201,13 +206,18 @@ impl LeasePool {
             {
                 // The new aim can be below what is left when calls slowed down: then nothing
                 // is asked, and the calls since keep counting.
-                let want = (2 * pool.demand).max(2).min(self.settings.size);
+                let want = aim(
+                    pool.demand,
+                    now.duration_since(pool.since),
+                    self.settings.size,
+                );
                 let count = want.saturating_sub(pool.free.len());
                 pool.want = want;
                 if count > 0 {
                     refill = Some((self.amount_for(pool.peak), count, pool.caps.clone()));
                     pool.refilling = true;
                     pool.demand = 0;
+                    pool.since = now;
                     pool.peak = Nanos::ZERO;
                 }
             }
@@ -457,6 +467,23 @@ fn pool_feature(rr: &ReserveRequest) -> Option<&str> {
     })
 }
 
+/// What a refill aims at after `demand` calls in `elapsed` since the last one: twice the calls,
+/// counted over a second when the last refill was sooner (at 45 calls a second one after another,
+/// each call would otherwise start a refill of one or two), at least 2, at most `size`.
+fn aim(demand: usize, elapsed: Duration, size: usize) -> usize {
+    const HORIZON: Duration = Duration::from_secs(1);
+    let per_horizon = if elapsed >= HORIZON {
+        demand
+    } else {
+        let ms = u64::try_from(elapsed.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let scaled = (demand as u64).saturating_mul(1_000) / ms;
+        usize::try_from(scaled).unwrap_or(usize::MAX)
+    };
+    per_horizon.saturating_mul(2).max(2).min(size)
+}
+
 /// The tenant of a pool key (`tenant` or `tenant|feature`).
 fn tenant_of(key: &str) -> &str {
     key.split_once('|').map_or(key, |(t, _)| t)
@@ -538,6 +565,9 @@ mod tests {
             Pool {
                 peak: Nanos::ZERO,
                 demand: 0,
+                since: Instant::now()
+                    .checked_sub(Duration::from_secs(60))
+                    .unwrap_or_else(Instant::now),
                 want: 16,
                 caps,
                 free: free.into(),
@@ -711,6 +741,21 @@ mod tests {
         let pool = &t["acme"];
         assert!(pool.refilling, "a refill started");
         assert_eq!((pool.want, pool.demand, pool.peak), (8, 0, Nanos::ZERO));
+    }
+
+    #[test]
+    fn a_pool_refilled_often_aims_at_a_seconds_calls() {
+        let ms = Duration::from_millis;
+        // One sequential client at ~45 calls a second: the whole pool, not one or two per call.
+        assert_eq!(aim(1, ms(22), 16), 16);
+        assert_eq!(aim(1, Duration::ZERO, 16), 16);
+        assert_eq!(aim(3, ms(500), 16), 12);
+        // A second or more since the last refill: twice the calls since, as before.
+        assert_eq!(aim(4, Duration::from_secs(10), 16), 8);
+        assert_eq!(aim(1, Duration::from_secs(10), 16), 2);
+        assert_eq!(aim(0, Duration::from_secs(1), 16), 2);
+        // Never above the pool's size.
+        assert_eq!(aim(5, Duration::from_secs(1), 1), 1);
     }
 
     #[tokio::test]
