@@ -27,6 +27,15 @@ fn month_cap(limit: i64) -> Cap {
     }
 }
 
+/// A day cap of `scope`.
+fn day_cap(scope: CapScope, limit: i64) -> Cap {
+    Cap {
+        scope,
+        period: Period::Day,
+        limit: Nanos(limit),
+    }
+}
+
 fn lease_req(amount: i64, count: usize, limit: i64, room: i64, ttl: Duration) -> LeaseRequest {
     LeaseRequest {
         tenant: "acme".into(),
@@ -265,11 +274,8 @@ async fn a_features_spare_holds_count_in_its_held_and_keep_room_under_its_cap() 
     // The tenant has room for plenty; feature bot's day cap of 10,000 with room 4,000 admits 6.
     let mut r = lease_req(1_000, 8, 1_000_000, 4_000, Duration::from_millis(300));
     r.feature = Some("bot".into());
-    r.caps.push(Cap {
-        scope: CapScope::Feature("bot".into()),
-        period: Period::Day,
-        limit: Nanos(10_000),
-    });
+    r.caps
+        .push(day_cap(CapScope::Feature("bot".into()), 10_000));
     let got = lease(&l, &r).await;
     assert_eq!(
         got.len(),
@@ -305,11 +311,9 @@ async fn a_bad_lease_request_is_refused_by_name() {
     let l = ledger(&server).await;
     let ttl = Duration::from_secs(60);
     let mut feature = lease_req(1_000, 1, 10_000, 0, ttl);
-    feature.caps.push(Cap {
-        scope: CapScope::Feature("bot".into()),
-        period: Period::Day,
-        limit: Nanos(10_000),
-    });
+    feature
+        .caps
+        .push(day_cap(CapScope::Feature("bot".into()), 10_000));
     for (r, what) in [
         (lease_req(0, 1, 10_000, 0, ttl), "lease amount"),
         (lease_req(1 << 46, 1, i64::MAX, 0, ttl), "lease amount"),
@@ -327,22 +331,14 @@ async fn a_bad_lease_request_is_refused_by_name() {
         (
             LeaseRequest {
                 feature: Some("bot".into()),
-                caps: vec![Cap {
-                    scope: CapScope::Feature("other".into()),
-                    period: Period::Day,
-                    limit: Nanos(10_000),
-                }],
+                caps: vec![day_cap(CapScope::Feature("other".into()), 10_000)],
                 ..lease_req(1_000, 1, 10_000, 0, ttl)
             },
             "lease cap",
         ),
         (
             LeaseRequest {
-                caps: vec![Cap {
-                    scope: CapScope::Session("s1".into()),
-                    period: Period::Day,
-                    limit: Nanos(10_000),
-                }],
+                caps: vec![day_cap(CapScope::Session("s1".into()), 10_000)],
                 ..lease_req(1_000, 1, 10_000, 0, ttl)
             },
             "lease cap",
