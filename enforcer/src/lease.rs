@@ -91,7 +91,8 @@ struct Pool {
     peak: Nanos,
     /// Calls that asked since the last refill started.
     demand: usize,
-    /// When the last refill started (or the pool was made).
+    /// When the last refill started; for a new pool, a second before it was made, so its first
+    /// refill aims at twice its first call, not at a whole pool.
     since: Instant,
     /// How many spare holds the last refill aimed at ([`aim`]): twice the calls that came in
     /// since the one before, over a second at least (at least 2, at most `lease_pool`), so a
@@ -168,7 +169,7 @@ impl LeasePool {
                     .or_insert_with(|| Pool {
                         peak: Nanos::ZERO,
                         demand: 0,
-                        since: now,
+                        since: now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
                         want: 2,
                         caps: rr.caps.clone(),
                         free: VecDeque::new(),
@@ -756,6 +757,17 @@ mod tests {
         assert_eq!(aim(0, Duration::from_secs(1), 16), 2);
         // Never above the pool's size.
         assert_eq!(aim(5, Duration::from_secs(1), 1), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_tenants_first_refill_is_small() {
+        let p = pool(16).await;
+        // Its refill fails (nothing listens on the ledger's port); what it aimed at is the point.
+        assert!(p.take(&call(1_000, Utc::now())).is_none());
+        let t = p.tenants.lock();
+        let pool = &t["acme"];
+        assert!(pool.refilling);
+        assert_eq!(pool.want, 2, "one call: twice that, not the whole pool");
     }
 
     #[tokio::test]
