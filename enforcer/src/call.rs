@@ -9,7 +9,7 @@ use ledger::Nanos;
 use ledger::provider::ProviderKind;
 use ledger::usage::Usage;
 
-use crate::usd_string;
+use crate::{Usd, usd_string};
 
 /// What is known of a call so far: filled in by the phases, read by the error response, the
 /// metrics and the log line.
@@ -158,23 +158,31 @@ impl<'a> CallLog<'a> {
     }
 
     /// The line as tracing's JSON formatter (`flatten_event`, no spans) writes it: timestamp,
-    /// level, the fields in [`CallLog::trace`]'s order, target.
+    /// level, the fields in [`CallLog::trace`]'s order, target. Written without `fmt`: every
+    /// call writes one, and the formatting machinery and its `String`s were most of its cost.
     pub fn json_line(&self, b: &mut Vec<u8>) {
-        use std::io::Write as _;
         let c = self.call;
+        let key = |b: &mut Vec<u8>, k: &str| {
+            b.extend_from_slice(b",\"");
+            b.extend_from_slice(k.as_bytes());
+            b.extend_from_slice(b"\":");
+        };
         let s = |b: &mut Vec<u8>, k: &str, v: &str| {
-            let _ = write!(b, ",\"{k}\":");
+            key(b, k);
             let _ = serde_json::to_writer(&mut *b, v);
         };
         let n = |b: &mut Vec<u8>, k: &str, v: u64| {
-            let _ = write!(b, ",\"{k}\":{v}");
+            key(b, k);
+            b.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        };
+        let usd = |b: &mut Vec<u8>, k: &str, v: Nanos| {
+            key(b, k);
+            b.push(b'"');
+            b.extend_from_slice(Usd::new(v).as_str().as_bytes());
+            b.push(b'"');
         };
         b.extend_from_slice(b"{\"timestamp\":\"");
-        let _ = write!(
-            b,
-            "{}",
-            Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-        );
+        push_timestamp(b, Utc::now());
         b.extend_from_slice(b"\",\"level\":\"INFO\"");
         s(b, "request_id", &c.request_id);
         s(b, "tenant", &c.tenant);
@@ -188,9 +196,14 @@ impl<'a> CallLog<'a> {
         s(b, "model", self.model.unwrap_or(&c.model));
         n(b, "input_tokens", self.usage.prompt_tokens());
         n(b, "output_tokens", self.usage.output_tokens);
-        let _ = write!(b, ",\"estimated\":{}", self.usage.estimated);
-        s(b, "cost_usd", &usd_string(self.cost));
-        s(b, "reserved_usd", &usd_string(self.reserved));
+        key(b, "estimated");
+        b.extend_from_slice(if self.usage.estimated {
+            b"true"
+        } else {
+            b"false"
+        });
+        usd(b, "cost_usd", self.cost);
+        usd(b, "reserved_usd", self.reserved);
         n(b, "latency_ms", self.latency_ms());
         s(b, "decision", self.decision.as_str());
         s(b, "outcome", self.outcome);
@@ -273,6 +286,46 @@ impl Drop for Admitting {
     }
 }
 
+/// `at` as `to_rfc3339_opts(SecondsFormat::Micros, true)` writes it
+/// ("2026-12-06T06:37:00.123456Z"), without its `String`; chrono writes what this does not
+/// cover (a leap second, a year outside 0–9999).
+fn push_timestamp(b: &mut Vec<u8>, at: DateTime<Utc>) {
+    use chrono::{Datelike as _, Timelike as _};
+    let (year, nanos) = (at.year(), at.nanosecond());
+    let Ok(year) = u32::try_from(year) else {
+        b.extend_from_slice(
+            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .as_bytes(),
+        );
+        return;
+    };
+    if year > 9999 || nanos >= 1_000_000_000 {
+        b.extend_from_slice(
+            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .as_bytes(),
+        );
+        return;
+    }
+    let mut t = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |end: usize, mut v: u32| {
+        let mut i = end;
+        while v > 0 {
+            i -= 1;
+            // A digit: `v % 10` is below 10.
+            t[i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+            v /= 10;
+        }
+    };
+    put(4, year);
+    put(7, at.month());
+    put(10, at.day());
+    put(13, at.hour());
+    put(16, at.minute());
+    put(19, at.second());
+    put(26, nanos / 1_000);
+    b.extend_from_slice(&t);
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -352,5 +405,51 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&direct).expect("json");
         assert_eq!(v["tenant"], "acme \"quoted\" \\ back");
         assert_eq!(v["input_tokens"], 308);
+    }
+
+    /// The timestamp written without chrono's `String` is chrono's, to the byte.
+    #[test]
+    fn the_timestamp_is_chronos_rfc3339_in_micros() {
+        use chrono::TimeZone as _;
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut at = vec![
+            Utc.timestamp_opt(0, 0).single().expect("epoch"),
+            Utc.timestamp_opt(1_798_761_599, 999_999_999)
+                .single()
+                .expect("end of 2026"),
+            Utc.timestamp_opt(253_402_300_799, 999_000)
+                .single()
+                .expect("end of 9999"),
+            Utc.timestamp_opt(253_402_300_800, 0)
+                .single()
+                .expect("year 10000"),
+            Utc.timestamp_opt(-62_135_596_800, 0)
+                .single()
+                .expect("year 1"),
+            Utc.timestamp_opt(-62_135_596_801, 0)
+                .single()
+                .expect("year 0"),
+            Utc.timestamp_opt(-62_167_219_201, 0)
+                .single()
+                .expect("year -1"),
+            Utc.timestamp_opt(1_483_228_799, 1_500_000_000)
+                .single()
+                .expect("a leap second"),
+            Utc::now(),
+        ];
+        for _ in 0..10_000 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let secs = i64::try_from(seed >> 31).expect("fits") % 4_102_444_800;
+            let nanos = u32::try_from(seed & 0x3fff_ffff).expect("fits") % 1_000_000_000;
+            at.push(Utc.timestamp_opt(secs, nanos).single().expect("valid"));
+        }
+        for t in at {
+            let mut b = Vec::new();
+            push_timestamp(&mut b, t);
+            assert_eq!(
+                String::from_utf8(b).expect("utf8"),
+                t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            );
+        }
     }
 }

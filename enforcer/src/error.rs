@@ -440,7 +440,7 @@ impl ProxyError {
             );
         }
         if let Self::Budget(d) = &self {
-            let usd = |n: ledger::Nanos| HeaderValue::from_str(&crate::usd_string(n)).ok();
+            let usd = |n: ledger::Nanos| HeaderValue::from_str(crate::Usd::new(n).as_str()).ok();
             if let Some(v) = usd(d.limit) {
                 h.insert("x-warden-budget-limit", v);
             }

@@ -30,7 +30,7 @@ use crate::forward;
 use crate::inflight::HeldBody;
 use crate::meter::{MeteredBody, collect_bounded};
 use crate::settle::{Settler, StoredObject};
-use crate::{App, ProxyBody, REQUEST_ID_HEADER, full_body, route, usd_string};
+use crate::{App, ProxyBody, REQUEST_ID_HEADER, Usd, full_body, route};
 use crate::{decide, downgrade};
 
 /// Serves one request on the proxy listener.
@@ -311,7 +311,7 @@ async fn meter_whole(
     };
     // The cost is known now; committing it to Redis need not delay the response.
     let billed = settler.settle_in_background(model, usage);
-    if let Ok(v) = HeaderValue::from_str(&usd_string(billed.cost)) {
+    if let Ok(v) = HeaderValue::from_str(Usd::new(billed.cost).as_str()) {
         parts.headers.insert("x-warden-cost-usd", v);
     }
     parts.headers.remove(CONTENT_LENGTH);
