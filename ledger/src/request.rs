@@ -3,18 +3,18 @@
 //! Budgets reserve the worst case of a call before it is forwarded, from this estimate and the
 //! output limit; the real usage replaces it when the response is metered.
 
-use serde_json::{Map, Value};
-
 use crate::error::Error;
 use crate::provider::{Api, Endpoint, ProviderKind};
 use crate::usage::tokens::{self, Encoding};
 
 mod context;
 mod estimate;
+mod json;
 
 pub use crate::usage::tokens::TokenCache;
 use estimate::Estimator;
 pub use estimate::{ANTHROPIC_TOOL_PROMPT_TOKENS, MEDIA_TOKENS};
+use json::{Json, NULL, Object};
 
 /// What the enforcer needs to know about a request before forwarding it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -78,9 +78,8 @@ fn parse(
     cache: Option<(&TokenCache, &str)>,
 ) -> Result<RequestInfo, Error> {
     let what = request_what(endpoint.api);
-    let value: Value =
-        serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?;
-    let Value::Object(obj) = value else {
+    let value = Json::parse(body).map_err(|source| Error::Json { what, source })?;
+    let Json::Object(obj) = value else {
         return Err(Error::Shape {
             what,
             detail: "body is not a JSON object".to_owned(),
@@ -91,12 +90,15 @@ fn parse(
 
 /// `body` as JSON where, if it is an object, only the top-level members named in `keys` are built
 /// (the last of repeated names wins); every other member is checked for syntax and skipped
-/// without being built. Anything but an object comes back as [`Value::Null`]. For callers that
+/// without being built. Anything but an object comes back as [`Json::Null`]. For callers that
 /// edit a request by one member without rebuilding it (the enforcer's `include_usage`).
 ///
 /// # Errors
 /// When `body` is not JSON.
-pub fn top_level_members(body: &[u8], keys: &[&str]) -> Result<Value, serde_json::Error> {
+pub fn top_level_members(
+    body: &[u8],
+    keys: &[&str],
+) -> Result<serde_json::Value, serde_json::Error> {
     crate::usage::sparse::object(body, keys)
 }
 
@@ -110,9 +112,9 @@ pub fn top_level_members(body: &[u8], keys: &[&str]) -> Result<Value, serde_json
 pub fn request_model(endpoint: &Endpoint, body: &[u8]) -> Result<Option<String>, Error> {
     /// Only `model` is kept; serde skips every other member without building it.
     #[derive(serde::Deserialize)]
-    struct ModelOnly {
-        #[serde(default)]
-        model: Option<Value>,
+    struct ModelOnly<'a> {
+        #[serde(default, borrow)]
+        model: Option<Json<'a>>,
     }
     let what = request_what(endpoint.api);
     if body.trim_ascii_start().first() != Some(&b'{') {
@@ -128,18 +130,18 @@ pub fn request_model(endpoint: &Endpoint, body: &[u8]) -> Result<Option<String>,
 }
 
 /// A request's `model` member: a non-empty string, or absent (`None`).
-fn model_value(v: Option<&Value>) -> Result<Option<String>, String> {
+fn model_value(v: Option<&Json<'_>>) -> Result<Option<String>, String> {
     match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(m)) if !m.is_empty() => Ok(Some(m.clone())),
-        Some(Value::String(_)) => Ok(None),
-        Some(other) => Err(format!("model is {}, not a string", type_name(other))),
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(m)) if !m.is_empty() => Ok(Some(m.to_string())),
+        Some(Json::String(_)) => Ok(None),
+        Some(other) => Err(format!("model is {}, not a string", other.type_name())),
     }
 }
 
 fn parse_object(
     endpoint: &Endpoint,
-    obj: &Map<String, Value>,
+    obj: &Object<'_>,
     cache: Option<(&TokenCache, &str)>,
 ) -> Result<RequestInfo, String> {
     let model = model_value(obj.get("model"))?;
@@ -219,7 +221,7 @@ impl Output {
 fn output(
     endpoint: &Endpoint,
     est: &mut Estimator<'_>,
-    obj: &Map<String, Value>,
+    obj: &Object<'_>,
     stream: bool,
 ) -> Result<Output, String> {
     Ok(match endpoint.api {
@@ -236,8 +238,8 @@ fn output(
             }
         }
         Api::Completions => {
-            est.prompt_input(obj.get("prompt").unwrap_or(&Value::Null));
-            est.content(obj.get("suffix").unwrap_or(&Value::Null));
+            est.prompt_input(obj.get("prompt").unwrap_or(NULL));
+            est.content(obj.get("suffix").unwrap_or(NULL));
             let choices = uint_field(obj, "n")?
                 .unwrap_or(1)
                 .max(uint_field(obj, "best_of")?.unwrap_or(1))
@@ -249,7 +251,7 @@ fn output(
             }
         }
         Api::Embeddings => {
-            est.prompt_input(obj.get("input").unwrap_or(&Value::Null));
+            est.prompt_input(obj.get("input").unwrap_or(NULL));
             Output::one(Some(0))
         }
         Api::Responses => {
@@ -268,7 +270,7 @@ fn output(
             // countTokens may wrap a whole generateContent request.
             let inner = obj
                 .get("generateContentRequest")
-                .and_then(Value::as_object)
+                .and_then(Json::as_object)
                 .unwrap_or(obj);
             gemini(est, inner)?;
             if endpoint.api == Api::GeminiCountTokens {
@@ -281,11 +283,11 @@ fn output(
 }
 
 /// Gemini's `generationConfig` (either spelling): output limit and candidate count.
-fn gemini_output(req: &Map<String, Value>) -> Result<Output, String> {
+fn gemini_output(req: &Object<'_>) -> Result<Output, String> {
     let config = req
         .get("generationConfig")
         .or_else(|| req.get("generation_config"))
-        .and_then(Value::as_object);
+        .and_then(Json::as_object);
     let Some(c) = config else {
         return Ok(Output::one(None));
     };
@@ -304,33 +306,33 @@ fn gemini_output(req: &Map<String, Value>) -> Result<Output, String> {
     })
 }
 
-fn chat(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), String> {
+fn chat(est: &mut Estimator<'_>, obj: &Object<'_>) -> Result<(), String> {
     for message in array_field(obj, "messages")? {
         let Some(m) = message.as_object() else {
             return Err("messages[] element is not an object".to_owned());
         };
         est.message();
-        est.content(m.get("role").unwrap_or(&Value::Null));
-        est.content(m.get("content").unwrap_or(&Value::Null));
-        if let Some(name) = m.get("name").and_then(Value::as_str) {
+        est.content(m.get("role").unwrap_or(NULL));
+        est.content(m.get("content").unwrap_or(NULL));
+        if let Some(name) = m.get("name").and_then(Json::as_str) {
             est.text(name);
             est.fixed(1);
         }
         for call in m
             .get("tool_calls")
-            .and_then(Value::as_array)
+            .and_then(Json::as_array)
             .into_iter()
             .flatten()
         {
             if let Some(function) = call.get("function") {
-                est.content(function.get("name").unwrap_or(&Value::Null));
-                est.content(function.get("arguments").unwrap_or(&Value::Null));
+                est.content(function.get("name").unwrap_or(NULL));
+                est.content(function.get("arguments").unwrap_or(NULL));
             }
         }
         if let Some(function) = m.get("function_call") {
             est.json(function);
         }
-        est.content(m.get("tool_call_id").unwrap_or(&Value::Null));
+        est.content(m.get("tool_call_id").unwrap_or(NULL));
     }
     est.reply_priming();
     for key in ["tools", "functions", "response_format"] {
@@ -341,38 +343,35 @@ fn chat(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), String>
     Ok(())
 }
 
-fn responses(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), String> {
-    est.content(obj.get("instructions").unwrap_or(&Value::Null));
+fn responses(est: &mut Estimator<'_>, obj: &Object<'_>) -> Result<(), String> {
+    est.content(obj.get("instructions").unwrap_or(NULL));
     match obj.get("input") {
-        Some(Value::String(s)) => {
+        Some(Json::String(s)) => {
             est.message();
             est.text(s);
         }
-        Some(Value::Array(items)) => {
+        Some(Json::Array(items)) => {
             for item in items {
                 est.message();
-                let kind = item
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .unwrap_or("message");
+                let kind = item.get("type").and_then(Json::as_str).unwrap_or("message");
                 match kind {
-                    "message" => est.content(item.get("content").unwrap_or(&Value::Null)),
+                    "message" => est.content(item.get("content").unwrap_or(NULL)),
                     "function_call" | "custom_tool_call" => {
-                        est.content(item.get("name").unwrap_or(&Value::Null));
+                        est.content(item.get("name").unwrap_or(NULL));
                         est.content(
                             item.get("arguments")
                                 .or_else(|| item.get("input"))
-                                .unwrap_or(&Value::Null),
+                                .unwrap_or(NULL),
                         );
                     }
                     "function_call_output" | "custom_tool_call_output" => {
-                        est.content(item.get("output").unwrap_or(&Value::Null));
+                        est.content(item.get("output").unwrap_or(NULL));
                     }
                     _ => est.json(item),
                 }
             }
         }
-        None | Some(Value::Null) => {}
+        None | Some(Json::Null) => {}
         Some(other) => {
             return Err(format!(
                 "input is {}, not a string or an array",
@@ -389,16 +388,16 @@ fn responses(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), St
     Ok(())
 }
 
-fn anthropic(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), String> {
-    est.content(obj.get("system").unwrap_or(&Value::Null));
+fn anthropic(est: &mut Estimator<'_>, obj: &Object<'_>) -> Result<(), String> {
+    est.content(obj.get("system").unwrap_or(NULL));
     for message in array_field(obj, "messages")? {
         est.message();
-        est.content(message.get("content").unwrap_or(&Value::Null));
+        est.content(message.get("content").unwrap_or(NULL));
     }
     est.reply_priming();
     if let Some(tools) = obj
         .get("tools")
-        .and_then(Value::as_array)
+        .and_then(Json::as_array)
         .filter(|t| !t.is_empty())
     {
         est.fixed(ANTHROPIC_TOOL_PROMPT_TOKENS);
@@ -409,17 +408,17 @@ fn anthropic(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), St
     Ok(())
 }
 
-fn gemini(est: &mut Estimator<'_>, obj: &Map<String, Value>) -> Result<(), String> {
+fn gemini(est: &mut Estimator<'_>, obj: &Object<'_>) -> Result<(), String> {
     if let Some(system) = obj
         .get("systemInstruction")
         .or_else(|| obj.get("system_instruction"))
     {
         est.message();
-        est.gemini_parts(system.get("parts").unwrap_or(&Value::Null));
+        est.gemini_parts(system.get("parts").unwrap_or(NULL));
     }
     for content in array_field(obj, "contents")? {
         est.message();
-        est.gemini_parts(content.get("parts").unwrap_or(&Value::Null));
+        est.gemini_parts(content.get("parts").unwrap_or(NULL));
     }
     est.reply_priming();
     if let Some(tools) = obj.get("tools").filter(|v| !v.is_null()) {
@@ -443,10 +442,10 @@ fn request_what(api: Api) -> &'static str {
     }
 }
 
-fn stream_include_usage(obj: &Map<String, Value>) -> Result<bool, String> {
+fn stream_include_usage(obj: &Object<'_>) -> Result<bool, String> {
     match obj.get("stream_options") {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Object(options)) => Ok(bool_field(options, "include_usage")?.unwrap_or(false)),
+        None | Some(Json::Null) => Ok(false),
+        Some(Json::Object(options)) => Ok(bool_field(options, "include_usage")?.unwrap_or(false)),
         Some(other) => Err(format!(
             "stream_options is {}, not an object",
             type_name(other)
@@ -454,26 +453,26 @@ fn stream_include_usage(obj: &Map<String, Value>) -> Result<bool, String> {
     }
 }
 
-fn array_field<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a [Value], String> {
+fn array_field<'a, 'j>(obj: &'a Object<'j>, key: &str) -> Result<&'a [Json<'j>], String> {
     match obj.get(key) {
-        None | Some(Value::Null) => Ok(&[]),
-        Some(Value::Array(items)) => Ok(items),
+        None | Some(Json::Null) => Ok(&[]),
+        Some(Json::Array(items)) => Ok(items),
         Some(other) => Err(format!("{key} is {}, not an array", type_name(other))),
     }
 }
 
-fn bool_field(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, String> {
+fn bool_field(obj: &Object<'_>, key: &str) -> Result<Option<bool>, String> {
     match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Bool(b)) => Ok(Some(*b)),
         Some(other) => Err(format!("{key} is {}, not a boolean", type_name(other))),
     }
 }
 
-fn uint_field(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, String> {
+fn uint_field(obj: &Object<'_>, key: &str) -> Result<Option<u64>, String> {
     match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Number(n)) => n
             .as_u64()
             .map(Some)
             .ok_or_else(|| format!("{key} is {n}, not a non-negative integer")),
@@ -484,8 +483,8 @@ fn uint_field(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, String
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
-    crate::usage::type_name(v)
+fn type_name(v: &Json<'_>) -> &'static str {
+    v.type_name()
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! a hosted tool the provider runs), and prompt-cache writes, which Anthropic bills above the
 //! input price. A reservation that ignored them would not be an upper bound.
 
-use serde_json::{Map, Value};
+use super::json::{Json, Object};
 
 use crate::provider::Api;
 
@@ -42,7 +42,7 @@ const GEMINI_HOSTED_TOOLS: &[&str] = &[
 const MAX_DEPTH: usize = 8;
 
 /// (unseen context, cache writes) of a request body.
-pub(super) fn scan(api: Api, obj: &Map<String, Value>) -> (bool, bool) {
+pub(super) fn scan(api: Api, obj: &Object<'_>) -> (bool, bool) {
     let unseen = match api {
         Api::Responses => {
             present(obj, "previous_response_id")
@@ -75,50 +75,50 @@ pub(super) fn scan(api: Api, obj: &Map<String, Value>) -> (bool, bool) {
         && (present(obj, "cache_control")
             || ["system", "messages", "tools"]
                 .iter()
-                .any(|k| has_key(obj.get(*k), &["cache_control"], 0)));
+                .any(|k| has_key(obj.get(k), &["cache_control"], 0)));
     (unseen, cache_writes)
 }
 
-fn present(obj: &Map<String, Value>, key: &str) -> bool {
+fn present(obj: &Object<'_>, key: &str) -> bool {
     obj.get(key).is_some_and(|v| !v.is_null())
 }
 
 /// Whether `v` holds, at any depth up to [`MAX_DEPTH`], an object with one of `keys` set.
-fn has_key(v: Option<&Value>, keys: &[&str], depth: usize) -> bool {
+fn has_key(v: Option<&Json<'_>>, keys: &[&str], depth: usize) -> bool {
     if depth > MAX_DEPTH {
         return false;
     }
     match v {
-        Some(Value::Object(o)) => {
+        Some(Json::Object(o)) => {
             keys.iter().any(|k| present(o, k))
                 || o.values().any(|c| has_key(Some(c), keys, depth + 1))
         }
-        Some(Value::Array(a)) => a.iter().any(|c| has_key(Some(c), keys, depth + 1)),
+        Some(Json::Array(a)) => a.iter().any(|c| has_key(Some(c), keys, depth + 1)),
         _ => false,
     }
 }
 
 /// OpenAI and Anthropic tools: `{"type": "web_search_20250305", ...}`; function tools are the
 /// caller's own and add nothing unseen.
-fn hosted_tools(tools: Option<&Value>) -> bool {
-    let Some(Value::Array(tools)) = tools else {
+fn hosted_tools(tools: Option<&Json<'_>>) -> bool {
+    let Some(Json::Array(tools)) = tools else {
         return false;
     };
     tools.iter().any(|t| {
         t.get("type")
-            .and_then(Value::as_str)
+            .and_then(Json::as_str)
             .is_some_and(|ty| HOSTED_TOOL_PREFIXES.iter().any(|p| ty.starts_with(p)))
     })
 }
 
 /// Gemini tools: `{"googleSearch": {}}`, `{"codeExecution": {}}`, ...
-fn gemini_hosted_tools(tools: Option<&Value>) -> bool {
-    let Some(Value::Array(tools)) = tools else {
+fn gemini_hosted_tools(tools: Option<&Json<'_>>) -> bool {
+    let Some(Json::Array(tools)) = tools else {
         return false;
     };
     tools.iter().any(|t| {
         t.as_object()
-            .is_some_and(|o| GEMINI_HOSTED_TOOLS.iter().any(|k| o.contains_key(*k)))
+            .is_some_and(|o| GEMINI_HOSTED_TOOLS.iter().any(|k| o.contains_key(k)))
     })
 }
 
@@ -126,8 +126,11 @@ fn gemini_hosted_tools(tools: Option<&Value>) -> bool {
 mod tests {
     use super::*;
 
-    fn obj(text: &str) -> Map<String, Value> {
-        serde_json::from_str(text).unwrap()
+    fn obj(text: &str) -> Object<'_> {
+        match Json::parse(text.as_bytes()).unwrap() {
+            Json::Object(o) => o,
+            other => panic!("not an object: {other}"),
+        }
     }
 
     #[test]
@@ -225,7 +228,8 @@ mod tests {
         for _ in 0..20 {
             v = format!("[{v}]");
         }
-        let o = obj(&format!(r#"{{"messages":{v}}}"#));
+        let body = format!(r#"{{"messages":{v}}}"#);
+        let o = obj(&body);
         assert_eq!(scan(Api::ChatCompletions, &o), (false, false));
     }
 }

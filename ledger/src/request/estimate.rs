@@ -7,7 +7,7 @@
 //! than the providers' internal rendering; Anthropic adds [`ANTHROPIC_TOOL_PROMPT_TOKENS`] when
 //! tools are present.
 
-use serde_json::Value;
+use super::json::{Json, NULL};
 
 use crate::usage::tokens::{self, Bpe, TokenCache};
 
@@ -77,11 +77,11 @@ impl<'a> Estimator<'a> {
     }
 
     /// Text whose rendering by the provider is unknown (tool schemas, unknown parts).
-    pub(super) fn json(&mut self, value: &Value) {
+    pub(super) fn json(&mut self, value: &Json<'_>) {
         self.approximate = true;
         match value {
-            Value::String(s) => self.text(s),
-            Value::Null => {}
+            Json::String(s) => self.text(s),
+            Json::Null => {}
             other => self.text(&other.to_string()),
         }
     }
@@ -120,82 +120,78 @@ impl<'a> Estimator<'a> {
 
     /// Prompt input that is a string, an array of strings, an array of token ids or an array of
     /// token-id arrays (OpenAI completions and embeddings `prompt` / `input`).
-    pub(super) fn prompt_input(&mut self, value: &Value) {
+    pub(super) fn prompt_input(&mut self, value: &Json<'_>) {
         match value {
-            Value::String(s) => self.text(s),
-            Value::Array(items) if items.iter().all(Value::is_number) => {
-                self.token_ids(items.len())
-            }
-            Value::Array(items) => {
+            Json::String(s) => self.text(s),
+            Json::Array(items) if items.iter().all(Json::is_number) => self.token_ids(items.len()),
+            Json::Array(items) => {
                 for item in items {
                     match item {
-                        Value::String(s) => self.text(s),
-                        Value::Array(ids) => self.token_ids(ids.len()),
+                        Json::String(s) => self.text(s),
+                        Json::Array(ids) => self.token_ids(ids.len()),
                         other => self.json(other),
                     }
                 }
             }
-            Value::Null => {}
+            Json::Null => {}
             other => self.json(other),
         }
     }
 
     /// Message content in any provider's shape: a string, or an array of typed parts.
-    pub(super) fn content(&mut self, value: &Value) {
+    pub(super) fn content(&mut self, value: &Json<'_>) {
         match value {
-            Value::String(s) => self.text(s),
-            Value::Array(parts) => {
+            Json::String(s) => self.text(s),
+            Json::Array(parts) => {
                 for part in parts {
                     self.part(part);
                 }
             }
-            Value::Null => {}
+            Json::Null => {}
             other => self.json(other),
         }
     }
 
-    fn part(&mut self, part: &Value) {
-        let Value::Object(obj) = part else {
+    fn part(&mut self, part: &Json<'_>) {
+        let Json::Object(obj) = part else {
             self.content(part);
             return;
         };
-        let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
+        let kind = obj.get("type").and_then(Json::as_str).unwrap_or("");
         match kind {
-            "text" | "input_text" | "output_text" => {
-                self.content(obj.get("text").unwrap_or(&Value::Null))
-            }
+            "text" | "input_text" | "output_text" => self.content(obj.get("text").unwrap_or(NULL)),
             "image_url" | "input_image" | "image" | "input_audio" | "audio" | "file"
             | "input_file" => self.media(),
             "document" => match obj.get("source") {
-                Some(src) if src.get("type").and_then(Value::as_str) == Some("text") => {
-                    self.content(src.get("data").unwrap_or(&Value::Null));
+                Some(src) if src.get("type").and_then(Json::as_str) == Some("text") => {
+                    self.content(src.get("data").unwrap_or(NULL));
                 }
-                Some(src) if src.get("type").and_then(Value::as_str) == Some("content") => {
-                    self.content(src.get("content").unwrap_or(&Value::Null));
+                Some(src) if src.get("type").and_then(Json::as_str) == Some("content") => {
+                    self.content(src.get("content").unwrap_or(NULL));
                 }
                 _ => self.media(),
             },
             "tool_use" | "server_tool_use" => {
-                self.text(obj.get("name").and_then(Value::as_str).unwrap_or(""));
-                self.json(obj.get("input").unwrap_or(&Value::Null));
+                self.text(obj.get("name").and_then(Json::as_str).unwrap_or(""));
+                self.json(obj.get("input").unwrap_or(NULL));
             }
             "tool_result" | "web_search_tool_result" => {
-                self.content(obj.get("content").unwrap_or(&Value::Null))
+                self.content(obj.get("content").unwrap_or(NULL))
             }
-            "thinking" => self.content(obj.get("thinking").unwrap_or(&Value::Null)),
-            "refusal" => self.content(obj.get("refusal").unwrap_or(&Value::Null)),
+            "thinking" => self.content(obj.get("thinking").unwrap_or(NULL)),
+            "refusal" => self.content(obj.get("refusal").unwrap_or(NULL)),
             _ => self.json(part),
         }
     }
 
     /// A Gemini `parts` array.
-    pub(super) fn gemini_parts(&mut self, parts: &Value) {
+    pub(super) fn gemini_parts(&mut self, parts: &Json<'_>) {
         let Some(parts) = parts.as_array() else {
             self.json(parts);
             return;
         };
         for part in parts {
-            if let Some(text) = part.get("text").and_then(Value::as_str) {
+            if let Some(text) = part.get("text").and_then(Json::as_str) {
                 self.text(text);
             } else if ["inlineData", "inline_data", "fileData", "file_data"]
                 .iter()

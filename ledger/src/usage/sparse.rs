@@ -20,7 +20,7 @@ pub(crate) fn object(body: &[u8], keys: &[&str]) -> Result<Value, serde_json::Er
 }
 
 /// An object member's name, borrowed from the input unless it has escapes.
-pub(super) struct Key<'de>(pub(super) std::borrow::Cow<'de, str>);
+pub(crate) struct Key<'de>(pub(crate) std::borrow::Cow<'de, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
