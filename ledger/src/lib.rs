@@ -6,6 +6,7 @@
 pub mod billing;
 pub mod durable;
 pub mod error;
+pub(crate) mod json;
 pub mod money;
 pub mod names;
 pub mod price;

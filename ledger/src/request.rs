@@ -9,12 +9,11 @@ use crate::usage::tokens::{self, Encoding};
 
 mod context;
 mod estimate;
-mod json;
 
+use crate::json::{Json, NULL, Object};
 pub use crate::usage::tokens::TokenCache;
 use estimate::Estimator;
 pub use estimate::{ANTHROPIC_TOOL_PROMPT_TOKENS, MEDIA_TOKENS};
-use json::{Json, NULL, Object};
 
 /// What the enforcer needs to know about a request before forwarding it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

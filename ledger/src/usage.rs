@@ -11,6 +11,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::json::{Json, Object};
+
 use crate::error::Error;
 use crate::provider::{Api, Endpoint};
 
@@ -98,15 +100,15 @@ pub fn estimate_tokens_from_text(model: Option<&str>, text: &str) -> u64 {
 /// usage field has the wrong type.
 pub fn parse_response(endpoint: &Endpoint, body: &[u8]) -> Result<ResponseMeta, Error> {
     let what = response_what(endpoint.api);
-    let value: Value = if is_gemini(endpoint.api) {
-        serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?
+    let value = if is_gemini(endpoint.api) {
+        Json::parse(body).map_err(|source| Error::Json { what, source })?
     } else {
-        // Only the members the parsers read are built into a tree; the answer's text, vectors
-        // and tool output are scanned past without allocating.
-        sparse::object(body, &USAGE_KEYS).map_err(|source| Error::Json { what, source })?
+        // Only the members the parsers read are built into a tree (its texts borrowed from the
+        // body); the answer's text, vectors and tool output are scanned past without allocating.
+        sparse::object_json(body, &USAGE_KEYS).map_err(|source| Error::Json { what, source })?
     };
     let mut meta = match (&value, endpoint.api) {
-        (Value::Array(items), Api::GeminiGenerateContent | Api::GeminiStreamGenerateContent) => {
+        (Json::Array(items), Api::GeminiGenerateContent | Api::GeminiStreamGenerateContent) => {
             let mut state = gemini::Accumulated::default();
             for item in items {
                 let obj = item
@@ -116,7 +118,7 @@ pub fn parse_response(endpoint: &Endpoint, body: &[u8]) -> Result<ResponseMeta, 
             }
             state.into_meta()
         }
-        (Value::Object(obj), api) => parse_object(api, obj).map_err(|d| shape(what, &d))?,
+        (Json::Object(obj), api) => parse_object(api, obj).map_err(|d| shape(what, &d))?,
         _ => return Err(shape(what, "body is not a JSON object")),
     };
     if meta.model.is_none() {
@@ -170,7 +172,7 @@ const USAGE_KEYS: [&str; 3] = ["model", "usage", "x_groq"];
 /// The members [`object_id`] reads of a JSON body.
 const ID_KEYS: [&str; 2] = ["id", "response"];
 
-fn parse_object(api: Api, obj: &serde_json::Map<String, Value>) -> Result<ResponseMeta, String> {
+fn parse_object(api: Api, obj: &Object<'_>) -> Result<ResponseMeta, String> {
     let model = str_field(obj, "model");
     let usage = match api {
         Api::ChatCompletions | Api::Completions => openai::chat_usage_of(obj)?,
@@ -214,22 +216,26 @@ fn shape(what: &'static str, detail: &str) -> Error {
 // === JSON field helpers shared by the provider modules ===
 
 /// A non-empty string field.
-pub(crate) fn str_field(obj: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
+pub(crate) fn str_field(obj: &Object<'_>, key: &str) -> Option<String> {
     obj.get(key)
-        .and_then(Value::as_str)
+        .and_then(Json::as_str)
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
 }
 
 /// A token count: absent or `null` is `None`; anything but a non-negative integer is an error
 /// naming `path`.
-pub(crate) fn count(value: Option<&Value>, key: &str, path: &str) -> Result<Option<u64>, String> {
+pub(crate) fn count(
+    value: Option<&Json<'_>>,
+    key: &str,
+    path: &str,
+) -> Result<Option<u64>, String> {
     let Some(v) = value.and_then(|v| v.get(key)) else {
         return Ok(None);
     };
     match v {
-        Value::Null => Ok(None),
-        Value::Number(n) => n
+        Json::Null => Ok(None),
+        Json::Number(n) => n
             .as_u64()
             .or_else(|| {
                 // Some OpenAI-compatible servers write counts as 12.0.
@@ -255,15 +261,8 @@ pub(crate) fn count(value: Option<&Value>, key: &str, path: &str) -> Result<Opti
 }
 
 /// A JSON type name for error messages (never the value itself: it may hold prompt text).
-pub(crate) fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
+pub(crate) fn type_name(v: &Json<'_>) -> &'static str {
+    v.type_name()
 }
 
 #[cfg(test)]

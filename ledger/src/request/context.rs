@@ -3,7 +3,7 @@
 //! a hosted tool the provider runs), and prompt-cache writes, which Anthropic bills above the
 //! input price. A reservation that ignored them would not be an upper bound.
 
-use super::json::{Json, Object};
+use crate::json::{Json, Object};
 
 use crate::provider::Api;
 

@@ -7,7 +7,7 @@
 //! than the providers' internal rendering; Anthropic adds [`ANTHROPIC_TOOL_PROMPT_TOKENS`] when
 //! tools are present.
 
-use super::json::{Json, NULL};
+use crate::json::{Json, NULL};
 
 use crate::usage::tokens::{self, Bpe, TokenCache};
 

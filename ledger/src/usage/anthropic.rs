@@ -1,7 +1,7 @@
 //! Anthropic Messages: `input_tokens` EXCLUDES cache reads and writes; cache writes are split
 //! into 5-minute and 1-hour ephemeral writes when `cache_creation` is present.
 
-use serde_json::Value;
+use crate::json::Json;
 
 use super::stream::StreamState;
 use super::{Usage, count, type_name};
@@ -19,10 +19,10 @@ pub(super) struct Raw {
 
 impl Raw {
     /// Reads a `usage` object; `None` when absent or null.
-    pub(super) fn from_usage(usage: Option<&Value>) -> Result<Option<Self>, String> {
+    pub(super) fn from_usage(usage: Option<&Json<'_>>) -> Result<Option<Self>, String> {
         let u = match usage {
-            None | Some(Value::Null) => return Ok(None),
-            Some(v @ Value::Object(_)) => v,
+            None | Some(Json::Null) => return Ok(None),
+            Some(v @ Json::Object(_)) => v,
             Some(other) => return Err(format!("usage is {}, not an object", type_name(other))),
         };
         let split = u.get("cache_creation").filter(|v| !v.is_null());
@@ -80,18 +80,18 @@ impl Raw {
 
 /// One Messages stream event. `message_start` opens the record (input and cache counts),
 /// `message_delta` completes it with the cumulative `output_tokens`; deltas carry the text.
-pub(super) fn on_event(state: &mut StreamState, raw: &mut Raw, value: &Value) {
+pub(super) fn on_event(state: &mut StreamState, raw: &mut Raw, value: &Json<'_>) {
     let Some(obj) = value.as_object() else {
         state.errors += 1;
         return;
     };
-    let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
+    let kind = obj.get("type").and_then(Json::as_str).unwrap_or("");
     match kind {
         "message_start" => {
             let Some(message) = obj.get("message") else {
                 return;
             };
-            if let Some(model) = message.get("model").and_then(Value::as_str) {
+            if let Some(model) = message.get("model").and_then(Json::as_str) {
                 state.set_model(model);
             }
             absorb(state, raw, message.get("usage"), false);
@@ -103,7 +103,7 @@ pub(super) fn on_event(state: &mut StreamState, raw: &mut Raw, value: &Value) {
             if let Some(text) = obj
                 .get("content_block")
                 .and_then(|b| b.get("text"))
-                .and_then(Value::as_str)
+                .and_then(Json::as_str)
             {
                 state.push_text(text);
             }
@@ -113,7 +113,7 @@ pub(super) fn on_event(state: &mut StreamState, raw: &mut Raw, value: &Value) {
                 return;
             };
             for key in ["text", "partial_json", "thinking"] {
-                if let Some(text) = delta.get(key).and_then(Value::as_str) {
+                if let Some(text) = delta.get(key).and_then(Json::as_str) {
                     state.push_text(text);
                 }
             }
@@ -122,7 +122,7 @@ pub(super) fn on_event(state: &mut StreamState, raw: &mut Raw, value: &Value) {
     }
 }
 
-fn absorb(state: &mut StreamState, raw: &mut Raw, usage: Option<&Value>, last: bool) {
+fn absorb(state: &mut StreamState, raw: &mut Raw, usage: Option<&Json<'_>>, last: bool) {
     match Raw::from_usage(usage) {
         Ok(Some(later)) => {
             raw.merge(&later);

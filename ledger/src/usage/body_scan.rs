@@ -4,13 +4,15 @@
 //! embedding vectors), so the meter keeps only the edges of an oversized body and finds the keys
 //! there. A key is only taken outside string values (a preceding backslash means it was quoted).
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use crate::json::{Json, Object};
 
 use super::{ResponseMeta, parse_object};
 use crate::provider::{Api, Endpoint};
 
 /// The value following the last occurrence of the object key `key` in `bytes`.
-fn value_after_key(bytes: &[u8], key: &str, last: bool) -> Option<Value> {
+fn value_after_key<'a>(bytes: &'a [u8], key: &str, last: bool) -> Option<Json<'a>> {
     let needle = format!("\"{key}\"");
     let needle = needle.as_bytes();
     let mut positions = bytes
@@ -30,7 +32,7 @@ fn value_after_key(bytes: &[u8], key: &str, last: bool) -> Option<Value> {
             return None;
         }
         serde_json::Deserializer::from_slice(&rest[colon + 1..])
-            .into_iter::<Value>()
+            .into_iter::<Json<'a>>()
             .next()?
             .ok()
     })
@@ -51,17 +53,18 @@ pub(super) fn meta_from_edges(
     } else {
         ("usage", "model")
     };
-    let mut obj = Map::new();
+    let mut members = Vec::new();
     if let Some(usage) = value_after_key(tail, usage_key, true) {
-        obj.insert(usage_key.to_owned(), usage);
+        members.push((Cow::Borrowed(usage_key), usage));
     }
+    let is_string = |v: &Json<'_>| v.as_str().is_some();
     let model = value_after_key(tail, model_key, true)
-        .filter(Value::is_string)
-        .or_else(|| value_after_key(head, model_key, false).filter(Value::is_string));
+        .filter(is_string)
+        .or_else(|| value_after_key(head, model_key, false).filter(is_string));
     if let Some(model) = model {
-        obj.insert(model_key.to_owned(), model);
+        members.push((Cow::Borrowed(model_key), model));
     }
-    parse_object(endpoint.api, &obj).ok()
+    parse_object(endpoint.api, &Object::from_members(members)).ok()
 }
 
 #[cfg(test)]

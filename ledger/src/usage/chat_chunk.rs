@@ -11,8 +11,8 @@
 use std::borrow::Cow;
 use std::marker::PhantomData;
 
+use crate::json::Json;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::Value;
 
 use super::sparse::Key;
 use super::stream::StreamState;
@@ -21,8 +21,8 @@ use super::stream::StreamState;
 #[derive(Default)]
 pub(super) struct Chunk<'a> {
     model: Text<'a>,
-    usage: Option<Value>,
-    x_groq: Option<Value>,
+    usage: Option<Json<'a>>,
+    x_groq: Option<Json<'a>>,
     choices: Choices<'a>,
 }
 
@@ -166,8 +166,8 @@ impl<'de> Lean<'de> for Top<'de> {
         while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
             match k.as_ref() {
                 "model" => c.model = next(&mut map)?,
-                "usage" => c.usage = Some(map.next_value()?),
-                "x_groq" => c.x_groq = Some(map.next_value()?),
+                "usage" => c.usage = Some(map.next_value::<Json<'de>>()?),
+                "x_groq" => c.x_groq = Some(map.next_value::<Json<'de>>()?),
                 "choices" => c.choices = next(&mut map)?,
                 _ => skip(&mut map)?,
             }

@@ -2,13 +2,13 @@
 //! `thoughtsTokenCount` is billed as output and is NOT part of `candidatesTokenCount`;
 //! `toolUsePromptTokenCount` is input. In a stream each chunk's metadata is cumulative: last wins.
 
-use serde_json::{Map, Value};
+use crate::json::{Json, Object};
 
 use super::stream::StreamState;
 use super::{ResponseMeta, Usage, count, type_name};
 
 /// Normalises one `usageMetadata` object.
-pub(super) fn usage_of(meta: &Value) -> Result<Usage, String> {
+pub(super) fn usage_of(meta: &Json<'_>) -> Result<Usage, String> {
     if !meta.is_object() {
         return Err(format!(
             "usageMetadata is {}, not an object",
@@ -39,22 +39,22 @@ struct Chunk<'a> {
     finished: bool,
 }
 
-fn read(obj: &Map<String, Value>) -> Result<Chunk<'_>, String> {
+fn read<'a>(obj: &'a Object<'_>) -> Result<Chunk<'a>, String> {
     let usage = match obj.get("usageMetadata") {
-        None | Some(Value::Null) => None,
+        None | Some(Json::Null) => None,
         Some(meta) => Some(usage_of(meta)?),
     };
     let finished = obj
         .get("candidates")
-        .and_then(Value::as_array)
+        .and_then(Json::as_array)
         .is_some_and(|c| {
             c.iter()
-                .any(|c| c.get("finishReason").is_some_and(Value::is_string))
+                .any(|c| c.get("finishReason").is_some_and(Json::is_string))
         });
     Ok(Chunk {
         model: obj
             .get("modelVersion")
-            .and_then(Value::as_str)
+            .and_then(Json::as_str)
             .filter(|m| !m.is_empty()),
         usage,
         finished,
@@ -70,7 +70,7 @@ pub(super) struct Accumulated {
 
 impl Accumulated {
     /// Takes one element: its model and usage replace earlier ones.
-    pub(super) fn absorb(&mut self, obj: &Map<String, Value>) -> Result<(), String> {
+    pub(super) fn absorb(&mut self, obj: &Object<'_>) -> Result<(), String> {
         let chunk = read(obj)?;
         if let Some(model) = chunk.model {
             self.model = Some(model.to_owned());
@@ -90,7 +90,7 @@ impl Accumulated {
 }
 
 /// One stream chunk (SSE event data or JSON array element).
-pub(super) fn on_chunk(state: &mut StreamState, value: &Value) {
+pub(super) fn on_chunk(state: &mut StreamState, value: &Json<'_>) {
     let Some(obj) = value.as_object() else {
         state.errors += 1;
         return;
@@ -110,25 +110,25 @@ pub(super) fn on_chunk(state: &mut StreamState, value: &Value) {
     }
     let candidates = obj
         .get("candidates")
-        .and_then(Value::as_array)
+        .and_then(Json::as_array)
         .into_iter()
         .flatten();
     let parts = candidates
         .filter_map(|c| c.get("content")?.get("parts")?.as_array())
         .flatten();
     for part in parts {
-        if let Some(text) = part.get("text").and_then(Value::as_str) {
+        if let Some(text) = part.get("text").and_then(Json::as_str) {
             state.push_text(text);
         }
         if let Some(code) = part
             .get("executableCode")
             .and_then(|c| c.get("code"))
-            .and_then(Value::as_str)
+            .and_then(Json::as_str)
         {
             state.push_text(code);
         }
         if let Some(call) = part.get("functionCall") {
-            if let Some(name) = call.get("name").and_then(Value::as_str) {
+            if let Some(name) = call.get("name").and_then(Json::as_str) {
                 state.push_text(name);
             }
             if let Some(args) = call.get("args").filter(|a| !a.is_null()) {

@@ -1,20 +1,20 @@
 //! OpenAI shapes: chat completions, legacy completions, responses and embeddings (also spoken by
 //! Azure OpenAI and the OpenAI-compatible hosts).
 
-use serde_json::{Map, Value};
+use crate::json::{Json, Object};
 
 use super::stream::StreamState;
 use super::{Usage, count, type_name};
 
 /// The usage of a chat/completions body or chunk: `usage`, or Groq's `x_groq.usage`.
-pub(super) fn chat_usage_of(obj: &Map<String, Value>) -> Result<Option<Usage>, String> {
+pub(super) fn chat_usage_of(obj: &Object<'_>) -> Result<Option<Usage>, String> {
     chat_usage_in(obj.get("usage"), obj.get("x_groq"))
 }
 
 /// [`chat_usage_of`] from a chunk's `usage` and `x_groq` members.
 pub(super) fn chat_usage_in(
-    usage: Option<&Value>,
-    x_groq: Option<&Value>,
+    usage: Option<&Json<'_>>,
+    x_groq: Option<&Json<'_>>,
 ) -> Result<Option<Usage>, String> {
     let usage = usage
         .filter(|v| !v.is_null())
@@ -24,7 +24,7 @@ pub(super) fn chat_usage_in(
 
 /// Chat/completions usage: `prompt_tokens` INCLUDES `prompt_tokens_details.cached_tokens`
 /// (DeepSeek: `prompt_cache_hit_tokens`), `completion_tokens` INCLUDES reasoning tokens.
-pub(super) fn chat_usage(usage: Option<&Value>) -> Result<Option<Usage>, String> {
+pub(super) fn chat_usage(usage: Option<&Json<'_>>) -> Result<Option<Usage>, String> {
     let Some(u) = object(usage)? else {
         return Ok(None);
     };
@@ -49,7 +49,7 @@ pub(super) fn chat_usage(usage: Option<&Value>) -> Result<Option<Usage>, String>
 
 /// Responses usage: `input_tokens` INCLUDES `input_tokens_details.cached_tokens`,
 /// `output_tokens` INCLUDES `output_tokens_details.reasoning_tokens`.
-pub(super) fn responses_usage(usage: Option<&Value>) -> Result<Option<Usage>, String> {
+pub(super) fn responses_usage(usage: Option<&Json<'_>>) -> Result<Option<Usage>, String> {
     let Some(u) = object(usage)? else {
         return Ok(None);
     };
@@ -71,7 +71,7 @@ pub(super) fn responses_usage(usage: Option<&Value>) -> Result<Option<Usage>, St
 }
 
 /// Embeddings usage: input only (`prompt_tokens`, else `total_tokens`).
-pub(super) fn embeddings_usage(usage: Option<&Value>) -> Result<Option<Usage>, String> {
+pub(super) fn embeddings_usage(usage: Option<&Json<'_>>) -> Result<Option<Usage>, String> {
     let Some(u) = object(usage)? else {
         return Ok(None);
     };
@@ -96,10 +96,10 @@ fn split_cached(prompt: u64, cached: u64, output: u64, reasoning: u64) -> Usage 
     }
 }
 
-fn object(usage: Option<&Value>) -> Result<Option<&Value>, String> {
+fn object<'a, 'j>(usage: Option<&'a Json<'j>>) -> Result<Option<&'a Json<'j>>, String> {
     match usage {
-        None | Some(Value::Null) => Ok(None),
-        Some(v @ Value::Object(_)) => Ok(Some(v)),
+        None | Some(Json::Null) => Ok(None),
+        Some(v @ Json::Object(_)) => Ok(Some(v)),
         Some(other) => Err(format!("usage is {}, not an object", type_name(other))),
     }
 }
@@ -107,12 +107,12 @@ fn object(usage: Option<&Value>) -> Result<Option<&Value>, String> {
 /// One chat/completions stream chunk, built whole (tests compare [`super::chat_chunk`], which
 /// meters streams, with it): the usage record (last wins, never added) and the
 /// delivered text of content, reasoning, refusal and tool-call argument deltas.
-pub(super) fn on_chat_chunk(state: &mut StreamState, value: &Value) {
+pub(super) fn on_chat_chunk(state: &mut StreamState, value: &Json<'_>) {
     let Some(obj) = value.as_object() else {
         state.errors += 1;
         return;
     };
-    if let Some(model) = obj.get("model").and_then(Value::as_str) {
+    if let Some(model) = obj.get("model").and_then(Json::as_str) {
         state.set_model(model);
     }
     match chat_usage_of(obj) {
@@ -120,11 +120,11 @@ pub(super) fn on_chat_chunk(state: &mut StreamState, value: &Value) {
         Ok(None) => {}
         Err(_) => state.errors += 1,
     }
-    let Some(choices) = obj.get("choices").and_then(Value::as_array) else {
+    let Some(choices) = obj.get("choices").and_then(Json::as_array) else {
         return;
     };
     for choice in choices {
-        if let Some(text) = choice.get("text").and_then(Value::as_str) {
+        if let Some(text) = choice.get("text").and_then(Json::as_str) {
             state.push_text(text);
         }
         let Some(delta) = choice.get("delta") else {
@@ -132,11 +132,11 @@ pub(super) fn on_chat_chunk(state: &mut StreamState, value: &Value) {
         };
         for key in ["content", "reasoning_content", "reasoning", "refusal"] {
             match delta.get(key) {
-                Some(Value::String(text)) => state.push_text(text),
+                Some(Json::String(text)) => state.push_text(text),
                 // Some compatible servers (Mistral) send content as an array of typed parts.
-                Some(Value::Array(parts)) => {
+                Some(Json::Array(parts)) => {
                     for part in parts {
-                        if let Some(text) = part.get("text").and_then(Value::as_str) {
+                        if let Some(text) = part.get("text").and_then(Json::as_str) {
                             state.push_text(text);
                         }
                     }
@@ -146,7 +146,7 @@ pub(super) fn on_chat_chunk(state: &mut StreamState, value: &Value) {
         }
         let calls = delta
             .get("tool_calls")
-            .and_then(Value::as_array)
+            .and_then(Json::as_array)
             .into_iter()
             .flatten();
         for function in calls
@@ -154,7 +154,7 @@ pub(super) fn on_chat_chunk(state: &mut StreamState, value: &Value) {
             .chain(delta.get("function_call"))
         {
             for key in ["name", "arguments"] {
-                if let Some(text) = function.get(key).and_then(Value::as_str) {
+                if let Some(text) = function.get(key).and_then(Json::as_str) {
                     state.push_text(text);
                 }
             }
@@ -164,14 +164,14 @@ pub(super) fn on_chat_chunk(state: &mut StreamState, value: &Value) {
 
 /// One responses stream event: `response.completed`, `response.incomplete` and `response.failed`
 /// carry the usage record; `*.delta` events carry delivered text (audio deltas excepted).
-pub(super) fn on_responses_event(state: &mut StreamState, value: &Value) {
+pub(super) fn on_responses_event(state: &mut StreamState, value: &Json<'_>) {
     let Some(obj) = value.as_object() else {
         state.errors += 1;
         return;
     };
-    let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
-    if let Some(response) = obj.get("response").and_then(Value::as_object) {
-        if let Some(model) = response.get("model").and_then(Value::as_str) {
+    let kind = obj.get("type").and_then(Json::as_str).unwrap_or("");
+    if let Some(response) = obj.get("response").and_then(Json::as_object) {
+        if let Some(model) = response.get("model").and_then(Json::as_str) {
             state.set_model(model);
         }
         if matches!(
@@ -188,7 +188,7 @@ pub(super) fn on_responses_event(state: &mut StreamState, value: &Value) {
     }
     if kind.ends_with(".delta")
         && !kind.contains("audio")
-        && let Some(text) = obj.get("delta").and_then(Value::as_str)
+        && let Some(text) = obj.get("delta").and_then(Json::as_str)
     {
         state.push_text(text);
     }

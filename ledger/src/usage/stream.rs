@@ -4,7 +4,7 @@
 //! with [`super::parse_response`] at the end), `[` is Gemini's streamed JSON array, anything
 //! else is `text/event-stream`. The caller de-chunks and decompresses the body first.
 
-use serde_json::Value;
+use crate::json::Json;
 
 use super::anthropic;
 use super::json_array::JsonArraySplitter;
@@ -237,7 +237,7 @@ impl StreamMeter {
                 let mut elements = Vec::new();
                 splitter.feed(chunk, |e| elements.push(e.to_vec()));
                 for element in elements {
-                    match serde_json::from_slice::<Value>(&element) {
+                    match Json::parse(&element) {
                         Ok(value) => self.on_value(&value),
                         Err(_) => self.state.errors += 1,
                     }
@@ -285,14 +285,14 @@ impl StreamMeter {
             }
             return;
         }
-        let parsed = serde_json::from_str::<Value>(data);
+        let parsed = Json::parse(data.as_bytes());
         match parsed {
             Ok(value) => self.on_value(&value),
             Err(_) => self.state.errors += 1,
         }
     }
 
-    fn on_value(&mut self, value: &Value) {
+    fn on_value(&mut self, value: &Json<'_>) {
         match self.endpoint.api {
             Api::ChatCompletions | Api::Completions => {
                 openai::on_chat_chunk(&mut self.state, value)

@@ -8,14 +8,15 @@ use serde_json::Value;
 
 use super::*;
 use crate::error::Error;
+use crate::json::Json;
 use crate::usage::{object_id, parse_object, response_what};
 
-/// What `parse_response` did before: the whole body as a tree, then the same object parser.
+/// What `parse_response` did before: the whole body as a tree (a `Json` tree is a
+/// `serde_json::Value`'s, `json.rs` tests), then the same object parser.
 fn whole(endpoint: &Endpoint, body: &[u8]) -> Result<ResponseMeta, Error> {
     let what = response_what(endpoint.api);
-    let value: Value =
-        serde_json::from_slice(body).map_err(|source| Error::Json { what, source })?;
-    let Value::Object(obj) = &value else {
+    let value = Json::parse(body).map_err(|source| Error::Json { what, source })?;
+    let Json::Object(obj) = &value else {
         return Err(Error::Shape {
             what,
             detail: "body is not a JSON object".into(),

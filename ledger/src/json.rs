@@ -1,11 +1,12 @@
-//! A request body as a JSON tree whose strings borrow from the body: the same tree a
+//! A JSON tree whose strings borrow from the text it was parsed from: the same tree a
 //! `serde_json::Value` is (objects sorted by member name, the last of repeated names kept, the
 //! same numbers), without a `String` per member name and per text, nor a B-tree node per
-//! object. The enforcer parses every request before forwarding it, and building the `Value`
-//! (four messages: ~25 allocations) cost it more than the walk that reads it.
+//! object. The enforcer parses every request before forwarding it and every response's usage
+//! after, and building `Value`s (a four-message chat: ~25 allocations) cost it more than the
+//! walks that read them.
 //!
 //! A test parses generated JSON both ways and compares the trees and their serialisations
-//! (`the_tree_is_serde_jsons_value`); the request code only swapped its types.
+//! (`the_tree_is_serde_jsons_value`); the request and usage code only swapped their types.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -39,7 +40,7 @@ pub(crate) const NULL: &Json<'static> = &Json::Null;
 
 impl<'a> Object<'a> {
     /// The members as parsed, in any order, repeated names allowed.
-    fn from_members(mut members: Vec<(Cow<'a, str>, Json<'a>)>) -> Object<'a> {
+    pub(crate) fn from_members(mut members: Vec<(Cow<'a, str>, Json<'a>)>) -> Object<'a> {
         // A stable sort keeps repeated names in their order; of each run the last is kept.
         members.sort_by(|a, b| a.0.cmp(&b.0));
         members.dedup_by(|later, kept| {
@@ -119,6 +120,14 @@ impl<'a> Json<'a> {
 
     pub(crate) fn is_number(&self) -> bool {
         matches!(self, Json::Number(_))
+    }
+
+    pub(crate) fn is_string(&self) -> bool {
+        matches!(self, Json::String(_))
+    }
+
+    pub(crate) fn is_object(&self) -> bool {
+        matches!(self, Json::Object(_))
     }
 
     /// What the value is, for error messages (the words `usage::type_name` uses).
