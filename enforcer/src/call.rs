@@ -46,6 +46,33 @@ pub struct Call {
 }
 
 impl Call {
+    /// Moves the call out for the phase that ends it, leaving what the response's headers still
+    /// read (id, and the models of a downgrade): one `String` copied instead of the whole call.
+    #[must_use]
+    pub fn hand_off(&mut self) -> Call {
+        let kept = Call {
+            request_id: self.request_id.clone(),
+            kind: self.kind,
+            provider: String::new(),
+            tenant: String::new(),
+            feature: None,
+            session: None,
+            api: self.api,
+            // Only a downgraded call's response names its models.
+            model: if self.routed_from.is_some() {
+                self.model.clone()
+            } else {
+                String::new()
+            },
+            upstream: String::new(),
+            attempts: self.attempts,
+            routed_from: self.routed_from.clone(),
+            started_at: self.started_at,
+            start: self.start,
+        };
+        std::mem::replace(self, kept)
+    }
+
     /// A new call with a fresh time-ordered id.
     #[must_use]
     pub fn new() -> Call {

@@ -67,13 +67,14 @@ pub async fn reserve_worst_case(
         .rates
         .limits(key, &call.tenant, &call.model);
     let tokens = input_estimate.saturating_add(output);
-    let rr = ReserveRequest {
+    // The id, provider and model only go to Redis: a call on a spare hold never copies them.
+    let mut rr = ReserveRequest {
         tenant: call.tenant.clone(),
         feature: call.feature.clone(),
         session: call.session.clone(),
-        request_id: call.request_id.clone(),
-        provider: call.provider.clone(),
-        model: Some(call.model.clone()),
+        request_id: String::new(),
+        provider: String::new(),
+        model: None,
         amount,
         ttl: Duration::from_secs(app.cfg.reserve_ttl_secs),
         caps: app
@@ -93,7 +94,12 @@ pub async fn reserve_worst_case(
         // The call holds its own worst case, as if it had reserved it: a call billed at its
         // reservation (no usage record) pays that, not the larger spare hold around it.
         Some(l) => (Hold::Reserved(rr.amount), Some(l.id)),
-        None => (app.budgets.reserve(&rr, &app.metrics).await?, None),
+        None => {
+            rr.request_id.clone_from(&call.request_id);
+            rr.provider.clone_from(&call.provider);
+            rr.model = Some(call.model.clone());
+            (app.budgets.reserve(&rr, &app.metrics).await?, None)
+        }
     };
     let scopes = rr
         .rates

@@ -87,7 +87,7 @@ async fn run(
         .observe(call.start.elapsed().as_secs_f64());
     app.metrics.decision(&call.provider, "allowed");
     let settler = Settler {
-        call: call.clone(),
+        call: call.hand_off(),
         hold: decision.hold,
         input_estimate: decision.input_estimate,
         token_rates: decision.token_rates,
