@@ -34,7 +34,7 @@ pub struct DecisionLabels {
     /// Provider name (or "unknown").
     pub provider: String,
     /// allowed, denied, error, passthrough.
-    pub decision: String,
+    pub decision: &'static str,
 }
 
 /// Labels of the denial counter.
@@ -454,11 +454,11 @@ impl Metrics {
     }
 
     /// Counts a request decision.
-    pub fn decision(&self, provider: &str, decision: &str) {
+    pub fn decision(&self, provider: &str, decision: &'static str) {
         self.requests
             .get_or_create(&DecisionLabels {
                 provider: provider.to_owned(),
-                decision: decision.to_owned(),
+                decision,
             })
             .inc();
     }
