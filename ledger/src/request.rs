@@ -4,13 +4,13 @@
 //! output limit; the real usage replaces it when the response is metered.
 
 use crate::error::Error;
+use crate::json::{Json, NULL, Object};
 use crate::provider::{Api, Endpoint, ProviderKind};
 use crate::usage::tokens::{self, Encoding};
 
 mod context;
 mod estimate;
 
-use crate::json::{Json, NULL, Object};
 pub use crate::usage::tokens::TokenCache;
 use estimate::Estimator;
 pub use estimate::{ANTHROPIC_TOOL_PROMPT_TOKENS, MEDIA_TOKENS};

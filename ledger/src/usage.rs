@@ -11,9 +11,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::json::{Json, Object};
-
 use crate::error::Error;
+use crate::json::{Json, Object};
 use crate::provider::{Api, Endpoint};
 
 mod anthropic;

@@ -4,7 +4,6 @@
 //! input price. A reservation that ignored them would not be an upper bound.
 
 use crate::json::{Json, Object};
-
 use crate::provider::Api;
 
 /// Keys whose presence (with a non-null value) anywhere in the prompt means context the proxy

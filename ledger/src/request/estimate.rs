@@ -8,7 +8,6 @@
 //! tools are present.
 
 use crate::json::{Json, NULL};
-
 use crate::usage::tokens::{self, Bpe, TokenCache};
 
 /// Tokens counted for each image, audio clip or file part. Images cost at most about 1,600 tokens

@@ -1,10 +1,9 @@
 //! Anthropic Messages: `input_tokens` EXCLUDES cache reads and writes; cache writes are split
 //! into 5-minute and 1-hour ephemeral writes when `cache_creation` is present.
 
-use crate::json::Json;
-
 use super::stream::StreamState;
 use super::{Usage, count, type_name};
+use crate::json::Json;
 
 /// The usage fields as sent; a stream merges them field by field.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -6,9 +6,8 @@
 
 use std::borrow::Cow;
 
-use crate::json::{Json, Object};
-
 use super::{ResponseMeta, parse_object};
+use crate::json::{Json, Object};
 use crate::provider::{Api, Endpoint};
 
 /// The value following the last occurrence of the object key `key` in `bytes`.

@@ -11,11 +11,11 @@
 use std::borrow::Cow;
 use std::marker::PhantomData;
 
-use crate::json::Json;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::sparse::Key;
 use super::stream::StreamState;
+use crate::json::Json;
 
 /// The members of a chat chunk that metering reads.
 #[derive(Default)]

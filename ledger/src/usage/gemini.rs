@@ -2,10 +2,9 @@
 //! `thoughtsTokenCount` is billed as output and is NOT part of `candidatesTokenCount`;
 //! `toolUsePromptTokenCount` is input. In a stream each chunk's metadata is cumulative: last wins.
 
-use crate::json::{Json, Object};
-
 use super::stream::StreamState;
 use super::{ResponseMeta, Usage, count, type_name};
+use crate::json::{Json, Object};
 
 /// Normalises one `usageMetadata` object.
 pub(super) fn usage_of(meta: &Json<'_>) -> Result<Usage, String> {

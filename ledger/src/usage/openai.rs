@@ -1,10 +1,9 @@
 //! OpenAI shapes: chat completions, legacy completions, responses and embeddings (also spoken by
 //! Azure OpenAI and the OpenAI-compatible hosts).
 
-use crate::json::{Json, Object};
-
 use super::stream::StreamState;
 use super::{Usage, count, type_name};
+use crate::json::{Json, Object};
 
 /// The usage of a chat/completions body or chunk: `usage`, or Groq's `x_groq.usage`.
 pub(super) fn chat_usage_of(obj: &Object<'_>) -> Result<Option<Usage>, String> {

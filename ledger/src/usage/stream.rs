@@ -4,12 +4,11 @@
 //! with [`super::parse_response`] at the end), `[` is Gemini's streamed JSON array, anything
 //! else is `text/event-stream`. The caller de-chunks and decompresses the body first.
 
-use crate::json::Json;
-
 use super::anthropic;
 use super::json_array::JsonArraySplitter;
 use super::tokens::{self, Encoding, TextCounter};
 use super::{ResponseMeta, Usage, gemini, openai, parse_response};
+use crate::json::Json;
 use crate::provider::{Api, Endpoint, ProviderKind};
 use crate::sse::{DEFAULT_MAX_LINE_BYTES, SseParser};
 
