@@ -318,21 +318,14 @@ impl Drop for Admitting {
 /// cover (a leap second, a year outside 0–9999).
 fn push_timestamp(b: &mut Vec<u8>, at: DateTime<Utc>) {
     use chrono::{Datelike as _, Timelike as _};
-    let (year, nanos) = (at.year(), at.nanosecond());
-    let Ok(year) = u32::try_from(year) else {
+    let year = u32::try_from(at.year()).ok().filter(|y| *y <= 9999);
+    let (Some(year), nanos @ 0..=999_999_999) = (year, at.nanosecond()) else {
         b.extend_from_slice(
             at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
                 .as_bytes(),
         );
         return;
     };
-    if year > 9999 || nanos >= 1_000_000_000 {
-        b.extend_from_slice(
-            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                .as_bytes(),
-        );
-        return;
-    }
     let mut t = *b"0000-00-00T00:00:00.000000Z";
     let mut put = |end: usize, mut v: u32| {
         let mut i = end;

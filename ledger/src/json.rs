@@ -130,7 +130,7 @@ impl<'a> Json<'a> {
         matches!(self, Json::Object(_))
     }
 
-    /// What the value is, for error messages (the words `usage::type_name` uses).
+    /// What the value is, for error messages (never the value itself: it may hold prompt text).
     pub(crate) fn type_name(&self) -> &'static str {
         match self {
             Json::Null => "null",
@@ -161,11 +161,23 @@ impl<'a> Json<'a> {
     }
 }
 
-/// Compact JSON, as `serde_json::Value`'s `Display` writes it (members in name order).
+/// Compact JSON, as `serde_json::Value`'s `Display` writes it (members in name order), straight
+/// into the formatter (the estimate counts every tool schema's text: no second copy of it).
 impl fmt::Display for Json<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = serde_json::to_string(self).map_err(|_| fmt::Error)?;
-        f.write_str(&text)
+        /// serde_json writes whole UTF-8 pieces (it cuts strings only at escapes).
+        struct Out<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl std::io::Write for Out<'_, '_> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let text = std::str::from_utf8(buf).map_err(std::io::Error::other)?;
+                self.0.write_str(text).map_err(std::io::Error::other)?;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        serde_json::to_writer(Out(f), self).map_err(|_| fmt::Error)
     }
 }
 

@@ -374,7 +374,7 @@ fn responses(est: &mut Estimator<'_>, obj: &Object<'_>) -> Result<(), String> {
         Some(other) => {
             return Err(format!(
                 "input is {}, not a string or an array",
-                type_name(other)
+                other.type_name()
             ));
         }
     }
@@ -447,7 +447,7 @@ fn stream_include_usage(obj: &Object<'_>) -> Result<bool, String> {
         Some(Json::Object(options)) => Ok(bool_field(options, "include_usage")?.unwrap_or(false)),
         Some(other) => Err(format!(
             "stream_options is {}, not an object",
-            type_name(other)
+            other.type_name()
         )),
     }
 }
@@ -456,7 +456,7 @@ fn array_field<'a, 'j>(obj: &'a Object<'j>, key: &str) -> Result<&'a [Json<'j>],
     match obj.get(key) {
         None | Some(Json::Null) => Ok(&[]),
         Some(Json::Array(items)) => Ok(items),
-        Some(other) => Err(format!("{key} is {}, not an array", type_name(other))),
+        Some(other) => Err(format!("{key} is {}, not an array", other.type_name())),
     }
 }
 
@@ -464,7 +464,7 @@ fn bool_field(obj: &Object<'_>, key: &str) -> Result<Option<bool>, String> {
     match obj.get(key) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(format!("{key} is {}, not a boolean", type_name(other))),
+        Some(other) => Err(format!("{key} is {}, not a boolean", other.type_name())),
     }
 }
 
@@ -477,13 +477,9 @@ fn uint_field(obj: &Object<'_>, key: &str) -> Result<Option<u64>, String> {
             .ok_or_else(|| format!("{key} is {n}, not a non-negative integer")),
         Some(other) => Err(format!(
             "{key} is {}, not a non-negative integer",
-            type_name(other)
+            other.type_name()
         )),
     }
-}
-
-fn type_name(v: &Json<'_>) -> &'static str {
-    v.type_name()
 }
 
 #[cfg(test)]

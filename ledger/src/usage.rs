@@ -254,14 +254,9 @@ pub(crate) fn count(
             .ok_or_else(|| format!("{path}.{key} is {n}, not a token count")),
         other => Err(format!(
             "{path}.{key} is {}, not a token count",
-            type_name(other)
+            other.type_name()
         )),
     }
-}
-
-/// A JSON type name for error messages (never the value itself: it may hold prompt text).
-pub(crate) fn type_name(v: &Json<'_>) -> &'static str {
-    v.type_name()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! into 5-minute and 1-hour ephemeral writes when `cache_creation` is present.
 
 use super::stream::StreamState;
-use super::{Usage, count, type_name};
+use super::{Usage, count};
 use crate::json::Json;
 
 /// The usage fields as sent; a stream merges them field by field.
@@ -22,7 +22,7 @@ impl Raw {
         let u = match usage {
             None | Some(Json::Null) => return Ok(None),
             Some(v @ Json::Object(_)) => v,
-            Some(other) => return Err(format!("usage is {}, not an object", type_name(other))),
+            Some(other) => return Err(format!("usage is {}, not an object", other.type_name())),
         };
         let split = u.get("cache_creation").filter(|v| !v.is_null());
         Ok(Some(Self {

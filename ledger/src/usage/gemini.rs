@@ -3,7 +3,7 @@
 //! `toolUsePromptTokenCount` is input. In a stream each chunk's metadata is cumulative: last wins.
 
 use super::stream::StreamState;
-use super::{ResponseMeta, Usage, count, type_name};
+use super::{ResponseMeta, Usage, count};
 use crate::json::{Json, Object};
 
 /// Normalises one `usageMetadata` object.
@@ -11,7 +11,7 @@ pub(super) fn usage_of(meta: &Json<'_>) -> Result<Usage, String> {
     if !meta.is_object() {
         return Err(format!(
             "usageMetadata is {}, not an object",
-            type_name(meta)
+            meta.type_name()
         ));
     }
     let path = "usageMetadata";

@@ -2,7 +2,7 @@
 //! Azure OpenAI and the OpenAI-compatible hosts).
 
 use super::stream::StreamState;
-use super::{Usage, count, type_name};
+use super::{Usage, count};
 use crate::json::{Json, Object};
 
 /// The usage of a chat/completions body or chunk: `usage`, or Groq's `x_groq.usage`.
@@ -99,7 +99,7 @@ fn object<'a, 'j>(usage: Option<&'a Json<'j>>) -> Result<Option<&'a Json<'j>>, S
     match usage {
         None | Some(Json::Null) => Ok(None),
         Some(v @ Json::Object(_)) => Ok(Some(v)),
-        Some(other) => Err(format!("usage is {}, not an object", type_name(other))),
+        Some(other) => Err(format!("usage is {}, not an object", other.type_name())),
     }
 }
 
