@@ -160,30 +160,89 @@ pub(crate) fn count_bpe(bpe: &Bpe, text: &str) -> u64 {
     if text.is_ascii()
         && let Some(pattern) = pattern_of(bpe)
     {
-        return split_ascii(pattern, text)
-            .map(|piece| piece_tokens(bpe, piece.as_bytes()))
-            .sum();
+        return with_pieces(|mut t| {
+            split_ascii(pattern, text)
+                .map(|piece| piece_tokens(t.as_deref_mut(), bpe, piece.as_bytes()))
+                .sum()
+        });
     }
     let text = bpe.normalize(text);
-    bpe.split(text.as_str())
-        .map(|piece| piece_tokens(bpe, piece.as_bytes()))
-        .sum()
+    with_pieces(|mut t| {
+        bpe.split(text.as_str())
+            .map(|piece| piece_tokens(t.as_deref_mut(), bpe, piece.as_bytes()))
+            .sum()
+    })
 }
 
 /// Pieces up to this many bytes have their count kept in [`PIECES`].
 const PIECE_MAX: usize = 22;
 
-/// Slots of each thread's [`PIECES`] table (32 bytes each: 128 KiB per thread that counts).
+/// Slots of each thread's [`PIECES`] table (40 bytes each: 160 KiB per thread that counts).
 const PIECE_SLOTS: usize = 4096;
 
-/// One piece's count: the encoding (its tokenizer's address; 0 for an empty slot), the piece's
-/// bytes, and its token count.
-#[derive(Clone, Copy)]
+/// One piece's count: the encoding (its tokenizer's address; 0 for an empty slot), the piece
+/// (its [`PieceKey`]), and its token count.
+#[derive(Clone, Copy, Default)]
 struct PieceSlot {
     encoding: usize,
-    len: u8,
+    key: PieceKey,
     tokens: u8,
-    bytes: [u8; PIECE_MAX],
+}
+
+/// A piece of at most [`PIECE_MAX`] bytes as its length and three words read straight from its
+/// bytes (overlapping where it is shorter than 24 bytes), which together cover every byte: two
+/// pieces have the same key only if they are the same bytes. Read in place, never copied to a
+/// buffer first: the copy and the reads of it right after stalled the CPU on every piece
+/// (store-to-load forwarding), a third of the counting time (docs/benchmarks.md).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+struct PieceKey {
+    len: u8,
+    words: [u64; 3],
+}
+
+impl PieceKey {
+    /// The key of `piece` (at most [`PIECE_MAX`] bytes; longer pieces are never keyed).
+    fn of(piece: &[u8]) -> PieceKey {
+        let n = piece.len();
+        debug_assert!(n <= PIECE_MAX);
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&piece[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let u32_at = |i: usize| {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(&piece[i..i + 4]);
+            u64::from(u32::from_le_bytes(w))
+        };
+        let words = match n {
+            0 => [0; 3],
+            // Bytes 0, n/2 and n-1 cover 1, 2 or 3 bytes.
+            1..=3 => [
+                u64::from(piece[0]),
+                u64::from(piece[n / 2]),
+                u64::from(piece[n - 1]),
+            ],
+            4..=7 => [u32_at(0), u32_at(n - 4), 0],
+            8..=16 => [u64_at(0), u64_at(n - 8), 0],
+            _ => [u64_at(0), u64_at(8), u64_at(n - 8)],
+        };
+        PieceKey {
+            len: n as u8, // at most PIECE_MAX
+            words,
+        }
+    }
+
+    /// The slot of the key under `encoding`: a multiplicative hash. Its quality only decides how
+    /// often two common pieces evict each other; a hit compares whole keys.
+    fn slot(&self, encoding: usize) -> usize {
+        const K: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut h = (encoding as u64) ^ u64::from(self.len);
+        for w in self.words {
+            h = (h ^ w).wrapping_mul(K).rotate_left(29);
+        }
+        (h.wrapping_mul(K) >> 40) as usize % PIECE_SLOTS
+    }
 }
 
 thread_local! {
@@ -192,67 +251,42 @@ thread_local! {
     /// slot. Per thread, so there is no lock. The pieces are words; unlike [`TokenCache`] the
     /// table is shared by tenants, and a hit saves ~0.1 µs per word (docs/benchmarks.md), far
     /// below what a client could time across a network.
-    static PIECES: std::cell::RefCell<Box<[PieceSlot]>> = std::cell::RefCell::new(
-        vec![
-            PieceSlot {
-                encoding: 0,
-                len: 0,
-                tokens: 0,
-                bytes: [0; PIECE_MAX],
-            };
-            PIECE_SLOTS
-        ]
-        .into_boxed_slice(),
-    );
+    static PIECES: std::cell::RefCell<Box<[PieceSlot]>> =
+        std::cell::RefCell::new(vec![PieceSlot::default(); PIECE_SLOTS].into_boxed_slice());
 }
 
-/// Tokens of one pre-tokenised piece, from [`PIECES`] when this thread counted it recently.
-fn piece_tokens(bpe: &Bpe, piece: &[u8]) -> u64 {
-    if piece.len() > PIECE_MAX {
+/// Runs `count` with this thread's [`PIECES`] table, borrowed once for a whole text; without a
+/// table (the thread is exiting, or the table is in use further up) it counts without one.
+fn with_pieces(count: impl Fn(Option<&mut [PieceSlot]>) -> u64) -> u64 {
+    PIECES
+        .try_with(|t| match t.try_borrow_mut() {
+            Ok(mut t) => count(Some(&mut t)),
+            Err(_) => count(None),
+        })
+        .unwrap_or_else(|_| count(None))
+}
+
+/// Tokens of one pre-tokenised piece, from `table` when this thread counted it recently.
+fn piece_tokens(table: Option<&mut [PieceSlot]>, bpe: &Bpe, piece: &[u8]) -> u64 {
+    let Some(table) = table.filter(|_| piece.len() <= PIECE_MAX) else {
         return bpe.bpe.count(piece) as u64;
-    }
-    let len = piece.len() as u8; // at most PIECE_MAX
-    let encoding = std::ptr::from_ref(bpe) as usize;
-    let mut bytes = [0u8; PIECE_MAX];
-    bytes[..piece.len()].copy_from_slice(piece);
-    let slot = piece_slot(encoding, &bytes, len);
-    let cached = PIECES.try_with(|t| {
-        let mut t = t.borrow_mut();
-        let s = &mut t[slot];
-        if s.encoding == encoding && s.len == len && s.bytes == bytes {
-            return u64::from(s.tokens);
-        }
-        let n = bpe.bpe.count(piece);
-        // A piece of at most 22 bytes has at most 22 tokens.
-        if let Ok(tokens) = u8::try_from(n) {
-            *s = PieceSlot {
-                encoding,
-                len,
-                tokens,
-                bytes,
-            };
-        }
-        n as u64
-    });
-    // The thread is exiting (its table is gone): count without it.
-    cached.unwrap_or_else(|_| bpe.bpe.count(piece) as u64)
-}
-
-/// The slot of a piece: a multiplicative hash of its bytes, length and encoding. Its quality only
-/// decides how often two common pieces evict each other; a hit compares the bytes.
-fn piece_slot(encoding: usize, bytes: &[u8; PIECE_MAX], len: u8) -> usize {
-    let word = |i: usize| {
-        let mut w = [0u8; 8];
-        let end = (i + 8).min(PIECE_MAX);
-        w[..end - i].copy_from_slice(&bytes[i..end]);
-        u64::from_le_bytes(w)
     };
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut h = (encoding as u64) ^ u64::from(len);
-    for i in [0, 8, 16] {
-        h = (h ^ word(i)).wrapping_mul(K).rotate_left(29);
+    let encoding = std::ptr::from_ref(bpe) as usize;
+    let key = PieceKey::of(piece);
+    let s = &mut table[key.slot(encoding)];
+    if s.encoding == encoding && s.key == key {
+        return u64::from(s.tokens);
     }
-    (h.wrapping_mul(K) >> 40) as usize % PIECE_SLOTS
+    let n = bpe.bpe.count(piece);
+    // A piece of at most 22 bytes has at most 22 tokens.
+    if let Ok(tokens) = u8::try_from(n) {
+        *s = PieceSlot {
+            encoding,
+            key,
+            tokens,
+        };
+    }
+    n as u64
 }
 
 /// Texts shorter than this are counted every time: they are cheap to tokenise and would only
@@ -538,6 +572,35 @@ mod tests {
         }
     }
 
+    /// A piece's key is read from overlapping words; every byte of every length must still
+    /// count, or two pieces would share a table entry and one would get the other's count.
+    #[test]
+    fn piece_keys_tell_every_byte_apart() {
+        let base: Vec<u8> = (0..PIECE_MAX as u8).map(|i| b'a' + i).collect();
+        for len in 0..=PIECE_MAX {
+            let piece = &base[..len];
+            let key = PieceKey::of(piece);
+            assert_eq!(key, PieceKey::of(&piece.to_vec()));
+            for pos in 0..len {
+                for v in [0u8, b'Z', 0xff] {
+                    let mut other = piece.to_vec();
+                    other[pos] = v;
+                    assert_ne!(PieceKey::of(&other), key, "length {len}, byte {pos}");
+                }
+            }
+            if len < PIECE_MAX {
+                assert_ne!(
+                    PieceKey::of(&base[..=len]),
+                    key,
+                    "length {len} and one more"
+                );
+                let mut zero_padded = piece.to_vec();
+                zero_padded.push(0);
+                assert_ne!(PieceKey::of(&zero_padded), key, "length {len} and a zero");
+            }
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn piece_table_counts_equal_the_tokenizers_on_any_text(t in "\\PC{0,200}", u in "[a-z0-9 .,'\\n]{0,300}") {
@@ -547,6 +610,14 @@ mod tests {
                 proptest::prop_assert_eq!(count_bpe(o200k, text), o200k.count(text.as_str()) as u64);
                 proptest::prop_assert_eq!(count_bpe(cl100k, text), cl100k.count(text.as_str()) as u64);
             }
+        }
+
+        #[test]
+        fn piece_keys_are_equal_only_for_equal_pieces(
+            a in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=PIECE_MAX),
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=PIECE_MAX),
+        ) {
+            proptest::prop_assert_eq!(PieceKey::of(&a) == PieceKey::of(&b), a == b);
         }
     }
 
