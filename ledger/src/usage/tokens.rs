@@ -580,7 +580,9 @@ mod tests {
         for len in 0..=PIECE_MAX {
             let piece = &base[..len];
             let key = PieceKey::of(piece);
-            assert_eq!(key, PieceKey::of(&piece.to_vec()));
+            // The same bytes elsewhere in memory: the same key.
+            let copy = piece.to_vec();
+            assert_eq!(key, PieceKey::of(&copy));
             for pos in 0..len {
                 for v in [0u8, b'Z', 0xff] {
                     let mut other = piece.to_vec();
