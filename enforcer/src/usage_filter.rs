@@ -81,10 +81,7 @@ impl EventScan {
                     // Skip the rest of the line at once, never past the limit.
                     let stop = pending.len().min(MAX_EVENT_BYTES);
                     let line = &pending[self.pos..stop];
-                    self.pos += line
-                        .iter()
-                        .position(|&c| c == b'\n' || c == b'\r')
-                        .unwrap_or(line.len());
+                    self.pos += memchr::memchr2(b'\n', b'\r', line).unwrap_or(line.len());
                     self.in_line = true;
                     continue;
                 }

@@ -124,6 +124,10 @@ impl SseParser {
     /// copy of its data.
     pub fn feed_each(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEventRef<'_>)) {
         let mut rest = chunk;
+        // The current event's data while it is one `data` line read whole from `chunk`: lent to
+        // `on_event` from there, never copied, unless the chunk ends first (then it is copied
+        // into `self.data` below) or a second `data` line joins it.
+        let mut lent: Option<&str> = None;
         // An empty chunk must not forget a pending CR.
         if self.after_cr && !rest.is_empty() {
             self.after_cr = false;
@@ -132,10 +136,15 @@ impl SseParser {
             }
         }
         while !rest.is_empty() {
-            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            match memchr::memchr2(b'\n', b'\r', rest) {
                 Some(pos) => {
-                    self.push_bytes(&rest[..pos]);
-                    self.end_line(&mut on_event);
+                    if self.line.is_empty() && !self.discarding {
+                        // The whole line is in this chunk: read in place.
+                        self.chunk_line(&rest[..pos], &mut lent, &mut on_event);
+                    } else {
+                        self.push_bytes(&rest[..pos]);
+                        self.end_line(&mut lent, &mut on_event);
+                    }
                     if rest[pos] == b'\r' {
                         match rest.get(pos + 1) {
                             Some(b'\n') => rest = &rest[pos + 2..],
@@ -154,6 +163,10 @@ impl SseParser {
                     rest = &[];
                 }
             }
+        }
+        if let Some(data) = lent {
+            // The event goes on in the next chunk.
+            self.data.push_str(data);
         }
     }
 
@@ -174,11 +187,11 @@ impl SseParser {
     pub fn take_unterminated(&mut self) -> Option<SseEvent> {
         if !self.line.is_empty() && !self.discarding {
             let line = std::mem::take(&mut self.line);
-            self.process_line(&line);
+            self.process_line(&line, &mut None);
         }
         self.line.clear();
         self.discarding = false;
-        let event = self.event_ref().map(|e| e.to_event());
+        let event = self.event_ref(None).map(|e| e.to_event());
         self.reset_event();
         event
     }
@@ -197,7 +210,8 @@ impl SseParser {
         self.line.extend_from_slice(bytes);
     }
 
-    fn end_line(&mut self, on_event: &mut impl FnMut(SseEventRef<'_>)) {
+    /// Ends the line gathered in `self.line` (begun in an earlier chunk).
+    fn end_line(&mut self, lent: &mut Option<&str>, on_event: &mut impl FnMut(SseEventRef<'_>)) {
         if self.discarding {
             // The oversized line is gone; the event it belonged to is incomplete, drop it too.
             self.discarding = false;
@@ -207,17 +221,9 @@ impl SseParser {
         }
         let line = std::mem::take(&mut self.line);
         if line.is_empty() {
-            self.at_start = false;
-            if let Some(event) = self.event_ref() {
-                on_event(event);
-            }
-            self.reset_event();
-            // Reuse the data buffer unless it grew large.
-            if self.data.capacity() > 64 * 1024 {
-                self.data = String::new();
-            }
+            self.dispatch(lent, on_event);
         } else {
-            self.process_line(&line);
+            self.process_line(&line, lent);
         }
         // Reuse the allocation unless it grew large.
         self.line = line;
@@ -227,7 +233,54 @@ impl SseParser {
         }
     }
 
-    fn process_line(&mut self, raw: &[u8]) {
+    /// A complete line found whole in the chunk being fed. The first `data` line of an event is
+    /// lent from the chunk (`lent`) instead of copied; anything else goes the general way.
+    fn chunk_line<'c>(
+        &mut self,
+        raw: &'c [u8],
+        lent: &mut Option<&'c str>,
+        on_event: &mut impl FnMut(SseEventRef<'_>),
+    ) {
+        if raw.is_empty() {
+            self.dispatch(lent, on_event);
+            return;
+        }
+        if raw.len() > self.max_line_bytes {
+            // As if gathered: an oversized line is dropped with its event.
+            self.dropped += 1;
+            self.data_overflow = true;
+            self.at_start = false;
+            return;
+        }
+        if !self.at_start
+            && !self.has_data
+            && let Some(value) = raw.strip_prefix(b"data:")
+            && let Ok(value) = std::str::from_utf8(value)
+        {
+            // The first line of the event's data, and within the limit (the line is).
+            if !self.data_overflow {
+                *lent = Some(value.strip_prefix(' ').unwrap_or(value));
+                self.has_data = true;
+            }
+            return;
+        }
+        self.process_line(raw, lent);
+    }
+
+    /// A blank line: the event so far is dispatched (if it has data) and a new one begins.
+    fn dispatch(&mut self, lent: &mut Option<&str>, on_event: &mut impl FnMut(SseEventRef<'_>)) {
+        self.at_start = false;
+        if let Some(event) = self.event_ref(lent.take()) {
+            on_event(event);
+        }
+        self.reset_event();
+        // Reuse the data buffer unless it grew large.
+        if self.data.capacity() > 64 * 1024 {
+            self.data = String::new();
+        }
+    }
+
+    fn process_line(&mut self, raw: &[u8], lent: &mut Option<&str>) {
         let mut bytes = raw;
         if self.at_start {
             self.at_start = false;
@@ -251,6 +304,10 @@ impl SseParser {
         };
         match field {
             "data" => {
+                // A lent first line joins the buffer before this one.
+                if let Some(first) = lent.take() {
+                    self.data.push_str(first);
+                }
                 if self.data_overflow {
                     return;
                 }
@@ -276,14 +333,15 @@ impl SseParser {
         }
     }
 
-    /// The current event, if it has data to dispatch.
-    fn event_ref(&self) -> Option<SseEventRef<'_>> {
+    /// The current event, if it has data to dispatch: its data is `lent` when given, else the
+    /// buffer.
+    fn event_ref<'a>(&'a self, lent: Option<&'a str>) -> Option<SseEventRef<'a>> {
         if !self.has_data || self.data_overflow {
             return None;
         }
         Some(SseEventRef {
             event: (!self.event_type.is_empty()).then_some(self.event_type.as_str()),
-            data: &self.data,
+            data: lent.unwrap_or(&self.data),
             id: self.last_id.as_deref(),
         })
     }

@@ -220,3 +220,77 @@ fn lent_events_equal_owned_ones() {
         assert_eq!(lent, owned, "split at {split}");
     }
 }
+
+/// Events, counters and leftovers of `stream` fed in the given chunks to a parser with `max`.
+fn run(max: usize, chunks: &[&[u8]]) -> (Vec<SseEvent>, u64, u64, Option<SseEvent>) {
+    let mut parser = SseParser::with_max_line_bytes(max);
+    let mut out = Vec::new();
+    for chunk in chunks {
+        parser.feed_each(chunk, |e| out.push(e.to_event()));
+    }
+    let left = parser.take_unterminated();
+    (out, parser.dropped(), parser.invalid_utf8_lines(), left)
+}
+
+/// One line of a generated stream.
+fn line() -> impl Strategy<Value = Vec<u8>> {
+    let text = proptest::collection::vec(
+        prop_oneof![
+            8 => proptest::char::range('a', 'z').prop_map(|c| c.to_string().into_bytes()),
+            2 => Just(b" ".to_vec()),
+            1 => Just(b":".to_vec()),
+            1 => Just("\u{2713}".as_bytes().to_vec()),
+            1 => Just(b"\xFF".to_vec()),
+            1 => Just(b"\0".to_vec()),
+        ],
+        0..12,
+    )
+    .prop_map(|parts| parts.concat());
+    let body = prop_oneof![
+        6 => text.clone().prop_map(|t| [b"data: ".as_slice(), &t].concat()),
+        2 => text.clone().prop_map(|t| [b"data:".as_slice(), &t].concat()),
+        1 => Just(b"data".to_vec()),
+        1 => text.clone().prop_map(|t| [b"event: ".as_slice(), &t].concat()),
+        1 => text.clone().prop_map(|t| [b"id: ".as_slice(), &t].concat()),
+        1 => text.clone().prop_map(|t| [b": ".as_slice(), &t].concat()),
+        1 => text.prop_map(|t| [b"retry: ".as_slice(), &t].concat()),
+        3 => Just(Vec::new()),
+    ];
+    let end = prop_oneof![
+        4 => Just(b"\n".to_vec()),
+        1 => Just(b"\r".to_vec()),
+        1 => Just(b"\r\n".to_vec()),
+    ];
+    (body, end).prop_map(|(b, e)| [b, e].concat())
+}
+
+proptest! {
+    /// Lines read in place (whole in a chunk, the first data line lent from it) give exactly
+    /// what lines gathered byte by byte give: events, drops, invalid lines and the leftover,
+    /// with a line limit small enough to be hit.
+    #[test]
+    fn in_place_lines_equal_gathered_ones(
+        lines in proptest::collection::vec(line(), 0..24),
+        bom in proptest::bool::ANY,
+        max in prop_oneof![Just(DEFAULT_MAX_LINE_BYTES), 4usize..24],
+        cuts in proptest::collection::vec(0usize..400, 0..6),
+    ) {
+        let mut stream = if bom { b"\xEF\xBB\xBF".to_vec() } else { Vec::new() };
+        for l in &lines {
+            stream.extend_from_slice(l);
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        let gathered = run(max, &bytes);
+        prop_assert_eq!(&run(max, &[&stream]), &gathered);
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(stream.len())).collect();
+        cuts.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut last = 0;
+        for cut in cuts {
+            chunks.push(&stream[last..cut]);
+            last = cut;
+        }
+        chunks.push(&stream[last..]);
+        prop_assert_eq!(&run(max, &chunks), &gathered);
+    }
+}
