@@ -26,6 +26,16 @@ pub enum StartError {
         /// What else can be done.
         hint: &'static str,
     },
+    /// A variable the config names holds a value that cannot be used.
+    #[error("{key}: environment variable {var} {why}")]
+    InvalidEnv {
+        /// The config key naming the variable.
+        key: String,
+        /// The variable.
+        var: String,
+        /// What is wrong with its value (never the value: it may be a secret).
+        why: &'static str,
+    },
     /// The price table could not be built.
     #[error("prices: {0}")]
     Pricing(#[source] ledger::Error),

@@ -128,8 +128,9 @@ pub struct App {
     pub cfg: Config,
     /// Providers by route name.
     pub providers: BTreeMap<String, Provider>,
-    /// Real provider keys by provider name (read from the environment at start).
-    upstream_keys: BTreeMap<String, String>,
+    /// Real provider keys by provider name (read from the environment at start), as the
+    /// header each provider reads.
+    upstream_keys: BTreeMap<String, route::Credential>,
     /// Proxy keys of the config file.
     pub keys: KeyStore,
     /// Budget-aware downgrade chains and rate limits, from the file or the admin API.
@@ -254,14 +255,13 @@ impl App {
             .authenticate_digest(&digest, chrono::Utc::now())
     }
 
-    /// The real key for `p`.
+    /// The real key for `p`, as the header that carries it.
     ///
     /// # Errors
     /// [`ProxyError::NoUpstreamKey`] when its variable was empty at start.
-    pub fn upstream_key(&self, p: &Provider) -> Result<&str, ProxyError> {
+    pub fn upstream_key(&self, p: &Provider) -> Result<&route::Credential, ProxyError> {
         self.upstream_keys
             .get(&p.name)
-            .map(String::as_str)
             .ok_or_else(|| ProxyError::NoUpstreamKey {
                 provider: p.name.clone(),
                 env: p.api_key_env.clone(),
@@ -274,19 +274,35 @@ fn env_secret(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|v| !v.is_empty())
 }
 
-/// The real provider keys by provider name; a configured provider without its key is an error,
-/// a built-in one the config does not mention is simply unavailable.
+/// The real provider keys by provider name; a configured provider without its key (or with one
+/// no HTTP header can carry) is an error, a built-in one the config does not mention is simply
+/// unavailable.
 fn upstream_keys(
     cfg: &Config,
     providers: &BTreeMap<String, Provider>,
-) -> Result<BTreeMap<String, String>, StartError> {
+) -> Result<BTreeMap<String, route::Credential>, StartError> {
     let mut keys = BTreeMap::new();
     for p in providers.values() {
+        let configured = cfg.providers.contains_key(&p.name);
         match env_secret(&p.api_key_env) {
-            Some(v) => {
-                keys.insert(p.name.clone(), v);
-            }
-            None if cfg.providers.contains_key(&p.name) => {
+            Some(v) => match route::Credential::new(p.kind, &v) {
+                Some(c) => {
+                    keys.insert(p.name.clone(), c);
+                }
+                None if configured => {
+                    return Err(StartError::InvalidEnv {
+                        key: format!("providers.{}.api_key_env", p.name),
+                        var: p.api_key_env.clone(),
+                        why: "holds a character an HTTP header cannot carry",
+                    });
+                }
+                None => tracing::warn!(
+                    provider = %p.name,
+                    var = %p.api_key_env,
+                    "provider unavailable: its key holds a character an HTTP header cannot carry"
+                ),
+            },
+            None if configured => {
                 return Err(StartError::MissingEnv {
                     key: format!("providers.{}.api_key_env", p.name),
                     var: p.api_key_env.clone(),

@@ -115,61 +115,76 @@ pub fn classify_target(rest: &str, query: Option<&str>) -> String {
     }
 }
 
+/// The header that carries a provider's real key, in the provider's own style, built once at
+/// start (the value is marked sensitive, so it never reaches a log or an HPACK table).
+#[derive(Clone)]
+pub struct Credential {
+    name: HeaderName,
+    value: HeaderValue,
+}
+
+impl std::fmt::Debug for Credential {
+    // The key itself is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credential {
+    /// The header for `key` at a provider of `kind`; `None` when the key cannot be a header
+    /// value (a control character, say).
+    #[must_use]
+    pub fn new(kind: ProviderKind, key: &str) -> Option<Credential> {
+        let (name, text) = match kind {
+            ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key.to_owned()),
+            ProviderKind::Gemini => (HeaderName::from_static("x-goog-api-key"), key.to_owned()),
+            ProviderKind::AzureOpenAi => (HeaderName::from_static("api-key"), key.to_owned()),
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
+                (header::AUTHORIZATION, format!("Bearer {key}"))
+            }
+        };
+        let mut value = HeaderValue::from_str(&text).ok()?;
+        value.set_sensitive(true);
+        Some(Credential { name, value })
+    }
+}
+
+/// Whether a client header never goes upstream: a key, an attribution header, a hop-by-hop
+/// header, or Content-Length (recomputed).
+fn never_forwarded(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n == header::CONTENT_LENGTH.as_str()
+        || KEY_HEADERS.contains(&n)
+        || ATTRIBUTION_HEADERS.contains(&n)
+        || HOP_BY_HOP.contains(&n)
+}
+
 /// Rewrites the client's headers for the upstream in place: drops keys, attribution, hop-by-hop
 /// headers (and those named in Connection), Accept-Encoding (the enforcer asks for identity so
 /// metering sees plaintext) and Content-Length (recomputed), then adds the real key.
-pub fn upstream_headers(h: &mut HeaderMap, kind: ProviderKind, real_key: &str) {
-    let named: Vec<HeaderName> = h
+///
+/// The headers present are each checked once against the names that never go upstream (a
+/// removal by a name given as text parses and hashes it, ~0.1 µs each for the 18 names).
+pub fn upstream_headers(h: &mut HeaderMap, kind: ProviderKind, key: &Credential) {
+    let mut doomed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in named {
+    doomed.extend(h.keys().filter(|n| never_forwarded(n)).cloned());
+    for n in doomed {
         h.remove(n);
     }
-    for n in KEY_HEADERS
-        .iter()
-        .chain(&ATTRIBUTION_HEADERS)
-        .chain(&HOP_BY_HOP)
-    {
-        h.remove(*n);
-    }
-    h.remove(header::CONTENT_LENGTH);
     crate::usage_params::strip_headers(kind, h);
     h.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    let key = |v: String| {
-        HeaderValue::from_str(&v).ok().map(|mut v| {
-            v.set_sensitive(true);
-            v
-        })
-    };
-    match kind {
-        ProviderKind::Anthropic => {
-            if let Some(v) = key(real_key.to_owned()) {
-                h.insert("x-api-key", v);
-            }
-        }
-        ProviderKind::Gemini => {
-            if let Some(v) = key(real_key.to_owned()) {
-                h.insert("x-goog-api-key", v);
-            }
-        }
-        ProviderKind::AzureOpenAi => {
-            if let Some(v) = key(real_key.to_owned()) {
-                h.insert("api-key", v);
-            }
-        }
-        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
-            if let Some(v) = key(format!("Bearer {real_key}")) {
-                h.insert(header::AUTHORIZATION, v);
-            }
-        }
-    }
+    h.insert(key.name.clone(), key.value.clone());
 }
 
 /// Drops hop-by-hop headers from an upstream response before it goes to the client.
@@ -249,6 +264,67 @@ mod tests {
         assert_eq!(classify_target("/x", Some("key=1")), "/x");
     }
 
+    /// Every name that never goes upstream is dropped, whatever its case on the wire, and
+    /// nothing else is; the real key arrives in each provider's own header, marked sensitive.
+    #[test]
+    fn every_unforwarded_header_is_dropped_and_only_those() {
+        let never: Vec<&str> = KEY_HEADERS
+            .iter()
+            .chain(&ATTRIBUTION_HEADERS)
+            .chain(&HOP_BY_HOP)
+            .copied()
+            .chain(["content-length"])
+            .collect();
+        let kept = [
+            "anthropic-version",
+            "openai-organization",
+            "x-request-id",
+            "user-agent",
+        ];
+        for (kind, name, value) in [
+            (ProviderKind::OpenAi, "authorization", "Bearer real"),
+            (
+                ProviderKind::OpenAiCompatible,
+                "authorization",
+                "Bearer real",
+            ),
+            (ProviderKind::Anthropic, "x-api-key", "real"),
+            (ProviderKind::AzureOpenAi, "api-key", "real"),
+            (ProviderKind::Gemini, "x-goog-api-key", "real"),
+        ] {
+            let mut h = HeaderMap::new();
+            for n in never.iter().chain(&kept) {
+                h.append(
+                    HeaderName::from_bytes(n.to_uppercase().as_bytes()).unwrap(),
+                    "v".parse().unwrap(),
+                );
+            }
+            let key = Credential::new(kind, "real").unwrap();
+            upstream_headers(&mut h, kind, &key);
+            let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+            left.sort_unstable();
+            let mut want: Vec<&str> = kept
+                .iter()
+                .copied()
+                .chain(["accept-encoding", name])
+                .collect();
+            want.sort_unstable();
+            assert_eq!(left, want, "{kind:?}");
+            let v = h.get(name).unwrap();
+            assert_eq!(v, value);
+            assert!(v.is_sensitive());
+            assert_eq!(h.get_all(name).iter().count(), 1);
+        }
+        assert!(Credential::new(ProviderKind::OpenAi, "sk-1\nx").is_none());
+        assert!(
+            !format!(
+                "{:?}",
+                Credential::new(ProviderKind::OpenAi, "sk-secret").unwrap()
+            )
+            .contains("secret")
+        );
+    }
+
     #[test]
     fn strips_and_adds_headers() {
         let mut h = HeaderMap::new();
@@ -264,7 +340,8 @@ mod tests {
         ] {
             h.insert(k, v.parse().unwrap());
         }
-        upstream_headers(&mut h, ProviderKind::Anthropic, "real");
+        let key = Credential::new(ProviderKind::Anthropic, "real").unwrap();
+        upstream_headers(&mut h, ProviderKind::Anthropic, &key);
         assert_eq!(h.get("x-api-key").unwrap(), "real");
         assert!(h.get("authorization").is_none());
         assert!(

@@ -257,3 +257,44 @@ async fn report_json_lists_every_active_tenant() {
         "{stderr}"
     );
 }
+
+/// A provider key no HTTP header can carry stops the start with an error that names the
+/// variable and never shows the value (it used to be dropped from every call instead, so each
+/// call reached the provider without a key).
+#[test]
+fn serve_refuses_a_provider_key_a_header_cannot_carry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"off\"\nredis_url = \"redis://127.0.0.1:1\"\n[providers.groq]\nkind = \"openai-compatible\"\nbase_url = \"https://api.groq.com/openai/v1\"\napi_key_env = \"GROQ_KEY\"\n[[keys]]\nsha256 = \"{}\"\ntenant = \"acme\"\n",
+        hash_key("sk-proxy")
+    );
+    let mut child = Command::new(enforcer_bin())
+        .arg("--config")
+        .arg(config(dir.path(), &body))
+        .env("GROQ_KEY", "sk-secret\u{1}value")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    // A start that goes through would serve until killed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the enforcer started with a key no header can carry");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(
+        stderr.contains("providers.groq.api_key_env") && stderr.contains("GROQ_KEY"),
+        "error does not name the variable: {stderr}"
+    );
+    assert!(!stderr.contains("sk-secret"), "key printed: {stderr}");
+}
