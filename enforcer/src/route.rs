@@ -187,9 +187,15 @@ pub fn upstream_headers(h: &mut HeaderMap, kind: ProviderKind, key: &Credential)
     h.insert(key.name.clone(), key.value.clone());
 }
 
-/// Drops hop-by-hop headers from an upstream response before it goes to the client.
+/// Drops hop-by-hop headers from an upstream response before it goes to the client (each
+/// header present checked once, as in [`upstream_headers`]).
 pub fn downstream_headers(h: &mut HeaderMap) {
-    for n in HOP_BY_HOP {
+    let doomed: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| HOP_BY_HOP.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    for n in doomed {
         h.remove(n);
     }
 }
@@ -323,6 +329,26 @@ mod tests {
             )
             .contains("secret")
         );
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_headers_only() {
+        let mut h = HeaderMap::new();
+        for n in HOP_BY_HOP
+            .iter()
+            .chain(&["content-type", "x-request-id", "openai-processing-ms"])
+        {
+            h.append(*n, "v".parse().unwrap());
+            h.append(*n, "w".parse().unwrap());
+        }
+        downstream_headers(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["content-type", "openai-processing-ms", "x-request-id"]
+        );
+        assert_eq!(h.get_all("x-request-id").iter().count(), 2);
     }
 
     #[test]
