@@ -168,22 +168,27 @@ fn oversized_joined_data_drops_the_event() {
     assert_eq!(parser.dropped(), 1);
 }
 
+/// `stream` cut at `cuts` (any order; past the end means the end).
+fn cut(stream: &[u8], mut cuts: Vec<usize>) -> Vec<&[u8]> {
+    cuts.iter_mut().for_each(|c| *c = (*c).min(stream.len()));
+    cuts.sort_unstable();
+    let mut chunks = Vec::new();
+    let mut last = 0;
+    for c in cuts {
+        chunks.push(&stream[last..c]);
+        last = c;
+    }
+    chunks.push(&stream[last..]);
+    chunks
+}
+
 const MIXED: &[u8] = b"\xEF\xBB\xBF: hi\r\nevent: a\r\ndata: 1\r\ndata: \xE2\x9C\x93\r\n\r\nid: 5\rdata:2\r\rdata: 3\n\n";
 
 proptest! {
     #[test]
     fn any_chunking_gives_the_same_events(cuts in proptest::collection::vec(0..MIXED.len(), 0..8)) {
         let whole = parse_all(&[MIXED]);
-        let mut cuts = cuts;
-        cuts.sort_unstable();
-        let mut chunks = Vec::new();
-        let mut last = 0;
-        for cut in cuts {
-            chunks.push(&MIXED[last..cut]);
-            last = cut;
-        }
-        chunks.push(&MIXED[last..]);
-        prop_assert_eq!(parse_all(&chunks), whole);
+        prop_assert_eq!(parse_all(&cut(MIXED, cuts)), whole);
     }
 }
 
@@ -282,15 +287,6 @@ proptest! {
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         let gathered = run(max, &bytes);
         prop_assert_eq!(&run(max, &[&stream]), &gathered);
-        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(stream.len())).collect();
-        cuts.sort_unstable();
-        let mut chunks = Vec::new();
-        let mut last = 0;
-        for cut in cuts {
-            chunks.push(&stream[last..cut]);
-            last = cut;
-        }
-        chunks.push(&stream[last..]);
-        prop_assert_eq!(&run(max, &chunks), &gathered);
+        prop_assert_eq!(&run(max, &cut(&stream, cuts)), &gathered);
     }
 }
