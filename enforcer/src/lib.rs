@@ -258,7 +258,8 @@ impl App {
     /// The real key for `p`, as the header that carries it.
     ///
     /// # Errors
-    /// [`ProxyError::NoUpstreamKey`] when its variable was empty at start.
+    /// [`ProxyError::NoUpstreamKey`] when its variable was empty at start, or held a key no
+    /// header can carry.
     pub fn upstream_key(&self, p: &Provider) -> Result<&route::Credential, ProxyError> {
         self.upstream_keys
             .get(&p.name)

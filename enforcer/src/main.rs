@@ -11,7 +11,7 @@ use ledger::store::{Ledger, Period};
 
 // mimalloc for the small buffers the proxy allocates and frees on every request (headers, JSON,
 // tokenizer scratch; glibc malloc spent ~15% of the enforcer's CPU at 2,700 req/s), and a mapping
-// of its own for each multi-MiB body (enforcer::alloc).
+// of its own for each block of 256 KiB or more, such as a large body (enforcer::alloc).
 #[global_allocator]
 static GLOBAL: enforcer::alloc::Split = enforcer::alloc::Split;
 
