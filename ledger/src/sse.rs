@@ -143,7 +143,7 @@ impl SseParser {
                         self.chunk_line(&rest[..pos], &mut lent, &mut on_event);
                     } else {
                         self.push_bytes(&rest[..pos]);
-                        self.end_line(&mut lent, &mut on_event);
+                        self.end_line(&mut lent);
                     }
                     if rest[pos] == b'\r' {
                         match rest.get(pos + 1) {
@@ -211,7 +211,7 @@ impl SseParser {
     }
 
     /// Ends the line gathered in `self.line` (begun in an earlier chunk).
-    fn end_line(&mut self, lent: &mut Option<&str>, on_event: &mut impl FnMut(SseEventRef<'_>)) {
+    fn end_line(&mut self, lent: &mut Option<&str>) {
         if self.discarding {
             // The oversized line is gone; the event it belonged to is incomplete, drop it too.
             self.discarding = false;
@@ -219,12 +219,10 @@ impl SseParser {
             self.at_start = false;
             return;
         }
+        // Never empty: a blank line has no bytes to gather, so it is always found whole in its
+        // chunk (`chunk_line`).
         let line = std::mem::take(&mut self.line);
-        if line.is_empty() {
-            self.dispatch(lent, on_event);
-        } else {
-            self.process_line(&line, lent);
-        }
+        self.process_line(&line, lent);
         // Reuse the allocation unless it grew large.
         self.line = line;
         self.line.clear();

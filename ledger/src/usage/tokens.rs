@@ -181,19 +181,24 @@ const PIECE_MAX: usize = 22;
 const PIECE_SLOTS: usize = 4096;
 
 /// One piece's count: the encoding (its tokenizer's address; 0 for an empty slot), the piece
-/// (its [`PieceKey`]), and its token count.
+/// (its [`PieceKey`]'s words and length, kept flat so the slot has no padding), and its token
+/// count.
 #[derive(Clone, Copy, Default)]
 struct PieceSlot {
     encoding: usize,
-    key: PieceKey,
+    words: [u64; 3],
+    len: u8,
     tokens: u8,
 }
+
+// The table's size in its documentation.
+const _: () = assert!(std::mem::size_of::<PieceSlot>() == 40);
 
 /// A piece of at most [`PIECE_MAX`] bytes as its length and three words read straight from its
 /// bytes (overlapping where it is shorter than 24 bytes), which together cover every byte: two
 /// pieces have the same key only if they are the same bytes. Read in place, never copied to a
 /// buffer first: the copy and the reads of it right after stalled the CPU on every piece
-/// (store-to-load forwarding), a third of the counting time (docs/benchmarks.md).
+/// (store-to-load forwarding), 29% of the time in [`piece_tokens`] (docs/benchmarks.md).
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 struct PieceKey {
     len: u8,
@@ -274,7 +279,7 @@ fn piece_tokens(table: Option<&mut [PieceSlot]>, bpe: &Bpe, piece: &[u8]) -> u64
     let encoding = std::ptr::from_ref(bpe) as usize;
     let key = PieceKey::of(piece);
     let s = &mut table[key.slot(encoding)];
-    if s.encoding == encoding && s.key == key {
+    if s.encoding == encoding && s.len == key.len && s.words == key.words {
         return u64::from(s.tokens);
     }
     let n = bpe.bpe.count(piece);
@@ -282,7 +287,8 @@ fn piece_tokens(table: Option<&mut [PieceSlot]>, bpe: &Bpe, piece: &[u8]) -> u64
     if let Ok(tokens) = u8::try_from(n) {
         *s = PieceSlot {
             encoding,
-            key,
+            words: key.words,
+            len: key.len,
             tokens,
         };
     }
