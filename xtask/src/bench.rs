@@ -7,6 +7,7 @@
 //! (`loadgen/`, release build) is open loop at fixed rates (latency from the scheduled send time) or
 //! closed loop at fixed concurrency; every loop is bounded in count and time.
 
+mod allocs;
 mod litellm;
 mod loadgen;
 mod memory;
@@ -33,7 +34,8 @@ pub struct BenchArgs {
     /// About a minute: shorter runs, fewer repeats (LiteLLM's one-time install not counted).
     #[arg(long)]
     quick: bool,
-    /// Sections to skip: overhead, memory, streaming, soak, ledger, litellm, observer (repeatable).
+    /// Sections to skip: overhead, allocations, memory, streaming, soak, ledger, litellm, observer
+    /// (repeatable).
     #[arg(long)]
     skip: Vec<String>,
     /// Do not build (use the release binaries already in the target dir).
@@ -163,18 +165,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (redis, redis_port) = stack::redis(&env.work)?;
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
 
-    if !skip("overhead") || !skip("memory") || !skip("streaming") || !skip("litellm") {
-        let with_litellm = !skip("litellm");
+    if !skip("overhead")
+        || !skip("memory")
+        || !skip("streaming")
+        || !skip("litellm")
+        || !skip("allocations")
+    {
+        let parts = overhead::Parts {
+            litellm: !skip("litellm"),
+            http: !skip("overhead"),
+            memory: !skip("memory"),
+            streams: !skip("streaming"),
+            allocations: !skip("allocations"),
+        };
         section(&mut results, "overhead", || {
-            overhead::run(
-                &env,
-                &redis_url,
-                redis.pid(),
-                with_litellm,
-                !skip("overhead"),
-                !skip("memory"),
-                !skip("streaming"),
-            )
+            overhead::run(&env, &redis_url, redis.pid(), parts)
         });
     }
     if !skip("soak") {

@@ -34,6 +34,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libssl3", "the OpenSSL the observer attaches to"),
     ("ca-certificates", "TLS roots for package downloads"),
     ("pkg-config", "-sys crates"),
+    (
+        "linux-perf",
+        "`cargo xtask bench` counts allocations per call with uprobes (`perf probe`, `perf stat`)",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

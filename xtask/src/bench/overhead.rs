@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::loadgen::{self, Load, Target};
 use super::memory;
 use super::stack::{self, MOCK_KEY, Mock, Proc};
-use super::{Env, litellm, report, streaming};
+use super::{Env, allocs, litellm, report, streaming};
 use crate::command::step;
 
 /// The proxy keys the bench's clients use (not secrets: they exist only in the bench).
@@ -163,15 +163,22 @@ impl Stack {
     }
 }
 
-pub fn run(
-    env: &Env,
-    redis_url: &str,
-    redis_pid: u32,
-    with_litellm: bool,
-    http: bool,
-    memory: bool,
-    streams: bool,
-) -> Result<Value> {
+/// Which parts of the request-path sections run (each has its `--skip` name).
+#[derive(Debug, Clone, Copy)]
+pub struct Parts {
+    /// LiteLLM as a peer in the matrix.
+    pub litellm: bool,
+    /// The latency and CPU matrix (`overhead`).
+    pub http: bool,
+    /// Peak RSS under the worst calls (`memory`).
+    pub memory: bool,
+    /// SSE streams (`streaming`).
+    pub streams: bool,
+    /// Allocations per call (`allocations`).
+    pub allocations: bool,
+}
+
+pub fn run(env: &Env, redis_url: &str, redis_pid: u32, parts: Parts) -> Result<Value> {
     let stack = start(env, redis_url, redis_pid)?;
     let mut out = serde_json::Map::new();
     // LiteLLM starts slowly: spawn it now, wait for it only before the first scenario that uses it.
@@ -179,16 +186,16 @@ pub fn run(
         proc: None,
         error: None,
     };
-    if with_litellm && http {
+    if parts.litellm && parts.http {
         match litellm::spawn(env, &stack.mock) {
             Ok(l) => lite.proc = Some(l),
             Err(e) => lite.error = Some(format!("{e:#}")),
         }
     }
-    if http {
+    if parts.http {
         out.insert("overhead".into(), matrix(env, &stack, &mut lite)?);
     }
-    if memory {
+    if parts.memory {
         let url = format!(
             "http://127.0.0.1:{}/proxy/openai/embeddings",
             stack.enforcer.1
@@ -207,8 +214,16 @@ pub fn run(
         out.insert("litellm".into(), json!({ "version": litellm::version() }));
     }
     drop(lite);
-    if streams {
+    if parts.streams {
         out.insert("streaming".into(), streaming::run(env, &stack)?);
+    }
+    // Last: the probes trap every allocation while they are on, and nothing else should run then.
+    if parts.allocations {
+        let counted = allocs::run(env, &stack).unwrap_or_else(|e| {
+            eprintln!("\x1b[1;31mallocations per call NOT counted: {e:#}\x1b[0m");
+            json!({ "error": format!("{e:#}") })
+        });
+        out.insert("allocations".into(), counted);
     }
     Ok(Value::Object(out))
 }

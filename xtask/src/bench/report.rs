@@ -157,6 +157,20 @@ pub(super) fn target(
     })
 }
 
+/// A row with no goal: the issue asks for the figure to be reported.
+pub(super) fn reported(name: &str, measured: Option<String>, note: &str) -> Value {
+    let status = if measured.is_some() {
+        "REPORTED"
+    } else {
+        "NOT MEASURED"
+    };
+    json!({
+        "target": name, "goal": "reported (no goal)",
+        "measured": measured.unwrap_or_else(|| "not measured".to_owned()),
+        "status": status, "note": note,
+    })
+}
+
 /// Said of a difference whose repeats disagree in sign.
 const NOISE: &str = "repeats disagree in sign (min–max of the per-repeat differences spans 0): noise \
                      on this shared machine exceeds the overhead; see the spread in the table";
@@ -265,6 +279,7 @@ pub fn targets(r: &Value) -> Value {
         ev.map(|x| x <= 3.0),
         "each stream's request, reserve and settle spread over its events; median of per-repeat differences",
     ));
+    t.push(super::allocs::target(r));
     let mem = &r["memory"];
     let peak = mem["peak_rss_mib"].as_f64();
     t.push(target(
@@ -530,6 +545,7 @@ pub fn markdown(r: &Value) -> String {
     }
     overhead_md(&mut s, r);
     floor_md(&mut s, r);
+    super::allocs::markdown(&mut s, r);
     streaming_md(&mut s, r);
     super::soak::markdown(&mut s, r);
     ledger_md(&mut s, r);

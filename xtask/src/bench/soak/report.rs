@@ -1,22 +1,8 @@
 //! The soak section's rows of the targets table and its part of BENCHMARKS.md.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{TOLERANCE_MIB, TOLERANCE_PCT};
-
-/// A row with no goal: the issue asks for the figure to be reported.
-fn reported(name: &str, measured: Option<String>, note: &str) -> Value {
-    let status = if measured.is_some() {
-        "REPORTED"
-    } else {
-        "NOT MEASURED"
-    };
-    json!({
-        "target": name, "goal": "reported (no goal)",
-        "measured": measured.unwrap_or_else(|| "not measured".to_owned()),
-        "status": status, "note": note,
-    })
-}
 
 /// The section's rows of the targets table.
 pub fn targets(r: &Value) -> Vec<Value> {
@@ -25,7 +11,7 @@ pub fn targets(r: &Value) -> Vec<Value> {
     let mut t = Vec::new();
     let h1 = so["idle_http1"]["kib_per_connection"].as_f64();
     let h2 = so["idle_h2c"]["kib_per_connection"].as_f64();
-    t.push(reported(
+    t.push(super::super::report::reported(
         "enforcer RSS per idle keep-alive connection",
         h1.map(|k| {
             let h2 = h2.map_or_else(String::new, |h| format!(", h2c {h:.1} KiB"));
@@ -38,7 +24,7 @@ pub fn targets(r: &Value) -> Vec<Value> {
         },
     ));
     let call = so["in_flight"]["kib_per_call"].as_f64();
-    t.push(reported(
+    t.push(super::super::report::reported(
         "enforcer RSS per call in flight",
         call.map(|k| format!("{k:.1} KiB")),
         &match call {
