@@ -298,3 +298,50 @@ fn serve_refuses_a_provider_key_a_header_cannot_carry() {
     );
     assert!(!stderr.contains("sk-secret"), "key printed: {stderr}");
 }
+
+/// `THP_enabled` of process `pid` (`/proc/PID/status`).
+fn thp_enabled(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_owned())
+}
+
+/// The enforcer turns transparent huge pages off for itself as it loads (enforcer::alloc), and
+/// `MIMALLOC_ALLOW_THP=1` leaves them as they were.
+#[test]
+fn the_enforcer_runs_without_huge_pages_unless_told() {
+    let run = |allow: Option<&str>| {
+        let mut c = Command::new(enforcer_bin());
+        // hash-key waits for its key on stdin: the process stays up to be looked at.
+        c.arg("hash-key")
+            .env_remove("MIMALLOC_ALLOW_THP")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null());
+        if let Some(v) = allow {
+            c.env("MIMALLOC_ALLOW_THP", v);
+        }
+        c.spawn().expect("run enforcer hash-key")
+    };
+    let mut off = run(None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = thp_enabled(off.id());
+    while seen.as_deref() != Some("0") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        seen = thp_enabled(off.id());
+    }
+    let _ = off.kill();
+    let _ = off.wait();
+    assert_eq!(seen.as_deref(), Some("0"), "huge pages stayed on");
+
+    // Opted out, the process keeps what it inherited (this test's own setting).
+    let ours = thp_enabled(std::process::id());
+    let mut kept = run(Some("1"));
+    std::thread::sleep(Duration::from_millis(300));
+    let theirs = thp_enabled(kept.id());
+    let _ = kept.kill();
+    let _ = kept.wait();
+    assert!(ours.is_some());
+    assert_eq!(theirs, ours, "MIMALLOC_ALLOW_THP=1 did not keep huge pages");
+}

@@ -144,7 +144,8 @@ pub fn markdown(s: &mut String, r: &Value) {
         "Every call of each proxy's global allocator (mimalloc's `mi_malloc_aligned`, \
          `mi_zalloc_aligned`, `mi_realloc_aligned`), counted by uprobes with `perf stat` over {} ms \
          at {} req/s, divided by the calls sent; median over repeats (min–max). The traps slow the \
-         probed process, so these runs say nothing of CPU.\n\n\
+         probed process, so these runs say nothing of CPU. `enforcer_no_budgets` runs without a \
+         lease pool, so each of its calls reserves its own hold in Redis (a script call more).\n\n\
          | variant | allocations per call | reallocations per call | × pass-through |\n|---|---|---|---|",
         a["window_ms"], a["rate"]
     );
