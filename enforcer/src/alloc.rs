@@ -13,8 +13,6 @@
 //! calls and were faulted in again, often as a 2 MiB transparent huge page zeroed whole: ~5 µs per
 //! call at concurrency 64. docs/benchmarks.md ("Big blocks apart") has the runs.
 //!
-//! Transparent huge pages are turned off for the process ([`no_huge_pages`]).
-//!
 //! `MIMALLOC_PURGE_DELAY` and mimalloc's other variables still work as mimalloc documents them.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -111,49 +109,6 @@ pub fn map_big_blocks_alone() {
     }
 }
 
-/// Turns transparent huge pages off for the whole process (`prctl(PR_SET_THP_DISABLE)`), unless
-/// `MIMALLOC_ALLOW_THP` is set: then mimalloc decides, as it documents (`0` does the same as this).
-/// Returns whether they are off.
-///
-/// mimalloc asks the kernel for huge pages on its arenas (`madvise(MADV_HUGEPAGE)`), so any part
-/// of an arena a call touches is backed by a whole 2 MiB page, zeroed whole on the fault, and
-/// khugepaged may fold a region with a single page in use into another one (`max_ptes_none` is
-/// 511 by default). Measured with the bench's calls (docs/benchmarks.md, "Huge pages off"): RSS at
-/// start 24 → 13 MiB, after 64 concurrent chat calls 78–81 → 55–62 MiB, peak under the 4 MiB
-/// embeddings calls that follow 187–206 → 157–183 MiB; CPU per call unchanged at concurrency 64
-/// and ~10% higher at 500 req/s (a cold heap's TLB misses). The binary calls it from an
-/// `.init_array` entry, before its first allocation: a page already huge stays so.
-pub fn no_huge_pages() -> bool {
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
-        return thp_disabled();
-    }
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: PR_SET_THP_DISABLE takes one integer flag and no pointers.
-        let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-        if r != 0 {
-            eprintln!(
-                "prctl(PR_SET_THP_DISABLE) failed ({}); huge pages stay on",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    thp_disabled()
-}
-
-/// Whether the process has transparent huge pages turned off (`PR_GET_THP_DISABLE`).
-pub fn thp_disabled() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: PR_GET_THP_DISABLE takes no argument and returns the flag.
-        unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) > 0 }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        false
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,52 +198,6 @@ mod tests {
             // Unmapped at once (another test's block may have been mapped in its place since;
             // then it is not the same mapping).
             assert_ne!(mapping_of(addr), Some((start, end)));
-        }
-    }
-
-    /// Kilobytes of `AnonHugePages` in the mapping that starts at `start` (`/proc/self/smaps`).
-    fn huge_kib_at(start: usize) -> Option<u64> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("read /proc/self/smaps");
-        let mut here = false;
-        for line in smaps.lines() {
-            let first = line.split_whitespace().next().unwrap_or("");
-            // A mapping's line starts with its range; its fields follow, one per line.
-            if let Some((a, b)) = first.split_once('-')
-                && let (Ok(a), Ok(_)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-            {
-                here = a == start;
-            } else if here && let Some(v) = line.strip_prefix("AnonHugePages:") {
-                return v.trim().trim_end_matches("kB").trim().parse().ok();
-            }
-        }
-        None
-    }
-
-    #[test]
-    fn huge_pages_are_off_even_where_asked_for() {
-        assert!(no_huge_pages(), "PR_GET_THP_DISABLE still reads 0");
-        const SIZE: usize = 8 << 20;
-        // SAFETY: a private anonymous mapping, written within its size and unmapped once.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            // As mimalloc does for its arenas.
-            libc::madvise(p, SIZE, libc::MADV_HUGEPAGE);
-            p.cast::<u8>().write_bytes(1, SIZE);
-            let huge = huge_kib_at(p as usize);
-            libc::munmap(p, SIZE);
-            assert_eq!(
-                huge,
-                Some(0),
-                "the kernel backed the region with huge pages"
-            );
         }
     }
 }

@@ -15,18 +15,6 @@ use ledger::store::{Ledger, Period};
 #[global_allocator]
 static GLOBAL: enforcer::alloc::Split = enforcer::alloc::Split;
 
-/// Huge pages off (enforcer::alloc::no_huge_pages) before `main`, so before the first allocation:
-/// mimalloc's first arena is asked for huge pages as it is made, and a page already huge stays so.
-/// An entry of `.init_array` runs as the program loads, before the Rust runtime starts.
-#[used]
-#[unsafe(link_section = ".init_array")]
-static HUGE_PAGES_OFF: extern "C" fn() = {
-    extern "C" fn off() {
-        enforcer::alloc::no_huge_pages();
-    }
-    off
-};
-
 /// llmwarden enforcer: an LLM SDK base URL with hard budgets.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -308,10 +308,10 @@ fn thp_enabled(pid: u32) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
-/// The enforcer turns transparent huge pages off for itself as it loads (enforcer::alloc), and
-/// `MIMALLOC_ALLOW_THP=1` leaves them as they were.
+/// `MIMALLOC_ALLOW_THP=0`, the memory-first setting docs/enforcer.md gives, turns transparent huge
+/// pages off for the `enforcer` process; without it the process keeps what it inherited.
 #[test]
-fn the_enforcer_runs_without_huge_pages_unless_told() {
+fn mimalloc_allow_thp_0_turns_huge_pages_off_for_the_enforcer() {
     let run = |allow: Option<&str>| {
         let mut c = Command::new(enforcer_bin());
         // hash-key waits for its key on stdin: the process stays up to be looked at.
@@ -324,7 +324,7 @@ fn the_enforcer_runs_without_huge_pages_unless_told() {
         }
         c.spawn().expect("run enforcer hash-key")
     };
-    let mut off = run(None);
+    let mut off = run(Some("0"));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut seen = thp_enabled(off.id());
     while seen.as_deref() != Some("0") && std::time::Instant::now() < deadline {
@@ -335,13 +335,16 @@ fn the_enforcer_runs_without_huge_pages_unless_told() {
     let _ = off.wait();
     assert_eq!(seen.as_deref(), Some("0"), "huge pages stayed on");
 
-    // Opted out, the process keeps what it inherited (this test's own setting).
+    // Not set: the process keeps this test's own setting.
     let ours = thp_enabled(std::process::id());
-    let mut kept = run(Some("1"));
+    let mut kept = run(None);
     std::thread::sleep(Duration::from_millis(300));
     let theirs = thp_enabled(kept.id());
     let _ = kept.kill();
     let _ = kept.wait();
     assert!(ours.is_some());
-    assert_eq!(theirs, ours, "MIMALLOC_ALLOW_THP=1 did not keep huge pages");
+    assert_eq!(
+        theirs, ours,
+        "huge pages changed without MIMALLOC_ALLOW_THP"
+    );
 }
