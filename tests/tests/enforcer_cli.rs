@@ -1,5 +1,6 @@
 //! The enforcer's subcommands: hash-key, check-config and report (--json shape, observer-only
-//! tenants included, a report-only config without keys).
+//! tenants included, a report-only config without keys); start-up refusals; and the process
+//! settings docs/enforcer.md gives (huge pages off with `MIMALLOC_ALLOW_THP=0`).
 
 mod enforcer_common;
 
