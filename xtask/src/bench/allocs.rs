@@ -190,7 +190,8 @@ fn count(
         .collect();
     let mut perf = Stat::start(pid, &events, &file)?;
     let r = loadgen::http(env, &target, Load::Rate(RATE), Duration::ZERO, window)?;
-    // The settles of the last calls leave after their window (2 ms by default): let them go.
+    // The settles of the last calls leave after their settle window (10 ms with a lease pool,
+    // 2 ms without: enforcer::config::Config::settle_window): let them go and be counted.
     std::thread::sleep(Duration::from_millis(200));
     let counts = perf.stop()?;
     let calls = r["sent_total"].as_f64().unwrap_or(0.0);
