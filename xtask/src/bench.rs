@@ -13,6 +13,7 @@ mod loadgen;
 mod memory;
 mod observer;
 mod overhead;
+mod pgo;
 mod report;
 mod soak;
 mod stack;
@@ -38,9 +39,68 @@ pub struct BenchArgs {
     /// (repeatable).
     #[arg(long)]
     skip: Vec<String>,
-    /// Do not build (use the release binaries already in the target dir).
+    /// Do not build (use the release binaries already in the target dir, and the PGO ones under
+    /// target/pgo when they exist and --no-pgo is not given).
     #[arg(long)]
     no_build: bool,
+    /// Measure the plain release build of the enforcer and the pass-through instead of the
+    /// profile-guided one (`cargo xtask pgo`).
+    #[arg(long)]
+    no_pgo: bool,
+}
+
+/// `cargo xtask pgo`: the release build the bench measures, plus the PGO enforcer.
+pub fn pgo_cli() -> Result<()> {
+    build_plain()?;
+    let out = pgo::build(&stack::release_dir())?;
+    step(&format!(
+        "profile-optimised enforcer: {}",
+        out.join("enforcer").display()
+    ));
+    Ok(())
+}
+
+/// The plain release binaries every section runs: the mock, loadgen, the pass-through and the
+/// enforcer.
+fn build_plain() -> Result<()> {
+    step("building the release binaries (enforcer, mock-provider, loadgen, passthrough)");
+    let mut c = cargo();
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "enforcer",
+        "-p",
+        "llmwarden-tests",
+        "--bin",
+        "mock-provider",
+    ]);
+    c.args(["--bin", "enforcer", "-p", "loadgen", "--bin", "loadgen"]);
+    c.args(["--bin", "passthrough"]);
+    command::run(&mut c)
+}
+
+/// The directory the bench runs binaries from: links to the release ones, the enforcer and the
+/// pass-through taken from `pgo` when given.
+fn bench_bin(work: &Path, pgo: Option<&Path>) -> Result<PathBuf> {
+    let release = stack::release_dir();
+    let Some(pgo) = pgo else {
+        return Ok(release);
+    };
+    let bin = work.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for e in std::fs::read_dir(&release)? {
+        let e = e?;
+        let name = e.file_name();
+        let from = match name.to_str() {
+            Some("enforcer" | "passthrough") => pgo.join(&name),
+            _ if e.file_type()?.is_file() => e.path(),
+            _ => continue,
+        };
+        std::os::unix::fs::symlink(&from, bin.join(&name))
+            .with_context(|| format!("linking {}", from.display()))?;
+    }
+    Ok(bin)
 }
 
 /// Sizes of one run.
@@ -105,23 +165,7 @@ pub struct Env {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let plan = Plan::new(args.quick);
     if !args.no_build {
-        step(
-            "building the release binaries (enforcer, observer, mock-provider, loadgen, passthrough)",
-        );
-        let mut c = cargo();
-        c.args([
-            "build",
-            "--release",
-            "-p",
-            "enforcer",
-            "-p",
-            "llmwarden-tests",
-            "--bin",
-            "mock-provider",
-        ]);
-        c.args(["--bin", "enforcer", "-p", "loadgen", "--bin", "loadgen"]);
-        c.args(["--bin", "passthrough"]);
-        command::run(&mut c)?;
+        build_plain()?;
         if !args.skip.iter().any(|s| s == "observer") && command::is_root() {
             // Built separately: the eBPF side needs nightly; a failure here must not stop the rest.
             if let Err(e) = command::run(cargo().args([
@@ -136,6 +180,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
         }
     }
+    let pgo = if args.no_pgo {
+        None
+    } else if args.no_build {
+        let out = pgo::out_dir()?;
+        out.join("enforcer").is_file().then_some(out)
+    } else {
+        Some(pgo::build(&stack::release_dir())?)
+    };
     // Measuring time only: the build above may take minutes on this machine.
     let started = Instant::now();
     let work = root()
@@ -143,7 +195,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let env = Env {
-        bin: stack::release_dir(),
+        bin: bench_bin(&work, pgo.as_deref())?,
         work,
         plan,
     };
@@ -155,6 +207,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "machine": report::machine(),
         "date": command::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))
             .map(|s| s.trim().to_owned()),
+        "build": {
+            "profile": "release (fat LTO, one codegen unit)",
+            "pgo": pgo.is_some(),
+        },
         "plan": {
             "duration_ms": plan.duration.as_millis() as u64, "warmup_ms": plan.warmup.as_millis() as u64,
             "repeats": plan.repeats, "streams": plan.streams,

@@ -31,6 +31,10 @@ enum Task {
     Test(test::TestArgs),
     /// Benchmarks (enforcer overhead, streaming, ledger, LiteLLM, observer) → BENCHMARKS.md, bench/results.json.
     Bench(bench::BenchArgs),
+    /// Release build of the enforcer (and the bench's pass-through) optimised with a profile of
+    /// the bench's workload: instrumented build, training run, optimised build into
+    /// target/pgo/use/<host>/release/ (docs/development.md, "Profile-guided builds").
+    Pgo,
     /// Start the whole stack on this machine and drive a scripted workload through both paths.
     Demo(demo::DemoArgs),
     /// Fuzz the parsers (cargo-fuzz, nightly): replay fuzz/regressions, then 60 s per target.
@@ -47,6 +51,7 @@ fn main() -> Result<()> {
         Task::Test(args) => test::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Pgo => bench::pgo_cli(),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Chaos(args) => chaos::run(&args),
     }

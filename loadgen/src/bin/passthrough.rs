@@ -1,5 +1,6 @@
 //! `passthrough`: the bench's floor proxy (see `loadgen::passthrough`). Prints
-//! `{"addr":"127.0.0.1:PORT"}` on stdout once it listens, then serves until killed.
+//! `{"addr":"127.0.0.1:PORT"}` on stdout once it listens, then serves until SIGTERM or Ctrl-C, on
+//! which it exits 0 (a PGO-instrumented build writes its profile then; see `cargo xtask pgo`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,9 +44,13 @@ fn main() -> Result<()> {
             "{}",
             serde_json::json!({ "addr": l.local_addr()?.to_string() })
         );
-        passthrough::serve_threads(l, threads, || {
-            Passthrough::new(&cli.routes, cli.ca_file.as_deref())
-        })
-        .await
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = passthrough::serve_threads(l, threads, || {
+                Passthrough::new(&cli.routes, cli.ca_file.as_deref())
+            }) => r,
+            _ = term.recv() => Ok(()),
+            r = tokio::signal::ctrl_c() => Ok(r?),
+        }
     })
 }

@@ -131,6 +131,48 @@ impl Stack {
         }
     }
 
+    /// A call of `provider`'s own API (`path` below its base URL, e.g. `/v1/messages`) through the
+    /// enforcer or pass-through serving `variant`, with the header that provider's SDK sends the
+    /// key in. Neither proxy's config changes: both route `anthropic` and `gemini` to the mock.
+    pub fn provider_target(
+        &self,
+        variant: Variant,
+        provider: &str,
+        path: &str,
+        body: PathBuf,
+    ) -> Target {
+        let (url, header) = match variant {
+            Variant::Passthrough => {
+                let header = match provider {
+                    "anthropic" => format!("x-api-key: {MOCK_KEY}"),
+                    "gemini" => format!("x-goog-api-key: {MOCK_KEY}"),
+                    _ => format!("authorization: Bearer {MOCK_KEY}"),
+                };
+                (
+                    format!("http://127.0.0.1:{}/{provider}{path}", self.passthrough.1),
+                    header,
+                )
+            }
+            _ => {
+                let (port, key) = match variant {
+                    Variant::Budgets => (self.enforcer.1, KEY_BUDGETS),
+                    Variant::Reserving => (self.enforcer_rs.0.1, KEY_BUDGETS),
+                    _ => (self.enforcer_nb.1, KEY_NO_BUDGETS),
+                };
+                (
+                    format!("http://127.0.0.1:{port}/proxy/{provider}{path}"),
+                    format!("authorization: Bearer {key}"),
+                )
+            }
+        };
+        Target {
+            url,
+            headers: vec![header],
+            body: Some(body),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
     /// The admin port of the enforcer serving `variant`.
     fn admin_port(&self, variant: Variant) -> Option<u16> {
         match variant {
@@ -139,6 +181,20 @@ impl Stack {
             Variant::NoBudgets => Some(self.admin.1),
             _ => None,
         }
+    }
+
+    /// Stops the four proxies with SIGTERM and waits for each to exit on its own (an instrumented
+    /// build writes its profile only then).
+    pub fn stop_proxies(&mut self, within: Duration) -> Result<()> {
+        for p in [
+            &mut self.enforcer.0,
+            &mut self.enforcer_nb.0,
+            &mut self.enforcer_rs.0.0,
+            &mut self.passthrough.0,
+        ] {
+            p.terminate(within)?;
+        }
+        Ok(())
     }
 
     /// The process serving `variant`, when it is ours to measure.
@@ -252,7 +308,7 @@ impl Lite {
     }
 }
 
-fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
+pub(super) fn start(env: &Env, redis_url: &str, redis_pid: u32) -> Result<Stack> {
     step("starting the mock providers (20 ms latency; streaming: 64 chunks 10 ms apart)");
     let mock = stack::mock(&env.bin, &env.work, "mock", 20, &["--output-tokens", "120"])?;
     let stream_mock = stack::mock(
@@ -405,6 +461,15 @@ kind = "openai"
 base_url = "http://{stream}/v1"
 api_key_env = "BENCH_PROVIDER_KEY"
 
+# Unused by the bench's loads; `cargo xtask pgo` trains the Anthropic and Gemini paths on them.
+[providers.anthropic]
+base_url = "http://{mock}"
+api_key_env = "BENCH_PROVIDER_KEY"
+
+[providers.gemini]
+base_url = "http://{mock}"
+api_key_env = "BENCH_PROVIDER_KEY"
+
 [[keys]]
 sha256 = "{hash}"
 tenant = "{tenant}"
@@ -450,6 +515,8 @@ fn passthrough(env: &Env, mock: &Mock, stream_mock: &Mock) -> Result<(Proc, u16)
                 "--route",
                 &format!("openai-stream=http://{}/v1", stream_mock.addr),
             ])
+            .args(["--route", &format!("anthropic=http://{}", mock.addr)])
+            .args(["--route", &format!("gemini=http://{}", mock.addr)])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit()),
     )?;

@@ -515,6 +515,19 @@ pub fn markdown(r: &Value) -> String {
         "| load average at start | {} |",
         m["load_avg_at_start"].as_str().unwrap_or("?")
     );
+    let build = &r["build"];
+    if build.is_object() {
+        let _ = writeln!(
+            s,
+            "| build | {}{} |",
+            build["profile"].as_str().unwrap_or("release"),
+            if build["pgo"] == true {
+                "; enforcer and pass-through profile-guided (`cargo xtask pgo`)"
+            } else {
+                "; no PGO"
+            }
+        );
+    }
     let _ = writeln!(
         s,
         "| run | {} mode, {} ms measured per run after {} ms warm-up, {} interleaved repeats, {:.0} s of measuring (build excluded) |\n",

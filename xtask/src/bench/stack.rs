@@ -41,6 +41,28 @@ impl Proc {
         Ok(())
     }
 
+    /// Sends SIGTERM and waits up to `within` for a clean exit (status 0).
+    pub fn terminate(&mut self, within: Duration) -> Result<()> {
+        if self.child.try_wait()?.is_none() {
+            crate::command::run(
+                Command::new("kill").args(["-TERM", &self.child.id().to_string()]),
+            )?;
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                if !st.success() {
+                    bail!("{} exited with {st} after SIGTERM", self.name);
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {within:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Takes its stdout (when spawned with `Stdio::piped()`).
     pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
         self.child.stdout.take()
@@ -71,11 +93,15 @@ pub fn wait_port(port: u16, what: &str, within: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Where the release binaries are: `$CARGO_TARGET_DIR/release` or `target/release`.
-pub fn release_dir() -> PathBuf {
+/// `$CARGO_TARGET_DIR` or `target/`.
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| crate::command::root().join("target"), PathBuf::from)
-        .join("release")
+}
+
+/// Where the release binaries are: `$CARGO_TARGET_DIR/release` or `target/release`.
+pub fn release_dir() -> PathBuf {
+    target_dir().join("release")
 }
 
 /// A redis-server without persistence on a free loopback port.
