@@ -52,16 +52,18 @@ pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
     for (v, rs) in variants.iter().zip(&runs) {
         vs.insert(v.name().into(), aggregate(rs));
     }
-    let diff = |q: &'static str, field: &'static str| {
+    // `of`: 1 the enforcer, 2 the pass-through; against direct (0), repeat by repeat.
+    let diff_of = |of: usize, q: &'static str, field: &'static str| {
         let d: Vec<Value> = runs[0]
             .iter()
-            .zip(&runs[1])
+            .zip(&runs[of])
             .filter_map(|(b, r)| {
                 Some(json!({ "d": r[field][q].as_f64()? - b[field][q].as_f64()? }))
             })
             .collect();
         spread(&d, |x| x["d"].as_f64())
     };
+    let diff = |q, field| diff_of(1, q, field);
     // The enforcer's CPU per event beyond the floor's, repeat by repeat.
     let cpu: Vec<Value> = runs[1]
         .iter()
@@ -81,6 +83,12 @@ pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
             "added_gap_p50_us": diff("p50", "gap_us"),
             "added_gap_p99_us": diff("p99", "gap_us"),
             "added_gap_p999_us": diff("p999", "gap_us"),
+        },
+        // What the floor adds to the same latencies: the part of the enforcer's no proxy on this
+        // stack avoids here.
+        "passthrough_vs_direct": {
+            "added_ttft_p99_us": diff_of(2, "p99", "ttft_us"),
+            "added_gap_p99_us": diff_of(2, "p99", "gap_us"),
         },
         "vs_passthrough": {
             "enforcer_budgets": {
