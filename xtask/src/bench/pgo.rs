@@ -169,9 +169,9 @@ fn train(gen_dir: &Path, tools: &Path) -> Result<()> {
         work,
         plan: Plan::new(true),
     };
-    let (_redis, redis_port) = stack::redis(&env.work)?;
+    let (redis, redis_port) = stack::redis(&env.work)?;
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
-    let mut stack = overhead::start(&env, &redis_url, _redis.pid())?;
+    let mut stack = overhead::start(&env, &redis_url, redis.pid())?;
     let others = other_providers(&env.work)?;
     let burst = Duration::from_millis(1500);
     let warmup = Duration::from_millis(200);
