@@ -52,7 +52,7 @@ pub struct BenchArgs {
 /// `cargo xtask pgo`: the release build the bench measures, plus the PGO enforcer.
 pub fn pgo_cli() -> Result<()> {
     build_plain()?;
-    let out = pgo::build(&stack::release_dir())?;
+    let out = pgo::build()?;
     step(&format!(
         "profile-optimised enforcer: {}",
         out.join("enforcer").display()
@@ -81,10 +81,10 @@ fn build_plain() -> Result<()> {
 }
 
 /// The directory the bench runs binaries from: links to the release ones, the enforcer and the
-/// pass-through taken from `pgo` when given.
-fn bench_bin(work: &Path, pgo: Option<&Path>) -> Result<PathBuf> {
+/// pass-through taken from `proxies` (a PGO build, instrumented or optimised) when given.
+fn bench_bin(work: &Path, proxies: Option<&Path>) -> Result<PathBuf> {
     let release = stack::release_dir();
-    let Some(pgo) = pgo else {
+    let Some(proxies) = proxies else {
         return Ok(release);
     };
     let bin = work.join("bin");
@@ -92,10 +92,12 @@ fn bench_bin(work: &Path, pgo: Option<&Path>) -> Result<PathBuf> {
     for e in std::fs::read_dir(&release)? {
         let e = e?;
         let name = e.file_name();
-        let from = match name.to_str() {
-            Some("enforcer" | "passthrough") => pgo.join(&name),
-            _ if e.file_type()?.is_file() => e.path(),
-            _ => continue,
+        let from = if pgo::BINS.iter().any(|(_, b)| name == *b) {
+            proxies.join(&name)
+        } else if e.file_type()?.is_file() {
+            e.path()
+        } else {
+            continue;
         };
         std::os::unix::fs::symlink(&from, bin.join(&name))
             .with_context(|| format!("linking {}", from.display()))?;
@@ -186,7 +188,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let out = pgo::out_dir()?;
         out.join("enforcer").is_file().then_some(out)
     } else {
-        Some(pgo::build(&stack::release_dir())?)
+        Some(pgo::build()?)
     };
     // Measuring time only: the build above may take minutes on this machine.
     let started = Instant::now();

@@ -104,11 +104,7 @@ impl Stack {
                 )
             }
             Variant::Budgets | Variant::Reserving | Variant::NoBudgets => {
-                let (port, key) = match variant {
-                    Variant::Budgets => (self.enforcer.1, KEY_BUDGETS),
-                    Variant::Reserving => (self.enforcer_rs.0.1, KEY_BUDGETS),
-                    _ => (self.enforcer_nb.1, KEY_NO_BUDGETS),
-                };
+                let (port, key) = self.enforcer_port_key(variant);
                 let provider = if stream { "openai-stream" } else { "openai" };
                 (
                     format!("http://127.0.0.1:{port}/proxy/{provider}/chat/completions"),
@@ -128,6 +124,16 @@ impl Stack {
             headers: vec![format!("authorization: Bearer {key}")],
             body,
             timeout,
+        }
+    }
+
+    /// The listening port and caller key of the enforcer serving `variant` (the one without
+    /// budgets for any variant that is not an enforcer with budgets).
+    fn enforcer_port_key(&self, variant: Variant) -> (u16, &'static str) {
+        match variant {
+            Variant::Budgets => (self.enforcer.1, KEY_BUDGETS),
+            Variant::Reserving => (self.enforcer_rs.0.1, KEY_BUDGETS),
+            _ => (self.enforcer_nb.1, KEY_NO_BUDGETS),
         }
     }
 
@@ -154,11 +160,7 @@ impl Stack {
                 )
             }
             _ => {
-                let (port, key) = match variant {
-                    Variant::Budgets => (self.enforcer.1, KEY_BUDGETS),
-                    Variant::Reserving => (self.enforcer_rs.0.1, KEY_BUDGETS),
-                    _ => (self.enforcer_nb.1, KEY_NO_BUDGETS),
-                };
+                let (port, key) = self.enforcer_port_key(variant);
                 (
                     format!("http://127.0.0.1:{port}/proxy/{provider}{path}"),
                     format!("authorization: Bearer {key}"),

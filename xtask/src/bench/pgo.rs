@@ -24,7 +24,7 @@ use super::{Env, Plan, stack};
 use crate::command::{self, cargo, output, root, step};
 
 /// The binaries built with a profile, as (package, bin).
-const BINS: [(&str, &str); 2] = [("enforcer", "enforcer"), ("loadgen", "passthrough")];
+pub const BINS: [(&str, &str); 2] = [("enforcer", "enforcer"), ("loadgen", "passthrough")];
 
 /// `target/pgo` (or `$CARGO_TARGET_DIR/pgo`).
 fn base() -> PathBuf {
@@ -33,17 +33,22 @@ fn base() -> PathBuf {
 
 /// Where `cargo xtask pgo` leaves the optimised enforcer and pass-through.
 pub fn out_dir() -> Result<PathBuf> {
-    Ok(base().join("use").join(host()?).join("release"))
+    Ok(built(&base().join("use"), &host()?))
 }
 
-/// Builds the profile-optimised enforcer and pass-through and returns their directory. `tools` holds
-/// the plain release `mock-provider` and `loadgen` the training run drives them with.
-pub fn build(tools: &Path) -> Result<PathBuf> {
+/// Where cargo puts release binaries built for `host` under `target_dir`.
+fn built(target_dir: &Path, host: &str) -> PathBuf {
+    target_dir.join(host).join("release")
+}
+
+/// Builds the profile-optimised enforcer and pass-through and returns their directory. The
+/// training drives them with the plain release `mock-provider` and `loadgen` (built first).
+pub fn build() -> Result<PathBuf> {
     let host = host()?;
-    let profdata_tool = llvm_profdata()?;
+    let profdata_tool = llvm_profdata(&host)?;
     let base = base();
     let raw = base.join("raw");
-    let gen_dir = base.join("gen").join(&host).join("release");
+    let gen_dir = built(&base.join("gen"), &host);
 
     step("PGO 1/3: instrumented release build of the enforcer and the pass-through");
     cargo_build(
@@ -62,7 +67,7 @@ pub fn build(tools: &Path) -> Result<PathBuf> {
         step("PGO 2/3: training run (the bench's stack under short bursts of every load shape)");
         let _ = std::fs::remove_dir_all(&raw);
         std::fs::create_dir_all(&raw)?;
-        train(&gen_dir, tools)?;
+        train(&gen_dir)?;
         merge(&profdata_tool, &raw, &profdata)?;
     }
 
@@ -77,7 +82,7 @@ pub fn build(tools: &Path) -> Result<PathBuf> {
             "-Cllvm-args=-pgo-warn-missing-function=false".to_owned(),
         ],
     )?;
-    let out = out_dir()?;
+    let out = built(&base.join("use"), &host);
     for (_, bin) in BINS {
         let p = out.join(bin);
         if !p.is_file() {
@@ -100,7 +105,7 @@ fn host() -> Result<String> {
 
 /// rustup's `llvm-profdata`, added (`llvm-tools`) when missing: its profile format is the one our
 /// rustc's LLVM reads, which a distribution's llvm-profdata of another major version is not.
-fn llvm_profdata() -> Result<PathBuf> {
+fn llvm_profdata(host: &str) -> Result<PathBuf> {
     let sysroot = output(
         Command::new("rustc")
             .current_dir(root())
@@ -109,7 +114,7 @@ fn llvm_profdata() -> Result<PathBuf> {
     .context("cannot run `rustc --print sysroot`")?;
     let p = Path::new(sysroot.trim())
         .join("lib/rustlib")
-        .join(host()?)
+        .join(host)
         .join("bin/llvm-profdata");
     if !p.is_file() {
         step("adding rustup's llvm-tools (llvm-profdata for the PGO build)");
@@ -148,24 +153,15 @@ fn fresh(profdata: &Path, gen_dir: &Path) -> bool {
         .all(|(_, bin)| mtime(&gen_dir.join(bin)).is_some_and(|b| b < profile))
 }
 
-/// Runs the bench's stack from `gen_dir`'s instrumented proxies and stops it gracefully: each
-/// instrumented process (the `enforcer hash-key` runs too) writes `default_<binary>_<pid>.profraw`
-/// into the directory given to `-Cprofile-generate` as it exits.
-fn train(gen_dir: &Path, tools: &Path) -> Result<()> {
-    let bin = base().join("train-bin");
-    let _ = std::fs::remove_dir_all(&bin);
-    std::fs::create_dir_all(&bin)?;
-    for (_, name) in BINS {
-        link(&gen_dir.join(name), &bin.join(name))?;
-    }
-    for name in ["mock-provider", "loadgen"] {
-        link(&tools.join(name), &bin.join(name))?;
-    }
+/// Runs the bench's stack from `gen_dir`'s instrumented proxies and stops it gracefully: as it
+/// exits, each instrumented process (the `enforcer hash-key` runs too) merges its counters into
+/// its binary's `default_<signature>_0.profraw` in the directory given to `-Cprofile-generate`.
+fn train(gen_dir: &Path) -> Result<()> {
     let work = base().join("train-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let env = Env {
-        bin,
+        bin: super::bench_bin(&work, Some(gen_dir))?,
         work,
         plan: Plan::new(true),
     };
@@ -283,12 +279,4 @@ fn merge(tool: &Path, raw: &Path, profdata: &Path) -> Result<()> {
         eprintln!("    {}", l.trim());
     }
     Ok(())
-}
-
-fn link(from: &Path, to: &Path) -> Result<()> {
-    if !from.is_file() {
-        bail!("{} is missing (build it first)", from.display());
-    }
-    std::os::unix::fs::symlink(from, to)
-        .with_context(|| format!("linking {} to {}", to.display(), from.display()))
 }

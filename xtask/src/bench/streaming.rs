@@ -84,8 +84,8 @@ pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
             "added_gap_p99_us": diff("p99", "gap_us"),
             "added_gap_p999_us": diff("p999", "gap_us"),
         },
-        // What the floor adds to the same latencies: the part of the enforcer's no proxy on this
-        // stack avoids here.
+        // What the floor adds to the same latencies: the share of the enforcer's figures that any
+        // proxy on this stack pays on this machine.
         "passthrough_vs_direct": {
             "added_ttft_p99_us": diff_of(2, "p99", "ttft_us"),
             "added_gap_p99_us": diff_of(2, "p99", "gap_us"),
