@@ -36,6 +36,9 @@ pub enum StartError {
         /// What is wrong with its value (never the value: it may be a secret).
         why: &'static str,
     },
+    /// Building the OpenAI tokenizers failed (a broken binary: their data is compiled in).
+    #[error("tokenizers: {0}")]
+    Tokenizers(String),
     /// The price table could not be built.
     #[error("prices: {0}")]
     Pricing(#[source] ledger::Error),

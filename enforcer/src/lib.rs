@@ -207,6 +207,23 @@ impl App {
         let spool = recovery::open_spool(&cfg, &instance)?;
         let replayer = recovery::start(&spool, &ledger, instance.clone(), chrono::Utc::now());
         let metrics = Arc::new(Metrics::new(&cfg.metrics));
+        // Built now rather than by the first call that needs one: that call's thread would stall
+        // every call it carries for tens of milliseconds (docs/enforcer.md, "Runtime threads").
+        // Only routes that can be called (a provider without its key is unavailable).
+        if upstream_keys
+            .keys()
+            .filter_map(|name| providers.get(name))
+            .any(|p| p.kind.counts_with_bpe())
+        {
+            let t = std::time::Instant::now();
+            tokio::task::spawn_blocking(ledger::load_tokenizers)
+                .await
+                .map_err(|e| StartError::Tokenizers(e.to_string()))?;
+            tracing::info!(
+                ms = t.elapsed().as_millis(),
+                "tokenizers loaded (o200k_base, cl100k_base)"
+            );
+        }
         Ok(App {
             budgets: Budgets::new(ledger.clone(), &cfg, metrics.leases.clone()),
             loops: LoopGuard::new(ledger.clone(), &cfg.session),

@@ -28,4 +28,6 @@ pub use store::{
     ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, Source, TenantSpend, TokenCounts,
     UsageRecord, resolve_caps,
 };
-pub use usage::{ResponseMeta, StreamMeter, Usage, estimate_tokens_from_text, parse_response};
+pub use usage::{
+    ResponseMeta, StreamMeter, Usage, estimate_tokens_from_text, load_tokenizers, parse_response,
+};

@@ -38,6 +38,17 @@ pub enum ProviderKind {
 }
 
 impl ProviderKind {
+    /// Whether calls through this kind of provider can name OpenAI models, whose prompts the
+    /// ledger counts with their BPE tokenizer ([`crate::load_tokenizers`]); Anthropic and
+    /// Gemini models are counted by bytes.
+    #[must_use]
+    pub fn counts_with_bpe(self) -> bool {
+        match self {
+            Self::OpenAi | Self::AzureOpenAi | Self::OpenAiCompatible => true,
+            Self::Anthropic | Self::Gemini => false,
+        }
+    }
+
     /// The config/serde spelling: "openai", "anthropic", "gemini", "azure-openai", "openai-compatible".
     #[must_use]
     pub fn as_str(self) -> &'static str {

@@ -246,17 +246,13 @@ async fn open_sink(cfg: &Config, mode: Mode) -> Result<Sink> {
     })
 }
 
-/// The tokenizers the request parser uses are deserialised on first use (slow in a debug
-/// build): load them now, off the reader, so the first captured call does not stall the ring
+/// The tokenizers the request parser uses are built on first use (slow in a debug build):
+/// build them now, off the reader, so the first captured call does not stall the ring
 /// buffer.
 fn warm_tokenizers() -> Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("observer-warmup".into())
-        .spawn(|| {
-            for model in ["gpt-4o-mini", "gpt-4"] {
-                let _ = ledger::usage::estimate_tokens_from_text(Some(model), "warm up");
-            }
-        })
+        .spawn(ledger::load_tokenizers)
         .context("spawning the warm-up thread")
 }
 

@@ -1,6 +1,7 @@
 //! The enforcer's subcommands: hash-key, check-config and report (--json shape, observer-only
 //! tenants included, a report-only config without keys); start-up refusals; and the process
-//! settings docs/enforcer.md gives (huge pages off with `MIMALLOC_ALLOW_THP=0`).
+//! settings docs/enforcer.md gives (huge pages off with `MIMALLOC_ALLOW_THP=0`); the tokenizers built
+//! before the listener opens.
 
 mod enforcer_common;
 
@@ -298,6 +299,63 @@ fn serve_refuses_a_provider_key_a_header_cannot_carry() {
         "error does not name the variable: {stderr}"
     );
     assert!(!stderr.contains("sk-secret"), "key printed: {stderr}");
+}
+
+/// The log the enforcer writes until it says it is listening (then it is stopped).
+fn log_until_listening(dir: &std::path::Path, kind: &str) -> String {
+    let body = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"off\"\nredis_url = \"redis://127.0.0.1:1\"\n[providers.p]\nkind = \"{kind}\"\nbase_url = \"https://llm.invalid/v1\"\napi_key_env = \"P_KEY\"\n[[keys]]\nsha256 = \"{}\"\ntenant = \"acme\"\n",
+        hash_key("sk-proxy")
+    );
+    let log = dir.join(format!("{kind}.log"));
+    let mut child = Command::new(enforcer_bin())
+        .arg("--config")
+        .arg(config(dir, &body))
+        .env("P_KEY", "sk-upstream")
+        // The built-in openai route is available only with its key.
+        .env_remove("OPENAI_API_KEY")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("run");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("enforcer listening") {
+            break text;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().expect("wait").is_some() {
+            let _ = child.kill();
+            panic!("the enforcer did not start listening: {text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    text
+}
+
+/// With an available provider that can carry OpenAI models, both BPE tokenizers are built before
+/// the listener opens (the first call that needed one used to build it, stalling every call on its
+/// thread for tens of milliseconds); with only Anthropic or Gemini, neither is built.
+#[test]
+fn serve_builds_the_tokenizers_before_it_listens_when_a_provider_needs_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for kind in ["openai", "azure-openai", "openai-compatible"] {
+        let log = log_until_listening(dir.path(), kind);
+        let built = log
+            .find("tokenizers loaded")
+            .unwrap_or_else(|| panic!("{kind}: {log}"));
+        assert!(
+            built < log.find("enforcer listening").expect("listening"),
+            "{kind}: {log}"
+        );
+    }
+    for kind in ["anthropic", "gemini"] {
+        let log = log_until_listening(dir.path(), kind);
+        assert!(!log.contains("tokenizers loaded"), "{kind}: {log}");
+    }
 }
 
 /// `THP_enabled` of process `pid` (`/proc/PID/status`).

@@ -630,6 +630,18 @@ mod tests {
     }
 
     #[test]
+    fn load_tokenizers_builds_both_encodings() {
+        crate::load_tokenizers();
+        for (i, e) in [Encoding::O200k, Encoding::Cl100k].into_iter().enumerate() {
+            assert_ne!(ADDRESSES[i].load(Ordering::Relaxed), 0, "{e:?} not built");
+            let bpe = bpe(e).expect("built");
+            assert!(pattern_of(bpe).is_some(), "{e:?}");
+        }
+        assert!(crate::ProviderKind::OpenAiCompatible.counts_with_bpe());
+        assert!(!crate::ProviderKind::Anthropic.counts_with_bpe());
+    }
+
+    #[test]
     fn bpe_counts_are_exact() {
         let o200k = bpe(Encoding::O200k).expect("o200k");
         let cl100k = bpe(Encoding::Cl100k).expect("cl100k");
