@@ -15,6 +15,7 @@ mod observer;
 mod overhead;
 mod pgo;
 mod report;
+mod sched;
 mod soak;
 mod stack;
 mod streaming;

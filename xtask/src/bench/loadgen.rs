@@ -76,6 +76,25 @@ pub fn http(
 
 /// Runs concurrent SSE streams.
 pub fn stream(env: &Env, target: &Target) -> Result<Value> {
+    run(stream_command(env, target))
+}
+
+/// The same streams as [`stream`], started: the caller gets the process (its pid) and reads the
+/// report with [`finish`].
+pub fn stream_spawn(env: &Env, target: &Target) -> Result<Child> {
+    stream_command(env, target)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting loadgen")
+}
+
+/// Waits for a loadgen started with [`stream_spawn`] and parses its report.
+pub fn finish(child: Child) -> Result<Value> {
+    parse(child.wait_with_output().context("waiting for loadgen")?)
+}
+
+fn stream_command(env: &Env, target: &Target) -> Command {
     let mut c = Command::new(env.bin.join("loadgen"));
     c.arg("stream");
     target.args(&mut c);
@@ -86,7 +105,7 @@ pub fn stream(env: &Env, target: &Target) -> Result<Value> {
         &env.plan.stream_rounds.to_string(),
     ]);
     c.args(["--ramp-ms", "250"]);
-    run(c)
+    c
 }
 
 /// Runs reserve + settle pairs against Redis.
@@ -181,10 +200,14 @@ pub fn hold(env: &Env, target: &Target, connections: u32, h2c: bool, how: Held) 
 }
 
 fn run(mut c: Command) -> Result<Value> {
-    let out = c
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running loadgen")?;
+    parse(
+        c.stderr(Stdio::inherit())
+            .output()
+            .context("running loadgen")?,
+    )
+}
+
+fn parse(out: std::process::Output) -> Result<Value> {
     if !out.status.success() {
         bail!("loadgen failed with {}", out.status);
     }

@@ -231,21 +231,44 @@ pub fn targets(r: &Value) -> Value {
     let st = &r["streaming"]["vs_direct"];
     let ttft = med(&st["added_ttft_p99_us"]);
     let gap = med(&st["added_gap_p99_us"]);
+    // What each proxy's threads wait for a CPU after a wake-up: the floor under both rows.
+    let w = &r["streaming"]["waits_for_cpu"];
+    let waits = match (
+        w["enforcer_budgets"]["proxy"]["p99_us"].as_f64(),
+        w["passthrough"]["proxy"]["p99_us"].as_f64(),
+    ) {
+        (Some(e), Some(p)) => format!(
+            "after a wake-up the proxy's threads waited p99 {e:.0} µs (enforcer) and {p:.0} µs \
+             (pass-through) for a CPU (section 2, \"Waits for a CPU\")"
+        ),
+        _ => String::new(),
+    };
+    let join = |a: &str, b: &str| match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_owned(),
+        (_, true) => a.to_owned(),
+        _ => format!("{a}; {b}"),
+    };
     t.push(target(
         "streaming added TTFT p99",
         "≤ 1 ms",
         ttft.map(|x| format!("{x:.0} µs")),
         ttft.map(|x| x <= 1000.0),
-        if spans_zero(&st["added_ttft_p99_us"]) {
-            NOISE
-        } else {
-            ""
-        },
+        &join(
+            if spans_zero(&st["added_ttft_p99_us"]) {
+                NOISE
+            } else {
+                ""
+            },
+            &waits,
+        ),
     ));
     let floor_gap = med(&r["streaming"]["passthrough_vs_direct"]["added_gap_p99_us"]);
-    let floor_note = floor_gap.map_or_else(String::new, |x| {
-        format!("the pass-through (the floor) adds {x:.0} µs in the same repeats")
-    });
+    let floor_note = join(
+        &floor_gap.map_or_else(String::new, |x| {
+            format!("the pass-through (the floor) adds {x:.0} µs in the same repeats")
+        }),
+        &waits,
+    );
     t.push(target(
         "streaming added inter-chunk p99",
         "≤ 200 µs",
@@ -761,6 +784,46 @@ fn streaming_md(s: &mut String, r: &Value) {
             ),
         );
     }
+    waits_md(s, &st["waits_for_cpu"]);
+}
+
+/// How long each process of one more streaming run per variant waited for a CPU (`sched.rs`).
+fn waits_md(s: &mut String, w: &Value) {
+    if w.is_null() {
+        return;
+    }
+    let _ = writeln!(s, "\n### Waits for a CPU\n");
+    if let Some(e) = w["error"].as_str() {
+        let _ = writeln!(s, "**Not recorded: {e}**");
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "One more run of each under `perf sched record -a`: for every time a thread was switched \
+         in, how long it had been runnable first (since its wake-up or its preemption), per process, \
+         µs. Each event a proxy forwards wakes one of its threads, so the proxy's wait is on the \
+         client's gap whichever proxy it is. The recording costs something on every context \
+         switch, so these runs' latencies are beside the point and not the table above.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| run | client gap p99 ms | proxy wait p50 | proxy wait p99 | proxy wait p99.9 | mock wait p99 | loadgen wait p99 | proxy switch-ins |\n|---|---|---|---|---|---|---|---|"
+    );
+    for (name, v) in w.as_object().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            ms(&v["gap_p99_us"]),
+            f(&v["proxy"]["p50_us"], 0),
+            f(&v["proxy"]["p99_us"], 0),
+            f(&v["proxy"]["p999_us"], 0),
+            f(&v["mock"]["p99_us"], 0),
+            f(&v["loadgen"]["p99_us"], 0),
+            v["proxy"]["switch_ins"]
+                .as_u64()
+                .map_or_else(|| "–".into(), |n| n.to_string()),
+        );
+    }
 }
 
 fn ledger_md(s: &mut String, r: &Value) {
@@ -1013,6 +1076,48 @@ mod tests {
                 },
             },
         });
+        let waits_row = |proxy: Value| {
+            json!({
+                "ttft_p99_us": 23_000.0, "gap_p99_us": 13_100.0, "proxy": proxy,
+                "mock": { "p99_us": 700.0 }, "loadgen": { "p99_us": 800.0 },
+            })
+        };
+        let mut with_waits = r.clone();
+        with_waits["streaming"]["waits_for_cpu"] = json!({
+            "direct": waits_row(Value::Null),
+            "enforcer_budgets": waits_row(json!({ "switch_ins": 7000, "p50_us": 30.0, "p99_us": 830.0, "p999_us": 1400.0 })),
+            "passthrough": waits_row(json!({ "switch_ins": 6900, "p50_us": 28.0, "p99_us": 660.0, "p999_us": 1200.0 })),
+        });
+        with_waits["targets"] = targets(&with_waits);
+        let note = |r: &Value, name: &str| {
+            r["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["target"] == name)
+                .map(|t| t["note"].clone())
+        };
+        let waits = "after a wake-up the proxy's threads waited p99 830 µs (enforcer) and 660 µs \
+                     (pass-through) for a CPU (section 2, \"Waits for a CPU\")";
+        assert_eq!(
+            note(&with_waits, "streaming added inter-chunk p99"),
+            Some(json!(format!(
+                "the pass-through (the floor) adds 630 µs in the same repeats; {waits}"
+            )))
+        );
+        assert_eq!(
+            note(&with_waits, "streaming added TTFT p99"),
+            Some(json!(waits))
+        );
+        let md = markdown(&with_waits);
+        assert!(
+            md.contains("| enforcer_budgets | 13.10 | 30 | 830 | 1400 | 700 | 800 | 7000 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| direct | 13.10 | – | – | – | 700 | 800 | – |"),
+            "{md}"
+        );
         r["targets"] = targets(&r);
         let row = |name: &str| {
             r["targets"]

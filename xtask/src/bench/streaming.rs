@@ -1,6 +1,8 @@
 //! Streaming: 200+ concurrent SSE streams of 64 chunks, direct vs through the enforcer (budgets on)
 //! vs through the pass-through proxy (the floor), interleaved and repeated; time to first event and
-//! the gaps between events as the client sees them, and each proxy's CPU per SSE event.
+//! the gaps between events as the client sees them, and each proxy's CPU per SSE event; then
+//! one more run of each under the scheduler's tracepoints, for how long each process waits for a
+//! CPU (`sched.rs`).
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
@@ -48,6 +50,12 @@ pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
             runs[i].push(r);
         }
     }
+    // Then one more run of each under the scheduler's tracepoints: how long each process waited
+    // for a CPU after its wake-ups (reported, not a target; a missing `perf` is said, not fatal).
+    let waits = super::sched::run(env, stack, &variants).unwrap_or_else(|e| {
+        eprintln!("\x1b[1;31mwaits for a CPU NOT recorded: {e:#}\x1b[0m");
+        json!({ "error": format!("{e:#}") })
+    });
     let mut vs = serde_json::Map::new();
     for (v, rs) in variants.iter().zip(&runs) {
         vs.insert(v.name().into(), aggregate(rs));
@@ -90,6 +98,7 @@ pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
             "added_ttft_p99_us": diff_of(2, "p99", "ttft_us"),
             "added_gap_p99_us": diff_of(2, "p99", "gap_us"),
         },
+        "waits_for_cpu": waits,
         "vs_passthrough": {
             "enforcer_budgets": {
                 "added_cpu_us_per_event": spread(&cpu, |x| x["d"].as_f64()),
