@@ -84,7 +84,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     let (stop, stop_rx) = Stop::new();
 
     let boot_id = read_boot_id();
-    let egress = crate::egress::start(
+    let mut egress = crate::egress::start(
         maps.egress,
         &cfg,
         &stop.flag,
@@ -100,6 +100,9 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
              (provider_identity = \"connection\")"
         );
     }
+    let egress_first_pass = egress
+        .as_mut()
+        .and_then(crate::egress::Egress::take_first_pass);
     let wiring = Wiring {
         boot_id,
         tx: output.calls,
@@ -131,7 +134,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     );
     let (discovery, ready_rx) = spawn_discovery(discovery, note_rx, &stop.flag)?;
     let threads = Threads { reader, discovery };
-    let files = initial_scan(warm, ready_rx).await?;
+    let files = initial_scan(warm, ready_rx, egress_first_pass).await?;
     tracing::info!(files, "observer ready");
     if mode == Mode::Sniff {
         eprintln!(
@@ -347,13 +350,20 @@ fn spawn_discovery(
     Ok((handle, ready_rx))
 }
 
-/// Waits for the tokenizers and the discovery thread's initial scan; returns the files attached.
+/// Waits for the tokenizers, egress accounting's first pass (provider addresses resolved and the
+/// connections open before the start found) and the discovery thread's initial scan; returns the
+/// files attached.
 async fn initial_scan(
     warm: std::thread::JoinHandle<()>,
     ready: std::sync::mpsc::Receiver<usize>,
+    egress_first_pass: Option<std::sync::mpsc::Receiver<()>>,
 ) -> Result<usize> {
     tokio::task::spawn_blocking(move || {
         let _ = warm.join();
+        // An error means the resolver thread ended (at a stop): nothing more to wait for.
+        if let Some(rx) = egress_first_pass {
+            let _ = rx.recv();
+        }
         ready.recv()
     })
     .await?

@@ -124,12 +124,14 @@ pub fn start(
     }
     let names: Names = Arc::default();
     let joined: Joined = Arc::default();
+    let (first_pass, first_pass_rx) = std::sync::mpsc::channel();
     let resolver = Resolver {
         hosts,
         map: maps.addrs,
         names: names.clone(),
         joined: joined.clone(),
         connect_notes: connect_notes.clone(),
+        first_pass: Some(first_pass),
     };
     let stop = stop.clone();
     std::thread::Builder::new()
@@ -146,6 +148,7 @@ pub fn start(
     );
     egress.connect_notes = connect_notes;
     egress.detector = detector;
+    egress.first_pass = Some(first_pass_rx);
     Ok(Some(egress))
 }
 
@@ -194,6 +197,9 @@ pub struct Egress {
     connect_notes: Option<std::sync::mpsc::Sender<ProcNote>>,
     /// Which server names are provider hosts (configured and built-in).
     detector: ProviderDetector,
+    /// Ends once the provider addresses are known and the connections open before the start
+    /// are found, until the daemon takes it ([`Egress::take_first_pass`]) to wait for that.
+    first_pass: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 /// A provider connection of a process, as `provider_identity = "connection"` needs it.
@@ -252,6 +258,7 @@ impl Egress {
             connected: HashMap::new(),
             connect_notes: None,
             detector: ProviderDetector::new(),
+            first_pass: None,
         }
     }
 
@@ -292,6 +299,13 @@ impl Egress {
         if !self.closed.iter().any(|c| c.ev.pid == pid) {
             self.metered.remove(&pid);
         }
+    }
+
+    /// What ends once the resolver's first pass is done (provider addresses known, connections
+    /// open before the start found): the daemon says it is ready only after that, so a call on
+    /// such a connection is vouched for from the first moment it reports ready.
+    pub fn take_first_pass(&mut self) -> Option<std::sync::mpsc::Receiver<()>> {
+        self.first_pass.take()
     }
 
     /// The connection ring, for the reader to wait on (it is woken per event: a process that

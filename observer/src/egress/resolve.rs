@@ -195,6 +195,8 @@ pub struct Resolver {
     pub joined: Joined,
     /// `attach = "on-connect"`: the discovery thread, told of the processes holding them.
     pub connect_notes: Option<std::sync::mpsc::Sender<crate::discovery::ProcNote>>,
+    /// Told once the first resolution and the scan of open connections are done.
+    pub first_pass: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Resolver {
@@ -216,6 +218,9 @@ impl Resolver {
                         open_before_start = open,
                         "egress accounting on"
                     );
+                    if let Some(tx) = self.first_pass.take() {
+                        let _ = tx.send(());
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(200));
