@@ -13,6 +13,7 @@ mod loadgen;
 mod memory;
 mod observer;
 mod overhead;
+mod perf;
 mod pgo;
 mod report;
 mod sched;

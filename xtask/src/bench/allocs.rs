@@ -11,7 +11,7 @@
 //! counted: no call of this load has one.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 use super::Env;
 use super::loadgen::{self, Load};
 use super::overhead::{Stack, Variant};
-use crate::command::{self, step};
+use super::perf::Perf;
+use crate::command::step;
 
 /// The open-loop rate of a counted run.
 pub const RATE: u32 = 100;
@@ -43,14 +44,7 @@ const PROXIES: &[(Variant, &str)] = &[
 /// Counts allocations per call of the pass-through and the enforcers, `repeats` runs each,
 /// interleaved.
 pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
-    if !command::is_root() {
-        bail!("counting allocations needs root (uprobes through `perf probe`)");
-    }
-    if !command::succeeds(Command::new("perf").arg("--version")) {
-        bail!(
-            "`perf` is not installed (Debian package linux-perf; `cargo xtask setup` installs it)"
-        );
-    }
+    super::perf::check("counting allocations (uprobes through `perf probe`)")?;
     let _probes = Probes::add(&env.bin)?;
     let window = if env.plan.quick {
         Duration::from_secs(1)
@@ -263,44 +257,39 @@ fn remove() {
 
 /// A `perf stat -p` counting until stopped.
 struct Stat {
-    child: Child,
+    perf: Perf,
     file: std::path::PathBuf,
 }
 
 impl Stat {
     fn start(pid: u32, events: &[String], file: &Path) -> Result<Stat> {
-        let child = Command::new("perf")
-            .args(["stat", "-x", ",", "--no-big-num", "-e", &events.join(",")])
-            .args(["-p", &pid.to_string(), "-o"])
-            .arg(file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting perf stat")?;
+        let events = events.join(",");
+        let pid = pid.to_string();
+        let args: [&std::ffi::OsStr; 9] = [
+            "stat".as_ref(),
+            "-x".as_ref(),
+            ",".as_ref(),
+            "--no-big-num".as_ref(),
+            "-e".as_ref(),
+            events.as_ref(),
+            "-p".as_ref(),
+            pid.as_ref(),
+            "-o".as_ref(),
+        ];
         // perf attaches to every thread of the process before it counts.
-        std::thread::sleep(Duration::from_millis(300));
+        let perf = Perf::start(args.into_iter().chain([file.as_os_str()]))?;
         Ok(Stat {
-            child,
+            perf,
             file: file.to_owned(),
         })
     }
 
-    /// Stops the count (SIGINT, as a user's Ctrl-C) and reads the counts by event name.
+    /// Stops the count and reads the counts by event name.
     fn stop(&mut self) -> Result<std::collections::HashMap<String, u64>> {
-        command::run(Command::new("kill").args(["-INT", &self.child.id().to_string()]))?;
-        let st = self.child.wait()?;
+        let st = self.perf.stop()?;
         let text = std::fs::read_to_string(&self.file)
             .with_context(|| format!("reading {} (perf stat exited {st})", self.file.display()))?;
         Ok(parse_stat(&text))
-    }
-}
-
-impl Drop for Stat {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

@@ -14,8 +14,7 @@
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -23,18 +22,11 @@ use serde_json::{Value, json};
 use super::Env;
 use super::loadgen;
 use super::overhead::{Stack, Variant};
-use crate::command;
+use super::perf::Perf;
 
 /// One run of each variant under `perf sched record`, in the order the section runs them.
 pub fn run(env: &Env, stack: &Stack, variants: &[Variant]) -> Result<Value> {
-    if !command::is_root() {
-        bail!("recording scheduler events needs root (`perf sched record -a`)");
-    }
-    if !command::succeeds(Command::new("perf").arg("--version")) {
-        bail!(
-            "`perf` is not installed (Debian package linux-perf; `cargo xtask setup` installs it)"
-        );
-    }
+    super::perf::check("recording scheduler events (`perf sched record -a`)")?;
     let mut out = serde_json::Map::new();
     for &v in variants {
         let file = env.work.join(format!("sched-{}.data", v.name()));
@@ -71,42 +63,30 @@ pub fn run(env: &Env, stack: &Stack, variants: &[Variant]) -> Result<Value> {
 }
 
 /// A system-wide `perf sched record` until stopped.
-struct Record {
-    child: Child,
-}
+struct Record(Perf);
 
 impl Record {
     fn start(file: &Path) -> Result<Record> {
-        let child = Command::new("perf")
-            .args(["sched", "record", "-a", "-o"])
-            .arg(file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting perf sched record")?;
         // The tracepoints are on once perf has opened them on every CPU.
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(Record { child })
+        let args: [&std::ffi::OsStr; 4] = [
+            "sched".as_ref(),
+            "record".as_ref(),
+            "-a".as_ref(),
+            "-o".as_ref(),
+        ];
+        Ok(Record(Perf::start(
+            args.into_iter().chain([file.as_os_str()]),
+        )?))
     }
 
-    /// Stops the recording (SIGINT, as a user's Ctrl-C) and waits for perf to write its file.
+    /// Stops the recording and checks that perf wrote its file.
     fn stop(&mut self) -> Result<()> {
-        command::run(Command::new("kill").args(["-INT", &self.child.id().to_string()]))?;
-        let st = self.child.wait()?;
+        let st = self.0.stop()?;
         // perf writes its file on SIGINT and then ends by that signal.
         if !st.success() && st.signal() != Some(2) {
             bail!("perf sched record exited {st}");
         }
         Ok(())
-    }
-}
-
-impl Drop for Record {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
