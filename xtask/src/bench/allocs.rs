@@ -263,21 +263,13 @@ struct Stat {
 
 impl Stat {
     fn start(pid: u32, events: &[String], file: &Path) -> Result<Stat> {
-        let events = events.join(",");
-        let pid = pid.to_string();
-        let args: [&std::ffi::OsStr; 9] = [
-            "stat".as_ref(),
-            "-x".as_ref(),
-            ",".as_ref(),
-            "--no-big-num".as_ref(),
-            "-e".as_ref(),
-            events.as_ref(),
-            "-p".as_ref(),
-            pid.as_ref(),
-            "-o".as_ref(),
-        ];
         // perf attaches to every thread of the process before it counts.
-        let perf = Perf::start(args.into_iter().chain([file.as_os_str()]))?;
+        let perf = Perf::start(
+            Command::new("perf")
+                .args(["stat", "-x", ",", "--no-big-num", "-e", &events.join(",")])
+                .args(["-p", &pid.to_string(), "-o"])
+                .arg(file),
+        )?;
         Ok(Stat {
             perf,
             file: file.to_owned(),

@@ -2,7 +2,6 @@
 //! `perf sched record` for the waits for a CPU): started before the load, stopped with SIGINT as
 //! a user's Ctrl-C, killed if dropped running.
 
-use std::ffi::OsStr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -29,10 +28,10 @@ pub struct Perf {
 }
 
 impl Perf {
-    /// Starts `perf <args>` and gives it 300 ms to attach to what it watches.
-    pub fn start<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Result<Perf> {
-        let child = Command::new("perf")
-            .args(args)
+    /// Starts `perf` with `args` set on it (`Command::new("perf")` with its arguments) and gives
+    /// it 300 ms to attach to what it watches.
+    pub fn start(perf: &mut Command) -> Result<Perf> {
+        let child = perf
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

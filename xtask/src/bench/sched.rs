@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
@@ -43,7 +43,6 @@ pub fn run(env: &Env, stack: &Stack, variants: &[Variant]) -> Result<Value> {
                 .map_or(Value::Null, Waits::json)
         };
         let row = json!({
-            "ttft_p99_us": r["ttft_us"]["p99"],
             "gap_p99_us": r["gap_us"]["p99"],
             "proxy": of(stack.pid(v)),
             "mock": of(Some(stack.mock_pid(true))),
@@ -68,14 +67,10 @@ struct Record(Perf);
 impl Record {
     fn start(file: &Path) -> Result<Record> {
         // The tracepoints are on once perf has opened them on every CPU.
-        let args: [&std::ffi::OsStr; 4] = [
-            "sched".as_ref(),
-            "record".as_ref(),
-            "-a".as_ref(),
-            "-o".as_ref(),
-        ];
         Ok(Record(Perf::start(
-            args.into_iter().chain([file.as_os_str()]),
+            Command::new("perf")
+                .args(["sched", "record", "-a", "-o"])
+                .arg(file),
         )?))
     }
 
@@ -115,7 +110,7 @@ impl Waits {
 }
 
 /// Runs `perf sched timehist` on a recording and groups its rows by process.
-fn waits(file: &PathBuf) -> Result<HashMap<u32, Waits>> {
+fn waits(file: &Path) -> Result<HashMap<u32, Waits>> {
     let out = Command::new("perf")
         .args(["sched", "timehist", "-i"])
         .arg(file)
