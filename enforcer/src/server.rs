@@ -89,9 +89,6 @@ pub async fn run(app: App) -> Result<(), StartError> {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
         _ => None,
     };
-    let (listener, admin) = bind(&app).await?;
-    tracing::info!(listen = %app.cfg.listen, admin = app.cfg.admin_addr().unwrap_or("off"), tls = tls.is_some(), max_connections = app.cfg.max_connections, "enforcer listening");
-    let conns = Connections::default();
     let threads = Arc::new(
         ProxyThreads::start(app.cfg.proxy_threads()).map_err(|source| StartError::Bind {
             key: "proxy_threads",
@@ -99,6 +96,10 @@ pub async fn run(app: App) -> Result<(), StartError> {
             source,
         })?,
     );
+    warm_up(&app, &threads).await;
+    let (listener, admin) = bind(&app).await?;
+    tracing::info!(listen = %app.cfg.listen, admin = app.cfg.admin_addr().unwrap_or("off"), tls = tls.is_some(), max_connections = app.cfg.max_connections, "enforcer listening");
+    let conns = Connections::default();
     let mut loops = vec![tokio::spawn(conn::accept_loop(
         app.clone(),
         listener,
@@ -123,6 +124,42 @@ pub async fn run(app: App) -> Result<(), StartError> {
     drain(&app, &conns, loops).await;
     threads.stop().await;
     Ok(())
+}
+
+/// Opens each proxy thread's Redis connection and loads the scripts a call runs, on that thread,
+/// before the listener opens: otherwise the first call each thread carries pays the connect and
+/// a NOSCRIPT round trip, and every call behind it waits (docs/enforcer.md, "Runtime threads").
+/// Redis being down only delays the start by its timeouts and is logged; the connections then
+/// open on first use.
+async fn warm_up(app: &Arc<App>, threads: &ProxyThreads) {
+    let t = std::time::Instant::now();
+    let tasks: Vec<_> = threads
+        .handles()
+        .map(|h| {
+            let app = app.clone();
+            h.spawn(async move { app.ledger.warm_up().await })
+        })
+        .collect();
+    let n = tasks.len();
+    let mut failed = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed = Some(e.to_string()),
+            Err(e) => failed = Some(e.to_string()),
+        }
+    }
+    match failed {
+        None => tracing::info!(
+            ms = t.elapsed().as_millis(),
+            threads = n,
+            "Redis connections open and call scripts loaded"
+        ),
+        Some(error) => tracing::warn!(
+            %error,
+            "could not open the proxy threads' Redis connections (Redis down?); the first calls open them"
+        ),
+    }
 }
 
 /// The proxy listener and, unless it is off, the admin listener.

@@ -211,6 +211,25 @@ impl Ledger {
         .await
     }
 
+    /// Opens the calling thread's connection (see [`pin_thread_connection`]; the shared one on a
+    /// thread without its own) and loads the scripts a proxied call runs, so the first calls after
+    /// a start pay neither the connect nor a NOSCRIPT round trip and a second load. Call it on each
+    /// thread that carries calls, before they arrive. A failure costs nothing but the warm-up:
+    /// connections open and scripts load on first use as before.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when Redis does not answer within the timeouts.
+    pub async fn warm_up(&self) -> Result<(), Error> {
+        let mut c = self.batch.thread_conn();
+        self.timed("warm-up", async move {
+            for s in scripts::CALL_PATH {
+                s.load_async(&mut c).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Whether this process already wrote the once-per-process `marker`.
     fn marked(&self, marker: &str) -> bool {
         self.active_marked

@@ -284,3 +284,70 @@ async fn request_heads_up_to_the_read_buffer_pass_larger_ones_get_431() {
     );
     assert!(closed.is_some(), "the connection stayed open after the 431");
 }
+
+/// `count` of `errorstat_<name>` in `INFO errorstats`, 0 when absent.
+fn error_count(info: &str, name: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("errorstat_{name}:count=")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `connected_clients` in `INFO clients`.
+fn connected_clients(info: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("connected_clients in INFO clients")
+}
+
+/// Before the listener opens, every proxy thread has opened its Redis connection and the scripts
+/// a call runs are loaded (docs/enforcer.md, "Runtime threads"), so the first calls pay neither a
+/// connect nor a NOSCRIPT round trip and a second load: a first call on each thread opens no
+/// connection to Redis and gets no NOSCRIPT error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_proxy_thread_connects_to_redis_and_loads_the_call_scripts_before_listening() {
+    let stack = Stack::start(Opts {
+        top_toml: "proxy_threads = 2".into(),
+        ..Opts::default()
+    })
+    .await;
+    let loads = stack.redis.command(&["INFO", "commandstats"]);
+    let script_loads: u64 = loads
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_script|load:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        script_loads >= 2 * 5,
+        "two threads should each load the five call scripts: {loads}"
+    );
+    let before = connected_clients(&stack.redis.command(&["INFO", "clients"]));
+    // Two connections at once: the enforcer places them on different threads.
+    let calls = (0..2).map(|_| async {
+        let c = http();
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let r = c
+                .post(format!("{}/v1/chat/completions", stack.base("openai")))
+                .bearer_auth(KEY_ACME)
+                .json(&chat())
+                .send()
+                .await
+                .expect("POST");
+            statuses.push(r.status().as_u16());
+            let _ = r.bytes().await;
+        }
+        statuses
+    });
+    let statuses = futures::future::join_all(calls).await;
+    assert_eq!(statuses, vec![vec![200, 200], vec![200, 200]]);
+    let errors = stack.redis.command(&["INFO", "errorstats"]);
+    assert_eq!(error_count(&errors, "NOSCRIPT"), 0, "{errors}");
+    let after = connected_clients(&stack.redis.command(&["INFO", "clients"]));
+    assert_eq!(
+        after, before,
+        "the calls opened Redis connections of their own"
+    );
+}

@@ -90,6 +90,13 @@ impl ProxyThreads {
         (t.handle.clone(), Placed(t.open.clone()))
     }
 
+    /// Every thread's runtime, the first first.
+    pub fn handles(&self) -> impl Iterator<Item = &Handle> {
+        std::iter::once(&self.first)
+            .chain(&self.rest)
+            .map(|t| &t.handle)
+    }
+
     /// Stops the runtimes (after the drain: connections and settles are over) and joins them.
     pub async fn stop(&self) {
         self.done.cancel();

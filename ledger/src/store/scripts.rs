@@ -44,6 +44,11 @@ pub(crate) static RECLAIM: LazyLock<Script> = script!("reclaim.lua");
 /// Commits one hold at its reserved amount as an estimate (lua/abandon.lua).
 pub(crate) static ABANDON: LazyLock<Script> = script!("abandon.lua");
 
+/// The scripts a proxied call runs (reserve, settle, their batches, release), which
+/// [`super::Ledger::warm_up`] loads before the first call.
+pub(crate) static CALL_PATH: [&LazyLock<Script>; 5] =
+    [&RESERVE, &SETTLE, &RESERVE_BATCH, &SETTLE_BATCH, &RELEASE];
+
 /// One script call: its keys and arguments, each written once into a flat buffer.
 ///
 /// `redis::ScriptInvocation` keeps every key and argument in a `Vec<u8>` of its own and copies
