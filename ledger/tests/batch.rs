@@ -884,6 +884,82 @@ async fn settles_within_the_window_share_one_script() {
     assert_same(&dump(&sa).await, &dump(&sb).await);
 }
 
+/// With a settle window a lane sends at most one batch per window: settles that arrive while a
+/// batch is in flight wait until a window has passed since it left, and then leave together,
+/// instead of going in a batch of their own each round trip (docs/benchmarks.md, "Settle batches
+/// paced by the window"). Redis is paused while the first batch is in flight so the others
+/// certainly arrive meanwhile. They leave what one-by-one settles leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settles_arriving_while_a_batch_is_in_flight_wait_for_the_next_window() {
+    let window = Duration::from_millis(300);
+    let (sa, sb, a, b) = windowed_and_one_by_one(LedgerConfig {
+        settle_window: window,
+        ..LedgerConfig::default()
+    })
+    .await;
+    let at = Utc::now();
+    let rs: Vec<_> = (0..6u64)
+        .map(|i| req(&format!("p{i}"), 4_000 + i as i64, at, vec![]))
+        .collect();
+    for l in [&a, &b] {
+        prior(l, at).await;
+        for r in &rs {
+            l.reserve(r).await.expect("reserve");
+        }
+    }
+    let ss: Vec<Settlement> = rs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| settlement(r, 1_500 + i as i64, i as u64))
+        .collect();
+    let before = a.batch_stats().settle;
+    let start = Instant::now();
+    let spawn = |s: &Settlement| {
+        let (a, s) = (a.clone(), s.clone());
+        tokio::spawn(async move {
+            let out = a.settle(&s).await;
+            (format!("{out:?}"), start.elapsed())
+        })
+    };
+    // The first settle opens the window; Redis stops before the window ends, so its batch (sent
+    // when the window ends) stays in flight while the next five arrive.
+    let first = spawn(&ss[0]);
+    tokio::time::sleep(window - Duration::from_millis(100)).await;
+    sa.pause();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut rest = Vec::new();
+    for s in &ss[1..] {
+        rest.push(spawn(s));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mid = a.batch_stats().settle;
+    sa.resume();
+    assert_eq!(
+        (mid.batches - before.batches, mid.items - before.items),
+        (1, 1),
+        "a second batch left while the first was in flight"
+    );
+    let mut got = vec![first.await.expect("join").0];
+    for t in rest {
+        let (out, took) = t.await.expect("join");
+        assert!(
+            took >= 2 * window,
+            "a settle was answered after {took:?}, before a window had passed since the first batch left"
+        );
+        got.push(out);
+    }
+    let after = a.batch_stats().settle;
+    assert_eq!(
+        (after.batches - before.batches, after.items - before.items),
+        (2, 6),
+        "the five that waited leave as one batch"
+    );
+    let want = settle_each(&b, &ss).await;
+    assert_eq!(got, want);
+    assert!(got.iter().all(|r| r.starts_with("Ok(")), "{got:?}");
+    assert_same(&dump(&sa).await, &dump(&sb).await);
+}
+
 /// A reserve does not end an open settle window, even on the settle worker's own pinned thread:
 /// settles sent with it would run before it in Redis and delay its call (docs/benchmarks.md,
 /// "Settles no longer ride with reserves"). The settle waits its whole window and then commits

@@ -9,7 +9,8 @@
 //! settle of an idle tenant starts a worker that waits the window, and the settles arriving
 //! meanwhile join its batch (see [`Batcher::drain`]). Nothing ends the wait early: a settle batch
 //! sent with a reserve would run before it in Redis and delay the call (docs/benchmarks.md).
-//! Under load each tenant has at most [`MAX_IN_FLIGHT`] settle batches and
+//! With a window a tenant's settles also leave at most one batch per window under load.
+//! Under load each tenant has at most [`MAX_IN_FLIGHT`] settle batches (one with a window) and
 //! [`MAX_RESERVES_IN_FLIGHT`] reserve batches in flight, and the
 //! items arriving meanwhile queue and leave together, [`MAX_BATCH`] at most. A Redis script runs
 //! ~1 µs per `redis.call`; a batch shares the reads, the counter writes and the reclaim between its
@@ -280,6 +281,8 @@ impl Batcher {
         let window = self.window(op);
         let limit = match op {
             Op::Reserve => MAX_RESERVES_IN_FLIGHT,
+            // With a window one worker paces the lane (see `drain`).
+            Op::Settle if !window.is_zero() => 1,
             Op::Settle => MAX_IN_FLIGHT,
         };
         // `Ok`: queued (whether to start a worker, and the answer's receiver); `Err`: the lane was
@@ -360,8 +363,12 @@ impl Batcher {
 
     /// A worker: one of the lane's in-flight slots, sending batches until the queue is empty.
     /// The worker that opened a window first waits it out (unless a whole batch is queued already),
-    /// so the items arriving meanwhile leave with the first; after that, items arriving while a
-    /// batch is in flight start a second worker as without a window.
+    /// so the items arriving meanwhile leave with the first. With a window the lane has this one
+    /// worker, and it sends at most one batch per window: when items are queued after a batch, it
+    /// waits until a window has passed since that batch left (unless a whole batch is queued), so
+    /// under load the settles of a window leave together instead of in batches of what arrived
+    /// during one round trip. Without a window, items arriving while a batch is in flight start a
+    /// second worker.
     async fn drain(self: Arc<Self>, op: Op, tenant: String) {
         let mut slot = Slot {
             batcher: Arc::clone(&self),
@@ -379,8 +386,22 @@ impl Batcher {
                 slot.held = false;
                 return;
             }
+            let sent = tokio::time::Instant::now();
             self.run(op, &slot.tenant, batch).await;
+            let window = self.window(op);
+            if !window.is_zero() && self.waiting(op, &slot.tenant) {
+                tokio::time::sleep_until(sent + window).await;
+            }
         }
+    }
+
+    /// Whether items wait in the lane, fewer than a whole batch: the paced worker waits out its
+    /// window for more (none: `take` ends the worker; a whole batch: it leaves at once).
+    fn waiting(&self, op: Op, tenant: &str) -> bool {
+        let lanes = self.lanes();
+        lanes
+            .get(tenant)
+            .is_some_and(|pair| (1..MAX_BATCH).contains(&pair[op.index()].queue.len()))
     }
 
     /// The wait of a worker that opened its lane's window (`None`: no window is open, or a whole

@@ -45,7 +45,9 @@ pub struct LedgerConfig {
     pub group_commit: bool,
     /// With group commit, a settle that finds its tenant's settle lane idle waits this long for
     /// others to join it, instead of going to Redis alone; settles arriving while a batch is in
-    /// flight wait for it as before. A settle runs after its response is complete, so the wait
+    /// flight wait until a window has passed since it left, so under load the tenant's settles
+    /// leave one batch per window (or sooner, a whole batch). A settle runs after its response is
+    /// complete, so the wait
     /// delays only when the spend shows (holds keep the worst case counted meanwhile), and saves
     /// Redis a script run and the enforcer a round trip per settle that joins. Zero (the default)
     /// sends at once: a caller that waits for its settle before its next call (a closed loop) would
