@@ -128,7 +128,8 @@ pub async fn run(app: App) -> Result<(), StartError> {
 
 /// Opens each proxy thread's Redis connection and loads the scripts a call runs, on that thread,
 /// before the listener opens: otherwise the first call each thread carries pays the connect and
-/// a NOSCRIPT round trip, and every call behind it waits (docs/enforcer.md, "Runtime threads").
+/// a NOSCRIPT round trip, and the calls arriving meanwhile on that thread wait for the same
+/// connection (docs/enforcer.md, "Runtime threads").
 /// Redis being down only delays the start by its timeouts and is logged; the connections then
 /// open on first use.
 async fn warm_up(app: &Arc<App>, threads: &ProxyThreads) {
