@@ -815,6 +815,26 @@ async fn windowed_and_one_by_one(cfg: LedgerConfig) -> (RedisServer, RedisServer
     (sa, sb, a, b)
 }
 
+/// Reserves `rs` on both ledgers after their prior state, and returns each call's settlement
+/// (costing `cost` nano-USD plus its index).
+async fn reserve_on_both(
+    ledgers: [&Ledger; 2],
+    rs: &[ReserveRequest],
+    at: DateTime<Utc>,
+    cost: i64,
+) -> Vec<Settlement> {
+    for l in ledgers {
+        prior(l, at).await;
+        for r in rs {
+            l.reserve(r).await.expect("reserve");
+        }
+    }
+    rs.iter()
+        .zip(0..)
+        .map(|(r, i)| settlement(r, cost + i, i as u64))
+        .collect()
+}
+
 /// With a settle window, the first settle of an idle tenant waits it out and the settles arriving
 /// meanwhile (one every few milliseconds, none of them concurrent with another's script) leave
 /// with it in one script, which leaves what one-by-one settles leave; the next settle after the
@@ -835,17 +855,7 @@ async fn settles_within_the_window_share_one_script() {
             r
         })
         .collect();
-    for l in [&a, &b] {
-        prior(l, at).await;
-        for r in &rs {
-            l.reserve(r).await.expect("reserve");
-        }
-    }
-    let ss: Vec<Settlement> = rs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| settlement(r, 900 + i as i64, i as u64))
-        .collect();
+    let ss = reserve_on_both([&a, &b], &rs, at, 900).await;
     let before = a.batch_stats().settle;
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -901,17 +911,7 @@ async fn settles_arriving_while_a_batch_is_in_flight_wait_for_the_next_window() 
     let rs: Vec<_> = (0..6u64)
         .map(|i| req(&format!("p{i}"), 4_000 + i as i64, at, vec![]))
         .collect();
-    for l in [&a, &b] {
-        prior(l, at).await;
-        for r in &rs {
-            l.reserve(r).await.expect("reserve");
-        }
-    }
-    let ss: Vec<Settlement> = rs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| settlement(r, 1_500 + i as i64, i as u64))
-        .collect();
+    let ss = reserve_on_both([&a, &b], &rs, at, 1_500).await;
     let before = a.batch_stats().settle;
     let start = Instant::now();
     let spawn = |s: &Settlement| {
