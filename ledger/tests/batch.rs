@@ -896,8 +896,8 @@ async fn settles_within_the_window_share_one_script() {
 
 /// With a settle window a lane sends at most one batch per window: settles that arrive while a
 /// batch is in flight wait until a window has passed since it left, and then leave together,
-/// instead of going in a batch of their own each round trip (docs/benchmarks.md, "Settle batches
-/// paced by the window"). Redis is paused while the first batch is in flight so the others
+/// instead of going in a batch of their own each round trip (docs/benchmarks.md, "Redis opened at
+/// start, and settle batches paced by the window"). Redis is paused while the first batch is in flight so the others
 /// certainly arrive meanwhile. They leave what one-by-one settles leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settles_arriving_while_a_batch_is_in_flight_wait_for_the_next_window() {
