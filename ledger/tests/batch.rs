@@ -904,6 +904,9 @@ async fn settles_arriving_while_a_batch_is_in_flight_wait_for_the_next_window() 
     let window = Duration::from_millis(300);
     let (sa, sb, a, b) = windowed_and_one_by_one(LedgerConfig {
         settle_window: window,
+        // Redis is paused for a quarter of a second: a slow machine must not time the batch out.
+        response_timeout: Duration::from_secs(5),
+        operation_timeout: Duration::from_secs(5),
         ..LedgerConfig::default()
     })
     .await;
