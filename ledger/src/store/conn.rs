@@ -47,11 +47,11 @@ pub struct LedgerConfig {
     /// others to join it, instead of going to Redis alone; settles arriving while a batch is in
     /// flight wait until a window has passed since it left, so under load the tenant's settles
     /// leave one batch per window (or sooner, a whole batch). A settle runs after its response is
-    /// complete, so the wait
-    /// delays only when the spend shows (holds keep the worst case counted meanwhile), and saves
-    /// Redis a script run and the enforcer a round trip per settle that joins. Zero (the default)
-    /// sends at once: a caller that waits for its settle before its next call (a closed loop) would
-    /// wait the window each time. The enforcer, whose settles run off the call's path, sets it.
+    /// complete, so the wait delays only when the spend shows (holds keep the worst case counted
+    /// meanwhile), and saves Redis a script run and the enforcer a round trip per settle that
+    /// joins. Zero (the default) sends at once: a caller that waits for its settle before its next
+    /// call (a closed loop) would wait the window each time. The enforcer, whose settles run off
+    /// the call's path, sets it.
     pub settle_window: Duration,
     /// The audit trail (docs/audit.md): every settle, record, denial, release and abandoned hold
     /// appends one record to the tenant's stream of the day, in the same script. Default true.
