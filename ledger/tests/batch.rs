@@ -835,6 +835,35 @@ async fn reserve_on_both(
         .collect()
 }
 
+/// Settles `s` on its own task; the reply as text, and when it came since `start`.
+fn spawn_settle(
+    l: &Ledger,
+    s: &Settlement,
+    start: Instant,
+) -> tokio::task::JoinHandle<(String, Duration)> {
+    let (l, s) = (l.clone(), s.clone());
+    tokio::spawn(async move {
+        let out = l.settle(&s).await;
+        (format!("{out:?}"), start.elapsed())
+    })
+}
+
+/// The replies of `tasks` ([`spawn_settle`]), each of which must have come no sooner than `min`
+/// (`what` says why not).
+async fn replies_no_sooner(
+    tasks: Vec<tokio::task::JoinHandle<(String, Duration)>>,
+    min: Duration,
+    what: &str,
+) -> Vec<String> {
+    let mut got = Vec::new();
+    for t in tasks {
+        let (out, took) = t.await.expect("join");
+        assert!(took >= min, "a settle was answered after {took:?}, {what}");
+        got.push(out);
+    }
+    got
+}
+
 /// With a settle window, the first settle of an idle tenant waits it out and the settles arriving
 /// meanwhile (one every few milliseconds, none of them concurrent with another's script) leave
 /// with it in one script, which leaves what one-by-one settles leave; the next settle after the
@@ -860,22 +889,10 @@ async fn settles_within_the_window_share_one_script() {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for s in &ss[..5] {
-        let (a, s) = (a.clone(), s.clone());
-        tasks.push(tokio::spawn(async move {
-            let out = a.settle(&s).await;
-            (format!("{out:?}"), start.elapsed())
-        }));
+        tasks.push(spawn_settle(&a, s, start));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut got = Vec::new();
-    for t in tasks {
-        let (out, took) = t.await.expect("join");
-        assert!(
-            took >= window,
-            "a settle was answered after {took:?}, before the window closed"
-        );
-        got.push(out);
-    }
+    let mut got = replies_no_sooner(tasks, window, "before the window closed").await;
     let mid = a.batch_stats().settle;
     assert_eq!(
         (mid.batches - before.batches, mid.items - before.items),
@@ -917,22 +934,15 @@ async fn settles_arriving_while_a_batch_is_in_flight_wait_for_the_next_window() 
     let ss = reserve_on_both([&a, &b], &rs, at, 1_500).await;
     let before = a.batch_stats().settle;
     let start = Instant::now();
-    let spawn = |s: &Settlement| {
-        let (a, s) = (a.clone(), s.clone());
-        tokio::spawn(async move {
-            let out = a.settle(&s).await;
-            (format!("{out:?}"), start.elapsed())
-        })
-    };
     // The first settle opens the window; Redis stops before the window ends, so its batch (sent
     // when the window ends) stays in flight while the next five arrive.
-    let first = spawn(&ss[0]);
+    let first = spawn_settle(&a, &ss[0], start);
     tokio::time::sleep(window - Duration::from_millis(100)).await;
     sa.pause();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut rest = Vec::new();
     for s in &ss[1..] {
-        rest.push(spawn(s));
+        rest.push(spawn_settle(&a, s, start));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mid = a.batch_stats().settle;
@@ -943,14 +953,14 @@ async fn settles_arriving_while_a_batch_is_in_flight_wait_for_the_next_window() 
         "a second batch left while the first was in flight"
     );
     let mut got = vec![first.await.expect("join").0];
-    for t in rest {
-        let (out, took) = t.await.expect("join");
-        assert!(
-            took >= 2 * window,
-            "a settle was answered after {took:?}, before a window had passed since the first batch left"
-        );
-        got.push(out);
-    }
+    got.extend(
+        replies_no_sooner(
+            rest,
+            2 * window,
+            "before a window had passed since the first batch left",
+        )
+        .await,
+    );
     let after = a.batch_stats().settle;
     assert_eq!(
         (after.batches - before.batches, after.items - before.items),

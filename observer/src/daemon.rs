@@ -360,14 +360,34 @@ async fn initial_scan(
 ) -> Result<usize> {
     tokio::task::spawn_blocking(move || {
         let _ = warm.join();
-        // An error means the resolver thread ended (at a stop): nothing more to wait for.
-        if let Some(rx) = egress_first_pass {
-            let _ = rx.recv();
+        if let Some(rx) = egress_first_pass
+            && !first_pass_done(&rx, FIRST_PASS_WAIT)
+        {
+            tracing::warn!(
+                waited_secs = FIRST_PASS_WAIT.as_secs(),
+                "egress accounting's first pass is not done (provider hosts resolving slowly?); \
+                 until it is, calls on connections opened before the start may be refused as \
+                 coming from a process with no provider connection"
+            );
         }
         ready.recv()
     })
     .await?
     .context("discovery thread ended before the initial scan")
+}
+
+/// How long `observer ready` waits for egress accounting's first pass. The resolver looks the
+/// provider hosts up one after another, so a DNS server that does not answer costs the C
+/// library's timeout for each; the observer then says ready anyway, with a warning.
+const FIRST_PASS_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether egress accounting's first pass ended within `limit`. A closed channel counts as ended:
+/// the resolver thread is gone (at a stop) and nothing more will come.
+fn first_pass_done(rx: &std::sync::mpsc::Receiver<()>, limit: Duration) -> bool {
+    !matches!(
+        rx.recv_timeout(limit),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+    )
 }
 
 /// The two threads `run` started and joins at the end.
@@ -888,7 +908,25 @@ fn event_id(boot_id: &str, pid: u32, ssl: u64, ts_ns: u64, offset: u32, seq: usi
 
 #[cfg(test)]
 mod tests {
-    use super::event_id;
+    use std::time::Duration;
+
+    use super::{event_id, first_pass_done};
+
+    /// The wait for egress accounting's first pass ends when it is done or its resolver is gone,
+    /// and gives up after its limit rather than holding `observer ready` back for good.
+    #[test]
+    fn the_first_pass_wait_is_bounded() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(()).unwrap();
+        assert!(first_pass_done(&rx, Duration::from_secs(5)));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        drop(tx);
+        assert!(first_pass_done(&rx, Duration::from_secs(5)));
+        let (_tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::time::Instant::now();
+        assert!(!first_pass_done(&rx, Duration::from_millis(50)));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+    }
 
     /// Calls completed by different chunks of one `SSL_read` (same pid, SSL*, timestamp), each
     /// the first its chunk completed, are distinct calls. Before the offset was part of the id,
