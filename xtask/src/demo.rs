@@ -39,7 +39,15 @@ pub struct DemoArgs {
     /// Calls each service makes.
     #[arg(long, default_value_t = 24)]
     calls: u32,
+    /// Set by `cargo xtask test`, whose build step already built these binaries with the tests'
+    /// feature resolution: the demo's narrower `cargo build` resolves dependency features
+    /// differently and would compile ~80 crates a second time (0.7 GiB, on a disk CI fills).
+    #[arg(skip)]
+    prebuilt: bool,
 }
+
+/// The binaries the demo starts, from `target/debug`.
+const DEMO_BINARIES: &[&str] = &["enforcer", "observer", "mock-provider", "rustls-client"];
 
 /// The proxy key the demo's checkout-assistant uses (not a secret: it exists only in this demo).
 const DEMO_PROXY_KEY: &str = "lw-demo-checkout-key";
@@ -104,6 +112,7 @@ impl DemoArgs {
             no_observer: false,
             check: true,
             calls: 12,
+            prebuilt: true,
         }
     }
 }
@@ -115,14 +124,25 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         );
     }
     crate::setup::run_for(crate::setup::Needs::DEMO)?;
-    step("building enforcer, observer and the simulated provider");
-    let packages: &[&str] = if args.no_observer {
-        &["-p", "enforcer", "-p", "llmwarden-tests"]
-    } else {
-        &["-p", "enforcer", "-p", "observer", "-p", "llmwarden-tests"]
-    };
-    command::run(cargo().args(["build", "--locked", "--bins"]).args(packages))?;
     let bin = target_dir().join("debug");
+    if args.prebuilt {
+        for b in DEMO_BINARIES {
+            if !bin.join(b).is_file() {
+                bail!(
+                    "{} is missing: `cargo xtask test` builds it before the demo",
+                    bin.join(b).display()
+                );
+            }
+        }
+    } else {
+        step("building enforcer, observer and the simulated provider");
+        let packages: &[&str] = if args.no_observer {
+            &["-p", "enforcer", "-p", "llmwarden-tests"]
+        } else {
+            &["-p", "enforcer", "-p", "observer", "-p", "llmwarden-tests"]
+        };
+        command::run(cargo().args(["build", "--locked", "--bins"]).args(packages))?;
+    }
     let work = tempdir()?;
     step(&format!("demo state in {}", work.display()));
 

@@ -33,19 +33,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     step("cargo fmt --check");
     command::run(cargo().args(["fmt", "--all", "--check"]))?;
     step("cargo clippy -D warnings");
-    // observer-ebpf targets bpfel-unknown-none with nightly; observer/build.rs builds (and so
-    // checks) it. On the host target its #[panic_handler] would clash with std.
-    command::run(cargo().args([
-        "clippy",
-        "--workspace",
-        "--exclude",
-        "observer-ebpf",
-        "--all-targets",
-        "--locked",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    command::run(workspace("clippy").args(["--all-targets", "--", "-D", "warnings"]))?;
     step("the repository is self-contained (nothing outside it is read or named)");
     crate::selfcontained::run()?;
     step("validating the Kubernetes manifests against the API schemas");
@@ -54,28 +42,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
             .arg("--strict")
             .args(manifests()?),
     )?;
-    step("building the binaries the integration tests start");
-    command::run(cargo().args([
-        "build",
-        "--locked",
-        "-p",
-        "enforcer",
-        "-p",
-        "observer",
-        "-p",
-        "llmwarden-tests",
-        "--bins",
-    ]))?;
+    // Every binary and test in one build, so one feature resolution: building the binaries alone
+    // (`-p enforcer -p observer -p llmwarden-tests --bins`) leaves out the dev-dependencies'
+    // features, and `cargo test` then compiled 66 crates (tokio, hyper, rustls, redis, the
+    // tokenizers...) a second time (see docs/development.md, "Disk"). The demo reuses these.
+    step("building the binaries the integration tests start, and the tests");
+    command::run(workspace("build").args(["--bins", "--tests"]))?;
     step("cargo test (unit, integration with real redis-server, SDKs, eBPF)");
-    let mut test = cargo();
-    test.args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "observer-ebpf",
-        "--locked",
-        "--no-fail-fast",
-    ]);
+    let mut test = workspace("test");
+    test.arg("--no-fail-fast");
     if !args.rest.is_empty() {
         test.arg("--").args(&args.rest);
     }
@@ -83,6 +58,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         bail!("tests failed (see above)");
     }
     crate::disk::report("after the workspace tests")?;
+    crate::disk::make_room_for_fuzz()?;
     step("fuzz smoke: kept regressions, then a few seconds per target");
     crate::fuzz::smoke()?;
     crate::disk::report("after the fuzz smoke")?;
@@ -90,6 +66,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
     crate::demo::run(&crate::demo::DemoArgs::checked_run())?;
     step("all checks passed");
     Ok(())
+}
+
+/// `cargo <sub>` over the host crates of the workspace. observer-ebpf targets bpfel-unknown-none
+/// with nightly; observer/build.rs builds (and so checks) it. On the host target its
+/// #[panic_handler] would clash with std.
+pub fn workspace(sub: &str) -> std::process::Command {
+    let mut c = cargo();
+    c.args([sub, "--workspace", "--exclude", "observer-ebpf", "--locked"]);
+    c
 }
 
 /// Every YAML file under deploy/kubernetes.
