@@ -126,12 +126,13 @@ pub fn run() -> Result<()> {
         "the ledger's unit tests from a copy of the tree in an empty folder ({})",
         copy.display()
     ));
-    // The workspace's target dir: dependencies are reused; the copied crates build apart (their
-    // path differs, so their artifacts do).
+    // A target dir of its own, removed with the copy. `-p ledger` resolves dependency features
+    // for the ledger alone, so in the workspace's target dir it left ~70 crates built a second
+    // time, for good, on a disk CI fills (docs/development.md, "Disk").
     let res = command::run(
         cargo()
             .current_dir(&copy)
-            .env("CARGO_TARGET_DIR", root.join("target"))
+            .env("CARGO_TARGET_DIR", dir.join("target"))
             .args(["test", "--locked", "-p", "ledger", "--lib", "-q"]),
     );
     let _ = std::fs::remove_dir_all(&dir);
