@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::command::{output, root, step};
 
-/// Free space the fuzz build wants before it starts: it takes 1.2 GiB from scratch
+/// Free space the fuzz build wants before it starts: it takes 1.4 GiB from scratch
 /// (docs/development.md, "Disk"), and the demo after it writes logs and a Redis file.
 const FUZZ_ROOM_KIB: u64 = 2 * 1024 * 1024;
 
@@ -41,7 +41,7 @@ pub fn report(when: &str) -> Result<()> {
 }
 
 /// After the workspace tests, before the fuzz build: when less than [`FUZZ_ROOM_KIB`] is free,
-/// removes the test executables those tests ran (1.7 GiB of the 3.9 GiB `target/` holds then;
+/// removes the test executables those tests ran (1.7 GiB of the 4.0 GiB `target/` holds then;
 /// `cargo test` links them again next time). A CI run filled its disk in the fuzz build with
 /// 0.2 GiB left. Nothing else is removed: the demo still starts the binaries in `target/debug`.
 pub fn make_room_for_fuzz() -> Result<()> {
