@@ -12,6 +12,11 @@
 //! gets through. Info lines (one per call) are at most [`FLUSH_EVERY`] late; warnings and errors
 //! are written at once. Dropping the [`LogGuard`] (at exit)
 //! writes what is left.
+//!
+//! An idle enforcer logs nothing, and the writer does not tick then: after a tick that found no
+//! line it sleeps until the next line wakes it (one wake-up per idle spell, not 20 a second; an
+//! idle sidecar's wake-ups are measured in docs/benchmarks.md). That line still waits out a tick
+//! for company, unless it is a warning.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,9 +31,21 @@ const FLUSH_BYTES: usize = 64 * 1024;
 const MAX_BUFFERED: usize = 8 * 1024 * 1024;
 
 struct Shared {
-    buf: Mutex<Vec<u8>>,
+    buf: Mutex<Pending>,
     dropped: AtomicU64,
     stop: AtomicBool,
+    /// The writer's wake-ups (ticks and idle ends), for the tests.
+    ticks: AtomicU64,
+}
+
+/// The lines waiting for the writer thread, and how to wake it.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    /// The writer found nothing at its last tick and sleeps until a line wakes it.
+    idle: bool,
+    /// A warning, or [`FLUSH_BYTES`] waiting: write without waiting out a tick.
+    now: bool,
 }
 
 /// The writer that [`write_line`] appends to, once JSON logs are on ([`enable_direct`]).
@@ -99,20 +116,30 @@ fn batched<W: std::io::Write + Send + 'static>(
     mut out: W,
 ) -> std::io::Result<(BatchedStderr, LogGuard)> {
     let shared = Arc::new(Shared {
-        buf: Mutex::new(Vec::with_capacity(FLUSH_BYTES)),
+        buf: Mutex::new(Pending {
+            bytes: Vec::with_capacity(FLUSH_BYTES),
+            ..Pending::default()
+        }),
         dropped: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        ticks: AtomicU64::new(0),
     });
     let s = shared.clone();
     let thread = std::thread::Builder::new()
         .name("enforcer-log".into())
         .spawn(move || {
             let mut spare = Vec::with_capacity(FLUSH_BYTES);
+            let mut wait = true;
             loop {
-                std::thread::park_timeout(FLUSH_EVERY);
+                if wait {
+                    std::thread::park_timeout(FLUSH_EVERY);
+                }
+                wait = true;
+                s.ticks.fetch_add(1, Ordering::Relaxed);
                 let stop = s.stop.load(Ordering::Acquire);
                 if let Ok(mut buf) = s.buf.lock() {
-                    std::mem::swap(&mut *buf, &mut spare);
+                    std::mem::swap(&mut buf.bytes, &mut spare);
+                    buf.now = false;
                 }
                 let dropped = s.dropped.swap(0, Ordering::Relaxed);
                 if dropped > 0 {
@@ -123,13 +150,19 @@ fn batched<W: std::io::Write + Send + 'static>(
                         .as_bytes(),
                     );
                 }
-                if !spare.is_empty() {
+                let wrote = !spare.is_empty();
+                if wrote {
                     let _ = out.write_all(&spare);
                     let _ = out.flush();
                     spare.clear();
                 }
                 if stop {
                     return;
+                }
+                if !wrote && s.sleep_until_a_line() {
+                    // A line (or the guard) woke it: wait out a tick for company unless the
+                    // line is urgent or the process is ending.
+                    wait = !s.take_now() && !s.stop.load(Ordering::Acquire);
                 }
             }
         })?;
@@ -144,6 +177,34 @@ fn batched<W: std::io::Write + Send + 'static>(
             thread: Some(thread),
         },
     ))
+}
+
+impl Shared {
+    /// Parks the writer until a line arrives, when none is waiting: `false` (at once) otherwise.
+    fn sleep_until_a_line(&self) -> bool {
+        let Ok(mut buf) = self.buf.lock() else {
+            return false;
+        };
+        if !buf.bytes.is_empty() {
+            return false;
+        }
+        buf.idle = true;
+        drop(buf);
+        // A line appended after the unlock unparks first; `park` then returns at once.
+        std::thread::park();
+        if let Ok(mut buf) = self.buf.lock() {
+            buf.idle = false;
+        }
+        true
+    }
+
+    /// Whether a waiting line asked to be written without a tick's wait (and clears it).
+    fn take_now(&self) -> bool {
+        self.buf
+            .lock()
+            .map(|mut b| std::mem::take(&mut b.now))
+            .unwrap_or(false)
+    }
 }
 
 impl Drop for LogGuard {
@@ -181,15 +242,25 @@ impl std::io::Write for LineWriter<'_> {
         let Ok(mut buf) = self.shared.buf.lock() else {
             return Ok(bytes.len());
         };
-        if buf.len() + bytes.len() > MAX_BUFFERED {
+        if buf.bytes.len() + bytes.len() > MAX_BUFFERED {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            // A line larger than the whole buffer, dropped while the writer sleeps: wake it, so
+            // the count is written within a tick.
+            let wake = std::mem::take(&mut buf.idle);
+            drop(buf);
+            if wake {
+                self.writer.unpark();
+            }
             return Ok(bytes.len());
         }
-        let was_below = buf.len() < FLUSH_BYTES;
-        buf.extend_from_slice(bytes);
-        let now_above = buf.len() >= FLUSH_BYTES;
+        let was_below = buf.bytes.len() < FLUSH_BYTES;
+        buf.bytes.extend_from_slice(bytes);
+        let now = self.urgent || (was_below && buf.bytes.len() >= FLUSH_BYTES);
+        buf.now |= now;
+        // The first line after an idle spell wakes the writer (which then waits out a tick).
+        let wake = now || std::mem::take(&mut buf.idle);
         drop(buf);
-        if self.urgent || (was_below && now_above) {
+        if wake {
             self.writer.unpark();
         }
         Ok(bytes.len())
@@ -284,6 +355,59 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn an_idle_writer_sleeps_until_the_next_line() {
+        let sink = Sink::default();
+        let (w, guard) = batched(sink.clone()).expect("writer");
+        let written = |n: usize| {
+            let started = std::time::Instant::now();
+            while sink.0.lock().expect("sink").len() < n {
+                assert!(started.elapsed() < FLUSH_EVERY * 20, "line not written");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            started.elapsed()
+        };
+        w.make_writer().write_all(b"one\n").expect("write");
+        written(4);
+        // One tick finds nothing and the writer sleeps: no more ticks while nothing is logged.
+        std::thread::sleep(FLUSH_EVERY * 3);
+        let idle_from = w.shared.ticks.load(Ordering::Relaxed);
+        std::thread::sleep(FLUSH_EVERY * 6);
+        assert_eq!(
+            w.shared.ticks.load(Ordering::Relaxed),
+            idle_from,
+            "the writer ticked while nothing was logged"
+        );
+        // The next info line wakes it and waits out one tick for company.
+        w.make_writer().write_all(b"two\n").expect("write");
+        w.make_writer().write_all(b"three\n").expect("write");
+        written(4 + 4 + 6);
+        // A warning after an idle spell is written at once.
+        std::thread::sleep(FLUSH_EVERY * 3);
+        let mut urgent = LineWriter {
+            shared: &w.shared,
+            writer: &w.writer,
+            urgent: true,
+        };
+        urgent.write_all(b"warn\n").expect("write");
+        assert!(
+            written(4 + 4 + 6 + 5) < FLUSH_EVERY / 2,
+            "the warning waited for a tick"
+        );
+        // The guard ends a sleeping writer at once.
+        std::thread::sleep(FLUSH_EVERY * 3);
+        let started = std::time::Instant::now();
+        drop(guard);
+        assert!(
+            started.elapsed() < FLUSH_EVERY / 2,
+            "the guard waited for a tick"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&sink.0.lock().expect("sink")),
+            "one\ntwo\nthree\nwarn\n"
+        );
     }
 
     #[test]
