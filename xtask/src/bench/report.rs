@@ -1036,6 +1036,22 @@ mod tests {
     }
 
     #[test]
+    fn the_enforcer_at_rest_is_reported() {
+        let mut r = json!({ "soak": { "quiet": {
+            "seconds": 20.0, "wakeups_per_s": 2.04, "cpu_ms_per_min": 12.0,
+        }}});
+        r["targets"] = targets(&r);
+        let row = target_row(&r, "enforcer at rest (no calls): wake-ups and CPU");
+        assert_eq!(row["measured"], "2.0 wake-ups/s, 12.0 ms CPU per minute");
+        assert_eq!(row["status"], "REPORTED");
+        let mut r = json!({ "soak": { "error": "mock did not start" } });
+        r["targets"] = targets(&r);
+        let row = target_row(&r, "enforcer at rest (no calls): wake-ups and CPU");
+        assert_eq!(row["status"], "NOT MEASURED", "{row}");
+        assert_eq!(row["note"], "mock did not start");
+    }
+
+    #[test]
     fn cpu_against_the_pass_through_pairs_repeats() {
         let cpu = |ms: f64, mock: f64| {
             let mut r = run(20_000.0, 21_000.0, 500.0);

@@ -5,6 +5,9 @@
 //! - 500 req/s open loop for 10 minutes (`--quick`: 60 s), `VmRSS` sampled every 5 s (2 s): the
 //!   median of the last third of the samples after the warm-up minus the median of the first
 //!   third, and the least-squares slope;
+//! - idle first, after a warm-up: nothing sent for 20 s (`--quick`: 5 s), the enforcer's CPU
+//!   time and its threads' wake-ups (voluntary context switches) per second, what a sidecar
+//!   costs its host between calls;
 //! - 1000 keep-alive connections that each made one call and sit idle (HTTP/1.1, then h2c):
 //!   (`VmRSS` held − before) / connections;
 //! - 1000 calls in flight at once (the mock answers after 5 s, `x-mock-latency-ms`):
@@ -91,6 +94,7 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
             every: Duration::from_secs(5),
         }
     };
+    let quiet = quiet(pid, if env.plan.quick { 5 } else { 20 }).context("idle")?;
     // The soak first: the calls held in flight below leave 1000 upstream connections in the
     // enforcer's pool until its 90 s idle timeout, whose release would show in the soak's samples.
     let soak = soak(env, pid, &target, &plan).context("soak")?;
@@ -101,8 +105,38 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     slow.timeout = Duration::from_millis(SLOW_MS) * 4;
     let in_flight = in_flight(env, pid, &slow).context("calls in flight")?;
     Ok(json!({ "soak": {
-        "idle_http1": idle_h1, "idle_h2c": idle_h2, "in_flight": in_flight, "soak": soak,
+        "quiet": quiet, "idle_http1": idle_h1, "idle_h2c": idle_h2, "in_flight": in_flight,
+        "soak": soak,
     }}))
+}
+
+/// The enforcer's CPU time and wake-ups while nothing is sent for `secs` (after 2 s of quiet,
+/// so the warm-up's last calls and the allocator's purge are over).
+fn quiet(pid: u32, secs: u64) -> Result<Value> {
+    std::thread::sleep(Duration::from_secs(2));
+    let read = || {
+        Some((
+            stack::cpu_ticks(pid)?,
+            stack::voluntary_switches(pid)?,
+            Instant::now(),
+        ))
+    };
+    let (c0, w0, t0) = read().context("reading the enforcer's /proc")?;
+    std::thread::sleep(Duration::from_secs(secs));
+    let (c1, w1, t1) = read().context("reading the enforcer's /proc")?;
+    let s = (t1 - t0).as_secs_f64();
+    let cpu_ms = c1.saturating_sub(c0) as f64 * 1000.0 / stack::ticks_per_s();
+    let wakeups = w1.saturating_sub(w0) as f64;
+    eprintln!(
+        "    idle for {s:.0} s: {:.1} wake-ups/s, {:.1} ms CPU per minute",
+        wakeups / s,
+        cpu_ms * 60.0 / s
+    );
+    Ok(json!({
+        "seconds": s,
+        "wakeups_per_s": wakeups / s,
+        "cpu_ms_per_min": cpu_ms * 60.0 / s,
+    }))
 }
 
 /// `VmRSS` once the enforcer is quiet: after 1 s (the enforcer has mimalloc purge freed pages

@@ -216,6 +216,22 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// Voluntary context switches of all a process's threads so far (`/proc/PID/task/*/status`):
+/// each is a sleep that ended in a wake-up.
+pub fn voluntary_switches(pid: u32) -> Option<u64> {
+    let mut n = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let s = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
+        n += s
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+    }
+    Some(n)
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`, almost always 100).
 pub fn ticks_per_s() -> f64 {
     crate::command::output(Command::new("getconf").arg("CLK_TCK"))
@@ -253,5 +269,7 @@ mod tests {
         assert!(rss_kib(me).is_some_and(|k| k > 0));
         assert!(status_field(me, "Threads:").is_some_and(|n| n >= 1));
         assert!(status_field(me, "RssAnon:").is_some());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        assert!(voluntary_switches(me).is_some_and(|n| n >= 1));
     }
 }
