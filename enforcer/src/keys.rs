@@ -104,8 +104,7 @@ impl RuntimeKeys {
     pub fn spawn_refresher(&self, every: Duration) {
         let me = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut tick = ledger::store::poll_ticks(every);
             loop {
                 tick.tick().await;
                 if let Err(e) = me.refresh(false).await {

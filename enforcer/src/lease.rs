@@ -387,8 +387,7 @@ impl LeasePool {
         }
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut tick = ledger::store::poll_ticks(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 let Some(pool) = pool.upgrade() else { return };

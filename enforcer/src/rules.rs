@@ -163,8 +163,7 @@ impl LiveRules {
     pub fn spawn_refresher(self: &Arc<Self>, every: Duration) {
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut tick = ledger::store::poll_ticks(every);
             loop {
                 tick.tick().await;
                 if let Err(e) = me.refresh(false).await {

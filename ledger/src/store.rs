@@ -16,6 +16,7 @@ mod keys;
 mod lease;
 mod ops_events;
 mod period;
+mod poll;
 mod rate;
 mod recovery;
 mod reserve;
@@ -51,6 +52,7 @@ pub use keys::{BUDGETS_KEY, BYPASS_EVENTS, MAX_NAME_LEN, OPS_EVENTS, RULES_KEY, 
 pub use lease::{Lease, LeaseRequest, lease_room};
 pub use ops_events::{OPS_CURSOR, OPS_EVENTS_KEPT, PriceGap};
 pub use period::{DAY_RETENTION, MONTH_RETENTION, Period};
+pub use poll::poll_ticks;
 pub use rules::{RULE_SETS, StoredRules};
 pub use signals::{BYPASS_EVENTS_KEPT, BypassEvent, LoopCounts};
 pub use types::{

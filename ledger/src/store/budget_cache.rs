@@ -260,8 +260,7 @@ impl Shared {
         let weak = Arc::downgrade(self);
         let conn = conn.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut tick = super::poll_ticks(every);
             tick.tick().await;
             loop {
                 tick.tick().await;
