@@ -5,7 +5,7 @@
 //! - 500 req/s open loop for 10 minutes (`--quick`: 60 s), `VmRSS` sampled every 5 s (2 s): the
 //!   median of the last third of the samples after the warm-up minus the median of the first
 //!   third, and the least-squares slope;
-//! - idle first, after a warm-up: nothing sent for 20 s (`--quick`: 5 s), the enforcer's CPU
+//! - idle first, after a warm-up: nothing sent for 20 s (`--quick`: 10 s), the enforcer's CPU
 //!   time and its threads' wake-ups (voluntary context switches) per second, what a sidecar
 //!   costs its host between calls;
 //! - 1000 keep-alive connections that each made one call and sit idle (HTTP/1.1, then h2c):
@@ -94,7 +94,7 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
             every: Duration::from_secs(5),
         }
     };
-    let quiet = quiet(pid, if env.plan.quick { 5 } else { 20 }).context("idle")?;
+    let quiet = quiet(pid, if env.plan.quick { 10 } else { 20 }).context("idle")?;
     // The soak first: the calls held in flight below leave 1000 upstream connections in the
     // enforcer's pool until its 90 s idle timeout, whose release would show in the soak's samples.
     let soak = soak(env, pid, &target, &plan).context("soak")?;
