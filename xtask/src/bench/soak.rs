@@ -94,7 +94,9 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
             every: Duration::from_secs(5),
         }
     };
-    let quiet = quiet(pid, if env.plan.quick { 10 } else { 20 }).context("idle")?;
+    // Reported apart: a failure here leaves the row unmeasured, not the section.
+    let quiet = quiet(pid, if env.plan.quick { 10 } else { 20 })
+        .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     // The soak first: the calls held in flight below leave 1000 upstream connections in the
     // enforcer's pool until its 90 s idle timeout, whose release would show in the soak's samples.
     let soak = soak(env, pid, &target, &plan).context("soak")?;
@@ -111,7 +113,8 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
 }
 
 /// The enforcer's CPU time and wake-ups while nothing is sent for `secs` (after 2 s of quiet,
-/// so the warm-up's last calls and the allocator's purge are over).
+/// so the warm-up's last calls and the allocator's purge are over). Wake-ups are those of the
+/// threads alive at both readings (`stack::voluntary_switches`).
 fn quiet(pid: u32, secs: u64) -> Result<Value> {
     std::thread::sleep(Duration::from_secs(2));
     let read = || {

@@ -216,20 +216,21 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-/// Voluntary context switches of all a process's threads so far (`/proc/PID/task/*/status`):
-/// each is a sleep that ended in a wake-up.
+/// Voluntary context switches of the threads a process has now (`/proc/PID/task/*/status`):
+/// each is a sleep that ended in a wake-up. A thread that ends while it is read is left out, as
+/// are the switches of threads that ended before.
 pub fn voluntary_switches(pid: u32) -> Option<u64> {
-    let mut n = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let s = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
-        n += s
+    let switches = |t: std::fs::DirEntry| {
+        std::fs::read_to_string(t.path().join("status"))
+            .ok()?
             .lines()
             .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
             .trim()
             .parse::<u64>()
-            .ok()?;
-    }
-    Some(n)
+            .ok()
+    };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(tasks.filter_map(Result::ok).filter_map(switches).sum())
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`, almost always 100).

@@ -23,7 +23,7 @@ pub fn targets(r: &Value) -> Vec<Value> {
             "voluntary context switches of all its threads and utime + stime, over the idle \
              window after a warm-up; what a sidecar costs its host between calls"
         } else {
-            why
+            q["error"].as_str().unwrap_or(why)
         },
     ));
     let h1 = so["idle_http1"]["kib_per_connection"].as_f64();
