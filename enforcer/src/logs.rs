@@ -159,10 +159,10 @@ fn batched<W: std::io::Write + Send + 'static>(
                 if stop {
                     return;
                 }
-                if !wrote && s.sleep_until_a_line() {
+                if !wrote && let Some(now) = s.sleep_until_a_line() {
                     // A line (or the guard) woke it: wait out a tick for company unless the
                     // line is urgent or the process is ending.
-                    wait = !s.take_now() && !s.stop.load(Ordering::Acquire);
+                    wait = !now && !s.stop.load(Ordering::Acquire);
                 }
             }
         })?;
@@ -180,30 +180,20 @@ fn batched<W: std::io::Write + Send + 'static>(
 }
 
 impl Shared {
-    /// Parks the writer until a line arrives, when none is waiting: `false` (at once) otherwise.
-    fn sleep_until_a_line(&self) -> bool {
-        let Ok(mut buf) = self.buf.lock() else {
-            return false;
-        };
+    /// Parks the writer until a line arrives, when none is waiting, and returns whether that
+    /// line asked to be written at once (clearing the ask); `None`, at once, when lines wait.
+    fn sleep_until_a_line(&self) -> Option<bool> {
+        let mut buf = self.buf.lock().ok()?;
         if !buf.bytes.is_empty() {
-            return false;
+            return None;
         }
         buf.idle = true;
         drop(buf);
         // A line appended after the unlock unparks first; `park` then returns at once.
         std::thread::park();
-        if let Ok(mut buf) = self.buf.lock() {
-            buf.idle = false;
-        }
-        true
-    }
-
-    /// Whether a waiting line asked to be written without a tick's wait (and clears it).
-    fn take_now(&self) -> bool {
-        self.buf
-            .lock()
-            .map(|mut b| std::mem::take(&mut b.now))
-            .unwrap_or(false)
+        let mut buf = self.buf.lock().ok()?;
+        buf.idle = false;
+        Some(std::mem::take(&mut buf.now))
     }
 }
 
@@ -369,10 +359,21 @@ mod tests {
             }
             started.elapsed()
         };
+        // Until the writer has found an empty buffer and is going to sleep.
+        let asleep = || {
+            let started = std::time::Instant::now();
+            while !w.shared.buf.lock().expect("buf").idle {
+                assert!(
+                    started.elapsed() < FLUSH_EVERY * 40,
+                    "the writer never slept"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
         w.make_writer().write_all(b"one\n").expect("write");
         written(4);
         // One tick finds nothing and the writer sleeps: no more ticks while nothing is logged.
-        std::thread::sleep(FLUSH_EVERY * 3);
+        asleep();
         let idle_from = w.shared.ticks.load(Ordering::Relaxed);
         std::thread::sleep(FLUSH_EVERY * 6);
         assert_eq!(
@@ -385,7 +386,7 @@ mod tests {
         w.make_writer().write_all(b"three\n").expect("write");
         written(4 + 4 + 6);
         // A warning after an idle spell is written at once.
-        std::thread::sleep(FLUSH_EVERY * 3);
+        asleep();
         let mut urgent = LineWriter {
             shared: &w.shared,
             writer: &w.writer,
@@ -397,7 +398,7 @@ mod tests {
             "the warning waited for a tick"
         );
         // The guard ends a sleeping writer at once.
-        std::thread::sleep(FLUSH_EVERY * 3);
+        asleep();
         let started = std::time::Instant::now();
         drop(guard);
         assert!(
