@@ -19,6 +19,16 @@ pub const KIND_CLOSE: u8 = 2;
 pub const KIND_SNI: u8 = 3;
 /// Most bytes of a server name reported ([`KIND_SNI`]); longer names are cut.
 pub const SNI_MAX: usize = 256;
+/// [`SslEventHeader::kind`]: no data, only a wake-up. Sent (with `BPF_RB_FORCE_WAKEUP`) by a
+/// program that wrote an event without waking the reader and then found the reader's sleep
+/// flag ([`READER_ASLEEP`]) set: the reader may have looked at the ring just before that
+/// event was committed, and would otherwise sleep past it.
+pub const KIND_WAKE: u8 = 4;
+
+/// The single entry of the `READER` array: 0 while the reader drains the rings on a timer,
+/// `READER_ASLEEP` while it sleeps until an event wakes it. Every event written while it sleeps
+/// wakes it (`BPF_RB_FORCE_WAKEUP`).
+pub const READER_ASLEEP: u32 = 1;
 
 /// [`SslEventHeader::direction`]: the process wrote (request side for a client).
 pub const DIR_WRITE: u8 = 0;

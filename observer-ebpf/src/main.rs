@@ -28,10 +28,11 @@ mod golang;
 
 use observer_common::{
     ActiveCall, CHUNK_SIZE, ConnKey, DIR_READ, DIR_WRITE, FLAG_CGROUP_ALLOWLIST,
-    FLAG_PID_ALLOWLIST, HEADER_SIZE, KIND_CLOSE, KIND_DATA, KIND_SNI, MAX_CHUNKS,
+    FLAG_PID_ALLOWLIST, HEADER_SIZE, KIND_CLOSE, KIND_DATA, KIND_SNI, KIND_WAKE, MAX_CHUNKS,
     MAX_PER_CALL_BYTES, ObserverConfig, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN,
-    ProcEvent, SNI_MAX, STAT_BYTES, STAT_COUNT, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS,
-    STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES, SslEventBuf, SslEventHeader,
+    ProcEvent, READER_ASLEEP, SNI_MAX, STAT_BYTES, STAT_COUNT, STAT_DROPPED_BYTES, STAT_EVENTS,
+    STAT_PROC_DROPS, STAT_RINGBUF_DROPS, STAT_SKIPPED_BYTES, STAT_TRUNCATED_BYTES, SslEventBuf,
+    SslEventHeader,
 };
 
 /// TLS plaintext events; userspace resizes it before load (ring_buffer_bytes).
@@ -49,6 +50,9 @@ static SCRATCH: PerCpuArray<SslEventBuf> = PerCpuArray::with_max_entries(1, 0);
 /// Global settings (one entry).
 #[map]
 static CONFIG: Array<ObserverConfig> = Array::with_max_entries(1, 0);
+/// Whether the reader sleeps (one entry, [`READER_ASLEEP`] or 0), written by userspace only.
+#[map]
+static READER: Array<u32> = Array::with_max_entries(1, 0);
 /// Writes in flight, keyed by pid_tgid.
 #[map]
 static ACTIVE_WRITE: LruHashMap<u64, ActiveCall> = LruHashMap::with_max_entries(16384, 0);
@@ -167,15 +171,41 @@ fn leave(ctx: &RetProbeContext, active: &LruHashMap<u64, ActiveCall>, dir: u8) -
     0
 }
 
+/// Whether the reader sleeps until an event wakes it (it sets the flag only after its rings
+/// stayed empty for a while; see `Loop::run` in the daemon).
+#[inline(always)]
+pub(crate) fn reader_asleep() -> bool {
+    READER.get(0).is_some_and(|v| *v == READER_ASLEEP)
+}
+
+/// How an event on `EVENTS` is submitted: without a wake-up (the reader drains on its timer),
+/// unless the reader sleeps or more than `wakeup_threshold` bytes are waiting.
 #[inline(always)]
 fn wakeup_flags(cfg: &ObserverConfig) -> u64 {
-    if cfg.wakeup_threshold != 0
-        && EVENTS.query(BPF_RB_AVAIL_DATA.into()) > u64::from(cfg.wakeup_threshold)
+    if reader_asleep()
+        || (cfg.wakeup_threshold != 0
+            && EVENTS.query(BPF_RB_AVAIL_DATA.into()) > u64::from(cfg.wakeup_threshold))
     {
         BPF_RB_FORCE_WAKEUP.into()
     } else {
         BPF_RB_NO_WAKEUP.into()
     }
+}
+
+/// Closes the race between an event submitted without a wake-up and a reader going to sleep.
+/// The reader sets its flag, then looks at the ring; a program commits its event (a full
+/// barrier), then reads the flag here. So either the reader saw the event, or this sees the
+/// flag and wakes the reader with an empty [`KIND_WAKE`] event.
+#[inline(always)]
+fn wake_if_asleep(flags: u64) {
+    if flags == u64::from(BPF_RB_FORCE_WAKEUP) || !reader_asleep() {
+        return;
+    }
+    let header = SslEventHeader {
+        kind: KIND_WAKE,
+        ..SslEventHeader::default()
+    };
+    let _ = EVENTS.output::<SslEventHeader>(&header, BPF_RB_FORCE_WAKEUP.into());
 }
 
 /// State shared with [`emit_chunk`] across `bpf_loop` iterations (lives on the caller's stack).
@@ -241,6 +271,7 @@ fn emit_data(pid_tgid: u64, ssl: u64, buf: u64, total: u32, dir: u8) {
             0,
         );
     }
+    wake_if_asleep(state.flags);
 }
 
 /// One `bpf_loop` iteration: copies the next chunk of the call into the scratch and outputs it.
@@ -371,9 +402,11 @@ pub fn ssl_ctrl(ctx: ProbeContext) -> u32 {
     // SAFETY: `len` <= HEADER_SIZE + SNI_MAX <= size_of::<SslEventBuf>().
     let bytes =
         unsafe { core::slice::from_raw_parts((scratch as *const SslEventBuf).cast::<u8>(), len) };
-    if EVENTS.output::<[u8]>(bytes, wakeup_flags(&cfg)).is_err() {
+    let flags = wakeup_flags(&cfg);
+    if EVENTS.output::<[u8]>(bytes, flags).is_err() {
         stat_add(STAT_RINGBUF_DROPS, 1);
     }
+    wake_if_asleep(flags);
     0
 }
 
@@ -409,12 +442,11 @@ fn close_connection(ssl: u64) {
         direction: 0,
         ..SslEventHeader::default()
     };
-    if EVENTS
-        .output::<SslEventHeader>(&header, wakeup_flags(&cfg))
-        .is_err()
-    {
+    let flags = wakeup_flags(&cfg);
+    if EVENTS.output::<SslEventHeader>(&header, flags).is_err() {
         stat_add(STAT_RINGBUF_DROPS, 1);
     }
+    wake_if_asleep(flags);
 }
 
 #[inline(always)]

@@ -10,7 +10,7 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeLinkId};
 use aya::programs::{TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use observer_common::{
-    ConnKey, FLAG_CGROUP_ALLOWLIST, FLAG_PID_ALLOWLIST, ObserverConfig, STAT_COUNT,
+    ConnKey, FLAG_CGROUP_ALLOWLIST, FLAG_PID_ALLOWLIST, ObserverConfig, READER_ASLEEP, STAT_COUNT,
 };
 
 use crate::config::AllowLists;
@@ -116,6 +116,8 @@ pub struct ReaderMaps {
 pub struct KernelMaps {
     skip_conns: HashMap<MapData, ConnKey, u8>,
     stats: PerCpuArray<MapData, u64>,
+    /// The reader's sleep flag (`READER`, one entry), read by every program that writes an event.
+    reader: Array<MapData, u32>,
 }
 
 impl KernelMaps {
@@ -127,6 +129,19 @@ impl KernelMaps {
             *slot = values.iter().sum();
         }
         Ok(out)
+    }
+
+    /// Tells the programs whether the reader sleeps ([`READER_ASLEEP`]): while it does, every
+    /// event they write wakes it. After setting the flag the caller must look at the rings once
+    /// more (the programs' side of that handshake is `wake_if_asleep` in the eBPF crate), so
+    /// this ends with a full fence: the flag is visible before the caller's next read of a ring.
+    pub fn set_reader_asleep(&mut self, asleep: bool) -> Result<()> {
+        let v = if asleep { READER_ASLEEP } else { 0 };
+        self.reader
+            .set(0, v, 0)
+            .context("writing the reader's sleep flag")?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// Stops copying plaintext for a connection that is not LLM traffic.
@@ -255,6 +270,7 @@ impl Probes {
             kernel: KernelMaps {
                 skip_conns: HashMap::try_from(take("SKIP_CONNS")?)?,
                 stats: PerCpuArray::try_from(take("STATS")?)?,
+                reader: Array::try_from(take("READER")?)?,
             },
             egress,
         };

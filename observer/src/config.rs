@@ -38,6 +38,9 @@ pub struct Config {
     pub ring_buffer_bytes: u32,
     /// How often the ring buffer is drained when no wakeup came.
     pub poll_interval_ms: u64,
+    /// After this long with no TLS event, the reader stops draining every `poll_interval_ms` and
+    /// sleeps until an event wakes it (the probes then wake it with the next one); 0 = never.
+    pub reader_sleep_after_ms: u64,
     /// How often /proc is rescanned for newly loaded OpenSSL libraries.
     pub rescan_interval_secs: u64,
     /// Whether the kernel reports TLS libraries as they are opened (tracepoints on the open
@@ -141,6 +144,7 @@ impl Default for Config {
             // response events): several seconds of a burst even if the reader fell behind.
             ring_buffer_bytes: 16 << 20,
             poll_interval_ms: 20,
+            reader_sleep_after_ms: 1000,
             rescan_interval_secs: 5,
             attach_on_open: true,
             idle_timeout_secs: 300,
@@ -389,6 +393,9 @@ impl Config {
         }
         if self.poll_interval_ms == 0 || self.poll_interval_ms > 1000 {
             bail!("poll_interval_ms: must be 1..=1000");
+        }
+        if self.reader_sleep_after_ms > 3_600_000 {
+            bail!("reader_sleep_after_ms: must be at most 3600000 (an hour); 0 = never sleep");
         }
         if self.max_connections == 0 {
             bail!("max_connections: must be at least 1");
@@ -647,5 +654,9 @@ mod tests {
         assert_eq!(c.attach, "all");
         assert_eq!(c.unmetered_ignore[0].exe.as_deref(), Some("*/enforcer"));
         assert!(err("metrics_listen = \"nope\"").contains("metrics_listen"));
+        assert!(err("reader_sleep_after_ms = 3600001").contains("reader_sleep_after_ms"));
+        assert_eq!(c.reader_sleep_after_ms, 1000);
+        let never = Config::parse("reader_sleep_after_ms = 0").expect("0 = never sleep");
+        assert_eq!(never.reader_sleep_after_ms, 0);
     }
 }

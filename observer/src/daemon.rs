@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -15,8 +14,8 @@ use ledger::billing::Pricing;
 use ledger::provider::ProviderDetector;
 use ledger::store::LedgerConfig;
 use observer_common::{
-    HEADER_SIZE, KIND_CLOSE, KIND_DATA, KIND_SNI, PROC_EXEC, PROC_EXIT, PROC_RENAME, PROC_TLS_OPEN,
-    ProcEvent, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS,
+    HEADER_SIZE, KIND_CLOSE, KIND_DATA, KIND_SNI, KIND_WAKE, PROC_EXEC, PROC_EXIT, PROC_RENAME,
+    PROC_TLS_OPEN, ProcEvent, STAT_DROPPED_BYTES, STAT_EVENTS, STAT_PROC_DROPS, STAT_RINGBUF_DROPS,
     STAT_SKIPPED_BYTES, STAT_TCP_DROPS, STAT_TRUNCATED_BYTES, SslEventHeader,
 };
 use prometheus_client::registry::Registry;
@@ -31,6 +30,7 @@ use crate::discovery::{AttachMode, Discovery, ProcNote};
 use crate::exchange::{ObservedCall, Outcome};
 use crate::metrics::Metrics;
 use crate::sink::{CallRecord, RecordCaps, Sink};
+use crate::stop::StopSignal;
 
 /// Daemon (ledger) or `observer sniff` (stdout, no Redis).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +68,8 @@ struct Loop {
     identity: crate::identity::Identity,
     /// Kernel time (ns) just before the egress ring was last drained.
     tcp_drained_ns: u64,
+    /// Whether the reader drains on its timer or sleeps until an event wakes it.
+    doze: crate::doze::Doze,
 }
 
 /// Runs until SIGINT/SIGTERM.
@@ -81,7 +83,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     let rules = Rules::new(&cfg.attribution, &cfg.exclude)?;
     let (note_tx, note_rx) = std::sync::mpsc::channel::<ProcNote>();
     let (info_tx, info_rx) = mpsc::unbounded_channel::<ProcessInfo>();
-    let (stop, stop_rx) = Stop::new();
+    let (stop, stop_rx) = Stop::new(note_tx.clone());
 
     let boot_id = read_boot_id();
     let mut egress = crate::egress::start(
@@ -119,7 +121,8 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     )?;
     // The reader starts first: it drains while the discovery thread attaches.
     let poll = Duration::from_millis(cfg.poll_interval_ms);
-    let reader = spawn_reader(lp, maps.events, maps.proc_events, poll, info_rx, stop_rx)?;
+    let (reader, reader_ended) =
+        spawn_reader(lp, maps.events, maps.proc_events, poll, info_rx, stop_rx)?;
     let discovery = Discovery::new(
         probes,
         rules,
@@ -133,7 +136,11 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
         },
     );
     let (discovery, ready_rx) = spawn_discovery(discovery, note_rx, &stop.flag)?;
-    let threads = Threads { reader, discovery };
+    let mut threads = Threads {
+        reader,
+        reader_ended,
+        discovery,
+    };
     let files = initial_scan(warm, ready_rx, egress_first_pass).await?;
     tracing::info!(files, "observer ready");
     if mode == Mode::Sniff {
@@ -284,22 +291,24 @@ fn read_boot_id() -> String {
 }
 
 /// Tells the reader (async, through `watch`) and the discovery and egress threads (through the
-/// flag) to stop.
+/// signal they sleep on; discovery, which sleeps on its notes, also gets a note) to stop.
 struct Stop {
     tx: watch::Sender<bool>,
-    flag: Arc<AtomicBool>,
+    flag: Arc<StopSignal>,
+    notes: std::sync::mpsc::Sender<ProcNote>,
 }
 
 impl Stop {
-    fn new() -> (Self, watch::Receiver<bool>) {
+    fn new(notes: std::sync::mpsc::Sender<ProcNote>) -> (Self, watch::Receiver<bool>) {
         let (tx, rx) = watch::channel(false);
-        let flag = Arc::new(AtomicBool::new(false));
-        (Self { tx, flag }, rx)
+        let flag = Arc::new(StopSignal::default());
+        (Self { tx, flag, notes }, rx)
     }
 
     fn signal(&self) {
         let _ = self.tx.send(true);
-        self.flag.store(true, Ordering::Relaxed);
+        self.flag.stop();
+        let _ = self.notes.send(ProcNote::Stop);
     }
 }
 
@@ -311,7 +320,8 @@ struct Wiring {
     egress: Option<crate::egress::Egress>,
 }
 
-/// Starts the reader thread with its own current-thread runtime.
+/// Starts the reader thread with its own current-thread runtime. The receiver resolves when
+/// the thread ends, whether it returned or panicked.
 fn spawn_reader(
     lp: Loop,
     events: RingBuf<MapData>,
@@ -319,16 +329,23 @@ fn spawn_reader(
     poll: Duration,
     infos: mpsc::UnboundedReceiver<ProcessInfo>,
     stop: watch::Receiver<bool>,
-) -> Result<std::thread::JoinHandle<Result<()>>> {
-    std::thread::Builder::new()
+) -> Result<(
+    std::thread::JoinHandle<Result<()>>,
+    tokio::sync::oneshot::Receiver<()>,
+)> {
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = std::thread::Builder::new()
         .name("observer-reader".into())
         .spawn(move || -> Result<()> {
+            // Dropped as the thread ends, unwinding included: closes `ended_rx`.
+            let _ended = ended_tx;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(lp.run(events, proc_events, poll, infos, stop))
         })
-        .context("spawning the reader thread")
+        .context("spawning the reader thread")?;
+    Ok((handle, ended_rx))
 }
 
 /// Starts the discovery thread; the receiver gets the number of files attached by the initial
@@ -336,7 +353,7 @@ fn spawn_reader(
 fn spawn_discovery(
     discovery: Discovery,
     notes: std::sync::mpsc::Receiver<ProcNote>,
-    stop: &Arc<AtomicBool>,
+    stop: &Arc<StopSignal>,
 ) -> Result<(
     std::thread::JoinHandle<()>,
     std::sync::mpsc::Receiver<usize>,
@@ -393,20 +410,19 @@ fn first_pass_done(rx: &std::sync::mpsc::Receiver<()>, limit: Duration) -> bool 
 /// The two threads `run` started and joins at the end.
 struct Threads {
     reader: std::thread::JoinHandle<Result<()>>,
+    /// Closed when the reader thread ends, by a return or a panic.
+    reader_ended: tokio::sync::oneshot::Receiver<()>,
     discovery: std::thread::JoinHandle<()>,
 }
 
 impl Threads {
     /// Returns on SIGINT, SIGTERM or when the reader thread ended (an error or a panic).
-    async fn wait_for_signal(&self) -> Result<()> {
+    async fn wait_for_signal(&mut self) -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut reader_alive = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
-                _ = reader_alive.tick() => if self.reader.is_finished() { break },
-            }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            _ = &mut self.reader_ended => {}
         }
         Ok(())
     }
@@ -415,7 +431,9 @@ impl Threads {
     /// returns the reader's result.
     async fn stop(self, stop: &Stop, sink_task: tokio::task::JoinHandle<()>) -> Result<()> {
         stop.signal();
-        let Self { reader, discovery } = self;
+        let Self {
+            reader, discovery, ..
+        } = self;
         let joined = tokio::task::spawn_blocking(move || {
             let r = reader.join();
             let _ = discovery.join();
@@ -429,6 +447,13 @@ impl Threads {
         }
     }
 }
+
+/// The rings one timed drain reads: TLS events, process events, provider connections.
+type Drains<'a> = (
+    &'a mut RingBuf<MapData>,
+    &'a mut RingBuf<MapData>,
+    Option<&'a mut RingBuf<MapData>>,
+);
 
 /// The reader's ring buffers, registered with its runtime.
 struct Rings {
@@ -474,11 +499,17 @@ impl Loop {
             identity: crate::identity::Identity::new(cfg.provider_identity == "connection"),
             tcp_drained_ns: 0,
             egress: wiring.egress,
+            doze: crate::doze::Doze::new(
+                Duration::from_millis(cfg.reader_sleep_after_ms),
+                Instant::now(),
+            ),
         })
     }
 
     /// The reader: drains on every forced wakeup and every `poll`, and never waits on anything
-    /// but its own ring buffers (process notes and the sink queue are non-blocking).
+    /// but its own ring buffers (process notes and the sink queue are non-blocking). After
+    /// `reader_sleep_after_ms` without a TLS event it stops the `poll` timer until an event
+    /// wakes it (doze.rs).
     async fn run(
         mut self,
         events: RingBuf<MapData>,
@@ -501,10 +532,12 @@ impl Loop {
                 // applied before that call is attributed.
                 // Provider connections before TLS data: a call is then never seen before the
                 // connection that carried it (`provider_identity = "connection"`).
-                _ = tick.tick() => {
-                    self.drain_procs(proc_events.get_mut());
-                    self.egress_tick(tcp.as_mut().map(AsyncFd::get_mut));
-                    self.drain(events.get_mut(), tcp.as_mut().map(AsyncFd::get_mut));
+                _ = tick.tick(), if !self.doze.asleep() => {
+                    let mut rings = (events.get_mut(), proc_events.get_mut(), tcp.as_mut().map(AsyncFd::get_mut));
+                    let busy = self.drain_all(&mut rings);
+                    if self.doze.drained(busy, Instant::now()) {
+                        self.try_sleep(&mut rings);
+                    }
                 }
                 // Provider connections wake the reader at once (two events per connection):
                 // the connecting process is read while it surely exists.
@@ -517,9 +550,14 @@ impl Loop {
                     let mut guard = guard?;
                     self.egress_tick(Some(guard.get_inner_mut()));
                     guard.clear_ready();
+                    // A closed connection's verdict waits on the timer.
+                    if self.egress_waits() {
+                        self.wake(&mut tick);
+                    }
                 }
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
+                    self.wake(&mut tick);
                     self.drain_procs(proc_events.get_mut());
                     self.egress_tick(tcp.as_mut().map(AsyncFd::get_mut));
                     self.drain(guard.get_inner_mut(), tcp.as_mut().map(AsyncFd::get_mut));
@@ -537,7 +575,19 @@ impl Loop {
                     }
                     self.procs.insert(info.pid, info);
                 }
-                _ = housekeeping.tick() => self.housekeeping(),
+                _ = housekeeping.tick() => {
+                    // Asleep, the rings are still read once a second: an event the sleep flag
+                    // did not wake the reader for (egress's rare race, see doze.rs) waits no
+                    // longer than that.
+                    if self.doze.asleep() {
+                        let mut rings = (events.get_mut(), proc_events.get_mut(), tcp.as_mut().map(AsyncFd::get_mut));
+                        if self.drain_all(&mut rings) {
+                            self.metrics.reader_late_wakes.inc();
+                            self.wake(&mut tick);
+                        }
+                    }
+                    self.housekeeping();
+                }
                 _ = stop.changed() => break,
             }
         }
@@ -545,6 +595,59 @@ impl Loop {
         self.housekeeping();
         self.log_stopped();
         Ok(())
+    }
+
+    /// One timed drain of every ring, process events and connections first (see `run`).
+    /// Returns whether it found work: a TLS event, or a connection verdict waiting on the timer.
+    fn drain_all(&mut self, rings: &mut Drains<'_>) -> bool {
+        let (events, procs, tcp) = rings;
+        self.drain_procs(procs);
+        self.egress_tick(tcp.as_deref_mut());
+        let read = self.drain(events, tcp.as_deref_mut());
+        read > 0 || self.egress_waits()
+    }
+
+    /// Whether egress accounting has a closed connection whose verdict is still to come.
+    fn egress_waits(&self) -> bool {
+        self.egress
+            .as_ref()
+            .is_some_and(crate::egress::Egress::verdicts_pending)
+    }
+
+    /// The reader has been quiet for `reader_sleep_after_ms`: sets the sleep flag, then looks
+    /// at every ring once more (an event committed before the programs saw the flag is found
+    /// here, or it is followed by a wake-up event), and sleeps if that found nothing.
+    fn try_sleep(&mut self, rings: &mut Drains<'_>) {
+        if let Err(e) = self.kernel.set_reader_asleep(true) {
+            tracing::warn!(error = %e, "the reader cannot sleep (its flag is not writable): it \
+                drains every poll_interval_ms from now on");
+            self.doze.never_again();
+            return;
+        }
+        if self.drain_all(rings) {
+            self.clear_sleep_flag();
+            self.doze.woke(Instant::now());
+            return;
+        }
+        self.doze.slept();
+        self.metrics.reader_sleeps.inc();
+    }
+
+    /// An event came while the reader slept: clears the flag and restarts the drain timer.
+    fn wake(&mut self, tick: &mut tokio::time::Interval) {
+        if !self.doze.asleep() {
+            return;
+        }
+        self.clear_sleep_flag();
+        self.doze.woke(Instant::now());
+        tick.reset();
+    }
+
+    /// A flag left set costs wake-ups per event, not events: logged, not fatal.
+    fn clear_sleep_flag(&mut self) {
+        if let Err(e) = self.kernel.set_reader_asleep(false) {
+            tracing::warn!(error = %e, "cannot clear the reader's sleep flag: events wake it one by one");
+        }
     }
 
     /// Registers the ring buffers with the reader's runtime, the egress ring (taken from
@@ -588,11 +691,17 @@ impl Loop {
         }
     }
 
-    /// Drains the TLS ring. `tcp` is the egress ring: an event newer than its last drain drains
-    /// it again first, so a call is never judged before the connection that carried it, even
-    /// when the connection opened while this loop ran.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>, mut tcp: Option<&mut RingBuf<MapData>>) {
+    /// Drains the TLS ring; returns the events read (wake-up events not counted). `tcp` is the
+    /// egress ring: an event newer than its last drain drains it again first, so a call is
+    /// never judged before the connection that carried it, even when the connection opened
+    /// while this loop ran.
+    fn drain(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        mut tcp: Option<&mut RingBuf<MapData>>,
+    ) -> usize {
         let now = Instant::now();
+        let mut read = 0;
         while let Some(item) = ring.next() {
             if item.len() < HEADER_SIZE {
                 continue;
@@ -600,6 +709,10 @@ impl Loop {
             // SAFETY: the kernel wrote a SslEventHeader at the start of every record; read_unaligned
             // copies it out without alignment assumptions.
             let h: SslEventHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if h.kind == KIND_WAKE {
+                continue;
+            }
+            read += 1;
             if h.ts_ns > self.tcp_drained_ns
                 && let Some(t) = tcp.as_deref_mut()
             {
@@ -642,6 +755,7 @@ impl Loop {
         self.metrics
             .connections
             .set(i64::try_from(self.conns.len()).unwrap_or(i64::MAX));
+        read
     }
 
     /// Records what connections produced as they ended (closed, exited, idle, evicted).

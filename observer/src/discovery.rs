@@ -9,13 +9,13 @@ use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use crate::attribution::{ProcessInfo, Rules};
 use crate::bpf::{AttachOutcome, FileId, Probes, Scope, Sites};
 use crate::metrics::Metrics;
+use crate::stop::StopSignal;
 
 mod connect;
 mod go;
@@ -286,6 +286,8 @@ pub enum ProcNote {
         /// When (kernel monotonic clock, ns).
         ts_ns: u64,
     },
+    /// The daemon stops: wakes the thread to read its stop signal.
+    Stop,
 }
 
 /// What made discovery look at a process (the `trigger` label of `attaches`).
@@ -377,7 +379,7 @@ impl Discovery {
 
     /// Attaches the host's libraries and every running process's OpenSSL, then sends on `ready`
     /// and serves process notes until `notes` is closed or `stop` is set.
-    pub fn run(mut self, notes: &Receiver<ProcNote>, ready: &Sender<usize>, stop: &AtomicBool) {
+    pub fn run(mut self, notes: &Receiver<ProcNote>, ready: &Sender<usize>, stop: &StopSignal) {
         // On connect, nothing is attached host-wide: processes get probes as they connect (those
         // connected before the start are reported by the egress resolver's scan).
         if !self.on_connect {
@@ -387,10 +389,15 @@ impl Discovery {
         }
         let _ = ready.send(self.probes.attached_files());
         let mut next_rescan = Instant::now() + self.rescan;
-        while !stop.load(Ordering::Relaxed) {
+        // Sleeps until a note, the next scan due, the next exited process to forget or the
+        // rescan; the stop sends a note ([`ProcNote::Stop`]).
+        while !stop.stopped() {
             let now = Instant::now();
-            let mut until = next_rescan.min(now + Duration::from_millis(200));
+            let mut until = next_rescan;
             if let Some((&t, _)) = self.scans.first_key_value() {
+                until = until.min(t);
+            }
+            if let Some(t) = self.dying.iter().map(|&(t, _)| t).min() {
                 until = until.min(t);
             }
             match notes.recv_timeout(until.saturating_duration_since(now)) {
@@ -456,6 +463,7 @@ impl Discovery {
             }
             ProcNote::Exit(pid) => self.dying.push((now + EXIT_GRACE, pid)),
             ProcNote::Connect { pid, ts_ns } => self.connected(pid, ts_ns, now),
+            ProcNote::Stop => {}
             ProcNote::TlsOpen { pid, name, ts_ns } => {
                 let Some(scope) = self.scope_of(pid) else {
                     return;

@@ -13,7 +13,6 @@ mod resolve;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crate::discovery::ProcNote;
@@ -29,6 +28,7 @@ pub use metrics::{EgressMetrics, HelloLabels, ProviderLabels, VerdictLabels};
 use resolve::{Dest, Joined, Names, Resolver, dest, socket_addr};
 
 use crate::attribution::{CompiledMatcher, ProcessInfo, Rules};
+use crate::stop::StopSignal;
 
 /// How long after a connection's close its verdict waits: the TLS plaintext events of its last
 /// call travel on another ring buffer and may be drained after the close event.
@@ -83,7 +83,7 @@ pub struct UnmeteredRecord {
 pub fn start(
     maps: Option<crate::bpf::EgressMaps>,
     cfg: &crate::config::Config,
-    stop: &Arc<AtomicBool>,
+    stop: &Arc<StopSignal>,
     tx: mpsc::Sender<UnmeteredRecord>,
     metrics: Arc<EgressMetrics>,
     boot_id: &str,
@@ -463,6 +463,11 @@ impl Egress {
             }
         }
         o.sni = sni;
+    }
+
+    /// Whether a closed connection waits for its verdict (its grace has not passed yet).
+    pub fn verdicts_pending(&self) -> bool {
+        !self.closed.is_empty()
     }
 
     /// Decides the connections whose grace has passed.

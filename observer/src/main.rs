@@ -7,12 +7,14 @@ mod btf;
 mod connections;
 mod daemon;
 mod discovery;
+mod doze;
 mod egress;
 mod elf;
 mod identity;
 mod mapped;
 mod metrics;
 mod sink;
+mod stop;
 mod unmetered;
 
 // The pure parsers and the config live in the library (src/lib.rs, fuzzable without the eBPF

@@ -90,6 +90,12 @@ pub struct Metrics {
     pub events: Counter,
     /// Plaintext bytes read.
     pub bytes: Counter,
+    /// Times the reader stopped its drain timer because the rings stayed empty, sleeping until
+    /// an event woke it.
+    pub reader_sleeps: Counter,
+    /// Times a sleeping reader found work at its once-a-second look instead of being woken by
+    /// it (the kernel's wake-up missed: expected to stay 0, or near it).
+    pub reader_late_wakes: Counter,
     /// Events the kernel could not put in the full ring buffer (from the per-CPU map).
     pub kernel_drops: Gauge<u64, AtomicU64>,
     /// Bytes lost with those events.
@@ -152,6 +158,8 @@ impl Default for Metrics {
         Metrics {
             events: Counter::default(),
             bytes: Counter::default(),
+            reader_sleeps: Counter::default(),
+            reader_late_wakes: Counter::default(),
             kernel_drops: Gauge::default(),
             kernel_dropped_bytes: Gauge::default(),
             truncated_bytes: Gauge::default(),
@@ -219,6 +227,18 @@ impl Metrics {
             self.events.clone(),
         );
         r.register("bytes", "TLS plaintext bytes read", self.bytes.clone());
+        r.register(
+            "reader_sleeps",
+            "Times the reader stopped draining on a timer because its ring buffers stayed empty \
+             (it then sleeps until an event wakes it)",
+            self.reader_sleeps.clone(),
+        );
+        r.register(
+            "reader_late_wakes",
+            "Times a sleeping reader found events at its once-a-second look, not woken by them \
+             (expected to stay 0 or near it)",
+            self.reader_late_wakes.clone(),
+        );
         r.register(
             "kernel_drops",
             "Events dropped in the kernel because the ring buffer was full",

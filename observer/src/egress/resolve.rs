@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use observer_common::ProviderAddr;
 
 use crate::attribution::ProcessInfo;
+use crate::stop::StopSignal;
 
 /// How often provider hosts are resolved again.
 const RESOLVE_EVERY: Duration = Duration::from_secs(60);
@@ -201,10 +201,10 @@ pub struct Resolver {
 
 impl Resolver {
     /// Runs until `stop`.
-    pub fn run(mut self, stop: &AtomicBool) {
+    pub fn run(mut self, stop: &StopSignal) {
         let mut next = Instant::now();
         let mut first = true;
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.stopped() {
             if Instant::now() >= next {
                 self.resolve_all();
                 next = Instant::now() + RESOLVE_EVERY;
@@ -223,7 +223,7 @@ impl Resolver {
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis(200));
+            stop.sleep(next.saturating_duration_since(Instant::now()));
         }
     }
 
