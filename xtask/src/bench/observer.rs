@@ -91,12 +91,18 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
     let mut go_caps = Vec::new();
     let mut lazy_attached = Vec::new();
     let mut lazy_ratios: Vec<f64> = Vec::new();
+    let mut at_rest = Value::Null;
     for cycle in 0..PLAIN_CYCLES {
         step(&format!(
             "observer: attach cycle {} of {PLAIN_CYCLES} (eBPF uprobes on OpenSSL)",
             cycle + 1
         ));
         let (mut obs, metrics) = start_observer(env, &bin, redis_url, &llm, cycle, "")?;
+        if cycle == 0 {
+            // Reported apart: a failure here leaves the row unmeasured, not the section.
+            at_rest = stack::at_rest(obs.pid(), if env.plan.quick { 10 } else { 20 }, "observer")
+                .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+        }
         let cpu_per_1000 = |before: u64, count: u64| {
             (tree_ticks(obs.pid()) - before) as f64 / tps * 1000.0 / count.max(1) as f64 * 1000.0
         };
@@ -289,6 +295,7 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
                        "unattached_rps": median(&go_unattached.iter().map(|r| r[1]).collect::<Vec<_>>()),
                        "attached_rps": median(&go_attached.iter().map(|r| r[1]).collect::<Vec<_>>()) },
         },
+        "at_rest": at_rest,
         "capture_500": cap500,
         "capture_h2_500": cap_h2_500,
         "capture": capture,

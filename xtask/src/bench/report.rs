@@ -369,6 +369,24 @@ pub fn targets(r: &Value) -> Value {
             skipped
         },
     ));
+    let rest = &obs["at_rest"];
+    let wakeups = rest["wakeups_per_s"].as_f64();
+    t.push(reported(
+        "observer at rest (no LLM traffic): wake-ups and CPU",
+        wakeups.map(|w| {
+            format!(
+                "{w:.1} wake-ups/s, {:.1} ms CPU per minute",
+                rest["cpu_ms_per_min"].as_f64().unwrap_or(0.0)
+            )
+        }),
+        match wakeups {
+            Some(_) => {
+                "voluntary context switches of all its threads and utime + stime, probes \
+                 attached host-wide, nothing sent; what every host pays between calls"
+            }
+            None => rest["error"].as_str().unwrap_or(skipped),
+        },
+    ));
     for (key, name) in [
         ("capture_500", "observer: capture at 500 LLM calls/s"),
         (
@@ -1049,6 +1067,28 @@ mod tests {
         let row = target_row(&r, "enforcer at rest (no calls): wake-ups and CPU");
         assert_eq!(row["status"], "NOT MEASURED", "{row}");
         assert_eq!(row["note"], "mock did not start");
+    }
+
+    #[test]
+    fn the_observer_at_rest_is_reported() {
+        let name = "observer at rest (no LLM traffic): wake-ups and CPU";
+        let mut r = json!({ "observer": { "at_rest": {
+            "seconds": 20.0, "wakeups_per_s": 5.71, "cpu_ms_per_min": 3.0,
+        }}});
+        r["targets"] = targets(&r);
+        let row = target_row(&r, name);
+        assert_eq!(row["measured"], "5.7 wake-ups/s, 3.0 ms CPU per minute");
+        assert_eq!(row["status"], "REPORTED");
+        // The reading failed: its own error; the section skipped: the section's reason.
+        let mut r =
+            json!({ "observer": { "at_rest": { "error": "reading the observer's /proc" } } });
+        r["targets"] = targets(&r);
+        let row = target_row(&r, name);
+        assert_eq!(row["status"], "NOT MEASURED", "{row}");
+        assert_eq!(row["note"], "reading the observer's /proc");
+        let mut r = json!({ "observer": { "skipped": "not root" } });
+        r["targets"] = targets(&r);
+        assert_eq!(target_row(&r, name)["note"], "not root");
     }
 
     #[test]

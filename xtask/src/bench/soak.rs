@@ -95,7 +95,7 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         }
     };
     // Reported apart: a failure here leaves the row unmeasured, not the section.
-    let quiet = quiet(pid, if env.plan.quick { 10 } else { 20 })
+    let quiet = stack::at_rest(pid, if env.plan.quick { 10 } else { 20 }, "enforcer")
         .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     // The soak first: the calls held in flight below leave 1000 upstream connections in the
     // enforcer's pool until its 90 s idle timeout, whose release would show in the soak's samples.
@@ -110,36 +110,6 @@ pub fn run(env: &Env, redis_url: &str) -> Result<Value> {
         "quiet": quiet, "idle_http1": idle_h1, "idle_h2c": idle_h2, "in_flight": in_flight,
         "soak": soak,
     }}))
-}
-
-/// The enforcer's CPU time and wake-ups while nothing is sent for `secs` (after 2 s of quiet,
-/// so the warm-up's last calls and the allocator's purge are over). Wake-ups are those of the
-/// threads alive at both readings (`stack::voluntary_switches`).
-fn quiet(pid: u32, secs: u64) -> Result<Value> {
-    std::thread::sleep(Duration::from_secs(2));
-    let read = || {
-        Some((
-            stack::cpu_ticks(pid)?,
-            stack::voluntary_switches(pid)?,
-            Instant::now(),
-        ))
-    };
-    let (c0, w0, t0) = read().context("reading the enforcer's /proc")?;
-    std::thread::sleep(Duration::from_secs(secs));
-    let (c1, w1, t1) = read().context("reading the enforcer's /proc")?;
-    let s = (t1 - t0).as_secs_f64();
-    let cpu_ms = c1.saturating_sub(c0) as f64 * 1000.0 / stack::ticks_per_s();
-    let wakeups = w1.saturating_sub(w0) as f64;
-    eprintln!(
-        "    idle for {s:.0} s: {:.1} wake-ups/s, {:.1} ms CPU per minute",
-        wakeups / s,
-        cpu_ms * 60.0 / s
-    );
-    Ok(json!({
-        "seconds": s,
-        "wakeups_per_s": wakeups / s,
-        "cpu_ms_per_min": cpu_ms * 60.0 / s,
-    }))
 }
 
 /// `VmRSS` once the enforcer is quiet: after 1 s (the enforcer has mimalloc purge freed pages

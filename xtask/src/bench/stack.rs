@@ -233,6 +233,30 @@ pub fn voluntary_switches(pid: u32) -> Option<u64> {
     Some(tasks.filter_map(Result::ok).filter_map(switches).sum())
 }
 
+/// A process's CPU time and wake-ups while nothing is sent to it for `secs` (after 2 s of quiet,
+/// so the last calls' work and the allocator's purge are over). Wake-ups are those of the threads
+/// alive at both readings ([`voluntary_switches`]). `who` names it in errors and the progress line.
+pub fn at_rest(pid: u32, secs: u64, who: &str) -> Result<Value> {
+    std::thread::sleep(Duration::from_secs(2));
+    let read = || Some((cpu_ticks(pid)?, voluntary_switches(pid)?, Instant::now()));
+    let (c0, w0, t0) = read().with_context(|| format!("reading the {who}'s /proc"))?;
+    std::thread::sleep(Duration::from_secs(secs));
+    let (c1, w1, t1) = read().with_context(|| format!("reading the {who}'s /proc"))?;
+    let s = (t1 - t0).as_secs_f64();
+    let cpu_ms = c1.saturating_sub(c0) as f64 * 1000.0 / ticks_per_s();
+    let wakeups = w1.saturating_sub(w0) as f64;
+    eprintln!(
+        "    {who} idle for {s:.0} s: {:.1} wake-ups/s, {:.1} ms CPU per minute",
+        wakeups / s,
+        cpu_ms * 60.0 / s
+    );
+    Ok(serde_json::json!({
+        "seconds": s,
+        "wakeups_per_s": wakeups / s,
+        "cpu_ms_per_min": cpu_ms * 60.0 / s,
+    }))
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`, almost always 100).
 pub fn ticks_per_s() -> f64 {
     crate::command::output(Command::new("getconf").arg("CLK_TCK"))
