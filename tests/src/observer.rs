@@ -116,6 +116,21 @@ impl Observer {
             .map(|v| v as u64)
             .sum()
     }
+
+    /// Polls `metric` (summed over its labels) until it reaches `at_least`, at most 30 s;
+    /// fails naming `what`, with the log and the metrics.
+    pub fn wait_metric(&self, metric: &str, at_least: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.metric(metric) < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {metric} never reached {at_least}; log:\n{}\nmetrics:\n{}",
+                self.log(),
+                self.metrics()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// (calls, input tokens, output tokens, nano-USD): what a mock billed, or what a ledger holds.

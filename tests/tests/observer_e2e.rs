@@ -57,20 +57,6 @@ const CHAT: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]}"#;
 const CHAT_STREAM: &str = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hello there"}]}"#;
 
-/// Polls `metric` until it reaches `at_least` (a metric the observer updates as it goes).
-fn wait_metric(obs: &Observer, metric: &str, at_least: u64, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while obs.metric(metric) < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {metric} never reached {at_least}; log:\n{}\nmetrics:\n{}",
-            obs.log(),
-            obs.metrics()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// After a quiet spell the reader stops draining its rings every 20 ms and sleeps until the
 /// probes wake it (docs/observer.md, "The reader at rest"). A call made while it sleeps is
 /// recorded and billed, and the probes' wake-up is what finds it: not the once-a-second look a
@@ -93,16 +79,11 @@ fn observer_reader_sleeps_when_quiet_and_the_next_call_wakes_it() {
     let mut woken = 0;
     for round in 1..=3 {
         // Each call wakes the reader, which sleeps again 300 ms after it.
-        wait_metric(
-            &obs,
-            "llmwarden_observer_reader_sleeps_total",
-            round,
-            "asleep",
-        );
+        obs.wait_metric("llmwarden_observer_reader_sleeps_total", round, "asleep");
         let late = obs.metric("llmwarden_observer_reader_late_wakes_total");
         let t = Instant::now();
         curl(&m, "t-asleep", CHAT, &[]);
-        wait_metric(&obs, "llmwarden_observer_calls_total", round, "the call");
+        obs.wait_metric("llmwarden_observer_calls_total", round, "the call");
         let late_now = obs.metric("llmwarden_observer_reader_late_wakes_total");
         eprintln!(
             "round {round}: call recorded {:?} after it started (late wakes {late} -> {late_now})",
