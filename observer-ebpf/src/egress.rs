@@ -27,7 +27,7 @@ use observer_common::{
     TcpConn, TcpEvent, TcpHello, TcpOffsets,
 };
 
-use crate::{reader_asleep, stat_add};
+use crate::{ring_flags, stat_add};
 
 /// Provider addresses (peer address + port) whose connections are accounted.
 #[map]
@@ -51,8 +51,6 @@ static FIRST_SEND: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0)
 
 /// `BPF_RB_NO_WAKEUP`: the connection's close (or the next open) wakes the reader.
 const RB_NO_WAKEUP: u64 = 1;
-/// `BPF_RB_FORCE_WAKEUP`: the reader sleeps (`crate::reader_asleep`), so nothing else would wake it.
-const RB_FORCE_WAKEUP: u64 = 2;
 
 /// Field offsets in `sock/inet_sock_set_state` (its tracefs format on 6.18; userspace checks the
 /// running kernel's format before attaching).
@@ -117,8 +115,7 @@ fn peer(ctx: &TracePointContext) -> Option<ProviderAddr> {
 fn output(ev: &TcpEvent) {
     // Rare (two per provider connection): wake the reader at once (a sleeping reader is woken
     // whether or not it drained the ring since the last event).
-    let flags = if reader_asleep() { RB_FORCE_WAKEUP } else { 0 };
-    if TCP_EVENTS.output::<TcpEvent>(ev, flags).is_err() {
+    if TCP_EVENTS.output::<TcpEvent>(ev, ring_flags(0)).is_err() {
         stat_add(STAT_TCP_DROPS, 1);
     }
 }
@@ -353,11 +350,7 @@ fn first_send(ctx: &TracePointContext, how: Buf) {
         bpf_probe_read_user_buf(base as *const u8, &mut (&mut (*hello).data)[..n]).is_ok()
     };
     if ok {
-        entry.submit(if reader_asleep() {
-            RB_FORCE_WAKEUP
-        } else {
-            RB_NO_WAKEUP
-        });
+        entry.submit(ring_flags(RB_NO_WAKEUP));
     } else {
         entry.discard(0);
     }

@@ -174,21 +174,31 @@ fn leave(ctx: &RetProbeContext, active: &LruHashMap<u64, ActiveCall>, dir: u8) -
 /// Whether the reader sleeps until an event wakes it (it sets the flag only after its rings
 /// stayed empty for a while; see `Loop::run` in the daemon).
 #[inline(always)]
-pub(crate) fn reader_asleep() -> bool {
+fn reader_asleep() -> bool {
     READER.get(0).is_some_and(|v| *v == READER_ASLEEP)
+}
+
+/// `otherwise`, or `BPF_RB_FORCE_WAKEUP` while the reader sleeps: every ring's events wake a
+/// sleeping reader.
+#[inline(always)]
+pub(crate) fn ring_flags(otherwise: u64) -> u64 {
+    if reader_asleep() {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        otherwise
+    }
 }
 
 /// How an event on `EVENTS` is submitted: without a wake-up (the reader drains on its timer),
 /// unless the reader sleeps or more than `wakeup_threshold` bytes are waiting.
 #[inline(always)]
 fn wakeup_flags(cfg: &ObserverConfig) -> u64 {
-    if reader_asleep()
-        || (cfg.wakeup_threshold != 0
-            && EVENTS.query(BPF_RB_AVAIL_DATA.into()) > u64::from(cfg.wakeup_threshold))
+    if cfg.wakeup_threshold != 0
+        && EVENTS.query(BPF_RB_AVAIL_DATA.into()) > u64::from(cfg.wakeup_threshold)
     {
         BPF_RB_FORCE_WAKEUP.into()
     } else {
-        BPF_RB_NO_WAKEUP.into()
+        ring_flags(BPF_RB_NO_WAKEUP.into())
     }
 }
 

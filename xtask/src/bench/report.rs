@@ -157,6 +157,25 @@ pub(super) fn target(
     })
 }
 
+/// The row of a `stack::at_rest` reading: `note` when measured, else the reading's own error or,
+/// without one, `why` (the section's).
+pub(super) fn at_rest_row(name: &str, rest: &Value, note: &str, why: &str) -> Value {
+    let wakeups = rest["wakeups_per_s"].as_f64();
+    reported(
+        name,
+        wakeups.map(|w| {
+            format!(
+                "{w:.1} wake-ups/s, {:.1} ms CPU per minute",
+                rest["cpu_ms_per_min"].as_f64().unwrap_or(0.0)
+            )
+        }),
+        match wakeups {
+            Some(_) => note,
+            None => rest["error"].as_str().unwrap_or(why),
+        },
+    )
+}
+
 /// A row with no goal: the issue asks for the figure to be reported.
 pub(super) fn reported(name: &str, measured: Option<String>, note: &str) -> Value {
     let status = if measured.is_some() {
@@ -369,23 +388,12 @@ pub fn targets(r: &Value) -> Value {
             skipped
         },
     ));
-    let rest = &obs["at_rest"];
-    let wakeups = rest["wakeups_per_s"].as_f64();
-    t.push(reported(
+    t.push(at_rest_row(
         "observer at rest (no LLM traffic): wake-ups and CPU",
-        wakeups.map(|w| {
-            format!(
-                "{w:.1} wake-ups/s, {:.1} ms CPU per minute",
-                rest["cpu_ms_per_min"].as_f64().unwrap_or(0.0)
-            )
-        }),
-        match wakeups {
-            Some(_) => {
-                "voluntary context switches of all its threads and utime + stime, probes \
-                 attached host-wide, nothing sent; what every host pays between calls"
-            }
-            None => rest["error"].as_str().unwrap_or(skipped),
-        },
+        &obs["at_rest"],
+        "voluntary context switches of all its threads and utime + stime, probes attached \
+         host-wide, nothing sent; what every host pays between calls",
+        skipped,
     ));
     for (key, name) in [
         ("capture_500", "observer: capture at 500 LLM calls/s"),

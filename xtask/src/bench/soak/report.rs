@@ -9,22 +9,12 @@ pub fn targets(r: &Value) -> Vec<Value> {
     let so = &r["soak"];
     let why = so["error"].as_str().unwrap_or("");
     let mut t = Vec::new();
-    let q = &so["quiet"];
-    let wakeups = q["wakeups_per_s"].as_f64();
-    t.push(super::super::report::reported(
+    t.push(super::super::report::at_rest_row(
         "enforcer at rest (no calls): wake-ups and CPU",
-        wakeups.map(|w| {
-            format!(
-                "{w:.1} wake-ups/s, {:.1} ms CPU per minute",
-                q["cpu_ms_per_min"].as_f64().unwrap_or(0.0)
-            )
-        }),
-        if wakeups.is_some() {
-            "voluntary context switches of all its threads and utime + stime, over the idle \
-             window after a warm-up; what a sidecar costs its host between calls"
-        } else {
-            q["error"].as_str().unwrap_or(why)
-        },
+        &so["quiet"],
+        "voluntary context switches of all its threads and utime + stime, over the idle window \
+         after a warm-up; what a sidecar costs its host between calls",
+        why,
     ));
     let h1 = so["idle_http1"]["kib_per_connection"].as_f64();
     let h2 = so["idle_h2c"]["kib_per_connection"].as_f64();
