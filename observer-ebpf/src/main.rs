@@ -113,10 +113,14 @@ fn filtered_out(cfg: &ObserverConfig, pid: u32, ssl: u64) -> bool {
 }
 
 #[inline(always)]
-fn enter(ctx: &ProbeContext, active: &LruHashMap<u64, ActiveCall>, ex: bool) -> u32 {
+fn enter(ctx: &ProbeContext, active: &LruHashMap<u64, ActiveCall>, len_arg: usize) -> u32 {
     let ssl: u64 = ctx.arg(0).unwrap_or(0);
     let buf: u64 = ctx.arg(1).unwrap_or(0);
-    let len_ptr: u64 = if ex { ctx.arg(3).unwrap_or(0) } else { 0 };
+    let len_ptr: u64 = if len_arg == 0 {
+        0
+    } else {
+        ctx.arg(len_arg).unwrap_or(0)
+    };
     if ssl == 0 || buf == 0 {
         return 0;
     }
@@ -327,14 +331,23 @@ extern "C" fn emit_chunk(_index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
+/// `SSL_write(ssl, buf, num)`: the count is the return value.
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
-    enter(&ctx, &ACTIVE_WRITE, false)
+    enter(&ctx, &ACTIVE_WRITE, 0)
 }
 
+/// `SSL_write_ex(ssl, buf, num, &written)`, and OpenSSL's `ssl_write_internal` of that shape.
 #[uprobe]
 pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
-    enter(&ctx, &ACTIVE_WRITE, true)
+    enter(&ctx, &ACTIVE_WRITE, 3)
+}
+
+/// `ssl_write_internal(ssl, buf, num, flags, &written)` (OpenSSL 3.2+): the count through the
+/// 5th argument. Userspace puts it there only after reading the code (`elf/sites.rs`).
+#[uprobe]
+pub fn ssl_write_ex5(ctx: ProbeContext) -> u32 {
+    enter(&ctx, &ACTIVE_WRITE, 4)
 }
 
 #[uretprobe]
@@ -342,14 +355,22 @@ pub fn ssl_write_ret(ctx: RetProbeContext) -> u32 {
     leave(&ctx, &ACTIVE_WRITE, DIR_WRITE)
 }
 
+/// `SSL_read(ssl, buf, num)`: the count is the return value.
 #[uprobe]
 pub fn ssl_read(ctx: ProbeContext) -> u32 {
-    enter(&ctx, &ACTIVE_READ, false)
+    enter(&ctx, &ACTIVE_READ, 0)
 }
 
+/// `SSL_read_ex(ssl, buf, num, &readbytes)`, and OpenSSL's `ssl_read_internal`.
 #[uprobe]
 pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
-    enter(&ctx, &ACTIVE_READ, true)
+    enter(&ctx, &ACTIVE_READ, 3)
+}
+
+/// A read function with the count's pointer in the 5th argument.
+#[uprobe]
+pub fn ssl_read_ex5(ctx: ProbeContext) -> u32 {
+    enter(&ctx, &ACTIVE_READ, 4)
 }
 
 #[uretprobe]

@@ -30,22 +30,6 @@ pub use scoped::{Scope, Sites};
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
 
-/// (program, symbol) pairs attached to every OpenSSL file. The first decides whether the file is
-/// an OpenSSL at all (a missing `SSL_write` means "not SSL": nothing else is tried). Symbols a
-/// file does not define are skipped (`SSL_write_ex`/`SSL_read_ex` are OpenSSL 1.1.1+).
-const PROBES: &[(&str, &str)] = &[
-    ("ssl_write", "SSL_write"),
-    ("ssl_write_ret", "SSL_write"),
-    ("ssl_write_ex", "SSL_write_ex"),
-    ("ssl_write_ret", "SSL_write_ex"),
-    ("ssl_read", "SSL_read"),
-    ("ssl_read_ret", "SSL_read"),
-    ("ssl_read_ex", "SSL_read_ex"),
-    ("ssl_read_ret", "SSL_read_ex"),
-    ("ssl_free", "SSL_free"),
-    ("ssl_ctrl", "SSL_ctrl"),
-];
-
 /// Identity of a file on the host: attach once per (device, inode), whatever path reaches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileId {
@@ -191,8 +175,10 @@ impl Probes {
         for name in [
             "ssl_write",
             "ssl_write_ex",
+            "ssl_write_ex5",
             "ssl_read",
             "ssl_read_ex",
+            "ssl_read_ex5",
             "ssl_free",
             "ssl_ctrl",
             "ssl_write_ret",
@@ -332,14 +318,9 @@ impl Probes {
         }
         let _rcu = self.expedited();
         let mut links = Vec::new();
-        for (i, (prog, symbol)) in PROBES.iter().enumerate() {
-            let Some(offset) = symbols.offset(symbol) else {
-                if i == 0 {
-                    self.files.insert(id, AttachOutcome::NotSsl);
-                    return Ok(AttachOutcome::NotSsl);
-                }
-                continue;
-            };
+        // (program, file offset) pairs placed by `elf::sites`, `SSL_write`'s first: it decides
+        // whether the file can be probed at all.
+        for (i, &(prog, offset)) in symbols.probes.iter().enumerate() {
             let program: &mut UProbe = self
                 .ebpf
                 .program_mut(prog)
@@ -350,7 +331,7 @@ impl Probes {
                 path,
                 scope.uprobe(),
             ) {
-                Ok(link) => links.push((*prog, link)),
+                Ok(link) => links.push((prog, link)),
                 Err(e) if i == 0 => {
                     // Remember the failure too so a broken file is not retried every scan (a
                     // process-scoped failure may be the process's: only that attempt fails).
@@ -358,12 +339,12 @@ impl Probes {
                         self.files.insert(id, AttachOutcome::NotSsl);
                     }
                     return Err(e).with_context(|| {
-                        format!("attaching {prog} to {symbol} in {}", path.display())
+                        format!("attaching {prog} at {offset:#x} in {}", path.display())
                     });
                 }
                 Err(e) => {
                     // Keep what attached: one missing probe must not blind the others.
-                    tracing::warn!(prog, symbol, path = %path.display(), error = %e, "probe not attached");
+                    tracing::warn!(prog, offset, path = %path.display(), error = %e, "probe not attached");
                 }
             }
         }

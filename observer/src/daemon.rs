@@ -80,6 +80,7 @@ pub async fn run(cfg: Config, mode: Mode) -> Result<()> {
     let warm = warm_tokenizers()?;
     let (mut probes, maps) = load_probes(&cfg)?;
     probes.set_expedite_rcu(cfg.expedite_rcu);
+    crate::elf::set_emulated_sites(cfg.probe_sites == "emulated");
     let rules = Rules::new(&cfg.attribution, &cfg.exclude)?;
     let (note_tx, note_rx) = std::sync::mpsc::channel::<ProcNote>();
     let (info_tx, info_rx) = mpsc::unbounded_channel::<ProcessInfo>();

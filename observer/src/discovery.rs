@@ -201,6 +201,8 @@ pub fn attach_open(probes: &mut Probes, file: &File, label: &str, scope: Scope) 
                 dev = id.dev,
                 ino = id.ino,
                 probes = n,
+                writes = symbols.writes.as_str(),
+                reads = symbols.reads.as_str(),
                 ?scope,
                 "attached to OpenSSL"
             );

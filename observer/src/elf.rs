@@ -6,6 +6,11 @@
 use std::fs::File;
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub mod sites;
+
+use sites::{Direction, Func, Placement, Programs};
 
 const SHT_DYNSYM: u32 = 11;
 /// `st_shndx` of an undefined (imported) symbol.
@@ -31,15 +36,45 @@ pub const SSL_SYMBOLS: [&str; 6] = [
     "SSL_ctrl",
 ];
 
-/// File offsets of the OpenSSL functions a file defines (not merely imports).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The programs of writes and reads (observer-ebpf).
+const WRITES: Programs = Programs {
+    plain: "ssl_write",
+    ex: "ssl_write_ex",
+    ex5: "ssl_write_ex5",
+    ret: "ssl_write_ret",
+};
+const READS: Programs = Programs {
+    plain: "ssl_read",
+    ex: "ssl_read_ex",
+    ex5: "ssl_read_ex5",
+    ret: "ssl_read_ret",
+};
+
+/// Whether probes go on instructions the kernel emulates (`probe_sites = "emulated"`, the
+/// default) or on the exported functions' entries (`"entry"`). Set once at start.
+static EMULATED_SITES: AtomicBool = AtomicBool::new(true);
+
+/// Sets where probes go (`probe_sites`); before the first file is resolved.
+pub fn set_emulated_sites(on: bool) {
+    EMULATED_SITES.store(on, Ordering::Relaxed);
+}
+
+/// The OpenSSL functions a file defines (not merely imports) and where its probes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SslSymbols {
     /// (name from [`SSL_SYMBOLS`], file offset) for each defined one.
     pub offsets: Vec<(&'static str, u64)>,
+    /// (program, file offset) of every probe, `SSL_write`'s first (`sites`).
+    pub probes: Vec<(&'static str, u64)>,
+    /// How writes are probed.
+    pub writes: Placement,
+    /// How reads are probed.
+    pub reads: Placement,
 }
 
 impl SslSymbols {
     /// File offset of `name`, if the file defines it.
+    #[cfg(test)]
     pub fn offset(&self, name: &str) -> Option<u64> {
         self.offsets
             .iter()
@@ -148,7 +183,7 @@ fn lookup(file: &File, path: &Path) -> (Option<SslSymbols>, bool) {
     let symbols = ssl_symbols(path);
     let code = symbols
         .iter()
-        .flat_map(|s| s.offsets.iter())
+        .flat_map(|s| s.offsets.iter().chain(&s.probes))
         .filter_map(|(_, off)| Some((*off, code_at(file, *off)?)))
         .collect();
     if cache.len() >= MAX_CACHED_BUILDS {
@@ -208,7 +243,7 @@ fn resolve(f: &mut File) -> std::io::Result<Option<SslSymbols>> {
     let str_hdr = section(link);
     let names = read_at(f, u64_at(str_hdr, 0x18), u64_at(str_hdr, 0x20))?;
     let syms = read_at(f, u64_at(sym_hdr, 0x18), u64_at(sym_hdr, 0x20))?;
-    let mut out = SslSymbols::default();
+    let mut found: Vec<Found> = Vec::new();
     for sym in syms.chunks_exact(SYM_SIZE) {
         let name_off = u32_at(sym, 0) as usize;
         let kind = sym[4] & 0xf;
@@ -228,21 +263,160 @@ fn resolve(f: &mut File) -> std::io::Result<Option<SslSymbols>> {
         let Some(&wanted) = SSL_SYMBOLS.iter().find(|s| s.as_bytes() == name) else {
             continue;
         };
-        if out.offset(wanted).is_some() || usize::from(shndx) >= shnum {
+        if found.iter().any(|f| f.name == wanted) || usize::from(shndx) >= shnum {
             continue;
         }
-        // Same translation as aya: address - section address + section file offset.
         let sec = section(usize::from(shndx));
-        let (addr, offset) = (u64_at(sec, 0x10), u64_at(sec, 0x18));
-        let Some(file_off) = u64_at(sym, 8)
-            .checked_sub(addr)
-            .and_then(|d| d.checked_add(offset))
-        else {
-            continue;
+        let section = Section {
+            addr: u64_at(sec, 0x10),
+            offset: u64_at(sec, 0x18),
+            size: u64_at(sec, 0x20),
         };
-        out.offsets.push((wanted, file_off));
+        let addr = u64_at(sym, 8);
+        if section.file_offset(addr).is_none() {
+            continue;
+        }
+        found.push(Found {
+            name: wanted,
+            addr,
+            size: u64_at(sym, 16),
+            section,
+        });
     }
-    Ok(out.offset("SSL_write").is_some().then_some(out))
+    let Some(write) = found.iter().find(|f| f.name == "SSL_write") else {
+        return Ok(None);
+    };
+    let mut text = SectionText {
+        file: f,
+        section: write.section,
+    };
+    Ok(Some(place(&found, &mut text)))
+}
+
+/// A section's placement in memory and in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Section {
+    addr: u64,
+    offset: u64,
+    size: u64,
+}
+
+impl Section {
+    /// Same translation as aya: address - section address + section file offset.
+    fn file_offset(&self, addr: u64) -> Option<u64> {
+        let d = addr.checked_sub(self.addr)?;
+        (d < self.size)
+            .then(|| self.offset.checked_add(d))
+            .flatten()
+    }
+}
+
+/// A wanted symbol the file defines.
+struct Found {
+    name: &'static str,
+    addr: u64,
+    size: u64,
+    section: Section,
+}
+
+/// Code of one section of an open file, by virtual address.
+struct SectionText<'a> {
+    file: &'a mut File,
+    section: Section,
+}
+
+impl sites::Text for SectionText<'_> {
+    fn read(&mut self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        let off = self.section.file_offset(addr)?;
+        let room = self.section.size - (addr - self.section.addr);
+        let len = u64::try_from(len).ok()?.min(room);
+        read_at(self.file, off, len).ok()
+    }
+}
+
+/// Where the probes of the functions `found` go (`SSL_write` among them).
+fn place(found: &[Found], text: &mut SectionText<'_>) -> SslSymbols {
+    let emulated = EMULATED_SITES.load(Ordering::Relaxed);
+    let offsets: Vec<(&'static str, u64)> = found
+        .iter()
+        .filter_map(|f| Some((f.name, f.section.file_offset(f.addr)?)))
+        .collect();
+    let mut code = |name: &str| -> Option<Func> {
+        let f = found.iter().find(|f| f.name == name)?;
+        let len = if emulated {
+            f.size.clamp(1, sites::MAX_BODY)
+        } else {
+            1
+        };
+        // Unreadable code (another section) still gets its probes, on the entry.
+        let code = sites::Text::read(text, f.addr, usize::try_from(len).ok()?).unwrap_or_default();
+        Some(Func { addr: f.addr, code })
+    };
+    let funcs: Vec<(&str, Option<Func>)> = SSL_SYMBOLS.iter().map(|n| (*n, code(n))).collect();
+    let func = |name: &str| {
+        funcs
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, f)| f.as_ref())
+    };
+    let mut probes = Vec::new();
+    let mut placements = [Placement::Stepped; 2];
+    for (i, (plain, ex, programs)) in [
+        ("SSL_write", "SSL_write_ex", WRITES),
+        ("SSL_read", "SSL_read_ex", READS),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let Some(plain) = func(plain) else { continue };
+        let dir = Direction {
+            plain,
+            ex: func(ex),
+            programs,
+        };
+        let planned = if emulated {
+            sites::plan(&dir, text)
+        } else {
+            sites::entries(&dir)
+        };
+        placements[i] = planned.placement;
+        probes.extend(planned.probes);
+    }
+    for (name, program, args) in [
+        ("SSL_free", "ssl_free", &[iced_x86::Register::RDI][..]),
+        (
+            "SSL_ctrl",
+            "ssl_ctrl",
+            &[
+                iced_x86::Register::RDI,
+                iced_x86::Register::RSI,
+                iced_x86::Register::RCX,
+            ],
+        ),
+    ] {
+        if let Some(f) = func(name) {
+            let at = if emulated {
+                sites::entry_only_site(f, args)
+            } else {
+                f.addr
+            };
+            probes.push((program, at));
+        }
+    }
+    let to_file = |addr: u64| {
+        std::iter::once(text.section)
+            .chain(found.iter().map(|f| f.section))
+            .find_map(|s| s.file_offset(addr))
+    };
+    SslSymbols {
+        offsets,
+        probes: probes
+            .into_iter()
+            .filter_map(|(p, addr)| Some((p, to_file(addr)?)))
+            .collect(),
+        writes: placements[0],
+        reads: placements[1],
+    }
 }
 
 #[cfg(test)]
@@ -299,6 +473,36 @@ mod tests {
                 .expect("address inside a libssl mapping");
             assert_eq!(*off, file_off, "{name}");
         }
+    }
+
+    /// The host's libssl gets every probe on an instruction the kernel emulates: Debian's
+    /// `SSL_read`/`SSL_write` start with `sub`, so reads and writes go on the internal functions
+    /// both exported pairs call; `SSL_free` moves to the `je` after its null test.
+    #[test]
+    fn the_host_libssl_is_probed_on_emulated_instructions_only() {
+        use std::os::unix::fs::FileExt as _;
+        let path = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        let syms = ssl_symbols(path).expect("the host's libssl resolves");
+        assert_ne!(syms.writes, Placement::Stepped, "{syms:?}");
+        assert_ne!(syms.reads, Placement::Stepped, "{syms:?}");
+        let file = File::open(path).expect("open");
+        let programs: Vec<&str> = syms.probes.iter().map(|(p, _)| *p).collect();
+        for (program, off) in &syms.probes {
+            let mut b = [0u8; 16];
+            file.read_exact_at(&mut b, *off).expect("code");
+            let len = iced_x86::Decoder::new(64, &b, iced_x86::DecoderOptions::NONE)
+                .decode()
+                .len();
+            assert!(sites::emulated(&b[..len]), "{program} at {off:#x}: {b:x?}");
+        }
+        for p in ["ssl_write_ret", "ssl_read_ret", "ssl_free", "ssl_ctrl"] {
+            assert!(programs.contains(&p), "{programs:?}");
+        }
+        assert!(programs[0].starts_with("ssl_write"), "{programs:?}");
+        // On the inner function, a read is probed once per call: not on the exported ones too.
+        let rets = programs.iter().filter(|p| **p == "ssl_read_ret").count();
+        let want = if syms.reads == Placement::Inner { 1 } else { 2 };
+        assert_eq!(rets, want, "{syms:?}");
     }
 
     /// A copy of the host's libssl (a new inode, the same build) reuses the resolution; a copy

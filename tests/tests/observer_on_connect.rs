@@ -3,9 +3,9 @@
 //! SDK (OpenSSL), the TLS mock provider, the shared Redis ledger.
 //!
 //! What is checked, by the process itself: a uprobe is an `int3` the kernel writes over the
-//! first byte of `SSL_write` in the memory of each process it fires in. The Python client reads
-//! that byte in its own memory (ctypes) before and after its calls, so each test shows where the
-//! kernel put breakpoints, not only what was recorded.
+//! probed instruction in the memory of each process it fires in. The Python client compares
+//! libssl's code in its own memory (ctypes) with the file's bytes before and after its calls, so
+//! each test shows where the kernel put breakpoints, not only what was recorded.
 //!
 //! The race: a process gets its probes after its first `connect` to a provider, while its TLS
 //! handshake runs. The mock waits `handshake_delay` before answering the ClientHello: a provider
@@ -29,14 +29,25 @@ const ON_CONNECT: &str = "attach = \"on-connect\"\n";
 
 /// Calls the mock with the `openai` SDK from a worker thread (the probes must fire in every
 /// thread of the process, not only the one whose pid was given), `CALLS` times on one
-/// keep-alive connection, and prints the first byte of `SSL_write` in its own memory before and
-/// after (`cc` = a breakpoint is there). With `URL` naming no provider it fetches `/healthz`
-/// over HTTPS instead.
+/// keep-alive connection, and prints whether libssl's code in its own memory holds a breakpoint
+/// (an `int3` where the file has another byte) before and after (`cc` = one is there, `--` =
+/// none; the probes sit where `observer/src/elf/sites.rs` puts them, not always on an entry).
+/// With `URL` naming no provider it fetches `/healthz` over HTTPS instead.
 const CLIENT: &str = r#"
 import ctypes, os, ssl, threading, httpx, openai
-libssl = next(l for l in open("/proc/self/maps").read().split("\n") if "libssl.so" in l).split()[-1]
-fn = ctypes.cast(ctypes.CDLL(libssl).SSL_write, ctypes.c_void_p).value
-first = lambda: ctypes.string_at(fn, 1).hex()
+maps = [l.split() for l in open("/proc/self/maps").read().split("\n") if "libssl.so" in l]
+code = [m for m in maps if "x" in m[1]]
+assert code, maps
+def first():
+    for m in code:
+        lo, hi = (int(x, 16) for x in m[0].split("-"))
+        with open(m[-1], "rb") as f:
+            f.seek(int(m[2], 16))
+            disk = f.read(hi - lo)
+        mem = ctypes.string_at(lo, len(disk))
+        if any(a == 0xcc and b != 0xcc for a, b in zip(mem, disk)):
+            return "cc"
+    return "--"
 before = first()
 def run():
     http = httpx.Client(verify=os.environ["CA"])
@@ -56,7 +67,7 @@ t.join()
 print(before, first())
 "#;
 
-/// The first byte of `SSL_write` in the client's memory before and after its calls.
+/// Whether libssl's code in the client's memory held a breakpoint before and after its calls.
 struct Breakpoints {
     before: String,
     after: String,
