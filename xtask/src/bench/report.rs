@@ -365,7 +365,8 @@ pub fn targets(r: &Value) -> Value {
     let nl_note = match added {
         Some(us) if skipped.is_empty() => format!(
             "worst case: a 2-byte answer at zero latency; the observer adds {us:.1} µs per HTTPS \
-             request (uprobe + uretprobe traps on SSL_write/SSL_read), whatever the answer's size"
+             request (a probe and a return probe per SSL write and read, on instructions the kernel \
+             emulates), whatever the answer's size"
         ),
         _ => skipped.to_owned(),
     };
