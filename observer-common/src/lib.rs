@@ -30,6 +30,10 @@ pub const KIND_WAKE: u8 = 4;
 /// wakes it (`BPF_RB_FORCE_WAKEUP`).
 pub const READER_ASLEEP: u32 = 1;
 
+/// Attach cookie of a Go probe on its function's stack check (`JBE` to `morestack`): the
+/// program skips a hit whose branch is taken (CF or ZF set), since the entry then runs again.
+pub const GO_AT_CHECK: u64 = 1;
+
 /// [`SslEventHeader::direction`]: the process wrote (request side for a client).
 pub const DIR_WRITE: u8 = 0;
 /// [`SslEventHeader::direction`]: the process read (response side for a client).

@@ -1,15 +1,21 @@
 //! Go's `crypto/tls` (amd64, Go 1.17+ register ABI): `(*Conn).Write` and `(*Conn).Read` are
-//! probed past their stack check (`morestack` re-runs a function's entry), `Read` again at each
+//! probed on their stack check's `JBE` (cookie `GO_AT_CHECK`; a hit whose branch to
+//! `morestack` is taken is skipped, since the entry re-runs) or past it, `Read` again at each
 //! of its `RET`s (never a uretprobe: it would rewrite a return address on a goroutine stack the
 //! runtime moves). Userspace finds those sites. Registers there: receiver RAX, buffer RBX,
 //! length RCX; at a `RET`, `n` in RAX; the goroutine `g` in R14 throughout, which keys a read in
 //! flight: a goroutine blocked in `Read` may resume on another thread.
 
 use aya_ebpf::{
-    bindings::pt_regs, helpers::bpf_get_current_pid_tgid, macros::map, macros::uprobe,
-    maps::LruHashMap, programs::ProbeContext,
+    EbpfContext as _,
+    bindings::pt_regs,
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
+    macros::map,
+    macros::uprobe,
+    maps::LruHashMap,
+    programs::ProbeContext,
 };
-use observer_common::{ActiveCall, ConnKey, DIR_READ, DIR_WRITE, STAT_SKIPPED_BYTES};
+use observer_common::{ActiveCall, ConnKey, DIR_READ, DIR_WRITE, GO_AT_CHECK, STAT_SKIPPED_BYTES};
 
 use crate::{close_connection, config, emit_data, filtered_out, stat_add};
 
@@ -21,6 +27,19 @@ static GO_READS: LruHashMap<ConnKey, ActiveCall> = LruHashMap::with_max_entries(
 fn regs(ctx: &ProbeContext) -> pt_regs {
     // SAFETY: the probe's context is the user registers, readable for the program's run.
     unsafe { *ctx.regs }
+}
+
+/// x86 flags a `JBE` tests: carry and zero.
+const CF_ZF: u64 = 0x1 | 0x40;
+
+/// Whether this hit is on a stack check's `JBE` that will branch to `morestack`: the stack
+/// grows and the function's entry runs again, so the hit that counts is the next one. The flags
+/// are those the check's `CMPQ` just set, exactly what the branch will test.
+#[inline(always)]
+fn stack_grows(ctx: &ProbeContext, r: &pt_regs) -> bool {
+    // SAFETY: the helper reads the cookie of the link that ran this program.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    cookie == GO_AT_CHECK && r.eflags & CF_ZF != 0
 }
 
 /// Largest single Write/Read length believed (a Go slice length is an int).
@@ -37,7 +56,7 @@ fn clamp(n: u64) -> u32 {
 pub fn go_tls_write(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let (conn, buf, len) = (r.rax, r.rbx, r.rcx as i64);
-    if conn == 0 || buf == 0 || len <= 0 {
+    if conn == 0 || buf == 0 || len <= 0 || stack_grows(&ctx, &r) {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -56,7 +75,7 @@ pub fn go_tls_write(ctx: ProbeContext) -> u32 {
 pub fn go_tls_read(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let (conn, buf, g) = (r.rax, r.rbx, r.r14);
-    if conn == 0 || buf == 0 || g == 0 {
+    if conn == 0 || buf == 0 || g == 0 || stack_grows(&ctx, &r) {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -110,8 +129,9 @@ pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn go_tls_close(ctx: ProbeContext) -> u32 {
-    let conn = regs(&ctx).rax;
-    if conn != 0 {
+    let r = regs(&ctx);
+    let conn = r.rax;
+    if conn != 0 && !stack_grows(&ctx, &r) {
         close_connection(conn);
     }
     0

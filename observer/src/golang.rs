@@ -29,14 +29,18 @@ pub const MIN_MINOR: u32 = 17;
 pub struct GoTls {
     /// Go version from the build info (`go1.19.8`), or `unknown`.
     pub version: String,
-    /// `(*Conn).Write` past its stack check.
+    /// `(*Conn).Write`: its stack check's `JBE` when `at_check`, else past its stack check.
     pub write: u64,
-    /// `(*Conn).Read` past its stack check.
+    /// `(*Conn).Read`, placed as `write`.
     pub read: u64,
     /// Every `RET` of `(*Conn).Read`.
     pub read_rets: Vec<u64>,
-    /// `(*Conn).Close` past its stack check, when the binary has it.
+    /// `(*Conn).Close`, placed as `write`, when the binary has it.
     pub close: Option<u64>,
+    /// `write`, `read` and `close` are the stack checks' `JBE`s (all three have one): the
+    /// programs skip a hit whose branch to `morestack` is taken (attach cookie
+    /// `observer_common::GO_AT_CHECK`). Else they are the first instructions past the checks.
+    pub at_check: bool,
     /// The functions came from `.gopclntab` (a stripped binary), not `.symtab`.
     pub stripped: bool,
 }
@@ -155,20 +159,41 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
     };
     let write_sites = sites(&file, data, WRITE, write)?;
     let read_sites = sites(&file, data, READ, read)?;
-    let close = match funcs[2] {
-        Some(f) => Some(file_offset(&file, sites(&file, data, CLOSE, f)?.body)?),
+    let close_sites = match funcs[2] {
+        Some(f) => Some(sites(&file, data, CLOSE, f)?),
+        None => None,
+    };
+    // On the checks' JBEs (emulated by the kernel) only when every function has one: a body
+    // site past no check is the entry, where the flags are the caller's.
+    let at_check = [Some(&write_sites), Some(&read_sites), close_sites.as_ref()]
+        .into_iter()
+        .flatten()
+        .all(|s| s.check.is_some());
+    let site = |s: &code::FuncSites| {
+        file_offset(
+            &file,
+            if at_check {
+                s.check.unwrap_or(s.body)
+            } else {
+                s.body
+            },
+        )
+    };
+    let close = match &close_sites {
+        Some(s) => Some(site(s)?),
         None => None,
     };
     Ok(GoBinary::Tls(GoTls {
         version,
-        write: file_offset(&file, write_sites.body)?,
-        read: file_offset(&file, read_sites.body)?,
+        write: site(&write_sites)?,
+        read: site(&read_sites)?,
         read_rets: read_sites
             .rets
             .iter()
             .map(|&a| file_offset(&file, a))
             .collect::<Result<_, _>>()?,
         close,
+        at_check,
         stripped,
     }))
 }

@@ -184,6 +184,39 @@ fn observer_meters_go_http1_calls_exactly() {
     );
 }
 
+/// The Go probes sit on `(*Conn).Write`'s and `Read`'s stack checks (a `JBE` the kernel
+/// emulates). When the stack must grow, the check branches to `morestack`, which runs the entry
+/// again: the probe fires twice, and the program must count only the hit whose branch is not
+/// taken. The client sweeps the stack depth of fresh goroutines over one connection so that some
+/// calls cross that branch; each must be billed once, to its own tenant at its own model's price
+/// (calls alternate both, so a request reported twice would pair with the next call's answer).
+#[test]
+fn go_calls_whose_stack_grows_at_write_or_read_are_metered_once() {
+    require_root();
+    let _g = serial();
+    let bin = llmclient(false);
+    let redis = RedisServer::start();
+    let m = mock();
+    let obs = start(&redis, &m);
+    prime(&obs, &bin, &m);
+    let out = go_run(
+        &bin,
+        &m,
+        Proto::Http1,
+        "t-go-deep",
+        &["-stack-sweep", "240"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok 240"),
+        "{out:?}"
+    );
+    for tenant in ["t-go-deep-even", "t-go-deep-odd"] {
+        let calls = served(&m, tenant);
+        assert_eq!(calls.len(), 120, "{tenant}");
+        assert_ledger(&redis.url(), tenant, sum(&calls), &obs);
+    }
+}
+
 #[test]
 fn observer_meters_go_http2_calls_exactly_also_stripped_and_concurrent() {
     require_root();

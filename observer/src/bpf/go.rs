@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::programs::UProbe;
-use aya::programs::uprobe::UProbeAttachLocation;
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint};
 use observer::golang::GoTls;
 
 use super::{AttachOutcome, FileId, Probes, Scope};
@@ -77,13 +77,17 @@ impl Probes {
         if self.knows(id, scope) {
             return Ok(AttachOutcome::Known);
         }
-        let mut sites: Vec<(&str, u64)> =
-            vec![("go_tls_write", tls.write), ("go_tls_read", tls.read)];
-        sites.extend(tls.read_rets.iter().map(|&o| ("go_tls_read_ret", o)));
-        sites.extend(tls.close.map(|o| ("go_tls_close", o)));
+        // The entry-side probes carry the cookie telling them they sit on a stack check.
+        let cookie = tls.at_check.then_some(observer_common::GO_AT_CHECK);
+        let mut sites: Vec<(&str, u64, Option<u64>)> = vec![
+            ("go_tls_write", tls.write, cookie),
+            ("go_tls_read", tls.read, cookie),
+        ];
+        sites.extend(tls.read_rets.iter().map(|&o| ("go_tls_read_ret", o, None)));
+        sites.extend(tls.close.map(|o| ("go_tls_close", o, cookie)));
         let _rcu = self.expedited();
         let mut links = Vec::new();
-        for (prog, offset) in sites {
+        for (prog, offset, cookie) in sites {
             let program: &mut UProbe = self
                 .ebpf
                 .program_mut(prog)
@@ -91,7 +95,10 @@ impl Probes {
                 .try_into()?;
             let result = program
                 .attach(
-                    UProbeAttachLocation::AbsoluteOffset(offset),
+                    UProbeAttachPoint {
+                        location: UProbeAttachLocation::AbsoluteOffset(offset),
+                        cookie,
+                    },
                     path,
                     scope.uprobe(),
                 )

@@ -19,6 +19,11 @@ pub struct FuncSites {
     /// First instruction after the stack check (the entry itself when there is none): the
     /// arguments are still in their registers there, and it runs once per call.
     pub body: u64,
+    /// The stack check's `JBE` (to `morestack`), when there is one. The kernel emulates a jcc,
+    /// so a probe there costs a fraction of one on the body's `SUBQ` (single-stepped); it fires
+    /// again when the stack grows and the entry re-runs, which the program tells apart by the
+    /// flags the `CMPQ` left (the branch is taken when CF or ZF is set).
+    pub check: Option<u64>,
     /// Every `RET` instruction.
     pub rets: Vec<u64>,
 }
@@ -47,6 +52,7 @@ pub fn sites(code: &[u8], addr: u64) -> Result<FuncSites, CodeError> {
     }
     let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
     let mut body = addr;
+    let mut check = None;
     let mut rets = Vec::new();
     let mut index = 0;
     let mut after_check = false;
@@ -59,6 +65,7 @@ pub fn sites(code: &[u8], addr: u64) -> Result<FuncSites, CodeError> {
         if index < PROLOGUE_INSNS {
             if after_check && matches!(insn.mnemonic(), Mnemonic::Jbe | Mnemonic::Jb) {
                 body = insn.next_ip();
+                check = (insn.mnemonic() == Mnemonic::Jbe).then_some(insn.ip());
             }
             // `CMPQ 0x10(R14), SP` or `CMPQ 0x10(R14), R12`: compares against g.stackguard0.
             after_check = insn.mnemonic() == Mnemonic::Cmp
@@ -76,7 +83,7 @@ pub fn sites(code: &[u8], addr: u64) -> Result<FuncSites, CodeError> {
     if rets.is_empty() {
         return Err(CodeError::NoRet);
     }
-    Ok(FuncSites { body, rets })
+    Ok(FuncSites { body, check, rets })
 }
 
 #[cfg(test)]
@@ -100,6 +107,7 @@ mod tests {
         ];
         let s = sites(&code, 0x1000).unwrap();
         assert_eq!(s.body, 0x1006);
+        assert_eq!(s.check, Some(0x1004));
         assert_eq!(s.rets, vec![0x1010, 0x1015]);
     }
 
@@ -107,6 +115,7 @@ mod tests {
     fn a_function_without_stack_check_starts_at_its_entry() {
         let s = sites(&[0x31, 0xc0, 0xc3, 0xcc, 0xcc], 0x2000).unwrap();
         assert_eq!(s.body, 0x2000);
+        assert_eq!(s.check, None);
         assert_eq!(s.rets, vec![0x2002]);
         assert_eq!(sites(&[0x31, 0xc0], 0), Err(CodeError::NoRet));
         assert_eq!(sites(&[], 0), Err(CodeError::Size(0)));

@@ -120,16 +120,22 @@ fn finds_the_tls_functions_of_a_go_binary() {
         "every RET of (*Conn).Read, as Go disassembles it"
     );
     assert!(t.close.is_some());
-    // The body starts right after the stack check's JBE: 6 bytes of JBE rel32 after a 4-byte
+    // The probes sit on the stack check's JBE rel32 (emulated by the kernel), after a 4-byte
     // CMP (Read), or after LEAQ + CMP (Write, a larger frame). Never the entry itself.
+    assert!(
+        t.at_check,
+        "Go 1.17+ (*Conn).Write, Read and Close all check their stack"
+    );
     let data = std::fs::read(&bin).unwrap();
-    for (off, name) in [(t.write, WRITE), (t.read, READ)] {
-        let before = &data[usize::try_from(off).unwrap() - 6..usize::try_from(off).unwrap()];
+    for (off, name) in [(t.write, WRITE), (t.read, READ), (t.close.unwrap(), CLOSE)] {
+        let at = &data[usize::try_from(off).unwrap()..];
         assert_eq!(
-            &before[..2],
+            &at[..2],
             &[0x0f, 0x86],
-            "{name}: JBE rel32 right before the body"
+            "{name}: the probe is on a JBE rel32"
         );
+        let before = &data[usize::try_from(off).unwrap() - 4..usize::try_from(off).unwrap()];
+        assert_eq!(before[3], 0x10, "{name}: right after CMPQ 0x10(R14), reg");
     }
 }
 
