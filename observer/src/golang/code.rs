@@ -1,8 +1,9 @@
-//! Reads the machine code of one Go function (amd64) with iced-x86: where its body starts (past
-//! the stack-growth check) and where it returns. Probes go there instead of on the entry and a
-//! uretprobe: Go re-runs a function's entry after growing the stack (`morestack` jumps back to
-//! it, which would report a write twice), and a uretprobe rewrites the return address on a
-//! goroutine stack that the runtime may move, which corrupts Go programs.
+//! Reads the machine code of one Go function (amd64) with iced-x86: its stack-growth check's
+//! `JBE`, where its body starts past it, and where it returns. Probes go there instead of on the
+//! entry and a uretprobe: Go re-runs a function's entry after growing the stack (`morestack`
+//! jumps back to it, which would report a write twice; a probe on the `JBE` tells that hit by
+//! the flags), and a uretprobe rewrites the return address on a goroutine stack that the
+//! runtime may move, which corrupts Go programs.
 
 use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 
