@@ -34,11 +34,13 @@ fuzz_target!(|input: &[u8]| {
         }
         2 => {
             let addr = 0x1000;
-            if let Ok(s) = code::sites(data, addr) {
+            // Calls to an address inside the input, so that some are found.
+            if let Ok(s) = code::sites(data, addr, Some(addr + 0x10)) {
                 let end = addr + data.len() as u64;
                 assert!(s.body >= addr && s.body <= end, "{s:?}");
                 assert!(!s.rets.is_empty());
                 assert!(s.rets.iter().all(|r| *r >= addr && *r < end), "{s:?}");
+                assert!(s.calls.iter().all(|c| *c >= addr && *c < end), "{s:?}");
             }
         }
         _ => {
@@ -46,6 +48,7 @@ fuzz_target!(|input: &[u8]| {
                 let len = data.len() as u64;
                 assert!(t.write < len && t.read < len, "{t:?}");
                 assert!(t.read_rets.iter().all(|r| *r < len), "{t:?}");
+                assert!(t.read_copy.is_none_or(|c| c < len), "{t:?}");
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Go's `crypto/tls` (amd64, Go 1.17+ register ABI): `(*Conn).Write` and `(*Conn).Read` are
 //! probed on their stack check's `JBE` (cookie `GO_AT_CHECK`; a hit whose branch to
-//! `morestack` is taken is skipped, since the entry re-runs) or past it, `Read` again at each
-//! of its `RET`s (never a uretprobe: it would rewrite a return address on a goroutine stack the
+//! `morestack` is taken is skipped, since the entry re-runs) or past it, `Read` again at its
+//! copy of the plaintext out (`CALL runtime.memmove`) or, where that is not found, at each of
+//! its `RET`s (never a uretprobe: it would rewrite a return address on a goroutine stack the
 //! runtime moves). Userspace finds those sites. Registers there: receiver RAX, buffer RBX,
 //! length RCX; at a `RET`, `n` in RAX; the goroutine `g` in R14 throughout, which keys a read in
 //! flight: a goroutine blocked in `Read` may resume on another thread.
@@ -124,6 +125,37 @@ pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
         return 0;
     }
     emit_data(pid_tgid, call.ssl, call.buf, total, DIR_READ);
+    0
+}
+
+/// At `(*Conn).Read`'s one `CALL runtime.memmove`, which copies the plaintext into the caller's
+/// buffer: source RBX, count RCX (what `Read` returns). Read from the source, before the copy:
+/// the destination is still stale. Used instead of `go_tls_read_ret` where userspace found the
+/// call (the kernel emulates a `CALL`; a `RET` is single-stepped).
+#[uprobe]
+pub fn go_tls_read_copy(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let key = ConnKey {
+        ssl: r.r14,
+        pid: (pid_tgid >> 32) as u32,
+        pad: 0,
+    };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(call) = (unsafe { GO_READS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = GO_READS.remove(&key);
+    let (src, n) = (r.rbx, r.rcx as i64);
+    if src == 0 || n <= 0 {
+        return 0;
+    }
+    let total = clamp(n as u64);
+    if call.skip != 0 {
+        stat_add(STAT_SKIPPED_BYTES, u64::from(total));
+        return 0;
+    }
+    emit_data(pid_tgid, call.ssl, src, total, DIR_READ);
     0
 }
 

@@ -23,7 +23,7 @@ mod reaper;
 mod scoped;
 
 pub use egress::EgressMaps;
-pub use go::GoOutcome;
+pub use go::{GoOutcome, read_copy};
 pub use rcu::ExpeditedRcu;
 pub use scoped::{Scope, Sites};
 

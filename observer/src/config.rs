@@ -115,7 +115,8 @@ pub struct Config {
     /// instruction the kernel emulates instead of single-stepping, found by reading the code
     /// (past `endbr64`, or on the internal function `SSL_read`/`SSL_read_ex` both call); a hit
     /// there costs ~0.7 µs instead of ~13 µs on the VM measured (docs/observer.md, "Where the
-    /// probes sit"). `"entry"` keeps them on the exported functions' first instruction.
+    /// probes sit"). `"entry"` keeps them on the exported functions' first instruction, and
+    /// takes Go's `(*Conn).Read` data at its `RET`s (single-stepped) instead of at its copy out.
     pub probe_sites: String,
     /// Where records that could not be written to Redis wait (fsync'd) for replay. Default
     /// `/var/lib/llmwarden/spool/observer-<hostname>-<metrics port>/`.

@@ -59,6 +59,11 @@ pub fn set_emulated_sites(on: bool) {
     EMULATED_SITES.store(on, Ordering::Relaxed);
 }
 
+/// Whether probes go on instructions the kernel emulates (see [`set_emulated_sites`]).
+pub fn emulated_sites() -> bool {
+    EMULATED_SITES.load(Ordering::Relaxed)
+}
+
 /// The OpenSSL functions a file defines (not merely imports) and where its probes go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SslSymbols {

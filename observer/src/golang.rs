@@ -1,6 +1,7 @@
 //! Go programs: their TLS is Go's own `crypto/tls`, not OpenSSL, so the observer probes
 //! `crypto/tls.(*Conn).Write` (after its stack check: the buffer is in registers there) and
-//! `crypto/tls.(*Conn).Read` (after its stack check, and at every `RET`, where `n` is returned),
+//! `crypto/tls.(*Conn).Read` (after its stack check, and at its copy of the plaintext out, or
+//! at every `RET`, where `n` is returned),
 //! plus `(*Conn).Close` to end a connection. This module finds those sites in an ELF file:
 //! Go build info for the version, `.symtab` for the functions, or `.gopclntab` when the binary is
 //! stripped, and iced-x86 for the body starts and `RET`s. Pure: bytes in, file offsets out.
@@ -21,6 +22,9 @@ pub const WRITE: &str = "crypto/tls.(*Conn).Write";
 pub const READ: &str = "crypto/tls.(*Conn).Read";
 /// `crypto/tls.(*Conn).Close`: the connection ends.
 pub const CLOSE: &str = "crypto/tls.(*Conn).Close";
+/// `runtime.memmove`: `(*Conn).Read` calls it once, to copy the plaintext into the caller's
+/// buffer (its inlined `bytes.(*Reader).Read`).
+pub const MEMMOVE: &str = "runtime.memmove";
 /// The oldest Go with the register ABI on amd64 (arguments in registers, `g` in R14).
 pub const MIN_MINOR: u32 = 17;
 
@@ -35,6 +39,11 @@ pub struct GoTls {
     pub read: u64,
     /// Every `RET` of `(*Conn).Read`.
     pub read_rets: Vec<u64>,
+    /// The one `CALL runtime.memmove` in `(*Conn).Read` (its copy of the plaintext out, with
+    /// the source in RBX and the count, the `n` it returns, in RCX), when it has exactly one.
+    /// A probe there replaces those on the `RET`s: the kernel emulates a call but single-steps
+    /// a `RET` (~13 µs a hit on the test VM, docs/benchmarks.md).
+    pub read_copy: Option<u64>,
     /// `(*Conn).Close`, placed as `write`, when the binary has it.
     pub close: Option<u64>,
     /// `write`, `read` and `close` are the stack checks' `JBE`s (all three have one): the
@@ -126,9 +135,9 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
             reason: "older than Go 1.17 (stack ABI)",
         });
     }
-    // (address, size) of Write, Read, Close.
-    let mut funcs: [Option<(u64, u64)>; 3] = [None; 3];
-    let names = [WRITE, READ, CLOSE];
+    // (address, size) of Write, Read, Close, memmove.
+    let mut funcs: [Option<(u64, u64)>; 4] = [None; 4];
+    let names = [WRITE, READ, CLOSE, MEMMOVE];
     symtab_lookup(&file, &names, &mut funcs)?;
     let mut stripped = false;
     if (funcs[0].is_none() || funcs[1].is_none())
@@ -157,10 +166,11 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
     let (Some(write), Some(read)) = (funcs[0], funcs[1]) else {
         return Ok(GoBinary::NoTls { version });
     };
-    let write_sites = sites(&file, data, WRITE, write)?;
-    let read_sites = sites(&file, data, READ, read)?;
+    let memmove = funcs[3].map(|(addr, _)| addr);
+    let write_sites = sites(&file, data, WRITE, write, None)?;
+    let read_sites = sites(&file, data, READ, read, memmove)?;
     let close_sites = match funcs[2] {
-        Some(f) => Some(sites(&file, data, CLOSE, f)?),
+        Some(f) => Some(sites(&file, data, CLOSE, f, None)?),
         None => None,
     };
     // On the checks' JBEs (emulated by the kernel) only when every function has one: a body
@@ -183,6 +193,10 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
         Some(s) => Some(site(s)?),
         None => None,
     };
+    let read_copy = match read_sites.calls.as_slice() {
+        [one] => Some(file_offset(&file, *one)?),
+        _ => None,
+    };
     Ok(GoBinary::Tls(GoTls {
         version,
         write: site(&write_sites)?,
@@ -192,6 +206,7 @@ pub fn inspect<'d, R: ReadRef<'d>>(data: R) -> Result<GoBinary, GoError> {
             .iter()
             .map(|&a| file_offset(&file, a))
             .collect::<Result<_, _>>()?,
+        read_copy,
         close,
         at_check,
         stripped,
@@ -273,6 +288,7 @@ fn sites<'d, R: ReadRef<'d>>(
     data: R,
     func: &'static str,
     (addr, size): (u64, u64),
+    callee: Option<u64>,
 ) -> Result<code::FuncSites, GoError> {
     let size_ok = usize::try_from(size)
         .ok()
@@ -284,7 +300,7 @@ fn sites<'d, R: ReadRef<'d>>(
         });
     };
     let bytes = data_at(file, data, addr, size as u64).ok_or(GoError::Address(addr))?;
-    code::sites(bytes, addr).map_err(|source| GoError::Code { func, source })
+    code::sites(bytes, addr, callee).map_err(|source| GoError::Code { func, source })
 }
 
 /// The file offset of virtual address `addr` (what a uprobe attaches at).

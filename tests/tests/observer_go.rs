@@ -149,13 +149,32 @@ fn mock() -> MockProvider {
 
 #[test]
 fn observer_meters_go_http1_calls_exactly() {
+    meters_go_http1_exactly("", "copy");
+}
+
+/// `probe_sites = "entry"`: `Read`'s data is taken at its `RET`s (the placement kept for
+/// binaries whose `Read` has no single copy out), and the calls are metered the same.
+#[test]
+fn observer_meters_go_http1_calls_exactly_from_reads_returns() {
+    meters_go_http1_exactly("probe_sites = \"entry\"\n", "rets");
+}
+
+/// Go HTTP/1.1 calls, plain and streamed, metered to the nano-USD with the observer's config
+/// `extra`, `Read` probed at `read_at` (as the attach log line names it).
+fn meters_go_http1_exactly(extra: &str, read_at: &str) {
     require_root();
     let _g = serial();
     let bin = llmclient(false);
     let redis = RedisServer::start();
     let m = mock();
-    let obs = start(&redis, &m);
+    let host = m.addr().to_string();
+    let obs = Observer::start(&redis.url(), &[(host.as_str(), "openai")], extra, false);
     prime(&obs, &bin, &m);
+    assert!(
+        obs.log().contains(&format!("read_at=\"{read_at}\"")),
+        "Read probed at its {read_at}: {}",
+        obs.log()
+    );
     go_run(&bin, &m, Proto::Http1, "t-go-h1", &["-n", "3"]);
     go_run(
         &bin,

@@ -11,10 +11,11 @@ use observer::golang::GoTls;
 use super::{AttachOutcome, FileId, Probes, Scope};
 
 /// The Go programs, loaded with the others when the object has them (amd64 builds).
-pub(super) const GO_PROGRAMS: [&str; 4] = [
+pub(super) const GO_PROGRAMS: [&str; 5] = [
     "go_tls_write",
     "go_tls_read",
     "go_tls_read_ret",
+    "go_tls_read_copy",
     "go_tls_close",
 ];
 
@@ -51,6 +52,12 @@ impl GoOutcome {
     ];
 }
 
+/// Where `Read`'s data is taken: its copy out when the binary has one and probes go on emulated
+/// instructions (`probe_sites`), else (`None`) its `RET`s.
+pub fn read_copy(tls: &GoTls) -> Option<u64> {
+    tls.read_copy.filter(|_| crate::elf::emulated_sites())
+}
+
 impl Probes {
     /// Remembers a Go binary's outcome (the file is never inspected again).
     pub fn remember_go(&mut self, id: FileId, outcome: GoOutcome) {
@@ -83,7 +90,10 @@ impl Probes {
             ("go_tls_write", tls.write, cookie),
             ("go_tls_read", tls.read, cookie),
         ];
-        sites.extend(tls.read_rets.iter().map(|&o| ("go_tls_read_ret", o, None)));
+        match read_copy(tls) {
+            Some(o) => sites.push(("go_tls_read_copy", o, None)),
+            None => sites.extend(tls.read_rets.iter().map(|&o| ("go_tls_read_ret", o, None))),
+        }
         sites.extend(tls.close.map(|o| ("go_tls_close", o, cookie)));
         let _rcu = self.expedited();
         let mut links = Vec::new();

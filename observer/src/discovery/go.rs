@@ -80,6 +80,11 @@ pub fn attach_go_sites(
                 path = label,
                 version = tls.version,
                 stripped = tls.stripped,
+                read_at = if crate::bpf::read_copy(tls).is_some() {
+                    "copy"
+                } else {
+                    "rets"
+                },
                 probes = n,
                 ?scope,
                 "attached to Go crypto/tls"

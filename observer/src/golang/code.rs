@@ -27,6 +27,10 @@ pub struct FuncSites {
     pub check: Option<u64>,
     /// Every `RET` instruction.
     pub rets: Vec<u64>,
+    /// Every direct `CALL` to the address asked for (`runtime.memmove`): in `(*Conn).Read`,
+    /// the copy of the plaintext into the caller's buffer, with the destination in RAX, the
+    /// source in RBX and the byte count in RCX. The kernel emulates a `CALL rel32`.
+    pub calls: Vec<u64>,
 }
 
 /// Why a function's code was not used.
@@ -43,11 +47,12 @@ pub enum CodeError {
     NoRet,
 }
 
-/// Finds the body start and every `RET` of the function whose code is `code`, loaded at `addr`.
+/// Finds the body start, every `RET` and every direct `CALL` to `callee` (when given) of the
+/// function whose code is `code`, loaded at `addr`.
 ///
 /// # Errors
 /// When the code does not decode or has no `RET`.
-pub fn sites(code: &[u8], addr: u64) -> Result<FuncSites, CodeError> {
+pub fn sites(code: &[u8], addr: u64, callee: Option<u64>) -> Result<FuncSites, CodeError> {
     if code.is_empty() || code.len() > MAX_FUNC_BYTES {
         return Err(CodeError::Size(code.len()));
     }
@@ -55,6 +60,7 @@ pub fn sites(code: &[u8], addr: u64) -> Result<FuncSites, CodeError> {
     let mut body = addr;
     let mut check = None;
     let mut rets = Vec::new();
+    let mut calls = Vec::new();
     let mut index = 0;
     let mut after_check = false;
     while decoder.can_decode() {
@@ -79,12 +85,20 @@ pub fn sites(code: &[u8], addr: u64) -> Result<FuncSites, CodeError> {
         if insn.mnemonic() == Mnemonic::Ret {
             rets.push(insn.ip());
         }
+        if insn.code() == Code::Call_rel32_64 && Some(insn.near_branch64()) == callee {
+            calls.push(insn.ip());
+        }
         index += 1;
     }
     if rets.is_empty() {
         return Err(CodeError::NoRet);
     }
-    Ok(FuncSites { body, check, rets })
+    Ok(FuncSites {
+        body,
+        check,
+        rets,
+        calls,
+    })
 }
 
 #[cfg(test)]
@@ -104,21 +118,29 @@ mod tests {
             0xc3, // ret
             0x48, 0x83, 0xc4, 0x68, // add rsp, 0x68
             0xc3, // ret
-            0xeb, 0xe8, // jmp start
+            0xe8, 0x00, 0x10, 0x00, 0x00, // call 0x201b
+            0xe8, 0x00, 0x20, 0x00, 0x00, // call 0x3020
+            0xeb, 0xde, // jmp start
         ];
-        let s = sites(&code, 0x1000).unwrap();
+        let s = sites(&code, 0x1000, Some(0x3020)).unwrap();
         assert_eq!(s.body, 0x1006);
         assert_eq!(s.check, Some(0x1004));
         assert_eq!(s.rets, vec![0x1010, 0x1015]);
+        assert_eq!(
+            s.calls,
+            vec![0x101b],
+            "only the call to the callee asked for"
+        );
+        assert!(sites(&code, 0x1000, None).unwrap().calls.is_empty());
     }
 
     #[test]
     fn a_function_without_stack_check_starts_at_its_entry() {
-        let s = sites(&[0x31, 0xc0, 0xc3, 0xcc, 0xcc], 0x2000).unwrap();
+        let s = sites(&[0x31, 0xc0, 0xc3, 0xcc, 0xcc], 0x2000, None).unwrap();
         assert_eq!(s.body, 0x2000);
         assert_eq!(s.check, None);
         assert_eq!(s.rets, vec![0x2002]);
-        assert_eq!(sites(&[0x31, 0xc0], 0), Err(CodeError::NoRet));
-        assert_eq!(sites(&[], 0), Err(CodeError::Size(0)));
+        assert_eq!(sites(&[0x31, 0xc0], 0, None), Err(CodeError::NoRet));
+        assert_eq!(sites(&[], 0, None), Err(CodeError::Size(0)));
     }
 }

@@ -65,6 +65,12 @@ fn go_version() -> String {
 
 /// File offsets of every RET of `func`, from `go tool objdump` (Go's own disassembler).
 fn objdump_rets(bin: &Path, func: &str) -> Vec<u64> {
+    objdump_lines(bin, func, |insn| insn == ["RET"])
+}
+
+/// File offsets of the instructions of `func` whose text (after the encoding, split at
+/// whitespace) `pick` accepts, from `go tool objdump`.
+fn objdump_lines(bin: &Path, func: &str, pick: impl Fn(&[&str]) -> bool) -> Vec<u64> {
     let pattern = format!(
         "^{}$",
         func.replace('(', r"\(")
@@ -83,7 +89,7 @@ fn objdump_rets(bin: &Path, func: &str) -> Vec<u64> {
     let textsec = file.section_by_name(".text").unwrap();
     let (off, _) = textsec.file_range().unwrap();
     text.lines()
-        .filter(|l| l.split_whitespace().nth(3) == Some("RET"))
+        .filter(|l| pick(&l.split_whitespace().skip(3).collect::<Vec<_>>()))
         .map(|l| {
             let addr = u64::from_str_radix(
                 l.split_whitespace()
@@ -120,6 +126,10 @@ fn finds_the_tls_functions_of_a_go_binary() {
         "every RET of (*Conn).Read, as Go disassembles it"
     );
     assert!(t.close.is_some());
+    // Read's data is taken at its one copy out, a CALL the kernel emulates.
+    let copies = objdump_lines(&bin, READ, |insn| insn == ["CALL", "runtime.memmove(SB)"]);
+    assert_eq!(copies.len(), 1, "Go 1.19's (*Conn).Read copies out once");
+    assert_eq!(t.read_copy, Some(copies[0]));
     // The probes sit on the stack check's JBE rel32 (emulated by the kernel), after a 4-byte
     // CMP (Read), or after LEAQ + CMP (Write, a larger frame). Never the entry itself.
     assert!(
@@ -151,6 +161,7 @@ fn a_stripped_go_binary_is_read_from_its_pclntab() {
     assert_eq!(t.version, plain.version);
     // `go tool objdump` needs the symbol table, so compare with the unstripped build.
     assert_eq!(t.read_rets, plain.read_rets);
+    assert_eq!(t.read_copy, plain.read_copy);
     // Same code, same layout: -s -w only drops tables after the text.
     assert_eq!(
         (t.write, t.read, t.close),
@@ -239,14 +250,22 @@ fn an_externally_linked_stripped_go_binary_agrees_with_its_symtab() {
     let full = tls(&build("llmclient-ext", "-linkmode=external"));
     let stripped = tls(&build("llmclient-ext-stripped", "-linkmode=external -s -w"));
     assert!(!full.stripped && stripped.stripped);
+    assert!(full.read_copy.is_some(), "Read's copy out found");
     assert_eq!(
         (
             stripped.write,
             stripped.read,
             &stripped.read_rets,
+            stripped.read_copy,
             stripped.close
         ),
-        (full.write, full.read, &full.read_rets, full.close)
+        (
+            full.write,
+            full.read,
+            &full.read_rets,
+            full.read_copy,
+            full.close
+        )
     );
 }
 
@@ -263,14 +282,22 @@ fn a_pie_stripped_go_binary_agrees_with_its_symtab() {
         "0",
     ));
     assert!(!full.stripped && stripped.stripped);
+    assert!(full.read_copy.is_some(), "Read's copy out found");
     assert_eq!(
         (
             stripped.write,
             stripped.read,
             &stripped.read_rets,
+            stripped.read_copy,
             stripped.close
         ),
-        (full.write, full.read, &full.read_rets, full.close)
+        (
+            full.write,
+            full.read,
+            &full.read_rets,
+            full.read_copy,
+            full.close
+        )
     );
 }
 
