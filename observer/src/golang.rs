@@ -42,7 +42,7 @@ pub struct GoTls {
     /// The one `CALL runtime.memmove` in `(*Conn).Read` (its copy of the plaintext out, with
     /// the source in RBX and the count, the `n` it returns, in RCX), when it has exactly one.
     /// A probe there replaces those on the `RET`s: the kernel emulates a call but single-steps
-    /// a `RET` (~13 µs a hit on the test VM, docs/benchmarks.md).
+    /// a `RET` (~4–13 µs a hit on the test VMs against ~0.6 µs, docs/benchmarks.md).
     pub read_copy: Option<u64>,
     /// `(*Conn).Close`, placed as `write`, when the binary has it.
     pub close: Option<u64>,
