@@ -101,30 +101,44 @@ pub fn go_tls_read(ctx: ProbeContext) -> u32 {
     0
 }
 
-#[uprobe]
-pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
-    let r = regs(&ctx);
-    let pid_tgid = bpf_get_current_pid_tgid();
+/// The read this goroutine started (keyed by its `g`, R14 in Go's register ABI), taken out of
+/// the map: whichever probe finishes a read owns its entry.
+#[inline(always)]
+fn take_read(pid_tgid: u64, g: u64) -> Option<ActiveCall> {
     let key = ConnKey {
-        ssl: r.r14,
+        ssl: g,
         pid: (pid_tgid >> 32) as u32,
         pad: 0,
     };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(call) = (unsafe { GO_READS.get(&key) }).copied() else {
-        return 0;
-    };
+    let call = (unsafe { GO_READS.get(&key) }).copied()?;
     let _ = GO_READS.remove(&key);
-    let n = r.rax as i64;
-    if n <= 0 {
-        return 0;
+    Some(call)
+}
+
+/// Reports `n` plaintext bytes at `data` as read on the call's connection, or counts them as
+/// skipped when the kernel filter stopped copying it.
+#[inline(always)]
+fn report_read(pid_tgid: u64, call: &ActiveCall, data: u64, n: i64) {
+    if data == 0 || n <= 0 {
+        return;
     }
     let total = clamp(n as u64);
     if call.skip != 0 {
         stat_add(STAT_SKIPPED_BYTES, u64::from(total));
-        return 0;
+        return;
     }
-    emit_data(pid_tgid, call.ssl, call.buf, total, DIR_READ);
+    emit_data(pid_tgid, call.ssl, data, total, DIR_READ);
+}
+
+#[uprobe]
+pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if let Some(call) = take_read(pid_tgid, r.r14) {
+        // RAX is what `Read` returns: the bytes now in the caller's buffer.
+        report_read(pid_tgid, &call, call.buf, r.rax as i64);
+    }
     0
 }
 
@@ -136,26 +150,9 @@ pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
 pub fn go_tls_read_copy(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let pid_tgid = bpf_get_current_pid_tgid();
-    let key = ConnKey {
-        ssl: r.r14,
-        pid: (pid_tgid >> 32) as u32,
-        pad: 0,
-    };
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(call) = (unsafe { GO_READS.get(&key) }).copied() else {
-        return 0;
-    };
-    let _ = GO_READS.remove(&key);
-    let (src, n) = (r.rbx, r.rcx as i64);
-    if src == 0 || n <= 0 {
-        return 0;
+    if let Some(call) = take_read(pid_tgid, r.r14) {
+        report_read(pid_tgid, &call, r.rbx, r.rcx as i64);
     }
-    let total = clamp(n as u64);
-    if call.skip != 0 {
-        stat_add(STAT_SKIPPED_BYTES, u64::from(total));
-        return 0;
-    }
-    emit_data(pid_tgid, call.ssl, src, total, DIR_READ);
     0
 }
 

@@ -341,7 +341,7 @@ impl sites::Text for SectionText<'_> {
 
 /// Where the probes of the functions `found` go (`SSL_write` among them).
 fn place(found: &[Found], text: &mut SectionText<'_>) -> SslSymbols {
-    let emulated = EMULATED_SITES.load(Ordering::Relaxed);
+    let emulated = emulated_sites();
     let offsets: Vec<(&'static str, u64)> = found
         .iter()
         .filter_map(|f| Some((f.name, f.section.file_offset(f.addr)?)))
