@@ -56,6 +56,18 @@ impl Config {
                 "at most 1000 (spend shows this much later; 0: settle at once)",
             ));
         }
+        if let Some(ms) = self.settle_window_ms
+            && ms >= self.timeouts.redis_ms
+        {
+            return Err(bad(
+                "settle_window_ms",
+                format!(
+                    "below timeouts.redis_ms ({}): a settle's wait for company counts against its \
+                     Redis timeout, so a window that long would time every settle out to the spool",
+                    self.timeouts.redis_ms
+                ),
+            ));
+        }
         let factor = crate::inflight::REQUEST_COST_FACTOR;
         if self.max_inflight_body_bytes / factor < self.max_request_body_bytes {
             return Err(bad(

@@ -111,7 +111,22 @@ fn errors_name_the_key() {
     assert_eq!(l.settle_window, std::time::Duration::from_millis(2));
     // Unset, a lease pool picks the longer window; set, the value wins either way.
     let c = Config::parse(&format!("lease_pool = 16\n{}", minimal())).expect("pool");
-    assert_eq!(c.settle_window(), std::time::Duration::from_millis(10));
+    assert_eq!(c.settle_window(), std::time::Duration::from_millis(100));
+    // The wait counts against the settle's Redis timeout: the default keeps to a quarter of it,
+    // and a window as long as the timeout is refused by name.
+    let c = Config::parse(&format!(
+        "lease_pool = 16\n[timeouts]\nredis_ms = 200\n{}",
+        minimal()
+    ))
+    .expect("pool and a short Redis timeout");
+    assert_eq!(c.settle_window(), std::time::Duration::from_millis(50));
+    let e = Config::parse(&format!(
+        "settle_window_ms = 500\n[timeouts]\nredis_ms = 500\n{}",
+        minimal()
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "settle_window_ms");
+    assert!(e.reason.contains("timeouts.redis_ms (500)"), "{e}");
     let c = Config::parse(&format!(
         "lease_pool = 16\nsettle_window_ms = 2\n{}",
         minimal()
