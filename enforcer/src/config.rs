@@ -15,11 +15,11 @@ use serde::{Deserialize, Serialize};
 pub const SETTLE_WINDOW_MS: u64 = 2;
 
 /// The settle window with a lease pool (ms). Most calls reserve nothing, so settles can wait for
-/// more company: at one sequential client (a call every ~21 ms) 200 ms against 10 cut the
-/// enforcer's CPU per call by ~17% and Redis's by ~45%, and at 500 req/s 100 ms against 10 cut
-/// Redis's by ~33%, with no change at concurrency 64, where a window's settles fill a whole batch
-/// and leave at once (docs/benchmarks.md, "A settle window of 100 ms with a pool"). Capped at a
-/// quarter of `timeouts.redis_ms`, which the wait counts against.
+/// more company: against 10 ms, at one sequential client (a call every ~21 ms) 100 ms cut the
+/// enforcer's CPU per call by ~28% and Redis's by ~45%, and at 500 req/s Redis's by ~33%, with no
+/// change at concurrency 64, where a window's settles fill a whole batch and leave at once
+/// (docs/benchmarks.md, "A settle window of 100 ms with a pool"). Like the window without a pool,
+/// capped at a quarter of `timeouts.redis_ms`, which the wait counts against.
 pub const SETTLE_WINDOW_POOLED_MS: u64 = 100;
 
 /// A configuration problem, naming the key and the fix.
@@ -360,15 +360,18 @@ impl Default for MetricsConfig {
 
 impl Config {
     /// How long a settle of an idle tenant waits for company: `settle_window_ms` when set, else
-    /// [`SETTLE_WINDOW_POOLED_MS`] with a lease pool (at most a quarter of `timeouts.redis_ms`, which
-    /// the wait counts against) and [`SETTLE_WINDOW_MS`] without one.
+    /// [`SETTLE_WINDOW_POOLED_MS`] with a lease pool and [`SETTLE_WINDOW_MS`] without one, either
+    /// at most a quarter of `timeouts.redis_ms`, which the wait counts against.
     #[must_use]
     pub fn settle_window(&self) -> std::time::Duration {
-        let ms = self.settle_window_ms.unwrap_or(if self.lease_pool > 0 {
-            SETTLE_WINDOW_POOLED_MS.min(self.timeouts.redis_ms / 4)
+        let default = if self.lease_pool > 0 {
+            SETTLE_WINDOW_POOLED_MS
         } else {
             SETTLE_WINDOW_MS
-        });
+        };
+        let ms = self
+            .settle_window_ms
+            .unwrap_or(default.min(self.timeouts.redis_ms / 4));
         std::time::Duration::from_millis(ms)
     }
 
