@@ -85,6 +85,12 @@ impl<'a> Json<'a> {
         serde_json::from_slice(text)
     }
 
+    /// [`Json::parse`] of text already known to be UTF-8 (an SSE event's data): serde's string
+    /// reader then skips validating every member name and string again.
+    pub(crate) fn parse_str(text: &'a str) -> Result<Json<'a>, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
     /// The member `key` of an object; `None` for anything else.
     pub(crate) fn get(&self, key: &str) -> Option<&Json<'a>> {
         match self {

@@ -149,7 +149,9 @@ impl Preamble {
 #[derive(Debug)]
 enum Framing {
     Undecided(Preamble),
-    Sse(SseParser),
+    /// Boxed: the parser is taken out of the meter and put back for every chunk
+    /// ([`StreamMeter::feed_framed`]), so only a pointer moves.
+    Sse(Box<SseParser>),
     Array(JsonArraySplitter),
     Body {
         head: Vec<u8>,
@@ -209,7 +211,7 @@ impl StreamMeter {
                     overflow: false,
                 },
                 b'[' => Framing::Array(JsonArraySplitter::new(DEFAULT_MAX_LINE_BYTES)),
-                _ => Framing::Sse(SseParser::new()),
+                _ => Framing::Sse(Box::default()),
             };
             if let Framing::Sse(_) = self.framing {
                 self.feed_framed(replay);
@@ -278,13 +280,13 @@ impl StreamMeter {
         }
         if matches!(self.endpoint.api, Api::ChatCompletions | Api::Completions) && !whole_chunks() {
             // Only what metering reads is taken, its texts borrowed from `data`.
-            match super::chat_chunk::parse(data.as_bytes()) {
+            match super::chat_chunk::parse(data) {
                 Ok(Some(chunk)) => super::chat_chunk::apply(&mut self.state, &chunk),
                 Ok(None) | Err(_) => self.state.errors += 1,
             }
             return;
         }
-        let parsed = Json::parse(data.as_bytes());
+        let parsed = Json::parse_str(data);
         match parsed {
             Ok(value) => self.on_value(&value),
             Err(_) => self.state.errors += 1,
