@@ -19,6 +19,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -246,11 +248,23 @@ where
         .into_owned();
     tokio::pin!(conn);
     let idle = Duration::from_millis(app.cfg.timeouts.connection_idle_ms);
+    // The task is woken for every frame the connection moves (each SSE event of a stream): the
+    // stop signal and the idle watch sit in a `FuturesUnordered`, which polls them only when
+    // their own wakers fired, instead of on every wake-up (two mutexed `Notified` polls each).
+    let mut watch = FuturesUnordered::new();
+    watch.push(async {
+        tokio::select! {
+            () = conns.stop.cancelled() => false,
+            () = activity.idle_for(idle) => true,
+        }
+    });
     tokio::select! {
+        biased;
         _ = conn.as_mut() => return,
-        () = conns.stop.cancelled() => {}
-        () = activity.idle_for(idle) => {
-            app.metrics.idle_closes.get_or_create(&kind.label()).inc();
+        Some(went_idle) = watch.next() => {
+            if went_idle {
+                app.metrics.idle_closes.get_or_create(&kind.label()).inc();
+            }
         }
     }
     conn.as_mut().graceful_shutdown();
