@@ -32,7 +32,7 @@ pub(super) struct Chunk<'a> {
 ///
 /// `data` is an SSE event's text, already checked to be UTF-8 by the event parser: serde's
 /// string reader does not check each member name and string a second time (that check was a
-/// fifth of the parse).
+/// fifth of the meter's time per event).
 ///
 /// # Errors
 /// When `data` is not JSON (the same errors as a whole parse).
@@ -90,7 +90,7 @@ pub(super) fn apply(state: &mut StreamState, chunk: &Chunk<'_>) {
 /// (and is still checked for syntax), as `Value::as_str` and friends give `None` on a whole tree.
 /// Filled where it lives (a member of its parent, the last element of its array) rather than
 /// built and moved up through serde's return values: a choice with its delta is a few hundred
-/// bytes, and those copies were a seventh of the parse.
+/// bytes, and those copies were a seventh of the meter's time per event.
 trait Lean<'de>: Default {
     fn fill_str(&mut self, _text: Cow<'de, str>) {}
 
