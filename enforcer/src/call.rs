@@ -77,7 +77,7 @@ impl Call {
     #[must_use]
     pub fn new() -> Call {
         Call {
-            request_id: uuid::Uuid::now_v7().to_string(),
+            request_id: new_id(),
             kind: ProviderKind::OpenAi,
             provider: "unknown".into(),
             tenant: String::new(),
@@ -92,6 +92,17 @@ impl Call {
             start: Instant::now(),
         }
     }
+}
+
+/// A new time-ordered id (UUID v7, hyphenated, lower case): a call's, or a spare hold's.
+/// Written without `fmt`: one is made for every call, on its path.
+#[must_use]
+pub fn new_id() -> String {
+    let mut buf = uuid::Uuid::encode_buffer();
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
 }
 
 impl Default for Call {
@@ -363,6 +374,17 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_new_id_is_a_hyphenated_lower_case_uuid_v7_in_time_order() {
+        let (a, b) = (new_id(), new_id());
+        for id in [&a, &b] {
+            let u = uuid::Uuid::parse_str(id).expect("a UUID");
+            assert_eq!(u.get_version_num(), 7, "{id}");
+            assert_eq!(&u.to_string(), id, "the formatting `to_string` gives");
+        }
+        assert!(a < b, "{a} then {b}");
     }
 
     /// The line without its timestamp's value, and that value.

@@ -84,6 +84,15 @@ pub struct LeaseSettings {
     pub idle: Duration,
 }
 
+/// A refill [`LeasePool::take`] decided on, built into a [`LeaseRequest`] by the refill task.
+struct Refill {
+    tenant: String,
+    feature: Option<String>,
+    amount: Nanos,
+    count: usize,
+    caps: Vec<Cap>,
+}
+
 /// One tenant's spare holds.
 struct Pool {
     /// The largest worst case asked for since the last refill started: the next refill's spare
@@ -225,9 +234,15 @@ impl LeasePool {
             (got, refill)
         };
         if let Some((amount, count, caps)) = refill {
-            let req = self.lease_request(rr, feature, amount, count, caps);
+            let order = Refill {
+                tenant: rr.tenant.clone(),
+                feature: feature.map(str::to_owned),
+                amount,
+                count,
+                caps,
+            };
             self.tasks
-                .spawn(Arc::clone(self).refill(key.into_owned(), req));
+                .spawn(Arc::clone(self).refill(key.into_owned(), order));
         }
         self.counters.pooled(stale.iter().chain(&got), -1);
         if !stale.is_empty() {
@@ -254,26 +269,17 @@ impl LeasePool {
                 .all(|c| !matches!(c.scope, CapScope::Session(_)))
     }
 
-    /// The refill of a pool for calls like `rr`: `count` spare holds of `amount`, checked
-    /// against `caps` (the pool's) with a pool's worth of room.
-    fn lease_request(
-        &self,
-        rr: &ReserveRequest,
-        feature: Option<&str>,
-        amount: Nanos,
-        count: usize,
-        caps: Vec<Cap>,
-    ) -> LeaseRequest {
+    /// The ledger's request for `order`: its spare holds (new ids), checked against its caps
+    /// (the pool's) with a pool's worth of room.
+    fn lease_request(&self, order: Refill) -> LeaseRequest {
         LeaseRequest {
-            tenant: rr.tenant.clone(),
-            feature: feature.map(str::to_owned),
-            amount,
-            ids: (0..count)
-                .map(|_| uuid::Uuid::now_v7().to_string())
-                .collect(),
+            tenant: order.tenant,
+            feature: order.feature,
+            amount: order.amount,
+            ids: (0..order.count).map(|_| crate::call::new_id()).collect(),
             ttl: self.settings.call_ttl + self.settings.idle,
-            room: lease_room(self.settings.size, amount),
-            caps,
+            room: lease_room(self.settings.size, order.amount),
+            caps: order.caps,
             at: Utc::now(),
         }
     }
@@ -295,7 +301,13 @@ impl LeasePool {
     }
 
     /// Reserves the spare holds `req` asks for and adds those granted to the pool `key`.
-    async fn refill(self: Arc<Self>, key: String, req: LeaseRequest) {
+    ///
+    /// It first yields: the call whose take started it has its request still to send, and a
+    /// task spawned on a proxy thread would otherwise run (build its ids and script, write to
+    /// Redis) before that call's connection task wrote the request upstream.
+    async fn refill(self: Arc<Self>, key: String, order: Refill) {
+        tokio::task::yield_now().await;
+        let req = self.lease_request(order);
         let (tenant, count) = (req.tenant.clone(), req.ids.len());
         let res = self.ledger.lease(&req).await;
         if let Ok(granted) = &res {
@@ -350,8 +362,9 @@ impl LeasePool {
         self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Releases spare holds nobody took.
+    /// Releases spare holds nobody took (after a yield, as [`LeasePool::refill`] does).
     async fn release(self: Arc<Self>, tenant: String, leases: Vec<Lease>) {
+        tokio::task::yield_now().await;
         self.release_ids(tenant, leases.into_iter().map(|l| l.id).collect())
             .await;
     }
