@@ -169,7 +169,18 @@ impl Settler {
             cost: bill.cost,
             usage: bill.usage,
         };
-        self.spawn_settle(response_model, usage, Outcome::Complete, true);
+        // The task commits this same bill: it is not priced twice.
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            let tracker = self.tracker.clone();
+            let outcome = Outcome::Complete.as_str();
+            tracker.spawn_on(
+                async move {
+                    self.end_billed(bill, basis, Decision::Settled, outcome, 200, None)
+                        .await
+                },
+                &h,
+            );
+        }
         billed
     }
 
@@ -290,6 +301,20 @@ impl Settler {
             };
         }
         let bill = self.bill(response_model.as_deref(), usage, basis);
+        self.end_billed(bill, basis, decision, outcome, status, message)
+            .await
+    }
+
+    /// [`Settler::end`] of a call billed `bill` on `basis` (not a release).
+    async fn end_billed(
+        &self,
+        bill: Bill,
+        basis: Basis,
+        decision: Decision,
+        outcome: &'static str,
+        status: u16,
+        message: Option<String>,
+    ) -> Billed {
         if basis != Basis::Usage {
             self.metrics.estimated_settlements.inc();
         }
