@@ -8,6 +8,8 @@ use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once, PoisonError};
 
+use siphasher::sip128::{Hash128, Hasher128, SipHasher13};
+
 use super::pretokenize::{Pattern, split_ascii};
 
 /// An OpenAI tokenizer (pre-tokenisation regex plus byte-pair encoding).
@@ -307,17 +309,18 @@ const CACHE_SHARDS: usize = 16;
 ///
 /// Chat requests resend most of their text on every call: the system prompt, tool definitions
 /// and every earlier turn of the conversation. Tokenising them again costs the enforcer about
-/// 0.1 us per token on each call; a hit costs one hash of the text (SipHash, ~1 GB/s).
+/// 0.1 us per token on each call; a hit costs one pass of a hash over the text (SipHash-1-3).
 ///
 /// A fixed, direct-mapped table (4,096 slots of 24 bytes, 16 locked shards): a new text replaces
 /// whatever used its slot, so memory never grows and there is nothing to evict. A slot is keyed by
-/// two independent 64-bit SipHash values (process-random keys) of the encoding, the caller's
-/// scope and the text, so a false hit needs a 128-bit collision; the count only sizes a
+/// the 128-bit SipHash-1-3 value (a process-random key) of the encoding, the caller's scope and
+/// the text, so a false hit needs a 128-bit collision; the count only sizes a
 /// reservation, and settlement uses the provider's real usage. No text is kept. The scope (the
 /// enforcer passes the tenant) keeps one tenant's cache hits from telling another, by timing,
 /// which texts it sent.
 pub struct TokenCache {
-    keys: (RandomState, RandomState),
+    /// The SipHash key, random per cache.
+    keys: [u64; 2],
     shards: Box<[Mutex<Box<[Slot]>>]>,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -347,12 +350,25 @@ impl std::fmt::Debug for TokenCache {
     }
 }
 
+/// A SipHash key from the operating system's generator; should that fail, from the standard
+/// library's per-process random hasher keys (which come from the same source when it works).
+fn random_key() -> [u64; 2] {
+    let mut b = [0u8; 16];
+    if getrandom::getrandom(&mut b).is_ok() {
+        let (k0, k1) = b.split_at(8);
+        let word = |k: &[u8]| u64::from_le_bytes(k.try_into().unwrap_or([0; 8]));
+        return [word(k0), word(k1)];
+    }
+    let (a, b) = (RandomState::new(), RandomState::new());
+    [a.hash_one(0u8), b.hash_one(1u8)]
+}
+
 impl TokenCache {
-    /// An empty cache with fresh random hash keys.
+    /// An empty cache with a fresh random hash key.
     #[must_use]
     pub fn new() -> Self {
         Self {
-            keys: (RandomState::new(), RandomState::new()),
+            keys: random_key(),
             shards: (0..CACHE_SHARDS)
                 .map(|_| Mutex::new(vec![Slot::default(); CACHE_SHARD_SLOTS].into_boxed_slice()))
                 .collect(),
@@ -376,16 +392,14 @@ impl TokenCache {
         if text.len() < CACHE_MIN_BYTES {
             return count_bpe(bpe, text);
         }
-        let hash = |state: &RandomState| {
-            let mut h = state.build_hasher();
-            // The tokenizer's address tells the encodings apart (each is a static).
-            h.write_usize(std::ptr::from_ref(bpe) as usize);
-            h.write(scope.as_bytes());
-            h.write_u8(0xff);
-            h.write(text.as_bytes());
-            h.finish()
-        };
-        let key = (hash(&self.keys.0), hash(&self.keys.1));
+        let mut h = SipHasher13::new_with_keys(self.keys[0], self.keys[1]);
+        // The tokenizer's address tells the encodings apart (each is a static).
+        h.write_usize(std::ptr::from_ref(bpe) as usize);
+        h.write(scope.as_bytes());
+        h.write_u8(0xff);
+        h.write(text.as_bytes());
+        let Hash128 { h1, h2 } = h.finish128();
+        let key = (h1, h2);
         let slot = (key.0 as usize) % (CACHE_SHARDS * CACHE_SHARD_SLOTS);
         let shard = &self.shards[slot / CACHE_SHARD_SLOTS];
         let i = slot % CACHE_SHARD_SLOTS;
