@@ -12,6 +12,7 @@ mod litellm;
 mod loadgen;
 mod memory;
 mod observer;
+mod onpath;
 mod overhead;
 mod perf;
 mod pgo;

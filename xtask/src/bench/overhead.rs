@@ -676,7 +676,13 @@ fn matrix(env: &Env, stack: &Stack, lite: &mut Lite) -> Result<Value> {
         }
         scenarios.push(scenario(load, &variants, &runs));
     }
-    Ok(json!({ "scenarios": scenarios }))
+    // Then one more one-client run of each proxy with its syscalls traced: how long each holds a
+    // call on its path (reported, not a target; a missing `perf` is said, not fatal).
+    let on_path = super::onpath::run(env, stack).unwrap_or_else(|e| {
+        eprintln!("\x1b[1;31mtime on the path NOT recorded: {e:#}\x1b[0m");
+        json!({ "error": format!("{e:#}") })
+    });
+    Ok(json!({ "scenarios": scenarios, "on_path": on_path }))
 }
 
 fn scenario(load: Load, variants: &[Variant], runs: &[Vec<Value>]) -> Value {

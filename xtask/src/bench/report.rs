@@ -226,16 +226,32 @@ pub fn targets(r: &Value) -> Value {
     // One sequential keep-alive client: what each call of a single caller waits for.
     let c1 = find_scenario(r, "c1").map(|s| &s["vs_direct"]["enforcer_budgets"]["added_p50_us"]);
     let added_p50 = c1.and_then(med);
+    // Where it goes: each proxy's own holds of a call, from one more traced run.
+    let held = |v: &str| {
+        let w = &r["overhead"]["on_path"][v];
+        Some((
+            w["request"]["p50_us"].as_f64()?,
+            w["response"]["p50_us"].as_f64()?,
+        ))
+    };
+    let on_path = match (held("enforcer_budgets"), held("passthrough")) {
+        (Some((eq, es)), Some((pq, ps))) => format!(
+            "the enforcer holds a call p50 {eq:.0} µs (request) + {es:.0} µs (response) on its \
+             path, the pass-through {pq:.0} + {ps:.0} (section 1, \"Time on the path\")"
+        ),
+        _ => String::new(),
+    };
+    let c1_note = match (c1.is_some_and(spans_zero), on_path.is_empty()) {
+        (true, true) => NOISE.to_owned(),
+        (true, false) => format!("{NOISE}; {on_path}"),
+        (false, _) => on_path,
+    };
     t.push(target(
         "enforcer added p50, one sequential keep-alive client (budgets, lease pool)",
         "≤ 0.3 ms",
         added_p50.map(|x| format!("{x:.0} µs")),
         added_p50.map(|x| x <= 300.0),
-        if c1.is_some_and(spans_zero) {
-            NOISE
-        } else {
-            ""
-        },
+        &c1_note,
     ));
     let c64 = find_scenario(r, "c64")
         .and_then(|s| med(&s["vs_direct"]["enforcer_budgets"]["throughput_ratio"]));
@@ -612,6 +628,7 @@ pub fn markdown(r: &Value) -> String {
     }
     overhead_md(&mut s, r);
     floor_md(&mut s, r);
+    on_path_md(&mut s, &r["overhead"]["on_path"]);
     super::allocs::markdown(&mut s, r);
     streaming_md(&mut s, r);
     super::soak::markdown(&mut s, r);
@@ -736,6 +753,51 @@ fn floor_md(s: &mut String, r: &Value) {
                 &v["enforcer_budgets_reserving"]["before_forwarding_us"]["median"],
                 0
             ),
+        );
+    }
+}
+
+/// How long each proxy held a call on its path in one more one-client run (`onpath.rs`).
+fn on_path_md(s: &mut String, w: &Value) {
+    if w.is_null() {
+        return;
+    }
+    let _ = writeln!(s, "\n### Time on the path, one client\n");
+    if let Some(e) = w["error"].as_str() {
+        let _ = writeln!(s, "**Not recorded: {e}**");
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "One more `c1` run of each proxy under `perf record` of its `recvfrom` and `writev` \
+         tracepoints: a request is held from the proxy's last read of it to its write upstream, a \
+         response from its read of the answer to its write back (µs). What a proxy adds to a call \
+         beyond these two holds (two more loopback hops and wake-ups) is the same for both. The \
+         tracepoints cost a few µs per syscall, so these runs' p50 is not the table's.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| proxy | request p50 | request p90 | request p99 | response p50 | response p90 | response p99 | both p50 | calls | run p50 ms |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
+    );
+    for (name, v) in w.as_object().into_iter().flatten() {
+        let (rq, rs) = (&v["request"], &v["response"]);
+        let both = rq["p50_us"]
+            .as_f64()
+            .zip(rs["p50_us"].as_f64())
+            .map(|(a, b)| json!(a + b));
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            f(&rq["p50_us"], 0),
+            f(&rq["p90_us"], 0),
+            f(&rq["p99_us"], 0),
+            f(&rs["p50_us"], 0),
+            f(&rs["p90_us"], 0),
+            f(&rs["p99_us"], 0),
+            f(&both.unwrap_or(Value::Null), 0),
+            rq["holds"],
+            ms(&v["p50_us"]),
         );
     }
 }
@@ -1014,6 +1076,51 @@ mod tests {
         );
         assert!((r["added_p99_us"]["min"].as_f64().unwrap() - 200.0).abs() < 1e-9);
         assert!((r["throughput_ratio"]["max"].as_f64().unwrap() - 0.99).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_one_client_row_says_how_long_each_proxy_held_a_call() {
+        let direct = vec![run(20_000.0, 21_000.0, 500.0)];
+        let proxy = vec![run(20_320.0, 21_500.0, 495.0)];
+        let held = |q: f64, s: f64| {
+            json!({ "p50_us": 21_800.0,
+                "request": { "holds": 300, "p50_us": q, "p90_us": q + 30.0, "p99_us": q + 90.0 },
+                "response": { "holds": 300, "p50_us": s, "p90_us": s + 20.0, "p99_us": s + 80.0 } })
+        };
+        let mut r = json!({
+            "mode": "quick", "date": "2026-12-07T20:00:00Z", "machine": machine(),
+            "plan": { "duration_ms": 1000, "warmup_ms": 300, "repeats": 1, "streams": 200 },
+            "overhead": {
+                "scenarios": [{
+                    "load": "c1",
+                    "variants": { "direct": aggregate_http(&direct), "enforcer_budgets": aggregate_http(&proxy) },
+                    "vs_direct": { "enforcer_budgets": ratios(&direct, &proxy) },
+                }],
+                "on_path": { "passthrough": held(42.0, 49.0), "enforcer_budgets": held(95.0, 96.0) },
+            },
+        });
+        r["targets"] = targets(&r);
+        let row = target_row(
+            &r,
+            "enforcer added p50, one sequential keep-alive client (budgets, lease pool)",
+        );
+        assert_eq!(row["status"], "MISS", "{row}");
+        assert_eq!(
+            row["note"],
+            "the enforcer holds a call p50 95 µs (request) + 96 µs (response) on its path, the \
+             pass-through 42 + 49 (section 1, \"Time on the path\")"
+        );
+        let md = markdown(&r);
+        assert!(md.contains("### Time on the path, one client"), "{md}");
+        assert!(
+            md.contains(
+                "| enforcer_budgets | 95 | 125 | 185 | 96 | 116 | 176 | 191 | 300 | 21.80 |"
+            ),
+            "{md}"
+        );
+        // A run without `perf` says so where the table would be.
+        r["overhead"]["on_path"] = json!({ "error": "recording a proxy's syscalls needs root" });
+        assert!(markdown(&r).contains("**Not recorded: recording a proxy's syscalls needs root**"));
     }
 
     #[test]
