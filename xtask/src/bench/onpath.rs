@@ -14,7 +14,6 @@
 //! section's figures; the holds are read the same way for both proxies.
 
 use std::collections::HashMap;
-use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
@@ -57,11 +56,7 @@ pub fn run(env: &Env, stack: &Stack) -> Result<Value> {
             env.plan.duration,
         )
         .with_context(|| format!("c1 {} (recorded)", v.name()));
-        let st = rec.stop()?;
-        // perf writes its file on SIGINT and then ends by that signal.
-        if !st.success() && st.signal() != Some(2) {
-            bail!("perf record exited {st}");
-        }
+        rec.stop_recording("perf record")?;
         let r = r?;
         let text = Command::new("perf")
             .args(["script", "-F", "tid,time,event,trace", "-i"])

@@ -2,6 +2,7 @@
 //! `perf sched record` for the waits for a CPU): started before the load, stopped with SIGINT as
 //! a user's Ctrl-C, killed if dropped running.
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -44,6 +45,16 @@ impl Perf {
     pub fn stop(&mut self) -> Result<ExitStatus> {
         command::run(Command::new("kill").args(["-INT", &self.child.id().to_string()]))?;
         Ok(self.child.wait()?)
+    }
+
+    /// Stops a recording (`perf record`, `perf sched record`, named `what`) and checks that it
+    /// wrote its file: perf writes it on SIGINT and then ends by that signal.
+    pub fn stop_recording(&mut self, what: &str) -> Result<()> {
+        let st = self.stop()?;
+        if !st.success() && st.signal() != Some(2) {
+            bail!("{what} exited {st}");
+        }
+        Ok(())
     }
 }
 

@@ -12,7 +12,6 @@
 //! and are not the section's measured figures.
 
 use std::collections::HashMap;
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -76,12 +75,7 @@ impl Record {
 
     /// Stops the recording and checks that perf wrote its file.
     fn stop(&mut self) -> Result<()> {
-        let st = self.0.stop()?;
-        // perf writes its file on SIGINT and then ends by that signal.
-        if !st.success() && st.signal() != Some(2) {
-            bail!("perf sched record exited {st}");
-        }
-        Ok(())
+        self.0.stop_recording("perf sched record")
     }
 }
 
