@@ -300,7 +300,7 @@ impl LeasePool {
         at < l.day_end && left.is_ok_and(|d| d >= self.settings.call_ttl)
     }
 
-    /// Reserves the spare holds `req` asks for and adds those granted to the pool `key`.
+    /// Reserves the spare holds `order` asks for and adds those granted to the pool `key`.
     ///
     /// It first yields: the call whose take started it has its request still to send, and a
     /// task spawned on a proxy thread would otherwise run (build its ids and script, write to
