@@ -214,10 +214,7 @@ impl Holds {
 fn quantiles(v: &[f64]) -> Value {
     let mut d = v.to_vec();
     d.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        let i = ((d.len() as f64 * p) as usize).min(d.len().saturating_sub(1));
-        d.get(i).copied().map(f64::round)
-    };
+    let q = |p: f64| super::sched::quantile(&d, p).map(f64::round);
     json!({ "holds": d.len(), "p50_us": q(0.50), "p90_us": q(0.90), "p99_us": q(0.99) })
 }
 

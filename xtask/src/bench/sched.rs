@@ -86,14 +86,18 @@ struct Waits {
     delays_us: Vec<f64>,
 }
 
+/// The `p` quantile (0–1) of `sorted` (ascending): the value at index ⌊len · p⌋, the last for
+/// `p` = 1; `None` when empty.
+pub(super) fn quantile(sorted: &[f64], p: f64) -> Option<f64> {
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).copied()
+}
+
 impl Waits {
     fn json(&self) -> Value {
         let mut d = self.delays_us.clone();
         d.sort_by(f64::total_cmp);
-        let q = |p: f64| {
-            let i = ((d.len() as f64 * p) as usize).min(d.len().saturating_sub(1));
-            d.get(i).copied()
-        };
+        let q = |p: f64| quantile(&d, p);
         json!({
             "switch_ins": d.len(),
             "p50_us": q(0.50).map(f64::round),
