@@ -85,7 +85,8 @@ impl http_body::Body for SentBody {
 }
 
 /// The upstream request of an admitted call to `target` (its own route, or one of that route's
-/// `failover` routes); `sent` turns true once it is written.
+/// `failover` routes), from the client's `headers` (cleaned here); `sent` turns true once it is
+/// written.
 ///
 /// # Errors
 /// [`ProxyError::NoRoute`] for a path that makes no valid URI; [`ProxyError::BadBody`] when
@@ -93,13 +94,16 @@ impl http_body::Body for SentBody {
 pub fn upstream_request(
     app: &App,
     adm: &Admission<'_>,
+    mut headers: http::HeaderMap,
     target: &Provider,
     uri: http::Uri,
     inject_usage: bool,
     sent: Arc<AtomicBool>,
 ) -> Result<Request<SentBody>, ProxyError> {
-    let mut headers = adm.parts.headers.clone();
     route::upstream_headers(&mut headers, target.kind, app.upstream_key(target)?);
+    if let Some(host) = app.upstream_host(target, &uri) {
+        headers.insert(http::header::HOST, host.clone());
+    }
     let body = if inject_usage {
         inject_include_usage(&adm.body)?
     } else {

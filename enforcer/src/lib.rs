@@ -131,6 +131,8 @@ pub struct App {
     /// Real provider keys by provider name (read from the environment at start), as the
     /// header each provider reads.
     upstream_keys: BTreeMap<String, route::Credential>,
+    /// The `Host` header of each route's requests by provider name (built at start).
+    upstream_hosts: BTreeMap<String, route::HostHeader>,
     /// Proxy keys of the config file.
     pub keys: KeyStore,
     /// Budget-aware downgrade chains and rate limits, from the file or the admin API.
@@ -177,6 +179,10 @@ impl App {
     pub async fn build(cfg: Config) -> Result<App, StartError> {
         let providers = cfg.resolved_providers()?;
         let upstream_keys = upstream_keys(&cfg, &providers)?;
+        let upstream_hosts = providers
+            .values()
+            .filter_map(|p| Some((p.name.clone(), route::HostHeader::new(&p.base_url)?)))
+            .collect();
         let admin_token =
             match cfg.admin_addr() {
                 None => None,
@@ -245,6 +251,7 @@ impl App {
             cfg,
             providers,
             upstream_keys,
+            upstream_hosts,
             upstreams,
             ledger,
             pricing,
@@ -284,6 +291,13 @@ impl App {
                 provider: p.name.clone(),
                 env: p.api_key_env.clone(),
             })
+    }
+
+    /// The `Host` header of a request to `uri` on route `p`, when `uri` is at the route's own
+    /// base (built at start; otherwise the client builds it).
+    #[must_use]
+    pub fn upstream_host(&self, p: &Provider, uri: &http::Uri) -> Option<&http::HeaderValue> {
+        self.upstream_hosts.get(&p.name)?.value_for(uri)
     }
 }
 

@@ -64,8 +64,9 @@ async fn run(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let call = &mut a.call;
     let mut adm = admit::admit(app, req, call).await?;
-    let Some(endpoint) = adm.endpoint.clone() else {
-        let r = passthrough(app, call, &adm).await;
+    // Nothing reads the admission's endpoint after this: it is taken, not copied.
+    let Some(endpoint) = adm.endpoint.take() else {
+        let r = passthrough(app, call, &mut adm).await;
         a.handed_off = r.is_ok();
         return r;
     };
@@ -105,7 +106,7 @@ async fn run(
     // From here the settler ends the call and writes its log line, on every exit.
     let pending = Pending(Some(settler));
     a.handed_off = true;
-    Ok(forward_and_meter(app, &adm, &endpoint, &info, pending).await)
+    Ok(forward_and_meter(app, &mut adm, &endpoint, &info, pending).await)
 }
 
 /// An admitted call whose settler has not yet been handed to its response: if the request
@@ -158,7 +159,7 @@ fn refuse(app: &App, call: &Call, e: ProxyError) -> Response<ProxyBody> {
 /// becomes the error response.
 async fn forward_and_meter(
     app: &App,
-    adm: &Admission<'_>,
+    adm: &mut Admission<'_>,
     endpoint: &Endpoint,
     info: &RequestInfo,
     pending: Pending,
@@ -203,7 +204,7 @@ async fn forward_and_meter(
 /// Returns the answer and whether its request had `include_usage` injected.
 async fn send_with_failover(
     app: &App,
-    adm: &Admission<'_>,
+    adm: &mut Admission<'_>,
     endpoint: &Endpoint,
     info: &RequestInfo,
     pending: &mut Pending,
@@ -223,7 +224,13 @@ async fn send_with_failover(
     for (i, target) in order.iter().enumerate() {
         let inject = forward::injects_usage(target, endpoint, info);
         let uri = forward::target_uri(adm, target, endpoint.api, &model)?;
-        let req = forward::upstream_request(app, adm, target, uri, inject, sent.clone())?;
+        // The last attempt takes the client's headers; an earlier one leaves them for the next.
+        let headers = if i + 1 == order.len() {
+            std::mem::take(&mut adm.parts.headers)
+        } else {
+            adm.parts.headers.clone()
+        };
+        let req = forward::upstream_request(app, adm, headers, target, uri, inject, sent.clone())?;
         let up_start = Instant::now();
         let result = app.upstreams.send(&target.name, req).await;
         let call = &mut pending.settler_mut().call;
@@ -322,11 +329,13 @@ async fn meter_whole(
 async fn passthrough(
     app: &App,
     call: &Call,
-    adm: &Admission<'_>,
+    adm: &mut Admission<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     app.metrics.decision(&call.provider, "passthrough");
     let uri = crate::route::upstream_uri(adm.provider, &adm.rest, adm.parts.uri.query())?;
-    let req = forward::upstream_request(app, adm, adm.provider, uri, false, Arc::default())?;
+    let headers = std::mem::take(&mut adm.parts.headers);
+    let req =
+        forward::upstream_request(app, adm, headers, adm.provider, uri, false, Arc::default())?;
     let resp = app.upstreams.send(&call.provider, req).await?;
     let (mut parts, body) = resp.into_parts();
     route::downstream_headers(&mut parts.headers);

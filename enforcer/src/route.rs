@@ -151,6 +151,48 @@ impl Credential {
     }
 }
 
+/// The `Host` header of a route's requests, built once at start. Without it hyper-util's client
+/// formats one for every request (`host:port`, a `String` and a header value each call); with it
+/// the client keeps the one given. Built by the client's own rule: the URI's host, and its port
+/// unless it is the scheme's default (443 for https, 80 otherwise).
+#[derive(Debug, Clone)]
+pub struct HostHeader {
+    scheme: Option<http::uri::Scheme>,
+    authority: http::uri::Authority,
+    value: HeaderValue,
+}
+
+impl HostHeader {
+    /// The header of requests to `base_url`; `None` when it is no absolute URI (such a route
+    /// fails at its first call, with its own error).
+    #[must_use]
+    pub fn new(base_url: &str) -> Option<HostHeader> {
+        let uri: Uri = base_url.parse().ok()?;
+        let authority = uri.authority()?.clone();
+        let host = uri.host()?;
+        let secure = matches!(uri.scheme_str(), Some("https" | "wss"));
+        let text = match uri.port() {
+            Some(p) if !(secure && p.as_u16() == 443 || !secure && p.as_u16() == 80) => {
+                format!("{host}:{}", p.as_str())
+            }
+            _ => host.to_owned(),
+        };
+        Some(HostHeader {
+            scheme: uri.scheme().cloned(),
+            authority,
+            value: HeaderValue::from_str(&text).ok()?,
+        })
+    }
+
+    /// The value for a request to `uri`: `None` when `uri` is at another scheme or authority
+    /// (an `azure-openai` failover's deployment URI elsewhere), whose header the client builds.
+    #[must_use]
+    pub fn value_for(&self, uri: &Uri) -> Option<&HeaderValue> {
+        (uri.authority() == Some(&self.authority) && uri.scheme() == self.scheme.as_ref())
+            .then_some(&self.value)
+    }
+}
+
 /// Whether a client header never goes upstream: a key, an attribution header, a hop-by-hop
 /// header, or Content-Length (recomputed).
 fn never_forwarded(name: &HeaderName) -> bool {
@@ -227,6 +269,41 @@ mod tests {
             deployments: std::collections::BTreeMap::new(),
             api_version: None,
         }
+    }
+
+    /// The Host the client would have written (hyper-util's rule: the host, and the port unless
+    /// it is the scheme's default), for each kind of base URL a route may have.
+    #[test]
+    fn host_headers_are_the_ones_the_client_would_write() {
+        for (base, host) in [
+            ("http://127.0.0.1:9/v1", "127.0.0.1:9"),
+            ("https://api.openai.com/v1", "api.openai.com"),
+            ("https://api.openai.com:443/v1", "api.openai.com"),
+            ("https://api.example.com:8443", "api.example.com:8443"),
+            ("http://llm.internal:80/v1", "llm.internal"),
+            ("http://llm.internal:443/v1", "llm.internal:443"),
+            ("https://gw.example:80", "gw.example:80"),
+            ("http://[::1]:9000/v1", "[::1]:9000"),
+            ("https://[2001:db8::1]/v1", "[2001:db8::1]"),
+        ] {
+            let h = HostHeader::new(base).unwrap_or_else(|| panic!("{base}"));
+            let uri: Uri = format!("{base}/chat/completions?x=1").parse().unwrap();
+            assert_eq!(
+                h.value_for(&uri).map(|v| v.to_str().unwrap()),
+                Some(host),
+                "{base}"
+            );
+        }
+        let h = HostHeader::new("https://api.example.com/v1").unwrap();
+        for other in [
+            "https://eu.example.azure.com/openai/deployments/d/chat/completions",
+            "http://api.example.com/v1/chat/completions",
+            "https://api.example.com:8443/v1/chat/completions",
+        ] {
+            assert!(h.value_for(&other.parse().unwrap()).is_none(), "{other}");
+        }
+        assert!(HostHeader::new("not a url").is_none());
+        assert!(HostHeader::new("/v1").is_none());
     }
 
     #[test]

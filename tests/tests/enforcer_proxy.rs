@@ -314,6 +314,11 @@ async fn auth_and_isolation() {
         call.header("authorization"),
         Some(format!("Bearer {UPSTREAM_KEY}").as_str())
     );
+    // The upstream's own authority as Host (built once per route), never the enforcer's.
+    assert_eq!(
+        call.header("host"),
+        Some(stack.mock.addr().to_string().as_str())
+    );
     for (name, v) in &call.headers {
         let v = v.to_str().unwrap_or("");
         assert!(
