@@ -85,13 +85,23 @@ fn clean(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// A record's field, value list under construction; [`Fields::finish`] writes it after the count
-/// the scripts read first.
-struct Fields(Args);
+/// A record's field, value list written at the end of a script's arguments; [`Fields::finish`]
+/// puts the count the scripts read first before it.
+struct Fields<'a> {
+    out: &'a mut Args,
+    /// Where the list starts in `out`.
+    at: usize,
+}
 
-impl Fields {
-    fn new(kind: &str) -> Fields {
-        let mut f = Fields(Args::with_capacity(384, 40));
+impl<'a> Fields<'a> {
+    /// A list without the version and kind (a denial's, completed by the scripts).
+    fn start(out: &'a mut Args) -> Fields<'a> {
+        let at = out.len();
+        Fields { out, at }
+    }
+
+    fn new(out: &'a mut Args, kind: &str) -> Fields<'a> {
+        let mut f = Fields::start(out);
         f.put("v", AUDIT_VERSION);
         f.put("kind", kind);
         f
@@ -99,7 +109,7 @@ impl Fields {
 
     /// A field and its value (integers in decimal).
     fn put(&mut self, k: &str, v: impl ToRedisArgs) {
-        self.0.push(k).push(v);
+        self.out.push(k).push(v);
     }
 
     /// A field only when it has a value (an absent field reads as empty: fewer bytes per record).
@@ -125,10 +135,9 @@ impl Fields {
         }
     }
 
-    /// Appends the value count, then the fields, to `out`.
-    fn finish(self, out: &mut Args) {
-        out.push(self.0.len());
-        out.append(&self.0);
+    /// Puts the value count before the fields.
+    fn finish(self) {
+        self.out.insert_count(self.at);
     }
 }
 
@@ -136,7 +145,7 @@ impl Fields {
 /// replaces an abandoned hold's estimate.
 pub(crate) fn settle_fields(s: &Settlement, out: &mut Args) {
     let m = &s.meta;
-    let mut f = Fields::new("settle");
+    let mut f = Fields::new(out, "settle");
     f.put("path", m.path.as_deref().map_or("enforcer".into(), clean));
     f.put("request_id", &s.request_id);
     f.put("tenant", &s.tenant);
@@ -160,13 +169,13 @@ pub(crate) fn settle_fields(s: &Settlement, out: &mut Args) {
     );
     f.put("started_ms", ms(s.started_at));
     f.meta(m);
-    f.finish(out);
+    f.finish();
 }
 
 /// Appends the record of an observer record (count first).
 pub(crate) fn record_fields(r: &UsageRecord, out: &mut Args) {
     let m = &r.meta;
-    let mut f = Fields::new("record");
+    let mut f = Fields::new(out, "record");
     f.put("path", m.path.as_deref().map_or("observer".into(), clean));
     f.put("request_id", &r.event_id);
     f.put("tenant", &r.tenant);
@@ -178,14 +187,14 @@ pub(crate) fn record_fields(r: &UsageRecord, out: &mut Args) {
     f.put("outcome", m.outcome.as_deref().map_or("ok".into(), clean));
     f.put("started_ms", ms(r.at));
     f.meta(m);
-    f.finish(out);
+    f.finish();
 }
 
 /// Appends the record of an unmetered connection (count first): a provider connection that
 /// carried no call the observer could decode. It adds nothing to spend (`cost_nusd` 0); its
 /// bytes are a rough size of what nobody could price.
 pub(crate) fn unmetered_fields(c: &UnmeteredConn, out: &mut Args) {
-    let mut f = Fields::new("unmetered");
+    let mut f = Fields::new(out, "unmetered");
     f.put("path", "unmetered");
     f.put("request_id", &c.conn_id);
     f.put("tenant", &c.tenant);
@@ -201,7 +210,7 @@ pub(crate) fn unmetered_fields(c: &UnmeteredConn, out: &mut Args) {
     f.put("outcome", "unmetered");
     f.put("latency_ms", c.duration_ms);
     f.put("started_ms", ms(c.started_at));
-    f.finish(out);
+    f.finish();
 }
 
 /// Appends what a denial's record takes from the caller (count first): the path and the
@@ -211,10 +220,10 @@ pub(crate) fn unmetered_fields(c: &UnmeteredConn, out: &mut Args) {
 /// reserve that is admitted, the common case, so sends 5 values it does not use instead of
 /// about 20.
 pub(crate) fn deny_fields(r: &ReserveRequest, out: &mut Args) {
-    let mut f = Fields(Args::with_capacity(64, 4));
+    let mut f = Fields::start(out);
     f.put("path", "enforcer");
     f.opt("provider", Some(&r.provider));
-    f.finish(out);
+    f.finish();
 }
 
 fn usage(f: &mut Fields, cost: i64, t: super::TokenCounts, estimated: bool, bypass: bool) {

@@ -90,6 +90,27 @@ impl Args {
         self
     }
 
+    /// Inserts before argument `at` the count of the arguments from `at` on, in decimal: a
+    /// count-first list (the audit record's) written in place, without a buffer of its own.
+    pub(crate) fn insert_count(&mut self, at: usize) {
+        use std::io::Write as _;
+        let n = self.ends.len().saturating_sub(at);
+        let start = at.checked_sub(1).map_or(0, |p| self.ends[p]);
+        let mut digits = [0u8; 20];
+        let len = {
+            let mut w = &mut digits[..];
+            // 20 digits hold any usize.
+            let _ = write!(w, "{n}");
+            20 - w.len()
+        };
+        self.data
+            .splice(start..start, digits[..len].iter().copied());
+        for e in &mut self.ends[at..] {
+            *e += len;
+        }
+        self.ends.insert(at, start + len);
+    }
+
     /// Appends every argument of `other`.
     pub(crate) fn append(&mut self, other: &Args) {
         let base = self.data.len();
@@ -277,6 +298,35 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A count inserted before a list counts the list and leaves every argument whole, at the
+    /// start, in the middle and at the end, with one digit or more.
+    #[test]
+    fn counts_go_in_before_their_lists() {
+        let texts = |a: &Args| {
+            a.iter()
+                .map(|x| String::from_utf8(x.to_vec()).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let mut a = Args::with_capacity(0, 0);
+        a.push("id").push(7u64);
+        a.insert_count(1);
+        assert_eq!(texts(&a), ["id", "1", "7"]);
+        a.insert_count(3);
+        assert_eq!(texts(&a), ["id", "1", "7", "0"]);
+        let mut b = Args::default();
+        for i in 0..12 {
+            b.push(format!("f{i}"));
+        }
+        b.insert_count(0);
+        assert_eq!(b.len(), 13);
+        assert_eq!((b.str(0), b.str(1), b.str(12)), ("12", "f0", "f11"));
+        let mut c = Args::default();
+        c.push("head").push("");
+        c.push("k").push("");
+        c.insert_count(2);
+        assert_eq!(texts(&c), ["head", "", "2", "k", ""]);
+    }
 
     /// Arguments keep their bounds through `append`; reading past the end gives nothing.
     #[test]
