@@ -173,7 +173,8 @@ impl HostHeader {
         let secure = matches!(uri.scheme_str(), Some("https" | "wss"));
         let text = match uri.port() {
             Some(p) if !(secure && p.as_u16() == 443 || !secure && p.as_u16() == 80) => {
-                format!("{host}:{}", p.as_str())
+                // The number, as the client writes it (`:08443` is `:8443`).
+                format!("{host}:{}", p.as_u16())
             }
             _ => host.to_owned(),
         };
@@ -280,6 +281,7 @@ mod tests {
             ("https://api.openai.com/v1", "api.openai.com"),
             ("https://api.openai.com:443/v1", "api.openai.com"),
             ("https://api.example.com:8443", "api.example.com:8443"),
+            ("https://api.example.com:08443", "api.example.com:8443"),
             ("http://llm.internal:80/v1", "llm.internal"),
             ("http://llm.internal:443/v1", "llm.internal:443"),
             ("https://gw.example:80", "gw.example:80"),
