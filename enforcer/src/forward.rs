@@ -16,7 +16,6 @@ use http::header::CONTENT_LENGTH;
 use http::{HeaderValue, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -29,6 +28,9 @@ use crate::config::{Provider, Timeouts};
 use crate::error::{ProxyError, StartError};
 use crate::usage_filter::inject_include_usage;
 use crate::{App, route};
+
+mod connector;
+use connector::Connector;
 
 /// Whether the enforcer adds `stream_options.include_usage` to this request: an OpenAI-family
 /// chat stream that did not ask for the usage record the settle needs (the extra event is cut
@@ -328,8 +330,6 @@ impl ClientError {
     }
 }
 
-type Connector = HttpsConnector<HttpConnector>;
-
 fn pool(c: Connector) -> HttpsClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
@@ -365,12 +365,14 @@ fn connector(ca_file: Option<&Path>, t: &Timeouts) -> Result<Connector, ClientEr
     http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_millis(t.connect_ms)));
     http.set_nodelay(true);
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http))
+    Ok(Connector::new(
+        hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http),
+    ))
 }
 
 #[cfg(test)]
