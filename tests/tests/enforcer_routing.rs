@@ -522,3 +522,33 @@ async fn a_downgrade_chain_can_run_on_another_route() {
     assert_eq!(big_call(&own, "dg-kind").await, (402, None));
     assert_eq!(eu.ledger().calls().len(), 1);
 }
+
+/// An upstream that negotiates `h2` over TLS (ALPN) is reached over HTTP/2, and its calls,
+/// whole and streamed, are billed exactly what it billed: the upstream connector keeps the
+/// negotiated protocol (forward/connector.rs drops only the connection's addresses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstream_is_reached_over_http2_and_billed_exactly() {
+    let stack = Stack::start(Opts {
+        mock_h2: true,
+        ..Opts::default()
+    })
+    .await;
+    for stream in [false, true, false] {
+        let (st, body) = call(&stack, "openai", "ops", stream).await;
+        assert_eq!(st, 200, "{body}");
+    }
+    let calls = stack.mock.ledger().calls();
+    assert_eq!(calls.len(), 3);
+    for c in &calls {
+        assert_eq!(
+            c.version,
+            http::Version::HTTP_2,
+            "call {} path {}",
+            c.id,
+            c.path_and_query
+        );
+    }
+    let (n, cost) = billed(&stack.mock);
+    let s = stack.settled("ops", 3).await;
+    assert_eq!((n, s.spend), (3, cost));
+}

@@ -46,6 +46,8 @@ pub struct ServedCall {
     pub client_disconnected: bool,
     /// Every request header, exactly as received.
     pub headers: HeaderMap,
+    /// The HTTP version the request came in on (HTTP/2 when a client negotiated `h2`).
+    pub version: http::Version,
     /// Request body length in bytes.
     pub request_bytes: usize,
 }

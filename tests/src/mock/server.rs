@@ -297,6 +297,7 @@ async fn handle(
         chunks_sent: 0,
         client_disconnected: false,
         headers: parts.headers,
+        version: parts.version,
         request_bytes: bytes.len(),
     };
     let call_id = HeaderValue::from(id);

@@ -65,6 +65,8 @@ pub struct Opts {
     pub mock_output_tokens: Option<u64>,
     /// Mock stream chunk delay.
     pub mock_chunk_delay: Option<Duration>,
+    /// The mock offers `h2` in ALPN (its TLS port; the enforcer's `openai` route uses it).
+    pub mock_h2: bool,
     /// RLIMIT_NOFILE for the enforcer process (file descriptor exhaustion tests).
     pub nofile: Option<u64>,
     /// Redis over TLS only, with an ACL user whose password the enforcer reads from the
@@ -116,6 +118,7 @@ impl Stack {
         if let Some(n) = opts.mock_output_tokens {
             mc.output_tokens = n;
         }
+        mc.h2 = opts.mock_h2;
         if let Some(d) = opts.mock_chunk_delay {
             mc.chunk_delay = d;
         }
